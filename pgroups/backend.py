@@ -1,0 +1,191 @@
+"""Group creation — the only module that creates or destroys torch.distributed process groups.
+
+It never decides layouts: callers hand it rank lists (from initializers). It owns
+- the creation *strategies*:
+  ``all``   every rank enters every group's ``new_group`` (works everywhere; O(world) calls),
+  ``local`` members only, ``new_group(..., use_local_synchronization=True)`` (O(modes) calls),
+  ``split`` one ``split_group`` per mode from a device-bound default NCCL group (O(modes) calls);
+- the device / CPU twins (NCCL + gloo; a single gloo or fake group when the device backend is
+  CPU-capable already);
+- a dedupe cache, so identical rank lists across modes share one communicator;
+- timeouts (a peer that never enters raises GroupTimeoutError naming the mode and ranks);
+- destruction.
+
+Contract of lazy creation (``groups: lazy`` or a CPU twin made on first request): creating a
+group is collective over its members, who must request the same modes in the same order —
+torch names members-only groups by how many groups a process already holds.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .errors import GroupTimeoutError, LaunchError
+
+ProcessGroup = dist.ProcessGroup
+GroupKey = Tuple[str, Tuple[int, ...]]
+
+
+def default_backend_name() -> str:
+    """The backend string of the default group (e.g. ``"gloo"``, ``"nccl"``, ``"fake"``)."""
+    return str(dist.get_backend()).lower()
+
+
+def resolve_device_backend(requested: str) -> str:
+    """Pick the device-group backend for ``requested`` (auto | nccl | gloo) on this machine.
+
+    Under torch's fake backend every group is fake. Raises LaunchError for nccl without CUDA.
+    """
+    default = default_backend_name()
+    if "fake" in default:
+        return "fake"
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() and "nccl" in default or (
+            torch.cuda.is_available() and default == "undefined") else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise LaunchError("backend 'nccl' needs CUDA GPUs and none is visible; use backend: gloo or auto")
+    return requested
+
+
+def cpu_backend_for(device_backend: str) -> str:
+    return "fake" if device_backend == "fake" else "gloo"
+
+
+def choose_strategy(requested: str, device_backend: str) -> str:
+    """``auto`` → ``split`` for NCCL with a device-bound default group, else ``local``."""
+    if requested != "auto":
+        if requested == "split" and not _can_split(device_backend):
+            raise LaunchError(
+                "strategy 'split' needs the nccl backend and a default group bound to a device "
+                "(init_process_group(device_id=...)); use strategy: local or auto")
+        return requested
+    return "split" if _can_split(device_backend) else "local"
+
+
+def _can_split(device_backend: str) -> bool:
+    if device_backend != "nccl" or not hasattr(dist, "split_group"):
+        return False
+    default = dist.distributed_c10d._get_default_group()
+    return getattr(default, "bound_device_id", None) is not None
+
+
+class GroupBackend:
+    """Creates, caches and destroys the process groups of one context.
+
+    ``calls`` counts this rank's ``new_group`` / ``split_group`` calls (the benchmark reports it).
+    """
+
+    def __init__(self, device_backend: str, strategy: str, timeout_s: float) -> None:
+        self.device_backend = device_backend
+        self.cpu_backend = cpu_backend_for(device_backend)
+        self.strategy = strategy
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.calls = 0
+        self._cache: Dict[GroupKey, Optional[ProcessGroup]] = {}  # "all" strategy only
+        self._created: List[ProcessGroup] = []
+
+    @property
+    def cpu_twin_needed(self) -> bool:
+        """False when the device group already runs on CPU tensors (gloo, fake)."""
+        return self.device_backend not in ("gloo", "fake")
+
+    def world_group(self) -> ProcessGroup:
+        return dist.group.WORLD
+
+    def build(self, mode: str, my_ranks: Optional[Sequence[int]],
+              all_groups: Callable[[], List[List[int]]], cpu: bool = False) -> Optional[ProcessGroup]:
+        """Create ``mode``'s group that holds this rank (None if it is in none) and return it.
+
+        ``my_ranks`` is this rank's sorted group; ``all_groups`` lists every group of the mode
+        (only called by the ``all`` and ``split`` strategies, which need every rank to take
+        part). ``cpu`` builds the gloo twin instead of the device group. Collective: see the
+        module docstring.
+        """
+        backend = self.cpu_backend if cpu else self.device_backend
+        strategy = "local" if cpu and self.strategy == "split" else self.strategy
+        if my_ranks is not None and len(my_ranks) == dist.get_world_size() and (
+                not cpu or not self.cpu_twin_needed or "gloo" in default_backend_name()):
+            return self.world_group()
+        try:
+            if strategy == "all":
+                return self._build_all(backend, my_ranks, all_groups(), mode)
+            if strategy == "split":
+                return self._build_split(backend, my_ranks, all_groups(), mode)
+            return self._build_local(backend, my_ranks, mode)
+        except GroupTimeoutError:
+            raise
+        except (RuntimeError, dist.DistError) as exc:
+            if _is_timeout(exc):
+                raise GroupTimeoutError(
+                    f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r} "
+                    f"with ranks {_short(my_ranks)} timed out after {self.timeout.total_seconds():g}s "
+                    f"on rank {dist.get_rank()}: a peer never entered (is every member running "
+                    "and requesting the same modes in the same order? across hosts, set "
+                    "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)") from exc
+            raise
+
+    def _new_group(self, ranks: Sequence[int], backend: str, mode: str, local: bool) -> Optional[ProcessGroup]:
+        self.calls += 1
+        group = dist.new_group(list(ranks), timeout=self.timeout, backend=backend,
+                               use_local_synchronization=local, group_desc=f"pgroups:{mode}")
+        if group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER:
+            self._created.append(group)
+            return group
+        return None
+
+    def _build_local(self, backend: str, my_ranks: Optional[Sequence[int]], mode: str) -> Optional[ProcessGroup]:
+        # No rank-local dedupe here: a partial match (one rank's nettest block equal to its
+        # tensor group) would change how many groups this rank holds, and so the name torch
+        # gives its next members-only group. Modes equal as a whole are shared by the context.
+        if my_ranks is None:
+            return None
+        return self._new_group(my_ranks, backend, mode, local=True)
+
+    def _build_all(self, backend: str, my_ranks: Optional[Sequence[int]],
+                   groups: List[List[int]], mode: str) -> Optional[ProcessGroup]:
+        mine = tuple(my_ranks) if my_ranks is not None else None
+        result = None
+        for ranks in groups:  # every rank walks the same list: the cache stays identical everywhere
+            key = (backend, tuple(ranks))
+            if key not in self._cache:
+                self._cache[key] = self._new_group(ranks, backend, mode, local=False)
+            if key[1] == mine:
+                result = self._cache[key]
+        return result
+
+    def _build_split(self, backend: str, my_ranks: Optional[Sequence[int]],
+                     groups: List[List[int]], mode: str) -> Optional[ProcessGroup]:
+        # split_group is collective over the default group: one call per mode on every rank.
+        self.calls += 1
+        group = dist.split_group(split_ranks=[list(g) for g in groups], timeout=self.timeout,
+                                 group_desc=f"pgroups:{mode}")
+        if group is not None:
+            self._created.append(group)
+        return group
+
+    def destroy(self) -> None:
+        """Destroy every group this backend created (not the default group)."""
+        for group in reversed(self._created):
+            try:
+                dist.destroy_process_group(group)
+            except (RuntimeError, ValueError):
+                pass  # already gone with the default group
+        self._created.clear()
+        self._cache.clear()
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, getattr(dist, "DistStoreError", ())) or "timeout" in text or "timed out" in text
+
+
+def _short(ranks: Optional[Sequence[int]], limit: int = 16) -> str:
+    if ranks is None:
+        return "[]"
+    ranks = list(ranks)
+    if len(ranks) <= limit:
+        return str(ranks)
+    return f"[{', '.join(map(str, ranks[:limit]))}, … ({len(ranks)} ranks)]"

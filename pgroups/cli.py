@@ -1,0 +1,157 @@
+"""The ``pgroups`` command (console script and ``python -m pgroups``).
+
+- ``pgroups show CONFIG --world-size N [--rank R] [--json]``: the layout, offline.
+- ``pgroups validate CONFIG [--world-size N]``: exit 0, or exit 2 with one line on stderr.
+- ``pgroups run [--nproc N] [CONFIG]``: the main job on this machine (local gloo processes).
+
+Exit codes: 0 success, 1 a check failed, 2 usage or config error, 3 timeout. Errors are one
+line on stderr, never a traceback (set PGROUPS_TRACEBACK=1 to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from importlib import resources
+from typing import Any, Callable, Dict, List, Optional
+
+from .config import Config, load_config
+from .context import BUILTIN_MODES, import_plugins
+from .errors import GroupTimeoutError, PGroupsError
+from .initializer import default_registry
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+#: Sub-command modules of the higher layers; each has ``add_parser(subparsers)``.
+EXTENSIONS: List[str] = []
+
+
+def default_config_path() -> str:
+    """The bundled default config (8 ranks: tensor 2 x pipeline 2 x data 2)."""
+    return str(resources.files("pgroups").joinpath("default.yaml"))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 — like every other bad input
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pgroups", description="Process-group topology manager for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    show = sub.add_parser("show", help="print the layout of every mode, offline")
+    show.add_argument("config", help="YAML config file")
+    show.add_argument("--world-size", "-n", type=int, required=True)
+    show.add_argument("--rank", type=int, help="show only this rank's groups")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=cmd_show)
+
+    validate = sub.add_parser("validate", help="check a config (and a world size) without running")
+    validate.add_argument("config")
+    validate.add_argument("--world-size", "-n", type=int)
+    validate.set_defaults(func=cmd_validate)
+
+    run = sub.add_parser("run", help="start local gloo processes, build and check every group")
+    run.add_argument("config", nargs="?", help="YAML config (default: the bundled one)")
+    run.add_argument("--nproc", type=int, default=8, help="number of local processes (default 8)")
+    run.add_argument("--timeout", type=float, default=300.0, help="seconds before the run is killed")
+    run.set_defaults(func=cmd_run)
+
+    for module in EXTENSIONS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def offline_layout(config: Config, world_size: int) -> Dict[str, List[List[int]]]:
+    """Every mode's groups for ``world_size``, computed without processes."""
+    import_plugins(config)
+    topology = config.topology(world_size)
+    names = [m.value for m in BUILTIN_MODES] + list(config.extra_modes)
+    layout = {}
+    for name in names:
+        init = default_registry.create(name, config.extra_modes.get(name), source=config.source)
+        init.validate(topology)
+        layout[name] = init.rank_groups(topology)
+    return layout
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    topology = config.topology(args.world_size)
+    layout = offline_layout(config, args.world_size)
+    if args.rank is not None:
+        topology.check_rank(args.rank)
+        layout = {m: [g for g in groups if args.rank in g] for m, groups in layout.items()}
+    if args.json:
+        print(json.dumps({"world_size": args.world_size, "order": "-".join(topology.order),
+                          "modes": layout}))
+        return EXIT_OK
+    print(topology.describe())
+    for mode, groups in layout.items():
+        shown = groups if len(groups) <= 16 else groups[:16]
+        more = f" … ({len(groups)} groups)" if len(groups) > 16 else ""
+        print(f"{mode:<10} {' '.join(_fmt(g) for g in shown)}{more}")
+    return EXIT_OK
+
+
+def _fmt(group: List[int]) -> str:
+    if len(group) > 8 and group == list(range(group[0], group[-1] + 1)):
+        return f"[{group[0]}..{group[-1]}]"
+    return "[" + ",".join(map(str, group)) + "]"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    import_plugins(config)
+    if args.world_size is not None:
+        offline_layout(config, args.world_size)
+        print(f"{args.config}: ok ({config.topology(args.world_size).describe()})")
+    else:
+        print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .selfcheck import format_summary, selfcheck_worker
+    from .spawn import run_local
+
+    path = args.config or default_config_path()
+    config = load_config(path)
+    config.topology(args.nproc)  # validate before starting anything
+    offline_layout(config, args.nproc)
+    outcomes = run_local(args.nproc, selfcheck_worker, (path,), timeout_s=args.timeout)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        timed_out = any(o.timed_out or o.error_type in ("GroupTimeoutError", "TimeoutError") for o in failed)
+        for o in failed[:8]:
+            print(f"pgroups run: rank {o.rank}: {o.error}", file=sys.stderr)
+        return EXIT_TIMEOUT if timed_out else EXIT_FAILED
+    result = outcomes[0].value
+    print(format_summary(result, args.nproc))
+    bad = sum(f["device_failures"] + f["cpu_failures"] for f in result["modes"].values())
+    return EXIT_OK if bad == 0 else EXIT_FAILED
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GroupTimeoutError as exc:
+        print(f"pgroups {args.command}: timeout: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (PGroupsError, ValueError) as exc:
+        if os.environ.get("PGROUPS_TRACEBACK"):
+            raise
+        print(f"pgroups {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Configuration: attrs classes loaded from a YAML file, a YAML string or a dict.
+
+Only ``yaml.safe_load`` is used: a config is data, never code. Every invalid input raises one
+:class:`~pgroups.errors.ConfigError` naming the source, the key, the bad value and what is
+allowed (with a did-you-mean for unknown keys) — before any communication happens::
+
+    parallel:
+      tensor: 2          # default 1
+      pipeline: 2        # default 1
+      data: 4            # optional: world / (tensor*pipeline)
+      zero1: 2           # default: data; must divide data
+      nettest: 8         # default 32; larger than the world means one group
+      order: tp-pp-dp    # fastest- to slowest-varying axis
+    backend: auto        # auto | nccl | gloo
+    timeout_s: 1800
+    groups: eager        # eager | lazy   (device groups)
+    cpu_groups: lazy     # lazy | eager | off
+    strategy: auto       # auto | all | local | split
+    extra_modes:         # user modes to build, with their initializer's options
+      micro_data: {inference_tensor: 1}
+    plugins: [my_package.modes]   # modules (or .py files beside the config) to import first
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import attrs
+import yaml
+
+from .errors import ConfigError, allowed, did_you_mean
+from .topology import DEFAULT_ORDER, Topology, parse_order
+
+BACKENDS = ("auto", "nccl", "gloo")
+GROUP_TIMING = ("eager", "lazy")
+CPU_GROUP_TIMING = ("lazy", "eager", "off")
+STRATEGIES = ("auto", "all", "local", "split")
+
+
+@attrs.frozen
+class ParallelConfig:
+    """Sizes of the parallel axes; ``data``/``zero1`` None means "derive from the world"."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: Optional[int] = None
+    zero1: Optional[int] = None
+    nettest: int = 32
+    order: str = DEFAULT_ORDER
+
+    def topology(self, world_size: int, source: Optional[str] = None) -> Topology:
+        """Validate against ``world_size`` and return the pure layout (ConfigError if inconsistent)."""
+        return Topology.create(world_size, self.tensor, self.pipeline, self.data, self.zero1,
+                               self.nettest, self.order, source=source)
+
+
+@attrs.frozen
+class Config:
+    """A whole, validated configuration. ``source`` names where it came from, for messages."""
+
+    parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
+    backend: str = "auto"
+    timeout_s: float = 1800.0
+    groups: str = "eager"
+    cpu_groups: str = "lazy"
+    strategy: str = "auto"
+    extra_modes: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    plugins: Tuple[str, ...] = ()
+    source: Optional[str] = attrs.field(default=None, eq=False)
+
+    def topology(self, world_size: int) -> Topology:
+        return self.parallel.topology(world_size, source=self.source)
+
+
+ConfigLike = Union[Config, Mapping[str, Any], str, "os.PathLike[str]"]
+
+_PARALLEL_KEYS = tuple(f.name for f in attrs.fields(ParallelConfig))
+_TOP_KEYS = tuple(f.name for f in attrs.fields(Config) if f.name != "source")
+
+
+def load_config(obj: ConfigLike, source: Optional[str] = None) -> Config:
+    """Return a validated Config from a Config, a mapping, a YAML file path or a YAML string.
+
+    A str is read as a path when it names an existing file or ends in .yaml/.yml, otherwise as
+    YAML text. Raises ConfigError (never KeyError/TypeError/yaml errors) for any bad input.
+    """
+    if isinstance(obj, Config):
+        return obj
+    if isinstance(obj, Mapping):
+        return config_from_dict(obj, source)
+    if isinstance(obj, (str, os.PathLike)):
+        text = os.fspath(obj)
+        if isinstance(obj, os.PathLike) or _looks_like_path(text):
+            return load_config_file(text)
+        return config_from_dict(_parse_yaml(text, source or "<yaml string>"), source or "<yaml string>")
+    raise ConfigError(f"a config must be a path, a YAML string, a mapping or a Config, got {type(obj).__name__}")
+
+
+def load_config_file(path: Union[str, "os.PathLike[str]"]) -> Config:
+    """Read and validate the YAML file at ``path``."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{name}: cannot read config file: {reason}") from None
+    return config_from_dict(_parse_yaml(text, name), name)
+
+
+def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
+    """Validate a plain mapping (as YAML gives it) into a Config."""
+    where = f"{source}: " if source else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}the config must be a mapping of keys such as 'parallel:', "
+                          f"got {type(data).__name__}")
+    _reject_unknown(data, _TOP_KEYS, "", where)
+    par = data.get("parallel", {}) or {}
+    if not isinstance(par, Mapping):
+        raise ConfigError(f"{where}parallel must be a mapping of {allowed(_PARALLEL_KEYS)}, got {par!r}")
+    _reject_unknown(par, _PARALLEL_KEYS, "parallel.", where)
+    for key in ("tensor", "pipeline", "nettest"):
+        _positive_int(par, key, where)
+    for key in ("data", "zero1"):
+        if par.get(key) is not None:
+            _positive_int(par, key, where)
+    order = par.get("order", DEFAULT_ORDER)
+    try:
+        parse_order(order)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    parallel = ParallelConfig(**{k: par[k] for k in _PARALLEL_KEYS if k in par})
+    data_size, zero1 = parallel.data, parallel.zero1
+    if data_size is not None and zero1 is not None and data_size % zero1:
+        raise ConfigError(f"{where}parallel.zero1({zero1}) must divide data({data_size})")
+
+    kwargs: Dict[str, Any] = {"parallel": parallel, "source": source}
+    for key, choices in (("backend", BACKENDS), ("groups", GROUP_TIMING),
+                         ("cpu_groups", CPU_GROUP_TIMING), ("strategy", STRATEGIES)):
+        if key in data:
+            value = data[key]
+            if value not in choices:
+                raise ConfigError(f"{where}{key}: {value!r} is not allowed; allowed: {allowed(choices)}")
+            kwargs[key] = value
+    if "timeout_s" in data:
+        value = data["timeout_s"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{where}timeout_s must be a positive number of seconds, got {value!r}")
+        kwargs["timeout_s"] = float(value)
+    kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
+    kwargs["plugins"] = _plugins(data.get("plugins"), where)
+    return Config(**kwargs)
+
+
+def _looks_like_path(text: str) -> bool:
+    if "\n" in text:
+        return False
+    return text.endswith((".yaml", ".yml")) or os.path.isfile(text) or ":" not in text
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{at}: {problem}") from None
+
+
+def _reject_unknown(data: Mapping[str, Any], known: Tuple[str, ...], prefix: str, where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}{prefix}{key}: unknown key{did_you_mean(str(key), known)}; "
+                              f"allowed: {allowed(known)}")
+
+
+def _positive_int(data: Mapping[str, Any], key: str, where: str) -> None:
+    if key in data:
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}parallel.{key} must be a positive integer, got {value!r}")
+
+
+def _extra_modes(value: Any, where: str) -> Dict[str, Dict[str, Any]]:
+    if value is None:
+        return {}
+    if isinstance(value, (list, tuple)):
+        value = {name: {} for name in value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}extra_modes must map mode names to option mappings, got {value!r}")
+    modes: Dict[str, Dict[str, Any]] = {}
+    for name, options in value.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}extra_modes: mode names must be non-empty strings, got {name!r}")
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{where}extra_modes.{name} must be a mapping of options, got {options!r}")
+        modes[name] = dict(options)
+    return modes
+
+
+def _plugins(value: Any, where: str) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}plugins must be a list of module names or .py paths, got {value!r}")
+    return tuple(value)

@@ -1,0 +1,317 @@
+"""ParallelContext: the lifecycle of one job's groups and every query about them, by mode.
+
+``gpc`` (in :mod:`pgroups`) is the module-level instance. The context asks initializers which
+ranks form each mode's groups, asks :mod:`pgroups.backend` to create them, and answers
+queries; asking about a mode that was not built raises ModeNotInitializedError — never a
+silent 0/1 or the world group.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Dict, Hashable, List, Optional
+
+import attrs
+import torch.distributed as dist
+
+from .backend import GroupBackend, ProcessGroup, choose_strategy, resolve_device_backend
+from .config import Config, ConfigLike, load_config
+from .errors import ConfigError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
+from .initializer import InitializerRegistry, ProcessGroupInitializer, default_registry
+from .launch import LaunchInfo, from_environment, init_distributed
+from .modes import ModeLike, ParallelMode, mode_name
+from .topology import RankGroups, Topology
+
+#: Built-in modes every context builds, in creation order (the same on every rank).
+BUILTIN_MODES = (ParallelMode.GLOBAL, ParallelMode.TENSOR, ParallelMode.PIPELINE, ParallelMode.DATA,
+                 ParallelMode.MODEL, ParallelMode.ZERO1, ParallelMode.NETTEST)
+
+
+@attrs.define
+class ModeState:
+    """What the context knows about one built mode on this rank."""
+
+    mode: str
+    initializer: ProcessGroupInitializer
+    ranks: Optional[List[int]]            # this rank's group, sorted; None if in none
+    shares_with: Optional[str] = None     # an earlier mode with identical groups
+    group: Optional[ProcessGroup] = None
+    cpu_group: Optional[ProcessGroup] = None
+    built: bool = False
+    cpu_built: bool = False
+
+
+class ParallelContext:
+    """Process groups by parallel mode. See the package README for the full query list."""
+
+    def __init__(self, registry: Optional[InitializerRegistry] = None) -> None:
+        self.registry = registry or default_registry
+        self._reset()
+
+    def _reset(self) -> None:
+        self.config: Optional[Config] = None
+        self.topology: Optional[Topology] = None
+        self.backend: Optional[GroupBackend] = None
+        self.launch: Optional[LaunchInfo] = None
+        self._rank = -1
+        self._modes: Dict[str, ModeState] = {}
+        self._owns_default_group = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def init_from_config(self, config: ConfigLike, launch: Optional[LaunchInfo] = None) -> "ParallelContext":
+        """Validate ``config`` (path, YAML string, dict or Config), start torch.distributed from
+        ``launch`` or the environment if it is not started, and build the groups.
+
+        Everything that can be checked without communication is checked first (ConfigError).
+        Raises RuntimeError if already initialized (call destroy() first).
+        """
+        if self.is_initialized():
+            raise RuntimeError("the parallel context is already initialized; call destroy() first")
+        cfg = load_config(config)
+        import_plugins(cfg)
+        if dist.is_initialized():
+            world_size, rank = dist.get_world_size(), dist.get_rank()
+        else:
+            launch = launch or from_environment()
+            world_size, rank = launch.world_size, launch.rank
+        topology = cfg.topology(world_size)
+        initializers = self._make_initializers(cfg, topology)
+        if not dist.is_initialized():
+            assert launch is not None
+            init_distributed(launch, cfg.backend, cfg.timeout_s)
+            self._owns_default_group = True
+        self.launch = launch
+        self.config, self.topology, self._rank = cfg, topology, rank
+        device_backend = resolve_device_backend(cfg.backend)
+        self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend), cfg.timeout_s)
+        keys: Dict[Hashable, str] = {}
+        for name, init in initializers.items():
+            key = init.layout_key(topology)
+            state = ModeState(name, init, init.group_of(topology, rank))
+            if key is not None:
+                first = keys.setdefault(key, name)
+                state.shares_with = first if first != name else None
+            self._modes[name] = state
+        if cfg.groups == "eager":
+            for name in self._modes:
+                self._device_group(name)
+        if cfg.cpu_groups == "eager":
+            for name in self._modes:
+                self._cpu_group(name)
+        return self
+
+    def _make_initializers(self, cfg: Config, topology: Topology) -> Dict[str, ProcessGroupInitializer]:
+        result: Dict[str, ProcessGroupInitializer] = {}
+        for mode in BUILTIN_MODES:
+            result[mode.value] = self.registry.create(mode)
+        for name, options in cfg.extra_modes.items():
+            if name in result:
+                raise ConfigError(f"{cfg.source + ': ' if cfg.source else ''}extra_modes.{name}: "
+                                  "built-in modes are always built; list only modes of your own")
+            try:
+                result[name] = self.registry.create(name, options, source=cfg.source)
+            except UnknownModeError as exc:
+                raise ConfigError(f"{cfg.source + ': ' if cfg.source else ''}extra_modes.{name}: {exc}"
+                                  " (register it, or list its module under plugins:)") from None
+        for init in result.values():
+            init.validate(topology)
+        return result
+
+    def destroy(self) -> None:
+        """Destroy every group (and the default group if this context started it). Idempotent."""
+        if self.backend is not None:
+            self.backend.destroy()
+        if self._owns_default_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._reset()
+
+    # ---- state --------------------------------------------------------------------------
+    def is_initialized(self, mode: Optional[ModeLike] = None) -> bool:
+        """Whether the context is built (and, given ``mode``, whether that mode is)."""
+        if mode is None:
+            return self.topology is not None
+        return mode_name(mode) in self._modes
+
+    @property
+    def modes(self) -> List[str]:
+        """The modes this context built, in creation order."""
+        return list(self._modes)
+
+    def _state(self, mode: ModeLike) -> ModeState:
+        name = mode_name(mode)
+        if self.topology is None:
+            raise ModeNotInitializedError(
+                f"cannot query mode {name!r}: the parallel context is not initialized "
+                "(call gpc.init_from_config(...) first)")
+        try:
+            return self._modes[name]
+        except KeyError:
+            raise ModeNotInitializedError(
+                f"mode {name!r} was not built{did_you_mean(name, self._modes)}; built modes: "
+                f"{allowed(self._modes)} (add your own under extra_modes:)") from None
+
+    def _member_state(self, mode: ModeLike) -> ModeState:
+        state = self._state(mode)
+        if state.ranks is None:
+            raise ModeNotInitializedError(f"rank {self._rank} is not a member of any {state.mode!r} group")
+        return state
+
+    # ---- groups ---------------------------------------------------------------------------
+    def get_group(self, mode: ModeLike) -> ProcessGroup:
+        """This rank's device group of ``mode`` (NCCL on GPUs, gloo on CPU).
+
+        Lazily built groups are created here: collective over the group's members.
+        """
+        return self._device_group(self._member_state(mode).mode)
+
+    def get_cpu_group(self, mode: ModeLike) -> ProcessGroup:
+        """This rank's CPU (gloo) group of ``mode``; the device group itself when that is gloo."""
+        state = self._member_state(mode)
+        if self.config is not None and self.config.cpu_groups == "off" and self.backend.cpu_twin_needed:
+            raise ModeNotInitializedError(
+                f"CPU groups are off in this config (cpu_groups: off); mode {state.mode!r} has none")
+        return self._cpu_group(state.mode)
+
+    def _device_group(self, name: str) -> Optional[ProcessGroup]:
+        state = self._modes[name]
+        if not state.built:
+            if state.shares_with is not None:
+                state.group = self._device_group(state.shares_with)
+            else:
+                state.group = self.backend.build(name, state.ranks, self._lister(state))
+            state.built = True
+        return state.group
+
+    def _cpu_group(self, name: str) -> Optional[ProcessGroup]:
+        state = self._modes[name]
+        if not state.cpu_built:
+            if not self.backend.cpu_twin_needed:
+                state.cpu_group = self._device_group(name)
+            elif state.shares_with is not None:
+                state.cpu_group = self._cpu_group(state.shares_with)
+            else:
+                self._device_group(name)  # device first: members create twins in one order
+                state.cpu_group = self.backend.build(name, state.ranks, self._lister(state), cpu=True)
+            state.cpu_built = True
+        return state.cpu_group
+
+    def _lister(self, state: ModeState):
+        return lambda: state.initializer.rank_groups(self.topology)
+
+    # ---- ranks ------------------------------------------------------------------------------
+    def get_global_rank(self) -> int:
+        """This process's rank in the world."""
+        self._require()
+        return self._rank
+
+    def get_local_rank(self, mode: ModeLike) -> int:
+        """This rank's position in its sorted ``mode`` group."""
+        state = self._member_state(mode)
+        return state.ranks.index(self._rank)
+
+    def get_world_size(self, mode: ModeLike) -> int:
+        """The size of this rank's ``mode`` group."""
+        return len(self._member_state(mode).ranks)
+
+    def get_ranks_in_group(self, mode: ModeLike) -> List[int]:
+        """The sorted global ranks of this rank's ``mode`` group."""
+        return list(self._member_state(mode).ranks)
+
+    def get_rank_groups(self, mode: ModeLike) -> RankGroups:
+        """Every group of ``mode`` across the world (O(world); pure, no communication)."""
+        state = self._state(mode)
+        return [list(g) for g in state.initializer.rank_groups(self.topology)]
+
+    def to_global_rank(self, mode: ModeLike, local_rank: int) -> int:
+        """The global rank at ``local_rank`` in this rank's ``mode`` group."""
+        ranks = self._member_state(mode).ranks
+        if not 0 <= local_rank < len(ranks):
+            raise ValueError(f"local rank {local_rank} is outside 0..{len(ranks) - 1} of mode {mode_name(mode)!r}")
+        return ranks[local_rank]
+
+    def to_local_rank(self, mode: ModeLike, global_rank: int) -> int:
+        """The position of ``global_rank`` in this rank's ``mode`` group (ValueError if absent)."""
+        ranks = self._member_state(mode).ranks
+        if global_rank not in ranks:
+            raise ValueError(f"rank {global_rank} is not in this rank's {mode_name(mode)!r} group {ranks}")
+        return ranks.index(global_rank)
+
+    def is_first_rank(self, mode: ModeLike) -> bool:
+        return self.get_local_rank(mode) == 0
+
+    def is_last_rank(self, mode: ModeLike) -> bool:
+        return self.get_local_rank(mode) == self.get_world_size(mode) - 1
+
+    def get_next_global_rank(self, mode: ModeLike = ParallelMode.PIPELINE) -> int:
+        """The next rank in this rank's ``mode`` group, as a ring (pipeline: the next stage)."""
+        ranks = self._member_state(mode).ranks
+        return ranks[(ranks.index(self._rank) + 1) % len(ranks)]
+
+    def get_prev_global_rank(self, mode: ModeLike = ParallelMode.PIPELINE) -> int:
+        """The previous rank in this rank's ``mode`` group, as a ring."""
+        ranks = self._member_state(mode).ranks
+        return ranks[(ranks.index(self._rank) - 1) % len(ranks)]
+
+    def is_pipeline_first_stage(self) -> bool:
+        return self.is_first_rank(ParallelMode.PIPELINE)
+
+    def is_pipeline_last_stage(self) -> bool:
+        return self.is_last_rank(ParallelMode.PIPELINE)
+
+    def _require(self) -> None:
+        if self.topology is None:
+            raise ModeNotInitializedError("the parallel context is not initialized "
+                                          "(call gpc.init_from_config(...) first)")
+
+    def describe(self) -> str:
+        """A readable summary: the layout, then one line per mode for this rank."""
+        if self.topology is None:
+            return "ParallelContext (not initialized)"
+        lines = [f"rank {self._rank}: {self.topology.describe()}",
+                 f"backend {self.backend.device_backend} (cpu twins {self.backend.cpu_backend}, "
+                 f"strategy {self.backend.strategy}, {self.backend.calls} group-creation calls)"]
+        for name, state in self._modes.items():
+            if state.ranks is None:
+                lines.append(f"  {name:<10} (no group on this rank)")
+                continue
+            shared = f", shares {state.shares_with!r}" if state.shares_with else ""
+            built = "built" if state.built else "lazy"
+            lines.append(f"  {name:<10} local {state.ranks.index(self._rank)}/{len(state.ranks)} "
+                         f"ranks {_short(state.ranks)} ({built}{shared})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<ParallelContext {'uninitialized' if self.topology is None else self.topology.describe()}>"
+
+
+def import_plugins(cfg: Config) -> None:
+    """Import the modules a config lists under ``plugins:`` (names, or .py paths relative to it).
+
+    Their import registers initializers. Raises ConfigError naming a plugin that cannot be found.
+    """
+    base = Path(cfg.source).parent if cfg.source and Path(cfg.source).exists() else Path.cwd()
+    for plugin in cfg.plugins:
+        try:
+            if plugin.endswith(".py"):
+                path = (base / plugin).resolve()
+                name = f"pgroups_plugin_{path.stem}"
+                if name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or not path.is_file():
+                    raise ConfigError(f"{cfg.source or '<config>'}: plugins: file {str(path)!r} not found")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(plugin)
+        except ImportError as exc:
+            raise ConfigError(f"{cfg.source or '<config>'}: plugins: cannot import {plugin!r}: {exc}") from None
+
+
+def _short(ranks: List[int], limit: int = 8) -> str:
+    if len(ranks) <= limit:
+        return str(ranks)
+    return f"[{', '.join(map(str, ranks[:limit]))}, … {len(ranks)} ranks]"

@@ -1,0 +1,54 @@
+"""Exception types: one per kind of failure a user can act on.
+
+Every message names what was involved (key, mode, group, ranks) and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Optional
+
+
+class PGroupsError(Exception):
+    """Base class of every error pgroups raises on purpose."""
+
+
+class ConfigError(PGroupsError, ValueError):
+    """An invalid configuration; raised before any communication happens."""
+
+
+class LaunchError(PGroupsError, RuntimeError):
+    """The launch environment (torchrun, SLURM, explicit arguments) is incomplete or inconsistent."""
+
+
+class UnknownModeError(PGroupsError, KeyError):
+    """A mode has no registered initializer."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RegistrationError(PGroupsError, ValueError):
+    """An initializer was registered twice under one mode, or is not a valid initializer."""
+
+
+class ModeNotInitializedError(PGroupsError, RuntimeError):
+    """A query about a mode (or a context) that was never built."""
+
+
+class GroupTimeoutError(PGroupsError, TimeoutError):
+    """A group operation did not finish in time: names the group, its ranks and (if known) hosts."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""`` if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def allowed(choices: Iterable[str]) -> str:
+    """Format a list of allowed values for a message: ``'a', 'b', 'c'``."""
+    return ", ".join(repr(c) for c in sorted(choices))
+
+
+def source_prefix(source: Optional[str]) -> str:
+    return f"{source}: " if source else ""

@@ -1,0 +1,120 @@
+"""Our local launcher: start N processes on this machine the way torchrun would.
+
+Each child gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT,
+then runs ``target(*args)``; its return value comes back to the parent. Processes use the
+``spawn`` start method (fork is unsafe with torch threads). A child that fails makes the
+parent stop the rest; a run longer than ``timeout_s`` is killed and reported.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import attrs
+
+from .launch import free_port
+
+#: grace period for peers after one rank failed (they are usually stuck in a collective)
+FAILURE_GRACE_S = 5.0
+
+
+@attrs.frozen
+class RankOutcome:
+    """What one local rank did: its return value, or the error it raised, or its exit code."""
+
+    rank: int
+    value: Any = None
+    error: Optional[str] = None       # "ExceptionType: message" of the first failure
+    error_type: Optional[str] = None
+    exitcode: Optional[int] = None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.timed_out and self.exitcode in (0, None)
+
+
+def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Callable[..., Any],
+           args: Sequence[Any], results: "mp.Queue") -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    os.environ.update(env)
+    try:
+        value = target(*args)
+        results.put((rank, value, None, None))
+    except BaseException as exc:  # reported to the parent, which decides the exit code
+        message = f"{type(exc).__name__}: {exc}"
+        if os.environ.get("PGROUPS_TRACEBACK"):
+            message += "\n" + traceback.format_exc()
+        results.put((rank, None, message, type(exc).__name__))
+        raise SystemExit(1)
+
+
+def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
+              timeout_s: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
+              env_per_rank: Optional[Callable[[int], Mapping[str, str]]] = None) -> List[RankOutcome]:
+    """Run ``target(*args)`` in ``nproc`` local processes; return one RankOutcome per rank.
+
+    ``target`` must be importable (a module-level function). ``env`` is added to every child's
+    environment, ``env_per_rank(rank)`` to one's. Never hangs: after ``timeout_s`` (or
+    FAILURE_GRACE_S after the first failure) the remaining children are killed.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, got {nproc}")
+    ctx = mp.get_context("spawn")
+    results: "mp.Queue" = ctx.Queue()
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        child_env = dict(env or {})
+        if env_per_rank is not None:
+            child_env.update(env_per_rank(rank))
+        proc = ctx.Process(target=_child, args=(rank, nproc, port, child_env, target, tuple(args), results),
+                           daemon=False)
+        proc.start()
+        procs.append(proc)
+    outcomes: Dict[int, RankOutcome] = {}
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    failed_at: Optional[float] = None
+    while len(outcomes) < nproc:
+        now = time.monotonic()
+        limits = [t for t in (deadline, failed_at + FAILURE_GRACE_S if failed_at else None) if t]
+        if limits and now >= min(limits):
+            break
+        try:
+            rank, value, error, error_type = results.get(timeout=0.2)
+            outcomes[rank] = RankOutcome(rank, value, error, error_type)
+            if error and failed_at is None:
+                failed_at = time.monotonic()
+        except queue.Empty:
+            for rank, proc in enumerate(procs):  # a child that died without reporting (killed, segfault)
+                if rank not in outcomes and proc.exitcode not in (None, 0) and _drained(results, outcomes):
+                    outcomes[rank] = RankOutcome(rank, error=f"process exited with code {proc.exitcode}",
+                                                 exitcode=proc.exitcode)
+                    failed_at = failed_at or time.monotonic()
+    for rank, proc in enumerate(procs):
+        if rank not in outcomes:
+            proc.kill()
+        proc.join(timeout=10)
+        if rank not in outcomes:
+            outcomes[rank] = RankOutcome(rank, error="killed: still running at the time limit",
+                                         exitcode=proc.exitcode, timed_out=True)
+    results.close()
+    return [outcomes[r] for r in range(nproc)]
+
+
+def _drained(results: "mp.Queue", outcomes: Dict[int, RankOutcome]) -> bool:
+    """Pull anything still queued (a child may report just before exiting); True if nothing was."""
+    drained = True
+    while True:
+        try:
+            rank, value, error, error_type = results.get_nowait()
+        except queue.Empty:
+            return drained
+        outcomes[rank] = RankOutcome(rank, value, error, error_type)
+        drained = False
