@@ -1,0 +1,48 @@
+"""Shared test helpers: real local gloo processes, and torch's fake backend for huge worlds."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, List, Optional
+
+import pytest
+import torch.distributed as dist
+
+from pgroups.spawn import RankOutcome, run_local
+
+
+def run_ranks(nproc: int, target: Callable[..., Any], *args: Any, timeout_s: float = 120.0,
+              env: Optional[dict] = None) -> List[Any]:
+    """Run ``target(*args)`` on ``nproc`` local gloo ranks; fail the test if any rank failed.
+
+    ``target`` must be a module-level function (children are spawned). Returns rank values.
+    """
+    outcomes = run_local(nproc, target, args, timeout_s=timeout_s, env=env)
+    failures = [f"rank {o.rank}: {o.error}" for o in outcomes if not o.ok]
+    assert not failures, "\n".join(failures)
+    return [o.value for o in outcomes]
+
+
+def run_ranks_outcomes(nproc: int, target: Callable[..., Any], *args: Any, timeout_s: float = 120.0,
+                       env: Optional[dict] = None) -> List[RankOutcome]:
+    """Like run_ranks, but return every RankOutcome (for tests that expect failures)."""
+    return run_local(nproc, target, args, timeout_s=timeout_s, env=env)
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int) -> Iterator[None]:
+    """torch's fake process group as rank ``rank`` of ``world_size`` in this one process."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def fresh_registry():
+    """An InitializerRegistry with only the built-ins, so tests can register modes freely."""
+    from pgroups.initializer import InitializerRegistry
+
+    return InitializerRegistry()
