@@ -58,6 +58,7 @@ class ParallelContext:
         self._rank = -1
         self._modes: Dict[str, ModeState] = {}
         self._owns_default_group = False
+        self._hostnames: Optional[List[str]] = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def init_from_config(self, config: ConfigLike, launch: Optional[LaunchInfo] = None) -> "ParallelContext":
@@ -264,6 +265,16 @@ class ParallelContext:
         if self.topology is None:
             raise ModeNotInitializedError("the parallel context is not initialized "
                                           "(call gpc.init_from_config(...) first)")
+
+    def get_hostnames(self) -> List[str]:
+        """Every rank's host name, indexed by global rank (collective over the world the first
+        time, then cached). Hosts come from the ranks themselves, never from ``rank // 8``."""
+        self._require()
+        if self._hostnames is None:
+            from .hosts import gather_hostnames
+
+            self._hostnames = gather_hostnames(self.get_cpu_group(ParallelMode.GLOBAL))
+        return list(self._hostnames)
 
     def describe(self) -> str:
         """A readable summary: the layout, then one line per mode for this rank."""

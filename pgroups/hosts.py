@@ -1,0 +1,45 @@
+"""Which host each rank runs on, learned from the ranks themselves (never ``rank // 8``).
+
+``PGROUPS_HOSTNAME`` overrides the hostname a rank reports — for tests that simulate several
+hosts on one machine, and for sites whose hostnames are not what operators call the nodes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+HOSTNAME_ENV = "PGROUPS_HOSTNAME"
+MAX_HOSTNAME_BYTES = 255
+
+
+def local_hostname() -> str:
+    """This process's host name (``PGROUPS_HOSTNAME`` if set)."""
+    return os.environ.get(HOSTNAME_ENV) or socket.gethostname()
+
+
+def gather_hostnames(group: Optional[dist.ProcessGroup] = None) -> List[str]:
+    """Every rank's host name, indexed by rank within ``group`` (default: the world).
+
+    Collective over ``group``, which must run CPU tensors (a gloo group). Exchanges fixed-size
+    byte tensors, so it needs no numpy (torch's ``*_object`` collectives do).
+    """
+    name = local_hostname().encode("utf-8")[:MAX_HOSTNAME_BYTES]
+    mine = torch.zeros(MAX_HOSTNAME_BYTES + 1, dtype=torch.uint8)
+    mine[0] = len(name)
+    mine[1:1 + len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    size = dist.get_world_size(group)
+    everyone = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(everyone, mine, group=group)
+    return [bytes(t[1:1 + int(t[0])].tolist()).decode("utf-8", "replace") for t in everyone]
+
+
+def ranks_by_host(hostnames: List[str]) -> Dict[str, List[int]]:
+    """``{host: [ranks]}`` in order of first appearance (pure)."""
+    hosts: Dict[str, List[int]] = {}
+    for rank, host in enumerate(hostnames):
+        hosts.setdefault(host, []).append(rank)
+    return hosts
