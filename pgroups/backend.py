@@ -5,8 +5,8 @@ It never decides layouts: callers hand it rank lists (from initializers). It own
   ``all``   every rank enters every group's ``new_group`` (works everywhere; O(world) calls),
   ``local`` members only, ``new_group(..., use_local_synchronization=True)`` (O(modes) calls),
   ``split`` one ``split_group`` per mode from a device-bound default NCCL group (O(modes) calls);
-- the device / CPU twins (NCCL + gloo; a single gloo or fake group when the device backend is
-  CPU-capable already);
+- the device / CPU twins (NCCL + gloo; fake + fake under torch's fake backend; one gloo group
+  when the device backend is gloo already);
 - a dedupe cache, so identical rank lists across modes share one communicator;
 - timeouts (a peer that never enters raises GroupTimeoutError naming the mode and ranks);
 - destruction.
@@ -89,8 +89,9 @@ class GroupBackend:
 
     @property
     def cpu_twin_needed(self) -> bool:
-        """False when the device group already runs on CPU tensors (gloo, fake)."""
-        return self.device_backend not in ("gloo", "fake")
+        """False when the device group already runs CPU tensors (gloo). Under the fake backend
+        twins are built (as fake groups) so that simulations count what an NCCL job creates."""
+        return self.device_backend != "gloo"
 
     def world_group(self) -> ProcessGroup:
         return dist.group.WORLD
@@ -111,7 +112,7 @@ class GroupBackend:
             return self.world_group()
         try:
             if strategy == "all":
-                return self._build_all(backend, my_ranks, all_groups(), mode)
+                return self._build_all(backend, my_ranks, all_groups(), mode, cpu)
             if strategy == "split":
                 return self._build_split(backend, my_ranks, all_groups(), mode)
             return self._build_local(backend, my_ranks, mode)
@@ -145,11 +146,11 @@ class GroupBackend:
         return self._new_group(my_ranks, backend, mode, local=True)
 
     def _build_all(self, backend: str, my_ranks: Optional[Sequence[int]],
-                   groups: List[List[int]], mode: str) -> Optional[ProcessGroup]:
+                   groups: List[List[int]], mode: str, cpu: bool) -> Optional[ProcessGroup]:
         mine = tuple(my_ranks) if my_ranks is not None else None
         result = None
         for ranks in groups:  # every rank walks the same list: the cache stays identical everywhere
-            key = (backend, tuple(ranks))
+            key = ("cpu" if cpu else "device", tuple(ranks))
             if key not in self._cache:
                 self._cache[key] = self._new_group(ranks, backend, mode, local=False)
             if key[1] == mine:
