@@ -15,9 +15,7 @@ class NettestInitializer(ProcessGroupInitializer):
         return topology.block_groups(topology.nettest)
 
     def layout_key(self, topology: Topology):
-        if topology.nettest >= topology.world_size:
-            return topology.axes_key(topology.order)
-        return topology.axes_key(()) if topology.nettest == 1 else ("blocks", topology.nettest)
+        return topology.axes_key(()) if topology.nettest == 1 else topology.block_key(topology.nettest)
 
     def group_of(self, topology: Topology, rank: int) -> List[int]:
         return topology.block_group(rank, topology.nettest)

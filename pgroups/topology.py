@@ -170,6 +170,18 @@ class Topology:
         """Layout key of the groups along ``axes``: axes of size 1 change nothing, so drop them."""
         return ("axes", frozenset(a for a in axes if self.axis_size(a) > 1))
 
+    def block_key(self, block: int) -> Tuple:
+        """Layout key of consecutive blocks of ``block`` ranks: blocks that coincide with the
+        groups along the fastest axes (``tensor`` ranks, ``tensor * pipeline`` …) share their key."""
+        if block >= self.world_size:
+            return self.axes_key(self.order)
+        span = 1
+        for k, axis in enumerate(self.order):
+            span *= self.axis_size(axis)
+            if span == block:
+                return self.axes_key(self.order[:k + 1])
+        return ("blocks", block)
+
     # ---- derived groups -------------------------------------------------------------------
     def zero1_group(self, rank: int) -> List[int]:
         """The consecutive chunk of ``zero1`` ranks of ``rank``'s data group that holds it."""
