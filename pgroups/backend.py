@@ -42,9 +42,8 @@ def resolve_device_backend(requested: str) -> str:
     default = default_backend_name()
     if "fake" in default:
         return "fake"
-    if requested == "auto":
-        return "nccl" if torch.cuda.is_available() and "nccl" in default or (
-            torch.cuda.is_available() and default == "undefined") else "gloo"
+    if requested == "auto":  # follow the default group: NCCL only when it runs NCCL on GPUs
+        return "nccl" if torch.cuda.is_available() and "nccl" in default else "gloo"
     if requested == "nccl" and not torch.cuda.is_available():
         raise LaunchError("backend 'nccl' needs CUDA GPUs and none is visible; use backend: gloo or auto")
     return requested

@@ -41,6 +41,7 @@ class ModeState:
     cpu_group: Optional[ProcessGroup] = None
     built: bool = False
     cpu_built: bool = False
+    all_groups: Optional[RankGroups] = None  # cached by the all/split strategies
 
 
 class ParallelContext:
@@ -199,7 +200,12 @@ class ParallelContext:
         return state.cpu_group
 
     def _lister(self, state: ModeState):
-        return lambda: state.initializer.rank_groups(self.topology)
+        """Lists the mode's groups once, for strategies where every rank takes part."""
+        def all_groups() -> RankGroups:
+            if state.all_groups is None:
+                state.all_groups = state.initializer.rank_groups(self.topology)
+            return state.all_groups
+        return all_groups
 
     # ---- ranks ------------------------------------------------------------------------------
     def get_global_rank(self) -> int:
