@@ -96,16 +96,17 @@ class GroupBackend:
         return dist.group.WORLD
 
     def build(self, mode: str, my_ranks: Optional[Sequence[int]],
-              all_groups: Callable[[], List[List[int]]], cpu: bool = False) -> Optional[ProcessGroup]:
+              all_groups: Callable[[], List[List[int]]], cpu: bool = False,
+              strategy: Optional[str] = None) -> Optional[ProcessGroup]:
         """Create ``mode``'s group that holds this rank (None if it is in none) and return it.
 
         ``my_ranks`` is this rank's sorted group; ``all_groups`` lists every group of the mode
         (only called by the ``all`` and ``split`` strategies, which need every rank to take
-        part). ``cpu`` builds the gloo twin instead of the device group. Collective: see the
-        module docstring.
+        part). ``cpu`` builds the gloo twin instead of the device group. ``strategy`` overrides
+        the backend's strategy for this call. Collective: see the module docstring.
         """
         backend = self.cpu_backend if cpu else self.device_backend
-        strategy = "local" if cpu and self.strategy == "split" else self.strategy
+        strategy = strategy or ("local" if cpu and self.strategy == "split" else self.strategy)
         if my_ranks is not None and len(my_ranks) == dist.get_world_size() and (
                 not cpu or not self.cpu_twin_needed or "gloo" in default_backend_name()):
             return self.world_group()
@@ -126,6 +127,21 @@ class GroupBackend:
                     "and requesting the same modes in the same order? across hosts, set "
                     "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)") from exc
             raise
+
+    def build_for_rank_lists(self, name: str, rank_groups: Sequence[Sequence[int]],
+                             cpu: bool = False) -> Optional[ProcessGroup]:
+        """Create groups for arbitrary disjoint rank lists (host-aware groups of the network
+        test, …) and return the one that holds this rank (None if none does).
+
+        Collective over the WORLD: every rank calls it with the same ``rank_groups`` in the same
+        order, and every rank enters every ``new_group`` (the ``all`` strategy), so ranks that
+        hold different groups still agree on torch's group names. Raises GroupTimeoutError like
+        :meth:`build`.
+        """
+        groups = [sorted(g) for g in rank_groups]
+        rank = dist.get_rank()
+        mine = next((g for g in groups if rank in g), None)
+        return self.build(name, mine, lambda: groups, cpu=cpu, strategy="all")
 
     def _new_group(self, ranks: Sequence[int], backend: str, mode: str, local: bool) -> Optional[ProcessGroup]:
         self.calls += 1

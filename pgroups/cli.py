@@ -18,14 +18,14 @@ from importlib import resources
 from typing import Any, Callable, Dict, List, Optional
 
 from .config import Config, load_config
-from .context import BUILTIN_MODES, import_plugins
+from .context import import_plugins, make_initializers
 from .errors import GroupTimeoutError, PGroupsError
 from .initializer import default_registry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
 #: Sub-command modules of the higher layers; each has ``add_parser(subparsers)``.
-EXTENSIONS: List[str] = []
+EXTENSIONS: List[str] = ["pgroups.nettest.cli"]
 
 
 def default_config_path() -> str:
@@ -70,13 +70,8 @@ def offline_layout(config: Config, world_size: int) -> Dict[str, List[List[int]]
     """Every mode's groups for ``world_size``, computed without processes."""
     import_plugins(config)
     topology = config.topology(world_size)
-    names = [m.value for m in BUILTIN_MODES] + list(config.extra_modes)
-    layout = {}
-    for name in names:
-        init = default_registry.create(name, config.extra_modes.get(name), source=config.source)
-        init.validate(topology)
-        layout[name] = init.rank_groups(topology)
-    return layout
+    initializers = make_initializers(default_registry, config, topology)
+    return {name: init.rank_groups(topology) for name, init in initializers.items()}
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ BACKENDS = ("auto", "nccl", "gloo")
 GROUP_TIMING = ("eager", "lazy")
 CPU_GROUP_TIMING = ("lazy", "eager", "off")
 STRATEGIES = ("auto", "all", "local", "split")
+#: ~31 years: beyond this datetime.timedelta (what torch takes) overflows
+MAX_TIMEOUT_S = 1e9
 
 
 @attrs.frozen
@@ -117,7 +119,9 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
         raise ConfigError(f"{where}the config must be a mapping of keys such as 'parallel:', "
                           f"got {type(data).__name__}")
     _reject_unknown(data, _TOP_KEYS, "", where)
-    par = data.get("parallel", {}) or {}
+    par = data.get("parallel")
+    if par is None:  # "parallel:" with nothing under it
+        par = {}
     if not isinstance(par, Mapping):
         raise ConfigError(f"{where}parallel must be a mapping of {allowed(_PARALLEL_KEYS)}, got {par!r}")
     _reject_unknown(par, _PARALLEL_KEYS, "parallel.", where)
@@ -141,13 +145,16 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
                          ("cpu_groups", CPU_GROUP_TIMING), ("strategy", STRATEGIES)):
         if key in data:
             value = data[key]
+            if key == "cpu_groups" and value is False:  # YAML 1.1 reads a bare `off` as false
+                value = "off"
             if value not in choices:
                 raise ConfigError(f"{where}{key}: {value!r} is not allowed; allowed: {allowed(choices)}")
             kwargs[key] = value
     if "timeout_s" in data:
         value = data["timeout_s"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{where}timeout_s must be a positive number of seconds, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+            raise ConfigError(f"{where}timeout_s must be a positive number of seconds up to "
+                              f"{MAX_TIMEOUT_S:g}, got {value!r}")
         kwargs["timeout_s"] = float(value)
     kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
     kwargs["plugins"] = _plugins(data.get("plugins"), where)

@@ -105,21 +105,7 @@ class ParallelContext:
         return self
 
     def _make_initializers(self, cfg: Config, topology: Topology) -> Dict[str, ProcessGroupInitializer]:
-        result: Dict[str, ProcessGroupInitializer] = {}
-        for mode in BUILTIN_MODES:
-            result[mode.value] = self.registry.create(mode)
-        for name, options in cfg.extra_modes.items():
-            if name in result:
-                raise ConfigError(f"{cfg.source + ': ' if cfg.source else ''}extra_modes.{name}: "
-                                  "built-in modes are always built; list only modes of your own")
-            try:
-                result[name] = self.registry.create(name, options, source=cfg.source)
-            except UnknownModeError as exc:
-                raise ConfigError(f"{cfg.source + ': ' if cfg.source else ''}extra_modes.{name}: {exc}"
-                                  " (register it, or list its module under plugins:)") from None
-        for init in result.values():
-            init.validate(topology)
-        return result
+        return make_initializers(self.registry, cfg, topology)
 
     def destroy(self) -> None:
         """Destroy every group (and the default group if this context started it). Idempotent."""
@@ -301,6 +287,37 @@ class ParallelContext:
 
     def __repr__(self) -> str:
         return f"<ParallelContext {'uninitialized' if self.topology is None else self.topology.describe()}>"
+
+
+def make_initializers(registry: InitializerRegistry, cfg: Config,
+                      topology: Topology) -> Dict[str, ProcessGroupInitializer]:
+    """The initializers of every mode ``cfg`` builds on ``topology`` (built-ins first, in
+    BUILTIN_MODES order, then ``extra_modes``), each validated against ``topology``.
+
+    Pure. Raises ConfigError naming the config's source for an unknown or built-in extra mode,
+    bad options, or a mode that cannot be built on ``topology``.
+    """
+    where = f"{cfg.source}: " if cfg.source else ""
+    result: Dict[str, ProcessGroupInitializer] = {}
+    for mode in BUILTIN_MODES:
+        result[mode.value] = registry.create(mode)
+    for name, options in cfg.extra_modes.items():
+        if name in result:
+            raise ConfigError(f"{where}extra_modes.{name}: built-in modes are always built; "
+                              "list only modes of your own")
+        try:
+            result[name] = registry.create(name, options, source=cfg.source)
+        except UnknownModeError as exc:
+            raise ConfigError(f"{where}extra_modes.{name}: {exc}"
+                              " (register it, or list its module under plugins:)") from None
+    for init in result.values():
+        try:
+            init.validate(topology)
+        except ConfigError as exc:
+            if where and str(exc).startswith(where):
+                raise
+            raise ConfigError(f"{where}{exc}") from None
+    return result
 
 
 def import_plugins(cfg: Config) -> None:

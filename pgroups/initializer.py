@@ -77,6 +77,7 @@ class InitializerRegistry:
     def register(self, mode: ModeLike, cls: Type[ProcessGroupInitializer],
                  replace: bool = False) -> None:
         name = mode_name(mode)
+        self._ensure_loaded()  # so that a clash with a built-in or entry point is seen now
         if not (inspect.isclass(cls) and issubclass(cls, ProcessGroupInitializer)):
             raise RegistrationError(
                 f"initializer for mode {name!r} must subclass ProcessGroupInitializer, got {cls!r}")
@@ -110,6 +111,8 @@ class InitializerRegistry:
         accepted = [p for p in params if p != "self"
                     and params[p].kind in (params[p].POSITIONAL_OR_KEYWORD, params[p].KEYWORD_ONLY)]
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if cls.__init__ is object.__init__:  # no __init__ of its own: object's (*args, **kwargs) takes none
+            accepted, takes_any = [], False
         for key in options:
             if key not in accepted and not takes_any:
                 where = f"{source}: " if source else ""
@@ -133,14 +136,23 @@ class InitializerRegistry:
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        importlib.import_module(BUILTIN_PACKAGE)  # its modules fill _BUILTINS on import
-        for name, cls in _BUILTINS.items():
-            self._classes.setdefault(name, cls)
-        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            cls = entry.load()
-            if entry.name not in self._classes or self._classes[entry.name] is not cls:
-                self.register(entry.name, cls)
+        self._loaded = True  # first: entry points may register through this registry
+        try:
+            importlib.import_module(BUILTIN_PACKAGE)  # its modules fill _BUILTINS on import
+            for name, cls in _BUILTINS.items():
+                self._classes.setdefault(name, cls)
+            for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    cls = entry.load()
+                except Exception as exc:
+                    raise RegistrationError(
+                        f"entry point {entry.name!r} = {entry.value!r} (group {ENTRY_POINT_GROUP!r}) "
+                        f"failed to load: {type(exc).__name__}: {exc}") from exc
+                if entry.name not in self._classes or self._classes[entry.name] is not cls:
+                    self.register(entry.name, cls)
+        except BaseException:
+            self._loaded = False  # report the same error on the next lookup, never half-load silently
+            raise
 
 
 _BUILTINS: Dict[str, Type[ProcessGroupInitializer]] = {}

@@ -43,11 +43,13 @@ def parse_nodelist(nodelist: str) -> List[str]:
     """Expand a SLURM compressed node list: ``"gpu[01-04,07],cpu3"`` → gpu01…gpu04, gpu07, cpu3.
 
     Zero padding is kept; several bracket groups in one name (``a[1-2]b[3-4]``) expand as a
-    product. Raises LaunchError for unbalanced brackets or a bad range.
+    product. Raises LaunchError for unbalanced brackets, a bad range or a list naming no host.
     """
     names: List[str] = []
     for item in _split_top_level(nodelist):
         names.extend(_expand_host(item, nodelist))
+    if not names:
+        raise LaunchError(f"node list {nodelist!r} names no host")
     return names
 
 

@@ -1,0 +1,247 @@
+"""``pgroups nettest`` / ``python -m pgroups.nettest``: the network sanity test.
+
+    pgroups nettest --nproc 8                       # this machine, 8 local gloo processes
+    torchrun --nproc-per-node 8 --nnodes 16 … -m pgroups.nettest job.yaml --json net.json
+    srun -N 16 --ntasks-per-node 8 pgroups nettest job.yaml --modes all
+
+Exit codes: 0 healthy; 1 a slow or wrong group was found; 2 usage or config error (one line
+on stderr); 3 a collective did not finish within ``--timeout`` (the hung group is named, with
+its ranks and hosts) or the run exceeded ``--max-time``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from ..cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, default_config_path, offline_layout
+from ..config import load_config
+from ..errors import ConfigError
+from ..hosts import HOSTNAME_ENV, local_hostname
+from . import metrics
+from .diagnosis import Rule
+from .faults import FAULT_ENV, parse_faults
+from .report import Progress, format_report, plotting_available, write_json, write_plot
+from .runner import NettestOptions, NettestTimeoutError, RankResult, run_rank
+
+DEFAULT_ITERS = 5
+DEFAULT_WARMUP = 1
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_TIME_S = 1800.0
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "SLURM_PROCID")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (default: the bundled one)")
+    parser.add_argument("--nproc", type=int, help="start N local gloo processes on this machine "
+                        "(without it: run as one rank of torchrun / SLURM)")
+    parser.add_argument("--modes", default="nettest",
+                        help="modes whose groups to test: comma list (tensor,data,…) or 'all' (default: nettest)")
+    parser.add_argument("--no-host-groups", dest="host_groups", action="store_false",
+                        help="skip the host-aware groups (intra-node: one host's ranks; inter-node: one rank per host)")
+    parser.add_argument("--collectives", "-c", default="all_reduce",
+                        help=f"comma list or 'all' of: {', '.join(metrics.COLLECTIVES)} (default: all_reduce)")
+    parser.add_argument("--min-bytes", "-b", default=str(metrics.DEFAULT_MIN_BYTES),
+                        help="smallest message (8, 64K, 1M …; default 8)")
+    parser.add_argument("--max-bytes", "-e", default="64M", help="largest message (default 64M)")
+    parser.add_argument("--step-factor", "-f", type=int, default=2, help="size multiplier between steps (default 2)")
+    parser.add_argument("--iters", "-n", type=int, default=DEFAULT_ITERS,
+                        help=f"timed operations per size (default {DEFAULT_ITERS})")
+    parser.add_argument("--warmup", "-w", type=int, default=DEFAULT_WARMUP,
+                        help=f"untimed operations per size before timing (default {DEFAULT_WARMUP})")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds one operation may take before its group is declared hung "
+                             f"(default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--min-busbw", type=float, help="absolute floor in GB/s for busbw at the largest size")
+    parser.add_argument("--slow-factor", type=float, default=Rule().slow_factor,
+                        help="how many times worse than its peers' median a group must be (default 2)")
+    parser.add_argument("--mad-k", type=float, default=Rule().mad_k,
+                        help="and by how many robust standard deviations (1.4826 x MAD) of its peers (default 4)")
+    parser.add_argument("--no-followup", dest="followup", action="store_false",
+                        help="report the sweep's findings as they are: no re-test, no pair tests")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the full report as JSON ('-': stdout)")
+    parser.add_argument("--plot", metavar="PATH.png", help="draw busbw per group and pair (needs matplotlib)")
+    parser.add_argument("--no-tables", dest="tables", action="store_false",
+                        help="print only the per-group summary and the verdict, not the per-size tables")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    parser.add_argument("--simulate-hosts", type=int, metavar="H",
+                        help="with --nproc: pretend the local ranks sit on H hosts (contiguous blocks), "
+                             "to try the host-aware groups and diagnosis on one machine")
+    parser.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME_S,
+                        help=f"with --nproc: kill the whole run after this many seconds (default {DEFAULT_MAX_TIME_S:g})")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``pgroups nettest`` (called by :func:`pgroups.cli.build_parser`)."""
+    parser = subparsers.add_parser(
+        "nettest", help="network sanity test: busbw per group, names slow or faulty ranks and hosts",
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 healthy, 1 slow or wrong group found, 2 usage/config error, 3 timeout.")
+    add_arguments(parser)
+    parser.set_defaults(func=cmd_nettest)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
+    """Validate the arguments (ValueError / ConfigError naming the bad one) into NettestOptions."""
+    for name in ("iters", "step_factor"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must not be negative, got {args.warmup}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout:g}")
+    min_bytes, max_bytes = metrics.parse_size(args.min_bytes), metrics.parse_size(args.max_bytes)
+    metrics.size_sweep(min_bytes, max_bytes, args.step_factor)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes:
+        raise ValueError("--modes is empty: name modes (e.g. nettest,tensor) or 'all'")
+    if "all" in modes and len(modes) > 1:
+        raise ValueError("--modes: 'all' cannot be combined with other modes")
+    rule = Rule(args.slow_factor, args.mad_k, args.min_busbw)
+    parse_faults(os.environ.get(FAULT_ENV))  # a bad test hook is a usage error, before anything starts
+    if args.plot and not plotting_available():
+        raise ConfigError("--plot needs matplotlib, which is not installed (pip install matplotlib), "
+                          "or leave out --plot")
+    if args.simulate_hosts is not None and (args.nproc is None or not 1 <= args.simulate_hosts <= args.nproc):
+        raise ValueError("--simulate-hosts H needs --nproc N with 1 <= H <= N")
+    return NettestOptions(config=config, modes=modes, host_groups=args.host_groups,
+                          collectives=metrics.parse_collectives(args.collectives), min_bytes=min_bytes,
+                          max_bytes=max_bytes, step_factor=args.step_factor, iters=args.iters,
+                          warmup=args.warmup, timeout_s=args.timeout, rule=rule, followup=args.followup,
+                          progress=not args.quiet, json_path=args.json_path)
+
+
+def cmd_nettest(args: argparse.Namespace) -> int:
+    if args.nproc is None and not any(v in os.environ for v in LAUNCH_ENV):
+        raise ConfigError("no launch environment (torchrun's RANK/WORLD_SIZE or SLURM's SLURM_PROCID): "
+                          "use --nproc N to start N local processes, or launch with torchrun / srun")
+    world_size = args.nproc if args.nproc is not None else _launch_world_size()
+    config = resolve_config(args.config, world_size)
+    options = options_from_args(args, config)
+    if args.nproc is not None:
+        return _run_local(args, options, load_config(config))
+    return _run_here(args, options)
+
+
+def _launch_world_size() -> Optional[int]:
+    text = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+    return int(text) if text and text.isdigit() else None
+
+
+def resolve_config(path: Optional[str], world_size: Optional[int]):
+    """The config to run: ``path`` as given; without one, the bundled default — or, when its
+    layout (8 ranks: tensor 2 x pipeline 2) does not fit ``world_size``, a plain layout with
+    the bundled nettest block size, so ``pgroups nettest --nproc N`` works for any N."""
+    if path is not None:
+        load_config(path)
+        return path
+    bundled = default_config_path()
+    config = load_config(bundled)
+    if world_size is None:
+        return bundled
+    try:
+        config.topology(world_size)
+        return bundled
+    except ConfigError:
+        return {"parallel": {"nettest": config.parallel.nettest}, "backend": config.backend,
+                "timeout_s": config.timeout_s}
+
+
+def _check_modes(options: NettestOptions, config, world_size: int) -> None:
+    layout = offline_layout(config, world_size)
+    if options.modes != ("all",):
+        unknown = [m for m in options.modes if m not in layout]
+        if unknown:
+            raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; built modes: {', '.join(layout)} (or 'all')")
+
+
+def _run_local(args: argparse.Namespace, options: NettestOptions, config) -> int:
+    from ..spawn import run_local
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    config.topology(args.nproc)
+    _check_modes(options, config, args.nproc)
+    env_per_rank = None
+    if args.simulate_hosts:
+        base, hosts, nproc = local_hostname(), args.simulate_hosts, args.nproc
+        env_per_rank = _SimulatedHosts(base, hosts, nproc)
+    outcomes = run_local(args.nproc, local_worker, (options,), timeout_s=args.max_time,
+                         env_per_rank=env_per_rank)
+    failed = [o for o in outcomes if not o.ok]
+    if not failed:
+        result: RankResult = outcomes[0].value
+        return _emit(result.report, args)
+    hung = _distinct(o.error.split(": ", 1)[-1] for o in failed if o.error_type == NettestTimeoutError.__name__)
+    if hung:
+        for message in hung:
+            print(f"pgroups nettest: timeout: {message}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    usage = [o for o in failed if o.error_type in ("ConfigError", "LaunchError", "UnknownModeError")]
+    if usage:
+        print(f"pgroups nettest: error: {usage[0].error.split(': ', 1)[-1]}", file=sys.stderr)
+        return EXIT_USAGE
+    if any(o.timed_out for o in failed):
+        stuck = [o.rank for o in failed if o.timed_out]
+        print(f"pgroups nettest: timeout: the run exceeded --max-time {args.max_time:g}s; ranks {stuck} "
+              "were still running and were killed", file=sys.stderr)
+        return EXIT_TIMEOUT
+    for o in failed[:4]:
+        print(f"pgroups nettest: rank {o.rank}: {o.error}", file=sys.stderr)
+    lost = [o for o in failed if o.error_type is None]
+    return EXIT_TIMEOUT if lost and len(lost) == len(failed) else EXIT_FAILED
+
+
+class _SimulatedHosts:
+    """env_per_rank for --simulate-hosts: contiguous blocks of ranks per pretend host."""
+
+    def __init__(self, base: str, hosts: int, nproc: int) -> None:
+        self.base, self.hosts, self.nproc = base, hosts, nproc
+
+    def __call__(self, rank: int) -> dict:
+        return {HOSTNAME_ENV: f"{self.base}-sim{rank * self.hosts // self.nproc}"}
+
+
+def _distinct(messages) -> List[str]:
+    return list(dict.fromkeys(messages))
+
+
+def local_worker(options: NettestOptions) -> RankResult:
+    """One local rank (spawned by ``--nproc``): progress on rank 0's stderr unless --quiet."""
+    return run_rank(options, Progress() if options.progress else None)
+
+
+def _run_here(args: argparse.Namespace, options: NettestOptions) -> int:
+    """This process is one rank of torchrun / SLURM: run, then rank 0 prints the report."""
+    try:
+        result = run_rank(options, Progress() if options.progress else None)
+    except NettestTimeoutError as exc:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        if rank == 0 or exc.report.get("detected_by") == rank:
+            print(f"pgroups nettest: timeout: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_TIMEOUT)  # a hung operation may still hold threads: do not wait for them
+    if result.report is not None:
+        _emit(result.report, args)
+    return result.exit_code
+
+
+def _emit(report: dict, args: argparse.Namespace) -> int:
+    """Print the report, write --json / --plot; return its exit code."""
+    if args.json_path != "-":
+        print(format_report(report, tables=args.tables))
+    if args.json_path:
+        write_json(report, args.json_path)
+    if args.plot:
+        write_plot(report, args.plot)
+    return int(report["exit_code"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m pgroups.nettest [ARGS]``: the same as ``pgroups nettest [ARGS]``."""
+    from ..cli import main as pgroups_main
+
+    return pgroups_main(["nettest", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,523 @@
+"""Diagnosis (pure): which groups are slow or wrong, and which ranks and hosts are at fault.
+
+The rule, chosen so that a healthy run on a noisy machine raises no alarm:
+
+1. **Compare like with like.** Groups are compared only with groups of the same kind and size
+   (``nettest`` blocks with each other, one host's ranks with another host's …), measured in
+   the same wave, per collective: bus bandwidth at the largest size and time (latency) at the
+   smallest.
+2. **Robust and relative.** A group is *flagged* when its figure is worse than the median of
+   the *other* groups of its class (leave-one-out, so an outlier never drags its own
+   reference) by a factor ``slow_factor`` (default 2: half the bandwidth, or twice the
+   latency) **and** by ``mad_k`` (default 4) robust standard deviations of the others
+   (1.4826 x MAD). One noisy figure is not enough to move a median, and a 2x margin is far
+   beyond the jitter of a healthy link; a class with one group is never compared.
+3. **Absolute floors.** ``--min-busbw`` flags any group whose bus bandwidth at the largest
+   size is below the floor, whatever its peers do (the only way to catch a uniformly slow
+   fabric, or a single group).
+4. **Repeated.** Every flag is *re-tested*: the whole class is measured again at the flagged
+   collective and size, three times, and each group's *best* repetition counts. A group is
+   slow only if even its best is flagged again; a healthy group that was unlucky once is
+   reported as a transient note, not as a fault.
+5. **Below group granularity.** The ranks of confirmed bad groups (*candidates*) are paired
+   with ranks of healthy groups (*references*) in rounds of concurrent send/recv exchanges on
+   the world group; each round also runs a *control* pair of two references, the baseline
+   the candidate pairs are judged against by the same factor-and-MAD rule (with no two
+   references, the other pairs of the round are the baseline). Every candidate meets at least
+   two different partners; a rank is named **slow** only if *all* its pairs were slow, and
+   **corrupting** if data from it arrived wrong at a majority of its partners (or it received
+   wrong data from all of them). Hosts are named from the ranks they hold.
+
+Wrong data is never noise: any wrong element flags a group at once (no re-test needed).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+
+from . import metrics
+from .groups import TestGroup
+
+MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
+MAX_PAIR_ROUNDS = 8
+
+
+@attrs.frozen
+class Rule:
+    """The thresholds of the diagnosis (see the module docstring)."""
+
+    slow_factor: float = 2.0
+    mad_k: float = 4.0
+    min_busbw_gbps: Optional[float] = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.slow_factor > 1.0:
+            raise ValueError(f"--slow-factor must be above 1, got {self.slow_factor}")
+        if self.mad_k < 0:
+            raise ValueError(f"--mad-k must not be negative, got {self.mad_k}")
+        if self.min_busbw_gbps is not None and self.min_busbw_gbps < 0:
+            raise ValueError(f"--min-busbw must not be negative, got {self.min_busbw_gbps}")
+
+    def to_json(self) -> Dict[str, object]:
+        return {"slow_factor": self.slow_factor, "mad_k": self.mad_k, "min_busbw_gbps": self.min_busbw_gbps}
+
+
+# ---- figures --------------------------------------------------------------------------------
+@attrs.frozen
+class Measurement:
+    """One collective at one size on one group (or pair), aggregated over its ranks.
+
+    ``time_s`` is the mean over ranks of each rank's mean time per operation (nccl-tests'
+    default ``-a 1``); with several repetitions, the best (smallest) repetition. ``wrong`` is
+    the number of wrong elements over all ranks (nccl-tests' ``#wrong``); ``wrong_from`` maps
+    a source rank to the wrong elements that came from it, where a collective lets us tell.
+    """
+
+    group_id: str
+    collective: str
+    size_bytes: int
+    group_size: int
+    count: int
+    time_s: float
+    rank_times: Tuple[Tuple[int, float], ...] = ()
+    wrong: int = 0
+    wrong_from: Tuple[Tuple[int, int], ...] = ()
+    repeats: int = 1
+
+    @property
+    def algbw(self) -> float:
+        return metrics.algbw(self.size_bytes, self.time_s)
+
+    @property
+    def busbw(self) -> float:
+        return metrics.busbw(self.collective, self.group_size, self.size_bytes, self.time_s)
+
+    def to_json(self) -> Dict[str, object]:
+        return {"group": self.group_id, "collective": self.collective, "size_bytes": self.size_bytes,
+                "count": self.count, "time_us": self.time_s * 1e6, "algbw_gbps": self.algbw,
+                "busbw_gbps": self.busbw, "wrong": self.wrong, "repeats": self.repeats,
+                "time_us_by_rank": {str(r): t * 1e6 for r, t in self.rank_times},
+                "wrong_from": {str(r): n for r, n in self.wrong_from}}
+
+
+def aggregate(group_id: str, group_size: int, records: Sequence[Mapping[str, object]]) -> Measurement:
+    """Combine the per-rank records of one (group, collective, size) into a Measurement.
+
+    Each record: ``rank``, ``collective``, ``size``, ``count``, ``times`` (seconds per
+    operation, one per repetition), ``wrong``, ``wrong_from`` (``{source rank: elements}``).
+    Raises ValueError for an empty list or records that disagree on collective or size.
+    """
+    if not records:
+        raise ValueError(f"no records for group {group_id}")
+    first = records[0]
+    if any(r["collective"] != first["collective"] or r["size"] != first["size"] for r in records):
+        raise ValueError(f"records of group {group_id} mix collectives or sizes")
+    repeats = min(len(r["times"]) for r in records)
+    per_repeat = [statistics.fmean(float(r["times"][i]) for r in records) for i in range(repeats)]
+    wrong_from: Dict[int, int] = {}
+    for record in records:
+        for source, count in dict(record.get("wrong_from") or {}).items():
+            wrong_from[int(source)] = wrong_from.get(int(source), 0) + int(count)
+    return Measurement(
+        group_id=group_id, collective=str(first["collective"]), size_bytes=int(first["size"]),
+        group_size=group_size, count=int(first["count"]), time_s=min(per_repeat),
+        rank_times=tuple(sorted((int(r["rank"]), min(map(float, r["times"]))) for r in records)),
+        wrong=sum(int(r["wrong"]) for r in records), wrong_from=tuple(sorted(wrong_from.items())),
+        repeats=repeats)
+
+
+# ---- the robust rule ----------------------------------------------------------------------
+@attrs.frozen
+class Deviation:
+    """How far a value is from the reference of its peers, in the direction that is worse."""
+
+    value: float
+    reference: float
+    spread: float  # 1.4826 x MAD of the peers
+    ratio: float   # how many times worse (>= 1 means worse)
+
+
+def worse_than_peers(value: float, peers: Sequence[float], higher_is_better: bool,
+                     rule: Rule) -> Optional[Deviation]:
+    """The Deviation if ``value`` is worse than ``peers`` by the rule, else None.
+
+    Worse means: beyond ``slow_factor`` times the peers' median **and** beyond ``mad_k``
+    robust standard deviations of the peers. No peers → None (nothing to compare with).
+    """
+    if not peers:
+        return None
+    reference = statistics.median(peers)
+    spread = MAD_SCALE * statistics.median(abs(p - reference) for p in peers)
+    if higher_is_better:
+        ratio = reference / value if value > 0 else float("inf")
+        beyond_spread = value < reference - rule.mad_k * spread
+    else:
+        ratio = value / reference if reference > 0 else float("inf")
+        beyond_spread = value > reference + rule.mad_k * spread
+    if ratio >= rule.slow_factor and beyond_spread and reference > 0:
+        return Deviation(value, reference, spread, ratio)
+    return None
+
+
+def outliers(values: Mapping[str, float], higher_is_better: bool, rule: Rule) -> Dict[str, Deviation]:
+    """Leave-one-out: every key whose value is worse than the others' by the rule."""
+    found = {}
+    for key, value in values.items():
+        peers = [v for k, v in values.items() if k != key]
+        deviation = worse_than_peers(value, peers, higher_is_better, rule)
+        if deviation is not None:
+            found[key] = deviation
+    return found
+
+
+# ---- group verdicts -------------------------------------------------------------------------
+@attrs.frozen
+class Finding:
+    """Why a group is suspect: ``metric`` is busbw | latency | floor | wrong."""
+
+    group_id: str
+    kind: str
+    collective: str
+    metric: str
+    size_bytes: int
+    value: float
+    reference: Optional[float] = None
+    detail: str = ""
+
+    def to_json(self) -> Dict[str, object]:
+        return attrs.asdict(self)
+
+
+MeasurementKey = Tuple[str, str, int]  # (group id, collective, size)
+
+
+def index_measurements(measurements: Iterable[Measurement]) -> Dict[MeasurementKey, Measurement]:
+    return {(m.group_id, m.collective, m.size_bytes): m for m in measurements}
+
+
+def comparison_classes(catalog: Sequence[TestGroup]) -> Dict[Tuple[str, int], List[TestGroup]]:
+    """Groups that may be compared: same kind and same size."""
+    classes: Dict[Tuple[str, int], List[TestGroup]] = {}
+    for group in catalog:
+        classes.setdefault((group.kind, group.size), []).append(group)
+    return classes
+
+
+def find_slow(catalog: Sequence[TestGroup], measurements: Iterable[Measurement], rule: Rule,
+              metrics_to_check: Sequence[str] = ("busbw", "latency", "floor")) -> List[Finding]:
+    """Slow groups by the relative rule (busbw at the largest size, latency at the smallest
+    size, per collective, within each comparison class) and by the absolute floor."""
+    table = index_measurements(measurements)
+    findings: List[Finding] = []
+    for (kind, _size), groups in comparison_classes(catalog).items():
+        ids = [g.id for g in groups]
+        for collective in _collectives_of(table, ids):
+            sizes = _common_sizes(table, ids, collective)
+            if not sizes:
+                continue
+            large, small = max(sizes), min(sizes)
+            if "busbw" in metrics_to_check:
+                busbw = {gid: table[(gid, collective, large)].busbw for gid in ids}
+                for gid, dev in outliers(busbw, True, rule).items():
+                    findings.append(Finding(gid, kind, collective, "busbw", large, dev.value, dev.reference,
+                                            f"{collective} busbw {dev.value:.3g} GB/s at "
+                                            f"{metrics.format_size(large)} is {dev.ratio:.1f}x below the "
+                                            f"median {dev.reference:.3g} GB/s of the other {len(ids) - 1} "
+                                            f"{kind} groups"))
+            if "latency" in metrics_to_check:
+                latency = {gid: table[(gid, collective, small)].time_s for gid in ids}
+                for gid, dev in outliers(latency, False, rule).items():
+                    findings.append(Finding(gid, kind, collective, "latency", small, dev.value, dev.reference,
+                                            f"{collective} time {dev.value * 1e6:.0f} us at "
+                                            f"{metrics.format_size(small)} is {dev.ratio:.1f}x the median "
+                                            f"{dev.reference * 1e6:.0f} us of the other {len(ids) - 1} "
+                                            f"{kind} groups"))
+            if "floor" in metrics_to_check and rule.min_busbw_gbps is not None:
+                for gid in ids:
+                    value = table[(gid, collective, large)].busbw
+                    if value < rule.min_busbw_gbps:
+                        findings.append(Finding(gid, kind, collective, "floor", large, value, rule.min_busbw_gbps,
+                                                f"{collective} busbw {value:.3g} GB/s at "
+                                                f"{metrics.format_size(large)} is below --min-busbw "
+                                                f"{rule.min_busbw_gbps:g} GB/s"))
+    return findings
+
+
+def find_wrong(catalog: Sequence[TestGroup], measurements: Iterable[Measurement]) -> List[Finding]:
+    """Groups where any element arrived wrong: one Finding per (group, collective)."""
+    kinds = {g.id: g.kind for g in catalog}
+    wrong: Dict[Tuple[str, str], List[Measurement]] = {}
+    for m in measurements:
+        if m.wrong:
+            wrong.setdefault((m.group_id, m.collective), []).append(m)
+    findings = []
+    for (gid, collective), rows in wrong.items():
+        total = sum(m.wrong for m in rows)
+        sizes = ", ".join(metrics.format_size(m.size_bytes) for m in sorted(rows, key=lambda m: m.size_bytes)[:4])
+        more = " …" if len(rows) > 4 else ""
+        sources = _sources(rows)
+        source_text = f"; wrong data came from rank(s) {sources}" if sources else ""
+        findings.append(Finding(gid, kinds.get(gid, "?"), collective, "wrong", rows[0].size_bytes, float(total),
+                                None, f"{collective}: {total} wrong elements at {len(rows)} sizes "
+                                      f"({sizes}{more}){source_text}"))
+    return findings
+
+
+def _sources(rows: Sequence[Measurement]) -> List[int]:
+    counts: Dict[int, int] = {}
+    for m in rows:
+        for source, n in m.wrong_from:
+            counts[source] = counts.get(source, 0) + n
+    return sorted(s for s, n in counts.items() if n)
+
+
+def _collectives_of(table: Mapping[MeasurementKey, Measurement], ids: Sequence[str]) -> List[str]:
+    found = {c for (gid, c, _s) in table if gid in ids}
+    return [c for c in metrics.COLLECTIVES if c in found]
+
+
+def _common_sizes(table: Mapping[MeasurementKey, Measurement], ids: Sequence[str], collective: str) -> List[int]:
+    per_group = [{s for (g, c, s) in table if g == gid and c == collective} for gid in ids]
+    return sorted(set.intersection(*per_group)) if per_group else []
+
+
+@attrs.frozen
+class RetestItem:
+    """Measure every group of ``kind`` again at ``collective`` and ``size_bytes``."""
+
+    kind: str
+    collective: str
+    size_bytes: int
+
+
+def plan_retest(findings: Sequence[Finding]) -> List[RetestItem]:
+    """What to re-test to confirm slow findings (wrong data needs no re-test), deduplicated."""
+    items = {RetestItem(f.kind, f.collective, f.size_bytes) for f in findings if f.metric != "wrong"}
+    return sorted(items, key=lambda i: (i.kind, metrics.COLLECTIVES.index(i.collective), i.size_bytes))
+
+
+def confirm(findings: Sequence[Finding], catalog: Sequence[TestGroup], retest: Iterable[Measurement],
+            rule: Rule) -> Tuple[List[Finding], List[Finding]]:
+    """Split slow findings into (confirmed, transient) by the re-test figures.
+
+    A finding is confirmed when the re-test flags the same group for the same collective,
+    size and metric (best repetition counts). Wrong-data findings are always confirmed.
+    """
+    table = index_measurements(retest)
+    confirmed, transient = [], []
+    classes = comparison_classes(catalog)
+    by_id = {g.id: g for g in catalog}
+    for finding in findings:
+        if finding.metric == "wrong":
+            confirmed.append(finding)
+            continue
+        group = by_id[finding.group_id]
+        ids = [g.id for g in classes[(group.kind, group.size)]]
+        key = (finding.group_id, finding.collective, finding.size_bytes)
+        if key not in table:
+            transient.append(finding)
+            continue
+        value = _metric_value(table[key], finding.metric)
+        if finding.metric == "floor":
+            again = rule.min_busbw_gbps is not None and value < rule.min_busbw_gbps
+        else:
+            peers = [_metric_value(table[(gid, finding.collective, finding.size_bytes)], finding.metric)
+                     for gid in ids if gid != finding.group_id
+                     and (gid, finding.collective, finding.size_bytes) in table]
+            again = worse_than_peers(value, peers, finding.metric != "latency", rule) is not None
+        (confirmed if again else transient).append(finding)
+    return confirmed, transient
+
+
+def _metric_value(m: Measurement, metric: str) -> float:
+    return m.time_s if metric == "latency" else m.busbw
+
+
+# ---- below group granularity: pairs ---------------------------------------------------------
+CANDIDATE, CONTROL, MUTUAL = "candidate", "control", "mutual"
+
+
+@attrs.frozen
+class Pair:
+    """Two ranks exchanging messages in one round. ``a`` is the candidate when there is one."""
+
+    a: int
+    b: int
+    role: str  # candidate (candidate + reference) | control (two references) | mutual (two candidates)
+
+    def to_json(self) -> Dict[str, object]:
+        return {"ranks": [self.a, self.b], "role": self.role}
+
+
+def plan_pair_rounds(candidates: Sequence[int], references: Sequence[int],
+                     max_rounds: int = MAX_PAIR_ROUNDS) -> List[List[Pair]]:
+    """Rounds of disjoint pairs so that each candidate meets at least two different partners.
+
+    Each round: one control pair of two references when there are at least two; the other
+    references paired with candidates (candidates with the fewest partners so far first,
+    preferring a partner they have not met); leftover candidates paired with each other.
+    Deterministic (every rank computes the same plan). Stops when every candidate has met two
+    partners, when no new partner can be found, or after ``max_rounds``.
+    """
+    candidates = sorted(set(candidates))
+    references = sorted(set(references) - set(candidates))
+    met: Dict[int, set] = {c: set() for c in candidates}
+    rounds: List[List[Pair]] = []
+    if len(candidates) + len(references) < 2 or not candidates:
+        return rounds
+    for round_index in range(max_rounds):
+        if all(len(met[c]) >= 2 for c in candidates):
+            break
+        refs = _rotate(references, 2 * round_index)
+        pairs: List[Pair] = []
+        if len(refs) >= 2:
+            pairs.append(Pair(refs[0], refs[1], CONTROL))
+            refs = refs[2:]
+        free_refs = list(refs)
+        free_cands = sorted(candidates, key=lambda c: (len(met[c]), (c + round_index) % max(len(candidates), 1)))
+        waiting: List[int] = []
+        for cand in free_cands:
+            partner = _pick(free_refs, met[cand])
+            if partner is None:
+                waiting.append(cand)
+                continue
+            free_refs.remove(partner)
+            pairs.append(Pair(cand, partner, CANDIDATE))
+        while len(waiting) >= 2:
+            cand = waiting.pop(0)
+            partner = _pick(waiting, met[cand])
+            waiting.remove(partner)
+            pairs.append(Pair(min(cand, partner), max(cand, partner), MUTUAL))
+        while len(free_refs) >= 2:
+            pairs.append(Pair(free_refs.pop(0), free_refs.pop(0), CONTROL))
+        new = [p for p in pairs if p.role != CONTROL and p.b not in met.get(p.a, ())]
+        if not new:
+            break
+        for p in pairs:
+            if p.a in met:
+                met[p.a].add(p.b)
+            if p.b in met:
+                met[p.b].add(p.a)
+        rounds.append(pairs)
+    return rounds
+
+
+def _rotate(items: Sequence[int], by: int) -> List[int]:
+    if not items:
+        return []
+    by %= len(items)
+    return list(items[by:]) + list(items[:by])
+
+
+def _pick(pool: Sequence[int], met: set) -> Optional[int]:
+    """A partner from ``pool``: the first not met yet, else the first (None if empty)."""
+    for rank in pool:
+        if rank not in met:
+            return rank
+    return pool[0] if pool else None
+
+
+@attrs.frozen
+class PairResult:
+    """One pair in one round: its figures at the small and large size, and the verdict."""
+
+    round: int
+    pair: Pair
+    small: Measurement
+    large: Measurement
+    slow: bool
+    reasons: Tuple[str, ...] = ()
+
+    @property
+    def wrong_from(self) -> Dict[int, int]:
+        counts: Dict[int, int] = {}
+        for m in (self.small, self.large):
+            for source, n in m.wrong_from:
+                counts[source] = counts.get(source, 0) + n
+        return counts
+
+    def to_json(self) -> Dict[str, object]:
+        return {"round": self.round, **self.pair.to_json(), "slow": self.slow, "reasons": list(self.reasons),
+                "small": self.small.to_json(), "large": self.large.to_json(),
+                "wrong_from": {str(k): v for k, v in self.wrong_from.items()}}
+
+
+def judge_pairs(rounds: Sequence[Sequence[Pair]], small: Mapping[Tuple[int, int, int], Measurement],
+                large: Mapping[Tuple[int, int, int], Measurement], rule: Rule) -> List[PairResult]:
+    """Judge each pair against the baseline of its round.
+
+    ``small`` / ``large`` map ``(round, a, b)`` to the pair's Measurement at the smallest and
+    largest size. Baseline: the round's control pairs (if any), else the round's other pairs.
+    A pair is slow if its busbw at the large size or its time at the small size is worse than
+    the baseline by the rule.
+    """
+    results = []
+    for index, pairs in enumerate(rounds):
+        controls = [p for p in pairs if p.role == CONTROL]
+        for pair in pairs:
+            key = (index, pair.a, pair.b)
+            if key not in small or key not in large:
+                continue
+            if pair.role == CONTROL:
+                results.append(PairResult(index, pair, small[key], large[key], False))
+                continue
+            baseline = controls or [p for p in pairs if p != pair]
+            reasons = []
+            bw_peers = [large[(index, p.a, p.b)].busbw for p in baseline if (index, p.a, p.b) in large]
+            dev = worse_than_peers(large[key].busbw, bw_peers, True, rule)
+            if dev is not None:
+                reasons.append(f"busbw {dev.value:.3g} GB/s at {metrics.format_size(large[key].size_bytes)} is "
+                               f"{dev.ratio:.1f}x below the baseline {dev.reference:.3g} GB/s")
+            lat_peers = [small[(index, p.a, p.b)].time_s for p in baseline if (index, p.a, p.b) in small]
+            dev = worse_than_peers(small[key].time_s, lat_peers, False, rule)
+            if dev is not None:
+                reasons.append(f"time {dev.value * 1e6:.0f} us at {metrics.format_size(small[key].size_bytes)} is "
+                               f"{dev.ratio:.1f}x the baseline {dev.reference * 1e6:.0f} us")
+            results.append(PairResult(index, pair, small[key], large[key], bool(reasons), tuple(reasons)))
+    return results
+
+
+@attrs.frozen
+class Suspect:
+    """A rank named at fault, its host, and why."""
+
+    rank: int
+    host: str
+    reason: str
+
+    def to_json(self) -> Dict[str, object]:
+        return attrs.asdict(self)
+
+
+def name_suspects(results: Sequence[PairResult], candidates: Sequence[int],
+                  hostnames: Sequence[str]) -> List[Suspect]:
+    """The candidates the pair tests point at (see the module docstring for the rule)."""
+    suspects = []
+    for rank in sorted(set(candidates)):
+        mine = [r for r in results if rank in (r.pair.a, r.pair.b) and r.pair.role != CONTROL]
+        partners = {r.pair.b if r.pair.a == rank else r.pair.a for r in mine}
+        host = hostnames[rank] if rank < len(hostnames) else "?"
+        reasons = []
+        if len(partners) >= 2 and all(r.slow for r in mine):
+            reasons.append(f"slow in all {len(mine)} pair tests (partners {sorted(partners)})")
+        sent_wrong = [r for r in mine if r.wrong_from.get(rank)]
+        got_wrong = [r for r in mine if any(n for src, n in r.wrong_from.items() if src != rank)]
+        if sent_wrong and len(sent_wrong) * 2 > len(mine):
+            reasons.append(f"data it sent arrived wrong at {len(sent_wrong)} of {len(mine)} partners")
+        elif len(partners) >= 2 and len(got_wrong) == len(mine):
+            reasons.append(f"received wrong data from all {len(mine)} partners")
+        if reasons:
+            suspects.append(Suspect(rank, host, "; ".join(reasons)))
+    return suspects
+
+
+def suspect_hosts(suspects: Sequence[Suspect], hostnames: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    """``{host: {"ranks": [suspect ranks], "all_ranks": bool}}`` for the hosts of the suspects."""
+    hosts: Dict[str, Dict[str, object]] = {}
+    for s in suspects:
+        hosts.setdefault(s.host, {"ranks": [], "all_ranks": False})["ranks"].append(s.rank)
+    for host, info in hosts.items():
+        info["all_ranks"] = sorted(info["ranks"]) == [r for r, h in enumerate(hostnames) if h == host]
+    return hosts

@@ -1,0 +1,99 @@
+"""Fault injection — a TEST-ONLY hook, so that the tool's own tests can prove it finds faults.
+
+Set ``PGROUPS_NETTEST_FAULT`` (never in production) to one or more ``;``-separated faults::
+
+    slow:rank=3,sleep_ms=20     rank 3 sleeps 20 ms inside the timed region of every operation
+    corrupt:rank=2              rank 2 corrupts what it contributes (its send buffers)
+    absent:rank=1               rank 1 never enters any test collective (it sleeps until killed)
+    slow:host=node7             every rank on host node7 (as reported; see PGROUPS_HOSTNAME)
+
+A fault names ``rank=R`` or ``host=H``. Parsing is pure; a bad spec raises ValueError naming
+the part that is wrong and what is allowed.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence, Tuple
+
+import attrs
+
+FAULT_ENV = "PGROUPS_NETTEST_FAULT"
+KINDS = ("slow", "corrupt", "absent")
+DEFAULT_SLEEP_MS = 50.0
+ABSENT_SLEEP_S = 3600.0
+
+
+@attrs.frozen
+class Fault:
+    """One injected fault and the rank or host it applies to."""
+
+    kind: str
+    rank: Optional[int] = None
+    host: Optional[str] = None
+    sleep_ms: float = DEFAULT_SLEEP_MS
+
+    def applies_to(self, rank: int, host: str) -> bool:
+        return self.rank == rank or (self.host is not None and self.host == host)
+
+
+def parse_faults(text: Optional[str]) -> Tuple[Fault, ...]:
+    """Parse a PGROUPS_NETTEST_FAULT value (empty or None → no faults)."""
+    faults = []
+    for part in (text or "").split(";"):
+        part = part.strip()
+        if part:
+            faults.append(_parse_one(part))
+    return tuple(faults)
+
+
+def _parse_one(part: str) -> Fault:
+    where = f"{FAULT_ENV}: {part!r}"
+    kind, _, options = part.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise ValueError(f"{where}: unknown fault {kind!r}; allowed: {', '.join(KINDS)}")
+    values = {}
+    for item in options.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in ("rank", "host", "sleep_ms"):
+            raise ValueError(f"{where}: bad option {item.strip()!r}; allowed: rank=R, host=H, sleep_ms=MS")
+        values[key] = value
+    if ("rank" in values) == ("host" in values):
+        raise ValueError(f"{where}: name exactly one of rank=R or host=H")
+    try:
+        rank = int(values["rank"]) if "rank" in values else None
+        sleep_ms = float(values.get("sleep_ms", DEFAULT_SLEEP_MS))
+    except ValueError:
+        raise ValueError(f"{where}: rank must be an integer and sleep_ms a number") from None
+    if rank is not None and rank < 0 or sleep_ms < 0:
+        raise ValueError(f"{where}: rank and sleep_ms must not be negative")
+    return Fault(kind, rank, values.get("host"), sleep_ms)
+
+
+@attrs.frozen
+class ActiveFaults:
+    """The faults that apply to this rank, as the runner uses them."""
+
+    sleep_s: float = 0.0
+    corrupt: bool = False
+    absent: bool = False
+
+    @classmethod
+    def for_rank(cls, faults: Sequence[Fault], rank: int, host: str) -> "ActiveFaults":
+        mine = [f for f in faults if f.applies_to(rank, host)]
+        return cls(sleep_s=sum(f.sleep_ms for f in mine if f.kind == "slow") / 1000.0,
+                   corrupt=any(f.kind == "corrupt" for f in mine),
+                   absent=any(f.kind == "absent" for f in mine))
+
+    def inside_timed_region(self) -> None:
+        """Called before every timed operation: the injected slowness."""
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+
+    def stay_away(self) -> None:
+        """The injected absence: never enter (the launcher or the peers' exit ends this)."""
+        if self.absent:
+            time.sleep(ABSENT_SLEEP_S)

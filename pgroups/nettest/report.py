@@ -1,0 +1,207 @@
+"""Output: nccl-tests-like tables, the summary, ``--json``, ``--plot`` and rank 0's progress line.
+
+Everything here reads the report dict that rank 0 builds (JSON-able, documented in the README:
+``groups``, ``measurements``, ``findings``, ``retest``, ``confirmed``, ``transient``, ``pairs``,
+``suspects``, ``suspect_hosts``, ``verdicts``, ``summary``, ``status``, ``exit_code``, and on a
+hang ``timeout``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+from .metrics import format_size
+
+
+class Progress:
+    """Rank 0's progress display on ``stream`` (stderr): one rewritten line on a terminal,
+    else a line at most every ``interval_s`` seconds (so logs stay short)."""
+
+    def __init__(self, stream: Optional[TextIO] = None, interval_s: float = 5.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval_s = interval_s if not self.tty else 0.1
+        self.started = time.monotonic()
+        self._last = -1e9
+        self._width = 0
+
+    def update(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        line = f"[nettest {now - self.started:6.1f}s] {text}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    ranks = list(ranks)
+    if len(ranks) > 4 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"[{ranks[0]}..{ranks[-1]}]"
+    return "[" + ",".join(map(str, ranks)) + "]"
+
+
+def _hosts_text(hosts: Sequence[str], limit: int = 4) -> str:
+    hosts = list(hosts)
+    shown = ",".join(hosts[:limit])
+    return shown + (f",… ({len(hosts)} hosts)" if len(hosts) > limit else "")
+
+
+def format_tables(report: Dict[str, Any]) -> str:
+    """One nccl-tests-like table per (group, collective) of the sweep."""
+    groups = {g["id"]: g for g in report.get("groups", [])}
+    rows: Dict[tuple, List[Dict[str, Any]]] = {}
+    for m in report.get("measurements", []):
+        rows.setdefault((m["group"], m["collective"]), []).append(m)
+    out = []
+    for (gid, collective), ms in rows.items():
+        g = groups.get(gid, {"ranks": [], "hosts": []})
+        redop = "sum" if collective in ("all_reduce", "reduce_scatter") else "none"
+        out.append(f"# {gid}: {collective} over {len(g['ranks'])} ranks {_ranks_text(g['ranks'])} "
+                   f"on {_hosts_text(g['hosts'])}")
+        out.append(f"#{'size':>11} {'count':>10} {'type':>6} {'redop':>6} {'time':>10} {'algbw':>8} "
+                   f"{'busbw':>8} {'#wrong':>7}")
+        out.append(f"#{'(B)':>11} {'(elements)':>10} {'':>6} {'':>6} {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8}")
+        for m in sorted(ms, key=lambda m: m["size_bytes"]):
+            out.append(f"{m['size_bytes']:>12} {m['count']:>10} {'float':>6} {redop:>6} {m['time_us']:>10.1f} "
+                       f"{m['algbw_gbps']:>8.3f} {m['busbw_gbps']:>8.3f} {m['wrong']:>7}")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_group_summary(report: Dict[str, Any]) -> str:
+    """One line per group and collective: busbw at the largest size, time at the smallest, verdict."""
+    verdicts = report.get("verdicts", {})
+    by_group: Dict[tuple, List[Dict[str, Any]]] = {}
+    for m in report.get("measurements", []):
+        by_group.setdefault((m["group"], m["collective"]), []).append(m)
+    groups = {g["id"]: g for g in report.get("groups", [])}
+    lines = [f"{'group':<16} {'ranks':<14} {'hosts':<16} {'collective':<15} {'busbw@max':>16} "
+             f"{'time@min':>16} {'#wrong':>7}  verdict"]
+    for (gid, collective), ms in by_group.items():
+        ms = sorted(ms, key=lambda m: m["size_bytes"])
+        small, large = ms[0], ms[-1]
+        g = groups.get(gid, {"ranks": [], "hosts": []})
+        bw = f"{large['busbw_gbps']:.3f} GB/s"
+        lat = f"{small['time_us']:.0f} us"
+        lines.append(f"{gid:<16} {_ranks_text(g['ranks']):<14} {_hosts_text(g['hosts'], 2):<16} {collective:<15} "
+                     f"{bw + ' @' + format_size(large['size_bytes']):>16} "
+                     f"{lat + ' @' + format_size(small['size_bytes']):>16} "
+                     f"{sum(m['wrong'] for m in ms):>7}  {verdicts.get(gid, 'ok').upper()}")
+    return "\n".join(lines)
+
+
+def format_summary(report: Dict[str, Any]) -> str:
+    """The verdict: groups tested, slow, wrong, suspect ranks and hosts, transient notes."""
+    summary = report.get("summary", {})
+    groups = {g["id"]: g for g in report.get("groups", [])}
+    lines = []
+    for finding in report.get("confirmed", []):
+        g = groups.get(finding["group_id"], {"ranks": [], "hosts": []})
+        label = "WRONG" if finding["metric"] == "wrong" else "SLOW"
+        again = "" if finding["metric"] == "wrong" else " (confirmed on re-test)"
+        lines.append(f"{label:<5} {finding['group_id']} ranks {_ranks_text(g['ranks'])} hosts "
+                     f"{_hosts_text(g['hosts'])}: {finding['detail']}{again}")
+    for s in report.get("suspects", []):
+        lines.append(f"SUSPECT rank {s['rank']} on host {s['host']}: {s['reason']}")
+    for host, info in report.get("suspect_hosts", {}).items():
+        whole = " (every rank of the host)" if info.get("all_ranks") else ""
+        lines.append(f"SUSPECT host {host}: ranks {info['ranks']}{whole}")
+    pairs = report.get("pairs") or {}
+    if report.get("confirmed") and pairs.get("candidates") and not report.get("suspects"):
+        lines.append(f"note: pair tests of ranks {pairs['candidates']} singled out no rank: the fault shows "
+                     "only in whole-group traffic (or every candidate is equally affected)")
+    for finding in report.get("transient", []):
+        lines.append(f"note: {finding['group_id']} looked slow in the sweep ({finding['detail']}) but not "
+                     "on re-test: transient, not counted")
+    for kind, same in report.get("skipped_kinds", {}).items():
+        lines.append(f"note: mode {kind!r} has the same groups as {same!r}; measured once")
+    slow, wrong = summary.get("slow", []), summary.get("wrong", [])
+    verdict = "HEALTHY" if summary.get("healthy") else "UNHEALTHY"
+    lines.append(f"pgroups nettest: {verdict} — {summary.get('groups_tested', 0)} groups tested, "
+                 f"{len(slow)} slow, {len(wrong)} wrong; suspect ranks "
+                 f"{summary.get('suspect_ranks') or '-'}, suspect hosts {summary.get('suspect_hosts') or '-'} "
+                 f"(world {report.get('world_size')}, {report.get('backend')} on {report.get('device')}, "
+                 f"{report.get('elapsed_s', 0.0):.1f}s)")
+    return "\n".join(lines)
+
+
+def format_report(report: Dict[str, Any], tables: bool = True) -> str:
+    parts = []
+    if tables:
+        parts.append(format_tables(report))
+    parts.append(format_group_summary(report))
+    parts.append(format_summary(report))
+    return "\n".join(p for p in parts if p)
+
+
+def write_json(report: Dict[str, Any], path: str) -> None:
+    """Write the whole report as JSON (``-`` writes to stdout)."""
+    text = json.dumps(report, indent=1, sort_keys=False, default=str)
+    if path == "-":
+        print(text)
+        return
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+
+
+def plotting_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_plot(report: Dict[str, Any], path: str) -> None:
+    """busbw against message size, one line per group (and one bar per pair test, if any).
+
+    Needs matplotlib (the CLI checks :func:`plotting_available` before running anything).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    collectives = list(dict.fromkeys(m["collective"] for m in report.get("measurements", [])))
+    pairs = (report.get("pairs") or {}).get("results", [])
+    panels = len(collectives) + (1 if pairs else 0)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(6 * max(panels, 1), 4.5), squeeze=False)
+    verdicts = report.get("verdicts", {})
+    for ax, collective in zip(axes[0], collectives):
+        lines: Dict[str, List[Dict[str, Any]]] = {}
+        for m in report["measurements"]:
+            if m["collective"] == collective:
+                lines.setdefault(m["group"], []).append(m)
+        for gid, ms in lines.items():
+            ms = sorted(ms, key=lambda m: m["size_bytes"])
+            style = "-" if verdicts.get(gid, "ok") == "ok" else "--"
+            ax.plot([m["size_bytes"] for m in ms], [m["busbw_gbps"] for m in ms], style, marker=".",
+                    label=f"{gid} ({verdicts.get(gid, 'ok')})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("busbw (GB/s)")
+        ax.set_title(collective)
+        ax.legend(fontsize="small")
+    if pairs:
+        ax = axes[0][-1]
+        labels = [f"r{p['round']}:{p['ranks'][0]}-{p['ranks'][1]}" for p in pairs]
+        values = [p["large"]["busbw_gbps"] for p in pairs]
+        colors = ["tab:red" if p["slow"] else ("tab:gray" if p["role"] == "control" else "tab:green") for p in pairs]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), labels, rotation=60, fontsize="small")
+        ax.set_ylabel("busbw (GB/s)")
+        ax.set_title("pair tests (red: slow, gray: control)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

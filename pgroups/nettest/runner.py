@@ -1,0 +1,727 @@
+"""What every rank runs: warm-up, the size sweep, device-synchronized timing, data verification,
+per-operation timeouts, and the follow-up tests that rank 0 plans.
+
+Two planes:
+
+- the **data plane** is the collectives under test, on the groups under test (NCCL device
+  groups on GPUs, gloo on CPU). Every operation is issued with ``async_op=True`` and waited
+  with ``--timeout``: a peer that never enters makes ``wait`` fail instead of hanging;
+- the **control plane** is the rendezvous store of the default group (no collective at all):
+  ranks post their figures and where they are, wait for each other between steps, and raise
+  the *abort* flag when a group hangs — every other rank sees it within a second and stops.
+  A rank that stops making progress while idle (no heartbeat for ``--timeout``) is named too.
+
+Steps, the same on every rank: one *sweep* per wave of disjoint groups; rank 0 then diagnoses
+and publishes a *re-test* plan (flagged classes measured again, best of three) and a *pair*
+plan (candidates paired with references, see :mod:`.diagnosis`); everyone executes the plans.
+Rank 0 returns the report (a JSON-able dict), the others None.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from ..context import ParallelContext
+from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
+from . import diagnosis, metrics
+from .diagnosis import Measurement, Rule
+from .faults import FAULT_ENV, ActiveFaults, parse_faults
+from .groups import HOST_KINDS, TestGroup, build_catalog, duplicate_kinds, group_of_rank, plan_waves
+
+STORE_PREFIX = "pgroups-nettest/"
+BEAT_INTERVAL_S = 1.0
+POLL_MAX_S = 0.05
+RETEST_REPEATS = 3
+PATTERN_PERIOD = 61   # element values cycle through -30..30 (exact in float32 sums)
+OFFSET_PERIOD = 64    # per-source offset, so chunks from different ranks differ
+CORRUPT_DELTA = 1000.0
+
+
+class NettestTimeoutError(GroupTimeoutError):
+    """A group under test (or a rank between steps) did not answer within ``--timeout``.
+
+    ``report`` is the JSON-able hang report (group id, ranks, hosts, what, who never entered).
+    """
+
+    def __init__(self, message: str, report: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
+
+
+@attrs.frozen
+class NettestOptions:
+    """Everything a rank needs to run the test (picklable, the same on every rank)."""
+
+    config: Any
+    modes: Tuple[str, ...] = ("nettest",)
+    host_groups: bool = True
+    collectives: Tuple[str, ...] = ("all_reduce",)
+    min_bytes: int = metrics.DEFAULT_MIN_BYTES
+    max_bytes: int = metrics.DEFAULT_MAX_BYTES
+    step_factor: int = 2
+    iters: int = 5
+    warmup: int = 1
+    timeout_s: float = 60.0
+    rule: Rule = Rule()
+    followup: bool = True
+    progress: bool = True
+    json_path: Optional[str] = None
+
+    @property
+    def sizes(self) -> List[int]:
+        return metrics.size_sweep(self.min_bytes, self.max_bytes, self.step_factor)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"modes": list(self.modes), "host_groups": self.host_groups,
+                "collectives": list(self.collectives), "min_bytes": self.min_bytes,
+                "max_bytes": self.max_bytes, "step_factor": self.step_factor, "iters": self.iters,
+                "warmup": self.warmup, "timeout_s": self.timeout_s, "followup": self.followup}
+
+
+# ---- control plane ----------------------------------------------------------------------------
+class Coordinator:
+    """Barriers, figure exchange, plans, heartbeats and the abort flag, through the store."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
+                 hostnames: Sequence[str]) -> None:
+        self.store = dist.PrefixStore(STORE_PREFIX, store)
+        self.rank, self.world_size = rank, world_size
+        self.timeout_s = timeout_s
+        self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
+        self.hostnames = list(hostnames)
+        self._last_beat = 0.0
+
+    @classmethod
+    def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
+        store = dist.distributed_c10d._get_default_store()
+        return cls(store, dist.get_rank(), dist.get_world_size(), timeout_s, hostnames)
+
+    def host(self, rank: int) -> str:
+        return self.hostnames[rank] if rank < len(self.hostnames) else "?"
+
+    # where each rank is, for hang reports
+    def position(self, where: str) -> None:
+        self.store.set(f"pos/{self.rank}", where)
+
+    def positions(self, ranks: Sequence[int]) -> Dict[int, str]:
+        keys = [f"pos/{r}" for r in ranks]
+        found = {}
+        for rank, key in zip(ranks, keys):
+            found[rank] = self.store.get(key).decode() if self.store.check([key]) else "start-up"
+        return found
+
+    def beat(self) -> None:
+        """Heartbeat (at most once a second; cheap to call often) and abort check."""
+        now = time.monotonic()
+        if now - self._last_beat >= BEAT_INTERVAL_S:
+            self._last_beat = now
+            self.store.add("beat", 1)
+            self.check_abort()
+
+    def check_abort(self) -> None:
+        if self.store.check(["abort"]):
+            report = json.loads(self.store.get("abort").decode())
+            raise NettestTimeoutError(report.get("message", "another rank aborted the test"), report)
+
+    def abort(self, report: Dict[str, Any]) -> bool:
+        """Raise the abort flag with ``report``; True if this rank was the first to raise it."""
+        payload = json.dumps(report)
+        try:
+            current = self.store.compare_set("abort", "", payload)
+            return (current.decode() if isinstance(current, bytes) else current) == payload
+        except (RuntimeError, AttributeError):  # a store without compare_set
+            if self.store.check(["abort"]):
+                return False
+            self.store.set("abort", payload)
+            return True
+
+    def exchange(self, step: str, payload: Any) -> Optional[List[Any]]:
+        """Post ``payload`` for ``step`` and wait for every rank; rank 0 gets every payload."""
+        self.store.set(f"{step}/data/{self.rank}", json.dumps(payload))
+        self.store.add(f"{step}/arrived", 1)
+        self._wait(lambda: int(self.store.add(f"{step}/arrived", 0)) >= self.world_size,
+                   lambda: f"{step}/arrived", step,
+                   lambda: [r for r in range(self.world_size) if not self.store.check([f"{step}/data/{r}"])])
+        if self.rank != 0:
+            return None
+        keys = [f"{step}/data/{r}" for r in range(self.world_size)]
+        values = self.store.multi_get(keys) if hasattr(self.store, "multi_get") else [self.store.get(k) for k in keys]
+        return [json.loads(v.decode() if isinstance(v, bytes) else v) for v in values]
+
+    def publish(self, key: str, value: Any) -> None:
+        self.store.set(f"plan/{key}", json.dumps(value))
+
+    def fetch(self, key: str) -> Any:
+        self._wait(lambda: self.store.check([f"plan/{key}"]), None, f"the plan {key!r} from rank 0", lambda: [0])
+        return json.loads(self.store.get(f"plan/{key}").decode())
+
+    def _wait(self, done: Callable[[], bool], counter: Optional[Callable[[], str]], what: str,
+              missing: Callable[[], List[int]]) -> None:
+        delay, last_marker, last_change = 0.001, None, time.monotonic()
+        while not done():
+            self.check_abort()
+            marker = (int(self.store.add("beat", 0)), int(self.store.add(counter(), 0)) if counter else 0)
+            now = time.monotonic()
+            if marker != last_marker:
+                last_marker, last_change = marker, now
+            elif now - last_change > self.stall_s:
+                self._stalled(what, missing())
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_S)
+
+    def _stalled(self, what: str, missing: List[int]) -> None:
+        where = self.positions(missing)
+        shown = ", ".join(f"rank {r} (host {self.host(r)}, last at {where[r]})" for r in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        message = (f"no progress for {self.stall_s:.0f}s waiting for {what}: {shown}{more} "
+                   f"did not arrive (hung or dead?)")
+        report = {"message": message, "kind": "stall", "step": what, "ranks": missing,
+                  "hosts": sorted({self.host(r) for r in missing}), "detected_by": self.rank}
+        self.abort(report)
+        self.check_abort()
+        raise NettestTimeoutError(message, report)
+
+
+# ---- data plane -----------------------------------------------------------------------------
+def _all_gather_fn() -> Callable[..., Any]:
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter_fn() -> Callable[..., Any]:
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def periodic(start: int, count: int, scale: float, offset: float, device: torch.device) -> torch.Tensor:
+    """Elements ``start .. start+count-1`` of ``scale * ((i mod 61) - 30) + offset``.
+
+    Built by tiling one period (memory speed: verification data for 64 MiB costs milliseconds).
+    """
+    one_period = (torch.arange(PATTERN_PERIOD, device=device, dtype=torch.float32)
+                  - (PATTERN_PERIOD // 2)) * scale + offset
+    first = start % PATTERN_PERIOD
+    tiles = (first + count + PATTERN_PERIOD - 1) // PATTERN_PERIOD
+    return one_period.repeat(tiles)[first:first + count]
+
+
+def pattern(start: int, count: int, offset: float, device: torch.device) -> torch.Tensor:
+    """Verification data: element i holds ``(i mod 61) - 30 + offset`` (exact small integers)."""
+    return periodic(start, count, 1.0, offset, device)
+
+
+def source_offset(local_rank: int) -> float:
+    return float(local_rank % OFFSET_PERIOD)
+
+
+@attrs.frozen
+class Buffers:
+    """One measurement's tensors: what is sent, where it lands, what it must equal, and who sent
+    each of ``chunks`` equal parts of the output (None: a reduction, not attributable)."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+    expected: torch.Tensor
+    timed: torch.Tensor             # all_reduce is timed on its own zero buffer (in-place growth)
+    sources: Optional[List[int]]    # global rank behind each output chunk
+    recv_is_source: bool = False    # broadcast root: its recv buffer holds the data it sends
+
+
+def make_buffers(collective: str, shape: metrics.MessageShape, ranks: Sequence[int], me: int,
+                 device: torch.device, corrupt: bool) -> Buffers:
+    """Buffers with verification data for ``collective`` over ``ranks`` on rank ``me``."""
+    n, i = len(ranks), ranks.index(me)
+    off = source_offset(i)
+    total_off = float(sum(source_offset(j) for j in range(n)))
+    cin, cout = shape.in_count, shape.out_count
+    chunk = cout // n if collective in metrics.CHUNKED else cout
+    sources: Optional[List[int]] = None
+    if collective == "all_reduce":
+        send = pattern(0, cin, off, device)
+        expected = periodic(0, cin, float(n), total_off, device)
+    elif collective == "all_gather":
+        send = pattern(i * cin, cin, off, device)
+        expected = torch.cat([pattern(j * cin, cin, source_offset(j), device) for j in range(n)])
+        sources = list(ranks)
+    elif collective == "reduce_scatter":
+        send = pattern(0, cin, off, device)
+        expected = periodic(i * cout, cout, float(n), total_off, device)
+    elif collective == "broadcast":
+        send = pattern(0, cin, source_offset(0), device)
+        expected = send.clone()
+        sources = [ranks[0]]
+    elif collective == "all_to_all":
+        send = pattern(0, cin, off, device)
+        chunk_in = cin // n
+        expected = torch.cat([pattern(i * chunk_in, chunk_in, source_offset(j), device) for j in range(n)])
+        sources = list(ranks)
+    elif collective == "sendrecv":
+        prev = (i - 1) % n
+        send = pattern(0, cin, off, device)
+        expected = pattern(0, cout, source_offset(prev), device)
+        sources = [ranks[prev]]
+    else:
+        raise ValueError(f"unknown collective {collective!r}")
+    if corrupt and (collective != "broadcast" or i == 0):
+        corrupt_tensor(send)
+    if collective == "all_reduce":  # in place: timed on zeros, verified on ``send`` itself
+        return Buffers(send, send, expected, torch.zeros(cin, device=device, dtype=torch.float32), None)
+    if collective == "broadcast" and i == 0:
+        return Buffers(send, send, expected, send, sources, recv_is_source=True)
+    recv = torch.empty(cout, device=device, dtype=torch.float32)
+    return Buffers(send, recv, expected, send, sources)
+
+
+def corrupt_tensor(tensor: torch.Tensor) -> None:
+    """The injected corruption: about eight elements (at least one) are off by CORRUPT_DELTA."""
+    flat = tensor.view(-1)
+    flat[::max(1, flat.numel() // 8)] += CORRUPT_DELTA
+
+
+def launch(collective: str, group: Any, ranks: Sequence[int], me: int, send: torch.Tensor,
+           recv: torch.Tensor) -> List[Any]:
+    """Issue one asynchronous operation; return its Work handles."""
+    if collective == "all_reduce":
+        return [dist.all_reduce(send, group=group, async_op=True)]
+    if collective == "all_gather":
+        return [_all_gather_fn()(recv, send, group=group, async_op=True)]
+    if collective == "reduce_scatter":
+        return [_reduce_scatter_fn()(recv, send, group=group, async_op=True)]
+    if collective == "broadcast":  # in place on ``recv`` (the root's holds its data)
+        return [dist.broadcast(recv, src=ranks[0], group=group, async_op=True)]
+    if collective == "all_to_all":
+        return [dist.all_to_all_single(recv, send, group=group, async_op=True)]
+    if collective == "sendrecv":
+        i, n = ranks.index(me), len(ranks)
+        ops = [dist.P2POp(dist.isend, send, ranks[(i + 1) % n], group),
+               dist.P2POp(dist.irecv, recv, ranks[(i - 1) % n], group)]
+        return list(dist.batch_isend_irecv(ops))
+    raise ValueError(f"unknown collective {collective!r}")
+
+
+class GroupFailure(Exception):
+    """An operation on a group under test timed out or failed (carries the cause's text)."""
+
+
+class Bench:
+    """Times and verifies operations on this rank (one instance per run)."""
+
+    def __init__(self, device: torch.device, coordinator: Coordinator, faults: ActiveFaults,
+                 timeout_s: float, warmup: int, iters: int) -> None:
+        self.device = device
+        self.coordinator = coordinator
+        self.faults = faults
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.warmup, self.iters = warmup, iters
+
+    def _wait(self, works: Sequence[Any]) -> None:
+        try:
+            for work in works:
+                work.wait(self.timeout)
+        except (RuntimeError, dist.DistError) as exc:
+            raise GroupFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+    def _timed(self, issue: Callable[[], List[Any]]) -> float:
+        """Seconds per operation over ``iters`` back-to-back operations (device-synchronized)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            works: List[Any] = []
+            for _ in range(self.iters):
+                self.faults.inside_timed_region()
+                works = issue()  # stream-ordered: the last one completes after all the others
+            end.record()
+            self._wait(works)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / self.iters
+        begin = time.perf_counter()
+        for _ in range(self.iters):
+            self.faults.inside_timed_region()
+            self._wait(issue())
+            self.coordinator.beat()
+        return (time.perf_counter() - begin) / self.iters
+
+    def _verify(self, buffers: Buffers, issue: Callable[[], List[Any]]) -> Tuple[int, Dict[int, int]]:
+        """One more operation on fresh data; count the elements that differ from the expected."""
+        if not buffers.recv_is_source and buffers.recv is not buffers.send:
+            buffers.recv.fill_(float("nan"))
+        self._wait(issue())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        bad = buffers.recv != buffers.expected
+        wrong = int(bad.sum())
+        wrong_from: Dict[int, int] = {}
+        if wrong and buffers.sources:
+            per_chunk = bad.view(len(buffers.sources), -1).sum(dim=1).tolist()
+            wrong_from = {src: int(n) for src, n in zip(buffers.sources, per_chunk) if n}
+        return wrong, wrong_from
+
+    def measure(self, collective: str, group: Any, ranks: Sequence[int], me: int,
+                shape: metrics.MessageShape, repeats: int = 1) -> Dict[str, Any]:
+        """Warm up, time ``repeats`` x ``iters`` operations, verify once; return this rank's record."""
+        buffers = make_buffers(collective, shape, ranks, me, self.device, self.faults.corrupt)
+        timed_recv = buffers.timed if collective == "all_reduce" else buffers.recv
+
+        def timed_op() -> List[Any]:
+            return launch(collective, group, ranks, me, buffers.timed, timed_recv)
+
+        def verify_op() -> List[Any]:
+            return launch(collective, group, ranks, me, buffers.send, buffers.recv)
+
+        for _ in range(self.warmup):
+            self._wait(timed_op())
+        times = [self._timed(timed_op) for _ in range(repeats)]
+        wrong, wrong_from = self._verify(buffers, verify_op)
+        self.coordinator.beat()
+        return {"rank": me, "collective": collective, "size": shape.size_bytes, "count": shape.in_count,
+                "times": times, "wrong": wrong, "wrong_from": {str(k): v for k, v in wrong_from.items()}}
+
+    def measure_pair(self, partner: int, me: int, size_bytes: int, repeats: int) -> Dict[str, Any]:
+        """Bidirectional send/recv with ``partner`` on the world group; data from it is verified."""
+        shape = metrics.message_shape("sendrecv", size_bytes, 2)
+        low, high = sorted((me, partner))
+        send = pattern(0, shape.in_count, float(me == high), self.device)
+        if self.faults.corrupt:
+            corrupt_tensor(send)
+        expected = pattern(0, shape.in_count, float(partner == high), self.device)
+        recv = torch.empty(shape.in_count, device=self.device, dtype=torch.float32)
+        world = dist.group.WORLD
+
+        def issue() -> List[Any]:
+            ops = [dist.P2POp(dist.isend, send, partner, world), dist.P2POp(dist.irecv, recv, partner, world)]
+            return list(dist.batch_isend_irecv(ops))
+
+        for _ in range(self.warmup):
+            self._wait(issue())
+        times = [self._timed(issue) for _ in range(repeats)]
+        recv.fill_(float("nan"))
+        self._wait(issue())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wrong = int((recv != expected).sum())
+        self.coordinator.beat()
+        return {"rank": me, "collective": "sendrecv", "size": shape.size_bytes, "count": shape.in_count,
+                "times": times, "wrong": wrong, "wrong_from": {str(partner): wrong} if wrong else {}}
+
+
+# ---- one rank's whole run ---------------------------------------------------------------------
+def select_modes(requested: Sequence[str], built: Sequence[str]) -> List[str]:
+    """``("all",)`` → every built mode; else the requested ones, which must be built (ConfigError)."""
+    if list(requested) == ["all"]:
+        return [m for m in built if m != "dummy"]
+    unknown = [m for m in requested if m not in built]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; built modes: "
+                          f"{', '.join(built)} (or 'all')")
+    return list(dict.fromkeys(requested))
+
+
+class RankRun:
+    """One rank's run: builds the groups, executes the steps, and (rank 0) the diagnosis."""
+
+    def __init__(self, ctx: ParallelContext, options: NettestOptions, progress: Any) -> None:
+        self.ctx, self.options, self.progress = ctx, options, progress
+        self.rank = ctx.get_global_rank()
+        self.world_size = dist.get_world_size()
+        self.hostnames = ctx.get_hostnames()
+        self.coordinator = Coordinator.from_default_group(options.timeout_s, self.hostnames)
+        self.faults = ActiveFaults.for_rank(parse_faults(os.environ.get(FAULT_ENV)), self.rank,
+                                            self.hostnames[self.rank])
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if ctx.backend.device_backend == "nccl" else torch.device("cpu"))
+        self.bench = Bench(self.device, self.coordinator, self.faults, options.timeout_s,
+                           options.warmup, options.iters)
+        self.catalog: List[TestGroup] = []
+        self.handles: Dict[str, Any] = {}
+        self.report: Dict[str, Any] = {}
+        self.exit_code = 0
+        self.started = time.perf_counter()
+
+    # -- groups ---------------------------------------------------------------------------
+    def build_groups(self) -> None:
+        modes = select_modes(self.options.modes, self.ctx.modes)
+        mode_groups = {m: self.ctx.get_rank_groups(m) for m in modes}
+        self.catalog = build_catalog(mode_groups, self.hostnames, self.options.host_groups)
+        kinds = list(dict.fromkeys(g.kind for g in self.catalog))
+        for kind in kinds:  # the same order on every rank: creation is collective
+            groups = [g for g in self.catalog if g.kind == kind]
+            mine = next((g for g in groups if self.rank in g.ranks), None)
+            if kind in HOST_KINDS:
+                handle = self.ctx.backend.build_for_rank_lists(f"nettest-{kind}", [list(g.ranks) for g in groups])
+            else:
+                try:
+                    handle = self.ctx.get_group(kind)
+                except ModeNotInitializedError:
+                    handle = None
+            if mine is not None:
+                self.handles[mine.id] = handle
+        self.report.update({
+            "world_size": self.world_size, "backend": self.ctx.backend.device_backend,
+            "device": str(self.device.type), "hostnames": self.hostnames,
+            "skipped_kinds": duplicate_kinds({**mode_groups}),
+            "groups": [g.to_json() for g in self.catalog]})
+
+    # -- steps ----------------------------------------------------------------------------
+    def run(self) -> Optional[Dict[str, Any]]:
+        self.build_groups()
+        self.faults.stay_away()
+        waves = plan_waves(self.catalog)
+        sweep: List[Measurement] = []
+        for index, wave in enumerate(waves):
+            records = self._sweep_wave(index, len(waves), wave)
+            collected = self.coordinator.exchange(f"sweep{index}", records)
+            if self.rank == 0:
+                sweep.extend(self._aggregate(collected, {g.id: g for g in wave}))
+        plan = self._decide_retest(sweep) if self.rank == 0 else None
+        retest_plan = self._share("retest", plan)
+        retest = self._run_retest(retest_plan)
+        pair_plan = self._share("pairs", self._decide_pairs(retest_plan, retest) if self.rank == 0 else None)
+        self._run_pairs(pair_plan)
+        report = self._finish() if self.rank == 0 else None
+        verdict = self._share("verdict", {"exit_code": report["exit_code"]} if report else None)
+        self.exit_code = int(verdict["exit_code"])
+        return report
+
+    def _share(self, key: str, plan: Optional[Any]) -> Any:
+        if self.rank == 0:
+            self.coordinator.publish(key, plan)
+            return plan
+        return self.coordinator.fetch(key)
+
+    def _sweep_wave(self, index: int, waves: int, wave: Sequence[TestGroup]) -> List[Dict[str, Any]]:
+        group = group_of_rank(wave, self.rank)
+        self.coordinator.position(f"sweep {index + 1}/{waves} (idle)")
+        if group is None:
+            return []
+        records = []
+        for collective in self.options.collectives:
+            shapes = metrics.shapes_for_sweep(collective, self.options.sizes, group.size)
+            for step, shape in enumerate(shapes):
+                where = f"sweep {index + 1}/{waves} {group.id} {collective} {metrics.format_size(shape.size_bytes)}"
+                self.progress.update(f"{where} [{step + 1}/{len(shapes)}]")
+                records.append(self._measure(group, collective, shape, where, repeats=1))
+        return records
+
+    def _measure(self, group: TestGroup, collective: str, shape: metrics.MessageShape, where: str,
+                 repeats: int) -> Dict[str, Any]:
+        self.coordinator.position(where)
+        try:
+            record = self.bench.measure(collective, self.handles[group.id], list(group.ranks), self.rank,
+                                        shape, repeats)
+        except GroupFailure as exc:
+            self._hang(group.id, list(group.ranks), where, collective, shape.size_bytes, str(exc))
+        record["group"] = group.id
+        return record
+
+    def _hang(self, group_id: str, ranks: List[int], where: str, collective: str, size_bytes: int,
+              cause: str) -> None:
+        positions = self.coordinator.positions([r for r in ranks if r != self.rank])
+        absent = {r: p for r, p in positions.items() if p != where}
+        hosts = list(dict.fromkeys(self.hostnames[r] for r in ranks))
+        timed_out = "timed out" in cause.lower() or "timeout" in cause.lower()
+        what = (f"{collective} of {metrics.format_size(size_bytes)} did not complete within "
+                f"{self.options.timeout_s:g}s" if timed_out else f"{collective} of "
+                f"{metrics.format_size(size_bytes)} failed ({cause})")
+        culprits = "; ".join(f"rank {r} (host {self.hostnames[r]}) never entered it (last at: {p})"
+                             for r, p in sorted(absent.items()))
+        message = f"group {group_id} (ranks {ranks}, hosts {hosts}): {what}" + (f"; {culprits}" if culprits else "")
+        report = {"message": message, "kind": "timeout" if timed_out else "failure", "group": group_id,
+                  "ranks": ranks, "hosts": hosts, "collective": collective, "size_bytes": size_bytes,
+                  "timeout_s": self.options.timeout_s, "detected_by": self.rank,
+                  "never_entered": [{"rank": r, "host": self.hostnames[r], "last_at": p}
+                                    for r, p in sorted(absent.items())],
+                  "cause": cause}
+        self.coordinator.abort(report)
+        self.coordinator.check_abort()  # raises the first report raised: every rank tells one story
+        raise NettestTimeoutError(message, report)
+
+    def _aggregate(self, collected: Sequence[Sequence[Dict[str, Any]]],
+                   groups: Mapping[str, Any]) -> List[Measurement]:
+        by_key: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = {}
+        for records in collected:
+            for record in records:
+                by_key.setdefault((record["group"], record["collective"], record["size"]), []).append(record)
+        return [diagnosis.aggregate(gid, _size_of(groups[gid]), recs) for (gid, _c, _s), recs in sorted(
+            by_key.items(), key=lambda kv: (kv[0][0], metrics.COLLECTIVES.index(kv[0][1]), kv[0][2]))]
+
+    # -- rank 0's decisions -----------------------------------------------------------------
+    def _decide_retest(self, sweep: List[Measurement]) -> Dict[str, Any]:
+        rule = self.options.rule
+        slow = diagnosis.find_slow(self.catalog, sweep, rule)
+        wrong = diagnosis.find_wrong(self.catalog, sweep)
+        self.report["measurements"] = [m.to_json() for m in sweep]
+        self.report["findings"] = [f.to_json() for f in slow + wrong]
+        self._sweep, self._findings = sweep, slow + wrong
+        items = diagnosis.plan_retest(slow) if self.options.followup else []
+        return {"items": [attrs.asdict(i) for i in items]}
+
+    def _run_retest(self, plan: Dict[str, Any]) -> List[Measurement]:
+        items = [diagnosis.RetestItem(**i) for i in plan["items"]]
+        kinds = list(dict.fromkeys(i.kind for i in items))
+        measurements: List[Measurement] = []
+        for k, kind in enumerate(kinds):
+            groups = [g for g in self.catalog if g.kind == kind]
+            mine = next((g for g in groups if self.rank in g.ranks), None)
+            records = []
+            self.coordinator.position(f"re-test {kind} (idle)")
+            if mine is not None:
+                for item in (i for i in items if i.kind == kind):
+                    shape = _shape_for(item.collective, item.size_bytes, mine.size)
+                    where = f"re-test {mine.id} {item.collective} {metrics.format_size(shape.size_bytes)}"
+                    self.progress.update(where)
+                    records.append(self._measure(mine, item.collective, shape, where, repeats=RETEST_REPEATS))
+            collected = self.coordinator.exchange(f"retest{k}", records)
+            if self.rank == 0:
+                measurements.extend(self._aggregate(collected, {g.id: g for g in groups}))
+        return measurements
+
+    def _decide_pairs(self, retest_plan: Dict[str, Any], retest: List[Measurement]) -> Dict[str, Any]:
+        findings = self._findings
+        if retest_plan["items"]:
+            confirmed, transient = diagnosis.confirm(findings, self.catalog, retest, self.options.rule)
+        else:  # nothing slow to re-test (or --no-followup: sweep findings stand as they are)
+            confirmed, transient = list(findings), []
+        self.report["retest"] = {"items": retest_plan["items"], "measurements": [m.to_json() for m in retest]}
+        self.report["confirmed"] = [f.to_json() for f in confirmed]
+        self.report["transient"] = [f.to_json() for f in transient]
+        self._confirmed = confirmed
+        bad_ids = {f.group_id for f in confirmed}
+        candidates = sorted({r for g in self.catalog if g.id in bad_ids for r in g.ranks})
+        references = sorted(set(range(self.world_size)) - set(candidates))
+        rounds = diagnosis.plan_pair_rounds(candidates, references) if candidates and self.options.followup else []
+        sizes = self.options.sizes
+        return {"candidates": candidates, "references": references,
+                "rounds": [[p.to_json() for p in pairs] for pairs in rounds],
+                "small": min(sizes), "large": max(sizes)}
+
+    def _run_pairs(self, plan: Dict[str, Any]) -> None:
+        rounds = [[diagnosis.Pair(p["ranks"][0], p["ranks"][1], p["role"]) for p in pairs] for pairs in plan["rounds"]]
+        sizes = {"small": _pair_size(plan["small"]), "large": _pair_size(plan["large"])}
+        figures: Dict[str, Dict[Tuple[int, int, int], Measurement]] = {"small": {}, "large": {}}
+        for index, pairs in enumerate(rounds):
+            pair = next((p for p in pairs if self.rank in (p.a, p.b)), None)
+            records = []
+            self.coordinator.position(f"pair round {index + 1}/{len(rounds)} (idle)")
+            if pair is not None:
+                partner = pair.b if pair.a == self.rank else pair.a
+                pair_id = f"pair{index}:{pair.a}-{pair.b}"
+                for label, size in sizes.items():
+                    where = f"pair round {index + 1}/{len(rounds)} ranks {pair.a}-{pair.b} {metrics.format_size(size)}"
+                    self.progress.update(where)
+                    self.coordinator.position(where)
+                    try:
+                        record = self.bench.measure_pair(partner, self.rank, size, RETEST_REPEATS)
+                    except GroupFailure as exc:
+                        self._hang(pair_id, [pair.a, pair.b], where, "sendrecv", size, str(exc))
+                    records.append({**record, "group": pair_id, "label": label})
+            collected = self.coordinator.exchange(f"pairs{index}", records)
+            if self.rank == 0:
+                by_key: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+                for rank_records in collected:
+                    for r in rank_records:
+                        by_key.setdefault((r["group"], r["label"]), []).append(r)
+                for each in pairs:
+                    pair_id = f"pair{index}:{each.a}-{each.b}"
+                    for label in sizes:
+                        if (pair_id, label) in by_key:
+                            figures[label][(index, each.a, each.b)] = diagnosis.aggregate(
+                                pair_id, 2, by_key[(pair_id, label)])
+        if self.rank == 0:
+            results = diagnosis.judge_pairs(rounds, figures["small"], figures["large"], self.options.rule)
+            suspects = diagnosis.name_suspects(results, plan["candidates"], self.hostnames)
+            self.report["pairs"] = {"candidates": plan["candidates"], "references": plan["references"],
+                                    "rounds": plan["rounds"], "results": [r.to_json() for r in results]}
+            self.report["suspects"] = [s.to_json() for s in suspects]
+            self.report["suspect_hosts"] = diagnosis.suspect_hosts(suspects, self.hostnames)
+
+    def _finish(self) -> Dict[str, Any]:
+        confirmed = self._confirmed
+        verdicts: Dict[str, List[str]] = {}
+        for f in confirmed:
+            label = "wrong" if f.metric == "wrong" else "slow"
+            verdicts.setdefault(f.group_id, [])
+            if label not in verdicts[f.group_id]:
+                verdicts[f.group_id].append(label)
+        slow = sorted(g for g, v in verdicts.items() if "slow" in v)
+        wrong = sorted(g for g, v in verdicts.items() if "wrong" in v)
+        healthy = not verdicts
+        self.report.update({
+            "options": self.options.to_json(), "rule": self.options.rule.to_json(),
+            "verdicts": {g.id: ",".join(verdicts.get(g.id, ["ok"])) for g in self.catalog},
+            "summary": {"groups_tested": len(self.catalog), "slow": slow, "wrong": wrong,
+                        "transient": sorted({f["group_id"] for f in self.report.get("transient", [])}),
+                        "suspect_ranks": [s["rank"] for s in self.report.get("suspects", [])],
+                        "suspect_hosts": sorted(self.report.get("suspect_hosts", {})),
+                        "healthy": healthy},
+            "status": "healthy" if healthy else "unhealthy",
+            "exit_code": 0 if healthy else 1,
+            "elapsed_s": time.perf_counter() - self.started})
+        return self.report
+
+
+def _size_of(group: Any) -> int:
+    return group.size
+
+
+def _shape_for(collective: str, size_bytes: int, group_size: int) -> metrics.MessageShape:
+    return metrics.message_shape(collective, size_bytes, group_size)
+
+
+def _pair_size(requested: int) -> int:
+    return metrics.message_shape("sendrecv", requested, 2).size_bytes
+
+
+class NullProgress:
+    """The progress display of ranks other than 0: says nothing."""
+
+    def update(self, text: str) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+@attrs.frozen
+class RankResult:
+    """What one rank's run ends with: the exit code every rank agrees on, and rank 0's report."""
+
+    rank: int
+    exit_code: int
+    report: Optional[Dict[str, Any]] = None
+
+
+def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
+    """Initialize this rank from the environment (torchrun, SLURM, or our local launcher), run
+    the test and return its RankResult (the report on rank 0 only).
+
+    ``progress`` (used on rank 0 only) has ``update(text)`` and ``done()``. Raises
+    NettestTimeoutError when a group hangs, after raising the abort flag so the other ranks
+    stop too (rank 0 first writes ``options.json_path`` with what it had); ConfigError /
+    LaunchError for bad input. On a timeout the groups are left as they are: destroying a group
+    with a hung operation can itself hang, and the process is about to exit.
+    """
+    from .report import write_json
+
+    ctx = ParallelContext()
+    ctx.init_from_config(options.config)
+    is_zero = ctx.get_global_rank() == 0
+    progress = progress if (is_zero and progress is not None) else NullProgress()
+    run = RankRun(ctx, options, progress)
+    try:
+        report = run.run()
+    except NettestTimeoutError as exc:
+        progress.done()
+        if is_zero and options.json_path:
+            run.report.update({"status": "timeout", "timeout": exc.report, "exit_code": 3,
+                               "options": options.to_json(), "elapsed_s": time.perf_counter() - run.started})
+            write_json(run.report, options.json_path)
+        raise
+    progress.done()
+    ctx.destroy()
+    return RankResult(run.rank, run.exit_code, report)

@@ -1,0 +1,30 @@
+"""Resharding: move model state between two parallel layouts at the minimum traffic.
+
+    from pgroups import gpc
+    from pgroups.reshard import ParallelLayout, llama_like, plan_reshard, execute_plan
+
+    train = ParallelLayout.create(gpc.config.topology(8))                 # e.g. tensor 4 x pipeline 2
+    infer = load_layout("infer.yaml", world_size=8)                        # e.g. tensor 2, data 4
+    plan = plan_reshard(train, infer, model_spec, gpc.get_hostnames())     # pure; keep it
+    stats = execute_plan(plan, my_train_shards, my_infer_shards)           # every rank of the plan
+
+- :mod:`.spec`: what the tensors are (shapes, TP dim, layer, fused sub-blocks), from YAML or a module;
+- :mod:`.layout`: a Topology placed on global ranks, with a layer-to-stage policy;
+- :mod:`.planner`: the pure planner and its report (bytes vs the lower bound, sender loads, steps);
+- :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
+- ``pgroups reshard-plan SRC.yaml DST.yaml --world-size N`` (:mod:`.cli`) prints a plan offline.
+"""
+from .executor import DEFAULT_BUCKET_BYTES, ReshardError, ReshardStats, execute_plan, reshard
+from .layout import (STAGE_POLICIES, ParallelLayout, balanced_stages, cut_shards, empty_shards, even_stages,
+                     load_layout, local_shapes, parse_ranks)
+from .planner import Plan, ReceiverReport, Transfer, color_pairs, describe_plan, plan_reshard
+from .spec import (Block, ModelSpec, Rule, TensorSpec, llama_like, load_model_spec, parts_blocks, qkv_blocks,
+                   spec_from_module)
+
+__all__ = [
+    "Block", "DEFAULT_BUCKET_BYTES", "ModelSpec", "ParallelLayout", "Plan", "ReceiverReport", "ReshardError",
+    "ReshardStats", "Rule", "STAGE_POLICIES", "TensorSpec", "Transfer", "balanced_stages", "color_pairs",
+    "cut_shards", "describe_plan", "empty_shards", "even_stages", "execute_plan", "llama_like", "load_layout",
+    "load_model_spec", "local_shapes", "parse_ranks", "parts_blocks", "plan_reshard", "qkv_blocks", "reshard",
+    "spec_from_module",
+]

@@ -1,0 +1,351 @@
+"""Run a :class:`~pgroups.reshard.planner.Plan` on torch.distributed.
+
+Transport: batched point-to-point (``dist.batch_isend_irecv``) on the context's *global*
+group. Point-to-point needs no extra process group, so layouts on any subset of ranks
+(disjoint, overlapping) work without creating groups on only some ranks, which would change
+how torch names the groups those ranks create later; broadcasts over cached groups were
+measured against it (bench/bench_reshard.py) and bring nothing here: after the planner spreads
+senders over replicas, nearly every message has exactly one receiver.
+
+Per step each rank sends to at most one peer and receives from at most one (the planner's
+colouring). The bytes a pair exchanges form one stream: transfers in plan order, each starting
+at a multiple of its element size; the stream is cut into buckets of ``bucket_bytes``
+(small tensors share a bucket; a large one spans several). Bucket k of every pair in a step
+moves in one ``batch_isend_irecv`` (a *wave*), so a sender holds at most one packed bucket.
+
+Atomicity: received bytes land in staging buffers; destination tensors are written only after
+every step (and, with ``verify=True``, every checksum) succeeded on this rank. A failure —
+a dead peer, a timeout (``timeout_s`` per wave), a checksum mismatch — raises naming the
+step and the peer ranks and leaves this rank's destination tensors untouched.
+
+Every rank of ``plan.ranks`` must call :func:`execute_plan` with the same plan and
+``bucket_bytes``; other ranks need not call it.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from ..errors import GroupTimeoutError, PGroupsError
+from ..modes import ParallelMode
+from .layout import ParallelLayout, local_shapes
+from .planner import Box, Plan, Transfer, plan_reshard
+from .spec import ModelSpec
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+#: weights of the position-sensitive checksum cycle with this period (a prime)
+_CHECKSUM_PERIOD = 65521
+_CHECKSUM_CHUNK = 1 << 22
+
+Progress = Callable[[int, int], None]
+
+
+class ReshardError(PGroupsError, RuntimeError):
+    """A reshard failed on this rank (bad tensors, a peer failed, a checksum mismatch);
+    the destination tensors of this rank were not written."""
+
+
+@attrs.frozen
+class ReshardStats:
+    """What one rank did: network bytes received/sent (payload), bytes copied locally, wall time."""
+
+    rank: int
+    bytes_received: int
+    bytes_sent: int
+    bytes_copied: int
+    seconds: float
+    steps: int
+    waves: int
+    verified_messages: int
+
+    @property
+    def gbps(self) -> float:
+        """Effective receive throughput, GB/s (1e9 bytes)."""
+        return self.bytes_received / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+# ---- message layout (pure) ------------------------------------------------------------------------
+@attrs.frozen
+class _Message:
+    """The byte stream one pair exchanges in one step: ``(transfer, offset)`` and its size."""
+
+    step: int
+    peer: int
+    parts: Tuple[Tuple[Transfer, int], ...]
+    size: int
+
+    def buckets(self, bucket_bytes: int) -> int:
+        return -(-self.size // bucket_bytes) if self.size else 0
+
+
+def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
+              itemsize: Mapping[str, int]) -> Dict[int, _Message]:
+    """Group one rank's sends (or receives) by step: ``{step: _Message}``."""
+    by_step: Dict[int, List[Transfer]] = {}
+    for t in transfers:
+        by_step.setdefault(t.step, []).append(t)
+    messages = {}
+    for step, items in by_step.items():
+        peers = {peer_of(t) for t in items}
+        if len(peers) != 1:
+            raise ReshardError(f"plan step {step} gives one rank several peers {sorted(peers)}; "
+                               "a plan must come from plan_reshard")
+        offset, parts = 0, []
+        for t in items:
+            align = itemsize[t.tensor]
+            offset = -(-offset // align) * align
+            parts.append((t, offset))
+            offset += t.nbytes
+        messages[step] = _Message(step, peers.pop(), tuple(parts), offset)
+    return messages
+
+
+# ---- tensor regions ---------------------------------------------------------------------------------
+def _region(tensor: torch.Tensor, axis: int, box: Box) -> torch.Tensor:
+    """The view of ``tensor`` covered by ``box`` (a 0-d tensor is its own region)."""
+    if not box:
+        return tensor
+    start, stop = box[axis]
+    return tensor.narrow(axis, start, stop - start)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of ``tensor`` (copied first if it is not contiguous)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _checksum(data: torch.Tensor, position: int) -> torch.Tensor:
+    """``[sum of bytes, sum of byte * weight(position)]`` (int64, wrapping): cheap, position
+    sensitive, identical on every device."""
+    total = torch.zeros(2, dtype=torch.int64, device=data.device)
+    for start in range(0, data.numel(), _CHECKSUM_CHUNK):
+        chunk = data[start:start + _CHECKSUM_CHUNK].to(torch.int64)
+        weights = (torch.arange(chunk.numel(), device=data.device, dtype=torch.int64)
+                   + position + start) % _CHECKSUM_PERIOD + 1
+        total[0] += chunk.sum()
+        total[1] += (chunk * weights).sum()
+    return total
+
+
+# ---- the executor -------------------------------------------------------------------------------------
+def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
+                 *, context: Any = None, group: Optional[dist.ProcessGroup] = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: Optional[float] = None,
+                 verify: bool = False, progress: Optional[Progress] = None) -> ReshardStats:
+    """Move this rank's part of ``plan``: send from ``src_tensors`` (this rank's source shards,
+    by tensor name), receive into ``dst_tensors`` (its destination shards, written in place).
+
+    ``context`` (default ``pgroups.gpc``) gives the rank and the global group — its device
+    group for CUDA tensors, its CPU group otherwise; ``group`` overrides (a group containing every
+    rank of the plan, addressed by global rank). ``timeout_s`` bounds each wave (default: the
+    context's config ``timeout_s``). ``verify`` adds a checksum per message. ``progress(step,
+    wave)`` is called before each wave. Returns this rank's stats.
+
+    Raises ReshardError (missing or mis-shaped tensors — before any communication —, a failed
+    peer, a checksum mismatch) or GroupTimeoutError (a peer that does not answer in time), naming
+    the step and ranks; in every failure the destination tensors are left untouched.
+    """
+    if context is None:
+        from .. import gpc as context
+    rank = context.get_global_rank()
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    if timeout_s is None:
+        timeout_s = context.config.timeout_s if context.config is not None else 1800.0
+    sends, recvs, copies = plan.transfers_of(rank)
+    device = _check_tensors(plan, rank, src_tensors, dst_tensors)
+    if group is None:
+        group = (context.get_group(ParallelMode.GLOBAL) if device.type == "cuda"
+                 else context.get_cpu_group(ParallelMode.GLOBAL))
+    itemsize = {spec.name: spec.itemsize for spec in plan.model.tensors}
+    axis = {spec.name: spec.axis for spec in plan.model.tensors}
+    send_messages = _messages(sends, lambda t: t.dst, itemsize)
+    recv_messages = _messages(recvs, lambda t: t.src, itemsize)
+    timeout = datetime.timedelta(seconds=timeout_s)
+
+    _synchronize(device)
+    started = time.perf_counter()
+    staging: Dict[int, torch.Tensor] = {}
+    waves = verified = 0
+    for step in range(plan.num_steps):
+        out, inc = send_messages.get(step), recv_messages.get(step)
+        if out is None and inc is None:
+            continue
+        if inc is not None:
+            staging[step] = torch.empty(inc.size, dtype=torch.uint8, device=device)
+        packer = _Packer(out, src_tensors, axis, bucket_bytes, device, verify) if out is not None else None
+        n_waves = max(out.buckets(bucket_bytes) if out else 0, inc.buckets(bucket_bytes) if inc else 0)
+        for wave in range(n_waves):
+            if progress is not None:
+                progress(step, wave)
+            ops = []
+            if inc is not None and wave < inc.buckets(bucket_bytes):
+                lo = wave * bucket_bytes
+                ops.append(dist.P2POp(dist.irecv, staging[step][lo:min(lo + bucket_bytes, inc.size)],
+                                      inc.peer, group))
+            if packer is not None and wave < out.buckets(bucket_bytes):
+                ops.append(dist.P2POp(dist.isend, packer.bucket(wave), out.peer, group))
+            _run(ops, timeout, plan, step, wave, n_waves, rank, out, inc)
+            waves += 1
+        if verify:
+            _exchange_checksums(plan, step, rank, out, inc, packer, staging.get(step), itemsize, group,
+                                timeout, device)
+            verified += inc is not None
+    _commit(plan, rank, copies, recv_messages, staging, src_tensors, dst_tensors, axis)
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    return ReshardStats(rank, sum(t.nbytes for t in recvs), sum(t.nbytes for t in sends),
+                        sum(t.nbytes for t in copies), seconds, len(set(send_messages) | set(recv_messages)),
+                        waves, verified)
+
+
+def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: ModelSpec,
+            src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor], *,
+            context: Any = None, hosts: Optional[Sequence[str]] = None, **options: Any) -> Tuple[Plan, ReshardStats]:
+    """Plan (with the launch's hostnames) and execute in one call; returns ``(plan, stats)``.
+
+    Collective over the whole world the first time (the hostnames are gathered): call it on
+    every rank, with empty mappings on ranks in neither layout. To sync repeatedly, keep the
+    plan and call :func:`execute_plan`. ``options`` go to :func:`execute_plan`.
+    """
+    if context is None:
+        from .. import gpc as context
+    if hosts is None:
+        hosts = context.get_hostnames()
+    plan = plan_reshard(src_layout, dst_layout, model, hosts)
+    return plan, execute_plan(plan, src_tensors, dst_tensors, context=context, **options)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+class _Packer:
+    """Produces the send buffer of each bucket of one message; keeps a running checksum."""
+
+    def __init__(self, message: _Message, tensors: Mapping[str, torch.Tensor], axis: Mapping[str, int],
+                 bucket_bytes: int, device: torch.device, verify: bool) -> None:
+        self.message, self.tensors, self.axis, self.device = message, tensors, axis, device
+        self.bucket_bytes, self.verify = bucket_bytes, verify
+        self.buffer: Optional[torch.Tensor] = None
+        self.checksum = torch.zeros(2, dtype=torch.int64, device=device) if verify else None
+        self._cached: Tuple[Optional[Transfer], Optional[torch.Tensor]] = (None, None)
+
+    def _bytes_of(self, transfer: Transfer) -> torch.Tensor:
+        if self._cached[0] is not transfer:
+            region = _region(self.tensors[transfer.tensor], self.axis[transfer.tensor], transfer.src_box)
+            data = _as_bytes(region)
+            if self.verify:
+                self.checksum += _checksum(data, 0)
+            self._cached = (transfer, data)
+        return self._cached[1]
+
+    def bucket(self, index: int) -> torch.Tensor:
+        lo = index * self.bucket_bytes
+        hi = min(lo + self.bucket_bytes, self.message.size)
+        inside = [(t, off) for t, off in self.message.parts if off < hi and off + t.nbytes > lo]
+        if len(inside) == 1 and inside[0][1] <= lo and inside[0][1] + inside[0][0].nbytes >= hi:
+            t, off = inside[0]
+            return self._bytes_of(t)[lo - off:hi - off]   # one transfer covers the bucket: no copy
+        if self.buffer is None:
+            self.buffer = torch.empty(min(self.bucket_bytes, self.message.size), dtype=torch.uint8,
+                                      device=self.device)
+        for t, off in inside:
+            a, b = max(lo, off), min(hi, off + t.nbytes)
+            self.buffer[a - lo:b - lo].copy_(self._bytes_of(t)[a - off:b - off])
+        return self.buffer[:hi - lo]
+
+
+def _run(ops: List[dist.P2POp], timeout: datetime.timedelta, plan: Plan, step: int, wave: int, n_waves: int,
+         rank: int, out: Optional[_Message], inc: Optional[_Message]) -> None:
+    """Issue one wave and wait for it; failures become errors naming the step and peers."""
+    try:
+        works = dist.batch_isend_irecv(ops)
+        for work in works:
+            if not work.wait(timeout):
+                raise TimeoutError(f"wait returned false after {timeout.total_seconds():g}s")
+    except Exception as exc:  # torch raises RuntimeError / DistError subclasses
+        peers = []
+        if inc is not None:
+            peers.append(f"receiving {inc.size} bytes from rank {inc.peer}")
+        if out is not None:
+            peers.append(f"sending {out.size} bytes to rank {out.peer}")
+        what = f"bucket {wave + 1}/{n_waves}" if wave >= 0 else "checksum exchange"
+        where = (f"reshard step {step + 1}/{plan.num_steps}, {what}, on rank {rank} "
+                 f"({' and '.join(peers)}) over the global group")
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if _is_timeout(exc):
+            raise GroupTimeoutError(f"{where}: no progress within {timeout.total_seconds():g}s — is the peer "
+                                    f"alive and running the same plan? ({text})") from exc
+        raise ReshardError(f"{where} failed: {text}; destination tensors untouched") from exc
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, TimeoutError) or "timed out" in text or "timeout" in text
+
+
+def _exchange_checksums(plan: Plan, step: int, rank: int, out: Optional[_Message], inc: Optional[_Message],
+                        packer: Optional[_Packer], staging: Optional[torch.Tensor], itemsize: Mapping[str, int],
+                        group: dist.ProcessGroup, timeout: datetime.timedelta, device: torch.device) -> None:
+    ops, theirs = [], None
+    if inc is not None:
+        theirs = torch.empty(2, dtype=torch.int64, device=device)
+        ops.append(dist.P2POp(dist.irecv, theirs, inc.peer, group))
+    if out is not None:
+        ops.append(dist.P2POp(dist.isend, packer.checksum, out.peer, group))
+    _run(ops, timeout, plan, step, -1, 0, rank, out, inc)
+    if inc is not None:
+        mine = torch.zeros(2, dtype=torch.int64, device=device)
+        for t, off in inc.parts:
+            mine += _checksum(staging[off:off + t.nbytes], 0)
+        if not torch.equal(mine, theirs):
+            names = sorted({t.tensor for t, _ in inc.parts})
+            raise ReshardError(f"reshard step {step + 1}/{plan.num_steps} on rank {rank}: checksum mismatch on "
+                               f"{inc.size} bytes from rank {inc.peer} (tensors {names[:4]}"
+                               f"{' …' if len(names) > 4 else ''}); destination tensors untouched")
+
+
+def _commit(plan: Plan, rank: int, copies: Sequence[Transfer], recv_messages: Mapping[int, _Message],
+            staging: Mapping[int, torch.Tensor], src_tensors: Mapping[str, torch.Tensor],
+            dst_tensors: Mapping[str, torch.Tensor], axis: Mapping[str, int]) -> None:
+    """Write everything into the destination tensors (only called once all bytes arrived)."""
+    for t in copies:
+        _region(dst_tensors[t.tensor], axis[t.tensor], t.dst_box).copy_(
+            _region(src_tensors[t.tensor], axis[t.tensor], t.src_box))
+    for step, message in recv_messages.items():
+        buffer = staging[step]
+        for t, off in message.parts:
+            target = _region(dst_tensors[t.tensor], axis[t.tensor], t.dst_box)
+            target.copy_(buffer[off:off + t.nbytes].view(target.dtype).view(target.shape))
+
+
+def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor],
+                   dst_tensors: Mapping[str, torch.Tensor]) -> torch.device:
+    """Every shard this rank holds in each layout is given with the right shape and dtype, on one
+    device (returned; CPU if the rank has none)."""
+    devices = set()
+    dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
+    for side, layout, tensors in (("source", plan.src, src_tensors), ("destination", plan.dst, dst_tensors)):
+        coords = layout.coordinates(rank)
+        for name, shape in local_shapes(layout, plan.model, rank).items():
+            tensor = tensors.get(name)
+            where = (f"rank {rank}: {side} tensor {name!r} (tp {coords['tp']} of {layout.topology.tensor}, "
+                     f"stage {coords['pp']})")
+            if tensor is None:
+                raise ReshardError(f"{where} is missing; this rank must pass every tensor of its stage "
+                                   f"({len(local_shapes(layout, plan.model, rank))} tensors)")
+            if tuple(tensor.shape) != shape or tensor.dtype != dtypes[name]:
+                raise ReshardError(f"{where} has shape {tuple(tensor.shape)} {tensor.dtype}; the layout "
+                                   f"gives {shape} {dtypes[name]}")
+            devices.add(tensor.device)
+    if len(devices) > 1:
+        raise ReshardError(f"rank {rank}: shards are on several devices {sorted(map(str, devices))}; use one")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,322 @@
+"""A parallel layout: a pgroups :class:`~pgroups.topology.Topology` placed on a list of global ranks.
+
+Layout rank ``i`` is global rank ``ranks[i]``; its (tp, pp, dp) coordinates are the
+topology's for ``i``. So two layouts in one job can be colocated (the same ranks), disjoint
+(a trainer on ranks 0-3, an inference engine on 4-7) or partially overlapping. Coordinates
+and groups always come from the topology; this module only maps them to global ranks.
+
+``stages`` says which transformer layers each pipeline stage holds: ``"even"`` (balanced
+layer counts), ``"balanced"`` (balanced parameter bytes, counting embedding on the first
+stage and head on the last), an explicit tuple of layer counts per stage, or any callable
+``policy(num_stages, embedding_bytes, head_bytes, layer_bytes) -> layer counts``.
+
+YAML: a pgroups config, with an optional ``placement:`` section::
+
+    parallel: {tensor: 2, pipeline: 2}
+    placement:
+      ranks: 4-7            # "0-3,8-11", a list [4, 5, 6, 7], or left out: ranks 0..size-1
+      stages: balanced      # even (default) | balanced | [layers per stage]
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import attrs
+import yaml
+
+from ..config import Config, config_from_dict
+from ..errors import ConfigError, allowed, did_you_mean
+from ..topology import Topology
+from .spec import EMBEDDING, HEAD, LayerRef, ModelSpec, balanced_share
+
+StagePolicy = Callable[[int, int, int, Sequence[int]], Sequence[int]]
+Stages = Union[str, Tuple[int, ...], StagePolicy]
+
+_PLACEMENT_KEYS = ("ranks", "stages")
+
+
+# ---- stage policies (pure) -----------------------------------------------------------------------
+def even_stages(num_stages: int, embedding_bytes: int, head_bytes: int, layer_bytes: Sequence[int]) -> List[int]:
+    """Layer counts per stage, as equal as possible (the first stages take the remainder)."""
+    return [stop - start for start, stop in (balanced_share(len(layer_bytes), num_stages, s)
+                                             for s in range(num_stages))]
+
+
+def balanced_stages(num_stages: int, embedding_bytes: int, head_bytes: int,
+                    layer_bytes: Sequence[int]) -> List[int]:
+    """Contiguous layer counts per stage minimising the largest stage's bytes (embedding counted
+    on stage 0, head on the last). Binary search on the capacity with a greedy fill, which is
+    optimal for contiguous partitions."""
+    def fill(capacity: int) -> Optional[List[int]]:
+        counts, i = [], 0
+        for stage in range(num_stages):
+            load = (embedding_bytes if stage == 0 else 0) + (head_bytes if stage == num_stages - 1 else 0)
+            if load > capacity:
+                return None
+            start = i
+            if stage == num_stages - 1:
+                i = len(layer_bytes)
+                load += sum(layer_bytes[start:])
+                if load > capacity:
+                    return None
+            else:
+                while i < len(layer_bytes) and load + layer_bytes[i] <= capacity:
+                    load += layer_bytes[i]
+                    i += 1
+            counts.append(i - start)
+        return counts
+
+    low = max([embedding_bytes, head_bytes, *layer_bytes], default=0)
+    high = embedding_bytes + head_bytes + sum(layer_bytes)
+    while low < high:
+        mid = (low + high) // 2
+        if fill(mid) is None:
+            low = mid + 1
+        else:
+            high = mid
+    return fill(low)
+
+
+#: the named policies a YAML ``stages:`` may give
+STAGE_POLICIES: Mapping[str, StagePolicy] = {"even": even_stages, "balanced": balanced_stages}
+
+
+# ---- the layout ---------------------------------------------------------------------------------
+@attrs.frozen
+class ParallelLayout:
+    """``topology`` placed on global ``ranks`` (layout rank i → ``ranks[i]``). Build with :meth:`create`."""
+
+    topology: Topology
+    ranks: Tuple[int, ...]
+    stages: Stages = "even"
+    name: str = ""
+    _index: Dict[int, int] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_index", {r: i for i, r in enumerate(self.ranks)})
+
+    @classmethod
+    def create(cls, topology: Topology, ranks: Optional[Sequence[int]] = None, stages: Stages = "even",
+               name: str = "") -> "ParallelLayout":
+        """Validate and build. ``ranks`` default to ``0..topology.world_size-1``.
+
+        Raises ConfigError if the ranks are not distinct non-negative integers, one per layout
+        rank, or ``stages`` is not a known policy / a tuple of counts / a callable.
+        """
+        where = f"{name}: " if name else ""
+        ranks = tuple(range(topology.world_size)) if ranks is None else tuple(ranks)
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
+            raise ConfigError(f"{where}placement ranks must be non-negative integers, got {list(ranks)}")
+        if len(set(ranks)) != len(ranks):
+            raise ConfigError(f"{where}placement ranks must be distinct, got {list(ranks)}")
+        if len(ranks) != topology.world_size:
+            raise ConfigError(f"{where}placement has {len(ranks)} ranks but tensor({topology.tensor}) * "
+                              f"pipeline({topology.pipeline}) * data({topology.data}) = {topology.world_size}")
+        if isinstance(stages, str):
+            if stages not in STAGE_POLICIES:
+                raise ConfigError(f"{where}stages {stages!r} is not a known policy"
+                                  f"{did_you_mean(stages, STAGE_POLICIES)}; allowed: {allowed(STAGE_POLICIES)}, "
+                                  "a list of layer counts per stage, or a callable")
+        elif isinstance(stages, (list, tuple)):
+            if len(stages) != topology.pipeline or not all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in stages):
+                raise ConfigError(f"{where}stages {list(stages)} must list one non-negative layer count per "
+                                  f"pipeline stage ({topology.pipeline} stages)")
+            stages = tuple(stages)
+        elif not callable(stages):
+            raise ConfigError(f"{where}stages must be a policy name, a list of layer counts or a callable, "
+                              f"got {stages!r}")
+        return cls(topology, ranks, stages, name)
+
+    @classmethod
+    def from_config(cls, config: Config, world_size: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
+                    stages: Stages = "even", name: str = "") -> "ParallelLayout":
+        """The layout of ``config.parallel`` on ``ranks`` (default: ranks 0..n-1 of a job of
+        ``world_size``; ``data`` is derived from the number of ranks when the config leaves it out)."""
+        size = len(ranks) if ranks is not None else world_size
+        if size is None:
+            raise ConfigError(f"{name or config.source or 'layout'}: give the world size or the placement ranks")
+        return cls.create(config.topology(size), ranks, stages, name or config.source or "")
+
+    # ---- ranks --------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def __contains__(self, global_rank: int) -> bool:
+        return global_rank in self._index
+
+    def layout_rank(self, global_rank: int) -> int:
+        """The position of ``global_rank`` in this layout (KeyError if it is not placed here)."""
+        return self._index[global_rank]
+
+    def global_rank(self, tp: int = 0, pp: int = 0, dp: int = 0) -> int:
+        """The global rank at layout coordinates (tp, pp, dp)."""
+        return self.ranks[self.topology.rank_at(tp, pp, dp)]
+
+    def coordinates(self, global_rank: int) -> Optional[Dict[str, int]]:
+        """``{"tp", "pp", "dp"}`` of ``global_rank`` in this layout, or None if it is not placed here."""
+        index = self._index.get(global_rank)
+        return None if index is None else self.topology.coordinates(index)
+
+    def replicas(self, tp: int, pp: int) -> List[int]:
+        """Global ranks holding TP shard ``tp`` of stage ``pp``: the data-parallel group there."""
+        return [self.ranks[i] for i in self.topology.group_along(self.topology.rank_at(tp, pp, 0), ("dp",))]
+
+    # ---- pipeline stages ------------------------------------------------------------------------
+    def layer_counts(self, model: ModelSpec) -> Tuple[int, ...]:
+        """Layers per pipeline stage for ``model`` under this layout's stage policy.
+
+        Raises ConfigError if an explicit list or a policy's answer does not add up.
+        """
+        pipeline = self.topology.pipeline
+        if isinstance(self.stages, tuple):
+            counts = self.stages
+        else:
+            policy = STAGE_POLICIES[self.stages] if isinstance(self.stages, str) else self.stages
+            embedding, head, per_layer = model.layer_bytes()
+            counts = tuple(policy(pipeline, embedding, head, per_layer))
+        if len(counts) != pipeline or sum(counts) != model.num_layers or min(counts, default=0) < 0:
+            raise ConfigError(f"{self.name + ': ' if self.name else ''}stages {list(counts)} must give "
+                              f"{pipeline} non-negative layer counts adding up to num_layers "
+                              f"({model.num_layers}) of model {model.name!r}")
+        return tuple(counts)
+
+    def stage_map(self, model: ModelSpec) -> Dict[LayerRef, int]:
+        """``{layer: stage}`` for ``model``: embedding → 0, head → last, layers by :meth:`layer_counts`."""
+        result: Dict[LayerRef, int] = {EMBEDDING: 0, HEAD: self.topology.pipeline - 1}
+        layer = 0
+        for stage, count in enumerate(self.layer_counts(model)):
+            for _ in range(count):
+                result[layer] = stage
+                layer += 1
+        return result
+
+    def describe(self) -> str:
+        t = self.topology
+        stages = self.stages if isinstance(self.stages, (str, tuple)) else getattr(self.stages, "__name__", "custom")
+        return (f"tensor {t.tensor} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
+                f"on ranks {format_ranks(self.ranks)}, stages {stages}")
+
+
+# ---- shards of a layout -------------------------------------------------------------------------
+def local_shapes(layout: ParallelLayout, model: ModelSpec, global_rank: int) -> Dict[str, Tuple[int, ...]]:
+    """``{tensor name: local shard shape}`` for every tensor ``global_rank`` holds in ``layout``
+    (the tensors of its pipeline stage); empty if the rank is not placed in the layout."""
+    coords = layout.coordinates(global_rank)
+    if coords is None:
+        return {}
+    stages = layout.stage_map(model)
+    tp_size = layout.topology.tensor
+    return {spec.name: spec.local_shape(tp_size, coords["tp"])
+            for spec in model.tensors if stages[spec.layer] == coords["pp"]}
+
+
+def cut_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
+               full: Callable[[str], "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
+    """The shards ``global_rank`` holds in ``layout``, cut from full tensors (``full(name)``,
+    e.g. ``state_dict.__getitem__``): the reference every reshard result must equal."""
+    coords = layout.coordinates(global_rank)
+    if coords is None:
+        return {}
+    stages = layout.stage_map(model)
+    return {spec.name: spec.shard(full(spec.name), layout.topology.tensor, coords["tp"])
+            for spec in model.tensors if stages[spec.layer] == coords["pp"]}
+
+
+def empty_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
+                 device: Any = "cpu", fill: Optional[float] = None) -> Dict[str, "torch.Tensor"]:
+    """Freshly allocated shards for ``global_rank`` in ``layout`` (uninitialised, or ``fill``)."""
+    import torch
+
+    result, dtypes = {}, {spec.name: spec.dtype for spec in model.tensors}
+    for name, shape in local_shapes(layout, model, global_rank).items():
+        tensor = torch.empty(shape, dtype=dtypes[name], device=device)
+        if fill is not None:
+            tensor.fill_(fill)
+        result[name] = tensor
+    return result
+
+
+# ---- YAML --------------------------------------------------------------------------------------
+def parse_ranks(value: Any, where: str = "") -> Tuple[int, ...]:
+    """``"0-3,8-11"`` / ``[0, 1, 2]`` / ``5`` → a tuple of ranks. Raises ConfigError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    if isinstance(value, str):
+        ranks: List[int] = []
+        for part in value.replace(" ", "").split(","):
+            bounds = part.split("-")
+            if len(bounds) == 1 and bounds[0].isdigit():
+                ranks.append(int(bounds[0]))
+            elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+                ranks.extend(range(int(bounds[0]), int(bounds[1]) + 1))
+            else:
+                raise ConfigError(f"{where}placement.ranks: bad range {part!r} in {value!r} "
+                                  "(expected N or N-M with N <= M, comma separated)")
+        return tuple(ranks)
+    raise ConfigError(f"{where}placement.ranks must be a range string such as '4-7' or '0-3,8-11' or a "
+                      f"list of ranks, got {value!r}")
+
+
+def format_ranks(ranks: Sequence[int]) -> str:
+    """``[0,1,2,3,8,9]`` → ``"0-3,8-9"``."""
+    parts, i = [], 0
+    ranks = list(ranks)
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        parts.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_size: int,
+                name: Optional[str] = None) -> ParallelLayout:
+    """A layout from a pgroups config (path, YAML string or mapping) with optional ``placement:``.
+
+    Without placement ranks the layout covers ranks ``0..world_size-1``. Every rank must be
+    below ``world_size``. Raises ConfigError naming the file and the key.
+    """
+    if isinstance(obj, Mapping):
+        data, source = dict(obj), name or "<layout>"
+    else:
+        text = os.fspath(obj)
+        if "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.isfile(text)):
+            try:
+                content = Path(text).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"{text}: cannot read layout: {exc.strerror or exc}") from None
+            source = name or text
+        else:
+            content, source = text, name or "<layout>"
+        try:
+            data = yaml.safe_load(content) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: a layout must be a pgroups config mapping, got {type(data).__name__}")
+        data = dict(data)
+    where = f"{source}: "
+    placement = data.pop("placement", None) or {}
+    if not isinstance(placement, Mapping):
+        raise ConfigError(f"{where}placement must be a mapping with {allowed(_PLACEMENT_KEYS)}, got {placement!r}")
+    for key in placement:
+        if key not in _PLACEMENT_KEYS:
+            raise ConfigError(f"{where}placement.{key}: unknown key{did_you_mean(str(key), _PLACEMENT_KEYS)}; "
+                              f"allowed: {allowed(_PLACEMENT_KEYS)}")
+    config = config_from_dict(data, source)
+    ranks = parse_ranks(placement["ranks"], where) if "ranks" in placement else None
+    if ranks is not None:
+        outside = [r for r in ranks if r >= world_size]
+        if outside:
+            raise ConfigError(f"{where}placement.ranks {outside} are outside the job's ranks 0..{world_size - 1}")
+    stages = placement.get("stages", "even")
+    if isinstance(stages, list):
+        stages = tuple(stages)
+    return ParallelLayout.from_config(config, world_size, ranks, stages, source)

@@ -1,0 +1,213 @@
+"""The context at scale, in one process: torch's fake backend as one rank of a huge world.
+
+Every query must answer exactly what the pure topology says, the groups torch holds must have
+those ranks, and under the members-only strategy a rank's group-creation calls must not grow
+with the world size.
+"""
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from pgroups import ModeNotInitializedError, ParallelContext, ParallelMode, Topology, default_registry
+from pgroups.context import BUILTIN_MODES
+
+from conftest import fake_world
+
+WORLD = 4096
+CONFIG = {"parallel": {"tensor": 4, "pipeline": 8, "zero1": 4, "nettest": 100}}  # data 128
+
+
+def pure_group(topology: Topology, mode: str, rank: int):
+    return default_registry.create(mode).group_of(topology, rank)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2049, WORLD - 1])
+def test_every_query_answers_as_the_pure_topology(rank):
+    topology = Topology.create(WORLD, tensor=4, pipeline=8, zero1=4, nettest=100)
+    with fake_world(WORLD, rank):
+        ctx = ParallelContext().init_from_config(dict(CONFIG, cpu_groups="eager"))
+        try:
+            assert ctx.get_global_rank() == rank
+            assert ctx.modes == [m.value for m in BUILTIN_MODES]
+            for mode in BUILTIN_MODES:
+                ranks = pure_group(topology, mode.value, rank)
+                local = ranks.index(rank)
+                for key in (mode, mode.value):  # the enum and its string are the same mode
+                    assert ctx.get_ranks_in_group(key) == ranks
+                    assert ctx.get_world_size(key) == len(ranks)
+                    assert ctx.get_local_rank(key) == local
+                assert dist.get_process_group_ranks(ctx.get_group(mode)) == ranks, mode
+                assert dist.get_process_group_ranks(ctx.get_cpu_group(mode)) == ranks, mode
+                assert dist.get_rank(ctx.get_group(mode)) == local
+                assert ctx.to_global_rank(mode, len(ranks) - 1) == ranks[-1]
+                assert ctx.to_local_rank(mode, ranks[0]) == 0
+                assert ctx.is_first_rank(mode) == (local == 0)
+                assert ctx.is_last_rank(mode) == (local == len(ranks) - 1)
+                assert ctx.get_next_global_rank(mode) == ranks[(local + 1) % len(ranks)]
+                assert ctx.get_prev_global_rank(mode) == ranks[(local - 1) % len(ranks)]
+            stage = topology.coordinates(rank)["pp"]
+            assert ctx.is_pipeline_first_stage() == (stage == 0)
+            assert ctx.is_pipeline_last_stage() == (stage == 7)
+            assert ctx.get_next_global_rank() == topology.rank_at(
+                **dict(topology.coordinates(rank), pp=(stage + 1) % 8))
+            assert ctx.get_rank_groups("tensor") == topology.groups_along(("tp",))
+            assert ctx.get_rank_groups(ParallelMode.ZERO1) == topology.zero1_groups()
+            assert f"rank {rank}" in ctx.describe() and "nettest" in ctx.describe()
+        finally:
+            ctx.destroy()
+
+
+def test_local_rank_conversion_rejects_ranks_outside_the_group():
+    with fake_world(64, 5):
+        ctx = ParallelContext().init_from_config({"parallel": {"tensor": 4}})
+        try:
+            with pytest.raises(ValueError, match="not in this rank's 'tensor' group"):
+                ctx.to_local_rank("tensor", 8)
+            with pytest.raises(ValueError, match="outside 0..3"):
+                ctx.to_global_rank("tensor", 4)
+        finally:
+            ctx.destroy()
+
+
+def calls_for(world: int, strategy: str, rank: int = 5, **extra) -> int:
+    with fake_world(world, rank):
+        ctx = ParallelContext().init_from_config(
+            dict({"parallel": {"tensor": 4, "pipeline": 4, "zero1": 2, "nettest": 64},
+                  "strategy": strategy}, **extra))
+        try:
+            return ctx.backend.calls
+        finally:
+            ctx.destroy()
+
+
+def test_local_strategy_calls_do_not_grow_with_world_size():
+    counts = {world: calls_for(world, "local", cpu_groups="eager") for world in (1024, 4096, 16384)}
+    assert len(set(counts.values())) == 1, counts
+    # at most a device group and a CPU twin per mode
+    assert 0 < counts[1024] <= 2 * len(BUILTIN_MODES), counts
+
+
+def test_all_strategy_calls_equal_the_number_of_distinct_groups():
+    world = 1024
+    topology = Topology.create(world, tensor=4, pipeline=4, zero1=2, nettest=64)
+    distinct = {tuple(group) for mode in BUILTIN_MODES
+                for group in default_registry.create(mode).rank_groups(topology)
+                if len(group) < world}  # the world itself is the default group
+    assert calls_for(world, "all") == len(distinct)
+    assert calls_for(world, "all", rank=world - 1) == len(distinct)
+
+
+def test_identical_modes_share_one_group_object():
+    with fake_world(16, 3):
+        ctx = ParallelContext().init_from_config(
+            {"parallel": {"tensor": 2, "pipeline": 1, "zero1": 8}, "cpu_groups": "eager"})
+        try:
+            assert ctx.get_group("model") is ctx.get_group("tensor")
+            assert ctx.get_cpu_group("model") is ctx.get_cpu_group("tensor")
+            assert ctx.get_group("zero1") is ctx.get_group("data")
+            assert ctx.get_cpu_group("zero1") is ctx.get_cpu_group("data")
+            assert ctx.get_group("nettest") is ctx.get_group("global")  # nettest 32 > world 16
+        finally:
+            ctx.destroy()
+    with fake_world(16, 3):
+        ctx = ParallelContext().init_from_config({"parallel": {"tensor": 2, "pipeline": 2, "zero1": 2}})
+        try:
+            assert ctx.get_group("model") is not ctx.get_group("tensor")
+            assert ctx.get_group("zero1") is not ctx.get_group("data")
+        finally:
+            ctx.destroy()
+
+
+def test_unbuilt_mode_raises_naming_it_and_listing_built_modes():
+    ctx = ParallelContext()
+    with pytest.raises(ModeNotInitializedError, match="not initialized"):
+        ctx.get_group("tensor")
+    with pytest.raises(ModeNotInitializedError, match="not initialized"):
+        ctx.get_global_rank()
+    with fake_world(8, 0):
+        ctx.init_from_config({"parallel": {"tensor": 2}})
+        try:
+            for query in (ctx.get_group, ctx.get_cpu_group, ctx.get_local_rank, ctx.get_world_size,
+                          ctx.get_ranks_in_group, ctx.get_rank_groups, ctx.is_first_rank):
+                with pytest.raises(ModeNotInitializedError) as info:
+                    query("micro_data")
+                message = str(info.value)
+                assert "'micro_data'" in message
+                for built in ("'data'", "'global'", "'model'", "'nettest'", "'pipe'", "'tensor'", "'zero1'"):
+                    assert built in message
+            with pytest.raises(ModeNotInitializedError, match="'dummy' was not built"):
+                ctx.get_local_rank(ParallelMode.DUMMY)
+            with pytest.raises(ModeNotInitializedError, match="did you mean 'tensor'"):
+                ctx.get_world_size("tensr")
+        finally:
+            ctx.destroy()
+    with pytest.raises(ModeNotInitializedError):
+        ctx.get_world_size("tensor")  # destroyed: no silent 0/1
+
+
+def test_destroy_then_init_again():
+    with fake_world(32, 9):
+        ctx = ParallelContext()
+        ctx.init_from_config({"parallel": {"tensor": 2, "pipeline": 2}})
+        assert ctx.is_initialized() and ctx.is_initialized("pipe")
+        with pytest.raises(RuntimeError, match="already initialized"):
+            ctx.init_from_config({"parallel": {"tensor": 2}})
+        ctx.destroy()
+        assert not ctx.is_initialized() and ctx.modes == []
+        ctx.destroy()  # idempotent
+        ctx.init_from_config({"parallel": {"tensor": 4, "order": "tp-dp-pp"}})
+        try:
+            assert dist.get_process_group_ranks(ctx.get_group("tensor")) == [8, 9, 10, 11]
+            assert ctx.get_ranks_in_group("data") == list(range(1, 32, 4))
+        finally:
+            ctx.destroy()
+
+
+def test_gpc_module_instance():
+    from pgroups import gpc
+
+    with fake_world(16, 13):
+        gpc.init_from_config({"parallel": {"tensor": 2, "pipeline": 2}})
+        try:
+            assert dist.get_process_group_ranks(gpc.get_group(ParallelMode.TENSOR)) == [12, 13]
+            assert gpc.get_ranks_in_group("pipe") == [13, 15]
+            assert gpc.is_pipeline_first_stage() and not gpc.is_pipeline_last_stage()
+        finally:
+            gpc.destroy()
+    assert not gpc.is_initialized()
+
+
+def test_lazy_groups_are_built_on_first_request():
+    with fake_world(64, 10):
+        ctx = ParallelContext().init_from_config({"parallel": {"tensor": 4}, "groups": "lazy"})
+        try:
+            assert ctx.backend.calls == 0
+            group = ctx.get_group("tensor")
+            assert ctx.backend.calls == 1
+            assert dist.get_process_group_ranks(group) == [8, 9, 10, 11]
+            assert ctx.get_group("tensor") is group and ctx.backend.calls == 1
+        finally:
+            ctx.destroy()
+
+
+def test_million_rank_world_one_rank_without_listing_it(monkeypatch):
+    """At 1,048,576 ranks a rank builds its groups from its own coordinates only."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("building one rank's groups listed every group of the world")
+
+    for name in ("groups_along", "zero1_groups", "block_groups"):
+        monkeypatch.setattr(Topology, name, refuse)
+    world, rank = 1 << 20, 777_777
+    with fake_world(world, rank):
+        ctx = ParallelContext().init_from_config(
+            {"parallel": {"tensor": 8, "pipeline": 16, "zero1": 64, "nettest": 1000}})
+        try:
+            assert ctx.backend.calls == 6  # tensor, pipe, data, model, zero1, nettest
+            tensor = dist.get_process_group_ranks(ctx.get_group("tensor"))
+            assert tensor == list(range(777_776, 777_784))
+            data = dist.get_process_group_ranks(ctx.get_group("data"))
+            assert len(data) == world // 128 and data[0] == rank % 128 and rank in data
+            assert ctx.get_local_rank("nettest") == 777
+        finally:
+            ctx.destroy()

@@ -1,0 +1,215 @@
+"""Real gloo processes (world 4 and 8): every mode's device and CPU group runs a collective.
+
+Each spawned run batches several checks (process start-up is the expensive part): a first
+context built eagerly, checked with all_reduce on every mode, destroyed; then a second context
+with another layout and lazy groups in the same processes (destroy then init works).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any, Dict
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pgroups import GroupTimeoutError, ParallelContext, default_registry, load_config
+from pgroups.cli import default_config_path
+from pgroups.context import BUILTIN_MODES
+
+from conftest import run_ranks, run_ranks_outcomes
+
+
+def probe_context(ctx: ParallelContext) -> Dict[str, Any]:
+    """What one rank sees: per mode its ranks and the all_reduce sums over device and CPU groups."""
+    modes = {}
+    for mode in ctx.modes:  # every rank requests the modes in the same order (lazy groups)
+        sums, torch_ranks = [], []
+        for group in (ctx.get_group(mode), ctx.get_cpu_group(mode)):
+            value = torch.tensor([ctx.get_global_rank()], dtype=torch.int64)
+            dist.all_reduce(value, group=group)
+            sums.append(int(value))
+            torch_ranks.append(dist.get_process_group_ranks(group))
+        modes[mode] = {"ranks": ctx.get_ranks_in_group(mode), "local": ctx.get_local_rank(mode),
+                       "sums": sums, "torch_ranks": torch_ranks}
+    return {
+        "modes": modes,
+        "next": ctx.get_next_global_rank(), "prev": ctx.get_prev_global_rank(),
+        "first_stage": ctx.is_pipeline_first_stage(), "last_stage": ctx.is_pipeline_last_stage(),
+        "model_is_tensor": ctx.get_group("model") is ctx.get_group("tensor"),
+        "zero1_is_data": ctx.get_group("zero1") is ctx.get_group("data"),
+        "device_backend": ctx.backend.device_backend, "strategy": ctx.backend.strategy,
+    }
+
+
+def two_contexts_worker(first_config: dict, second_config: dict) -> Dict[str, Any]:
+    """First context eager, then destroyed; a second one (lazy groups) in the same process."""
+    ctx = ParallelContext()
+    ctx.init_from_config(first_config)
+    try:
+        first = probe_context(ctx)
+    finally:
+        ctx.destroy()
+    first["initialized_after_destroy"] = dist.is_initialized()
+
+    ctx = ParallelContext()
+    ctx.init_from_config(second_config)
+    try:
+        calls_after_init = ctx.backend.calls
+        second = probe_context(ctx)
+        second["calls_after_init"] = calls_after_init
+        second["calls_after_use"] = ctx.backend.calls
+    finally:
+        ctx.destroy()
+    return {"first": first, "second": second}
+
+
+def expected_groups(config: dict, world: int, rank: int) -> Dict[str, list]:
+    topology = load_config(config).topology(world)
+    return {m.value: default_registry.create(m).group_of(topology, rank) for m in BUILTIN_MODES}
+
+
+def assert_probe(probe: Dict[str, Any], config: dict, world: int, rank: int) -> None:
+    expected = expected_groups(config, world, rank)
+    assert list(probe["modes"]) == list(expected)
+    for mode, ranks in expected.items():
+        seen = probe["modes"][mode]
+        assert seen["ranks"] == ranks, (mode, rank)
+        assert seen["local"] == ranks.index(rank)
+        assert seen["torch_ranks"] == [ranks, ranks], (mode, rank)
+        assert seen["sums"] == [sum(ranks), sum(ranks)], (mode, rank)  # device and CPU all_reduce
+    pipe = expected["pipe"]
+    stage = pipe.index(rank)
+    assert probe["next"] == pipe[(stage + 1) % len(pipe)]
+    assert probe["prev"] == pipe[(stage - 1) % len(pipe)]
+    assert probe["first_stage"] == (stage == 0)
+    assert probe["last_stage"] == (stage == len(pipe) - 1)
+    assert probe["device_backend"] == "gloo"
+
+
+WORLD4_EAGER = {"parallel": {"pipeline": 2, "nettest": 3}, "strategy": "all", "timeout_s": 60}
+WORLD4_LAZY = {"parallel": {"tensor": 2, "zero1": 1, "order": "tp-dp-pp"}, "groups": "lazy",
+               "strategy": "local", "timeout_s": 60}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_world4_every_mode_all_reduces_on_device_and_cpu_groups():
+    results = run_ranks(4, two_contexts_worker, WORLD4_EAGER, WORLD4_LAZY, timeout_s=75)
+    for rank, result in enumerate(results):
+        first, second = result["first"], result["second"]
+        assert_probe(first, WORLD4_EAGER, 4, rank)
+        assert first["strategy"] == "all"
+        assert first["model_is_tensor"] is False  # tensor 1, pipeline 2: model == pipe, not tensor
+        assert first["zero1_is_data"] is True     # zero1 defaults to data
+        assert first["initialized_after_destroy"] is False
+        assert_probe(second, WORLD4_LAZY, 4, rank)
+        assert second["strategy"] == "local"
+        assert second["calls_after_init"] == 0   # lazy: nothing built at init
+        assert second["calls_after_use"] > 0
+        assert second["model_is_tensor"] is True  # pipeline 1
+        assert second["zero1_is_data"] is False
+    # pipeline ring at world 4, pipeline 2 (order tp-pp-dp, tensor 1): stages [0,1] and [2,3]
+    assert [r["first"]["next"] for r in results] == [1, 0, 3, 2]
+    assert [r["first"]["first_stage"] for r in results] == [True, False, True, False]
+    assert results[2]["first"]["modes"]["nettest"]["ranks"] == [0, 1, 2]
+    assert results[3]["first"]["modes"]["nettest"]["ranks"] == [3]
+
+
+WORLD8_LAZY = {"parallel": {"tensor": 2, "pipeline": 4, "zero1": 1, "nettest": 5, "order": "pp-tp-dp"},
+               "groups": "lazy", "timeout_s": 60}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_world8_bundled_default_then_a_four_stage_pipeline():
+    default = load_config(default_config_path())
+    results = run_ranks(8, two_contexts_worker, default_config_path(), WORLD8_LAZY, timeout_s=100)
+    default_dict = {"parallel": {"tensor": default.parallel.tensor, "pipeline": default.parallel.pipeline,
+                                 "zero1": default.parallel.zero1, "nettest": default.parallel.nettest}}
+    for rank, result in enumerate(results):
+        assert_probe(result["first"], default_dict, 8, rank)
+        assert_probe(result["second"], WORLD8_LAZY, 8, rank)
+        assert result["second"]["calls_after_init"] == 0
+    # order pp-tp-dp: pp fastest, so pipeline stages are consecutive ranks [0,1,2,3], [4,5,6,7]
+    assert [r["second"]["next"] for r in results] == [1, 2, 3, 0, 5, 6, 7, 4]
+    assert [r["second"]["prev"] for r in results] == [3, 0, 1, 2, 7, 4, 5, 6]
+    assert [r["second"]["last_stage"] for r in results] == [False, False, False, True] * 2
+    assert results[0]["second"]["modes"]["tensor"]["ranks"] == [0, 4]
+    assert results[7]["second"]["modes"]["nettest"]["ranks"] == [5, 6, 7]
+
+
+# ---- the CLI's main job ------------------------------------------------------------------------
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_pgroups_run_nproc_4(tmp_path):
+    config = tmp_path / "four.yaml"
+    config.write_text("parallel: {tensor: 2, nettest: 3}\ntimeout_s: 60\n")
+    proc = subprocess.run([sys.executable, "-m", "pgroups", "run", "--nproc", "4", str(config),
+                           "--timeout", "90"], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("pgroups run: world 4 = tensor 2 x pipeline 1 x data 2")
+    rows = {line.split()[0]: line.split() for line in lines[3:-1]}
+    assert set(rows) == {"global", "tensor", "pipe", "data", "model", "zero1", "nettest"}
+    for mode, row in rows.items():
+        assert row[3:5] == ["ok", "ok"], row  # device and CPU all_reduce
+    assert rows["nettest"][1:3] == ["2", "3"]  # 2 groups; rank 0's has 3 ranks
+    assert rows["model"][-1] == "tensor"       # pipeline 1: model shares tensor's communicator
+    assert lines[-1] == "all groups passed (7 modes, world 4)"
+
+
+def test_pgroups_run_rejects_a_layout_that_does_not_fit_before_starting(tmp_path, capsys):
+    from pgroups.cli import main
+
+    config = tmp_path / "three.yaml"
+    config.write_text("parallel: {tensor: 2}\n")
+    assert main(["run", "--nproc", "3", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "world_size(3) is not divisible by tensor(2)" in err
+
+
+# ---- a peer that never enters group creation ----------------------------------------------------
+
+TIMEOUT_S = 3.0
+
+
+def absent_peer_worker(config: dict) -> Any:
+    """Rank 3 joins the world but never builds groups; the others must time out, not hang."""
+    from pgroups.launch import from_environment, init_distributed
+
+    info = from_environment()
+    if info.rank == 3:
+        init_distributed(info, "gloo", 60)
+        time.sleep(TIMEOUT_S + 3)  # alive (not crashed) while the others wait for it
+        return None
+    ctx = ParallelContext()
+    start = time.monotonic()
+    try:
+        ctx.init_from_config(config)
+    except GroupTimeoutError as exc:
+        elapsed = time.monotonic() - start
+        ctx.destroy()
+        return {"message": str(exc), "elapsed": elapsed, "initialized": ctx.is_initialized()}
+    return {"message": None}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_absent_peer_is_a_group_timeout_naming_mode_and_ranks():
+    config = {"parallel": {"tensor": 2}, "timeout_s": TIMEOUT_S, "backend": "gloo"}
+    outcomes = run_ranks_outcomes(4, absent_peer_worker, config, timeout_s=45)
+    expected = {0: ("data", "[0, 2]"), 1: ("data", "[1, 3]"), 2: ("tensor", "[2, 3]")}
+    for rank, (mode, ranks) in expected.items():
+        outcome = outcomes[rank]
+        assert outcome.ok, outcome.error
+        message = outcome.value["message"]
+        assert message is not None, f"rank {rank} built its groups without rank 3"
+        assert f"mode {mode!r} with ranks {ranks}" in message, message
+        assert f"timed out after {TIMEOUT_S:g}s on rank {rank}" in message
+        # it waited the configured timeout, and not much longer (no hang)
+        assert TIMEOUT_S - 0.5 <= outcome.value["elapsed"] <= TIMEOUT_S + 15
+        assert outcome.value["initialized"] is False

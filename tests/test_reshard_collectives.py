@@ -1,0 +1,372 @@
+"""Activation resharding collectives, forward and backward, against single-process references.
+
+One spawn of 4 real gloo ranks (tensor 2 x pipeline 2) runs every check on several groups:
+``tensor`` (pairs), the ``pipe`` group passed as an explicit ProcessGroup, ``global`` (4 ranks,
+with uneven sizes) and ``data`` (a group of one). Each rank knows every member's input (seeded by
+global rank), so it rebuilds the whole computation in one process with plain torch ops and
+compares its own output and its input's gradient with that reference. Tensors are float64:
+gathers, splits and all-to-alls must match bit for bit; sums over ranks to 1e-12.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Sequence
+
+import pytest
+import torch
+
+from conftest import run_ranks
+
+CONFIG = {"parallel": {"tensor": 2, "pipeline": 2}, "backend": "gloo", "timeout_s": 60}
+TIMEOUT_CONFIG = {"parallel": {"tensor": 2, "pipeline": 2}, "backend": "gloo", "timeout_s": 2,
+                  "groups": "lazy"}
+EXACT = dict(rtol=0, atol=0)
+SUMMED = dict(rtol=1e-12, atol=1e-12)
+
+
+# ---- reference data ----------------------------------------------------------------------------
+def data(seed: int, shape: Sequence[int], dtype=torch.float64) -> torch.Tensor:
+    """The same tensor on every rank for the same seed and shape."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
+    return values.to(dtype) if dtype.is_floating_point else (values * 100).to(dtype)
+
+
+def with_size(shape, dim, size):
+    shape = list(shape)
+    shape[dim] = size
+    return tuple(shape)
+
+
+class Group:
+    """What a check needs about the group it runs on: the argument to pass, members, my place."""
+
+    def __init__(self, ctx, mode: str, explicit: bool = False) -> None:
+        self.arg = ctx.get_group(mode) if explicit else mode
+        self.members: List[int] = ctx.get_ranks_in_group(mode)
+        self.me = ctx.get_local_rank(mode)
+        self.size = len(self.members)
+        self.ctx = ctx
+
+
+def leaves(tensors):
+    return [t.clone().requires_grad_() for t in tensors]
+
+
+def close(actual, expected, tol, what):
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+
+# ---- checks (each runs on every rank of the group) -----------------------------------------------
+def check_gather(g: Group, dim: int, sizes, seed: int) -> None:
+    from pgroups.reshard.collectives import gather_along
+
+    base = (3, 4, 2)
+    sizes = sizes or (base[dim],) * g.size
+    inputs = [data(seed + r, with_size(base, dim, s)) for r, s in zip(g.members, sizes)]
+    x = inputs[g.me].clone().requires_grad_()
+    out = gather_along(x, dim, g.arg, sizes=sizes, ctx=g.ctx)
+    ref_x = leaves(inputs)
+    ref = torch.cat(ref_x, dim)
+    close(out, ref.detach(), EXACT, "gather forward")
+    downstream = data(seed + 1000, ref.shape)   # identical on every rank: the contract of gather
+    (out * downstream).sum().backward()
+    (ref * downstream).sum().backward()
+    close(x.grad, ref_x[g.me].grad, EXACT, "gather backward (split)")
+
+
+def check_split(g: Group, dim: int, total: int, seed: int) -> None:
+    from pgroups.reshard.collectives import split_along
+
+    full = data(seed, with_size((2, 3, 4), dim, total))         # replicated input
+    x = full.clone().requires_grad_()
+    out = split_along(x, dim, g.arg, ctx=g.ctx)
+    ref_x = full.clone().requires_grad_()
+    pieces = torch.tensor_split(ref_x, g.size, dim)
+    close(out, pieces[g.me].detach(), EXACT, "split forward")
+    weights = [data(seed + 100 + r, p.shape) for r, p in zip(g.members, pieces)]  # per-rank use
+    (out * weights[g.me]).sum().backward()
+    sum((p * w).sum() for p, w in zip(pieces, weights)).backward()
+    close(x.grad, ref_x.grad, EXACT, "split backward (all-gather)")
+
+
+def check_reduce_scatter(g: Group, dim: int, total: int, seed: int) -> None:
+    from pgroups.reshard.collectives import reduce_scatter_along
+
+    shape = with_size((3, 2, 5), dim, total)
+    inputs = [data(seed + r, shape) for r in g.members]
+    x = inputs[g.me].clone().requires_grad_()
+    out = reduce_scatter_along(x, dim, g.arg, ctx=g.ctx)
+    ref_x = leaves(inputs)
+    pieces = torch.tensor_split(sum(ref_x), g.size, dim)
+    close(out, pieces[g.me].detach(), SUMMED, "reduce-scatter forward")
+    weights = [data(seed + 100 + r, p.shape) for r, p in zip(g.members, pieces)]
+    (out * weights[g.me]).sum().backward()
+    sum((p * w).sum() for p, w in zip(pieces, weights)).backward()
+    close(x.grad, ref_x[g.me].grad, EXACT, "reduce-scatter backward (all-gather)")
+
+
+def ulysses_reference(qkv_by_rank, size: int, seq_dim: int, head_dim: int):
+    """Every rank's head-sharded outputs, computed in one process from every rank's inputs."""
+    return [[torch.cat([torch.tensor_split(inputs[t], size, head_dim)[dest] for inputs in qkv_by_rank], seq_dim)
+             for t in range(len(qkv_by_rank[0]))] for dest in range(size)]
+
+
+def check_ulysses(g: Group, seq_sizes, seed: int) -> None:
+    """q, k, v (GQA: fewer k/v heads) sequence-sharded -> head-sharded in one call, and back."""
+    from pgroups.reshard.collectives import head_to_seq, seq_to_head
+
+    batch, heads_q, heads_kv, head_dim_size = 2, 4 * g.size, 2 * g.size, 3
+    seq_sizes = seq_sizes or (3,) * g.size
+    inputs = [[data(seed + 10 * r + t, (batch, s, h, head_dim_size)) for t, h in
+               enumerate((heads_q, heads_kv, heads_kv))] for r, s in zip(g.members, seq_sizes)]
+    mine = leaves(inputs[g.me])
+    outs = seq_to_head(mine, g.arg, seq_dim=1, head_dim=2, seq_sizes=seq_sizes, ctx=g.ctx)
+    ref_inputs = [leaves(per_rank) for per_rank in inputs]
+    ref_outs = ulysses_reference(ref_inputs, g.size, seq_dim=1, head_dim=2)
+    for t in range(3):
+        close(outs[t], ref_outs[g.me][t].detach(), EXACT, f"seq_to_head forward, tensor {t}")
+    weights = [[data(seed + 500 + 10 * r + t, o.shape) for t, o in enumerate(ref_outs[i])]
+               for i, r in enumerate(g.members)]
+    sum((o * w).sum() for o, w in zip(outs, weights[g.me])).backward()
+    sum((o * w).sum() for per_rank, ws in zip(ref_outs, weights) for o, w in zip(per_rank, ws)).backward()
+    for t in range(3):
+        close(mine[t].grad, ref_inputs[g.me][t].grad, EXACT, f"seq_to_head backward, tensor {t}")
+
+    # head-sharded -> sequence-sharded is the inverse, gradients included
+    heads = [o.detach().clone().requires_grad_() for o in outs]
+    back = head_to_seq(heads, g.arg, seq_dim=1, head_dim=2, seq_sizes=seq_sizes, ctx=g.ctx)
+    for t in range(3):
+        close(back[t], inputs[g.me][t], EXACT, f"head_to_seq(seq_to_head(x)), tensor {t}")
+    sum((b * data(seed + 900 + t, b.shape)).sum() for t, b in enumerate(back)).backward()
+    # reference: the gradient w.r.t. each head-sharded piece is the seq_to_head of the weights
+    grad_in = [[data(seed + 900 + t, with_size(inputs[i][t].shape, 1, s)) for t in range(3)]
+               for i, s in enumerate(seq_sizes)]
+    expected = ulysses_reference(grad_in, g.size, seq_dim=1, head_dim=2)[g.me]
+    for t in range(3):
+        close(heads[t].grad, expected[t], EXACT, f"head_to_seq backward, tensor {t}")
+
+
+def check_all_to_all_dtypes(g: Group, seed: int) -> None:
+    """Tensors of three dtypes travel in one call; a single tensor comes back as a tensor."""
+    from pgroups.reshard.collectives import all_to_all
+
+    dtypes = (torch.float64, torch.float32, torch.int64)
+    inputs = [[data(seed + 10 * r + i, (2 * g.size + i, 5), dtype) for i, dtype in enumerate(dtypes)]
+              for r in g.members]
+    outs = all_to_all(inputs[g.me], g.arg, scatter_dim=0, gather_dim=1, ctx=g.ctx)
+    for i, dtype in enumerate(dtypes):
+        expected = torch.cat([torch.tensor_split(per_rank[i], g.size, 0)[g.me] for per_rank in inputs], 1)
+        assert outs[i].dtype == dtype
+        close(outs[i], expected, EXACT, f"all_to_all {dtype}")
+    single = all_to_all(inputs[g.me][0], g.arg, scatter_dim=0, gather_dim=1, ctx=g.ctx)
+    assert isinstance(single, torch.Tensor)
+    close(single, outs[0], EXACT, "all_to_all of a single tensor")
+
+
+def check_weight_gather(g: Group, dim: int, sizes, seed: int) -> None:
+    """Two gathers in flight at once, waited in reverse order; backward sums over ranks."""
+    from pgroups.reshard.collectives import WeightGatherHandle, start_weight_gather
+
+    base = (4, 3)
+    sizes = sizes or (base[dim],) * g.size
+    shards = {name: [data(seed + off + r, with_size(base, dim, s)) for r, s in zip(g.members, sizes)]
+              for name, off in (("w1", 0), ("w2", 50))}
+    mine = {name: s[g.me].clone().requires_grad_() for name, s in shards.items()}
+    handles = {name: start_weight_gather(mine[name], dim, g.arg, sizes=sizes, ctx=g.ctx) for name in ("w1", "w2")}
+    assert all(isinstance(h, WeightGatherHandle) for h in handles.values())
+    full2 = handles["w2"].wait()
+    full1 = handles["w1"].wait()
+    assert handles["w1"].wait() is full1 and handles["w1"].is_completed()
+    ref_shards = {name: leaves(s) for name, s in shards.items()}
+    ref_full = {name: torch.cat(s, dim) for name, s in ref_shards.items()}
+    close(full1, ref_full["w1"].detach(), EXACT, "weight gather forward w1")
+    close(full2, ref_full["w2"].detach(), EXACT, "weight gather forward w2")
+    shape = ref_full["w1"].shape
+    uses = {r: (data(seed + 300 + r, shape), data(seed + 400 + r, shape)) for r in g.members}
+
+    def loss(r, w1, w2):  # every rank uses the full weights in its own way
+        a, b = uses[r]
+        return (w1 * w2 * a).sum() + (w1 * b).sum()
+
+    loss(g.members[g.me], full1, full2).backward()
+    sum(loss(r, ref_full["w1"], ref_full["w2"]) for r in g.members).backward()
+    for name in ("w1", "w2"):
+        close(mine[name].grad, ref_shards[name][g.me].grad, SUMMED, f"weight gather backward {name}")
+
+
+def check_errors(g: Group) -> None:
+    """Bad arguments raise one clear ValueError before any communication."""
+    from pgroups import ModeNotInitializedError
+    from pgroups.reshard.collectives import all_to_all, gather_along, split_along, start_weight_gather
+
+    x = torch.zeros(4, 6)
+    cases = [
+        (lambda: gather_along(x, 2, g.arg, ctx=g.ctx), "dim 2 is out of range for the 2-d tensor"),
+        (lambda: gather_along(x, 0, g.arg, sizes=[4] * (g.size + 1), ctx=g.ctx), f"which has {g.size} ranks"),
+        (lambda: gather_along(x, 1, g.arg, sizes=[5] * g.size, ctx=g.ctx),
+         f"this rank's tensor has size 6 along dim 1, but sizes[{g.me}] = 5"),
+        (lambda: split_along(x, 0, g.arg, sizes=[1] * g.size, ctx=g.ctx), "must split dim 0 of size 4"),
+        (lambda: all_to_all([x], g.arg, scatter_dim=1, gather_dim=-1, ctx=g.ctx), "name the same dim"),
+        (lambda: all_to_all([], g.arg, scatter_dim=0, gather_dim=1, ctx=g.ctx), "non-empty sequence"),
+        (lambda: all_to_all([x, torch.zeros(4)], g.arg, scatter_dim=0, gather_dim=1, ctx=g.ctx),
+         "tensor 1 is 1-d but tensor 0 is 2-d"),
+        (lambda: start_weight_gather(torch.tensor(1.0), 0, g.arg, ctx=g.ctx), "0-d"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert expected in str(info.value), (expected, str(info.value))
+    with pytest.raises(ModeNotInitializedError, match="mode 'sequence' was not built"):
+        gather_along(x, 0, "sequence", ctx=g.ctx)
+
+
+def check_default_context() -> None:
+    """Without ctx=, modes resolve through pgroups.gpc (initialized by the worker)."""
+    import pgroups
+    from pgroups.reshard.collectives import gather_along, resolve_group
+
+    info = resolve_group("tensor")
+    assert (info.size, info.rank) == (2, pgroups.gpc.get_local_rank("tensor"))
+    out = gather_along(torch.full((1,), float(pgroups.gpc.get_global_rank())), 0, "tensor")
+    close(out, torch.tensor([float(r) for r in pgroups.gpc.get_ranks_in_group("tensor")]), EXACT, "default ctx")
+
+
+def check_timeout(rank: int) -> None:
+    """Rank 3 never joins its tensor pair's gather: rank 2 gets a GroupTimeoutError naming the
+    group (ranks [2, 3]) within the group's 2 s timeout; the other pair is unaffected."""
+    from pgroups import GroupTimeoutError, ParallelContext
+    from pgroups.reshard.collectives import gather_along
+
+    ctx = ParallelContext().init_from_config(TIMEOUT_CONFIG)
+    group = ctx.get_group("tensor")  # lazy: built here, by both members
+    assert group is not None
+    x = torch.ones(2)
+    if rank == 3:
+        time.sleep(5)  # alive but absent
+        return
+    if rank == 2:
+        started = time.monotonic()
+        with pytest.raises(GroupTimeoutError) as info:
+            gather_along(x, 0, "tensor", ctx=ctx)
+        assert "mode 'tensor' (ranks [2, 3])" in str(info.value), str(info.value)
+        assert time.monotonic() - started < 30
+        return
+    close(gather_along(x, 0, "tensor", ctx=ctx), torch.ones(4), EXACT, "healthy pair")
+
+
+# ---- the worker: one spawn, every check --------------------------------------------------------
+def _checks(ctx) -> Dict[str, Callable[[], None]]:
+    tensor, pipe = Group(ctx, "tensor"), Group(ctx, "pipe", explicit=True)
+    world, single = Group(ctx, "global"), Group(ctx, "data")
+    return {
+        "gather/tensor": lambda: check_gather(tensor, 1, None, 10),
+        "gather/pipe-group": lambda: check_gather(pipe, 0, None, 20),
+        "gather/global-uneven": lambda: check_gather(world, 2, (1, 3, 0, 2), 30),
+        "gather/size-1": lambda: check_gather(single, 0, None, 40),
+        "split/tensor": lambda: check_split(tensor, 2, 8, 50),
+        "split/pipe-group": lambda: check_split(pipe, 0, 4, 60),
+        "split/global-uneven": lambda: check_split(world, 1, 6, 70),
+        "split/size-1": lambda: check_split(single, 1, 3, 75),
+        "reduce_scatter/tensor": lambda: check_reduce_scatter(tensor, 0, 4, 80),
+        "reduce_scatter/pipe-group": lambda: check_reduce_scatter(pipe, 2, 6, 90),
+        "reduce_scatter/global-uneven": lambda: check_reduce_scatter(world, 1, 7, 100),
+        "reduce_scatter/size-1": lambda: check_reduce_scatter(single, 0, 3, 105),
+        "ulysses/tensor": lambda: check_ulysses(tensor, None, 110),
+        "ulysses/pipe-group-uneven": lambda: check_ulysses(pipe, (4, 1), 120),
+        "ulysses/global-uneven": lambda: check_ulysses(world, (2, 3, 1, 2), 130),
+        "ulysses/size-1": lambda: check_ulysses(single, None, 135),
+        "all_to_all/dtypes": lambda: check_all_to_all_dtypes(world, 140),
+        "weight_gather/tensor": lambda: check_weight_gather(tensor, 0, None, 150),
+        "weight_gather/pipe-group-dim1": lambda: check_weight_gather(pipe, 1, None, 160),
+        "weight_gather/global-uneven": lambda: check_weight_gather(world, 0, (1, 2, 0, 3), 170),
+        "weight_gather/size-1": lambda: check_weight_gather(single, 1, None, 175),
+        "errors/tensor": lambda: check_errors(tensor),
+        "errors/pipe-group": lambda: check_errors(pipe),
+        "default_context": check_default_context,
+        "timeout": lambda: check_timeout(ctx.get_global_rank()),
+    }
+
+
+def collectives_worker() -> Dict[str, str]:
+    """Run every check on this rank; report "ok" or the failure, per check (never stop early:
+    every rank must enter the same collectives in the same order)."""
+    import pgroups
+
+    ctx = pgroups.gpc.init_from_config(CONFIG)
+    results = {}
+    for name, check in _checks(ctx).items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as exc:  # reported per check to the parent
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def results() -> List[Dict[str, str]]:
+    return run_ranks(4, collectives_worker, timeout_s=150)
+
+
+def assert_ok(results: List[Dict[str, str]], prefix: str) -> None:
+    names = [name for name in results[0] if name.startswith(prefix)]
+    assert names, f"no check named {prefix}*"
+    failures = [f"rank {rank} {name}: {outcome}" for rank, per_rank in enumerate(results)
+                for name, outcome in per_rank.items() if name in names and outcome != "ok"]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.timeout(180)
+def test_gather_along_forward_gathers_and_backward_splits(results):
+    assert_ok(results, "gather/")
+
+
+@pytest.mark.timeout(180)
+def test_split_along_forward_splits_and_backward_gathers(results):
+    assert_ok(results, "split/")
+
+
+@pytest.mark.timeout(180)
+def test_reduce_scatter_forward_sums_a_slice_and_backward_gathers(results):
+    assert_ok(results, "reduce_scatter/")
+
+
+@pytest.mark.timeout(180)
+def test_ulysses_qkv_in_one_all_to_all_both_ways_with_gradients(results):
+    assert_ok(results, "ulysses/")
+
+
+@pytest.mark.timeout(180)
+def test_all_to_all_moves_mixed_dtypes_in_one_call(results):
+    assert_ok(results, "all_to_all/")
+
+
+@pytest.mark.timeout(180)
+def test_async_weight_gather_handles_and_reduce_scattered_gradients(results):
+    assert_ok(results, "weight_gather/")
+
+
+@pytest.mark.timeout(180)
+def test_bad_dims_and_sizes_raise_one_clear_value_error(results):
+    assert_ok(results, "errors/")
+
+
+@pytest.mark.timeout(180)
+def test_modes_resolve_through_gpc_by_default(results):
+    assert_ok(results, "default_context")
+
+
+@pytest.mark.timeout(180)
+def test_absent_peer_raises_group_timeout_naming_the_group(results):
+    assert_ok(results, "timeout")
+
+
+def test_even_split_sizes_match_tensor_split():
+    from pgroups.reshard.collectives import even_split_sizes, offsets_of
+
+    for total in range(0, 12):
+        for parts in range(1, 6):
+            expected = tuple(p.shape[0] for p in torch.tensor_split(torch.zeros(total), parts))
+            assert even_split_sizes(total, parts) == expected
+            assert offsets_of(expected)[-1] + expected[-1] == total
