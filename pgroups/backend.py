@@ -119,7 +119,7 @@ class GroupBackend:
         except GroupTimeoutError:
             raise
         except (RuntimeError, dist.DistError) as exc:
-            if _is_timeout(exc):
+            if is_timeout(exc):
                 raise GroupTimeoutError(
                     f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r} "
                     f"with ranks {_short(my_ranks)} timed out after {self.timeout.total_seconds():g}s "
@@ -193,9 +193,11 @@ class GroupBackend:
         self._cache.clear()
 
 
-def _is_timeout(exc: BaseException) -> bool:
+def is_timeout(exc: BaseException) -> bool:
+    """True if ``exc`` (from torch.distributed or its store) reports a timeout."""
     text = str(exc).lower()
-    return isinstance(exc, getattr(dist, "DistStoreError", ())) or "timeout" in text or "timed out" in text
+    return (isinstance(exc, (TimeoutError, getattr(dist, "DistStoreError", TimeoutError)))
+            or "timeout" in text or "timed out" in text)
 
 
 def _short(ranks: Optional[Sequence[int]], limit: int = 16) -> str:

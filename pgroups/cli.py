@@ -25,7 +25,7 @@ from .initializer import default_registry
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
 #: Sub-command modules of the higher layers; each has ``add_parser(subparsers)``.
-EXTENSIONS: List[str] = ["pgroups.nettest.cli"]
+EXTENSIONS: List[str] = ["pgroups.nettest.cli", "pgroups.reshard.cli"]
 
 
 def default_config_path() -> str:

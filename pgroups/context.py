@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Dict, Hashable, List, Optional
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import attrs
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from .backend import GroupBackend, ProcessGroup, choose_strategy, resolve_device
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
 from .initializer import InitializerRegistry, ProcessGroupInitializer, default_registry
-from .launch import LaunchInfo, from_environment, init_distributed
+from .launch import LaunchInfo, create_store, from_environment, init_distributed
 from .modes import ModeLike, ParallelMode, mode_name
 from .topology import RankGroups, Topology
 
@@ -49,6 +49,10 @@ class ParallelContext:
 
     def __init__(self, registry: Optional[InitializerRegistry] = None) -> None:
         self.registry = registry or default_registry
+        # The rendezvous store this context started torch.distributed with, kept across
+        # destroy(): a re-init reuses rank 0's running server (a fresh key prefix each time)
+        # instead of racing its shutdown and restart on the same port.
+        self._store: Optional[Tuple[LaunchInfo, Any]] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -82,27 +86,39 @@ class ParallelContext:
         initializers = self._make_initializers(cfg, topology)
         if not dist.is_initialized():
             assert launch is not None
-            init_distributed(launch, cfg.backend, cfg.timeout_s)
+            init_distributed(launch, cfg.backend, cfg.timeout_s, store=self._rendezvous_store(launch, cfg))
             self._owns_default_group = True
-        self.launch = launch
-        self.config, self.topology, self._rank = cfg, topology, rank
-        device_backend = resolve_device_backend(cfg.backend)
-        self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend), cfg.timeout_s)
-        keys: Dict[Hashable, str] = {}
-        for name, init in initializers.items():
-            key = init.layout_key(topology)
-            state = ModeState(name, init, init.group_of(topology, rank))
-            if key is not None:
-                first = keys.setdefault(key, name)
-                state.shares_with = first if first != name else None
-            self._modes[name] = state
-        if cfg.groups == "eager":
-            for name in self._modes:
-                self._device_group(name)
-        if cfg.cpu_groups == "eager":
-            for name in self._modes:
-                self._cpu_group(name)
+        try:  # from here on, a failure rolls everything back
+            self.launch = launch
+            self.config, self.topology, self._rank = cfg, topology, rank
+            device_backend = resolve_device_backend(cfg.backend)
+            self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend), cfg.timeout_s)
+            keys: Dict[Hashable, str] = {}
+            for name, init in initializers.items():
+                key = init.layout_key(topology)
+                state = ModeState(name, init, init.group_of(topology, rank))
+                if key is not None:
+                    first = keys.setdefault(key, name)
+                    state.shares_with = first if first != name else None
+                self._modes[name] = state
+            if cfg.groups == "eager":
+                for name in self._modes:
+                    self._device_group(name)
+            if cfg.cpu_groups == "eager":
+                for name in self._modes:
+                    self._cpu_group(name)
+        except BaseException:
+            self.destroy()  # never leave a half-built context behind: a retry starts clean
+            raise
         return self
+
+    def _rendezvous_store(self, launch: LaunchInfo, cfg: Config) -> Any:
+        if self._store is None or self._store[0] != launch:
+            self._store = (launch, create_store(launch, cfg.timeout_s))
+        # Every rank counts its own inits on the server: the counts agree across ranks, and no
+        # init reads keys an earlier one left (even one by another context sharing the server).
+        generation = self._store[1].add(f"pgroups/inits/rank{launch.rank}", 1)
+        return dist.PrefixStore(f"pgroups/init{generation}", self._store[1])
 
     def _make_initializers(self, cfg: Config, topology: Topology) -> Dict[str, ProcessGroupInitializer]:
         return make_initializers(self.registry, cfg, topology)

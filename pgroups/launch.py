@@ -149,12 +149,30 @@ def from_environment(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
         "`pgroups run --nproc N CONFIG` to start local processes")
 
 
-def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: float = 1800.0) -> None:
+def create_store(info: LaunchInfo, timeout_s: float = 1800.0):
+    """The rendezvous TCP store of ``info`` (rank 0 serves it at master_addr:master_port).
+
+    A context keeps it across destroy() so that a re-init in the same processes reuses the
+    running server instead of racing its shutdown and restart on the same port.
+    Raises LaunchError naming the master address if it cannot be reached in time.
+    """
+    import torch.distributed as dist
+
+    try:
+        return dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0,
+                             timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=True)
+    except (RuntimeError, dist.DistError) as exc:
+        raise _rendezvous_error(info, exc) from exc
+
+
+def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: float = 1800.0,
+                     store=None) -> None:
     """Start torch.distributed's default group for ``info`` (no-op if already started).
 
     On GPUs the default group is ``cpu:gloo,cuda:nccl`` bound to ``cuda:local_rank`` (so groups
-    can be split from it); on CPU it is gloo. A rendezvous that times out raises LaunchError
-    naming the master address.
+    can be split from it); on CPU it is gloo. ``store`` (e.g. a PrefixStore over
+    :func:`create_store`) replaces the ``tcp://`` rendezvous. A rendezvous that times out
+    raises LaunchError naming the master address.
     """
     import torch
     import torch.distributed as dist
@@ -167,18 +185,24 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
         device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
+    if store is not None:
+        kwargs["store"] = store
+    else:
+        kwargs["init_method"] = f"tcp://{_bracket(info.master_addr)}:{info.master_port}"
     try:
         dist.init_process_group(
             backend="cpu:gloo,cuda:nccl" if use_nccl else "gloo",
-            init_method=f"tcp://{_bracket(info.master_addr)}:{info.master_port}",
             rank=info.rank, world_size=info.world_size,
             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     except (RuntimeError, dist.DistError) as exc:
-        raise LaunchError(
-            f"rank {info.rank}/{info.world_size} could not join the rendezvous at "
-            f"{info.master_addr}:{info.master_port} ({info.source}): {str(exc).splitlines()[0]} "
-            "(check the address and port; across hosts set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)"
-        ) from exc
+        raise _rendezvous_error(info, exc) from exc
+
+
+def _rendezvous_error(info: LaunchInfo, exc: BaseException) -> LaunchError:
+    return LaunchError(
+        f"rank {info.rank}/{info.world_size} could not join the rendezvous at "
+        f"{info.master_addr}:{info.master_port} ({info.source}): {str(exc).splitlines()[0]} "
+        "(check the address and port; across hosts set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)")
 
 
 def _bracket(host: str) -> str:

@@ -20,6 +20,8 @@ from .launch import free_port
 
 #: grace period for peers after one rank failed (they are usually stuck in a collective)
 FAILURE_GRACE_S = 5.0
+#: how long children that already reported may take to exit before they are killed
+EXIT_GRACE_S = 5.0
 
 
 @attrs.frozen
@@ -97,10 +99,14 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
                     outcomes[rank] = RankOutcome(rank, error=f"process exited with code {proc.exitcode}",
                                                  exitcode=proc.exitcode)
                     failed_at = failed_at or time.monotonic()
+    exit_deadline = time.monotonic() + EXIT_GRACE_S
     for rank, proc in enumerate(procs):
         if rank not in outcomes:
             proc.kill()
-        proc.join(timeout=10)
+        proc.join(timeout=max(0.1, exit_deadline - time.monotonic()))
+        if proc.is_alive():  # it reported, but is stuck on its way out (threads of a hung collective)
+            proc.kill()
+            proc.join(timeout=5)
         if rank not in outcomes:
             outcomes[rank] = RankOutcome(rank, error="killed: still running at the time limit",
                                          exitcode=proc.exitcode, timed_out=True)

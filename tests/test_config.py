@@ -84,9 +84,13 @@ def test_bundled_default_config_is_valid():
         2, 2, 2, 2, 4)
 
 
-def test_config_examples_are_valid():
-    for path in sorted((REPO / "config_examples").glob("*.yaml")):
-        load_config(str(path))
+def test_golden_example_config_shows_the_golden_layout(capsys):
+    path = REPO / "config_examples" / "golden16.yaml"
+    assert main(["show", str(path), "--world-size", "16", "--json"]) == 0
+    modes = json.loads(capsys.readouterr().out)["modes"]
+    assert modes["data"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert modes["zero1"] == [[0, 4], [8, 12], [1, 5], [9, 13], [2, 6], [10, 14], [3, 7], [11, 15]]
+    assert modes["nettest"] == [list(range(8)), list(range(8, 16))]
 
 
 # ---- every ConfigError path ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ with another layout and lazy groups in the same processes (destroy then init wor
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -45,7 +46,8 @@ def probe_context(ctx: ParallelContext) -> Dict[str, Any]:
 
 
 def two_contexts_worker(first_config: dict, second_config: dict) -> Dict[str, Any]:
-    """First context eager, then destroyed; a second one (lazy groups) in the same process."""
+    """A context built eagerly, checked, destroyed (with the default group it started), then
+    initialized again with another layout and lazy groups — like ``gpc`` in one job."""
     ctx = ParallelContext()
     ctx.init_from_config(first_config)
     try:
@@ -54,7 +56,6 @@ def two_contexts_worker(first_config: dict, second_config: dict) -> Dict[str, An
         ctx.destroy()
     first["initialized_after_destroy"] = dist.is_initialized()
 
-    ctx = ParallelContext()
     ctx.init_from_config(second_config)
     try:
         calls_after_init = ctx.backend.calls
@@ -145,20 +146,20 @@ def test_world8_bundled_default_then_a_four_stage_pipeline():
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-def test_pgroups_run_nproc_4(tmp_path):
-    config = tmp_path / "four.yaml"
-    config.write_text("parallel: {tensor: 2, nettest: 3}\ntimeout_s: 60\n")
-    proc = subprocess.run([sys.executable, "-m", "pgroups", "run", "--nproc", "4", str(config),
-                           "--timeout", "90"], capture_output=True, text=True, timeout=110)
+def test_pgroups_run_nproc_4_on_the_bundled_default():
+    proc = subprocess.run([sys.executable, "-m", "pgroups", "run", "--nproc", "4", "--timeout", "90"],
+                          capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("pgroups run: world 4 = tensor 2 x pipeline 1 x data 2")
+    assert lines[0] == ("pgroups run: world 4 = tensor 2 x pipeline 2 x data 1 (order tp-pp-dp), "
+                        "zero1 1, nettest 4")
     rows = {line.split()[0]: line.split() for line in lines[3:-1]}
     assert set(rows) == {"global", "tensor", "pipe", "data", "model", "zero1", "nettest"}
     for mode, row in rows.items():
         assert row[3:5] == ["ok", "ok"], row  # device and CPU all_reduce
-    assert rows["nettest"][1:3] == ["2", "3"]  # 2 groups; rank 0's has 3 ranks
-    assert rows["model"][-1] == "tensor"       # pipeline 1: model shares tensor's communicator
+    assert rows["tensor"][1:3] == ["2", "2"]   # 2 groups of 2 ranks
+    assert rows["data"][1:3] == ["4", "1"]
+    assert rows["model"][-1] == "global"       # data 1: one model replica is the whole world
     assert lines[-1] == "all groups passed (7 modes, world 4)"
 
 
@@ -179,14 +180,11 @@ TIMEOUT_S = 3.0
 
 def absent_peer_worker(config: dict) -> Any:
     """Rank 3 joins the world but never builds groups; the others must time out, not hang."""
-    from pgroups.launch import from_environment, init_distributed
-
-    info = from_environment()
-    if info.rank == 3:
-        init_distributed(info, "gloo", 60)
+    ctx = ParallelContext()
+    if int(os.environ["RANK"]) == 3:
+        ctx.init_from_config(dict(config, groups="lazy"))  # joins the world, creates no group
         time.sleep(TIMEOUT_S + 3)  # alive (not crashed) while the others wait for it
         return None
-    ctx = ParallelContext()
     start = time.monotonic()
     try:
         ctx.init_from_config(config)

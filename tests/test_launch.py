@@ -170,6 +170,9 @@ def test_init_from_explicit_launch_info(monkeypatch):
     ctx = ParallelContext().init_from_config({"backend": "gloo", "timeout_s": 30}, launch=launch)
     assert ctx.launch == launch
     _check_one_rank_world(ctx)
+    # destroy then init again, in the same process and on the same port
+    ctx.init_from_config({"backend": "gloo", "timeout_s": 30, "parallel": {"nettest": 1}}, launch=launch)
+    _check_one_rank_world(ctx)
 
 
 @pytest.mark.timeout(60)

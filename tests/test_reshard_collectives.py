@@ -17,7 +17,7 @@ import torch
 
 from conftest import run_ranks
 
-CONFIG = {"parallel": {"tensor": 2, "pipeline": 2}, "backend": "gloo", "timeout_s": 60}
+CONFIG = {"parallel": {"tensor": 2, "pipeline": 2}, "backend": "gloo", "timeout_s": 20}
 TIMEOUT_CONFIG = {"parallel": {"tensor": 2, "pipeline": 2}, "backend": "gloo", "timeout_s": 2,
                   "groups": "lazy"}
 EXACT = dict(rtol=0, atol=0)
@@ -53,29 +53,69 @@ def leaves(tensors):
     return [t.clone().requires_grad_() for t in tensors]
 
 
-def close(actual, expected, tol, what):
-    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+class Expect:
+    """Collects a check's failed comparisons instead of raising at the first one, so that a rank
+    whose result is wrong still enters every later collective of the check with its peers (a
+    rank that stopped early would leave the others waiting until the group's timeout)."""
+
+    def __init__(self) -> None:
+        self.failures: List[str] = []
+
+    def close(self, actual, expected, tol, what: str) -> None:
+        try:
+            torch.testing.assert_close(actual, expected, **tol)
+        except AssertionError as exc:
+            self.failures.append(f"{what}: {exc}")
+
+    def true(self, condition: bool, what: str) -> None:
+        if not condition:
+            self.failures.append(what)
+
+
+def run_checks(checks: Dict[str, Callable[[Expect], None]]) -> Dict[str, str]:
+    """Run every check on this rank; report "ok" or its failures, per check. A check that
+    raises is reported too, and the next one still runs."""
+    results = {}
+    for name, check in checks.items():
+        expect = Expect()
+        try:
+            check(expect)
+            results[name] = "; ".join(expect.failures) or "ok"
+        except Exception as exc:  # reported per check to the parent
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def assert_ok(results: List[Dict[str, str]], prefix: str) -> None:
+    """Every rank reported "ok" for every check whose name starts with ``prefix``."""
+    names = [name for name in results[0] if name.startswith(prefix)]
+    assert names, f"no check named {prefix}*"
+    failures = [f"rank {rank} {name}: {outcome}" for rank, per_rank in enumerate(results)
+                for name, outcome in per_rank.items() if name in names and outcome != "ok"]
+    assert not failures, "\n".join(failures)
 
 
 # ---- checks (each runs on every rank of the group) -----------------------------------------------
-def check_gather(g: Group, dim: int, sizes, seed: int) -> None:
-    from pgroups.reshard.collectives import gather_along
+def check_gather(expect: Expect, g: Group, dim: int, sizes, seed: int) -> None:
+    from pgroups.reshard.collectives import exchange_sizes, gather_along
 
     base = (3, 4, 2)
     sizes = sizes or (base[dim],) * g.size
+    learned = exchange_sizes(sizes[g.me], g.arg, ctx=g.ctx)
+    expect.true(learned == tuple(sizes), f"exchange_sizes gave {learned}, not {tuple(sizes)}")
     inputs = [data(seed + r, with_size(base, dim, s)) for r, s in zip(g.members, sizes)]
     x = inputs[g.me].clone().requires_grad_()
     out = gather_along(x, dim, g.arg, sizes=sizes, ctx=g.ctx)
     ref_x = leaves(inputs)
     ref = torch.cat(ref_x, dim)
-    close(out, ref.detach(), EXACT, "gather forward")
+    expect.close(out, ref.detach(), EXACT, "gather forward")
     downstream = data(seed + 1000, ref.shape)   # identical on every rank: the contract of gather
     (out * downstream).sum().backward()
     (ref * downstream).sum().backward()
-    close(x.grad, ref_x[g.me].grad, EXACT, "gather backward (split)")
+    expect.close(x.grad, ref_x[g.me].grad, EXACT, "gather backward (split)")
 
 
-def check_split(g: Group, dim: int, total: int, seed: int) -> None:
+def check_split(expect: Expect, g: Group, dim: int, total: int, seed: int) -> None:
     from pgroups.reshard.collectives import split_along
 
     full = data(seed, with_size((2, 3, 4), dim, total))         # replicated input
@@ -83,14 +123,14 @@ def check_split(g: Group, dim: int, total: int, seed: int) -> None:
     out = split_along(x, dim, g.arg, ctx=g.ctx)
     ref_x = full.clone().requires_grad_()
     pieces = torch.tensor_split(ref_x, g.size, dim)
-    close(out, pieces[g.me].detach(), EXACT, "split forward")
+    expect.close(out, pieces[g.me].detach(), EXACT, "split forward")
     weights = [data(seed + 100 + r, p.shape) for r, p in zip(g.members, pieces)]  # per-rank use
     (out * weights[g.me]).sum().backward()
     sum((p * w).sum() for p, w in zip(pieces, weights)).backward()
-    close(x.grad, ref_x.grad, EXACT, "split backward (all-gather)")
+    expect.close(x.grad, ref_x.grad, EXACT, "split backward (all-gather)")
 
 
-def check_reduce_scatter(g: Group, dim: int, total: int, seed: int) -> None:
+def check_reduce_scatter(expect: Expect, g: Group, dim: int, total: int, seed: int) -> None:
     from pgroups.reshard.collectives import reduce_scatter_along
 
     shape = with_size((3, 2, 5), dim, total)
@@ -99,11 +139,11 @@ def check_reduce_scatter(g: Group, dim: int, total: int, seed: int) -> None:
     out = reduce_scatter_along(x, dim, g.arg, ctx=g.ctx)
     ref_x = leaves(inputs)
     pieces = torch.tensor_split(sum(ref_x), g.size, dim)
-    close(out, pieces[g.me].detach(), SUMMED, "reduce-scatter forward")
+    expect.close(out, pieces[g.me].detach(), SUMMED, "reduce-scatter forward")
     weights = [data(seed + 100 + r, p.shape) for r, p in zip(g.members, pieces)]
     (out * weights[g.me]).sum().backward()
     sum((p * w).sum() for p, w in zip(pieces, weights)).backward()
-    close(x.grad, ref_x[g.me].grad, EXACT, "reduce-scatter backward (all-gather)")
+    expect.close(x.grad, ref_x[g.me].grad, EXACT, "reduce-scatter backward (all-gather)")
 
 
 def ulysses_reference(qkv_by_rank, size: int, seq_dim: int, head_dim: int):
@@ -112,7 +152,7 @@ def ulysses_reference(qkv_by_rank, size: int, seq_dim: int, head_dim: int):
              for t in range(len(qkv_by_rank[0]))] for dest in range(size)]
 
 
-def check_ulysses(g: Group, seq_sizes, seed: int) -> None:
+def check_ulysses(expect: Expect, g: Group, seq_sizes, seed: int) -> None:
     """q, k, v (GQA: fewer k/v heads) sequence-sharded -> head-sharded in one call, and back."""
     from pgroups.reshard.collectives import head_to_seq, seq_to_head
 
@@ -125,29 +165,29 @@ def check_ulysses(g: Group, seq_sizes, seed: int) -> None:
     ref_inputs = [leaves(per_rank) for per_rank in inputs]
     ref_outs = ulysses_reference(ref_inputs, g.size, seq_dim=1, head_dim=2)
     for t in range(3):
-        close(outs[t], ref_outs[g.me][t].detach(), EXACT, f"seq_to_head forward, tensor {t}")
+        expect.close(outs[t], ref_outs[g.me][t].detach(), EXACT, f"seq_to_head forward, tensor {t}")
     weights = [[data(seed + 500 + 10 * r + t, o.shape) for t, o in enumerate(ref_outs[i])]
                for i, r in enumerate(g.members)]
     sum((o * w).sum() for o, w in zip(outs, weights[g.me])).backward()
     sum((o * w).sum() for per_rank, ws in zip(ref_outs, weights) for o, w in zip(per_rank, ws)).backward()
     for t in range(3):
-        close(mine[t].grad, ref_inputs[g.me][t].grad, EXACT, f"seq_to_head backward, tensor {t}")
+        expect.close(mine[t].grad, ref_inputs[g.me][t].grad, EXACT, f"seq_to_head backward, tensor {t}")
 
     # head-sharded -> sequence-sharded is the inverse, gradients included
     heads = [o.detach().clone().requires_grad_() for o in outs]
     back = head_to_seq(heads, g.arg, seq_dim=1, head_dim=2, seq_sizes=seq_sizes, ctx=g.ctx)
     for t in range(3):
-        close(back[t], inputs[g.me][t], EXACT, f"head_to_seq(seq_to_head(x)), tensor {t}")
+        expect.close(back[t], inputs[g.me][t], EXACT, f"head_to_seq(seq_to_head(x)), tensor {t}")
     sum((b * data(seed + 900 + t, b.shape)).sum() for t, b in enumerate(back)).backward()
     # reference: the gradient w.r.t. each head-sharded piece is the seq_to_head of the weights
     grad_in = [[data(seed + 900 + t, with_size(inputs[i][t].shape, 1, s)) for t in range(3)]
                for i, s in enumerate(seq_sizes)]
     expected = ulysses_reference(grad_in, g.size, seq_dim=1, head_dim=2)[g.me]
     for t in range(3):
-        close(heads[t].grad, expected[t], EXACT, f"head_to_seq backward, tensor {t}")
+        expect.close(heads[t].grad, expected[t], EXACT, f"head_to_seq backward, tensor {t}")
 
 
-def check_all_to_all_dtypes(g: Group, seed: int) -> None:
+def check_all_to_all_dtypes(expect: Expect, g: Group, seed: int) -> None:
     """Tensors of three dtypes travel in one call; a single tensor comes back as a tensor."""
     from pgroups.reshard.collectives import all_to_all
 
@@ -157,14 +197,14 @@ def check_all_to_all_dtypes(g: Group, seed: int) -> None:
     outs = all_to_all(inputs[g.me], g.arg, scatter_dim=0, gather_dim=1, ctx=g.ctx)
     for i, dtype in enumerate(dtypes):
         expected = torch.cat([torch.tensor_split(per_rank[i], g.size, 0)[g.me] for per_rank in inputs], 1)
-        assert outs[i].dtype == dtype
-        close(outs[i], expected, EXACT, f"all_to_all {dtype}")
+        expect.true(outs[i].dtype == dtype, f"all_to_all output {i} is {outs[i].dtype}, not {dtype}")
+        expect.close(outs[i], expected, EXACT, f"all_to_all {dtype}")
     single = all_to_all(inputs[g.me][0], g.arg, scatter_dim=0, gather_dim=1, ctx=g.ctx)
-    assert isinstance(single, torch.Tensor)
-    close(single, outs[0], EXACT, "all_to_all of a single tensor")
+    expect.true(isinstance(single, torch.Tensor), "a single tensor comes back as a tensor")
+    expect.close(single, outs[0], EXACT, "all_to_all of a single tensor")
 
 
-def check_weight_gather(g: Group, dim: int, sizes, seed: int) -> None:
+def check_weight_gather(expect: Expect, g: Group, dim: int, sizes, seed: int) -> None:
     """Two gathers in flight at once, waited in reverse order; backward sums over ranks."""
     from pgroups.reshard.collectives import WeightGatherHandle, start_weight_gather
 
@@ -174,14 +214,14 @@ def check_weight_gather(g: Group, dim: int, sizes, seed: int) -> None:
               for name, off in (("w1", 0), ("w2", 50))}
     mine = {name: s[g.me].clone().requires_grad_() for name, s in shards.items()}
     handles = {name: start_weight_gather(mine[name], dim, g.arg, sizes=sizes, ctx=g.ctx) for name in ("w1", "w2")}
-    assert all(isinstance(h, WeightGatherHandle) for h in handles.values())
+    expect.true(all(isinstance(h, WeightGatherHandle) for h in handles.values()), "handles")
     full2 = handles["w2"].wait()
     full1 = handles["w1"].wait()
-    assert handles["w1"].wait() is full1 and handles["w1"].is_completed()
+    expect.true(handles["w1"].wait() is full1 and handles["w1"].is_completed(), "wait() again: same tensor")
     ref_shards = {name: leaves(s) for name, s in shards.items()}
     ref_full = {name: torch.cat(s, dim) for name, s in ref_shards.items()}
-    close(full1, ref_full["w1"].detach(), EXACT, "weight gather forward w1")
-    close(full2, ref_full["w2"].detach(), EXACT, "weight gather forward w2")
+    expect.close(full1, ref_full["w1"].detach(), EXACT, "weight gather forward w1")
+    expect.close(full2, ref_full["w2"].detach(), EXACT, "weight gather forward w2")
     shape = ref_full["w1"].shape
     uses = {r: (data(seed + 300 + r, shape), data(seed + 400 + r, shape)) for r in g.members}
 
@@ -192,10 +232,10 @@ def check_weight_gather(g: Group, dim: int, sizes, seed: int) -> None:
     loss(g.members[g.me], full1, full2).backward()
     sum(loss(r, ref_full["w1"], ref_full["w2"]) for r in g.members).backward()
     for name in ("w1", "w2"):
-        close(mine[name].grad, ref_shards[name][g.me].grad, SUMMED, f"weight gather backward {name}")
+        expect.close(mine[name].grad, ref_shards[name][g.me].grad, SUMMED, f"weight gather backward {name}")
 
 
-def check_errors(g: Group) -> None:
+def check_errors(expect: Expect, g: Group) -> None:
     """Bad arguments raise one clear ValueError before any communication."""
     from pgroups import ModeNotInitializedError
     from pgroups.reshard.collectives import all_to_all, gather_along, split_along, start_weight_gather
@@ -221,100 +261,83 @@ def check_errors(g: Group) -> None:
         gather_along(x, 0, "sequence", ctx=g.ctx)
 
 
-def check_default_context() -> None:
+def check_default_context(expect: Expect) -> None:
     """Without ctx=, modes resolve through pgroups.gpc (initialized by the worker)."""
     import pgroups
     from pgroups.reshard.collectives import gather_along, resolve_group
 
     info = resolve_group("tensor")
-    assert (info.size, info.rank) == (2, pgroups.gpc.get_local_rank("tensor"))
+    expect.true((info.size, info.rank) == (2, pgroups.gpc.get_local_rank("tensor")), f"resolved {info}")
     out = gather_along(torch.full((1,), float(pgroups.gpc.get_global_rank())), 0, "tensor")
-    close(out, torch.tensor([float(r) for r in pgroups.gpc.get_ranks_in_group("tensor")]), EXACT, "default ctx")
+    expect.close(out, torch.tensor([float(r) for r in pgroups.gpc.get_ranks_in_group("tensor")]), EXACT, "default ctx")
 
 
-def check_timeout(rank: int) -> None:
+def check_timeout(expect: Expect, rank: int) -> None:
     """Rank 3 never joins its tensor pair's gather: rank 2 gets a GroupTimeoutError naming the
-    group (ranks [2, 3]) within the group's 2 s timeout; the other pair is unaffected."""
+    group (ranks [2, 3]) within the group's 2 s timeout; the other pair is unaffected. Rank 3
+    stays alive, waiting in a world barrier that rank 2 reaches after its timeout."""
+    import torch.distributed as dist
+
     from pgroups import GroupTimeoutError, ParallelContext
     from pgroups.reshard.collectives import gather_along
 
     ctx = ParallelContext().init_from_config(TIMEOUT_CONFIG)
-    group = ctx.get_group("tensor")  # lazy: built here, by both members
-    assert group is not None
+    expect.true(ctx.get_group("tensor") is not None, "tensor group built")  # lazy: built here, by both members
     x = torch.ones(2)
-    if rank == 3:
-        time.sleep(5)  # alive but absent
-        return
     if rank == 2:
         started = time.monotonic()
         with pytest.raises(GroupTimeoutError) as info:
             gather_along(x, 0, "tensor", ctx=ctx)
-        assert "mode 'tensor' (ranks [2, 3])" in str(info.value), str(info.value)
-        assert time.monotonic() - started < 30
-        return
-    close(gather_along(x, 0, "tensor", ctx=ctx), torch.ones(4), EXACT, "healthy pair")
+        expect.true("all-gather over mode 'tensor' (ranks [2, 3]) timed out" in str(info.value), str(info.value))
+        expect.true(time.monotonic() - started < 15, "the timeout came late")
+    elif rank != 3:
+        expect.close(gather_along(x, 0, "tensor", ctx=ctx), torch.ones(4), EXACT, "healthy pair")
+    dist.barrier()
 
 
 # ---- the worker: one spawn, every check --------------------------------------------------------
-def _checks(ctx) -> Dict[str, Callable[[], None]]:
+def _checks(ctx) -> Dict[str, Callable[[Expect], None]]:
     tensor, pipe = Group(ctx, "tensor"), Group(ctx, "pipe", explicit=True)
     world, single = Group(ctx, "global"), Group(ctx, "data")
     return {
-        "gather/tensor": lambda: check_gather(tensor, 1, None, 10),
-        "gather/pipe-group": lambda: check_gather(pipe, 0, None, 20),
-        "gather/global-uneven": lambda: check_gather(world, 2, (1, 3, 0, 2), 30),
-        "gather/size-1": lambda: check_gather(single, 0, None, 40),
-        "split/tensor": lambda: check_split(tensor, 2, 8, 50),
-        "split/pipe-group": lambda: check_split(pipe, 0, 4, 60),
-        "split/global-uneven": lambda: check_split(world, 1, 6, 70),
-        "split/size-1": lambda: check_split(single, 1, 3, 75),
-        "reduce_scatter/tensor": lambda: check_reduce_scatter(tensor, 0, 4, 80),
-        "reduce_scatter/pipe-group": lambda: check_reduce_scatter(pipe, 2, 6, 90),
-        "reduce_scatter/global-uneven": lambda: check_reduce_scatter(world, 1, 7, 100),
-        "reduce_scatter/size-1": lambda: check_reduce_scatter(single, 0, 3, 105),
-        "ulysses/tensor": lambda: check_ulysses(tensor, None, 110),
-        "ulysses/pipe-group-uneven": lambda: check_ulysses(pipe, (4, 1), 120),
-        "ulysses/global-uneven": lambda: check_ulysses(world, (2, 3, 1, 2), 130),
-        "ulysses/size-1": lambda: check_ulysses(single, None, 135),
-        "all_to_all/dtypes": lambda: check_all_to_all_dtypes(world, 140),
-        "weight_gather/tensor": lambda: check_weight_gather(tensor, 0, None, 150),
-        "weight_gather/pipe-group-dim1": lambda: check_weight_gather(pipe, 1, None, 160),
-        "weight_gather/global-uneven": lambda: check_weight_gather(world, 0, (1, 2, 0, 3), 170),
-        "weight_gather/size-1": lambda: check_weight_gather(single, 1, None, 175),
-        "errors/tensor": lambda: check_errors(tensor),
-        "errors/pipe-group": lambda: check_errors(pipe),
+        "gather/tensor": lambda e: check_gather(e, tensor, 1, None, 10),
+        "gather/pipe-group": lambda e: check_gather(e, pipe, 0, None, 20),
+        "gather/global-uneven": lambda e: check_gather(e, world, 2, (1, 3, 0, 2), 30),
+        "gather/size-1": lambda e: check_gather(e, single, 0, None, 40),
+        "split/tensor": lambda e: check_split(e, tensor, 2, 8, 50),
+        "split/pipe-group": lambda e: check_split(e, pipe, 0, 4, 60),
+        "split/global-uneven": lambda e: check_split(e, world, 1, 6, 70),
+        "split/size-1": lambda e: check_split(e, single, 1, 3, 75),
+        "reduce_scatter/tensor": lambda e: check_reduce_scatter(e, tensor, 0, 4, 80),
+        "reduce_scatter/pipe-group": lambda e: check_reduce_scatter(e, pipe, 2, 6, 90),
+        "reduce_scatter/global-uneven": lambda e: check_reduce_scatter(e, world, 1, 7, 100),
+        "reduce_scatter/size-1": lambda e: check_reduce_scatter(e, single, 0, 3, 105),
+        "ulysses/tensor": lambda e: check_ulysses(e, tensor, None, 110),
+        "ulysses/pipe-group-uneven": lambda e: check_ulysses(e, pipe, (4, 1), 120),
+        "ulysses/global-uneven": lambda e: check_ulysses(e, world, (2, 3, 1, 2), 130),
+        "ulysses/size-1": lambda e: check_ulysses(e, single, None, 135),
+        "all_to_all/dtypes": lambda e: check_all_to_all_dtypes(e, world, 140),
+        "weight_gather/tensor": lambda e: check_weight_gather(e, tensor, 0, None, 150),
+        "weight_gather/pipe-group-dim1": lambda e: check_weight_gather(e, pipe, 1, None, 160),
+        "weight_gather/global-uneven": lambda e: check_weight_gather(e, world, 0, (1, 2, 0, 3), 170),
+        "weight_gather/size-1": lambda e: check_weight_gather(e, single, 1, None, 175),
+        "errors/tensor": lambda e: check_errors(e, tensor),
+        "errors/pipe-group": lambda e: check_errors(e, pipe),
         "default_context": check_default_context,
-        "timeout": lambda: check_timeout(ctx.get_global_rank()),
+        "timeout": lambda e: check_timeout(e, ctx.get_global_rank()),
     }
 
 
 def collectives_worker() -> Dict[str, str]:
-    """Run every check on this rank; report "ok" or the failure, per check (never stop early:
-    every rank must enter the same collectives in the same order)."""
     import pgroups
 
     ctx = pgroups.gpc.init_from_config(CONFIG)
-    results = {}
-    for name, check in _checks(ctx).items():
-        try:
-            check()
-            results[name] = "ok"
-        except Exception as exc:  # reported per check to the parent
-            results[name] = f"{type(exc).__name__}: {exc}"
-    return results
+    return run_checks(_checks(ctx))
 
 
 @pytest.fixture(scope="module")
 def results() -> List[Dict[str, str]]:
     return run_ranks(4, collectives_worker, timeout_s=150)
-
-
-def assert_ok(results: List[Dict[str, str]], prefix: str) -> None:
-    names = [name for name in results[0] if name.startswith(prefix)]
-    assert names, f"no check named {prefix}*"
-    failures = [f"rank {rank} {name}: {outcome}" for rank, per_rank in enumerate(results)
-                for name, outcome in per_rank.items() if name in names and outcome != "ok"]
-    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.timeout(180)

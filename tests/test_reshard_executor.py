@@ -117,8 +117,8 @@ def fault_worker(world: int, case: Dict[str, Any], fault: str, victim: int, time
         if fault == "die":
             os._exit(1)
         if fault == "hang":
-            time.sleep(timeout_s * 3)
-            os._exit(0)
+            time.sleep(timeout_s * 2)
+            raise RuntimeError("the hung victim stops")
         if fault == "corrupt":
             for tensor in src_shards.values():
                 tensor.reshape(-1).view(torch.uint8).bitwise_not_()
@@ -180,7 +180,7 @@ WORLD4_CASES = [
     {"src": (3, 1, range(3)), "dst": (4, 1)},
     {"src": (2, 2), "dst": (3, 1, range(1, 4)), "bucket": 64, "verify": True},
     {"src": (4, 1), "dst": (1, 4)},
-    {"src": (1, 2), "dst": (2, 1), "bucket": 1},
+    {"src": (1, 2), "dst": (2, 1), "bucket": 1001},
     {"src": (1, 1, [0]), "dst": (1, 1, [1, 2, 3])},                           # one source, fan-out 3
     {"src": (2, 1, [3, 1]), "dst": (3, 1, [2, 0, 1])},                        # shuffled placements
 ]

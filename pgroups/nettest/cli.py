@@ -209,8 +209,19 @@ def _distinct(messages) -> List[str]:
 
 
 def local_worker(options: NettestOptions) -> RankResult:
-    """One local rank (spawned by ``--nproc``): progress on rank 0's stderr unless --quiet."""
-    return run_rank(options, Progress() if options.progress else None)
+    """One local rank (spawned by ``--nproc``): progress on rank 0's stderr unless --quiet.
+
+    On a timeout the rank's one-line report travels to the parent, which prints it; the
+    rank's stderr is then closed, so the C++ warnings of torn-down threads and stores do not
+    bury that line.
+    """
+    try:
+        return run_rank(options, Progress() if options.progress else None)
+    except NettestTimeoutError:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        raise
 
 
 def _run_here(args: argparse.Namespace, options: NettestOptions) -> int:

@@ -41,7 +41,7 @@ from . import metrics
 from .groups import TestGroup
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
-MAX_PAIR_ROUNDS = 8
+MAX_PAIR_ROUNDS = 16
 
 
 @attrs.frozen
@@ -70,7 +70,12 @@ class Measurement:
     """One collective at one size on one group (or pair), aggregated over its ranks.
 
     ``time_s`` is the mean over ranks of each rank's mean time per operation (nccl-tests'
-    default ``-a 1``); with several repetitions, the best (smallest) repetition. ``wrong`` is
+    default ``-a 1``); with several repetitions, the best (smallest) repetition: the figure of
+    the tables. ``robust_time_s`` is the mean over ranks of each rank's *best* single
+    operation (on CPU, where operations are timed one by one; on GPUs its best batch): what the
+    re-test and the pair tests judge. Noise (a descheduled process, a busy neighbour) only ever
+    adds time, while a slow link or rank slows every operation, the best one included.
+    ``wrong`` is
     the number of wrong elements over all ranks (nccl-tests' ``#wrong``); ``wrong_from`` maps
     a source rank to the wrong elements that came from it, where a collective lets us tell.
     """
@@ -85,6 +90,7 @@ class Measurement:
     wrong: int = 0
     wrong_from: Tuple[Tuple[int, int], ...] = ()
     repeats: int = 1
+    robust_time_s: Optional[float] = None
 
     @property
     def algbw(self) -> float:
@@ -94,10 +100,20 @@ class Measurement:
     def busbw(self) -> float:
         return metrics.busbw(self.collective, self.group_size, self.size_bytes, self.time_s)
 
+    @property
+    def judged_time_s(self) -> float:
+        """The time the follow-ups judge: the robust one when known."""
+        return self.robust_time_s if self.robust_time_s is not None else self.time_s
+
+    @property
+    def judged_busbw(self) -> float:
+        return metrics.busbw(self.collective, self.group_size, self.size_bytes, self.judged_time_s)
+
     def to_json(self) -> Dict[str, object]:
         return {"group": self.group_id, "collective": self.collective, "size_bytes": self.size_bytes,
                 "count": self.count, "time_us": self.time_s * 1e6, "algbw_gbps": self.algbw,
                 "busbw_gbps": self.busbw, "wrong": self.wrong, "repeats": self.repeats,
+                "robust_time_us": self.judged_time_s * 1e6,
                 "time_us_by_rank": {str(r): t * 1e6 for r, t in self.rank_times},
                 "wrong_from": {str(r): n for r, n in self.wrong_from}}
 
@@ -106,7 +122,8 @@ def aggregate(group_id: str, group_size: int, records: Sequence[Mapping[str, obj
     """Combine the per-rank records of one (group, collective, size) into a Measurement.
 
     Each record: ``rank``, ``collective``, ``size``, ``count``, ``times`` (seconds per
-    operation, one per repetition), ``wrong``, ``wrong_from`` (``{source rank: elements}``).
+    operation, one per repetition), optionally ``op_best`` (the best single operation),
+    ``wrong``, ``wrong_from`` (``{source rank: elements}``).
     Raises ValueError for an empty list or records that disagree on collective or size.
     """
     if not records:
@@ -116,6 +133,8 @@ def aggregate(group_id: str, group_size: int, records: Sequence[Mapping[str, obj
         raise ValueError(f"records of group {group_id} mix collectives or sizes")
     repeats = min(len(r["times"]) for r in records)
     per_repeat = [statistics.fmean(float(r["times"][i]) for r in records) for i in range(repeats)]
+    bests = [r.get("op_best") for r in records]
+    robust = statistics.fmean(float(b) for b in bests) if all(b is not None for b in bests) else None
     wrong_from: Dict[int, int] = {}
     for record in records:
         for source, count in dict(record.get("wrong_from") or {}).items():
@@ -125,7 +144,7 @@ def aggregate(group_id: str, group_size: int, records: Sequence[Mapping[str, obj
         group_size=group_size, count=int(first["count"]), time_s=min(per_repeat),
         rank_times=tuple(sorted((int(r["rank"]), min(map(float, r["times"]))) for r in records)),
         wrong=sum(int(r["wrong"]) for r in records), wrong_from=tuple(sorted(wrong_from.items())),
-        repeats=repeats)
+        repeats=repeats, robust_time_s=robust)
 
 
 # ---- the robust rule ----------------------------------------------------------------------
@@ -332,7 +351,8 @@ def confirm(findings: Sequence[Finding], catalog: Sequence[TestGroup], retest: I
 
 
 def _metric_value(m: Measurement, metric: str) -> float:
-    return m.time_s if metric == "latency" else m.busbw
+    """What the re-test judges: the robust time (or the busbw made from it)."""
+    return m.judged_time_s if metric == "latency" else m.judged_busbw
 
 
 # ---- below group granularity: pairs ---------------------------------------------------------
@@ -351,56 +371,81 @@ class Pair:
         return {"ranks": [self.a, self.b], "role": self.role}
 
 
+#: below this many references, candidates are paired with each other (circle method)
+MIN_REFERENCES = 3
+REFERENCE_PARTNERS = 2   # distinct references each candidate meets (reference mode)
+MUTUAL_PARTNERS = 3      # distinct partners each candidate meets (mutual mode), if it can
+
+
+def pair_mode(candidates: Sequence[int], references: Sequence[int]) -> str:
+    """``"reference"`` when there are at least MIN_REFERENCES references, else ``"mutual"``."""
+    refs = set(references) - set(candidates)
+    return "reference" if len(refs) >= MIN_REFERENCES else "mutual"
+
+
 def plan_pair_rounds(candidates: Sequence[int], references: Sequence[int],
                      max_rounds: int = MAX_PAIR_ROUNDS) -> List[List[Pair]]:
-    """Rounds of disjoint pairs so that each candidate meets at least two different partners.
+    """Rounds of disjoint pairs (deterministic: every rank computes the same plan).
 
-    Each round: one control pair of two references when there are at least two; the other
-    references paired with candidates (candidates with the fewest partners so far first,
-    preferring a partner they have not met); leftover candidates paired with each other.
-    Deterministic (every rank computes the same plan). Stops when every candidate has met two
-    partners, when no new partner can be found, or after ``max_rounds``.
+    *Reference mode* (at least MIN_REFERENCES references): each round has one control pair
+    of two references (rotating) and pairs every other free reference with a candidate, the
+    candidates that have met the fewest references first, each meeting a reference it has not
+    met; rounds continue until every candidate has met REFERENCE_PARTNERS distinct references.
+    *Mutual mode* (fewer references): the candidates meet each other in a round-robin (circle
+    method; one control pair if there are two references) until each has met MUTUAL_PARTNERS
+    partners (or all the others). At most ``max_rounds`` rounds.
     """
     candidates = sorted(set(candidates))
     references = sorted(set(references) - set(candidates))
+    if not candidates:
+        return []
+    if pair_mode(candidates, references) == "reference":
+        return _reference_rounds(candidates, references, max_rounds)
+    return _mutual_rounds(candidates, references, max_rounds)
+
+
+def _reference_rounds(candidates: List[int], references: List[int], max_rounds: int) -> List[List[Pair]]:
     met: Dict[int, set] = {c: set() for c in candidates}
     rounds: List[List[Pair]] = []
-    if len(candidates) + len(references) < 2 or not candidates:
-        return rounds
-    for round_index in range(max_rounds):
-        if all(len(met[c]) >= 2 for c in candidates):
+    for index in range(max_rounds):
+        if all(len(met[c]) >= REFERENCE_PARTNERS for c in candidates):
             break
-        refs = _rotate(references, 2 * round_index)
-        pairs: List[Pair] = []
-        if len(refs) >= 2:
-            pairs.append(Pair(refs[0], refs[1], CONTROL))
-            refs = refs[2:]
-        free_refs = list(refs)
-        free_cands = sorted(candidates, key=lambda c: (len(met[c]), (c + round_index) % max(len(candidates), 1)))
-        waiting: List[int] = []
-        for cand in free_cands:
-            partner = _pick(free_refs, met[cand])
+        refs = _rotate(references, 2 * index)
+        pairs = [Pair(refs[0], refs[1], CONTROL)]
+        free = refs[2:]
+        needy = sorted((c for c in candidates if len(met[c]) < REFERENCE_PARTNERS),
+                       key=lambda c: (len(met[c]), c))
+        for cand in needy:
+            partner = next((r for r in free if r not in met[cand]), None)
             if partner is None:
-                waiting.append(cand)
                 continue
-            free_refs.remove(partner)
+            free.remove(partner)
+            met[cand].add(partner)
             pairs.append(Pair(cand, partner, CANDIDATE))
-        while len(waiting) >= 2:
-            cand = waiting.pop(0)
-            partner = _pick(waiting, met[cand])
-            waiting.remove(partner)
-            pairs.append(Pair(min(cand, partner), max(cand, partner), MUTUAL))
-        while len(free_refs) >= 2:
-            pairs.append(Pair(free_refs.pop(0), free_refs.pop(0), CONTROL))
-        new = [p for p in pairs if p.role != CONTROL and p.b not in met.get(p.a, ())]
-        if not new:
-            break
-        for p in pairs:
-            if p.a in met:
-                met[p.a].add(p.b)
-            if p.b in met:
-                met[p.b].add(p.a)
+        while len(free) >= 2:  # idle references make extra controls: a sturdier baseline
+            pairs.append(Pair(free.pop(0), free.pop(0), CONTROL))
         rounds.append(pairs)
+    return rounds
+
+
+def _mutual_rounds(candidates: List[int], references: List[int], max_rounds: int) -> List[List[Pair]]:
+    ring: List[Optional[int]] = list(candidates) + ([None] if len(candidates) % 2 else [])
+    wanted = min(MUTUAL_PARTNERS, len(candidates) - 1)
+    rounds: List[List[Pair]] = []
+    met: Dict[int, set] = {c: set() for c in candidates}
+    rounds: List[List[Pair]] = []
+    for _ in range(min(max_rounds, len(ring) - 1)):
+        if all(len(met[c]) >= wanted for c in candidates):
+            break
+        pairs = [Pair(references[0], references[1], CONTROL)] if len(references) >= 2 else []
+        half = len(ring) // 2
+        for a, b in zip(ring[:half], reversed(ring[half:])):
+            if a is not None and b is not None:
+                pairs.append(Pair(min(a, b), max(a, b), MUTUAL))
+                met[a].add(b)
+                met[b].add(a)
+        rounds.append(pairs)
+        ring = [ring[0], ring[-1], *ring[1:-1]]  # circle method: fix the first, rotate the rest
     return rounds
 
 
@@ -409,14 +454,6 @@ def _rotate(items: Sequence[int], by: int) -> List[int]:
         return []
     by %= len(items)
     return list(items[by:]) + list(items[:by])
-
-
-def _pick(pool: Sequence[int], met: set) -> Optional[int]:
-    """A partner from ``pool``: the first not met yet, else the first (None if empty)."""
-    for rank in pool:
-        if rank not in met:
-            return rank
-    return pool[0] if pool else None
 
 
 @attrs.frozen
@@ -446,36 +483,34 @@ class PairResult:
 
 def judge_pairs(rounds: Sequence[Sequence[Pair]], small: Mapping[Tuple[int, int, int], Measurement],
                 large: Mapping[Tuple[int, int, int], Measurement], rule: Rule) -> List[PairResult]:
-    """Judge each pair against the baseline of its round.
+    """Judge each non-control pair against the baseline of the whole pair test.
 
     ``small`` / ``large`` map ``(round, a, b)`` to the pair's Measurement at the smallest and
-    largest size. Baseline: the round's control pairs (if any), else the round's other pairs.
-    A pair is slow if its busbw at the large size or its time at the small size is worse than
-    the baseline by the rule.
+    largest size. Baseline: every control pair of every round (rounds have the same shape, so
+    they ran under the same load; pooling gives the median and MAD real samples), or, without
+    controls, every other pair. A pair is slow if its busbw at the large size or its time at
+    the small size is worse than the baseline by the rule (robust figures).
     """
+    keyed = [((index, p.a, p.b), p) for index, pairs in enumerate(rounds) for p in pairs]
+    keyed = [(key, p) for key, p in keyed if key in small and key in large]
+    controls = [key for key, p in keyed if p.role == CONTROL]
     results = []
-    for index, pairs in enumerate(rounds):
-        controls = [p for p in pairs if p.role == CONTROL]
-        for pair in pairs:
-            key = (index, pair.a, pair.b)
-            if key not in small or key not in large:
-                continue
-            if pair.role == CONTROL:
-                results.append(PairResult(index, pair, small[key], large[key], False))
-                continue
-            baseline = controls or [p for p in pairs if p != pair]
-            reasons = []
-            bw_peers = [large[(index, p.a, p.b)].busbw for p in baseline if (index, p.a, p.b) in large]
-            dev = worse_than_peers(large[key].busbw, bw_peers, True, rule)
-            if dev is not None:
-                reasons.append(f"busbw {dev.value:.3g} GB/s at {metrics.format_size(large[key].size_bytes)} is "
-                               f"{dev.ratio:.1f}x below the baseline {dev.reference:.3g} GB/s")
-            lat_peers = [small[(index, p.a, p.b)].time_s for p in baseline if (index, p.a, p.b) in small]
-            dev = worse_than_peers(small[key].time_s, lat_peers, False, rule)
-            if dev is not None:
-                reasons.append(f"time {dev.value * 1e6:.0f} us at {metrics.format_size(small[key].size_bytes)} is "
-                               f"{dev.ratio:.1f}x the baseline {dev.reference * 1e6:.0f} us")
-            results.append(PairResult(index, pair, small[key], large[key], bool(reasons), tuple(reasons)))
+    for key, pair in keyed:
+        index = key[0]
+        if pair.role == CONTROL:
+            results.append(PairResult(index, pair, small[key], large[key], False))
+            continue
+        baseline = controls or [k for k, _p in keyed if k != key]
+        reasons = []
+        dev = worse_than_peers(large[key].judged_busbw, [large[k].judged_busbw for k in baseline], True, rule)
+        if dev is not None:
+            reasons.append(f"busbw {dev.value:.3g} GB/s at {metrics.format_size(large[key].size_bytes)} is "
+                           f"{dev.ratio:.1f}x below the baseline {dev.reference:.3g} GB/s")
+        dev = worse_than_peers(small[key].judged_time_s, [small[k].judged_time_s for k in baseline], False, rule)
+        if dev is not None:
+            reasons.append(f"time {dev.value * 1e6:.0f} us at {metrics.format_size(small[key].size_bytes)} is "
+                           f"{dev.ratio:.1f}x the baseline {dev.reference * 1e6:.0f} us")
+        results.append(PairResult(index, pair, small[key], large[key], bool(reasons), tuple(reasons)))
     return results
 
 
@@ -491,24 +526,33 @@ class Suspect:
         return attrs.asdict(self)
 
 
-def name_suspects(results: Sequence[PairResult], candidates: Sequence[int],
+def name_suspects(results: Sequence[PairResult], candidates: Sequence[int], references: Sequence[int],
                   hostnames: Sequence[str]) -> List[Suspect]:
-    """The candidates the pair tests point at (see the module docstring for the rule)."""
+    """The candidates the pair tests point at.
+
+    Evidence for a candidate: its pairs with references (reference mode), or all its pairs
+    (mutual mode). Named *slow* when it met at least two distinct partners and every one of
+    those pairs was slow; *corrupting* when data it sent arrived wrong in more than half of
+    them, or (with two partners or more) when data it received was wrong in all of them.
+    """
+    mode = pair_mode(candidates, references)
     suspects = []
     for rank in sorted(set(candidates)):
         mine = [r for r in results if rank in (r.pair.a, r.pair.b) and r.pair.role != CONTROL]
-        partners = {r.pair.b if r.pair.a == rank else r.pair.a for r in mine}
-        host = hostnames[rank] if rank < len(hostnames) else "?"
+        evidence = [r for r in mine if r.pair.role == CANDIDATE] if mode == "reference" else mine
+        partners = {r.pair.b if r.pair.a == rank else r.pair.a for r in evidence}
+        enough = len(partners) >= 2
         reasons = []
-        if len(partners) >= 2 and all(r.slow for r in mine):
-            reasons.append(f"slow in all {len(mine)} pair tests (partners {sorted(partners)})")
-        sent_wrong = [r for r in mine if r.wrong_from.get(rank)]
-        got_wrong = [r for r in mine if any(n for src, n in r.wrong_from.items() if src != rank)]
-        if sent_wrong and len(sent_wrong) * 2 > len(mine):
-            reasons.append(f"data it sent arrived wrong at {len(sent_wrong)} of {len(mine)} partners")
-        elif len(partners) >= 2 and len(got_wrong) == len(mine):
-            reasons.append(f"received wrong data from all {len(mine)} partners")
+        if enough and all(r.slow for r in evidence):
+            reasons.append(f"slow in all {len(evidence)} pair tests (partners {sorted(partners)})")
+        sent_wrong = [r for r in evidence if r.wrong_from.get(rank)]
+        got_wrong = [r for r in evidence if any(n for src, n in r.wrong_from.items() if src != rank)]
+        if sent_wrong and len(sent_wrong) * 2 > len(evidence):
+            reasons.append(f"data it sent arrived wrong at {len(sent_wrong)} of {len(evidence)} partners")
+        elif enough and len(got_wrong) == len(evidence):
+            reasons.append(f"received wrong data from all {len(evidence)} partners")
         if reasons:
+            host = hostnames[rank] if rank < len(hostnames) else "?"
             suspects.append(Suspect(rank, host, "; ".join(reasons)))
     return suspects
 

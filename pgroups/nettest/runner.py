@@ -28,6 +28,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from ..config import load_config
 from ..context import ParallelContext
 from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
 from . import diagnosis, metrics
@@ -39,6 +40,7 @@ STORE_PREFIX = "pgroups-nettest/"
 BEAT_INTERVAL_S = 1.0
 POLL_MAX_S = 0.05
 RETEST_REPEATS = 3
+PAIR_MAX_BYTES = 8 * 1024 * 1024  # pair tests stop here: enough to compare pairs, and quick
 PATTERN_PERIOD = 61   # element values cycle through -30..30 (exact in float32 sums)
 OFFSET_PERIOD = 64    # per-source offset, so chunks from different ranks differ
 CORRUPT_DELTA = 1000.0
@@ -326,8 +328,14 @@ class Bench:
         except (RuntimeError, dist.DistError) as exc:
             raise GroupFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
-    def _timed(self, issue: Callable[[], List[Any]]) -> float:
-        """Seconds per operation over ``iters`` back-to-back operations (device-synchronized)."""
+    def _timed(self, issue: Callable[[], List[Any]]) -> List[float]:
+        """Time ``iters`` back-to-back operations (device-synchronized); seconds per operation.
+
+        On GPUs the operations are queued back to back between two CUDA events (as nccl-tests
+        does) and the result is one value, the mean. On CPU each operation is waited and timed
+        on its own: the result has one value per operation (their mean is the table's figure,
+        the best of them the follow-ups' robust one).
+        """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -339,13 +347,15 @@ class Bench:
             end.record()
             self._wait(works)
             end.synchronize()
-            return start.elapsed_time(end) / 1e3 / self.iters
-        begin = time.perf_counter()
+            return [start.elapsed_time(end) / 1e3 / self.iters]
+        durations = []
         for _ in range(self.iters):
+            begin = time.perf_counter()
             self.faults.inside_timed_region()
             self._wait(issue())
+            durations.append(time.perf_counter() - begin)
             self.coordinator.beat()
-        return (time.perf_counter() - begin) / self.iters
+        return durations
 
     def _verify(self, buffers: Buffers, issue: Callable[[], List[Any]]) -> Tuple[int, Dict[int, int]]:
         """One more operation on fresh data; count the elements that differ from the expected."""
@@ -376,11 +386,11 @@ class Bench:
 
         for _ in range(self.warmup):
             self._wait(timed_op())
-        times = [self._timed(timed_op) for _ in range(repeats)]
+        times, op_best = _repeat(self._timed, timed_op, repeats)
         wrong, wrong_from = self._verify(buffers, verify_op)
         self.coordinator.beat()
         return {"rank": me, "collective": collective, "size": shape.size_bytes, "count": shape.in_count,
-                "times": times, "wrong": wrong, "wrong_from": {str(k): v for k, v in wrong_from.items()}}
+                "times": times, "op_best": op_best, "wrong": wrong, "wrong_from": {str(k): v for k, v in wrong_from.items()}}
 
     def measure_pair(self, partner: int, me: int, size_bytes: int, repeats: int) -> Dict[str, Any]:
         """Bidirectional send/recv with ``partner`` on the world group; data from it is verified."""
@@ -399,7 +409,7 @@ class Bench:
 
         for _ in range(self.warmup):
             self._wait(issue())
-        times = [self._timed(issue) for _ in range(repeats)]
+        times, op_best = _repeat(self._timed, issue, repeats)
         recv.fill_(float("nan"))
         self._wait(issue())
         if self.device.type == "cuda":
@@ -407,7 +417,7 @@ class Bench:
         wrong = int((recv != expected).sum())
         self.coordinator.beat()
         return {"rank": me, "collective": "sendrecv", "size": shape.size_bytes, "count": shape.in_count,
-                "times": times, "wrong": wrong, "wrong_from": {str(partner): wrong} if wrong else {}}
+                "times": times, "op_best": op_best, "wrong": wrong, "wrong_from": {str(partner): wrong} if wrong else {}}
 
 
 # ---- one rank's whole run ---------------------------------------------------------------------
@@ -597,8 +607,9 @@ class RankRun:
         rounds = diagnosis.plan_pair_rounds(candidates, references) if candidates and self.options.followup else []
         sizes = self.options.sizes
         return {"candidates": candidates, "references": references,
+                "mode": diagnosis.pair_mode(candidates, references),
                 "rounds": [[p.to_json() for p in pairs] for pairs in rounds],
-                "small": min(sizes), "large": max(sizes)}
+                "small": min(sizes), "large": min(max(sizes), PAIR_MAX_BYTES)}
 
     def _run_pairs(self, plan: Dict[str, Any]) -> None:
         rounds = [[diagnosis.Pair(p["ranks"][0], p["ranks"][1], p["role"]) for p in pairs] for pairs in plan["rounds"]]
@@ -634,8 +645,10 @@ class RankRun:
                                 pair_id, 2, by_key[(pair_id, label)])
         if self.rank == 0:
             results = diagnosis.judge_pairs(rounds, figures["small"], figures["large"], self.options.rule)
-            suspects = diagnosis.name_suspects(results, plan["candidates"], self.hostnames)
+            suspects = diagnosis.name_suspects(results, plan["candidates"], plan["references"],
+                                                self.hostnames)
             self.report["pairs"] = {"candidates": plan["candidates"], "references": plan["references"],
+                                    "mode": plan["mode"], "sizes": sizes,
                                     "rounds": plan["rounds"], "results": [r.to_json() for r in results]}
             self.report["suspects"] = [s.to_json() for s in suspects]
             self.report["suspect_hosts"] = diagnosis.suspect_hosts(suspects, self.hostnames)
@@ -663,6 +676,14 @@ class RankRun:
             "exit_code": 0 if healthy else 1,
             "elapsed_s": time.perf_counter() - self.started})
         return self.report
+
+
+def _repeat(timed: Callable[[Callable[[], List[Any]]], List[float]], issue: Callable[[], List[Any]],
+            repeats: int) -> Tuple[List[float], float]:
+    """Run ``timed`` ``repeats`` times: (mean seconds per operation of each repetition, the
+    best single timed operation — on GPUs, where a repetition is one batch, the best batch)."""
+    runs = [timed(issue) for _ in range(repeats)]
+    return [sum(run) / len(run) for run in runs], min(d for run in runs for d in run)
 
 
 def _size_of(group: Any) -> int:
@@ -708,8 +729,12 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     """
     from .report import write_json
 
+    config = load_config(options.config)
+    # The groups' own timeout is --timeout too: a hung gloo operation then fails by itself at
+    # about the moment our wait gives up, so no thread is left blocked when the process exits.
+    config = attrs.evolve(config, timeout_s=options.timeout_s)
     ctx = ParallelContext()
-    ctx.init_from_config(options.config)
+    ctx.init_from_config(config)
     is_zero = ctx.get_global_rank() == 0
     progress = progress if (is_zero and progress is not None) else NullProgress()
     run = RankRun(ctx, options, progress)

@@ -6,24 +6,31 @@ Each public function takes ``mode`` — a :class:`~pgroups.modes.ParallelMode`, 
 ``torch.distributed.ProcessGroup``. A mode the context did not build raises
 :class:`~pgroups.errors.ModeNotInitializedError`.
 
-=========================  ===========================  ===============================
-function                   forward                      backward
-=========================  ===========================  ===============================
-:func:`gather_along`       all-gather along ``dim``     keep this rank's slice (split)
-:func:`split_along`        keep this rank's slice       all-gather along ``dim``
-:func:`reduce_scatter_along`  sum, keep this rank's slice  all-gather along ``dim``
-:func:`all_to_all`         scatter one dim, gather one  the same with the dims swapped
-:func:`seq_to_head` /      Ulysses: sequence-sharded    the inverse
-:func:`head_to_seq`        <-> head-sharded
-:func:`start_weight_gather`  async all-gather of a     reduce-scatter (sum) of the
-  (``.wait()``)            weight shard                 full weight's gradient
-=========================  ===========================  ===============================
+- :func:`gather_along` — forward all-gathers along ``dim``; backward keeps this rank's slice.
+- :func:`split_along` — forward keeps this rank's slice; backward all-gathers.
+- :func:`reduce_scatter_along` — forward sums over the group and keeps this rank's slice;
+  backward all-gathers.
+- :func:`all_to_all` — scatters one dim and gathers another, several tensors in one
+  communication; backward is the same exchange with the dims swapped. :func:`seq_to_head` /
+  :func:`head_to_seq` name the two DeepSpeed-Ulysses directions (sequence-sharded <->
+  head-sharded).
+- :func:`start_weight_gather` — starts an async all-gather of a weight shard and returns a
+  :class:`WeightGatherHandle`; ``wait()`` gives the full weight, whose gradient is
+  reduce-scattered (summed) into the shard's.
+
+Example (a ``sequence`` mode registered by the user, weights sharded over ``data``)::
+
+    q, k, v = seq_to_head([q, k, v], "sequence")     # [b, s/p, h, d] -> [b, s, h/p, d], one exchange
+    out = head_to_seq(attention(q, k, v), "sequence")
+    handle = start_weight_gather(w_shard, 0, "data")  # in flight while other work runs
+    y = out @ handle.wait().t()
 
 Slices follow ``torch.tensor_split``: a dim of size ``n`` over ``p`` ranks gives the first
 ``n % p`` ranks one element more, so uneven sizes work wherever every rank can know them.
 Where a rank cannot (the pieces other ranks hold), pass ``sizes`` / ``gather_sizes``; without
-them every rank's piece is taken to have this rank's size. Size lists that cannot be right
-raise ValueError naming the dim, the size and the group size.
+them every rank's piece is taken to have this rank's size (:func:`exchange_sizes` learns the
+real ones with one small all-gather). Size lists that cannot be right raise ValueError naming
+the dim, the size and the group size.
 
 Every rank of the group must call the same function in the same order, and every rank must
 run the backward pass (the backward is a collective too). A peer that never arrives raises
@@ -40,7 +47,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from ..backend import _is_timeout
+from ..backend import is_timeout
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError
 from ..modes import ModeLike, ParallelMode, mode_name
@@ -111,7 +118,7 @@ def comm_errors(info: GroupInfo, operation: str) -> Iterator[None]:
     except GroupTimeoutError:
         raise
     except (RuntimeError, dist.DistError) as exc:
-        if _is_timeout(exc):
+        if is_timeout(exc):
             raise GroupTimeoutError(
                 f"{operation} over {info.label} timed out on local rank {info.rank}: a peer never "
                 f"arrived (does every rank of the group call it in the same order?): "
@@ -258,6 +265,16 @@ def _start_gather(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo,
         return torch.cat([p.narrow(dim, 0, size) for p, size in zip(pieces, sizes)], dim=dim)
 
     return work, finish
+
+
+def exchange_sizes(local_size: int, mode: GroupLike, *, ctx: Optional[ParallelContext] = None) -> Sizes:
+    """Every rank's ``local_size`` in local-rank order (one all-gather of one int per rank):
+    the ``sizes`` to pass to :func:`gather_along` when ranks hold pieces of unknown sizes."""
+    info = resolve_group(mode, ctx)
+    if info.size == 1:
+        return (int(local_size),)
+    mine = torch.tensor([int(local_size)], dtype=torch.int64, device=info.device)
+    return tuple(int(v) for v in gather_raw(mine, 0, (1,) * info.size, info).tolist())
 
 
 def gather_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo) -> torch.Tensor:

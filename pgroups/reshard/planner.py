@@ -415,13 +415,6 @@ def plan_reshard(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
                 reports, sender_bytes)
 
 
-def baseline_bytes(plan: Plan) -> Dict[str, int]:
-    """Bytes each destination rank receives under the naive schemes (pure, for comparison):
-    ``broadcast``: rank 0 sends the full model to every rank, which slices its shard;
-    ``allgather``: every rank gathers every source shard of the full model, then slices."""
-    return {"broadcast": plan.model.nbytes, "allgather": plan.model.nbytes}
-
-
 def describe_plan(plan: Plan, rank_limit: int = 16) -> str:
     """A readable report: summary lines, then one line per destination rank (first ``rank_limit``)."""
     s = plan.summary()

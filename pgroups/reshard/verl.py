@@ -51,7 +51,7 @@ Entry = Tuple[str, torch.dtype, Tuple[int, ...]]
 HEADER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                  torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 #: default bucket size of the weight all-gather
-DEFAULT_BUCKET_BYTES = 256 * 2 ** 20
+WEIGHT_BUCKET_BYTES = 256 * 2 ** 20
 MICRO_DATA_MODE = "micro_data"
 _SINGLE_KEY = ""
 
@@ -89,7 +89,8 @@ def _as_entries(batch: Batch) -> Tuple[Dict[str, torch.Tensor], bool]:
     if isinstance(batch, torch.Tensor):
         return {_SINGLE_KEY: batch}, True
     if not isinstance(batch, Mapping) or not batch:
-        raise ValueError(f"a batch must be a tensor or a non-empty mapping of names to tensors, got {type(batch).__name__}")
+        raise ValueError("a batch must be a tensor or a non-empty mapping of names to tensors, "
+                         f"got {type(batch).__name__}")
     for name, value in batch.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"batch entry {name!r} must map a str to a tensor, got {type(value).__name__}")
@@ -141,11 +142,12 @@ def broadcast_batch(batch: Optional[Batch], mode: GroupLike = ParallelMode.TENSO
         size = torch.tensor([message.numel()], dtype=torch.int64, device=info.device)
     else:
         size = torch.zeros(1, dtype=torch.int64, device=info.device)
+    global_src = dist.get_global_rank(info.group, src)
     with comm_errors(info, "batch broadcast"):
-        dist.broadcast(size, group=info.group, group_src=src)
+        dist.broadcast(size, src=global_src, group=info.group)
         if info.rank != src:
             message = torch.empty(int(size.item()), dtype=torch.uint8, device=info.device)
-        dist.broadcast(message, group=info.group, group_src=src)
+        dist.broadcast(message, src=global_src, group=info.group)
     if info.rank == src:
         return batch
     return _as_batch(*_decode_message(message))
@@ -229,7 +231,7 @@ def assemble_inference_shard(pieces: Sequence[torch.Tensor], dim: int,
         raise ValueError(f"sub_blocks {sub_blocks} must tile dim {dim} of the training shard "
                          f"(size {pieces[0].shape[dim]})")
     split = [torch.split(piece, sub_blocks, dim=dim) for piece in pieces]
-    return torch.cat([blocks[b] for blocks in split for b in range(len(sub_blocks))], dim=dim)
+    return torch.cat([blocks[b] for b in range(len(sub_blocks)) for blocks in split], dim=dim)
 
 
 def inference_tensor_ranks(tensor_ranks: Sequence[int], micro_size: int, micro_rank: int) -> List[int]:
@@ -245,7 +247,8 @@ class MicroDataSharding:
     Reads the groups of ``ctx`` (default ``pgroups.gpc``): ``tensor_mode``, ``pipeline_mode``
     and ``micro_data_mode`` (built by the ``micro_data`` plugin initializer). Raises
     ModeNotInitializedError, naming the plugin, when the micro-data mode was not built, and
-    ConfigError when its groups are not blocks of consecutive training TP ranks.
+    ConfigError when its groups are not blocks of consecutive training TP ranks. ``cpu=True``
+    moves batches over the modes' CPU (gloo) groups; weights always use the device groups.
     """
 
     def __init__(self, ctx: Optional[ParallelContext] = None, *, micro_data_mode: ModeLike = MICRO_DATA_MODE,
@@ -309,7 +312,7 @@ class MicroDataSharding:
         batch = broadcast_batch(batch, self.tensor_mode, src=0, cpu=self.cpu, ctx=self.ctx)
         if self.micro_dp_size == 1:
             return batch
-        return chunk_batch(batch, self.micro_dp_size, 0)
+        return chunk_batch(batch, self.micro_dp_size, self.micro_dp_rank)
 
     def postprocess(self, batch: Batch, gather_pipeline: bool = True) -> Batch:
         """After generation: all-gather over the micro-DP group (undoing :meth:`preprocess`'s
@@ -317,7 +320,7 @@ class MicroDataSharding:
         data-parallel ranks), so every rank of a model replica holds the whole batch."""
         batch = all_gather_batch(batch, self.micro_data_mode, cpu=self.cpu, ctx=self.ctx)
         if gather_pipeline:
-            pass
+            batch = all_gather_batch(batch, self.pipeline_mode, cpu=self.cpu, ctx=self.ctx)
         return batch
 
     # ---- weights ----
@@ -330,7 +333,7 @@ class MicroDataSharding:
 
     def iter_inference_params(self, params: Mapping[str, torch.Tensor], tp_dims: Mapping[str, int],
                               sub_blocks: Optional[Mapping[str, Sequence[int]]] = None,
-                              bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[Tuple[str, torch.Tensor]]:
+                              bucket_bytes: int = WEIGHT_BUCKET_BYTES) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield ``(name, inference tensor)`` for every training parameter, bucket by bucket
         (feed it to an engine's ``load_weights``).
 
@@ -367,7 +370,7 @@ class MicroDataSharding:
 
     def gather_inference_params(self, params: Mapping[str, torch.Tensor], tp_dims: Mapping[str, int],
                                 sub_blocks: Optional[Mapping[str, Sequence[int]]] = None,
-                                bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Dict[str, torch.Tensor]:
+                                bucket_bytes: int = WEIGHT_BUCKET_BYTES) -> Dict[str, torch.Tensor]:
         """:meth:`iter_inference_params` collected into a dict."""
         return dict(self.iter_inference_params(params, tp_dims, sub_blocks, bucket_bytes))
 

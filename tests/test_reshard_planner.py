@@ -1,0 +1,472 @@
+"""The pure reshard planner, its specs and layouts, and `pgroups reshard-plan`.
+
+Properties over random layout pairs up to world 1024 are checked against an oracle that only
+uses the specs' pieces and the layouts' coordinates: every destination byte is covered
+exactly once, from a rank that holds it, at the right local positions; bytes received equal
+the lower bound (ratio 1.0); each step is a matching; same-host holders are preferred.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgroups.cli import main
+from pgroups.errors import ConfigError
+from pgroups.reshard import (Block, ModelSpec, ParallelLayout, Rule, TensorSpec, balanced_stages, color_pairs,
+                             even_stages, llama_like, load_layout, load_model_spec, parts_blocks, plan_reshard,
+                             qkv_blocks, spec_from_module)
+from pgroups.reshard.spec import Piece
+from pgroups.topology import Topology
+
+
+def layout(tensor: int, pipeline: int, data: int = 1, ranks: Optional[Sequence[int]] = None,
+           stages="even", order: str = "tp-pp-dp") -> ParallelLayout:
+    size = tensor * pipeline * data
+    return ParallelLayout.create(Topology.create(size, tensor, pipeline, order=order),
+                                 list(ranks) if ranks is not None else None, stages)
+
+
+# ---- oracle -----------------------------------------------------------------------------------------
+def local_start(pieces: Sequence[Piece], start: int, stop: int) -> Optional[int]:
+    """Where global rows [start, stop) begin in a shard made of ``pieces``, if the shard holds
+    them all, contiguously; else None."""
+    position, expected = start, None
+    for g0, g1, local in pieces:
+        if g0 <= position < g1:
+            here = local + position - g0
+            if expected is not None and here != expected:
+                return None
+            first = here if position == start else None
+            take = min(g1, stop) - position
+            expected = here + take
+            position += take
+            if first is not None:
+                begin = first
+            if position == stop:
+                return begin
+    return None
+
+
+def holds(spec: TensorSpec, lay: ParallelLayout, stage: int, rank: int, start: int, stop: int) -> Optional[int]:
+    coords = lay.coordinates(rank)
+    if coords is None or coords["pp"] != stage:
+        return None
+    return local_start(spec.pieces(lay.topology.tensor, coords["tp"]), start, stop)
+
+
+def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts: Optional[List[str]]) -> None:
+    plan = plan_reshard(src, dst, model, hosts)
+    src_stage, dst_stage = src.stage_map(model), dst.stage_map(model)
+    specs = {s.name: s for s in model.tensors}
+    got: Dict[Tuple[int, str], List[Tuple[int, int]]] = defaultdict(list)
+    holders_cache: Dict[Tuple[str, int, int], List[int]] = {}
+
+    def holders(spec: TensorSpec, g0: int, g1: int) -> List[int]:
+        key = (spec.name, g0, g1)
+        if key not in holders_cache:
+            holders_cache[key] = [r for r in src.ranks
+                                  if holds(spec, src, src_stage[spec.layer], r, g0, g1) is not None]
+        return holders_cache[key]
+
+    received: Counter = Counter()
+    for t in plan.transfers:
+        spec = specs[t.tensor]
+        if spec.shape:
+            g0, g1 = t.global_box[spec.axis]
+            assert all(t.global_box[d] == (0, n) for d, n in enumerate(spec.shape) if d != spec.axis)
+            assert t.src_box[spec.axis][1] - t.src_box[spec.axis][0] == g1 - g0
+        else:
+            g0, g1 = 0, 1
+        assert g1 > g0 and t.nbytes == (g1 - g0) * spec.row_bytes
+        # the sender holds these rows, at src_box, in the source layout
+        at_src = holds(spec, src, src_stage[spec.layer], t.src, g0, g1)
+        assert at_src is not None, f"{t} sent by a rank that does not hold it"
+        assert not spec.shape or at_src == t.src_box[spec.axis][0]
+        at_dst = holds(spec, dst, dst_stage[spec.layer], t.dst, g0, g1)
+        assert at_dst is not None, f"{t} received by a rank that does not need it"
+        assert not spec.shape or at_dst == t.dst_box[spec.axis][0]
+        assert (t.step == -1) == t.is_local
+        got[(t.dst, t.tensor)].append((g0, g1))
+        if not t.is_local:
+            received[t.dst] += t.nbytes
+            # a holder on the receiver's host exists → the sender is on the receiver's host
+            if hosts is not None:
+                same_host = [r for r in holders(spec, g0, g1) if hosts[r] == hosts[t.dst]]
+                assert not same_host or hosts[t.src] == hosts[t.dst], f"{t} crosses hosts; {same_host} hold it"
+            # a rank never receives over the network bytes it holds itself
+            assert holds(spec, src, src_stage[spec.layer], t.dst, g0, g1) is None
+
+    needed: Counter = Counter()
+    held: Counter = Counter()
+    for rank in dst.ranks:
+        d = dst.coordinates(rank)
+        s = src.coordinates(rank)
+        for spec in model.tensors:
+            if dst_stage[spec.layer] != d["pp"]:
+                assert (rank, spec.name) not in got
+                continue
+            want = [(a, b) for a, b, _ in spec.pieces(dst.topology.tensor, d["tp"])]
+            covered = sorted(got.get((rank, spec.name), []))
+            assert _merge(covered) == _merge(sorted(want)), f"rank {rank} {spec.name}: {covered} vs {want}"
+            assert sum(b - a for a, b in covered) == sum(b - a for a, b in want), "a byte is covered twice"
+            needed[rank] += sum(b - a for a, b in want) * spec.row_bytes
+            if s is not None and s["pp"] == src_stage[spec.layer]:
+                mine = spec.pieces(src.topology.tensor, s["tp"])
+                held[rank] += sum(max(0, min(b, m1) - max(a, m0)) for a, b in want for m0, m1, _ in mine) * spec.row_bytes
+    for report in plan.receivers:
+        assert report.needed_bytes == needed[report.rank]
+        assert report.lower_bound_bytes == needed[report.rank] - held[report.rank]
+        assert report.received_bytes == received[report.rank]
+        assert report.ratio == 1.0
+    assert plan.ratio == 1.0
+    assert sum(plan.sender_bytes.values()) == plan.received_bytes
+    # steps: every pair in one step; per step each rank sends to <= 1 peer and receives from <= 1
+    pair_steps = defaultdict(set)
+    for t in plan.transfers:
+        if not t.is_local:
+            pair_steps[(t.src, t.dst)].add(t.step)
+    assert all(len(s) == 1 for s in pair_steps.values())
+    per_step_out, per_step_in = defaultdict(set), defaultdict(set)
+    for (s, d), steps in pair_steps.items():
+        step = next(iter(steps))
+        assert d not in per_step_out[(step, s)] and not per_step_out[(step, s)], "two sends in one step"
+        assert not per_step_in[(step, d)], "two receives in one step"
+        per_step_out[(step, s)].add(d)
+        per_step_in[(step, d)].add(s)
+    degree = Counter(s for s, _ in pair_steps) + Counter()
+    degree_in = Counter(d for _, d in pair_steps)
+    assert plan.num_steps == max([*degree.values(), *degree_in.values(), 0])
+
+
+def _merge(intervals: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    merged: List[Tuple[int, int]] = []
+    for a, b in intervals:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+# ---- strategies ---------------------------------------------------------------------------------------
+@st.composite
+def tensor_specs(draw, index: int, num_layers: int) -> TensorSpec:
+    ndim = draw(st.integers(0, 3))
+    shape = [draw(st.integers(1, 24)) for _ in range(ndim)]
+    dtype = draw(st.sampled_from(["float32", "bfloat16", "int8", "float64"]))
+    layer = draw(st.sampled_from(["embedding", "head", *range(num_layers)]))
+    tp_dim = draw(st.none() | st.integers(0, ndim - 1)) if ndim else None
+    blocks = None
+    if tp_dim is not None and draw(st.booleans()):
+        if draw(st.booleans()):
+            kv = draw(st.integers(1, 4))
+            ratio, head_dim = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+            blocks = qkv_blocks(kv * ratio, kv, head_dim)
+        else:
+            blocks = parts_blocks([draw(st.integers(1, 9)) for _ in range(draw(st.integers(2, 3)))])
+        shape[tp_dim] = sum(b.size for b in blocks)
+    return TensorSpec.create(f"t{index}", shape, dtype, tp_dim, layer, blocks)
+
+
+@st.composite
+def models(draw) -> ModelSpec:
+    num_layers = draw(st.integers(0, 6))
+    count = draw(st.integers(1, 5))
+    return ModelSpec.create([draw(tensor_specs(i, num_layers)) for i in range(count)], num_layers)
+
+
+@st.composite
+def layouts(draw, world: int, max_size: int) -> ParallelLayout:
+    tensor = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16]).filter(lambda t: t <= max_size))
+    pipeline = draw(st.sampled_from([1, 2, 3, 4, 8]).filter(lambda p: tensor * p <= max_size))
+    data = draw(st.integers(1, max(1, max_size // (tensor * pipeline))))
+    size = tensor * pipeline * data
+    placement = draw(st.sampled_from(["prefix", "offset", "shuffled"]))
+    if placement == "prefix":
+        ranks = list(range(size))
+    elif placement == "offset":
+        start = draw(st.integers(0, world - size))
+        ranks = list(range(start, start + size))
+    else:
+        ranks = draw(st.randoms(use_true_random=False)).sample(range(world), size)
+    order = draw(st.sampled_from(["tp-pp-dp", "tp-dp-pp", "dp-tp-pp"]))
+    stages = draw(st.sampled_from(["even", "balanced"]))
+    return ParallelLayout.create(Topology.create(size, tensor, pipeline, order=order), ranks, stages)
+
+
+@st.composite
+def hosts_for(draw, world: int) -> Optional[List[str]]:
+    kind = draw(st.sampled_from(["none", "blocks", "random"]))
+    if kind == "none":
+        return None
+    if kind == "blocks":
+        per = draw(st.sampled_from([1, 2, 4, 8]))
+        return [f"h{r // per}" for r in range(world)]
+    rng = draw(st.randoms(use_true_random=False))
+    return [f"h{rng.randrange(3)}" for _ in range(world)]
+
+
+@st.composite
+def cases(draw):
+    world = draw(st.sampled_from([4, 8, 12, 16, 64, 256, 1024]))
+    return world, draw(layouts(world, world)), draw(layouts(world, world)), draw(models()), draw(hosts_for(world))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(cases())
+def test_every_destination_byte_comes_exactly_once_from_a_holder_at_the_lower_bound(case):
+    world, src, dst, model, hosts = case
+    check_plan(src, dst, model, hosts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=120))
+def test_color_pairs_is_a_proper_colouring_with_max_degree_colours(edges):
+    pairs = sorted(set(edges))
+    colours = color_pairs(pairs)
+    assert set(colours) == set(pairs)
+    seen = set()
+    for (s, d), c in colours.items():
+        assert ("s", s, c) not in seen and ("d", d, c) not in seen
+        seen |= {("s", s, c), ("d", d, c)}
+    degree = max([*Counter(s for s, _ in pairs).values(), *Counter(d for _, d in pairs).values(), 0])
+    assert len(set(colours.values())) == degree
+
+
+def test_large_world_llama_plan_is_exact():
+    model = llama_like(hidden=64, layers=4, heads=8, kv_heads=2, ffn=96, vocab=300, dtype="bfloat16")
+    hosts = [f"node{r // 8}" for r in range(1024)]
+    check_plan(layout(8, 4, 32), layout(4, 1, 256), model, hosts)
+
+
+# ---- golden cases ------------------------------------------------------------------------------------------
+def one_tensor(shape, tp_dim, blocks=None, dtype="float32") -> ModelSpec:
+    return ModelSpec.create([TensorSpec.create("w", shape, dtype, tp_dim, 0, blocks)], 1)
+
+
+def test_golden_tp2_to_tp3_intersects_intervals():
+    plan = plan_reshard(layout(2, 1), layout(3, 1, ranks=[2, 3, 4]), one_tensor((6, 4), 0))
+    moves = [(t.src, t.dst, t.global_box[0], t.src_box[0], t.dst_box[0], t.nbytes) for t in plan.transfers]
+    assert sorted(moves) == [
+        (0, 2, (0, 2), (0, 2), (0, 2), 32),
+        (0, 3, (2, 3), (2, 3), (0, 1), 16),
+        (1, 3, (3, 4), (0, 1), (1, 2), 16),
+        (1, 4, (4, 6), (1, 3), (0, 2), 32),
+    ]
+    assert plan.num_steps == 2 and plan.ratio == 1.0
+
+
+def test_golden_fused_qkv_with_gqa_is_split_by_sub_block():
+    spec = TensorSpec.create("qkv", (8, 2), "float32", 0, 0, qkv_blocks(num_heads=4, num_kv_heads=2, head_dim=1))
+    # [q0 q1 q2 q3 | k0 k1 | v0 v1]; TP 2: rank 1 holds q2 q3, k1, v1
+    assert spec.pieces(2, 1) == ((2, 4, 0), (5, 6, 2), (7, 8, 3))
+    # TP 4 > 2 KV heads: KV replicated, rank 3 holds q3, k1, v1
+    assert spec.pieces(4, 3) == ((3, 4, 0), (5, 6, 1), (7, 8, 2))
+    assert spec.local_shape(4, 3) == (3, 2)
+    full = torch.arange(16.).reshape(8, 2)
+    assert spec.shard(full, 2, 1).tolist() == [[4., 5.], [6., 7.], [10., 11.], [14., 15.]]
+    # TP 2 → TP 4 colocated: rank 1 keeps nothing of q, but K/V head 0 it needs come from rank 0
+    plan = plan_reshard(layout(2, 1), layout(4, 1), ModelSpec.create([spec], 1))
+    to_rank1 = sorted((t.src, t.global_box[0]) for t in plan.transfers if t.dst == 1)
+    assert to_rank1 == [(0, (1, 2)), (0, (4, 5)), (0, (6, 7))]
+
+
+def test_golden_gate_up_parts_split_separately():
+    spec = TensorSpec.create("gate_up", (8,), "bfloat16", 0, 0, parts_blocks([4, 4], names=("gate", "up")))
+    assert spec.pieces(2, 0) == ((0, 2, 0), (4, 6, 2))
+    assert spec.pieces(3, 2) == ((3, 4, 0), (7, 8, 1))
+
+
+def test_uneven_and_empty_shares_need_no_divisibility():
+    spec = TensorSpec.create("w", (2, 5), "float32", 0, 0)
+    assert [spec.local_shape(3, r) for r in range(3)] == [(1, 5), (1, 5), (0, 5)]
+    check_plan(layout(3, 1), layout(2, 1, 2), ModelSpec.create([spec], 1), None)
+
+
+def test_load_balancing_updates_loads_across_replicas():
+    # four replicas (DP 4) on ranks 0-3 feed four new ranks: each replica serves exactly one
+    plan = plan_reshard(layout(1, 1, 4), layout(1, 1, 4, ranks=[4, 5, 6, 7]), llama_like(
+        hidden=16, layers=2, heads=4, kv_heads=2, ffn=24, vocab=40))
+    assert sorted(plan.sender_bytes.values()) == [plan.model.nbytes] * 4
+    assert plan.sender_load_max == plan.sender_load_mean
+    assert sorted(r.senders for r in plan.receivers) == [(0,), (1,), (2,), (3,)]
+
+
+def test_replicated_tensor_is_received_once_per_rank_not_once_per_tp_portion():
+    model = ModelSpec.create([TensorSpec.create("norm", (64,), "float32", None, 0)], 1)
+    plan = plan_reshard(layout(4, 1, ranks=[0, 1, 2, 3]), layout(2, 1, ranks=[4, 5]), model)
+    assert [r.received_bytes for r in plan.receivers] == [256, 256]
+    assert len(plan.transfers) == 2 and {t.src for t in plan.transfers} <= {0, 1, 2, 3}
+    assert len({t.src for t in plan.transfers}) == 2  # two different replicas serve the two ranks
+
+
+def test_same_host_sender_is_preferred():
+    hosts = ["A"] * 4 + ["B"] * 4
+    plan = plan_reshard(layout(1, 1, 2, ranks=[0, 4]), layout(1, 1, 6, ranks=[1, 2, 3, 5, 6, 7]),
+                        one_tensor((10, 3), 0), hosts)
+    assert {r.rank: r.senders for r in plan.receivers} == {1: (0,), 2: (0,), 3: (0,), 5: (4,), 6: (4,), 7: (4,)}
+
+
+def test_identity_reshard_is_all_local_copies():
+    model = llama_like(hidden=16, layers=4, heads=4, kv_heads=2, ffn=24, vocab=40)
+    plan = plan_reshard(layout(2, 2, 2), layout(2, 2, 2), model)
+    assert plan.received_bytes == 0 and plan.num_steps == 0
+    assert all(t.is_local for t in plan.transfers)
+    assert [r.local_copy_bytes for r in plan.receivers] == [r.needed_bytes for r in plan.receivers]
+
+
+def test_pipeline_repartition_moves_only_layers_that_change_stage():
+    model = llama_like(hidden=16, layers=4, heads=4, kv_heads=2, ffn=24, vocab=40)
+    plan = plan_reshard(layout(1, 2, stages=(2, 2)), layout(1, 2, stages=(1, 3)), model)
+    moved = {t.tensor.split(".")[1] for t in plan.transfers if not t.is_local}
+    assert moved == {"1"}  # layer 1 goes from stage 0 (rank 0) to stage 1 (rank 1)
+    assert {t.src for t in plan.transfers if not t.is_local} == {0}
+
+
+# ---- stage policies ------------------------------------------------------------------------------------------
+def test_even_stages_balance_layer_counts():
+    assert even_stages(4, 0, 0, [1] * 10) == [3, 3, 2, 2]
+    assert even_stages(3, 0, 0, [1] * 2) == [1, 1, 0]
+
+
+def test_balanced_stages_balance_bytes_with_embedding_and_head():
+    # embedding (10) on stage 0 and head (10) on stage 1 and 8 layers of 2: stage loads 10+6, 10+... equal
+    assert balanced_stages(2, 10, 10, [2] * 8) == [4, 4]
+    # a heavy embedding pushes layers to the other stages
+    counts = balanced_stages(3, 12, 0, [2] * 9)
+    assert counts == [0, 4, 5] or max(12 + 2 * counts[0], 2 * counts[1], 2 * counts[2]) <= 12
+    assert sum(counts) == 9
+
+
+def test_custom_stage_policy_and_bad_counts():
+    model = llama_like(hidden=16, layers=4, heads=4, kv_heads=2, ffn=24, vocab=40)
+    custom = layout(1, 2, stages=lambda stages, emb, head, layers: [len(layers) - 1, 1])
+    assert custom.layer_counts(model) == (3, 1)
+    with pytest.raises(ConfigError, match=r"stages \[2, 1\] must give 2 non-negative layer counts adding up to "
+                                          r"num_layers \(4\)"):
+        layout(1, 2, stages=(2, 1)).stage_map(model)
+    with pytest.raises(ConfigError, match="one non-negative layer count per pipeline stage"):
+        layout(1, 2, stages=(4,))
+    with pytest.raises(ConfigError, match="stages 'evn' is not a known policy.*did you mean 'even'"):
+        layout(1, 2, stages="evn")
+
+
+# ---- specs from YAML and modules -------------------------------------------------------------------------------
+def test_model_spec_yaml_example_loads(tmp_path):
+    model = load_model_spec("config_examples/reshard_model.yaml")
+    assert model.num_layers == 4 and len(model.tensors) == 3 + 5 * 4
+    qkv = model["layers.2.attn.qkv.weight"]
+    assert qkv.layer == 2 and [b.name for b in qkv.blocks] == ["q", "k", "v"]
+    assert model["layers.0.input_norm.weight"].tp_dim is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tensors: [{name: a, shape: [2], layer: 0, tp_dim: 0, fuse: {}}]", r"tensors\[0\].fuse: unknown key \(did you mean 'fused'\?\)"),
+    ("tensors: [{name: a, shape: [2], layer: 0, dtype: bf17}]", "tensor 'a': dtype 'bf17' is not known"),
+    ("tensors: [{name: 'l.{layer}.w', shape: [2]}]", "uses {layer}: set num_layers"),
+    ("tensors: [{name: a, shape: [2]}]", "tensor 'a': missing 'layer'"),
+    ("tensors: [{name: a, shape: [2], layer: 0, tp_dim: 1}]", r"tp_dim 1 is not a dim of shape \[2\]"),
+    ("tensors: [{name: a, shape: [5], layer: 0, tp_dim: 0, fused: {parts: [2, 2]}}]", r"2 \+ 2 = 4 != shape\[0\] = 5"),
+    ("tensors: [{name: a, shape: [6], layer: 0, tp_dim: 0, fused: {qkv: {heads: 3, kv_heads: 2, head_dim: 1}}}]",
+     r"kv_heads\(2\) must divide heads\(3\)"),
+    ("tensors: [{name: a, shape: [2], layer: 0}, {name: a, shape: [2], layer: 0}]", "tensor 'a' is listed twice"),
+    ("num_layers: 1\ntensors: [{name: a, shape: [2], layer: 3}]", r"layer 3 is outside 0..0"),
+    ("tensors: [{name: a, shape: [2], layer: middle}]", "layer 'middle' must be 'embedding', 'head'"),
+    ("tensor: []", "tensor: unknown key"),
+])
+def test_bad_model_specs_raise_one_clear_config_error(text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_model_spec(text)
+
+
+def test_synthetic_model_spec_from_yaml():
+    model = load_model_spec("synthetic: {hidden: 32, layers: 2, heads: 4, kv_heads: 2, ffn: 48, vocab: 64}")
+    assert model.num_layers == 2 and model["layers.1.mlp.gate_up.weight"].shape == (96, 32)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 16, bias=False)   # 4 heads x 2 + 2 kv heads x 2 x 2
+        self.out = torch.nn.Linear(8, 8, bias=False)
+        self.norm = torch.nn.LayerNorm(8)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.layers = torch.nn.ModuleList([_Block(), _Block()])
+        self.head = torch.nn.Linear(8, 10, bias=False)
+
+
+def test_spec_from_module_with_rules():
+    rules = [Rule(r"^embed\.", tp_dim=0, layer="embedding"),
+             Rule(r"\.qkv\.weight$", tp_dim=0, blocks=qkv_blocks(4, 2, 2)),
+             Rule(r"\.out\.weight$", tp_dim=1),
+             Rule(r"^head\.", tp_dim=0, layer="head")]
+    model = spec_from_module(_Tiny(), rules)
+    assert model.num_layers == 2
+    assert model["embed.weight"].layer == "embedding" and model["head.weight"].layer == "head"
+    assert model["layers.1.qkv.weight"].layer == 1 and len(model["layers.1.qkv.weight"].blocks) == 3
+    assert model["layers.0.out.weight"].tp_dim == 1
+    assert model["layers.0.norm.bias"].tp_dim is None
+    check_plan(layout(2, 2), layout(4, 1), model, None)
+    with pytest.raises(ConfigError, match=r"tensor 'embed.weight': no layer index found"):
+        spec_from_module(_Tiny(), rules[1:])
+
+
+# ---- layouts from YAML ---------------------------------------------------------------------------------------
+def test_layout_yaml_with_placement():
+    lay = load_layout("parallel: {tensor: 2}\nplacement: {ranks: '4-5,8-9', stages: balanced}", world_size=12)
+    assert lay.ranks == (4, 5, 8, 9) and lay.topology.data == 2 and lay.stages == "balanced"
+    assert lay.coordinates(8) == {"tp": 0, "pp": 0, "dp": 1} and lay.coordinates(0) is None
+    assert lay.replicas(1, 0) == [5, 9]
+    plain = load_layout("config_examples/reshard_infer.yaml", world_size=16)
+    assert plain.ranks == tuple(range(16)) and plain.topology.data == 8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("parallel: {tensor: 2}\nplacement: {ranks: '0-4'}", r"tensor\(2\) is not divisible|world_size\(5\) is not divisible"),
+    ("parallel: {tensor: 2}\nplacement: {ranks: '6-9'}", r"placement.ranks \[8, 9\] are outside the job's ranks 0..7"),
+    ("parallel: {tensor: 2}\nplacement: {ranks: '3-1'}", "bad range '3-1'"),
+    ("parallel: {tensor: 2}\nplacement: {rank: [0, 1]}", r"placement.rank: unknown key \(did you mean 'ranks'\?\)"),
+    ("parallel: {tensor: 2}\nplacement: {ranks: [0, 0]}", "placement ranks must be distinct"),
+    ("parallel: {tensor: 2, data: 2}\nplacement: {ranks: '0-5'}", r"data\(2\) = 4 != world_size\(6\)"),
+    ("parallel: {tensr: 2}", r"parallel.tensr: unknown key \(did you mean 'tensor'\?\)"),
+])
+def test_bad_layouts_raise_one_clear_config_error(text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_layout(text, world_size=8)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+def test_cli_reshard_plan_text_and_json(capsys):
+    args = ["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+            "--world-size", "16", "--ranks-per-host", "8", "--model", "config_examples/reshard_model.yaml"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ratio 1.000" in out and "steps" in out and "sender load max" in out
+    assert main(args + ["--json", "--transfers"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ratio"] == 1.0 and data["received_bytes"] == data["lower_bound_bytes"]
+    assert len(data["receivers"]) == 16 and data["steps"] >= 1
+    assert sum(t["bytes"] for t in data["transfers"] if t["src"] != t["dst"]) == data["received_bytes"]
+
+
+def test_cli_reshard_plan_bad_input_exits_2_with_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parallel: {tensor: 2}\nplacement: {ranks: '0-2'}\n")
+    assert main(["reshard-plan", str(bad), "config_examples/reshard_infer.yaml", "--world-size", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.yaml" in err and "not divisible" in err
+    assert main(["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+                 "--world-size", "16", "--model", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read model spec" in capsys.readouterr().err
