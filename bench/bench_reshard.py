@@ -6,12 +6,15 @@ naive schemes, in the same run, on local gloo ranks.
     python bench/bench_reshard.py --size-mb 128 --reps 2
 
 Methods (every one leaves each rank with its generation shard; results are checked equal):
-- ``reshard``: ``plan_reshard`` + ``execute_plan`` (bucketed batched point-to-point);
-- ``reshard (1 MiB buckets)``: the same with small buckets (per-tensor-like messages);
+- ``reshard``: ``plan_reshard`` + a kept ``Resharder`` (bucketed batched point-to-point, staging
+  buffers kept between syncs, as a trainer syncing every iteration would);
+- ``reshard, 1 MiB buckets``: the same with small buckets;
+- ``reshard, one-shot execute_plan``: fresh staging buffers on every call;
 - ``broadcast-all``: rank 0 holds the full model, broadcasts it in 64 MiB buckets, each rank slices;
 - ``all-gather``: every rank all-gathers every training shard (the full model), then slices.
+The baselines keep their buffers between repetitions too.
 
-Reported: the slowest rank's wall time (median over ``--reps``), bytes received per rank, and
+Reported: the slowest rank's wall time (median over ``--reps``, after one untimed warm-up), bytes received per rank, and
 ratios against ``reshard``; our effective throughput (bytes received per rank / time) against
 the bandwidth of a plain all_reduce (busbw) and of pairwise send/recv on the same ranks; and the
 point-to-point vs broadcast measurement behind the executor's transport choice.
@@ -29,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping
 import torch
 import torch.distributed as dist
 
-from pgroups.reshard import (ParallelLayout, cut_shards, empty_shards, execute_plan, llama_like,
+from pgroups.reshard import (ParallelLayout, Resharder, cut_shards, empty_shards, execute_plan, llama_like,
                              plan_reshard)
 from pgroups.reshard.executor import _checksum
 from pgroups.spawn import run_local
@@ -80,14 +83,21 @@ def _buckets(model, bucket_bytes: int) -> List[List[Any]]:
     return buckets + ([current] if current else [])
 
 
+def _buffer(cache: Dict[Any, torch.Tensor], key: Any, size: int) -> torch.Tensor:
+    """A uint8 buffer kept between repetitions (every method keeps its buffers, like Resharder)."""
+    if key not in cache or cache[key].numel() < size:
+        cache[key] = torch.empty(size, dtype=torch.uint8)
+    return cache[key][:size]
+
+
 def broadcast_all(model, gen: ParallelLayout, rank: int, full: Dict[str, torch.Tensor],
-                  dst: Dict[str, torch.Tensor]) -> int:
+                  dst: Dict[str, torch.Tensor], cache: Dict[Any, torch.Tensor]) -> int:
     """Baseline (a): rank 0 broadcasts the full model in 64 MiB buckets; each rank slices."""
     tp = gen.coordinates(rank)["tp"]
     received = 0
     for bucket in _buckets(model, 64 * MiB):
         size = sum(s.nbytes for s in bucket)
-        buffer = torch.empty(size, dtype=torch.uint8)
+        buffer = _buffer(cache, "bucket", size)
         if rank == 0:
             offset = 0
             for spec in bucket:
@@ -104,7 +114,7 @@ def broadcast_all(model, gen: ParallelLayout, rank: int, full: Dict[str, torch.T
 
 
 def allgather_all(model, train: ParallelLayout, gen: ParallelLayout, rank: int,
-                  src: Dict[str, torch.Tensor], dst: Dict[str, torch.Tensor]) -> int:
+                  src: Dict[str, torch.Tensor], dst: Dict[str, torch.Tensor], cache: Dict[Any, torch.Tensor]) -> int:
     """Baseline (b): all-gather every rank's training shards (the full model), rebuild, slice."""
     world = dist.get_world_size()
     names = [s.name for s in model.tensors]
@@ -113,10 +123,10 @@ def allgather_all(model, train: ParallelLayout, gen: ParallelLayout, rank: int,
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, size)
     longest = int(max(s.item() for s in sizes))
-    packed = torch.zeros(longest, dtype=torch.uint8)
+    packed = _buffer(cache, "packed", longest)
     if mine:
         torch.cat(mine, out=packed[:int(size)])
-    gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    gathered = [_buffer(cache, ("gathered", r), longest) for r in range(world)]
     dist.all_gather(gathered, packed)
     stages = train.stage_map(model)
     offsets = {r: 0 for r in range(world)}
@@ -196,6 +206,7 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
 
     def run(label: str, fn: Callable[[], int]) -> torch.Tensor:
         seconds, got = [], 0
+        fn()  # warm-up, untimed: first-touch page faults and connection set-up, for every method alike
         for _ in range(reps):
             for t in dst.values():
                 t.zero_()
@@ -207,13 +218,22 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
         rows[label] = {"seconds": statistics.median(seconds), "bytes": int(received)}
         return _fingerprint(dst)
 
-    ours = run("reshard", lambda: execute_plan(plan, src, dst, bucket_bytes=bucket_mb * MiB).bytes_received)
-    small = run("reshard (1 MiB buckets)", lambda: execute_plan(plan, src, dst, bucket_bytes=MiB).bytes_received)
+    resharder = Resharder(plan, bucket_bytes=bucket_mb * MiB)
+    ours = run("reshard", lambda: resharder.run(src, dst).bytes_received)
+    resharder.release()
+    small_buckets = Resharder(plan, bucket_bytes=MiB)
+    small = run("reshard, 1 MiB buckets", lambda: small_buckets.run(src, dst).bytes_received)
+    small_buckets.release()
+    once = run("reshard, one-shot execute_plan (fresh staging)",
+               lambda: execute_plan(plan, src, dst, bucket_bytes=bucket_mb * MiB).bytes_received)
     full = {s.name: full_tensor(model, s.name) for s in model.tensors} if rank == 0 else {}
-    bcast = run("broadcast-all", lambda: broadcast_all(model, gen, rank, full, dst))
+    cache: Dict[Any, torch.Tensor] = {}
+    bcast = run("broadcast-all", lambda: broadcast_all(model, gen, rank, full, dst, cache))
     full.clear()
-    gather = run("all-gather", lambda: allgather_all(model, train, gen, rank, src, dst))
-    same = all(torch.equal(ours, other) for other in (small, bcast, gather))
+    cache.clear()
+    gather = run("all-gather", lambda: allgather_all(model, train, gen, rank, src, dst, cache))
+    cache.clear()
+    same = all(torch.equal(ours, other) for other in (small, once, bcast, gather))
     bandwidth = _bandwidths(rank, world, 64 * MiB, reps)
     transport = _p2p_vs_broadcast(gpc, rank, 64 * MiB, reps)
     gpc.destroy()

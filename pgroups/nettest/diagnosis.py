@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import attrs
 
 from . import metrics
-from .groups import TestGroup
+from .groups import GroupUnderTest
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
 MAX_PAIR_ROUNDS = 16
@@ -113,7 +113,7 @@ class Measurement:
         return {"group": self.group_id, "collective": self.collective, "size_bytes": self.size_bytes,
                 "count": self.count, "time_us": self.time_s * 1e6, "algbw_gbps": self.algbw,
                 "busbw_gbps": self.busbw, "wrong": self.wrong, "repeats": self.repeats,
-                "robust_time_us": self.judged_time_s * 1e6,
+                "robust_time_us": self.judged_time_s * 1e6, "robust_busbw_gbps": self.judged_busbw,
                 "time_us_by_rank": {str(r): t * 1e6 for r, t in self.rank_times},
                 "wrong_from": {str(r): n for r, n in self.wrong_from}}
 
@@ -216,15 +216,15 @@ def index_measurements(measurements: Iterable[Measurement]) -> Dict[MeasurementK
     return {(m.group_id, m.collective, m.size_bytes): m for m in measurements}
 
 
-def comparison_classes(catalog: Sequence[TestGroup]) -> Dict[Tuple[str, int], List[TestGroup]]:
+def comparison_classes(catalog: Sequence[GroupUnderTest]) -> Dict[Tuple[str, int], List[GroupUnderTest]]:
     """Groups that may be compared: same kind and same size."""
-    classes: Dict[Tuple[str, int], List[TestGroup]] = {}
+    classes: Dict[Tuple[str, int], List[GroupUnderTest]] = {}
     for group in catalog:
         classes.setdefault((group.kind, group.size), []).append(group)
     return classes
 
 
-def find_slow(catalog: Sequence[TestGroup], measurements: Iterable[Measurement], rule: Rule,
+def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurement], rule: Rule,
               metrics_to_check: Sequence[str] = ("busbw", "latency", "floor")) -> List[Finding]:
     """Slow groups by the relative rule (busbw at the largest size, latency at the smallest
     size, per collective, within each comparison class) and by the absolute floor."""
@@ -264,7 +264,7 @@ def find_slow(catalog: Sequence[TestGroup], measurements: Iterable[Measurement],
     return findings
 
 
-def find_wrong(catalog: Sequence[TestGroup], measurements: Iterable[Measurement]) -> List[Finding]:
+def find_wrong(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurement]) -> List[Finding]:
     """Groups where any element arrived wrong: one Finding per (group, collective)."""
     kinds = {g.id: g.kind for g in catalog}
     wrong: Dict[Tuple[str, str], List[Measurement]] = {}
@@ -302,27 +302,53 @@ def _common_sizes(table: Mapping[MeasurementKey, Measurement], ids: Sequence[str
     return sorted(set.intersection(*per_group)) if per_group else []
 
 
+RETEST_PEERS = 4  # healthy groups of a class re-tested beside its flagged ones, as reference
+
+
 @attrs.frozen
-class RetestItem:
-    """Measure every group of ``kind`` again at ``collective`` and ``size_bytes``."""
+class RetestTask:
+    """Measure group ``group_id`` again at each ``(collective, size_bytes)`` of ``items``."""
 
-    kind: str
-    collective: str
-    size_bytes: int
+    group_id: str
+    items: Tuple[Tuple[str, int], ...]
 
-
-def plan_retest(findings: Sequence[Finding]) -> List[RetestItem]:
-    """What to re-test to confirm slow findings (wrong data needs no re-test), deduplicated."""
-    items = {RetestItem(f.kind, f.collective, f.size_bytes) for f in findings if f.metric != "wrong"}
-    return sorted(items, key=lambda i: (i.kind, metrics.COLLECTIVES.index(i.collective), i.size_bytes))
+    def to_json(self) -> Dict[str, object]:
+        return {"group": self.group_id, "items": [list(i) for i in self.items]}
 
 
-def confirm(findings: Sequence[Finding], catalog: Sequence[TestGroup], retest: Iterable[Measurement],
+def plan_retest(findings: Sequence[Finding], catalog: Sequence[GroupUnderTest],
+                peers: int = RETEST_PEERS) -> List[RetestTask]:
+    """What to re-test to confirm the slow findings (wrong data needs no re-test).
+
+    For each comparison class with a slow finding: its flagged groups and up to ``peers``
+    unflagged groups of the class (the first ones, as reference), each at every flagged
+    ``(collective, size)`` of the class. The executor runs the tasks one group at a time,
+    round-robin, several times (see :mod:`.runner`): a group is re-tested *alone*, so
+    neither its neighbours' traffic nor their placement on the machine can make it look slow.
+    """
+    by_id = {g.id: g for g in catalog}
+    classes = comparison_classes(catalog)
+    slow = [f for f in findings if f.metric != "wrong"]
+    tasks: List[RetestTask] = []
+    for key, groups in classes.items():
+        mine = [f for f in slow if (by_id[f.group_id].kind, by_id[f.group_id].size) == key]
+        if not mine:
+            continue
+        items = tuple(sorted({(f.collective, f.size_bytes) for f in mine},
+                             key=lambda i: (metrics.COLLECTIVES.index(i[0]), i[1])))
+        flagged = {f.group_id for f in mine}
+        chosen = [g.id for g in groups if g.id in flagged] + [g.id for g in groups if g.id not in flagged][:peers]
+        tasks.extend(RetestTask(gid, items) for gid in sorted(chosen, key=[g.id for g in groups].index))
+    return tasks
+
+
+def confirm(findings: Sequence[Finding], catalog: Sequence[GroupUnderTest], retest: Iterable[Measurement],
             rule: Rule) -> Tuple[List[Finding], List[Finding]]:
     """Split slow findings into (confirmed, transient) by the re-test figures.
 
     A finding is confirmed when the re-test flags the same group for the same collective,
-    size and metric (best repetition counts). Wrong-data findings are always confirmed.
+    size and metric against the re-tested peers of its class (robust figures: the best
+    operation). Wrong-data findings are always confirmed.
     """
     table = index_measurements(retest)
     confirmed, transient = [], []
@@ -373,6 +399,10 @@ class Pair:
 
 #: below this many references, candidates are paired with each other (circle method)
 MIN_REFERENCES = 3
+#: from this many references on, every round spends two of them on a control pair
+CONTROL_REFERENCES = 4
+#: control pairs needed before they alone make the baseline
+MIN_CONTROLS = 3
 REFERENCE_PARTNERS = 2   # distinct references each candidate meets (reference mode)
 MUTUAL_PARTNERS = 3      # distinct partners each candidate meets (mutual mode), if it can
 
@@ -388,9 +418,11 @@ def plan_pair_rounds(candidates: Sequence[int], references: Sequence[int],
     """Rounds of disjoint pairs (deterministic: every rank computes the same plan).
 
     *Reference mode* (at least MIN_REFERENCES references): each round has one control pair
-    of two references (rotating) and pairs every other free reference with a candidate, the
-    candidates that have met the fewest references first, each meeting a reference it has not
-    met; rounds continue until every candidate has met REFERENCE_PARTNERS distinct references.
+    of two references (rotating; only with CONTROL_REFERENCES references or more, else the
+    candidate pairs are each other's baseline) and pairs every other free reference with a
+    candidate, the candidates that have met the fewest references first, each meeting a
+    reference it has not met; rounds continue until every candidate has met
+    REFERENCE_PARTNERS distinct references.
     *Mutual mode* (fewer references): the candidates meet each other in a round-robin (circle
     method; one control pair if there are two references) until each has met MUTUAL_PARTNERS
     partners (or all the others). At most ``max_rounds`` rounds.
@@ -411,8 +443,8 @@ def _reference_rounds(candidates: List[int], references: List[int], max_rounds: 
         if all(len(met[c]) >= REFERENCE_PARTNERS for c in candidates):
             break
         refs = _rotate(references, 2 * index)
-        pairs = [Pair(refs[0], refs[1], CONTROL)]
-        free = refs[2:]
+        pairs = [Pair(refs[0], refs[1], CONTROL)] if len(refs) >= CONTROL_REFERENCES else []
+        free = refs[2:] if pairs else refs
         needy = sorted((c for c in candidates if len(met[c]) < REFERENCE_PARTNERS),
                        key=lambda c: (len(met[c]), c))
         for cand in needy:
@@ -486,10 +518,11 @@ def judge_pairs(rounds: Sequence[Sequence[Pair]], small: Mapping[Tuple[int, int,
     """Judge each non-control pair against the baseline of the whole pair test.
 
     ``small`` / ``large`` map ``(round, a, b)`` to the pair's Measurement at the smallest and
-    largest size. Baseline: every control pair of every round (rounds have the same shape, so
-    they ran under the same load; pooling gives the median and MAD real samples), or, without
-    controls, every other pair. A pair is slow if its busbw at the large size or its time at
-    the small size is worse than the baseline by the rule (robust figures).
+    largest size. Baseline: every control pair of every round when there are at least
+    MIN_CONTROLS of them (rounds have the same shape, so they ran under the same load; pooling
+    gives the median and MAD real samples), else every other pair of the test. A pair is slow
+    if its busbw at the large size or its time at the small size is worse than the baseline by
+    the rule (robust figures).
     """
     keyed = [((index, p.a, p.b), p) for index, pairs in enumerate(rounds) for p in pairs]
     keyed = [(key, p) for key, p in keyed if key in small and key in large]
@@ -500,7 +533,7 @@ def judge_pairs(rounds: Sequence[Sequence[Pair]], small: Mapping[Tuple[int, int,
         if pair.role == CONTROL:
             results.append(PairResult(index, pair, small[key], large[key], False))
             continue
-        baseline = controls or [k for k, _p in keyed if k != key]
+        baseline = controls if len(controls) >= MIN_CONTROLS else [k for k, _p in keyed if k != key]
         reasons = []
         dev = worse_than_peers(large[key].judged_busbw, [large[k].judged_busbw for k in baseline], True, rule)
         if dev is not None:

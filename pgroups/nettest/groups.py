@@ -26,7 +26,7 @@ HOST_KINDS = (INTRA_NODE, INTER_NODE)
 
 
 @attrs.frozen
-class TestGroup:
+class GroupUnderTest:
     """One group the tool measures: ``id`` like ``"nettest#1"``, its kind, sorted ranks, hosts."""
 
     id: str
@@ -56,7 +56,7 @@ def host_rank_groups(hostnames: Sequence[str]) -> Dict[str, List[List[int]]]:
 
 
 def build_catalog(mode_groups: Mapping[str, Sequence[Sequence[int]]], hostnames: Sequence[str],
-                  host_groups: bool = True) -> List[TestGroup]:
+                  host_groups: bool = True) -> List[GroupUnderTest]:
     """The test groups, in run order: modes in the order given, then intra-, then inter-node.
 
     ``mode_groups`` maps a mode (or any kind name) to all of its groups. Groups of size 1 are
@@ -65,7 +65,7 @@ def build_catalog(mode_groups: Mapping[str, Sequence[Sequence[int]]], hostnames:
     kinds: Dict[str, Sequence[Sequence[int]]] = dict(mode_groups)
     if host_groups:
         kinds.update(host_rank_groups(hostnames))
-    catalog: List[TestGroup] = []
+    catalog: List[GroupUnderTest] = []
     seen: List[frozenset] = []
     for kind, groups in kinds.items():
         kept = [tuple(sorted(g)) for g in groups if len(g) > 1]
@@ -75,7 +75,7 @@ def build_catalog(mode_groups: Mapping[str, Sequence[Sequence[int]]], hostnames:
         seen.append(layout)
         for index, ranks in enumerate(kept):
             hosts = tuple(dict.fromkeys(hostnames[r] for r in ranks)) if hostnames else ()
-            catalog.append(TestGroup(f"{kind}#{index}", kind, ranks, hosts))
+            catalog.append(GroupUnderTest(f"{kind}#{index}", kind, ranks, hosts))
     return catalog
 
 
@@ -92,18 +92,18 @@ def duplicate_kinds(mode_groups: Mapping[str, Sequence[Sequence[int]]]) -> Dict[
     return duplicates
 
 
-def plan_waves(catalog: Sequence[TestGroup]) -> List[List[TestGroup]]:
+def plan_waves(catalog: Sequence[GroupUnderTest]) -> List[List[GroupUnderTest]]:
     """Split the catalog into waves: each wave holds groups of one kind that share no rank.
 
     First fit, in catalog order; every rank is in at most one group of a wave, so each rank
     knows its task in a wave without asking anyone.
     """
-    waves: List[List[TestGroup]] = []
-    by_kind: Dict[str, List[TestGroup]] = {}
+    waves: List[List[GroupUnderTest]] = []
+    by_kind: Dict[str, List[GroupUnderTest]] = {}
     for group in catalog:
         by_kind.setdefault(group.kind, []).append(group)
     for groups in by_kind.values():
-        kind_waves: List[Tuple[List[TestGroup], set]] = []
+        kind_waves: List[Tuple[List[GroupUnderTest], set]] = []
         for group in groups:
             for wave, used in kind_waves:
                 if used.isdisjoint(group.ranks):
@@ -116,6 +116,6 @@ def plan_waves(catalog: Sequence[TestGroup]) -> List[List[TestGroup]]:
     return waves
 
 
-def group_of_rank(wave: Sequence[TestGroup], rank: int) -> Optional[TestGroup]:
+def group_of_rank(wave: Sequence[GroupUnderTest], rank: int) -> Optional[GroupUnderTest]:
     """The group of ``wave`` that holds ``rank`` (None if the rank is idle in this wave)."""
     return next((g for g in wave if rank in g.ranks), None)

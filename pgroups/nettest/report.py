@@ -125,11 +125,16 @@ def format_summary(report: Dict[str, Any]) -> str:
     if report.get("confirmed") and pairs.get("candidates") and not report.get("suspects"):
         lines.append(f"note: pair tests of ranks {pairs['candidates']} singled out no rank: the fault shows "
                      "only in whole-group traffic (or every candidate is equally affected)")
+    transient: Dict[str, List[str]] = {}
     for finding in report.get("transient", []):
-        lines.append(f"note: {finding['group_id']} looked slow in the sweep ({finding['detail']}) but not "
-                     "on re-test: transient, not counted")
+        transient.setdefault(finding["group_id"], []).append(f"{finding['collective']} {finding['metric']}")
+    if transient:
+        listed = "; ".join(f"{gid} ({', '.join(what)})" for gid, what in transient.items())
+        lines.append(f"note: transient, not counted (flagged in the sweep, fine on re-test): {listed}")
     for kind, same in report.get("skipped_kinds", {}).items():
         lines.append(f"note: mode {kind!r} has the same groups as {same!r}; measured once")
+    if not report.get("groups"):
+        lines.append("note: no group of two or more ranks to test (start more ranks, or name --modes)")
     slow, wrong = summary.get("slow", []), summary.get("wrong", [])
     verdict = "HEALTHY" if summary.get("healthy") else "UNHEALTHY"
     lines.append(f"pgroups nettest: {verdict} — {summary.get('groups_tested', 0)} groups tested, "
@@ -196,12 +201,12 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
     if pairs:
         ax = axes[0][-1]
         labels = [f"r{p['round']}:{p['ranks'][0]}-{p['ranks'][1]}" for p in pairs]
-        values = [p["large"]["busbw_gbps"] for p in pairs]
+        values = [p["large"].get("robust_busbw_gbps", p["large"]["busbw_gbps"]) for p in pairs]
         colors = ["tab:red" if p["slow"] else ("tab:gray" if p["role"] == "control" else "tab:green") for p in pairs]
         ax.bar(range(len(values)), values, color=colors)
         ax.set_xticks(range(len(values)), labels, rotation=60, fontsize="small")
-        ax.set_ylabel("busbw (GB/s)")
-        ax.set_title("pair tests (red: slow, gray: control)")
+        ax.set_ylabel("busbw of the best operation (GB/s)")
+        ax.set_title(f"pair tests at {format_size(pairs[0]['large']['size_bytes'])} (red: slow, gray: control)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

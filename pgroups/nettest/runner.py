@@ -34,11 +34,14 @@ from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
 from . import diagnosis, metrics
 from .diagnosis import Measurement, Rule
 from .faults import FAULT_ENV, ActiveFaults, parse_faults
-from .groups import HOST_KINDS, TestGroup, build_catalog, duplicate_kinds, group_of_rank, plan_waves
+from .groups import HOST_KINDS, GroupUnderTest, build_catalog, duplicate_kinds, group_of_rank, plan_waves
 
 STORE_PREFIX = "pgroups-nettest/"
 BEAT_INTERVAL_S = 1.0
 POLL_MAX_S = 0.05
+CHECK_INTERVAL_S = 0.5
+FOLLOWUP_MIN_ITERS = 20
+FOLLOWUP_SMALL_BYTES = 1024 * 1024
 RETEST_REPEATS = 3
 PAIR_MAX_BYTES = 8 * 1024 * 1024  # pair tests stop here: enough to compare pairs, and quick
 PATTERN_PERIOD = 61   # element values cycle through -30..30 (exact in float32 sums)
@@ -166,17 +169,22 @@ class Coordinator:
 
     def _wait(self, done: Callable[[], bool], counter: Optional[Callable[[], str]], what: str,
               missing: Callable[[], List[int]]) -> None:
-        delay, last_marker, last_change = 0.001, None, time.monotonic()
+        """Poll ``done`` (backing off to a poll interval that grows with the world, so the
+        store is not flooded); every CHECK_INTERVAL_S look at the abort flag and for a stall."""
+        poll_max = min(0.5, POLL_MAX_S * max(1.0, self.world_size / 64))
+        delay, last_marker, last_change, last_check = 0.001, None, time.monotonic(), 0.0
         while not done():
-            self.check_abort()
-            marker = (int(self.store.add("beat", 0)), int(self.store.add(counter(), 0)) if counter else 0)
             now = time.monotonic()
-            if marker != last_marker:
-                last_marker, last_change = marker, now
-            elif now - last_change > self.stall_s:
-                self._stalled(what, missing())
+            if now - last_check >= CHECK_INTERVAL_S:
+                last_check = now
+                self.check_abort()
+                marker = (int(self.store.add("beat", 0)), int(self.store.add(counter(), 0)) if counter else 0)
+                if marker != last_marker:
+                    last_marker, last_change = marker, now
+                elif now - last_change > self.stall_s:
+                    self._stalled(what, missing())
             time.sleep(delay)
-            delay = min(delay * 2, POLL_MAX_S)
+            delay = min(delay * 2, poll_max)
 
     def _stalled(self, what: str, missing: List[int]) -> None:
         where = self.positions(missing)
@@ -279,6 +287,20 @@ def make_buffers(collective: str, shape: metrics.MessageShape, ranks: Sequence[i
     return Buffers(send, recv, expected, send, sources)
 
 
+def count_wrong(result: torch.Tensor, expected: torch.Tensor,
+                sources: Optional[Sequence[int]]) -> Tuple[int, Dict[int, int]]:
+    """nccl-tests' ``#wrong``: elements of ``result`` that differ from ``expected`` (NaN — never
+    written — counts as wrong), and ``{source rank: wrong elements}`` when the output is made of
+    one equal chunk per source in ``sources``."""
+    bad = result != expected
+    wrong = int(bad.sum())
+    wrong_from: Dict[int, int] = {}
+    if wrong and sources:
+        per_chunk = bad.view(len(sources), -1).sum(dim=1).tolist()
+        wrong_from = {int(src): int(n) for src, n in zip(sources, per_chunk) if n}
+    return wrong, wrong_from
+
+
 def corrupt_tensor(tensor: torch.Tensor) -> None:
     """The injected corruption: about eight elements (at least one) are off by CORRUPT_DELTA."""
     flat = tensor.view(-1)
@@ -321,14 +343,15 @@ class Bench:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.warmup, self.iters = warmup, iters
 
-    def _wait(self, works: Sequence[Any]) -> None:
+    def wait_all(self, works: Sequence[Any]) -> None:
+        """Wait for ``works`` with --timeout each; GroupFailure (with the cause) if one fails."""
         try:
             for work in works:
                 work.wait(self.timeout)
         except (RuntimeError, dist.DistError) as exc:
             raise GroupFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
-    def _timed(self, issue: Callable[[], List[Any]]) -> List[float]:
+    def _timed(self, issue: Callable[[], List[Any]], iters: int) -> List[float]:
         """Time ``iters`` back-to-back operations (device-synchronized); seconds per operation.
 
         On GPUs the operations are queued back to back between two CUDA events (as nccl-tests
@@ -341,18 +364,18 @@ class Bench:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             works: List[Any] = []
-            for _ in range(self.iters):
+            for _ in range(iters):
                 self.faults.inside_timed_region()
                 works = issue()  # stream-ordered: the last one completes after all the others
             end.record()
-            self._wait(works)
+            self.wait_all(works)
             end.synchronize()
-            return [start.elapsed_time(end) / 1e3 / self.iters]
+            return [start.elapsed_time(end) / 1e3 / iters]
         durations = []
-        for _ in range(self.iters):
+        for _ in range(iters):
             begin = time.perf_counter()
             self.faults.inside_timed_region()
-            self._wait(issue())
+            self.wait_all(issue())
             durations.append(time.perf_counter() - begin)
             self.coordinator.beat()
         return durations
@@ -361,20 +384,21 @@ class Bench:
         """One more operation on fresh data; count the elements that differ from the expected."""
         if not buffers.recv_is_source and buffers.recv is not buffers.send:
             buffers.recv.fill_(float("nan"))
-        self._wait(issue())
+        self.wait_all(issue())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        bad = buffers.recv != buffers.expected
-        wrong = int(bad.sum())
-        wrong_from: Dict[int, int] = {}
-        if wrong and buffers.sources:
-            per_chunk = bad.view(len(buffers.sources), -1).sum(dim=1).tolist()
-            wrong_from = {src: int(n) for src, n in zip(buffers.sources, per_chunk) if n}
-        return wrong, wrong_from
+        return count_wrong(buffers.recv, buffers.expected, buffers.sources)
+
+    def iters_for(self, size_bytes: int, followup: bool) -> int:
+        """Timed operations per repetition: ``iters``; follow-ups of small messages (cheap, and
+        the noisiest) take at least FOLLOWUP_MIN_ITERS, so their best operation is a sure floor."""
+        if followup and size_bytes <= FOLLOWUP_SMALL_BYTES:
+            return max(self.iters, FOLLOWUP_MIN_ITERS)
+        return self.iters
 
     def measure(self, collective: str, group: Any, ranks: Sequence[int], me: int,
-                shape: metrics.MessageShape, repeats: int = 1) -> Dict[str, Any]:
-        """Warm up, time ``repeats`` x ``iters`` operations, verify once; return this rank's record."""
+                shape: metrics.MessageShape, repeats: int = 1, followup: bool = False) -> Dict[str, Any]:
+        """Warm up, time ``repeats`` x iterations, verify once; return this rank's record."""
         buffers = make_buffers(collective, shape, ranks, me, self.device, self.faults.corrupt)
         timed_recv = buffers.timed if collective == "all_reduce" else buffers.recv
 
@@ -385,8 +409,9 @@ class Bench:
             return launch(collective, group, ranks, me, buffers.send, buffers.recv)
 
         for _ in range(self.warmup):
-            self._wait(timed_op())
-        times, op_best = _repeat(self._timed, timed_op, repeats)
+            self.wait_all(timed_op())
+        iters = self.iters_for(shape.size_bytes, followup)
+        times, op_best = _repeat(lambda issue: self._timed(issue, iters), timed_op, repeats)
         wrong, wrong_from = self._verify(buffers, verify_op)
         self.coordinator.beat()
         return {"rank": me, "collective": collective, "size": shape.size_bytes, "count": shape.in_count,
@@ -408,10 +433,11 @@ class Bench:
             return list(dist.batch_isend_irecv(ops))
 
         for _ in range(self.warmup):
-            self._wait(issue())
-        times, op_best = _repeat(self._timed, issue, repeats)
+            self.wait_all(issue())
+        iters = self.iters_for(shape.size_bytes, followup=True)
+        times, op_best = _repeat(lambda issue_: self._timed(issue_, iters), issue, repeats)
         recv.fill_(float("nan"))
-        self._wait(issue())
+        self.wait_all(issue())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wrong = int((recv != expected).sum())
@@ -447,7 +473,7 @@ class RankRun:
                        if ctx.backend.device_backend == "nccl" else torch.device("cpu"))
         self.bench = Bench(self.device, self.coordinator, self.faults, options.timeout_s,
                            options.warmup, options.iters)
-        self.catalog: List[TestGroup] = []
+        self.catalog: List[GroupUnderTest] = []
         self.handles: Dict[str, Any] = {}
         self.report: Dict[str, Any] = {}
         self.exit_code = 0
@@ -504,7 +530,7 @@ class RankRun:
             return plan
         return self.coordinator.fetch(key)
 
-    def _sweep_wave(self, index: int, waves: int, wave: Sequence[TestGroup]) -> List[Dict[str, Any]]:
+    def _sweep_wave(self, index: int, waves: int, wave: Sequence[GroupUnderTest]) -> List[Dict[str, Any]]:
         group = group_of_rank(wave, self.rank)
         self.coordinator.position(f"sweep {index + 1}/{waves} (idle)")
         if group is None:
@@ -518,12 +544,12 @@ class RankRun:
                 records.append(self._measure(group, collective, shape, where, repeats=1))
         return records
 
-    def _measure(self, group: TestGroup, collective: str, shape: metrics.MessageShape, where: str,
-                 repeats: int) -> Dict[str, Any]:
+    def _measure(self, group: GroupUnderTest, collective: str, shape: metrics.MessageShape, where: str,
+                 repeats: int, followup: bool = False) -> Dict[str, Any]:
         self.coordinator.position(where)
         try:
             record = self.bench.measure(collective, self.handles[group.id], list(group.ranks), self.rank,
-                                        shape, repeats)
+                                        shape, repeats, followup)
         except GroupFailure as exc:
             self._hang(group.id, list(group.ranks), where, collective, shape.size_bytes, str(exc))
         record["group"] = group.id
@@ -567,37 +593,42 @@ class RankRun:
         wrong = diagnosis.find_wrong(self.catalog, sweep)
         self.report["measurements"] = [m.to_json() for m in sweep]
         self.report["findings"] = [f.to_json() for f in slow + wrong]
-        self._sweep, self._findings = sweep, slow + wrong
-        items = diagnosis.plan_retest(slow) if self.options.followup else []
-        return {"items": [attrs.asdict(i) for i in items]}
+        self._findings = slow + wrong
+        tasks = diagnosis.plan_retest(slow, self.catalog) if self.options.followup else []
+        return {"tasks": [t.to_json() for t in tasks]}
 
     def _run_retest(self, plan: Dict[str, Any]) -> List[Measurement]:
-        items = [diagnosis.RetestItem(**i) for i in plan["items"]]
-        kinds = list(dict.fromkeys(i.kind for i in items))
-        measurements: List[Measurement] = []
-        for k, kind in enumerate(kinds):
-            groups = [g for g in self.catalog if g.kind == kind]
-            mine = next((g for g in groups if self.rank in g.ranks), None)
-            records = []
-            self.coordinator.position(f"re-test {kind} (idle)")
-            if mine is not None:
-                for item in (i for i in items if i.kind == kind):
-                    shape = _shape_for(item.collective, item.size_bytes, mine.size)
-                    where = f"re-test {mine.id} {item.collective} {metrics.format_size(shape.size_bytes)}"
-                    self.progress.update(where)
-                    records.append(self._measure(mine, item.collective, shape, where, repeats=RETEST_REPEATS))
-            collected = self.coordinator.exchange(f"retest{k}", records)
-            if self.rank == 0:
-                measurements.extend(self._aggregate(collected, {g.id: g for g in groups}))
-        return measurements
+        """Each task's group alone (the others wait at a barrier), round-robin, RETEST_REPEATS
+        times: every figure is the best of measurements spread over the whole re-test."""
+        by_id = {g.id: g for g in self.catalog}
+        tasks = [diagnosis.RetestTask(t["group"], tuple(tuple(i) for i in t["items"])) for t in plan["tasks"]]
+        mine: Dict[Tuple[str, str, int], Dict[str, Any]] = {}
+        for repeat in range(RETEST_REPEATS if tasks else 0):
+            for index, task in enumerate(tasks):
+                group = by_id[task.group_id]
+                self.coordinator.position(f"re-test {repeat + 1}/{RETEST_REPEATS} {group.id} (idle)")
+                if self.rank in group.ranks:
+                    for collective, size in task.items:
+                        shape = _shape_for(collective, size, group.size)
+                        where = (f"re-test {repeat + 1}/{RETEST_REPEATS} {group.id} {collective} "
+                                 f"{metrics.format_size(shape.size_bytes)}")
+                        self.progress.update(where)
+                        _merge_record(mine, self._measure(group, collective, shape, where, repeats=1,
+                                                          followup=True))
+                self.coordinator.exchange(f"retest{repeat}.{index}", None)
+        collected = self.coordinator.exchange("retest", list(mine.values())) if tasks else None
+        if self.rank != 0 or not tasks:
+            return []
+        return self._aggregate(collected, by_id)
 
     def _decide_pairs(self, retest_plan: Dict[str, Any], retest: List[Measurement]) -> Dict[str, Any]:
         findings = self._findings
-        if retest_plan["items"]:
+        if retest_plan["tasks"]:
             confirmed, transient = diagnosis.confirm(findings, self.catalog, retest, self.options.rule)
         else:  # nothing slow to re-test (or --no-followup: sweep findings stand as they are)
             confirmed, transient = list(findings), []
-        self.report["retest"] = {"items": retest_plan["items"], "measurements": [m.to_json() for m in retest]}
+        self.report["retest"] = {"tasks": retest_plan["tasks"], "repeats": RETEST_REPEATS,
+                                 "measurements": [m.to_json() for m in retest]}
         self.report["confirmed"] = [f.to_json() for f in confirmed]
         self.report["transient"] = [f.to_json() for f in transient]
         self._confirmed = confirmed
@@ -615,6 +646,8 @@ class RankRun:
         rounds = [[diagnosis.Pair(p["ranks"][0], p["ranks"][1], p["role"]) for p in pairs] for pairs in plan["rounds"]]
         sizes = {"small": _pair_size(plan["small"]), "large": _pair_size(plan["large"])}
         figures: Dict[str, Dict[Tuple[int, int, int], Measurement]] = {"small": {}, "large": {}}
+        if rounds and self.device.type == "cuda":
+            self._touch_world_group()
         for index, pairs in enumerate(rounds):
             pair = next((p for p in pairs if self.rank in (p.a, p.b)), None)
             records = []
@@ -653,6 +686,16 @@ class RankRun:
             self.report["suspects"] = [s.to_json() for s in suspects]
             self.report["suspect_hosts"] = diagnosis.suspect_hosts(suspects, self.hostnames)
 
+    def _touch_world_group(self) -> None:
+        """One all-reduce on the world device group, by every rank, before the pair rounds: an
+        NCCL communicator must be complete before only two of its ranks talk over it."""
+        where = "pair tests: world group warm-up"
+        self.coordinator.position(where)
+        try:
+            self.bench.wait_all([dist.all_reduce(torch.zeros(1, device=self.device), async_op=True)])
+        except GroupFailure as exc:
+            self._hang("global", list(range(self.world_size)), where, "all_reduce", 4, str(exc))
+
     def _finish(self) -> Dict[str, Any]:
         confirmed = self._confirmed
         verdicts: Dict[str, List[str]] = {}
@@ -684,6 +727,20 @@ def _repeat(timed: Callable[[Callable[[], List[Any]]], List[float]], issue: Call
     best single timed operation — on GPUs, where a repetition is one batch, the best batch)."""
     runs = [timed(issue) for _ in range(repeats)]
     return [sum(run) / len(run) for run in runs], min(d for run in runs for d in run)
+
+
+def _merge_record(records: Dict[Tuple[str, str, int], Dict[str, Any]], record: Dict[str, Any]) -> None:
+    """Fold one more repetition of (group, collective, size) into this rank's record of it."""
+    key = (record["group"], record["collective"], record["size"])
+    if key not in records:
+        records[key] = dict(record, wrong_from=dict(record["wrong_from"]))
+        return
+    merged = records[key]
+    merged["times"] = merged["times"] + record["times"]
+    merged["op_best"] = min(merged["op_best"], record["op_best"])
+    merged["wrong"] += record["wrong"]
+    for source, count in record["wrong_from"].items():
+        merged["wrong_from"][source] = merged["wrong_from"].get(source, 0) + count
 
 
 def _size_of(group: Any) -> int:

@@ -14,7 +14,7 @@
 - :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
 - ``pgroups reshard-plan SRC.yaml DST.yaml --world-size N`` (:mod:`.cli`) prints a plan offline.
 """
-from .executor import DEFAULT_BUCKET_BYTES, ReshardError, ReshardStats, execute_plan, reshard
+from .executor import DEFAULT_BUCKET_BYTES, Resharder, ReshardError, ReshardStats, execute_plan, reshard
 from .layout import (STAGE_POLICIES, ParallelLayout, balanced_stages, cut_shards, empty_shards, even_stages,
                      load_layout, local_shapes, parse_ranks)
 from .planner import Plan, ReceiverReport, Transfer, color_pairs, describe_plan, plan_reshard
@@ -23,7 +23,7 @@ from .spec import (Block, ModelSpec, Rule, TensorSpec, llama_like, load_model_sp
 
 __all__ = [
     "Block", "DEFAULT_BUCKET_BYTES", "ModelSpec", "ParallelLayout", "Plan", "ReceiverReport", "ReshardError",
-    "ReshardStats", "Rule", "STAGE_POLICIES", "TensorSpec", "Transfer", "balanced_stages", "color_pairs",
+    "ReshardStats", "Resharder", "Rule", "STAGE_POLICIES", "TensorSpec", "Transfer", "balanced_stages", "color_pairs",
     "cut_shards", "describe_plan", "empty_shards", "even_stages", "execute_plan", "llama_like", "load_layout",
     "load_model_spec", "local_shapes", "parse_ranks", "parts_blocks", "plan_reshard", "qkv_blocks", "reshard",
     "spec_from_module",

@@ -8,18 +8,22 @@ measured against it (bench/bench_reshard.py) and bring nothing here: after the p
 senders over replicas, nearly every message has exactly one receiver.
 
 Per step each rank sends to at most one peer and receives from at most one (the planner's
-colouring). The bytes a pair exchanges form one stream: transfers in plan order, each starting
-at a multiple of its element size; the stream is cut into buckets of ``bucket_bytes``
-(small tensors share a bucket; a large one spans several). Bucket k of every pair in a step
-moves in one ``batch_isend_irecv`` (a *wave*), so a sender holds at most one packed bucket.
+colouring). The bytes a pair exchanges in a step form one stream: transfers in plan order, each
+starting at a multiple of its element size; the stream is cut into chunks of at most ``bucket_bytes``:
+runs of small transfers (under 1 MiB) are packed into one bucket (no per-tensor messages for
+them), a larger transfer is sent straight from the source tensor (no packing copy when its
+region is contiguous), in pieces of at most ``bucket_bytes``. All chunks of a step go in one ``batch_isend_irecv``
+and are awaited together (waiting chunk by chunk made every pair move in lock-step with its
+neighbours' pairs: measured 1.5-2x slower on gloo).
 
 Atomicity: received bytes land in staging buffers; destination tensors are written only after
 every step (and, with ``verify=True``, every checksum) succeeded on this rank. A failure —
-a dead peer, a timeout (``timeout_s`` per wave), a checksum mismatch — raises naming the
+a dead peer, a timeout (``timeout_s`` per step), a checksum mismatch — raises naming the
 step and the peer ranks and leaves this rank's destination tensors untouched.
 
-Every rank of ``plan.ranks`` must call :func:`execute_plan` with the same plan and
-``bucket_bytes``; other ranks need not call it.
+Every rank of ``plan.ranks`` must run the same plan with the same ``bucket_bytes``
+(:func:`execute_plan` once, or :class:`Resharder` for repeated syncs that keep their staging
+buffers); other ranks need not call it.
 """
 from __future__ import annotations
 
@@ -38,11 +42,14 @@ from .planner import Box, Plan, Transfer, plan_reshard
 from .spec import ModelSpec
 
 DEFAULT_BUCKET_BYTES = 64 << 20
+#: transfers smaller than this (or than half a bucket) are packed together; larger ones are sent
+#: straight from the source tensor — packing them would only add a copy
+PACK_BELOW_BYTES = 1 << 20
 #: weights of the position-sensitive checksum cycle with this period (a prime)
 _CHECKSUM_PERIOD = 65521
 _CHECKSUM_CHUNK = 1 << 22
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int], None]
 
 
 class ReshardError(PGroupsError, RuntimeError):
@@ -60,7 +67,7 @@ class ReshardStats:
     bytes_copied: int
     seconds: float
     steps: int
-    waves: int
+    messages: int            # point-to-point operations this rank posted (chunks sent + received)
     verified_messages: int
 
     @property
@@ -72,19 +79,43 @@ class ReshardStats:
 # ---- message layout (pure) ------------------------------------------------------------------------
 @attrs.frozen
 class _Message:
-    """The byte stream one pair exchanges in one step: ``(transfer, offset)`` and its size."""
+    """The byte stream one pair exchanges in one step: ``(transfer, offset)`` parts, its size,
+    and the ``(start, stop)`` chunks it moves in (one message each)."""
 
     step: int
     peer: int
     parts: Tuple[Tuple[Transfer, int], ...]
     size: int
+    chunks: Tuple[Tuple[int, int], ...]
 
-    def buckets(self, bucket_bytes: int) -> int:
-        return -(-self.size // bucket_bytes) if self.size else 0
+
+def _chunks(parts: Sequence[Tuple[Transfer, int]], size: int, bucket_bytes: int) -> Tuple[Tuple[int, int], ...]:
+    """Cut a stream into chunks of at most ``bucket_bytes``: runs of small transfers (below
+    ``PACK_BELOW_BYTES`` and half a bucket) share a chunk, packed by the sender; a larger transfer
+    gets chunks of its own, sent straight from the source tensor. Pure: both ends compute the same."""
+    chunks: List[Tuple[int, int]] = []
+    run_start: Optional[int] = None
+    pack_below = min(PACK_BELOW_BYTES, -(-bucket_bytes // 2))
+    for transfer, offset in parts:
+        end = offset + transfer.nbytes
+        if transfer.nbytes >= pack_below:
+            if run_start is not None:
+                chunks.append((run_start, offset))
+                run_start = None
+            chunks.extend((lo, min(lo + bucket_bytes, end)) for lo in range(offset, end, bucket_bytes))
+            continue
+        if run_start is not None and end - run_start > bucket_bytes:
+            chunks.append((run_start, offset))
+            run_start = None
+        if run_start is None:
+            run_start = offset
+    if run_start is not None:
+        chunks.append((run_start, size))
+    return tuple(chunks)
 
 
 def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
-              itemsize: Mapping[str, int]) -> Dict[int, _Message]:
+              itemsize: Mapping[str, int], bucket_bytes: int) -> Dict[int, _Message]:
     """Group one rank's sends (or receives) by step: ``{step: _Message}``."""
     by_step: Dict[int, List[Transfer]] = {}
     for t in transfers:
@@ -101,7 +132,7 @@ def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
             offset = -(-offset // align) * align
             parts.append((t, offset))
             offset += t.nbytes
-        messages[step] = _Message(step, peers.pop(), tuple(parts), offset)
+        messages[step] = _Message(step, peers.pop(), tuple(parts), offset, _chunks(parts, offset, bucket_bytes))
     return messages
 
 
@@ -133,75 +164,116 @@ def _checksum(data: torch.Tensor, position: int) -> torch.Tensor:
 
 
 # ---- the executor -------------------------------------------------------------------------------------
-def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
-                 *, context: Any = None, group: Optional[dist.ProcessGroup] = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: Optional[float] = None,
-                 verify: bool = False, progress: Optional[Progress] = None) -> ReshardStats:
-    """Move this rank's part of ``plan``: send from ``src_tensors`` (this rank's source shards,
-    by tensor name), receive into ``dst_tensors`` (its destination shards, written in place).
+class Resharder:
+    """``plan`` bound to this rank, ready to run many times (a weight sync every iteration): the
+    message layout is computed once and the staging buffers are kept between runs.
 
     ``context`` (default ``pgroups.gpc``) gives the rank and the global group — its device
-    group for CUDA tensors, its CPU group otherwise; ``group`` overrides (a group containing every
-    rank of the plan, addressed by global rank). ``timeout_s`` bounds each wave (default: the
-    context's config ``timeout_s``). ``verify`` adds a checksum per message. ``progress(step,
-    wave)`` is called before each wave. Returns this rank's stats.
+    group for CUDA tensors, its CPU group otherwise (under NCCL, CPU tensors need the CPU twin of
+    the global group: build it at init with ``cpu_groups: eager``, since only the plan's ranks
+    run this); ``group`` overrides (a group containing every rank of the plan, addressed by
+    global rank). ``timeout_s`` bounds each step (default: the context's config ``timeout_s``).
+    ``bucket_bytes`` is the largest single message (small tensors are packed up to it); every
+    rank must use the same. ``verify`` adds a checksum per message. ``keep_buffers=False``
+    frees the staging buffers after each run.
 
-    Raises ReshardError (missing or mis-shaped tensors — before any communication —, a failed
-    peer, a checksum mismatch) or GroupTimeoutError (a peer that does not answer in time), naming
-    the step and ranks; in every failure the destination tensors are left untouched.
+    Under NCCL the global device group must have run a collective before (torch requires every
+    rank in a group's first ``batch_isend_irecv``); :func:`reshard` does it.
     """
-    if context is None:
-        from .. import gpc as context
-    rank = context.get_global_rank()
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    if timeout_s is None:
-        timeout_s = context.config.timeout_s if context.config is not None else 1800.0
-    sends, recvs, copies = plan.transfers_of(rank)
-    device = _check_tensors(plan, rank, src_tensors, dst_tensors)
-    if group is None:
-        group = (context.get_group(ParallelMode.GLOBAL) if device.type == "cuda"
-                 else context.get_cpu_group(ParallelMode.GLOBAL))
-    itemsize = {spec.name: spec.itemsize for spec in plan.model.tensors}
-    axis = {spec.name: spec.axis for spec in plan.model.tensors}
-    send_messages = _messages(sends, lambda t: t.dst, itemsize)
-    recv_messages = _messages(recvs, lambda t: t.src, itemsize)
-    timeout = datetime.timedelta(seconds=timeout_s)
 
-    _synchronize(device)
-    started = time.perf_counter()
-    staging: Dict[int, torch.Tensor] = {}
-    waves = verified = 0
-    for step in range(plan.num_steps):
-        out, inc = send_messages.get(step), recv_messages.get(step)
-        if out is None and inc is None:
-            continue
-        if inc is not None:
-            staging[step] = torch.empty(inc.size, dtype=torch.uint8, device=device)
-        packer = _Packer(out, src_tensors, axis, bucket_bytes, device, verify) if out is not None else None
-        n_waves = max(out.buckets(bucket_bytes) if out else 0, inc.buckets(bucket_bytes) if inc else 0)
-        for wave in range(n_waves):
-            if progress is not None:
-                progress(step, wave)
-            ops = []
-            if inc is not None and wave < inc.buckets(bucket_bytes):
-                lo = wave * bucket_bytes
-                ops.append(dist.P2POp(dist.irecv, staging[step][lo:min(lo + bucket_bytes, inc.size)],
-                                      inc.peer, group))
-            if packer is not None and wave < out.buckets(bucket_bytes):
-                ops.append(dist.P2POp(dist.isend, packer.bucket(wave), out.peer, group))
-            _run(ops, timeout, plan, step, wave, n_waves, rank, out, inc)
-            waves += 1
-        if verify:
-            _exchange_checksums(plan, step, rank, out, inc, packer, staging.get(step), itemsize, group,
-                                timeout, device)
-            verified += inc is not None
-    _commit(plan, rank, copies, recv_messages, staging, src_tensors, dst_tensors, axis)
-    _synchronize(device)
-    seconds = time.perf_counter() - started
-    return ReshardStats(rank, sum(t.nbytes for t in recvs), sum(t.nbytes for t in sends),
-                        sum(t.nbytes for t in copies), seconds, len(set(send_messages) | set(recv_messages)),
-                        waves, verified)
+    def __init__(self, plan: Plan, *, context: Any = None, group: Optional[dist.ProcessGroup] = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: Optional[float] = None,
+                 verify: bool = False, keep_buffers: bool = True) -> None:
+        if context is None:
+            from .. import gpc as context
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.plan, self.context, self.group, self.verify = plan, context, group, verify
+        self.keep_buffers = keep_buffers
+        self.rank = context.get_global_rank()
+        if timeout_s is None:
+            timeout_s = context.config.timeout_s if context.config is not None else 1800.0
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.sends, self.recvs, self.copies = plan.transfers_of(self.rank)
+        itemsize = {spec.name: spec.itemsize for spec in plan.model.tensors}
+        self.axis = {spec.name: spec.axis for spec in plan.model.tensors}
+        self.send_messages = _messages(self.sends, lambda t: t.dst, itemsize, bucket_bytes)
+        self.recv_messages = _messages(self.recvs, lambda t: t.src, itemsize, bucket_bytes)
+        self._staging: Dict[int, torch.Tensor] = {}
+
+    def run(self, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
+            progress: Optional[Progress] = None) -> ReshardStats:
+        """Move this rank's part of the plan: send from ``src_tensors`` (this rank's source
+        shards, by tensor name), receive into ``dst_tensors`` (its destination shards, written in
+        place once everything arrived). ``progress(step)`` is called before each step this rank
+        takes part in. Returns this rank's stats.
+
+        Raises ReshardError (missing or mis-shaped tensors — before any communication —, a
+        failed peer, a checksum mismatch) or GroupTimeoutError (a peer that does not answer in
+        time), naming the step and ranks; in every failure the destination tensors are untouched.
+        """
+        plan, rank, timeout = self.plan, self.rank, self.timeout
+        device = _check_tensors(plan, rank, src_tensors, dst_tensors)
+        group = self.group
+        if group is None and (self.sends or self.recvs):
+            group = (self.context.get_group(ParallelMode.GLOBAL) if device.type == "cuda"
+                     else self.context.get_cpu_group(ParallelMode.GLOBAL))
+        _synchronize(device)
+        started = time.perf_counter()
+        messages = verified = 0
+        try:
+            for step in range(plan.num_steps):
+                out, inc = self.send_messages.get(step), self.recv_messages.get(step)
+                if out is None and inc is None:
+                    continue
+                if progress is not None:
+                    progress(step)
+                ops = []
+                if inc is not None:
+                    buffer = self._staging_for(step, inc.size, device)
+                    ops += [dist.P2POp(dist.irecv, buffer[lo:hi], inc.peer, group) for lo, hi in inc.chunks]
+                packer = _Packer(out, src_tensors, self.axis, device, self.verify) if out is not None else None
+                if packer is not None:
+                    ops += [dist.P2POp(dist.isend, packer.chunk(k), out.peer, group) for k in range(len(out.chunks))]
+                _run(ops, timeout, plan, step, rank, out, inc)
+                messages += len(ops)
+                if self.verify:
+                    _exchange_checksums(plan, step, rank, out, inc, packer, self._staging.get(step), group,
+                                        timeout, device)
+                    verified += inc is not None
+            _commit(self.copies, self.recv_messages, self._staging, src_tensors, dst_tensors, self.axis)
+            _synchronize(device)
+        finally:
+            if not self.keep_buffers:
+                self.release()
+        seconds = time.perf_counter() - started
+        return ReshardStats(rank, sum(t.nbytes for t in self.recvs), sum(t.nbytes for t in self.sends),
+                            sum(t.nbytes for t in self.copies), seconds,
+                            len(set(self.send_messages) | set(self.recv_messages)), messages, verified)
+
+    def _staging_for(self, step: int, size: int, device: torch.device) -> torch.Tensor:
+        buffer = self._staging.get(step)
+        if buffer is None or buffer.device != device:
+            buffer = self._staging[step] = torch.empty(size, dtype=torch.uint8, device=device)
+        return buffer
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging this rank holds (its network bytes received, plus alignment)."""
+        return sum(m.size for m in self.recv_messages.values())
+
+    def release(self) -> None:
+        """Free the staging buffers (the next run allocates them again)."""
+        self._staging.clear()
+
+
+def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
+                 *, progress: Optional[Progress] = None, **options: Any) -> ReshardStats:
+    """Run ``plan`` once on this rank (a :class:`Resharder` that frees its buffers afterwards);
+    ``options`` are Resharder's (context, group, bucket_bytes, timeout_s, verify). Every rank of
+    ``plan.ranks`` must call it with the same plan and bucket_bytes. See :meth:`Resharder.run`
+    for the contract and the errors."""
+    return Resharder(plan, keep_buffers=False, **options).run(src_tensors, dst_tensors, progress)
 
 
 def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: ModelSpec,
@@ -210,26 +282,30 @@ def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: Model
     """Plan (with the launch's hostnames) and execute in one call; returns ``(plan, stats)``.
 
     Collective over the whole world the first time (the hostnames are gathered): call it on
-    every rank, with empty mappings on ranks in neither layout. To sync repeatedly, keep the
-    plan and call :func:`execute_plan`. ``options`` go to :func:`execute_plan`.
+    every rank, with empty mappings on ranks in neither layout. To sync repeatedly, keep a
+    :class:`Resharder` of the plan and call its ``run``. ``options`` go to :func:`execute_plan`.
     """
     if context is None:
         from .. import gpc as context
     if hosts is None:
         hosts = context.get_hostnames()
+    if context.backend is not None and context.backend.device_backend == "nccl":
+        # torch: a batch_isend_irecv that is the group's first collective must involve every rank
+        ready = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(ready, group=context.get_group(ParallelMode.GLOBAL))
     plan = plan_reshard(src_layout, dst_layout, model, hosts)
     return plan, execute_plan(plan, src_tensors, dst_tensors, context=context, **options)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
 class _Packer:
-    """Produces the send buffer of each bucket of one message; keeps a running checksum."""
+    """Produces the send buffer of each chunk of one message (a view of the source tensor, or a
+    packed bucket); with ``verify``, sums the checksum of every transfer it touches."""
 
     def __init__(self, message: _Message, tensors: Mapping[str, torch.Tensor], axis: Mapping[str, int],
-                 bucket_bytes: int, device: torch.device, verify: bool) -> None:
+                 device: torch.device, verify: bool) -> None:
         self.message, self.tensors, self.axis, self.device = message, tensors, axis, device
-        self.bucket_bytes, self.verify = bucket_bytes, verify
-        self.buffer: Optional[torch.Tensor] = None
+        self.verify = verify
         self.checksum = torch.zeros(2, dtype=torch.int64, device=device) if verify else None
         self._cached: Tuple[Optional[Transfer], Optional[torch.Tensor]] = (None, None)
 
@@ -242,42 +318,41 @@ class _Packer:
             self._cached = (transfer, data)
         return self._cached[1]
 
-    def bucket(self, index: int) -> torch.Tensor:
-        lo = index * self.bucket_bytes
-        hi = min(lo + self.bucket_bytes, self.message.size)
+    def chunk(self, index: int) -> torch.Tensor:
+        lo, hi = self.message.chunks[index]
         inside = [(t, off) for t, off in self.message.parts if off < hi and off + t.nbytes > lo]
         if len(inside) == 1 and inside[0][1] <= lo and inside[0][1] + inside[0][0].nbytes >= hi:
             t, off = inside[0]
-            return self._bytes_of(t)[lo - off:hi - off]   # one transfer covers the bucket: no copy
-        if self.buffer is None:
-            self.buffer = torch.empty(min(self.bucket_bytes, self.message.size), dtype=torch.uint8,
-                                      device=self.device)
+            return self._bytes_of(t)[lo - off:hi - off]   # one transfer covers the chunk: no copy
+        buffer = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)   # small transfers only
         for t, off in inside:
             a, b = max(lo, off), min(hi, off + t.nbytes)
-            self.buffer[a - lo:b - lo].copy_(self._bytes_of(t)[a - off:b - off])
-        return self.buffer[:hi - lo]
+            buffer[a - lo:b - lo].copy_(self._bytes_of(t)[a - off:b - off])
+        return buffer
 
 
-def _run(ops: List[dist.P2POp], timeout: datetime.timedelta, plan: Plan, step: int, wave: int, n_waves: int,
-         rank: int, out: Optional[_Message], inc: Optional[_Message]) -> None:
-    """Issue one wave and wait for it; failures become errors naming the step and peers."""
+def _run(ops: List[dist.P2POp], timeout: datetime.timedelta, plan: Plan, step: int, rank: int,
+         out: Optional[_Message], inc: Optional[_Message]) -> None:
+    """Post one step's operations and wait for all of them within ``timeout``; failures become
+    errors naming the step and the peers."""
     try:
         works = dist.batch_isend_irecv(ops)
+        deadline = time.monotonic() + timeout.total_seconds()
         for work in works:
-            if not work.wait(timeout):
-                raise TimeoutError(f"wait returned false after {timeout.total_seconds():g}s")
+            left = deadline - time.monotonic()
+            if left <= 0 or not work.wait(datetime.timedelta(seconds=left)):
+                raise TimeoutError(f"timed out after {timeout.total_seconds():g}s")
     except Exception as exc:  # torch raises RuntimeError / DistError subclasses
         peers = []
         if inc is not None:
             peers.append(f"receiving {inc.size} bytes from rank {inc.peer}")
         if out is not None:
             peers.append(f"sending {out.size} bytes to rank {out.peer}")
-        what = f"bucket {wave + 1}/{n_waves}" if wave >= 0 else "checksum exchange"
-        where = (f"reshard step {step + 1}/{plan.num_steps}, {what}, on rank {rank} "
-                 f"({' and '.join(peers)}) over the global group")
+        where = (f"reshard step {step + 1}/{plan.num_steps} on rank {rank} ({' and '.join(peers)}) "
+                 "over the global group")
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if _is_timeout(exc):
-            raise GroupTimeoutError(f"{where}: no progress within {timeout.total_seconds():g}s — is the peer "
+            raise GroupTimeoutError(f"{where}: not done within {timeout.total_seconds():g}s — is the peer "
                                     f"alive and running the same plan? ({text})") from exc
         raise ReshardError(f"{where} failed: {text}; destination tensors untouched") from exc
 
@@ -288,15 +363,16 @@ def _is_timeout(exc: BaseException) -> bool:
 
 
 def _exchange_checksums(plan: Plan, step: int, rank: int, out: Optional[_Message], inc: Optional[_Message],
-                        packer: Optional[_Packer], staging: Optional[torch.Tensor], itemsize: Mapping[str, int],
-                        group: dist.ProcessGroup, timeout: datetime.timedelta, device: torch.device) -> None:
+                        packer: Optional[_Packer], staging: Optional[torch.Tensor], group: dist.ProcessGroup,
+                        timeout: datetime.timedelta, device: torch.device) -> None:
+    """Send the checksum of what this rank sent, receive and compare the one of what it got."""
     ops, theirs = [], None
     if inc is not None:
         theirs = torch.empty(2, dtype=torch.int64, device=device)
         ops.append(dist.P2POp(dist.irecv, theirs, inc.peer, group))
     if out is not None:
         ops.append(dist.P2POp(dist.isend, packer.checksum, out.peer, group))
-    _run(ops, timeout, plan, step, -1, 0, rank, out, inc)
+    _run(ops, timeout, plan, step, rank, out, inc)
     if inc is not None:
         mine = torch.zeros(2, dtype=torch.int64, device=device)
         for t, off in inc.parts:
@@ -308,7 +384,7 @@ def _exchange_checksums(plan: Plan, step: int, rank: int, out: Optional[_Message
                                f"{' …' if len(names) > 4 else ''}); destination tensors untouched")
 
 
-def _commit(plan: Plan, rank: int, copies: Sequence[Transfer], recv_messages: Mapping[int, _Message],
+def _commit(copies: Sequence[Transfer], recv_messages: Mapping[int, _Message],
             staging: Mapping[int, torch.Tensor], src_tensors: Mapping[str, torch.Tensor],
             dst_tensors: Mapping[str, torch.Tensor], axis: Mapping[str, int]) -> None:
     """Write everything into the destination tensors (only called once all bytes arrived)."""

@@ -1,0 +1,121 @@
+"""What ``pgroups nettest`` measures on this machine, and what it costs.
+
+1. busbw per collective on 2 / 4 / 8 local gloo ranks (one group: the world), as the tool
+   reports it at the largest size, beside the **baseline**: a bare torch.distributed loop
+   (same collective, size, warm-up and iterations, ``dist.<op>`` back to back, no verification,
+   no heartbeat) run in the same session. The ratio tool / bare shows that the tool's figures
+   are the network's, not its own overhead.
+2. Wall time of the default run ``pgroups nettest --nproc 8`` (8 B … 64 MiB, all_reduce,
+   nettest + host groups) beside the **baseline** ``pgroups run --nproc 8`` (start 8 processes,
+   build and check every group: the cost of starting at all).
+
+    python bench/bench_nettest.py                       # the full table (several minutes here)
+    python bench/bench_nettest.py --ranks 2 4 --size 16M --skip-default
+
+Loopback gloo on a 2-core machine: the figures say how this machine behaves, not a network.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from pgroups.nettest import metrics
+from pgroups.nettest.runner import launch, make_buffers
+from pgroups.spawn import run_local
+
+
+def bare_loop(collectives: List[str], size_bytes: int, warmup: int, iters: int) -> Dict[str, float]:
+    """The baseline, on one rank: seconds per operation of a bare loop, per collective."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    ranks, me = list(range(dist.get_world_size())), dist.get_rank()
+    seconds = {}
+    for collective in collectives:
+        shape = metrics.message_shape(collective, size_bytes, len(ranks))
+        buffers = make_buffers(collective, shape, ranks, me, torch.device("cpu"), corrupt=False)
+        recv = buffers.timed if collective == "all_reduce" else buffers.recv
+        for _ in range(warmup):
+            for work in launch(collective, None, ranks, me, buffers.timed, recv):
+                work.wait()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(iters):
+            for work in launch(collective, None, ranks, me, buffers.timed, recv):
+                work.wait()
+        seconds[collective] = (time.perf_counter() - start) / iters
+    dist.destroy_process_group()
+    return seconds
+
+
+def tool_figures(nproc: int, size: str, warmup: int, iters: int) -> Dict[str, float]:
+    """busbw (GB/s) the tool reports at ``size`` for every collective over the world group."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "net.json")
+        cmd = [sys.executable, "-m", "pgroups.nettest", "--nproc", str(nproc), "--modes", "global",
+               "--no-host-groups", "-c", "all", "-b", size, "-e", size, "-n", str(iters), "-w", str(warmup),
+               "--no-followup", "--quiet", "--json", path]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode not in (0, 1):
+            raise SystemExit(f"nettest failed ({done.returncode}): {done.stderr.strip()}")
+        report = json.load(open(path))
+    return {m["collective"]: m["busbw_gbps"] for m in report["measurements"]}
+
+
+def wall(cmd: List[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--size", default="64M", help="message size for the busbw table (default 64M)")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--skip-default", action="store_true", help="skip the wall time of the default run")
+    args = parser.parse_args()
+    size_bytes = metrics.parse_size(args.size)
+
+    print(f"busbw (GB/s) at {metrics.format_size(size_bytes)}, gloo over loopback, {os.cpu_count()} CPU cores; "
+          f"tool = pgroups nettest, bare = torch.distributed loop (baseline); {args.iters} iterations")
+    print(f"{'collective':<15}" + "".join(f"{f'{n} ranks: tool / bare (ratio)':>34}" for n in args.ranks))
+    table: Dict[int, Dict[str, tuple]] = {}
+    for n in args.ranks:
+        tool = tool_figures(n, args.size, args.warmup, args.iters)
+        outcomes = run_local(n, bare_loop, (list(metrics.COLLECTIVES), size_bytes, args.warmup, args.iters),
+                             timeout_s=1200)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise SystemExit(f"bare loop failed: {failed[0].error}")
+        bare = {c: metrics.busbw(c, n, metrics.message_shape(c, size_bytes, n).size_bytes,
+                                 sum(o.value[c] for o in outcomes) / n) for c in metrics.COLLECTIVES}
+        table[n] = {c: (tool[c], bare[c]) for c in metrics.COLLECTIVES}
+    for c in metrics.COLLECTIVES:
+        cells = "".join(f"{f'{table[n][c][0]:.3f} / {table[n][c][1]:.3f} ({table[n][c][0] / table[n][c][1]:.2f})':>34}"
+                        for n in args.ranks)
+        print(f"{c:<15}{cells}")
+    if args.skip_default:
+        return
+    print()
+    base = wall([sys.executable, "-m", "pgroups", "run", "--nproc", "8"])
+    ours = wall([sys.executable, "-m", "pgroups.nettest", "--nproc", "8", "--quiet"])
+    print(f"{'command':<40} {'wall (s)':>9}")
+    print(f"{'pgroups run --nproc 8 (baseline)':<40} {base:>9.1f}")
+    print(f"{'pgroups nettest --nproc 8':<40} {ours:>9.1f}   ({ours / base:.2f}x the baseline, "
+          f"+{ours - base:.1f}s for the default sweep)")
+
+
+if __name__ == "__main__":
+    main()
