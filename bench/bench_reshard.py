@@ -14,7 +14,8 @@ Methods (every one leaves each rank with its generation shard; results are check
 - ``all-gather``: every rank all-gathers every training shard (the full model), then slices.
 The baselines keep their buffers between repetitions too.
 
-Reported: the slowest rank's wall time (median over ``--reps``, after one untimed warm-up), bytes received per rank, and
+Reported: the slowest rank's wall time (median over ``--reps`` rounds that interleave the methods,
+after one untimed warm-up round), bytes received per rank, and
 ratios against ``reshard``; our effective throughput (bytes received per rank / time) against
 the bandwidth of a plain all_reduce (busbw) and of pairwise send/recv on the same ranks; and the
 point-to-point vs broadcast measurement behind the executor's transport choice.
@@ -202,38 +203,43 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
     plan_seconds = time.perf_counter() - started
     src = cut_shards(train, model, rank, lambda n: full_tensor(model, n))
     dst = empty_shards(gen, model, rank)
-    rows: Dict[str, Dict[str, float]] = {}
-
-    def run(label: str, fn: Callable[[], int]) -> torch.Tensor:
-        seconds, got = [], 0
-        fn()  # warm-up, untimed: first-touch page faults and connection set-up, for every method alike
-        for _ in range(reps):
+    resharder, small_buckets = Resharder(plan, bucket_bytes=bucket_mb * MiB), Resharder(plan, bucket_bytes=MiB)
+    full = {s.name: full_tensor(model, s.name) for s in model.tensors} if rank == 0 else {}
+    bcast_cache: Dict[Any, torch.Tensor] = {}
+    gather_cache: Dict[Any, torch.Tensor] = {}
+    methods: Dict[str, Callable[[], int]] = {
+        "reshard": lambda: resharder.run(src, dst).bytes_received,
+        "reshard, 1 MiB buckets": lambda: small_buckets.run(src, dst).bytes_received,
+        "reshard, one-shot execute_plan (fresh staging)":
+            lambda: execute_plan(plan, src, dst, bucket_bytes=bucket_mb * MiB).bytes_received,
+        "broadcast-all": lambda: broadcast_all(model, gen, rank, full, dst, bcast_cache),
+        "all-gather": lambda: allgather_all(model, train, gen, rank, src, dst, gather_cache),
+    }
+    seconds: Dict[str, List[float]] = {label: [] for label in methods}
+    received: Dict[str, int] = {}
+    fingerprints: Dict[str, torch.Tensor] = {}
+    # one untimed warm-up each (first-touch page faults, connection set-up), then rounds that
+    # interleave the methods, so load changes on this shared machine hit every method alike
+    for round_index in range(reps + 1):
+        for label, method in methods.items():
             for t in dst.values():
                 t.zero_()
-            box = {}
-            seconds.append(_timed(lambda: box.setdefault("bytes", fn())))
-            got = box["bytes"]
-        received = torch.tensor([got], dtype=torch.int64)
-        dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        rows[label] = {"seconds": statistics.median(seconds), "bytes": int(received)}
-        return _fingerprint(dst)
-
-    resharder = Resharder(plan, bucket_bytes=bucket_mb * MiB)
-    ours = run("reshard", lambda: resharder.run(src, dst).bytes_received)
+            box: Dict[str, int] = {}
+            elapsed = _timed(lambda: box.setdefault("bytes", method()))
+            if round_index:
+                seconds[label].append(elapsed)
+            received[label] = box["bytes"]
+            fingerprints[label] = _fingerprint(dst)
+    rows: Dict[str, Dict[str, float]] = {}
+    for label in methods:
+        most = torch.tensor([received[label]], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        rows[label] = {"seconds": statistics.median(seconds[label]), "bytes": int(most)}
+    same = all(torch.equal(fingerprints["reshard"], f) for f in fingerprints.values())
+    for cache in (full, bcast_cache, gather_cache):
+        cache.clear()
     resharder.release()
-    small_buckets = Resharder(plan, bucket_bytes=MiB)
-    small = run("reshard, 1 MiB buckets", lambda: small_buckets.run(src, dst).bytes_received)
     small_buckets.release()
-    once = run("reshard, one-shot execute_plan (fresh staging)",
-               lambda: execute_plan(plan, src, dst, bucket_bytes=bucket_mb * MiB).bytes_received)
-    full = {s.name: full_tensor(model, s.name) for s in model.tensors} if rank == 0 else {}
-    cache: Dict[Any, torch.Tensor] = {}
-    bcast = run("broadcast-all", lambda: broadcast_all(model, gen, rank, full, dst, cache))
-    full.clear()
-    cache.clear()
-    gather = run("all-gather", lambda: allgather_all(model, train, gen, rank, src, dst, cache))
-    cache.clear()
-    same = all(torch.equal(ours, other) for other in (small, once, bcast, gather))
     bandwidth = _bandwidths(rank, world, 64 * MiB, reps)
     transport = _p2p_vs_broadcast(gpc, rank, 64 * MiB, reps)
     gpc.destroy()
@@ -259,7 +265,8 @@ def main(argv: List[str] = None) -> int:
         return 1
     r = outcomes[0].value
     print(f"world {args.nproc} gloo, model {r['model_bytes'] / MiB:.0f} MiB bf16 ({r['tensors']} tensors); "
-          f"tensor 4 x pipeline 2 (balanced stages) -> tensor 2 x data 4, colocated; median of {args.reps}")
+          f"tensor 4 x pipeline 2 (balanced stages) -> tensor 2 x data 4, colocated; median of {args.reps} "
+          "interleaved rounds")
     print(f"plan: {r['plan_seconds'] * 1e3:.0f} ms, {r['steps']} steps, ratio {r['ratio']:.3f}, sender load "
           f"max/mean {r['load'][0] / r['load'][1]:.2f}; all methods give identical shards: {r['same']}")
     base = r["rows"]["reshard"]

@@ -43,7 +43,7 @@ def test_healthy_run_measures_every_collective_on_mode_and_host_groups(tmp_path,
     path = tmp_path / "net.json"
     code, out, err = nettest(capsys, "--nproc", "4", "--simulate-hosts", "2", "-c", "all", *SMALL,
                              "--json", str(path))
-    assert code == 0, err
+    assert code == 0, out + err
     report = json.loads(path.read_text())
     groups = {g["id"]: g for g in report["groups"]}
     assert groups["nettest#0"]["ranks"] == [0, 1, 2, 3]

@@ -8,7 +8,6 @@ the lower bound (ratio 1.0); each step is a matching; same-host holders are pref
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter, defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from pgroups.cli import main
 from pgroups.errors import ConfigError
-from pgroups.reshard import (Block, ModelSpec, ParallelLayout, Rule, TensorSpec, balanced_stages, color_pairs,
+from pgroups.reshard import (ModelSpec, ParallelLayout, Rule, TensorSpec, balanced_stages, color_pairs,
                              even_stages, llama_like, load_layout, load_model_spec, parts_blocks, plan_reshard,
                              qkv_blocks, spec_from_module)
 from pgroups.reshard.spec import Piece

@@ -12,19 +12,26 @@
 - :mod:`.layout`: a Topology placed on global ranks, with a layer-to-stage policy;
 - :mod:`.planner`: the pure planner and its report (bytes vs the lower bound, sender loads, steps);
 - :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
+- :mod:`.collectives`: activation resharding collectives with autograd (Ulysses all-to-all,
+  gather / split / reduce-scatter along a dim, async weight all-gather) on any mode's group;
+- :mod:`.verl`: the verl pattern — micro-data-parallel batches and inference-shard weight gathers;
 - ``pgroups reshard-plan SRC.yaml DST.yaml --world-size N`` (:mod:`.cli`) prints a plan offline.
 """
+from .collectives import (WeightGatherHandle, all_gather_weight, all_to_all, gather_along, head_to_seq,
+                          reduce_scatter_along, seq_to_head, split_along, start_weight_gather)
 from .executor import DEFAULT_BUCKET_BYTES, Resharder, ReshardError, ReshardStats, execute_plan, reshard
 from .layout import (STAGE_POLICIES, ParallelLayout, balanced_stages, cut_shards, empty_shards, even_stages,
                      load_layout, local_shapes, parse_ranks)
 from .planner import Plan, ReceiverReport, Transfer, color_pairs, describe_plan, plan_reshard
 from .spec import (Block, ModelSpec, Rule, TensorSpec, llama_like, load_model_spec, parts_blocks, qkv_blocks,
                    spec_from_module)
+from .verl import MicroDataSharding
 
 __all__ = [
     "Block", "DEFAULT_BUCKET_BYTES", "ModelSpec", "ParallelLayout", "Plan", "ReceiverReport", "ReshardError",
     "ReshardStats", "Resharder", "Rule", "STAGE_POLICIES", "TensorSpec", "Transfer", "balanced_stages", "color_pairs",
     "cut_shards", "describe_plan", "empty_shards", "even_stages", "execute_plan", "llama_like", "load_layout",
     "load_model_spec", "local_shapes", "parse_ranks", "parts_blocks", "plan_reshard", "qkv_blocks", "reshard",
-    "spec_from_module",
+    "spec_from_module", "WeightGatherHandle", "all_gather_weight", "all_to_all", "gather_along", "head_to_seq",
+    "reduce_scatter_along", "seq_to_head", "split_along", "start_weight_gather", "MicroDataSharding",
 ]

@@ -14,7 +14,8 @@ runs of small transfers (under 1 MiB) are packed into one bucket (no per-tensor 
 them), a larger transfer is sent straight from the source tensor (no packing copy when its
 region is contiguous), in pieces of at most ``bucket_bytes``. All chunks of a step go in one ``batch_isend_irecv``
 and are awaited together (waiting chunk by chunk made every pair move in lock-step with its
-neighbours' pairs: measured 1.5-2x slower on gloo).
+neighbours' pairs: measured 1.5-2x slower on gloo); the next step is packed while the current
+one is on the wire.
 
 Atomicity: received bytes land in staging buffers; destination tensors are written only after
 every step (and, with ``verify=True``, every checksum) succeeded on this rank. A failure —
@@ -28,6 +29,7 @@ buffers); other ranks need not call it.
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -35,6 +37,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from ..backend import is_timeout
 from ..errors import GroupTimeoutError, PGroupsError
 from ..modes import ParallelMode
 from .layout import ParallelLayout, local_shapes
@@ -222,20 +225,15 @@ class Resharder:
         started = time.perf_counter()
         messages = verified = 0
         try:
-            for step in range(plan.num_steps):
-                out, inc = self.send_messages.get(step), self.recv_messages.get(step)
-                if out is None and inc is None:
-                    continue
+            steps = [s for s in range(plan.num_steps) if s in self.send_messages or s in self.recv_messages]
+            upcoming = self._prepare(steps[0], src_tensors, group, device) if steps else None
+            for index, step in enumerate(steps):
+                ops, out, inc, packer = upcoming
                 if progress is not None:
                     progress(step)
-                ops = []
-                if inc is not None:
-                    buffer = self._staging_for(step, inc.size, device)
-                    ops += [dist.P2POp(dist.irecv, buffer[lo:hi], inc.peer, group) for lo, hi in inc.chunks]
-                packer = _Packer(out, src_tensors, self.axis, device, self.verify) if out is not None else None
-                if packer is not None:
-                    ops += [dist.P2POp(dist.isend, packer.chunk(k), out.peer, group) for k in range(len(out.chunks))]
-                _run(ops, timeout, plan, step, rank, out, inc)
+                following = steps[index + 1] if index + 1 < len(steps) else None
+                upcoming = _run(ops, timeout, plan, step, rank, out, inc, while_in_flight=None if following is None
+                                else functools.partial(self._prepare, following, src_tensors, group, device))
                 messages += len(ops)
                 if self.verify:
                     _exchange_checksums(plan, step, rank, out, inc, packer, self._staging.get(step), group,
@@ -250,6 +248,20 @@ class Resharder:
         return ReshardStats(rank, sum(t.nbytes for t in self.recvs), sum(t.nbytes for t in self.sends),
                             sum(t.nbytes for t in self.copies), seconds,
                             len(set(self.send_messages) | set(self.recv_messages)), messages, verified)
+
+    def _prepare(self, step: int, src_tensors: Mapping[str, torch.Tensor], group: Optional[dist.ProcessGroup],
+                 device: torch.device) -> Tuple[List[dist.P2POp], Optional[_Message], Optional[_Message],
+                                                Optional["_Packer"]]:
+        """The point-to-point operations of ``step`` (receives into staging, sends packed or direct)."""
+        out, inc = self.send_messages.get(step), self.recv_messages.get(step)
+        ops = []
+        if inc is not None:
+            buffer = self._staging_for(step, inc.size, device)
+            ops += [dist.P2POp(dist.irecv, buffer[lo:hi], inc.peer, group) for lo, hi in inc.chunks]
+        packer = _Packer(out, src_tensors, self.axis, device, self.verify) if out is not None else None
+        if packer is not None:
+            ops += [dist.P2POp(dist.isend, packer.chunk(k), out.peer, group) for k in range(len(out.chunks))]
+        return ops, out, inc, packer
 
     def _staging_for(self, step: int, size: int, device: torch.device) -> torch.Tensor:
         buffer = self._staging.get(step)
@@ -332,16 +344,20 @@ class _Packer:
 
 
 def _run(ops: List[dist.P2POp], timeout: datetime.timedelta, plan: Plan, step: int, rank: int,
-         out: Optional[_Message], inc: Optional[_Message]) -> None:
-    """Post one step's operations and wait for all of them within ``timeout``; failures become
-    errors naming the step and the peers."""
+         out: Optional[_Message], inc: Optional[_Message],
+         while_in_flight: Optional[Callable[[], Any]] = None) -> Any:
+    """Post one step's operations, call ``while_in_flight`` (the next step is packed meanwhile),
+    wait for all of them within ``timeout`` and return what ``while_in_flight`` returned;
+    failures become errors naming the step and the peers."""
     try:
         works = dist.batch_isend_irecv(ops)
+        result = while_in_flight() if while_in_flight is not None else None
         deadline = time.monotonic() + timeout.total_seconds()
         for work in works:
             left = deadline - time.monotonic()
             if left <= 0 or not work.wait(datetime.timedelta(seconds=left)):
                 raise TimeoutError(f"timed out after {timeout.total_seconds():g}s")
+        return result
     except Exception as exc:  # torch raises RuntimeError / DistError subclasses
         peers = []
         if inc is not None:
@@ -351,15 +367,10 @@ def _run(ops: List[dist.P2POp], timeout: datetime.timedelta, plan: Plan, step: i
         where = (f"reshard step {step + 1}/{plan.num_steps} on rank {rank} ({' and '.join(peers)}) "
                  "over the global group")
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if _is_timeout(exc):
+        if is_timeout(exc):
             raise GroupTimeoutError(f"{where}: not done within {timeout.total_seconds():g}s — is the peer "
                                     f"alive and running the same plan? ({text})") from exc
         raise ReshardError(f"{where} failed: {text}; destination tensors untouched") from exc
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, TimeoutError) or "timed out" in text or "timeout" in text
 
 
 def _exchange_checksums(plan: Plan, step: int, rank: int, out: Optional[_Message], inc: Optional[_Message],
