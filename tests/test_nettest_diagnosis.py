@@ -84,6 +84,12 @@ def test_rule_needs_both_the_factor_and_the_spread():
     assert dx.worse_than_peers(5.0, [10.0, 10.0, 11.0], False, RULE) is None
 
 
+def test_with_fewer_than_three_peers_the_factor_doubles():
+    assert dx.worse_than_peers(3.0, [1.0], False, RULE) is None       # 3x: not enough without a spread
+    assert dx.worse_than_peers(4.5, [1.0, 1.1], False, RULE) is not None
+    assert dx.worse_than_peers(3.0, [1.0, 1.0, 1.0], False, RULE) is not None  # spread known: 2x suffices
+
+
 def test_rule_with_no_peers_flags_nothing():
     assert dx.worse_than_peers(0.001, [], True, RULE) is None
 

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--min-busbw", type=float, help="absolute floor in GB/s for busbw at the largest size")
     parser.add_argument("--slow-factor", type=float, default=Rule().slow_factor,
-                        help="how many times worse than its peers' median a group must be (default 2)")
+                        help="how many times worse than its peers' median a group must be (default 2; "
+                             "doubled when it has fewer than 3 peers)")
     parser.add_argument("--mad-k", type=float, default=Rule().mad_k,
                         help="and by how many robust standard deviations (1.4826 x MAD) of its peers (default 4)")
     parser.add_argument("--no-followup", dest="followup", action="store_false",

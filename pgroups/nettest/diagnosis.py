@@ -11,7 +11,8 @@ The rule, chosen so that a healthy run on a noisy machine raises no alarm:
    reference) by a factor ``slow_factor`` (default 2: half the bandwidth, or twice the
    latency) **and** by ``mad_k`` (default 4) robust standard deviations of the others
    (1.4826 x MAD). One noisy figure is not enough to move a median, and a 2x margin is far
-   beyond the jitter of a healthy link; a class with one group is never compared.
+   beyond the jitter of a healthy link. With fewer than three peers there is no spread to
+   measure, so the factor doubles (4x by default); a class with one group is never compared.
 3. **Absolute floors.** ``--min-busbw`` flags any group whose bus bandwidth at the largest
    size is below the floor, whatever its peers do (the only way to catch a uniformly slow
    fabric, or a single group).
@@ -41,6 +42,7 @@ from . import metrics
 from .groups import GroupUnderTest
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
+MIN_PEERS_FOR_SPREAD = 3  # below this, a MAD means nothing: the factor doubles instead
 MAX_PAIR_ROUNDS = 16
 
 
@@ -163,19 +165,21 @@ def worse_than_peers(value: float, peers: Sequence[float], higher_is_better: boo
     """The Deviation if ``value`` is worse than ``peers`` by the rule, else None.
 
     Worse means: beyond ``slow_factor`` times the peers' median **and** beyond ``mad_k``
-    robust standard deviations of the peers. No peers → None (nothing to compare with).
+    robust standard deviations of the peers. With fewer than MIN_PEERS_FOR_SPREAD peers there
+    is no spread to measure, so the factor doubles instead. No peers → None.
     """
     if not peers:
         return None
     reference = statistics.median(peers)
     spread = MAD_SCALE * statistics.median(abs(p - reference) for p in peers)
+    factor = rule.slow_factor if len(peers) >= MIN_PEERS_FOR_SPREAD else 2 * rule.slow_factor
     if higher_is_better:
         ratio = reference / value if value > 0 else float("inf")
         beyond_spread = value < reference - rule.mad_k * spread
     else:
         ratio = value / reference if reference > 0 else float("inf")
         beyond_spread = value > reference + rule.mad_k * spread
-    if ratio >= rule.slow_factor and beyond_spread and reference > 0:
+    if ratio >= factor and beyond_spread and reference > 0:
         return Deviation(value, reference, spread, ratio)
     return None
 
