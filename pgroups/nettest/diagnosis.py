@@ -16,18 +16,23 @@ The rule, chosen so that a healthy run on a noisy machine raises no alarm:
 3. **Absolute floors.** ``--min-busbw`` flags any group whose bus bandwidth at the largest
    size is below the floor, whatever its peers do (the only way to catch a uniformly slow
    fabric, or a single group).
-4. **Repeated.** Every flag is *re-tested*: the whole class is measured again at the flagged
-   collective and size, three times, and each group's *best* repetition counts. A group is
-   slow only if even its best is flagged again; a healthy group that was unlucky once is
-   reported as a transient note, not as a fault.
+4. **Repeated.** Every slow flag is *re-tested*: the flagged groups and up to four healthy
+   peers of their class are measured again at the flagged collective and size, each group
+   *alone* (the others wait), round-robin, three times (small messages: at least 20
+   operations a time), and judged by the same rule on each group's *best* operation — noise
+   (a descheduled process, a busy neighbour) only ever adds time, a bad link or rank slows
+   every operation. A group is slow only if flagged again; a healthy group that was unlucky
+   once is reported as a transient note, not as a fault.
 5. **Below group granularity.** The ranks of confirmed bad groups (*candidates*) are paired
-   with ranks of healthy groups (*references*) in rounds of concurrent send/recv exchanges on
-   the world group; each round also runs a *control* pair of two references, the baseline
-   the candidate pairs are judged against by the same factor-and-MAD rule (with no two
-   references, the other pairs of the round are the baseline). Every candidate meets at least
-   two different partners; a rank is named **slow** only if *all* its pairs were slow, and
-   **corrupting** if data from it arrived wrong at a majority of its partners (or it received
-   wrong data from all of them). Hosts are named from the ranks they hold.
+   with ranks of healthy groups (*references*) in rounds of disjoint send/recv exchanges on
+   the existing world group (no new groups), each candidate meeting two different
+   references. With four references or more, each round also runs a *control* pair of two
+   references; three controls or more make the baseline, else every other pair does. With
+   fewer than three references the candidates meet each other round-robin (at least three
+   partners each when there are enough). A pair is slow by the same factor-and-MAD rule (best
+   operation); a rank is named **slow** only if *all* its pairs (two partners or more) were
+   slow, and **corrupting** if data it sent arrived wrong at a majority of its partners (or
+   it received wrong data from all of them). Hosts are named from the ranks they hold.
 
 Wrong data is never noise: any wrong element flags a group at once (no re-test needed).
 """

@@ -12,9 +12,9 @@ Two planes:
   A rank that stops making progress while idle (no heartbeat for ``--timeout``) is named too.
 
 Steps, the same on every rank: one *sweep* per wave of disjoint groups; rank 0 then diagnoses
-and publishes a *re-test* plan (flagged classes measured again, best of three) and a *pair*
-plan (candidates paired with references, see :mod:`.diagnosis`); everyone executes the plans.
-Rank 0 returns the report (a JSON-able dict), the others None.
+and publishes a *re-test* plan (flagged groups and some healthy peers, each measured alone,
+round-robin) and a *pair* plan (candidates paired with references, see :mod:`.diagnosis`);
+everyone executes the plans; rank 0 publishes the exit code every rank returns.
 """
 from __future__ import annotations
 
