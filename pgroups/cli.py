@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from importlib import resources
-from typing import Any, Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from .config import Config, load_config
 from .context import import_plugins, make_initializers

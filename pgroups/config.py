@@ -92,22 +92,15 @@ def load_config(obj: ConfigLike, source: Optional[str] = None) -> Config:
     if isinstance(obj, Mapping):
         return config_from_dict(obj, source)
     if isinstance(obj, (str, os.PathLike)):
-        text = os.fspath(obj)
-        if isinstance(obj, os.PathLike) or _looks_like_path(text):
-            return load_config_file(text)
-        return config_from_dict(_parse_yaml(text, source or "<yaml string>"), source or "<yaml string>")
+        data, where = read_yaml(obj, "config", source, text_name="<yaml string>")
+        return config_from_dict(data, where)
     raise ConfigError(f"a config must be a path, a YAML string, a mapping or a Config, got {type(obj).__name__}")
 
 
 def load_config_file(path: Union[str, "os.PathLike[str]"]) -> Config:
     """Read and validate the YAML file at ``path``."""
-    name = os.fspath(path)
-    try:
-        text = Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{name}: cannot read config file: {reason}") from None
-    return config_from_dict(_parse_yaml(text, name), name)
+    data, source = read_yaml(os.fspath(path), "config")
+    return config_from_dict(data, source)
 
 
 def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
@@ -159,6 +152,28 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
     kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
     kwargs["plugins"] = _plugins(data.get("plugins"), where)
     return Config(**kwargs)
+
+
+def read_yaml(obj: Union[str, "os.PathLike[str]"], what: str = "config",
+              source: Optional[str] = None, text_name: Optional[str] = None) -> Tuple[Any, str]:
+    """Parse ``obj`` — a YAML file path or YAML text — with ``yaml.safe_load``.
+
+    Returns ``(data, source)``, where source names the file (or ``source``, else ``text_name``
+    or ``<what>`` for YAML text).
+    A str is a path when it names an existing file, ends in .yaml/.yml, or has no ':' and no
+    newline. Raises ConfigError for an unreadable file or malformed YAML (with line, column).
+    """
+    text = os.fspath(obj)
+    if isinstance(obj, os.PathLike) or _looks_like_path(text):
+        try:
+            content = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{text}: cannot read {what} file: {reason}") from None
+        source = source or text
+    else:
+        content, source = text, source or text_name or f"<{what}>"
+    return _parse_yaml(content, source), source
 
 
 def _looks_like_path(text: str) -> bool:

@@ -7,7 +7,7 @@ over the world, and rank 0 returns the summary.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist

@@ -249,7 +249,6 @@ def make_buffers(collective: str, shape: metrics.MessageShape, ranks: Sequence[i
     off = source_offset(i)
     total_off = float(sum(source_offset(j) for j in range(n)))
     cin, cout = shape.in_count, shape.out_count
-    chunk = cout // n if collective in metrics.CHUNKED else cout
     sources: Optional[List[int]] = None
     if collective == "all_reduce":
         send = pattern(0, cin, off, device)

@@ -20,13 +20,11 @@ YAML: a pgroups config, with an optional ``placement:`` section::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attrs
-import yaml
 
-from ..config import Config, config_from_dict
+from ..config import Config, config_from_dict, read_yaml
 from ..errors import ConfigError, allowed, did_you_mean
 from ..topology import Topology
 from .spec import EMBEDDING, HEAD, LayerRef, ModelSpec, balanced_share
@@ -286,19 +284,8 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
     if isinstance(obj, Mapping):
         data, source = dict(obj), name or "<layout>"
     else:
-        text = os.fspath(obj)
-        if "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.isfile(text)):
-            try:
-                content = Path(text).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"{text}: cannot read layout: {exc.strerror or exc}") from None
-            source = name or text
-        else:
-            content, source = text, name or "<layout>"
-        try:
-            data = yaml.safe_load(content) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
+        data, source = read_yaml(obj, "layout", name)
+        data = data or {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: a layout must be a pgroups config mapping, got {type(data).__name__}")
         data = dict(data)

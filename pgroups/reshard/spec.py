@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attrs
 import torch
-import yaml
 
+from ..config import read_yaml
 from ..errors import ConfigError, allowed, did_you_mean
 
 EMBEDDING = "embedding"
@@ -325,21 +325,7 @@ def load_model_spec(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], sour
     """
     if isinstance(obj, Mapping):
         return model_spec_from_dict(obj, source or "<model spec>")
-    text = os.fspath(obj)
-    if "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.isfile(text)):
-        try:
-            content = Path(text).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{text}: cannot read model spec: {exc.strerror or exc}") from None
-        source = source or text
-    else:
-        content, source = text, source or "<model spec>"
-    try:
-        data = yaml.safe_load(content)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: malformed YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    data, source = read_yaml(obj, "model spec", source)
     return model_spec_from_dict(data, source)
 
 
