@@ -17,8 +17,9 @@ torch names members-only groups by how many groups a process already holds.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -110,23 +111,19 @@ class GroupBackend:
         if my_ranks is not None and len(my_ranks) == dist.get_world_size() and (
                 not cpu or not self.cpu_twin_needed or "gloo" in default_backend_name()):
             return self.world_group()
-        try:
+        def describe(exc: BaseException) -> str:
+            return (f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r} "
+                    f"with ranks {_short(my_ranks)} timed out after {self.timeout.total_seconds():g}s "
+                    f"on rank {dist.get_rank()}: a peer never entered (is every member running "
+                    "and requesting the same modes in the same order? across hosts, set "
+                    "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)")
+
+        with timeouts_named(describe):
             if strategy == "all":
                 return self._build_all(backend, my_ranks, all_groups(), mode, cpu)
             if strategy == "split":
                 return self._build_split(backend, my_ranks, all_groups(), mode)
             return self._build_local(backend, my_ranks, mode)
-        except GroupTimeoutError:
-            raise
-        except (RuntimeError, dist.DistError) as exc:
-            if is_timeout(exc):
-                raise GroupTimeoutError(
-                    f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r} "
-                    f"with ranks {_short(my_ranks)} timed out after {self.timeout.total_seconds():g}s "
-                    f"on rank {dist.get_rank()}: a peer never entered (is every member running "
-                    "and requesting the same modes in the same order? across hosts, set "
-                    "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)") from exc
-            raise
 
     def build_for_rank_lists(self, name: str, rank_groups: Sequence[Sequence[int]],
                              cpu: bool = False) -> Optional[ProcessGroup]:
@@ -198,6 +195,20 @@ def is_timeout(exc: BaseException) -> bool:
     text = str(exc).lower()
     return (isinstance(exc, (TimeoutError, getattr(dist, "DistStoreError", TimeoutError)))
             or "timeout" in text or "timed out" in text)
+
+
+@contextlib.contextmanager
+def timeouts_named(describe: Callable[[BaseException], str]) -> Iterator[None]:
+    """Re-raise a torch.distributed timeout inside the block as GroupTimeoutError(describe(exc)),
+    so that a hung peer is reported by group and ranks; other errors pass through unchanged."""
+    try:
+        yield
+    except GroupTimeoutError:
+        raise
+    except (RuntimeError, dist.DistError) as exc:
+        if is_timeout(exc):
+            raise GroupTimeoutError(describe(exc)) from exc
+        raise
 
 
 def _short(ranks: Optional[Sequence[int]], limit: int = 16) -> str:

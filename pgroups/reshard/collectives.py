@@ -40,16 +40,14 @@ reduce-scatter sums in the tensor's own dtype.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import attrs
 import torch
 import torch.distributed as dist
 
-from ..backend import is_timeout
+from ..backend import timeouts_named
 from ..context import ParallelContext
-from ..errors import GroupTimeoutError
 from ..modes import ModeLike, ParallelMode, mode_name
 
 GroupLike = Union[ModeLike, dist.ProcessGroup]
@@ -110,20 +108,12 @@ def _device_for(backend_name: str, cpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def comm_errors(info: GroupInfo, operation: str) -> Iterator[None]:
+def comm_errors(info: GroupInfo, operation: str):
     """Turn a collective's timeout into GroupTimeoutError naming ``operation`` and the group."""
-    try:
-        yield
-    except GroupTimeoutError:
-        raise
-    except (RuntimeError, dist.DistError) as exc:
-        if is_timeout(exc):
-            raise GroupTimeoutError(
-                f"{operation} over {info.label} timed out on local rank {info.rank}: a peer never "
-                f"arrived (does every rank of the group call it in the same order?): "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-        raise
+    return timeouts_named(lambda exc: (
+        f"{operation} over {info.label} timed out on local rank {info.rank}: a peer never "
+        f"arrived (does every rank of the group call it in the same order?): "
+        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"))
 
 
 # ---- pure size arithmetic ---------------------------------------------------------------------
