@@ -97,7 +97,7 @@ def assert_ok(results: List[Dict[str, str]], prefix: str) -> None:
 
 # ---- checks (each runs on every rank of the group) -----------------------------------------------
 def check_gather(expect: Expect, g: Group, dim: int, sizes, seed: int) -> None:
-    from pgroups.reshard.collectives import exchange_sizes, gather_along
+    from pgroups.comm import exchange_sizes, gather_along
 
     base = (3, 4, 2)
     sizes = sizes or (base[dim],) * g.size
@@ -116,7 +116,7 @@ def check_gather(expect: Expect, g: Group, dim: int, sizes, seed: int) -> None:
 
 
 def check_split(expect: Expect, g: Group, dim: int, total: int, seed: int) -> None:
-    from pgroups.reshard.collectives import split_along
+    from pgroups.comm import split_along
 
     full = data(seed, with_size((2, 3, 4), dim, total))         # replicated input
     x = full.clone().requires_grad_()
@@ -131,7 +131,7 @@ def check_split(expect: Expect, g: Group, dim: int, total: int, seed: int) -> No
 
 
 def check_reduce_scatter(expect: Expect, g: Group, dim: int, total: int, seed: int) -> None:
-    from pgroups.reshard.collectives import reduce_scatter_along
+    from pgroups.comm import reduce_scatter_along
 
     shape = with_size((3, 2, 5), dim, total)
     inputs = [data(seed + r, shape) for r in g.members]
@@ -154,7 +154,7 @@ def ulysses_reference(qkv_by_rank, size: int, seq_dim: int, head_dim: int):
 
 def check_ulysses(expect: Expect, g: Group, seq_sizes, seed: int) -> None:
     """q, k, v (GQA: fewer k/v heads) sequence-sharded -> head-sharded in one call, and back."""
-    from pgroups.reshard.collectives import head_to_seq, seq_to_head
+    from pgroups.comm import head_to_seq, seq_to_head
 
     batch, heads_q, heads_kv, head_dim_size = 2, 4 * g.size, 2 * g.size, 3
     seq_sizes = seq_sizes or (3,) * g.size
@@ -189,7 +189,7 @@ def check_ulysses(expect: Expect, g: Group, seq_sizes, seed: int) -> None:
 
 def check_all_to_all_dtypes(expect: Expect, g: Group, seed: int) -> None:
     """Tensors of three dtypes travel in one call; a single tensor comes back as a tensor."""
-    from pgroups.reshard.collectives import all_to_all
+    from pgroups.comm import all_to_all
 
     dtypes = (torch.float64, torch.float32, torch.int64)
     inputs = [[data(seed + 10 * r + i, (2 * g.size + i, 5), dtype) for i, dtype in enumerate(dtypes)]
@@ -206,7 +206,7 @@ def check_all_to_all_dtypes(expect: Expect, g: Group, seed: int) -> None:
 
 def check_weight_gather(expect: Expect, g: Group, dim: int, sizes, seed: int) -> None:
     """Two gathers in flight at once, waited in reverse order; backward sums over ranks."""
-    from pgroups.reshard.collectives import WeightGatherHandle, start_weight_gather
+    from pgroups.comm import WeightGatherHandle, start_weight_gather
 
     base = (4, 3)
     sizes = sizes or (base[dim],) * g.size
@@ -238,7 +238,7 @@ def check_weight_gather(expect: Expect, g: Group, dim: int, sizes, seed: int) ->
 def check_errors(expect: Expect, g: Group) -> None:
     """Bad arguments raise one clear ValueError before any communication."""
     from pgroups import ModeNotInitializedError
-    from pgroups.reshard.collectives import all_to_all, gather_along, split_along, start_weight_gather
+    from pgroups.comm import all_to_all, gather_along, split_along, start_weight_gather
 
     x = torch.zeros(4, 6)
     cases = [
@@ -264,7 +264,7 @@ def check_errors(expect: Expect, g: Group) -> None:
 def check_default_context(expect: Expect) -> None:
     """Without ctx=, modes resolve through pgroups.gpc (initialized by the worker)."""
     import pgroups
-    from pgroups.reshard.collectives import gather_along, resolve_group
+    from pgroups.comm import gather_along, resolve_group
 
     info = resolve_group("tensor")
     expect.true((info.size, info.rank) == (2, pgroups.gpc.get_local_rank("tensor")), f"resolved {info}")
@@ -279,7 +279,7 @@ def check_timeout(expect: Expect, rank: int) -> None:
     import torch.distributed as dist
 
     from pgroups import GroupTimeoutError, ParallelContext
-    from pgroups.reshard.collectives import gather_along
+    from pgroups.comm import gather_along
 
     ctx = ParallelContext().init_from_config(TIMEOUT_CONFIG)
     expect.true(ctx.get_group("tensor") is not None, "tensor group built")  # lazy: built here, by both members
@@ -386,10 +386,39 @@ def test_absent_peer_raises_group_timeout_naming_the_group(results):
 
 
 def test_even_split_sizes_match_tensor_split():
-    from pgroups.reshard.collectives import even_split_sizes, offsets_of
+    from pgroups.comm import even_split_sizes, offsets_of
 
     for total in range(0, 12):
         for parts in range(1, 6):
             expected = tuple(p.shape[0] for p in torch.tensor_split(torch.zeros(total), parts))
             assert even_split_sizes(total, parts) == expected
             assert offsets_of(expected)[-1] + expected[-1] == total
+
+
+def test_old_import_paths_re_export_the_comm_collectives():
+    """The collectives moved to pgroups.comm; pgroups.reshard(.collectives) still export them."""
+    import pgroups.comm as comm
+    import pgroups.reshard as reshard
+    import pgroups.reshard.collectives as old
+
+    for name in ("gather_along", "split_along", "reduce_scatter_along", "all_to_all", "seq_to_head", "head_to_seq",
+                 "start_weight_gather", "all_gather_weight", "WeightGatherHandle", "resolve_group", "GroupInfo",
+                 "comm_errors", "gather_raw", "exchange_sizes", "even_split_sizes", "offsets_of", "normalize_dim"):
+        assert getattr(old, name) is getattr(comm, name), name
+    for name in ("gather_along", "seq_to_head", "start_weight_gather", "WeightGatherHandle"):
+        assert getattr(reshard, name) is getattr(comm, name), name
+    assert old._pack is comm.pack_tensors and old._unpack is comm.unpack_tensors
+
+
+def test_packed_tensors_round_trip_any_dtype_at_aligned_offsets():
+    from pgroups.comm import SEGMENT_ALIGN, pack_tensors, packed_nbytes, unpack_tensors
+
+    tensors = [torch.arange(3, dtype=torch.int8), torch.randn(2, 3, dtype=torch.float64),
+               torch.tensor([True, False]), torch.randn(5).to(torch.bfloat16), torch.zeros(0, 4)]
+    layout = [(tuple(t.shape), t.dtype) for t in tensors]
+    buffer = pack_tensors(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == packed_nbytes(layout)
+    expected_bytes = sum(-(-t.numel() * t.element_size() // SEGMENT_ALIGN) * SEGMENT_ALIGN for t in tensors)
+    assert buffer.numel() == expected_bytes
+    for original, unpacked in zip(tensors, unpack_tensors(buffer, layout)):
+        assert unpacked.dtype == original.dtype and torch.equal(unpacked, original)

@@ -12,13 +12,13 @@
 - :mod:`.layout`: a Topology placed on global ranks, with a layer-to-stage policy;
 - :mod:`.planner`: the pure planner and its report (bytes vs the lower bound, sender loads, steps);
 - :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
-- :mod:`.collectives`: activation resharding collectives with autograd (Ulysses all-to-all,
-  gather / split / reduce-scatter along a dim, async weight all-gather) on any mode's group;
+- :mod:`.collectives`: the old import path of :mod:`pgroups.comm` (activation collectives with
+  autograd: Ulysses all-to-all, gather / split / reduce-scatter along a dim, async weight all-gather);
 - :mod:`.verl`: the verl pattern — micro-data-parallel batches and inference-shard weight gathers;
 - ``pgroups reshard-plan SRC.yaml DST.yaml --world-size N`` (:mod:`.cli`) prints a plan offline.
 """
-from .collectives import (WeightGatherHandle, all_gather_weight, all_to_all, gather_along, head_to_seq,
-                          reduce_scatter_along, seq_to_head, split_along, start_weight_gather)
+from ..comm import (WeightGatherHandle, all_gather_weight, all_to_all, gather_along, head_to_seq,
+                    reduce_scatter_along, seq_to_head, split_along, start_weight_gather)
 from .executor import DEFAULT_BUCKET_BYTES, Resharder, ReshardError, ReshardStats, execute_plan, reshard
 from .layout import (STAGE_POLICIES, ParallelLayout, balanced_stages, cut_shards, empty_shards, even_stages,
                      load_layout, local_shapes, parse_ranks)

@@ -41,8 +41,8 @@ import torch.distributed as dist
 from ..context import ParallelContext
 from ..errors import ConfigError, ModeNotInitializedError
 from ..modes import ModeLike, ParallelMode, mode_name
-from .collectives import (GroupInfo, GroupLike, SEGMENT_ALIGN, _pack, _unpack, comm_errors, gather_raw,
-                          normalize_dim, resolve_group)
+from ..comm import (GroupInfo, GroupLike, aligned_nbytes, comm_errors, gather_raw, normalize_dim, pack_tensors,
+                    resolve_group, unpack_tensors)
 
 Batch = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 Entry = Tuple[str, torch.dtype, Tuple[int, ...]]
@@ -102,21 +102,21 @@ def _as_batch(entries: Dict[str, torch.Tensor], single: bool) -> Batch:
 
 
 def _encode_message(tensors: Dict[str, torch.Tensor], single: bool, device: torch.device) -> torch.Tensor:
-    """One uint8 buffer: the header (int64, padded to SEGMENT_ALIGN) then the packed tensors."""
+    """One uint8 buffer: the header (int64, padded to the packing alignment) then the packed tensors."""
     header = encode_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], single)
-    header_len = -(-(len(header) + 1) * 8 // SEGMENT_ALIGN) * SEGMENT_ALIGN // 8
+    header_len = aligned_nbytes((len(header) + 1) * 8) // 8
     header_tensor = torch.zeros(header_len, dtype=torch.int64, device=device)
     header_tensor[0] = len(header)
     header_tensor[1:1 + len(header)] = torch.tensor(header, dtype=torch.int64)
-    payload = _pack([t.to(device) for t in tensors.values()])
+    payload = pack_tensors([t.to(device) for t in tensors.values()])
     return torch.cat([header_tensor.view(torch.uint8), payload])
 
 
 def _decode_message(buffer: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], bool]:
     length = int(buffer[:8].view(torch.int64)[0])
-    header_len = -(-(length + 1) * 8 // SEGMENT_ALIGN) * SEGMENT_ALIGN
+    header_len = aligned_nbytes((length + 1) * 8)
     entries, single = decode_header(buffer[8:8 + 8 * length].view(torch.int64).tolist())
-    tensors = _unpack(buffer[header_len:], [(shape, dtype) for _, dtype, shape in entries])
+    tensors = unpack_tensors(buffer[header_len:], [(shape, dtype) for _, dtype, shape in entries])
     return {name: t for (name, _, _), t in zip(entries, tensors)}, single
 
 
@@ -381,10 +381,10 @@ class MicroDataSharding:
             for name, tensor in zip(names, tensors):
                 yield name, assemble_inference_shard([tensor], dims[name], sub_blocks.get(name))
             return
-        message = _pack(tensors)
+        message = pack_tensors(tensors)
         rows = gather_raw(message, 0, (message.numel(),) * info.size, info).view(info.size, -1)
         layout = [(tuple(t.shape), t.dtype) for t in tensors]
-        pieces = [_unpack(row, layout) for row in rows]
+        pieces = [unpack_tensors(row, layout) for row in rows]
         for index, name in enumerate(names):
             yield name, assemble_inference_shard([per_rank[index] for per_rank in pieces], dims[name],
                                                  sub_blocks.get(name))

@@ -1,0 +1,75 @@
+"""Resolve a mode (or an explicit process group) to the group a collective runs on.
+
+Every collective of :mod:`pgroups.comm` takes ``mode`` — a :class:`~pgroups.modes.ParallelMode`,
+a mode name (``"tensor"``, ``"weight"``, any registered mode) looked up in a
+:class:`~pgroups.context.ParallelContext` (default ``pgroups.gpc``), or a
+``torch.distributed.ProcessGroup`` — and resolves it once to a :class:`GroupInfo`.
+"""
+from __future__ import annotations
+
+from typing import ContextManager, Optional, Union
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from ..backend import _short as format_ranks, timeouts_named
+from ..context import ParallelContext
+from ..modes import ModeLike, ParallelMode, mode_name
+
+GroupLike = Union[ModeLike, dist.ProcessGroup]
+
+
+@attrs.frozen(eq=False)
+class GroupInfo:
+    """A resolved group: the torch group, its size, this rank's position, and a label for
+    messages (``"mode 'tensor' (ranks [0, 1])"``)."""
+
+    group: Optional[dist.ProcessGroup]
+    size: int
+    rank: int
+    label: str
+    device: torch.device = torch.device("cpu")   # where helpers put tensors they create
+
+
+def resolve_group(mode: GroupLike, ctx: Optional[ParallelContext] = None, cpu: bool = False) -> GroupInfo:
+    """Resolve ``mode`` (ParallelMode, mode name, or ProcessGroup) to a :class:`GroupInfo`.
+
+    Modes are looked up in ``ctx`` (default ``pgroups.gpc``); ``cpu=True`` takes the mode's CPU
+    (gloo) twin. Raises ModeNotInitializedError for a mode not built (or a rank outside it),
+    ValueError for a process group this rank is not a member of.
+    """
+    if isinstance(mode, dist.ProcessGroup):
+        rank = dist.get_rank(mode)
+        ranks = dist.get_process_group_ranks(mode)
+        if rank < 0:
+            raise ValueError(f"this rank ({dist.get_rank()}) is not a member of the process group "
+                             f"of ranks {format_ranks(ranks)}")
+        return GroupInfo(mode, len(ranks), rank, f"group of ranks {format_ranks(ranks)}",
+                         _device_for(str(dist.get_backend(mode)).lower(), cpu))
+    if not isinstance(mode, (str, ParallelMode)):
+        raise TypeError(f"mode must be a ParallelMode, a mode name or a ProcessGroup, got {mode!r}")
+    if ctx is None:
+        import pgroups  # the package's context, looked up at call time
+
+        ctx = pgroups.gpc
+    name = mode_name(mode)
+    group = ctx.get_cpu_group(name) if cpu else ctx.get_group(name)
+    ranks = ctx.get_ranks_in_group(name)
+    backend_name = "gloo" if cpu or ctx.backend is None else ctx.backend.device_backend
+    return GroupInfo(group, len(ranks), ctx.get_local_rank(name), f"mode {name!r} (ranks {format_ranks(ranks)})",
+                     _device_for(backend_name, cpu))
+
+
+def _device_for(backend_name: str, cpu: bool) -> torch.device:
+    if not cpu and "nccl" in backend_name and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def comm_errors(info: GroupInfo, operation: str) -> ContextManager[None]:
+    """Turn a collective's timeout into GroupTimeoutError naming ``operation`` and the group."""
+    return timeouts_named(lambda exc: (
+        f"{operation} over {info.label} timed out on local rank {info.rank}: a peer never "
+        f"arrived (does every rank of the group call it in the same order?): "
+        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"))
