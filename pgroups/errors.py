@@ -35,6 +35,12 @@ class ModeNotInitializedError(PGroupsError, RuntimeError):
     """A query about a mode (or a context) that was never built."""
 
 
+class ReshardError(PGroupsError, RuntimeError):
+    """A reshard cannot be planned or run: a layout whose shards cannot compute, a broken plan
+    invariant, plans that differ between ranks, a failed peer, a checksum mismatch. Raised before
+    any communication when the plan is at fault; the destination tensors were not written."""
+
+
 class GroupTimeoutError(PGroupsError, TimeoutError):
     """A group operation did not finish in time: names the group, its ranks and (if known) hosts."""
 

@@ -101,8 +101,9 @@ def reshard_cases_worker(world: int, cases: List[Dict[str, Any]]) -> List[Tuple[
 
 def fault_worker(world: int, case: Dict[str, Any], fault: str, victim: int, at_step: int,
                  timeout_s: float) -> Dict[str, Any]:
-    """Reshard once while ``victim`` dies (``die``) or stops answering (``hang``) before its step
-    ``at_step``, or corrupts its first packed message after the checksum was taken (``corrupt``)."""
+    """Reshard once while ``victim`` dies (``die``) or stops answering (``hang``) before the
+    ``at_step``-th step it takes part in (0-based), or corrupts its first packed message after the
+    checksum was taken (``corrupt``)."""
     gpc = _init(world)
     rank, model = gpc.get_global_rank(), tiny_model()
     src, dst = layout(world, *case["src"]), layout(world, *case["dst"])
@@ -110,11 +111,13 @@ def fault_worker(world: int, case: Dict[str, Any], fault: str, victim: int, at_s
     full = lambda name: reference(model, name)  # noqa: E731
     src_shards = cut_shards(src, model, rank, full)
     dst_shards = sentinel_shards(dst, model, rank)
+    victim_steps_all = sorted({t.step for t in plan.transfers if victim in (t.src, t.dst) and not t.is_local})
+    fault_step = victim_steps_all[at_step] if at_step < len(victim_steps_all) else None
 
     def progress(step: int) -> None:
-        if rank == victim and step == at_step and fault == "die":
+        if rank == victim and step == fault_step and fault == "die":
             os._exit(1)
-        if rank == victim and step == at_step and fault == "hang":
+        if rank == victim and step == fault_step and fault == "hang":
             time.sleep(timeout_s * 2)
             raise RuntimeError("the hung victim stops")
 
@@ -141,7 +144,9 @@ def fault_worker(world: int, case: Dict[str, Any], fault: str, victim: int, at_s
     correct = all(same_bytes(dst_shards[n], t) for n, t in cut_shards(dst, model, rank, full).items())
     victim_steps = sorted({t.step for t in plan.transfers if t.src == victim and t.dst == rank and not t.is_local})
     return {"rank": rank, "error": error, "type": error_type, "seconds": elapsed, "untouched": untouched,
-            "correct": correct, "victim_step": victim_steps[0] if victim_steps else None}
+            "correct": correct, "num_steps": plan.num_steps,
+            "victim_step": victim_steps_all.index(victim_steps[0]) if victim_steps else None,
+            "victim_step_value": victim_steps[0] if victim_steps else None}
 
 
 def _two_hosts(world: int):
@@ -214,14 +219,15 @@ def test_source_rank_failure_raises_within_timeout_and_leaves_destination_untouc
     outcomes = _run(4, fault_worker, (4, FAULT_CASE, fault, 0, at_step, timeout_s), timeout_s=60)
     receivers = [o.value for o in outcomes[2:]]
     assert all(r is not None for r in receivers), [o.error for o in outcomes[2:]]
-    assert sorted(r["victim_step"] for r in receivers) == [0, 1], "each receiver needs rank 0 in one step"
+    assert sorted(r["victim_step"] for r in receivers) == [0, 1], "each receiver needs rank 0 in one of its steps"
     for result in receivers:
         if result["victim_step"] < at_step:   # rank 0 served it before failing: it completes
             assert result["error"] is None and result["correct"], result
             continue
         assert result["error"] is not None, f"rank {result['rank']} finished although rank 0 failed"
         assert result["type"] == ("GroupTimeoutError" if fault == "hang" else "ReshardError"), result
-        assert "from rank 0" in result["error"] and f"reshard step {result['victim_step'] + 1}/2" in result["error"]
+        assert "from rank 0" in result["error"]
+        assert f"reshard step {result['victim_step_value'] + 1}/{result['num_steps']}" in result["error"]
         assert result["seconds"] < timeout_s + 2.0, result
         assert result["untouched"], f"rank {result['rank']} wrote its destination before failing"
 

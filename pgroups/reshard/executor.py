@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..backend import is_timeout
-from ..errors import GroupTimeoutError, PGroupsError
+from ..errors import GroupTimeoutError, ReshardError
 from ..modes import ParallelMode
 from .layout import ParallelLayout, local_shapes
 from .planner import Box, Plan, Transfer, plan_reshard
@@ -53,11 +53,6 @@ _CHECKSUM_PERIOD = 65521
 _CHECKSUM_CHUNK = 1 << 22
 
 Progress = Callable[[int], None]
-
-
-class ReshardError(PGroupsError, RuntimeError):
-    """A reshard failed on this rank (bad tensors, a peer failed, a checksum mismatch);
-    the destination tensors of this rank were not written."""
 
 
 @attrs.frozen
@@ -141,11 +136,12 @@ def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
 
 # ---- tensor regions ---------------------------------------------------------------------------------
 def _region(tensor: torch.Tensor, axis: int, box: Box) -> torch.Tensor:
-    """The view of ``tensor`` covered by ``box`` (a 0-d tensor is its own region)."""
-    if not box:
-        return tensor
-    start, stop = box[axis]
-    return tensor.narrow(axis, start, stop - start)
+    """The view of ``tensor`` covered by ``box`` (a 0-d tensor is its own region). Boxes differ
+    from the full extent on ``axis`` and, for grouped expert weights, on the expert dim."""
+    for dim, (start, stop) in enumerate(box):
+        if stop - start != tensor.shape[dim]:
+            tensor = tensor.narrow(dim, start, stop - start)
+    return tensor
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ YAML: a pgroups config, with an optional ``placement:`` section::
     placement:
       ranks: 4-7            # "0-3,8-11", a list [4, 5, 6, 7], or left out: ranks 0..size-1
       stages: balanced      # even (default) | balanced | [layers per stage]
+      expert_parallel: 4    # EP of routed-expert tensors (default 1)
+      expert_tensor: 1      # expert TP (default 1); EP x expert TP divides tensor x data
 """
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ import attrs
 from ..config import Config, config_from_dict, read_yaml
 from ..errors import ConfigError, allowed, did_you_mean
 from ..topology import Topology
-from .spec import EMBEDDING, HEAD, LayerRef, ModelSpec, balanced_share
+from .spec import EMBEDDING, HEAD, LayerRef, ModelSpec, TensorSpec, balanced_share
 
 StagePolicy = Callable[[int, int, int, Sequence[int]], Sequence[int]]
 Stages = Union[str, Tuple[int, ...], StagePolicy]
 
-_PLACEMENT_KEYS = ("ranks", "stages")
+_PLACEMENT_KEYS = ("ranks", "stages", "expert_parallel", "expert_tensor")
 
 
 # ---- stage policies (pure) -----------------------------------------------------------------------
@@ -90,6 +92,8 @@ class ParallelLayout:
     ranks: Tuple[int, ...]
     stages: Stages = "even"
     name: str = ""
+    expert_parallel: int = 1
+    expert_tensor: int = 1
     _index: Dict[int, int] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -97,13 +101,24 @@ class ParallelLayout:
 
     @classmethod
     def create(cls, topology: Topology, ranks: Optional[Sequence[int]] = None, stages: Stages = "even",
-               name: str = "") -> "ParallelLayout":
-        """Validate and build. ``ranks`` default to ``0..topology.world_size-1``.
+               name: str = "", expert_parallel: int = 1, expert_tensor: int = 1) -> "ParallelLayout":
+        """Validate and build. ``ranks`` default to ``0..topology.world_size-1``;
+        ``expert_parallel`` (EP) and ``expert_tensor`` (expert TP) place routed-expert tensors
+        (see :meth:`mesh_coordinates`).
 
         Raises ConfigError if the ranks are not distinct non-negative integers, one per layout
-        rank, or ``stages`` is not a known policy / a tuple of counts / a callable.
+        rank, ``stages`` is not a known policy / a tuple of counts / a callable, or EP x expert TP
+        does not divide the ranks of a pipeline stage.
         """
         where = f"{name}: " if name else ""
+        for key, value in (("expert_parallel", expert_parallel), ("expert_tensor", expert_tensor)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}{key} must be a positive integer, got {value!r}")
+        stage_ranks = topology.tensor * topology.data
+        if stage_ranks % (expert_parallel * expert_tensor):
+            raise ConfigError(f"{where}expert_tensor({expert_tensor}) * expert_parallel({expert_parallel}) = "
+                              f"{expert_tensor * expert_parallel} does not divide the ranks of a pipeline stage: "
+                              f"tensor({topology.tensor}) * data({topology.data}) = {stage_ranks}")
         ranks = tuple(range(topology.world_size)) if ranks is None else tuple(ranks)
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
             raise ConfigError(f"{where}placement ranks must be non-negative integers, got {list(ranks)}")
@@ -126,17 +141,19 @@ class ParallelLayout:
         elif not callable(stages):
             raise ConfigError(f"{where}stages must be a policy name, a list of layer counts or a callable, "
                               f"got {stages!r}")
-        return cls(topology, ranks, stages, name)
+        return cls(topology, ranks, stages, name, expert_parallel, expert_tensor)
 
     @classmethod
     def from_config(cls, config: Config, world_size: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
-                    stages: Stages = "even", name: str = "") -> "ParallelLayout":
+                    stages: Stages = "even", name: str = "", expert_parallel: int = 1,
+                    expert_tensor: int = 1) -> "ParallelLayout":
         """The layout of ``config.parallel`` on ``ranks`` (default: ranks 0..n-1 of a job of
         ``world_size``; ``data`` is derived from the number of ranks when the config leaves it out)."""
         size = len(ranks) if ranks is not None else world_size
         if size is None:
             raise ConfigError(f"{name or config.source or 'layout'}: give the world size or the placement ranks")
-        return cls.create(config.topology(size), ranks, stages, name or config.source or "")
+        return cls.create(config.topology(size), ranks, stages, name or config.source or "", expert_parallel,
+                          expert_tensor)
 
     # ---- ranks --------------------------------------------------------------------------------
     @property
@@ -162,6 +179,39 @@ class ParallelLayout:
     def replicas(self, tp: int, pp: int) -> List[int]:
         """Global ranks holding TP shard ``tp`` of stage ``pp``: the data-parallel group there."""
         return [self.ranks[i] for i in self.topology.group_along(self.topology.rank_at(tp, pp, 0), ("dp",))]
+
+    # ---- meshes: dense (tp, dp) and expert (etp, ep, edp) within each stage -----------------------
+    def mesh_sizes(self, expert: bool = False) -> Tuple[int, int, int]:
+        """``(tp size, ep size, replicas)`` of a stage: dense ``(tensor, 1, data)``; expert
+        ``(expert_tensor, expert_parallel, tensor * data / (expert_tensor * expert_parallel))``."""
+        t = self.topology
+        if not expert:
+            return t.tensor, 1, t.data
+        return self.expert_tensor, self.expert_parallel, t.tensor * t.data // (self.expert_tensor * self.expert_parallel)
+
+    def mesh_coordinates(self, global_rank: int, expert: bool = False) -> Optional[Tuple[int, int, int, int]]:
+        """``(tp, ep, replica, pp)`` of ``global_rank`` (None if it is not placed here).
+
+        Dense: ``(tp, 0, dp, pp)``. Expert: the stage's ranks, numbered ``i = tp + tensor * dp``,
+        re-factored with expert TP fastest, then EP, then expert DP (Megatron-Core's expert
+        order ``tp-ep-dp`` inside a stage): ``etp = i % etp_size``, ``ep = i // etp_size % ep_size``,
+        ``edp = i // (etp_size * ep_size)``.
+        """
+        coords = self.coordinates(global_rank)
+        if coords is None:
+            return None
+        if not expert:
+            return coords["tp"], 0, coords["dp"], coords["pp"]
+        i = coords["tp"] + self.topology.tensor * coords["dp"]
+        etp, ep = self.expert_tensor, self.expert_parallel
+        return i % etp, i // etp % ep, i // (etp * ep), coords["pp"]
+
+    def mesh_rank(self, tp: int, ep: int, replica: int, pp: int, expert: bool = False) -> int:
+        """The global rank at mesh coordinates (the inverse of :meth:`mesh_coordinates`)."""
+        if not expert:
+            return self.global_rank(tp, pp, replica)
+        i = tp + self.expert_tensor * (ep + self.expert_parallel * replica)
+        return self.global_rank(i % self.topology.tensor, pp, i // self.topology.tensor)
 
     # ---- pipeline stages ------------------------------------------------------------------------
     def layer_counts(self, model: ModelSpec) -> Tuple[int, ...]:
@@ -195,33 +245,45 @@ class ParallelLayout:
     def describe(self) -> str:
         t = self.topology
         stages = self.stages if isinstance(self.stages, (str, tuple)) else getattr(self.stages, "__name__", "custom")
+        experts = (f", experts: etp {self.expert_tensor} x ep {self.expert_parallel}"
+                   if (self.expert_tensor, self.expert_parallel) != (1, 1) else "")
         return (f"tensor {t.tensor} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
-                f"on ranks {format_ranks(self.ranks)}, stages {stages}")
+                f"on ranks {format_ranks(self.ranks)}, stages {stages}{experts}")
 
 
 # ---- shards of a layout -------------------------------------------------------------------------
+def held_tensors(layout: ParallelLayout, model: ModelSpec,
+                 global_rank: int) -> List[Tuple[TensorSpec, int, int, int, int]]:
+    """``[(spec, tp, tp size, ep, ep size)]`` for every tensor ``global_rank`` holds in ``layout``
+    (the tensors of its pipeline stage; per-expert tensors only on their owner), in model order;
+    empty if the rank is not placed in the layout. Expert tensors use the expert mesh."""
+    if global_rank not in layout:
+        return []
+    stages = layout.stage_map(model)
+    mesh = {expert: layout.mesh_coordinates(global_rank, expert) for expert in (False, True)}
+    sizes = {expert: layout.mesh_sizes(expert) for expert in (False, True)}
+    result = []
+    for spec in model.tensors:
+        tp, ep, _, pp = mesh[spec.is_expert]
+        tp_size, ep_size, _ = sizes[spec.is_expert]
+        if stages[spec.layer] == pp and spec.held_by(ep_size, ep):
+            result.append((spec, tp, tp_size, ep, ep_size))
+    return result
+
+
 def local_shapes(layout: ParallelLayout, model: ModelSpec, global_rank: int) -> Dict[str, Tuple[int, ...]]:
     """``{tensor name: local shard shape}`` for every tensor ``global_rank`` holds in ``layout``
-    (the tensors of its pipeline stage); empty if the rank is not placed in the layout."""
-    coords = layout.coordinates(global_rank)
-    if coords is None:
-        return {}
-    stages = layout.stage_map(model)
-    tp_size = layout.topology.tensor
-    return {spec.name: spec.local_shape(tp_size, coords["tp"])
-            for spec in model.tensors if stages[spec.layer] == coords["pp"]}
+    (see :func:`held_tensors`); empty if the rank is not placed in the layout."""
+    return {spec.name: spec.local_shape(tp_size, tp, ep_size, ep)
+            for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, global_rank)}
 
 
 def cut_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
                full: Callable[[str], "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
     """The shards ``global_rank`` holds in ``layout``, cut from full tensors (``full(name)``,
     e.g. ``state_dict.__getitem__``): the reference every reshard result must equal."""
-    coords = layout.coordinates(global_rank)
-    if coords is None:
-        return {}
-    stages = layout.stage_map(model)
-    return {spec.name: spec.shard(full(spec.name), layout.topology.tensor, coords["tp"])
-            for spec in model.tensors if stages[spec.layer] == coords["pp"]}
+    return {spec.name: spec.shard(full(spec.name), tp_size, tp, ep_size, ep)
+            for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, global_rank)}
 
 
 def empty_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
@@ -306,4 +368,5 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
     stages = placement.get("stages", "even")
     if isinstance(stages, list):
         stages = tuple(stages)
-    return ParallelLayout.from_config(config, world_size, ranks, stages, source)
+    return ParallelLayout.from_config(config, world_size, ranks, stages, source,
+                                      placement.get("expert_parallel", 1), placement.get("expert_tensor", 1))

@@ -1,23 +1,32 @@
-"""The pure resharding planner: (src layout, dst layout, model, hosts) → a :class:`Plan`.
+"""The pure resharding planner: (src layout, dst layout, model, hosts) → a :class:`Plan`, or one
+rank's :class:`PlanShare` of it.
 
-For every destination rank and tensor it intersects the intervals the rank needs (its TP
-pieces in the dst layout, sub-block by sub-block for fused layouts) with the intervals every
-source TP rank holds, so any TP sizes work (no divisibility), any pipeline repartition (each
-tensor's stage comes from each layout's stage policy) and any data parallelism.
+What a destination rank needs is its shard of every tensor of its stage (the spec's TP pieces,
+sub-block by sub-block, and for routed experts its EP range; see :mod:`.spec`). Intersected
+with what every source shard holds, this gives *units*: maximal regions with one set of source
+holders. Any TP / EP / pipeline repartition and any data parallelism work; the shards compute
+(see :mod:`.spec` and ``tests/test_reshard_functional.py``).
 
-Sender choice, per unit (a maximal interval with one set of holders):
+Who sends a unit is a deterministic rule that both ends evaluate alone:
 1. the destination rank itself holds the bytes in the source layout → a local copy;
-2. else the least-loaded holder on the destination's host;
-3. else the least-loaded holder anywhere (every replica of every TP rank that holds it).
-The units a destination needs from one set of holders form a group served by one sender (so
-each rank talks to few peers: few steps, few messages). Loads are the bytes each sender has
-been given so far (updated on every choice), and groups are assigned largest first, so
-replicas share the work.
+2. else, with hosts known, a holder on the destination's host if there is one;
+3. else a holder anywhere. Holders are the replicas of the source shards that hold the unit,
+   numbered replica-major; the receiver at position ``p`` (its shard index times the number of
+   its replicas, plus its replica index) takes holder ``p mod #holders`` — so replicas share the
+   work round-robin, and a sender finds its own receivers by inverting the rule
+   (``p ≡ its index``), without looking at the rest of the world.
+One rank's share (:func:`plan_share`) therefore costs O(its transfers + tensors × shards it
+overlaps); the whole plan (:func:`plan_reshard`) is the union of every destination's share.
 
-Network transfers are grouped into *steps*: every (sender, receiver) pair talks in exactly
-one step and, within a step, each rank sends to at most one peer and receives from at most one
-(a proper edge colouring of the bipartite sender/receiver graph, so the number of steps is the
-largest number of peers any rank has — the least possible).
+Network transfers are grouped into *steps*: the pair (sender ``s``, receiver ``d``) talks in step
+``(s + d) mod W`` (``W`` = the largest rank + 1). In step ``c`` a rank ``r`` exchanges with one
+peer only, ``(c - r) mod W`` — it sends to it, receives from it, or both (two ranks that feed each
+other do it in one step) —, every rank knows the step of each of its pairs locally, and a rank
+takes part in as many steps as it has peers. Ranks run their steps in increasing order, so no
+cycle of waits can form.
+
+Every rank computes the same :func:`plan_digest` (a 64-bit hash of everything the plan is a
+function of), which the executor compares over the world before any byte moves.
 
 The plan reports, per destination rank, the bytes received and the lower bound (bytes it
 needs that it does not already hold); by construction they are equal (ratio 1.0).
@@ -26,16 +35,21 @@ Pure: no processes; identical inputs give an identical plan on every rank.
 from __future__ import annotations
 
 import bisect
-import heapq
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import functools
+import hashlib
+import math
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ReshardError
 from .layout import ParallelLayout, format_ranks
-from .spec import ModelSpec, Piece, TensorSpec
+from .spec import Block, LayerRef, ModelSpec, Piece, TensorSpec
 
 Box = Tuple[Tuple[int, int], ...]   # per dim (start, stop)
+
+#: bumped whenever the rule that turns inputs into a plan changes (it is part of the digest)
+PLAN_RULE_VERSION = "pgroups-reshard-plan/2"
 
 
 @attrs.frozen
@@ -43,9 +57,10 @@ class Transfer:
     """Bytes of one tensor going from global rank ``src`` to ``dst`` (``src == dst``: a local copy).
 
     ``global_box`` is the region of the full tensor; ``src_box`` / ``dst_box`` are the same
-    region in the source / destination rank's local shard. All three differ only on ``axis``
-    (the TP split dim, or 0 for a replicated tensor); a 0-d tensor has empty boxes.
-    ``step`` is the transfer step (-1 for local copies).
+    region in the source / destination rank's local shard. They cover the full extent of every
+    dim but ``axis`` (the TP split dim, or 0 for a replicated tensor) and, for a grouped expert
+    weight, its expert dim; a 0-d tensor has empty boxes. ``step`` is the transfer step (-1 for
+    local copies).
     """
 
     tensor: str
@@ -94,10 +109,68 @@ class ReceiverReport:
         return self.received_bytes / self.lower_bound_bytes
 
 
+def _transfers_of(transfers: Sequence[Transfer], rank: int) -> Tuple[List[Transfer], List[Transfer], List[Transfer]]:
+    sends = [t for t in transfers if t.src == rank and not t.is_local]
+    recvs = [t for t in transfers if t.dst == rank and not t.is_local]
+    copies = [t for t in transfers if t.is_local and t.dst == rank]
+    return sends, recvs, copies
+
+
+@attrs.frozen
+class PlanShare:
+    """One rank's part of a plan: what it sends, receives and copies locally (each in plan
+    order), from :func:`plan_share` or :meth:`Plan.share`. The executor runs a share exactly as
+    it runs the whole plan; ``digest()`` is the whole plan's (identical on every rank)."""
+
+    rank: int
+    src: ParallelLayout
+    dst: ParallelLayout
+    model: ModelSpec
+    sends: Tuple[Transfer, ...]
+    recvs: Tuple[Transfer, ...]
+    copies: Tuple[Transfer, ...]
+    report: Optional[ReceiverReport]          # None when the rank is not in the dst layout
+    hosts: Optional[Tuple[str, ...]] = None
+
+    @property
+    def transfers(self) -> Tuple[Transfer, ...]:
+        return self.copies + self.sends + self.recvs
+
+    @property
+    def num_steps(self) -> int:
+        """One more than the largest step this rank takes part in (0 without network transfers)."""
+        return max((t.step for t in self.sends + self.recvs), default=-1) + 1
+
+    @property
+    def steps(self) -> List[int]:
+        """The steps this rank takes part in, in order (one per peer pair)."""
+        return sorted({t.step for t in self.sends + self.recvs})
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(t.nbytes for t in self.sends)
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(t.nbytes for t in self.recvs)
+
+    def transfers_of(self, rank: int) -> Tuple[List[Transfer], List[Transfer], List[Transfer]]:
+        """``(sends, receives, local copies)`` of ``rank`` (only this share's rank)."""
+        if rank != self.rank:
+            raise ReshardError(f"this plan share is rank {self.rank}'s; rank {rank} asked for its transfers — "
+                               "each rank computes its own share with plan_share(..., rank)")
+        return list(self.sends), list(self.recvs), list(self.copies)
+
+    def digest(self) -> int:
+        """The plan's 64-bit hash (a signed int64), identical on every rank: :func:`plan_digest`."""
+        return plan_digest(self.src, self.dst, self.model, self.hosts)
+
+
 @attrs.frozen
 class Plan:
-    """A whole reshard; see the module docstring. ``transfers`` are sorted by
-    (step, src, dst, tensor order, position): both ends of a pair see them in one order."""
+    """A whole reshard; see the module docstring. ``transfers`` are the local copies, then the
+    network transfers sorted by (step, src, dst, tensor order, position): both ends of a pair see
+    them in one order."""
 
     src: ParallelLayout
     dst: ParallelLayout
@@ -106,6 +179,7 @@ class Plan:
     num_steps: int
     receivers: Tuple[ReceiverReport, ...]
     sender_bytes: Mapping[int, int]   # every source rank → bytes it sends over the network
+    hosts: Optional[Tuple[str, ...]] = None
 
     @property
     def ranks(self) -> List[int]:
@@ -142,22 +216,42 @@ class Plan:
         """Distinct (sender, receiver) pairs that exchange bytes over the network."""
         return len({(t.src, t.dst) for t in self.transfers if not t.is_local})
 
+    @property
+    def max_rank_steps(self) -> int:
+        """The most steps any rank takes part in (its number of peer pairs)."""
+        steps: Dict[int, set] = {}
+        for t in self.transfers:
+            if not t.is_local:
+                steps.setdefault(t.src, set()).add(t.step)
+                steps.setdefault(t.dst, set()).add(t.step)
+        return max((len(s) for s in steps.values()), default=0)
+
     def transfers_of(self, rank: int) -> Tuple[List[Transfer], List[Transfer], List[Transfer]]:
         """``(sends, receives, local copies)`` of global ``rank``, in plan order."""
-        sends = [t for t in self.transfers if t.src == rank and not t.is_local]
-        recvs = [t for t in self.transfers if t.dst == rank and not t.is_local]
-        copies = [t for t in self.transfers if t.is_local and t.dst == rank]
-        return sends, recvs, copies
+        return _transfers_of(self.transfers, rank)
+
+    def share(self, rank: int) -> PlanShare:
+        """``rank``'s part of this plan (equal to ``plan_share(src, dst, model, rank, hosts)``)."""
+        sends, recvs, copies = self.transfers_of(rank)
+        report = next((r for r in self.receivers if r.rank == rank), None)
+        return PlanShare(rank, self.src, self.dst, self.model, tuple(sends), tuple(recvs), tuple(copies), report,
+                         self.hosts)
+
+    def digest(self) -> int:
+        """The plan's 64-bit hash (a signed int64): :func:`plan_digest` of its inputs."""
+        return plan_digest(self.src, self.dst, self.model, self.hosts)
 
     def summary(self) -> Dict[str, Any]:
         """A JSON-ready summary (no per-transfer list)."""
         return {
-            "model": {"name": self.model.name, "tensors": len(self.model.tensors), "bytes": self.model.nbytes},
+            "model": {"name": self.model.name, "tensors": len(self.model.tensors), "bytes": self.model.nbytes,
+                      "expert_tensors": sum(1 for t in self.model.tensors if t.is_expert)},
             "src": self.src.describe(), "dst": self.dst.describe(),
+            "plan_hash": f"{self.digest() & (2 ** 64 - 1):016x}",
             "received_bytes": self.received_bytes, "lower_bound_bytes": self.lower_bound_bytes,
             "ratio": self.ratio, "max_rank_ratio": self.max_ratio,
             "local_copy_bytes": sum(r.local_copy_bytes for r in self.receivers),
-            "steps": self.num_steps, "pairs": self.pair_count,
+            "steps": self.max_rank_steps, "pairs": self.pair_count,
             "sender_load": {"max": self.sender_load_max, "mean": self.sender_load_mean,
                             "max_over_mean": (self.sender_load_max / self.sender_load_mean
                                               if self.sender_load_mean else 1.0)},
@@ -190,7 +284,7 @@ def _segment_holders(bounds: List[int], src_pieces: Sequence[Sequence[Piece]]) -
     return holders
 
 
-def _units(dst_pieces: Sequence[Piece], bounds: List[int], holders: List[Dict[int, int]]) -> List[_Unit]:
+def _merge_units(dst_pieces: Sequence[Piece], bounds: List[int], holders: List[Dict[int, int]]) -> List[_Unit]:
     """Cut ``dst_pieces`` at every boundary, then merge neighbours with the same holders whose
     local positions continue on every side."""
     units: List[_Unit] = []
@@ -200,7 +294,8 @@ def _units(dst_pieces: Sequence[Piece], bounds: List[int], holders: List[Dict[in
             seg_start, seg_stop = bounds[seg], bounds[seg + 1]
             held = holders[seg]
             if not held:
-                raise AssertionError(f"interval [{seg_start}, {seg_stop}) is held by no source rank")
+                raise ReshardError(f"rows [{seg_start}, {seg_stop}) of its split dim are needed by the destination "
+                                   "but held by no source TP rank (sub-blocks that do not cover the dim)")
             dst_local = local + seg_start - start
             prev = units[-1] if units else None
             if (prev is not None and prev.stop == seg_start and prev.dst_local + prev.stop - prev.start == dst_local
@@ -212,221 +307,353 @@ def _units(dst_pieces: Sequence[Piece], bounds: List[int], holders: List[Dict[in
     return units
 
 
-def _overlap(pieces_a: Sequence[Piece], pieces_b: Sequence[Piece]) -> int:
-    """Rows two sets of pieces have in common (pure interval intersection)."""
-    return sum(max(0, min(a1, b1) - max(a0, b0)) for a0, a1, _ in pieces_a for b0, b1, _ in pieces_b)
+@functools.lru_cache(maxsize=4096)
+def _row_units(blocks: Tuple[Block, ...], axis_len: int, split: bool, src_tp_size: int,
+               dst_tp_size: int, dst_tp: int) -> Tuple[_Unit, ...]:
+    """The units of dst TP rank ``dst_tp``'s pieces along the split axis (cached: every layer's
+    tensor of one kind has the same answer)."""
+    def pieces(tp_size: int, tp: int) -> Tuple[Piece, ...]:
+        if not split:
+            return ((0, axis_len, 0),)
+        return TensorSpec("", (axis_len,), None, 0, 0, blocks).pieces(tp_size, tp)   # type: ignore[arg-type]
+
+    src_pieces = [pieces(src_tp_size, tp) for tp in range(src_tp_size)]
+    dst_pieces = pieces(dst_tp_size, dst_tp)
+    bounds = sorted({p for ps in src_pieces + [dst_pieces] for a, b, _ in ps for p in (a, b)})
+    return tuple(_merge_units(dst_pieces, bounds, _segment_holders(bounds, src_pieces)))
 
 
-class _Boxes:
-    """Boxes of one tensor: the full extent on every dim but the axis."""
+@attrs.frozen
+class _Need:
+    """One region a dst shard needs with one set of holders: an expert range (grouped weights
+    only), a row unit, and the EP rank of the source holders."""
 
-    def __init__(self, spec: TensorSpec) -> None:
-        self.full = tuple((0, n) for n in spec.shape)
-        self.axis = spec.axis
-
-    def box(self, start: int, stop: int) -> Box:
-        if not self.full:
-            return ()
-        return self.full[:self.axis] + ((start, stop),) + self.full[self.axis + 1:]
+    experts: Optional[Tuple[int, int, int, int]]    # (global start, global stop, dst local, src local)
+    unit: _Unit
+    src_ep: int
 
 
-# ---- sender choice -----------------------------------------------------------------------------
-class _SenderPools:
-    """Least-loaded choice among holders, preferring the receiver's host; loads only grow, so
-    each pool is a heap with lazy refresh of stale entries."""
+def _ep_overlaps(spec: TensorSpec, first: int, stop: int, ep_size: int) -> Iterator[Tuple[int, int, int, int]]:
+    """EP ranks of ``ep_size`` owning experts in ``[first, stop)``: ``(ep, start, stop, its first)``."""
+    if stop <= first:
+        return
+    for ep in range(spec.experts.owner(ep_size, first), spec.experts.owner(ep_size, stop - 1) + 1):
+        own0, own1 = spec.experts.owned(ep_size, ep)
+        yield ep, max(first, own0), min(stop, own1), own0
 
-    def __init__(self, hosts: Optional[Sequence[str]]) -> None:
-        self.hosts = hosts
-        self.loads: Dict[int, int] = {}
-        self._heaps: Dict[Tuple[Any, Optional[str]], List[Tuple[int, int]]] = {}
-        self._has_host: Dict[Tuple[Any, str], bool] = {}
 
+# ---- the rule ------------------------------------------------------------------------------------
+class _Rule:
+    """Everything both ends of a pair evaluate: stages, meshes, the units a dst shard needs, the
+    sender a destination takes, and its inverse. Built once per (src, dst, model, hosts)."""
+
+    def __init__(self, src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
+                 hosts: Optional[Sequence[str]]) -> None:
+        if hosts is not None:
+            top = max(max(src.ranks), max(dst.ranks))
+            if len(hosts) <= top:
+                raise ConfigError(f"hosts names {len(hosts)} ranks but the layouts use ranks up to {top}")
+        self.src, self.dst, self.model, self.hosts = src, dst, model, hosts
+        self.src_stage, self.dst_stage = src.stage_map(model), dst.stage_map(model)
+        self.world = max(max(src.ranks), max(dst.ranks)) + 1
+        self.order = {spec.name: i for i, spec in enumerate(model.tensors)}
+        self._by_host: Dict[Tuple[str, str], List[int]] = {}
+        self._local: Dict[Any, List[int]] = {}
+        _check_computable(src, dst, model)
+
+    # ---- what a dst shard needs
+    def needs(self, spec: TensorSpec, dst_tp: int, dst_ep: int) -> Iterator[_Need]:
+        expert = spec.is_expert
+        src_tp_size, src_ep_size, _ = self.src.mesh_sizes(expert)
+        dst_tp_size, dst_ep_size, _ = self.dst.mesh_sizes(expert)
+        try:
+            units = _row_units(spec.blocks, spec.axis_len, spec.tp_dim is not None, src_tp_size, dst_tp_size, dst_tp)
+        except ReshardError as exc:
+            raise ReshardError(f"tensor {spec.name!r}: {exc}") from None
+        if spec.experts is None:
+            chunks: List[Tuple[Optional[Tuple[int, int, int, int]], int]] = [(None, 0)]
+        elif spec.experts.index is not None:
+            chunks = [(None, spec.experts.owner(src_ep_size, spec.experts.index))]
+        else:
+            first, stop = spec.experts.owned(dst_ep_size, dst_ep)
+            chunks = [((a, b, a - first, a - own), ep) for ep, a, b, own in _ep_overlaps(spec, first, stop, src_ep_size)]
+        for experts, src_ep in chunks:
+            for unit in units:
+                yield _Need(experts, unit, src_ep)
+
+    # ---- who sends
     def host(self, rank: int) -> Optional[str]:
         return self.hosts[rank] if self.hosts is not None else None
 
-    def pick(self, key: Any, candidates: Sequence[int], dst: int, nbytes: int,
-             partners: Optional[set] = None) -> int:
-        """The sender for ``nbytes`` of ``key``'s bytes to ``dst``; its load grows by ``nbytes``.
+    def on_host(self, side: str, host: str) -> List[int]:
+        """Ranks of layout ``side`` on ``host``, sorted (built for all hosts at first use)."""
+        if not self._by_host:
+            for name, layout in (("src", self.src), ("dst", self.dst)):
+                for rank in sorted(layout.ranks):
+                    self._by_host.setdefault((name, self.hosts[rank]), []).append(rank)
+        return self._by_host.get((side, host), [])
 
-        Tier: holders on ``dst``'s host if any, else all. Within the tier, a holder already in
-        ``partners`` (senders ``dst`` receives from) is preferred, least loaded first; a new
-        pair is opened only when none is, so each rank talks to few peers.
-        """
-        host = self.host(dst)
-        if partners:
-            same = [r for r in candidates if r in partners and (host is None or self.host(r) == host)]
-            tier_has_host = host is not None and self._tier_host(key, candidates, host) is not None
-            usable = same if tier_has_host or host is None else [r for r in candidates if r in partners]
-            if usable:
-                rank = min(usable, key=lambda r: (self.loads.get(r, 0), r))
-                self.loads[rank] = self.loads.get(rank, 0) + nbytes
-                return rank
-        return self._least_loaded(key, candidates, host, nbytes)
+    def local_holders(self, host: str, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> List[int]:
+        """Source ranks on ``host`` holding one of the shards ``holders`` ((tp, ep) pairs) at ``stage``."""
+        key = (host, holders, stage, expert)
+        found = self._local.get(key)
+        if found is None:
+            wanted = set(holders)
+            found = self._local[key] = [
+                r for r in self.on_host("src", host)
+                if (lambda c: c[3] == stage and (c[0], c[1]) in wanted)(self.src.mesh_coordinates(r, expert))]
+        return found
 
-    def _tier_host(self, key: Any, candidates: Sequence[int], host: str) -> Optional[str]:
-        has = self._has_host.get((key, host))
-        if has is None:
-            has = self._has_host[(key, host)] = any(self.host(r) == host for r in candidates)
-        return host if has else None
+    def position(self, rank: int, expert: bool) -> int:
+        """``p`` of a destination rank: its shard index times its replicas, plus its replica index."""
+        tp, ep, replica, _ = self.dst.mesh_coordinates(rank, expert)
+        tp_size, _, replicas = self.dst.mesh_sizes(expert)
+        return (ep * tp_size + tp) * replicas + replica
 
-    def _least_loaded(self, key: Any, candidates: Sequence[int], host: Optional[str], nbytes: int) -> int:
-        pool_host = self._tier_host(key, candidates, host) if host is not None else None
-        heap = self._heaps.get((key, pool_host))
-        if heap is None:
-            members = [r for r in candidates if pool_host is None or self.host(r) == pool_host]
-            heap = self._heaps[(key, pool_host)] = [(self.loads.get(r, 0), r) for r in members]
-            heapq.heapify(heap)
-        while True:
-            load, rank = heap[0]
-            current = self.loads.get(rank, 0)
-            if load == current:
-                break
-            heapq.heapreplace(heap, (current, rank))
-        self.loads[rank] = current + nbytes
-        heapq.heapreplace(heap, (current + nbytes, rank))
-        return rank
+    def sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> int:
+        """The source rank that sends dst ``rank`` a unit held by shards ``holders`` (rules 2-3)."""
+        p = self.position(rank, expert)
+        if self.hosts is not None:
+            local = self.local_holders(self.hosts[rank], holders, stage, expert)
+            if local:
+                return local[p % len(local)]
+        replicas = self.src.mesh_sizes(expert)[2]
+        k = p % (len(holders) * replicas)
+        tp, ep = holders[k % len(holders)]
+        return self.src.mesh_rank(tp, ep, k // len(holders), stage, expert)
+
+    def holds(self, rank: int, spec: TensorSpec, need: _Need) -> Optional[int]:
+        """Where ``rank`` holds ``need`` in its source shard (the row offset), or None."""
+        coords = self.src.mesh_coordinates(rank, spec.is_expert)
+        if coords is None or coords[3] != self.src_stage[spec.layer] or coords[1] != need.src_ep:
+            return None
+        return dict(need.unit.holders).get(coords[0])
+
+    # ---- transfers
+    def transfer(self, spec: TensorSpec, sender: int, receiver: int, need: _Need, src_local: int) -> Transfer:
+        unit = need.unit
+        full = [(0, n) for n in spec.shape]
+        glob, at_src, at_dst = list(full), list(full), list(full)
+        if need.experts is not None:
+            a, b, dst_local, src_local_e = need.experts
+            dim = spec.experts.dim
+            glob[dim], at_src[dim], at_dst[dim] = (a, b), (src_local_e, src_local_e + b - a), (dst_local, dst_local + b - a)
+        if spec.tp_dim is not None:
+            rows = unit.stop - unit.start
+            axis = spec.tp_dim
+            glob[axis] = (unit.start, unit.stop)
+            at_src[axis], at_dst[axis] = (src_local, src_local + rows), (unit.dst_local, unit.dst_local + rows)
+        nbytes = math.prod(b - a for a, b in glob) * spec.itemsize
+        step = -1 if sender == receiver else (receiver + sender) % self.world
+        return Transfer(spec.name, sender, receiver, spec.axis, tuple(glob), tuple(at_src), tuple(at_dst), nbytes, step)
+
+    def sort_key(self, t: Transfer) -> Tuple:
+        return (t.step, t.src, t.dst, self.order[t.tensor], t.global_box)
+
+    def receive(self, rank: int) -> Tuple[List[Transfer], List[Transfer], int]:
+        """``(network receives, local copies, needed bytes)`` of destination ``rank``."""
+        recvs: List[Transfer] = []
+        copies: List[Transfer] = []
+        needed = 0
+        for spec, tp, _, ep, _ in self._held(self.dst, self.dst_stage, rank):
+            needed += self._shard_bytes(spec, self.dst, tp, ep)
+            stage = self.src_stage[spec.layer]
+            for need in self.needs(spec, tp, ep):
+                mine = self.holds(rank, spec, need)
+                if mine is not None:
+                    copy = self.transfer(spec, rank, rank, need, mine)
+                    if copy.nbytes:
+                        copies.append(copy)
+                    continue
+                holders = tuple((tp_s, need.src_ep) for tp_s, _ in need.unit.holders)
+                sender = self.sender(rank, holders, stage, spec.is_expert)
+                at_sender = self.holds(sender, spec, need)
+                if at_sender is None:
+                    raise ReshardError(f"tensor {spec.name!r}: the rule chose rank {sender} to send to rank {rank}, "
+                                       "but it does not hold the region (a planner invariant is broken)")
+                transfer = self.transfer(spec, sender, rank, need, at_sender)
+                if transfer.nbytes:
+                    recvs.append(transfer)
+        return recvs, copies, needed
+
+    def send(self, rank: int) -> List[Transfer]:
+        """Network sends of source ``rank``: the receives of other ranks whose rule picks it."""
+        sends: List[Transfer] = []
+        my_host = self.host(rank)
+        for spec, tp, _, ep, _ in self._held(self.src, self.src_stage, rank):
+            expert = spec.is_expert
+            replica = self.src.mesh_coordinates(rank, expert)[2]
+            src_replicas = self.src.mesh_sizes(expert)[2]
+            dst_tp_size, dst_ep_size, dst_replicas = self.dst.mesh_sizes(expert)
+            stage, dst_stage = self.src_stage[spec.layer], self.dst_stage[spec.layer]
+            for dst_ep in self._dst_eps(spec, ep):
+                for dst_tp in range(dst_tp_size):
+                    shard = dst_ep * dst_tp_size + dst_tp
+                    for need in self.needs(spec, dst_tp, dst_ep):
+                        mine = dict(need.unit.holders).get(tp)
+                        if need.src_ep != ep or mine is None:
+                            continue
+                        holders = tuple((tp_s, need.src_ep) for tp_s, _ in need.unit.holders)
+                        count = len(holders) * src_replicas
+                        index = replica * len(holders) + holders.index((tp, ep))
+                        candidates: List[int] = []
+                        if my_host is not None:
+                            candidates = [d for d in self.on_host("dst", my_host)
+                                          if self._is_shard(d, dst_tp, dst_ep, dst_stage, expert)]
+                        for j in range((index - shard * dst_replicas) % count, dst_replicas, count):
+                            d = self.dst.mesh_rank(dst_tp, dst_ep, j, dst_stage, expert)
+                            if my_host is None or (self.hosts[d] != my_host and not self.local_holders(
+                                    self.hosts[d], holders, stage, expert)):
+                                candidates.append(d)
+                        for d in candidates:
+                            if d == rank or self.holds(d, spec, need) is not None:
+                                continue
+                            if my_host is not None and self.sender(d, holders, stage, expert) != rank:
+                                continue
+                            transfer = self.transfer(spec, rank, d, need, mine)
+                            if transfer.nbytes:
+                                sends.append(transfer)
+        return sends
+
+    def _dst_eps(self, spec: TensorSpec, src_ep: int) -> Iterator[int]:
+        """The dst EP ranks whose shards can overlap src EP rank ``src_ep``'s."""
+        if spec.experts is None:
+            yield 0
+            return
+        dst_ep_size = self.dst.mesh_sizes(True)[1]
+        if spec.experts.index is not None:
+            yield spec.experts.owner(dst_ep_size, spec.experts.index)
+            return
+        first, stop = spec.experts.owned(self.src.mesh_sizes(True)[1], src_ep)
+        for ep, *_ in _ep_overlaps(spec, first, stop, dst_ep_size):
+            yield ep
+
+    def _is_shard(self, rank: int, tp: int, ep: int, stage: int, expert: bool) -> bool:
+        coords = self.dst.mesh_coordinates(rank, expert)
+        return coords is not None and coords[0] == tp and coords[1] == ep and coords[3] == stage
+
+    def _held(self, layout: ParallelLayout, stages: Mapping[LayerRef, int],
+              rank: int) -> Iterator[Tuple[TensorSpec, int, int, int, int]]:
+        """Like :func:`.layout.held_tensors`, with the stage map computed once."""
+        if rank not in layout:
+            return
+        mesh = {expert: layout.mesh_coordinates(rank, expert) for expert in (False, True)}
+        for spec in self.model.tensors:
+            tp, ep, _, pp = mesh[spec.is_expert]
+            tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
+            if stages[spec.layer] == pp and spec.held_by(ep_size, ep):
+                yield spec, tp, tp_size, ep, ep_size
+
+    @staticmethod
+    def _shard_bytes(spec: TensorSpec, layout: ParallelLayout, tp: int, ep: int) -> int:
+        tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
+        return math.prod(spec.local_shape(tp_size, tp, ep_size, ep)) * spec.itemsize
 
 
-# ---- steps ---------------------------------------------------------------------------------------
-def color_pairs(pairs: Iterable[Tuple[int, int]]) -> Dict[Tuple[int, int], int]:
-    """A proper edge colouring of the bipartite graph senders → receivers with exactly as many
-    colours as the largest degree (König; alternating-path recolouring). Pure."""
-    at_sender: Dict[int, Dict[int, int]] = {}
-    at_receiver: Dict[int, Dict[int, int]] = {}
-    for u, v in pairs:
-        sent, got = at_sender.setdefault(u, {}), at_receiver.setdefault(v, {})
-        a = next(c for c in range(len(sent) + 1) if c not in sent)
-        b = next(c for c in range(len(got) + 1) if c not in got)
-        if a in got:
-            if b not in sent:
-                a = b
-            else:
-                # flip the a/b path that starts at v along colour a; it cannot reach u
-                path, node, colour, on_receiver = [], v, a, True
-                while True:
-                    table = at_receiver if on_receiver else at_sender
-                    nxt = table[node].get(colour)
-                    if nxt is None:
-                        break
-                    path.append((nxt, node, colour) if on_receiver else (node, nxt, colour))
-                    node, colour, on_receiver = nxt, (b if colour == a else a), not on_receiver
-                for s, r, c in path:
-                    del at_sender[s][c], at_receiver[r][c]
-                for s, r, c in path:
-                    flipped = b if c == a else a
-                    at_sender[s][flipped], at_receiver[r][flipped] = r, s
-        sent[a], got[a] = v, u
-    return {(u, v): c for u, table in at_sender.items() for c, v in table.items()}
+def _check_computable(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec) -> None:
+    """ReshardError naming the tensor, its head counts, the TP size and the side, for a layout
+    whose shards cannot compute (checked before anything else is planned)."""
+    seen = set()
+    for spec in model.tensors:
+        for side, layout in (("source", src), ("destination", dst)):
+            tp_size = layout.mesh_sizes(spec.is_expert)[0]
+            key = (spec.blocks, tp_size)
+            if key in seen:
+                continue
+            seen.add(key)
+            problem = spec.tp_problem(tp_size)
+            if problem is not None:
+                raise ReshardError(f"{side} layout ({layout.describe()}): {problem}")
 
 
-# ---- the planner ----------------------------------------------------------------------------------
+# ---- plans ---------------------------------------------------------------------------------------
+def plan_share(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, rank: int,
+               hosts: Optional[Sequence[str]] = None) -> PlanShare:
+    """``rank``'s part of the plan moving ``model`` from ``src`` to ``dst``: what it sends,
+    receives and copies, in O(its transfers + tensors × the shards it overlaps); equal to
+    ``plan_reshard(...).share(rank)``. Raises as :func:`plan_reshard`."""
+    rule = _Rule(src, dst, model, hosts)
+    recvs, copies, needed = rule.receive(rank) if rank in dst else ([], [], 0)
+    sends = rule.send(rank) if rank in src else []
+    recvs.sort(key=rule.sort_key)
+    sends.sort(key=rule.sort_key)
+    copies.sort(key=lambda t: (rule.order[t.tensor], t.global_box))
+    report = _report(rank, needed, recvs, copies) if rank in dst else None
+    return PlanShare(rank, src, dst, model, tuple(sends), tuple(recvs), tuple(copies), report,
+                     tuple(hosts) if hosts is not None else None)
+
+
 def plan_reshard(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
                  hosts: Optional[Sequence[str]] = None) -> Plan:
-    """Plan moving every tensor of ``model`` from layout ``src`` to layout ``dst``.
+    """Plan moving every tensor of ``model`` from layout ``src`` to layout ``dst`` (the union of
+    every destination rank's share).
 
     ``hosts[r]`` is global rank r's host name (from the launch: ``gpc.get_hostnames()``);
     None means unknown (no same-host preference). Raises ConfigError if a layout's stage policy
-    does not fit the model, or ``hosts`` does not cover every rank of both layouts.
+    does not fit the model, or ``hosts`` does not cover every rank of both layouts; ReshardError
+    if a layout's shards cannot compute (a TP size above a tensor's query heads).
     """
-    if hosts is not None:
-        top = max(max(src.ranks), max(dst.ranks))
-        if len(hosts) <= top:
-            raise ConfigError(f"hosts names {len(hosts)} ranks but the layouts use ranks up to {top}")
-    src_stage, dst_stage = src.stage_map(model), dst.stage_map(model)
-    src_tp, dst_tp = src.topology.tensor, dst.topology.tensor
-    pools = _SenderPools(hosts)
-    # units needed over the network, grouped by (receiver, holders): one sender serves a group
-    groups: Dict[Tuple[int, Tuple[int, Tuple[int, ...]]], List[Any]] = {}
+    rule = _Rule(src, dst, model, hosts)
+    network: List[Transfer] = []
     copies: List[Transfer] = []
-    needed: Dict[int, int] = {r: 0 for r in dst.ranks}
-    held: Dict[int, int] = {r: 0 for r in dst.ranks}
-    candidates_by_key: Dict[Tuple[int, Tuple[int, ...]], List[int]] = {}
-
-    src_coords = {r: src.coordinates(r) for r in set(src.ranks) | set(dst.ranks)}
-    boxes = {spec.name: _Boxes(spec) for spec in model.tensors}
-    for index, spec in enumerate(model.tensors):
-        s_stage, d_stage = src_stage[spec.layer], dst_stage[spec.layer]
-        row_bytes, box = spec.row_bytes, boxes[spec.name].box
-        src_pieces = [spec.pieces(src_tp, tp) for tp in range(src_tp)]
-        dst_pieces = [spec.pieces(dst_tp, tp) for tp in range(dst_tp)]
-        bounds = sorted({p for pieces in src_pieces + dst_pieces for a, b, _ in pieces for p in (a, b)})
-        holders = _segment_holders(bounds, src_pieces)
-        for d_tp in range(dst_tp):
-            units = _units(dst_pieces[d_tp], bounds, holders)
-            need_rows = sum(b - a for a, b, _ in dst_pieces[d_tp])
-            for rank in dst.replicas(d_tp, d_stage):
-                needed[rank] += need_rows * row_bytes
-                mine = src_coords[rank]
-                my_tp = mine["tp"] if mine is not None and mine["pp"] == s_stage else None
-                if my_tp is not None:
-                    held[rank] += _overlap(src_pieces[my_tp], dst_pieces[d_tp]) * row_bytes
-                for unit in units:
-                    rows = unit.stop - unit.start
-                    nbytes = rows * row_bytes
-                    if nbytes == 0:
-                        continue
-                    holder_tps = dict(unit.holders)
-                    if my_tp is not None and my_tp in holder_tps:
-                        src_local = holder_tps[my_tp]
-                        copies.append(Transfer(spec.name, rank, rank, spec.axis, box(unit.start, unit.stop),
-                                               box(src_local, src_local + rows),
-                                               box(unit.dst_local, unit.dst_local + rows), nbytes, -1))
-                    else:
-                        key = (s_stage, tuple(sorted(holder_tps)))
-                        if key not in candidates_by_key:
-                            candidates_by_key[key] = sorted(r for tp in key[1] for r in src.replicas(tp, s_stage))
-                        group = groups.setdefault((rank, key), [0, []])
-                        group[0] += nbytes
-                        group[1].append((spec, unit, index))
-
-    chosen: List[Tuple[int, int, TensorSpec, _Unit, int]] = []   # (src, dst, spec, unit, tensor index)
-    partners: Dict[int, set] = {}
-    for (rank, key), (nbytes, members) in sorted(groups.items(), key=lambda g: (-g[1][0], g[0])):
-        sender = pools.pick(key, candidates_by_key[key], rank, nbytes, partners.setdefault(rank, set()))
-        partners[rank].add(sender)
-        chosen.extend((sender, rank, spec, unit, index) for spec, unit, index in members)
-
-    steps = color_pairs(sorted({(s, d) for s, d, *_ in chosen}))
-    transfers = []
-    for sender, rank, spec, unit, index in chosen:
-        rows, box, step = unit.stop - unit.start, boxes[spec.name].box, steps[(sender, rank)]
-        src_local = dict(unit.holders)[src_coords[sender]["tp"]]
-        transfers.append((step, sender, rank, index, unit.start,
-                          Transfer(spec.name, sender, rank, spec.axis, box(unit.start, unit.stop),
-                                   box(src_local, src_local + rows), box(unit.dst_local, unit.dst_local + rows),
-                                   rows * spec.row_bytes, step)))
-    order = {name: i for i, name in enumerate(model.names)}
-    copies.sort(key=lambda t: (t.dst, order[t.tensor], t.global_box))
-    transfers.sort(key=lambda item: item[:5])
-    network = [t for *_, t in transfers]
-
-    received: Dict[int, int] = {r: 0 for r in dst.ranks}
-    senders: Dict[int, set] = {r: set() for r in dst.ranks}
+    reports = []
+    for rank in sorted(dst.ranks):
+        recvs, mine, needed = rule.receive(rank)
+        mine.sort(key=lambda t: (rule.order[t.tensor], t.global_box))
+        network += recvs
+        copies += mine
+        reports.append(_report(rank, needed, recvs, mine))
+    network.sort(key=rule.sort_key)
+    sender_bytes = {r: 0 for r in sorted(src.ranks)}
     for t in network:
-        received[t.dst] += t.nbytes
-        senders[t.dst].add(t.src)
-    copied: Dict[int, int] = {r: 0 for r in dst.ranks}
-    for t in copies:
-        copied[t.dst] += t.nbytes
-    reports = tuple(ReceiverReport(r, needed[r], held[r], received[r], copied[r], tuple(sorted(senders[r])))
-                    for r in sorted(dst.ranks))
-    sender_bytes = {r: pools.loads.get(r, 0) for r in sorted(src.ranks)}
-    return Plan(src, dst, model, tuple(copies) + tuple(network), max(steps.values(), default=-1) + 1,
-                reports, sender_bytes)
+        sender_bytes[t.src] += t.nbytes
+    return Plan(src, dst, model, tuple(copies) + tuple(network), max((t.step for t in network), default=-1) + 1,
+                tuple(reports), sender_bytes, tuple(hosts) if hosts is not None else None)
+
+
+def _report(rank: int, needed: int, recvs: Sequence[Transfer], copies: Sequence[Transfer]) -> ReceiverReport:
+    copied = sum(t.nbytes for t in copies)
+    return ReceiverReport(rank, needed, copied, sum(t.nbytes for t in recvs), copied,
+                          tuple(sorted({t.src for t in recvs})))
+
+
+# ---- the plan hash -------------------------------------------------------------------------------
+def _layout_key(layout: ParallelLayout, model: ModelSpec) -> Tuple:
+    t = layout.topology
+    return (t.tensor, t.pipeline, t.data, tuple(t.order), layout.ranks, layout.layer_counts(model),
+            layout.expert_parallel, layout.expert_tensor)
+
+
+def plan_digest(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
+                hosts: Optional[Sequence[str]] = None) -> int:
+    """A 64-bit hash (returned as a signed int64, ready for a torch.int64 tensor) of everything a
+    plan is a function of: the rule's version, both layouts (sizes, order, ranks, layers per
+    stage, expert sizes), every tensor spec, and the hosts. Equal inputs give an equal digest on
+    every rank and process (blake2b; no Python ``hash``); O(world + tensors)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (PLAN_RULE_VERSION, _layout_key(src, model), _layout_key(dst, model), model.num_layers,
+                 model.tensors, None if hosts is None else tuple(hosts)):
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 def describe_plan(plan: Plan, rank_limit: int = 16) -> str:
     """A readable report: summary lines, then one line per destination rank (first ``rank_limit``)."""
     s = plan.summary()
     load = s["sender_load"]
+    experts = s["model"]["expert_tensors"]
     lines = [
-        f"model {plan.model.name}: {len(plan.model.tensors)} tensors, {_fmt_bytes(plan.model.nbytes)}",
+        f"model {plan.model.name}: {len(plan.model.tensors)} tensors"
+        f"{f' ({experts} routed-expert)' if experts else ''}, {_fmt_bytes(plan.model.nbytes)}",
         f"src: {plan.src.describe()}",
         f"dst: {plan.dst.describe()}",
+        f"plan hash {s['plan_hash']}",
         f"received {_fmt_bytes(plan.received_bytes)} over the network; lower bound "
         f"{_fmt_bytes(plan.lower_bound_bytes)}; ratio {plan.ratio:.3f} (worst rank {plan.max_ratio:.3f}); "
         f"local copies {_fmt_bytes(s['local_copy_bytes'])}",
-        f"steps {plan.num_steps}, sender/receiver pairs {plan.pair_count}, sender load max "
+        f"steps {plan.max_rank_steps} (most any rank takes part in), sender/receiver pairs {plan.pair_count}, "
+        f"sender load max "
         f"{_fmt_bytes(load['max'])} / mean {_fmt_bytes(int(load['mean']))} = {load['max_over_mean']:.2f}",
         f"naive baselines, bytes received per rank: broadcast-all {_fmt_bytes(plan.model.nbytes)}, "
         f"all-gather {_fmt_bytes(plan.model.nbytes)}",

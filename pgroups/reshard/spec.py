@@ -7,14 +7,21 @@ A tensor spec says
   or ``"head"``); embedding goes to the first stage, head to the last;
 - ``blocks``: how the split dim is made of sub-blocks that are split *separately* (fused
   layouts). A TP rank's shard is the concatenation, in block order, of its share of every
-  block. Plain tensors have one block; fused QKV has three (Q, K, V, split by whole heads, K and
-  V replicated when there are fewer KV heads than TP ranks, as vLLM does); fused gate/up has
-  two.
+  block. Plain tensors have one block; fused QKV has three (Q, K, V) or, in Megatron's
+  interleaved layout, three per query group; fused gate/up has two.
+- ``experts``: for a routed-expert tensor, how it is placed by expert parallelism (a grouped
+  ``[E, …]`` weight split on its expert dim, or one tensor per expert held by that expert's
+  owner); TP is then the layout's *expert* tensor parallelism.
 
-Shares are balanced and need no divisibility: ``n`` units over ``T`` ranks give the first
-``n % T`` ranks one unit more (``numpy.array_split``); a block with fewer units than ranks gives
-some ranks nothing, unless it is marked ``replicate`` (then rank ``r`` holds unit
-``r * n // T``).
+Shares, the functional contract (the shards a TP group holds compute what the full layer does):
+- plain blocks are balanced and need no divisibility: ``n`` units over ``T`` ranks give the first
+  ``n % T`` ranks one unit more (``numpy.array_split``); gate/up and down_proj use the same rule
+  on the same ffn size, so they split together;
+- attention blocks (:class:`Heads`) follow :func:`attention_heads`: query heads are split by whole
+  query groups when ``T <= kv_heads``, else by whole heads; a rank's KV heads are exactly those its
+  query heads use (replicated over ranks when needed, as vLLM does); o_proj's input columns are a
+  ``Heads`` block too, so they follow the query heads. ``T > heads`` (a rank with no query head)
+  cannot run and is refused (:meth:`TensorSpec.tp_problem`).
 
 A :class:`ModelSpec` is the tensors plus ``num_layers``. Build one from YAML
 (:func:`load_model_spec`), from a ``torch.nn.Module`` plus a few :class:`Rule` s
@@ -74,27 +81,94 @@ def balanced_share(units: int, parts: int, index: int) -> Tuple[int, int]:
     return start, start + base + (1 if index < extra else 0)
 
 
+def attention_heads(num_heads: int, num_kv_heads: int, tp_size: int,
+                    tp_rank: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """``((q_start, q_stop), (kv_start, kv_stop))``: the query and KV heads TP rank ``tp_rank``
+    of ``tp_size`` holds for grouped-query attention (``num_kv_heads`` divides ``num_heads``).
+
+    ``tp_size <= num_kv_heads``: whole query groups, balanced (kv heads = the rank's groups);
+    else whole query heads, balanced, and the KV heads those query heads use — one when
+    ``tp_size`` is a multiple of ``num_kv_heads`` (vLLM's replication), two where a rank's query
+    heads straddle two groups. A rank may get no query head only when ``tp_size > num_heads``.
+    """
+    group = num_heads // num_kv_heads
+    if tp_size <= num_kv_heads:
+        first, last = balanced_share(num_kv_heads, tp_size, tp_rank)
+        return (first * group, last * group), (first, last)
+    q_start, q_stop = balanced_share(num_heads, tp_size, tp_rank)
+    if q_stop == q_start:
+        return (q_start, q_start), (0, 0)
+    return (q_start, q_stop), (q_start // group, -(-q_stop // group))
+
+
+@attrs.frozen
+class Heads:
+    """A block made of attention heads: query heads (``role="q"``: Q rows, or o_proj's input
+    columns) or KV heads (``role="kv"``: K or V rows), heads ``first..first+n`` of the layer's
+    ``num_heads`` / ``num_kv_heads``; each TP rank holds the ones :func:`attention_heads` gives."""
+
+    role: str
+    num_heads: int
+    num_kv_heads: int
+    first: int = 0
+
+    def held(self, tp_size: int, tp_rank: int) -> Tuple[int, int]:
+        q, kv = attention_heads(self.num_heads, self.num_kv_heads, tp_size, tp_rank)
+        return q if self.role == "q" else kv
+
+
 @attrs.frozen
 class Block:
     """A sub-block of a split dim: ``size`` rows, split across TP ranks in whole ``unit`` s.
 
-    ``replicate``: with fewer units than TP ranks, every rank holds one unit (GQA KV heads)
-    instead of some ranks holding none.
+    ``replicate``: with fewer units than TP ranks, every rank holds one unit instead of some
+    ranks holding none. ``heads``: the block is attention heads of size ``unit`` each, shared out
+    by :func:`attention_heads` (see :class:`Heads`).
     """
 
     size: int
     unit: int = 1
     replicate: bool = False
     name: str = ""
+    heads: Optional[Heads] = None
 
     def share(self, tp_size: int, tp_rank: int) -> Tuple[int, int]:
         """Rows ``[start, stop)`` of this block that TP rank ``tp_rank`` of ``tp_size`` holds."""
         units = self.size // self.unit
+        if self.heads is not None:
+            low, high = self.heads.held(tp_size, tp_rank)
+            start, stop = max(low, self.heads.first), min(high, self.heads.first + units)
+            if stop <= start:
+                return 0, 0
+            return (start - self.heads.first) * self.unit, (stop - self.heads.first) * self.unit
         if self.replicate and units < tp_size:
             held = tp_rank * units // tp_size
             return held * self.unit, (held + 1) * self.unit
         start, stop = balanced_share(units, tp_size, tp_rank)
         return start * self.unit, stop * self.unit
+
+
+@attrs.frozen
+class Experts:
+    """Where a routed-expert tensor lives in expert parallelism (EP): ``num_experts`` experts
+    are cut into balanced contiguous ranges over the EP ranks. A grouped weight has them on dim
+    ``dim`` (``shape[dim] == num_experts``); a per-expert tensor (``index``) is held whole by the
+    EP rank that owns expert ``index``. Give exactly one of ``dim`` / ``index``."""
+
+    num_experts: int
+    dim: Optional[int] = None
+    index: Optional[int] = None
+
+    def owned(self, ep_size: int, ep_rank: int) -> Tuple[int, int]:
+        """Experts ``[start, stop)`` EP rank ``ep_rank`` of ``ep_size`` owns."""
+        return balanced_share(self.num_experts, ep_size, ep_rank)
+
+    def owner(self, ep_size: int, expert: int) -> int:
+        """The EP rank owning ``expert`` (the inverse of :meth:`owned`)."""
+        base, extra = divmod(self.num_experts, ep_size)
+        if expert < extra * (base + 1):
+            return expert // (base + 1)
+        return extra + (expert - extra * (base + 1)) // base
 
 
 @attrs.frozen
@@ -107,11 +181,12 @@ class TensorSpec:
     tp_dim: Optional[int]
     layer: LayerRef
     blocks: Tuple[Block, ...]
+    experts: Optional[Experts] = None
 
     @classmethod
     def create(cls, name: str, shape: Sequence[int], dtype: Any = "float32", tp_dim: Optional[int] = None,
                layer: LayerRef = 0, blocks: Optional[Sequence[Block]] = None,
-               where: str = "") -> "TensorSpec":
+               where: str = "", experts: Optional[Experts] = None) -> "TensorSpec":
         """Validate and build. ``blocks`` default to one plain block spanning the split dim.
 
         Raises ConfigError naming the tensor and the field that is wrong.
@@ -147,7 +222,9 @@ class TensorSpec:
                 if block.unit < 1 or block.size % block.unit:
                     raise ConfigError(f"{at}sub-block {block.name or block.size!r}: size {block.size} "
                                       f"is not a whole number of units of {block.unit}")
-        return cls(name, shape, torch_dtype, tp_dim, layer, tuple(blocks))
+        if experts is not None:
+            _check_experts(experts, shape, tp_dim, at)
+        return cls(name, shape, torch_dtype, tp_dim, layer, tuple(blocks), experts)
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -179,6 +256,35 @@ class TensorSpec:
             return self.itemsize
         return self.numel // self.shape[self.axis] * self.itemsize if self.shape[self.axis] else 0
 
+    @property
+    def is_expert(self) -> bool:
+        return self.experts is not None
+
+    def expert_range(self, ep_size: int, ep_rank: int) -> Optional[Tuple[int, int]]:
+        """Experts ``[start, stop)`` of a grouped weight EP rank ``ep_rank`` holds (None when the
+        tensor has no expert dim)."""
+        if self.experts is None or self.experts.dim is None:
+            return None
+        return self.experts.owned(ep_size, ep_rank)
+
+    def held_by(self, ep_size: int, ep_rank: int) -> bool:
+        """Whether EP rank ``ep_rank`` holds (part of) this tensor: a per-expert tensor only on its
+        owner; every other tensor everywhere in its stage."""
+        if self.experts is None or self.experts.index is None:
+            return True
+        return self.experts.owner(ep_size, self.experts.index) == ep_rank
+
+    def tp_problem(self, tp_size: int) -> Optional[str]:
+        """Why the shards of TP size ``tp_size`` cannot compute (None when they can): attention
+        heads over more ranks than query heads leave a rank with no query head."""
+        for block in self.blocks:
+            if block.heads is not None and tp_size > block.heads.num_heads:
+                h = block.heads
+                return (f"tensor {self.name!r}: {h.num_heads} query heads / {h.num_kv_heads} KV heads cannot be "
+                        f"split over tensor parallel size {tp_size}: TP rank {h.num_heads} would hold no query "
+                        f"head; allowed: a TP size of at most {h.num_heads}")
+        return None
+
     def pieces(self, tp_size: int, tp_rank: int) -> Tuple[Piece, ...]:
         """The intervals along :attr:`axis` that TP rank ``tp_rank`` of ``tp_size`` holds, as
         ``(global_start, global_stop, local_start)`` in local order; empty pieces are dropped."""
@@ -193,40 +299,96 @@ class TensorSpec:
             offset += block.size
         return tuple(result)
 
-    def local_shape(self, tp_size: int, tp_rank: int) -> Tuple[int, ...]:
-        """Shape of the shard TP rank ``tp_rank`` of ``tp_size`` holds."""
-        if self.tp_dim is None:
-            return self.shape
-        rows = sum(stop - start for start, stop, _ in self.pieces(tp_size, tp_rank))
-        return self.shape[:self.tp_dim] + (rows,) + self.shape[self.tp_dim + 1:]
+    def local_shape(self, tp_size: int, tp_rank: int, ep_size: int = 1, ep_rank: int = 0) -> Tuple[int, ...]:
+        """Shape of the shard TP rank ``tp_rank`` of ``tp_size`` (and, for a grouped expert
+        weight, EP rank ``ep_rank`` of ``ep_size``) holds."""
+        shape = list(self.shape)
+        if self.tp_dim is not None:
+            shape[self.tp_dim] = sum(stop - start for start, stop, _ in self.pieces(tp_size, tp_rank))
+        experts = self.expert_range(ep_size, ep_rank)
+        if experts is not None:
+            shape[self.experts.dim] = experts[1] - experts[0]
+        return tuple(shape)
 
-    def shard(self, full: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
-        """Cut TP rank ``tp_rank``'s shard from the ``full`` tensor (a new contiguous tensor)."""
+    def shard(self, full: torch.Tensor, tp_size: int, tp_rank: int, ep_size: int = 1,
+              ep_rank: int = 0) -> torch.Tensor:
+        """Cut the shard of TP rank ``tp_rank`` (and EP rank ``ep_rank``) from the ``full`` tensor
+        (a new contiguous tensor)."""
+        experts = self.expert_range(ep_size, ep_rank)
+        if experts is not None:
+            full = full.narrow(self.experts.dim, experts[0], experts[1] - experts[0])
         if self.tp_dim is None:
             return full.clone()
         parts = [full.narrow(self.tp_dim, start, stop - start)
                  for start, stop, _ in self.pieces(tp_size, tp_rank)]
         if not parts:
-            return full.new_empty(self.local_shape(tp_size, tp_rank))
+            return full.new_empty(self.local_shape(tp_size, tp_rank, ep_size, ep_rank))
         return torch.cat(parts, dim=self.tp_dim).contiguous()
 
 
-# ---- fused layouts ----------------------------------------------------------------------------
-def qkv_blocks(num_heads: int, num_kv_heads: int, head_dim: int) -> Tuple[Block, ...]:
-    """Fused QKV ``[Q; K; V]`` with grouped-query attention (GQA ratio ``num_heads/num_kv_heads``).
+def _check_experts(experts: Experts, shape: Tuple[int, ...], tp_dim: Optional[int], at: str) -> None:
+    """ConfigError unless ``experts`` fits a tensor of ``shape`` split on ``tp_dim``."""
+    if isinstance(experts.num_experts, bool) or not isinstance(experts.num_experts, int) or experts.num_experts < 1:
+        raise ConfigError(f"{at}experts.num must be a positive integer, got {experts.num_experts!r}")
+    if (experts.dim is None) == (experts.index is None):
+        raise ConfigError(f"{at}experts needs exactly one of 'dim' (a grouped [E, ...] weight) or 'index' "
+                          "(one tensor per expert)")
+    if experts.dim is not None:
+        if isinstance(experts.dim, bool) or not isinstance(experts.dim, int) or not 0 <= experts.dim < len(shape):
+            raise ConfigError(f"{at}experts.dim {experts.dim!r} is not a dim of shape {list(shape)}")
+        if shape[experts.dim] != experts.num_experts:
+            raise ConfigError(f"{at}experts.dim {experts.dim}: shape[{experts.dim}] = {shape[experts.dim]} "
+                              f"!= num experts {experts.num_experts}")
+        if experts.dim == tp_dim:
+            raise ConfigError(f"{at}experts.dim {experts.dim} is also the tp_dim; expert tensor parallelism "
+                              "splits another dim")
+    elif isinstance(experts.index, bool) or not isinstance(experts.index, int) or not (
+            0 <= experts.index < experts.num_experts):
+        raise ConfigError(f"{at}experts.index {experts.index!r} must be in 0..{experts.num_experts - 1}")
 
-    Each sub-block is split by whole heads; K and V are replicated over TP ranks when there are
-    fewer KV heads than ranks. Raises ConfigError unless ``num_kv_heads`` divides ``num_heads``.
-    """
+
+# ---- fused layouts ----------------------------------------------------------------------------
+def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int, what: str) -> None:
     for key, value in (("heads", num_heads), ("kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"fused qkv: {key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{what}: {key} must be a positive integer, got {value!r}")
     if num_heads % num_kv_heads:
-        raise ConfigError(f"fused qkv: kv_heads({num_kv_heads}) must divide heads({num_heads}) "
+        raise ConfigError(f"{what}: kv_heads({num_kv_heads}) must divide heads({num_heads}) "
                           "(the GQA ratio is heads / kv_heads)")
-    return (Block(num_heads * head_dim, head_dim, False, "q"),
-            Block(num_kv_heads * head_dim, head_dim, True, "k"),
-            Block(num_kv_heads * head_dim, head_dim, True, "v"))
+
+
+def qkv_blocks(num_heads: int, num_kv_heads: int, head_dim: int) -> Tuple[Block, ...]:
+    """Fused QKV ``[Q; K; V]`` with grouped-query attention (GQA ratio ``num_heads/num_kv_heads``):
+    each TP rank's shard is its ``[q; k; v]`` (vLLM's QKVParallelLinear), heads per
+    :func:`attention_heads`. Raises ConfigError unless ``num_kv_heads`` divides ``num_heads``."""
+    _check_heads(num_heads, num_kv_heads, head_dim, "fused qkv")
+    return (Block(num_heads * head_dim, head_dim, False, "q", Heads("q", num_heads, num_kv_heads)),
+            Block(num_kv_heads * head_dim, head_dim, False, "k", Heads("kv", num_heads, num_kv_heads)),
+            Block(num_kv_heads * head_dim, head_dim, False, "v", Heads("kv", num_heads, num_kv_heads)))
+
+
+def qkv_interleaved_blocks(num_heads: int, num_kv_heads: int, head_dim: int) -> Tuple[Block, ...]:
+    """Megatron-Core's fused QKV: per query group ``g``, its query heads, then its K head, then
+    its V head (``[q_g…; k_g; v_g]`` for g = 0..kv_heads-1). Shared out by :func:`attention_heads`
+    like :func:`qkv_blocks`, so a rank holds its groups' rows in the same interleaved order."""
+    _check_heads(num_heads, num_kv_heads, head_dim, "fused qkv_interleaved")
+    group = num_heads // num_kv_heads
+    blocks: List[Block] = []
+    for g in range(num_kv_heads):
+        blocks += [Block(group * head_dim, head_dim, False, f"q{g}", Heads("q", num_heads, num_kv_heads, g * group)),
+                   Block(head_dim, head_dim, False, f"k{g}", Heads("kv", num_heads, num_kv_heads, g)),
+                   Block(head_dim, head_dim, False, f"v{g}", Heads("kv", num_heads, num_kv_heads, g))]
+    return tuple(blocks)
+
+
+def head_blocks(num_heads: int, num_kv_heads: int, head_dim: int, role: str = "q") -> Tuple[Block, ...]:
+    """One tensor of attention heads: a separate q_proj (``role="q"``), k_proj / v_proj
+    (``role="kv"``), or o_proj's input columns (``role="q"``: they follow the query heads)."""
+    _check_heads(num_heads, num_kv_heads, head_dim, "fused heads")
+    if role not in ("q", "kv"):
+        raise ConfigError(f"fused heads: role {role!r} is not known; allowed: 'kv', 'q'")
+    count = num_heads if role == "q" else num_kv_heads
+    return (Block(count * head_dim, head_dim, False, role, Heads(role, num_heads, num_kv_heads)),)
 
 
 def parts_blocks(sizes: Sequence[int], unit: int = 1, names: Sequence[str] = ()) -> Tuple[Block, ...]:
@@ -293,10 +455,13 @@ class ModelSpec:
 
 
 # ---- building specs: YAML ---------------------------------------------------------------------
-_TENSOR_KEYS = ("name", "shape", "dtype", "tp_dim", "layer", "fused")
+_TENSOR_KEYS = ("name", "shape", "dtype", "tp_dim", "layer", "fused", "experts")
 _MODEL_KEYS = ("name", "num_layers", "dtype", "tensors", "synthetic")
-_FUSED_KINDS = ("qkv", "parts")
+_FUSED_KINDS = ("qkv", "qkv_interleaved", "heads", "parts")
+_HEADS_KEYS = ("heads", "kv_heads", "head_dim")
+_EXPERTS_KEYS = ("num", "dim", "index")
 LAYER_PLACEHOLDER = "{layer}"
+EXPERT_PLACEHOLDER = "{expert}"
 
 
 def load_model_spec(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], source: Optional[str] = None) -> ModelSpec:
@@ -365,39 +530,68 @@ def model_spec_from_dict(data: Any, source: str = "<model spec>") -> ModelSpec:
             raise ConfigError(f"{where}tensors[{index}].name must be a string, got {raw_name!r}")
         tp_dim = entry.get("tp_dim")
         shape = entry["shape"]
-        blocks = _fused_blocks(entry.get("fused"), f"{where}tensor {raw_name!r}: ")
+        at = f"{where}tensor {raw_name!r}: "
+        blocks = _fused_blocks(entry.get("fused"), at)
+        per_expert = _expert_entries(entry.get("experts"), raw_name, at)
         if LAYER_PLACEHOLDER in raw_name:
             if "layer" in entry:
-                raise ConfigError(f"{where}tensor {raw_name!r}: a name with {{layer}} is repeated per "
-                                  "layer; drop its 'layer:' key")
+                raise ConfigError(f"{at}a name with {{layer}} is repeated per layer; drop its 'layer:' key")
             if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
                 raise ConfigError(f"{where}tensor {raw_name!r} uses {{layer}}: set num_layers (a positive "
                                   "integer) at the top of the spec")
-            for layer in range(num_layers):
-                tensors.append(TensorSpec.create(raw_name.replace(LAYER_PLACEHOLDER, str(layer)), shape,
-                                                 entry.get("dtype", default_dtype), tp_dim, layer, blocks, where))
+            layers: List[LayerRef] = list(range(num_layers))
         else:
             if "layer" not in entry:
-                raise ConfigError(f"{where}tensor {raw_name!r}: missing 'layer' (an index, 'embedding' "
-                                  "or 'head'; or put {layer} in the name to repeat it per layer)")
-            tensors.append(TensorSpec.create(raw_name, shape, entry.get("dtype", default_dtype), tp_dim,
-                                             entry["layer"], blocks, where))
+                raise ConfigError(f"{at}missing 'layer' (an index, 'embedding' or 'head'; or put {{layer}} in "
+                                  "the name to repeat it per layer)")
+            layers = [entry["layer"]]
+        for layer in layers:
+            for expert_name, experts in per_expert:
+                tensor_name = expert_name.replace(LAYER_PLACEHOLDER, str(layer))
+                tensors.append(TensorSpec.create(tensor_name, shape, entry.get("dtype", default_dtype), tp_dim,
+                                                 layer, blocks, where, experts))
     return ModelSpec.create(tensors, num_layers, name, where)
+
+
+def _expert_entries(value: Any, raw_name: str, at: str) -> List[Tuple[str, Optional[Experts]]]:
+    """``experts: {num, dim}`` (grouped) / ``{num, index}`` / ``{num}`` with ``{expert}`` in the name
+    (one tensor per expert) → ``[(name, Experts)]``; no ``experts:`` → ``[(name, None)]``."""
+    if value is None:
+        if EXPERT_PLACEHOLDER in raw_name:
+            raise ConfigError(f"{at}a name with {{expert}} needs 'experts: {{num: N}}'")
+        return [(raw_name, None)]
+    if not isinstance(value, Mapping) or "num" not in value:
+        raise ConfigError(f"{at}experts must be a mapping with 'num' and one of 'dim' / 'index' (or {{expert}} "
+                          f"in the name), got {value!r}")
+    _reject_unknown(value, _EXPERTS_KEYS, "experts.", at)
+    num = value["num"]
+    if EXPERT_PLACEHOLDER in raw_name:
+        if "dim" in value or "index" in value:
+            raise ConfigError(f"{at}a name with {{expert}} is repeated per expert; drop experts.dim / index")
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ConfigError(f"{at}experts.num must be a positive integer, got {num!r}")
+        return [(raw_name.replace(EXPERT_PLACEHOLDER, str(e)), Experts(num, index=e)) for e in range(num)]
+    return [(raw_name, Experts(num, value.get("dim"), value.get("index")))]
 
 
 def _fused_blocks(value: Any, at: str) -> Optional[Tuple[Block, ...]]:
     if value is None:
         return None
     if not isinstance(value, Mapping) or len(value) != 1:
-        raise ConfigError(f"{at}fused must be one of {{qkv: {{heads, kv_heads, head_dim}}}} or "
-                          f"{{parts: [sizes]}}, got {value!r}")
+        raise ConfigError(f"{at}fused must be one of {{qkv | qkv_interleaved | heads: {{heads, kv_heads, "
+                          f"head_dim}}}} or {{parts: [sizes]}}, got {value!r}")
     (kind, options), = value.items()
-    if kind == "qkv":
-        keys = ("heads", "kv_heads", "head_dim")
-        if not isinstance(options, Mapping) or set(options) != set(keys):
-            raise ConfigError(f"{at}fused.qkv needs exactly {allowed(keys)}, got {options!r}")
+    if kind in ("qkv", "qkv_interleaved", "heads"):
+        keys = _HEADS_KEYS + (("role",) if kind == "heads" else ())
+        if not isinstance(options, Mapping) or not set(_HEADS_KEYS) <= set(options) <= set(keys):
+            raise ConfigError(f"{at}fused.{kind} needs {allowed(_HEADS_KEYS)}"
+                              f"{' (and optionally role: q or kv)' if kind == 'heads' else ''}, got {options!r}")
         try:
-            return qkv_blocks(options["heads"], options["kv_heads"], options["head_dim"])
+            if kind == "heads":
+                return head_blocks(options["heads"], options["kv_heads"], options["head_dim"],
+                                   options.get("role", "q"))
+            build = qkv_blocks if kind == "qkv" else qkv_interleaved_blocks
+            return build(options["heads"], options["kv_heads"], options["head_dim"])
         except ConfigError as exc:
             raise ConfigError(f"{at}{exc}") from None
     if kind == "parts":
@@ -476,24 +670,59 @@ def spec_from_module(module: torch.nn.Module, rules: Sequence[Rule],
 # ---- a synthetic decoder --------------------------------------------------------------------------
 def llama_like(hidden: int = 4096, layers: int = 32, heads: int = 32, kv_heads: int = 8,
                ffn: int = 14336, vocab: int = 128256, dtype: Any = "bfloat16",
-               name: str = "llama-like") -> ModelSpec:
+               name: str = "llama-like", experts: int = 0, expert_ffn: Optional[int] = None,
+               shared_ffn: int = 0, grouped_experts: bool = True) -> ModelSpec:
     """A Llama-style decoder with fused QKV (GQA) and fused gate/up, Megatron TP dims:
-    embedding and head split by vocab, QKV and gate/up by output rows, o_proj and down_proj by
-    input columns, norms replicated. The defaults are Llama-3-8B's shapes."""
+    embedding and head split by vocab, QKV and gate/up by output rows, o_proj (by query heads)
+    and down_proj by input columns, norms replicated. The defaults are Llama-3-8B's shapes.
+
+    ``experts > 0`` makes every MLP a routed MoE: a router ``[E, hidden]`` (replicated), the
+    experts' gate/up and down — grouped ``[E, …]`` weights (``grouped_experts``) or one tensor per
+    expert — of ``expert_ffn`` (default ``ffn``) placed by EP / expert TP, and, with
+    ``shared_ffn > 0``, a shared expert (a dense MLP)."""
     head_dim = hidden // heads
     qkv = qkv_blocks(heads, kv_heads, head_dim)
+    o_heads = head_blocks(heads, kv_heads, head_dim, "q")
     specs = [TensorSpec.create("embed.weight", (vocab, hidden), dtype, 0, EMBEDDING)]
     for i in range(layers):
         p = f"layers.{i}."
         specs += [
             TensorSpec.create(p + "input_norm.weight", (hidden,), dtype, None, i),
             TensorSpec.create(p + "attn.qkv.weight", (sum(b.size for b in qkv), hidden), dtype, 0, i, qkv),
-            TensorSpec.create(p + "attn.o.weight", (hidden, heads * head_dim), dtype, 1, i),
+            TensorSpec.create(p + "attn.o.weight", (hidden, heads * head_dim), dtype, 1, i, o_heads),
             TensorSpec.create(p + "post_norm.weight", (hidden,), dtype, None, i),
-            TensorSpec.create(p + "mlp.gate_up.weight", (2 * ffn, hidden), dtype, 0, i,
-                              parts_blocks((ffn, ffn), 1, ("gate", "up"))),
-            TensorSpec.create(p + "mlp.down.weight", (hidden, ffn), dtype, 1, i),
         ]
+        if experts:
+            specs += _moe_specs(p + "mlp.", i, hidden, experts, expert_ffn or ffn, shared_ffn, grouped_experts, dtype)
+        else:
+            specs += _mlp_specs(p + "mlp.", i, hidden, ffn, dtype)
     specs += [TensorSpec.create("norm.weight", (hidden,), dtype, None, HEAD),
               TensorSpec.create("lm_head.weight", (vocab, hidden), dtype, 0, HEAD)]
     return ModelSpec.create(specs, layers, name)
+
+
+def _mlp_specs(prefix: str, layer: int, hidden: int, ffn: int, dtype: Any) -> List[TensorSpec]:
+    """A dense gated MLP: fused gate/up split by rows, down by the same ffn columns."""
+    return [TensorSpec.create(prefix + "gate_up.weight", (2 * ffn, hidden), dtype, 0, layer,
+                              parts_blocks((ffn, ffn), 1, ("gate", "up"))),
+            TensorSpec.create(prefix + "down.weight", (hidden, ffn), dtype, 1, layer)]
+
+
+def _moe_specs(prefix: str, layer: int, hidden: int, experts: int, ffn: int, shared_ffn: int,
+               grouped: bool, dtype: Any) -> List[TensorSpec]:
+    gate_up = parts_blocks((ffn, ffn), 1, ("gate", "up"))
+    specs = [TensorSpec.create(prefix + "router.weight", (experts, hidden), dtype, None, layer)]
+    if grouped:
+        specs += [TensorSpec.create(prefix + "experts.gate_up.weight", (experts, 2 * ffn, hidden), dtype, 1, layer,
+                                    gate_up, experts=Experts(experts, dim=0)),
+                  TensorSpec.create(prefix + "experts.down.weight", (experts, hidden, ffn), dtype, 2, layer,
+                                    experts=Experts(experts, dim=0))]
+    else:
+        for e in range(experts):
+            specs += [TensorSpec.create(f"{prefix}experts.{e}.gate_up.weight", (2 * ffn, hidden), dtype, 0, layer,
+                                        gate_up, experts=Experts(experts, index=e)),
+                      TensorSpec.create(f"{prefix}experts.{e}.down.weight", (hidden, ffn), dtype, 1, layer,
+                                        experts=Experts(experts, index=e))]
+    if shared_ffn:
+        specs += _mlp_specs(prefix + "shared.", layer, hidden, shared_ffn, dtype)
+    return specs
