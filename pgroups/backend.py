@@ -8,6 +8,8 @@ It never decides layouts: callers hand it rank lists (from initializers). It own
 - the device / CPU twins (NCCL + gloo; fake + fake under torch's fake backend; one gloo group
   when the device backend is gloo already);
 - a dedupe cache, so identical rank lists across modes share one communicator;
+- per-mode NCCL options (``nccl_options:`` in the config) passed as ``ProcessGroupNCCL.Options``
+  to the NCCL groups of that mode (modes with different options never share a communicator);
 - timeouts (a peer that never enters raises GroupTimeoutError naming the mode and ranks);
 - destruction.
 
@@ -19,15 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from . import nccl_options as nccl
 from .errors import GroupTimeoutError, LaunchError
 
 ProcessGroup = dist.ProcessGroup
-GroupKey = Tuple[str, Tuple[int, ...]]
+GroupKey = Tuple[str, Tuple[int, ...], Optional[Hashable]]
 
 
 def default_backend_name() -> str:
@@ -78,8 +81,10 @@ class GroupBackend:
     ``calls`` counts this rank's ``new_group`` / ``split_group`` calls (the benchmark reports it).
     """
 
-    def __init__(self, device_backend: str, strategy: str, timeout_s: float) -> None:
+    def __init__(self, device_backend: str, strategy: str, timeout_s: float,
+                 nccl_options: Optional[Mapping[str, nccl.NcclOptions]] = None) -> None:
         self.device_backend = device_backend
+        self.nccl_options = dict(nccl_options or {})
         self.cpu_backend = cpu_backend_for(device_backend)
         self.strategy = strategy
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -96,6 +101,21 @@ class GroupBackend:
     def world_group(self) -> ProcessGroup:
         return dist.group.WORLD
 
+    def options_key(self, mode: str) -> Optional[Hashable]:
+        """What distinguishes ``mode``'s device communicator beyond its ranks: its NCCL options
+        on an NCCL job (or a fake one, which simulates it), None otherwise."""
+        if self.device_backend not in ("nccl", "fake"):
+            return None
+        return nccl.options_key(self.nccl_options.get(mode))
+
+    def _pg_options(self, mode: str, backend: str) -> Optional[Any]:
+        options = self.nccl_options.get(mode)
+        if backend != "nccl" or not options:
+            return None
+        built = nccl_process_group_options(options)
+        built._timeout = self.timeout  # torch warns when the options' timeout differs from new_group's
+        return built
+
     def build(self, mode: str, my_ranks: Optional[Sequence[int]],
               all_groups: Callable[[], List[List[int]]], cpu: bool = False,
               strategy: Optional[str] = None) -> Optional[ProcessGroup]:
@@ -109,7 +129,8 @@ class GroupBackend:
         backend = self.cpu_backend if cpu else self.device_backend
         strategy = strategy or ("local" if cpu and self.strategy == "split" else self.strategy)
         if my_ranks is not None and len(my_ranks) == dist.get_world_size() and (
-                not cpu or not self.cpu_twin_needed or "gloo" in default_backend_name()):
+                not cpu or not self.cpu_twin_needed or "gloo" in default_backend_name()) and (
+                cpu or self.options_key(mode) is None):
             return self.world_group()
         def describe(exc: BaseException) -> str:
             return (f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r} "
@@ -143,6 +164,7 @@ class GroupBackend:
     def _new_group(self, ranks: Sequence[int], backend: str, mode: str, local: bool) -> Optional[ProcessGroup]:
         self.calls += 1
         group = dist.new_group(list(ranks), timeout=self.timeout, backend=backend,
+                               pg_options=self._pg_options(mode, backend),
                                use_local_synchronization=local, group_desc=f"pgroups:{mode}")
         if group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER:
             self._created.append(group)
@@ -162,7 +184,7 @@ class GroupBackend:
         mine = tuple(my_ranks) if my_ranks is not None else None
         result = None
         for ranks in groups:  # every rank walks the same list: the cache stays identical everywhere
-            key = ("cpu" if cpu else "device", tuple(ranks))
+            key = ("cpu" if cpu else "device", tuple(ranks), None if cpu else self.options_key(mode))
             if key not in self._cache:
                 self._cache[key] = self._new_group(ranks, backend, mode, local=False)
             if key[1] == mine:
@@ -174,7 +196,7 @@ class GroupBackend:
         # split_group is collective over the default group: one call per mode on every rank.
         self.calls += 1
         group = dist.split_group(split_ranks=[list(g) for g in groups], timeout=self.timeout,
-                                 group_desc=f"pgroups:{mode}")
+                                 pg_options=self._pg_options(mode, backend), group_desc=f"pgroups:{mode}")
         if group is not None:
             self._created.append(group)
         return group
@@ -188,6 +210,25 @@ class GroupBackend:
                 pass  # already gone with the default group
         self._created.clear()
         self._cache.clear()
+
+
+def nccl_process_group_options(options: nccl.NcclOptions, options_class: Optional[type] = None) -> Any:
+    """torch's ``ProcessGroupNCCL.Options`` for one mode's validated ``nccl_options``.
+
+    ``is_high_priority_stream`` goes to the options, every other key to ``options.config`` (a
+    key left out keeps NCCL's default), as Megatron-Core's ``get_nccl_options`` does.
+    ``options_class`` replaces torch's class (tests). Raises LaunchError when this torch build
+    has no NCCL.
+    """
+    if options_class is None:
+        options_class = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
+        if options_class is None:
+            raise LaunchError("nccl_options need torch.distributed.ProcessGroupNCCL, which this "
+                              "torch build lacks (a CPU-only build); remove nccl_options or use a CUDA build")
+    built = options_class(is_high_priority_stream=bool(options.get("is_high_priority_stream", False)))
+    for key, value in nccl.config_fields(options).items():
+        setattr(built.config, key, value)
+    return built
 
 
 def is_timeout(exc: BaseException) -> bool:

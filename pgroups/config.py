@@ -11,6 +11,7 @@ allowed (with a did-you-mean for unknown keys) — before any communication happ
       zero1: 2           # default: data; must divide data
       nettest: 8         # default 32; larger than the world means one group
       order: tp-pp-dp    # fastest- to slowest-varying axis
+      virtual_pipeline: 1  # model chunks per pipeline rank (interleaved schedule); >1 needs pipeline > 1
     backend: auto        # auto | nccl | gloo
     timeout_s: 1800
     groups: eager        # eager | lazy   (device groups)
@@ -19,6 +20,8 @@ allowed (with a did-you-mean for unknown keys) — before any communication happ
     extra_modes:         # user modes to build, with their initializer's options
       micro_data: {inference_tensor: 1}
     plugins: [my_package.modes]   # modules (or .py files beside the config) to import first
+    nccl_options:        # per-mode NCCL communicator options (see pgroups.nccl_options)
+      tensor: {max_ctas: 8}
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import attrs
 import yaml
 
 from .errors import ConfigError, allowed, did_you_mean
+from .nccl_options import validate_nccl_options
 from .topology import DEFAULT_ORDER, Topology, parse_order
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -50,6 +54,7 @@ class ParallelConfig:
     zero1: Optional[int] = None
     nettest: int = 32
     order: str = DEFAULT_ORDER
+    virtual_pipeline: int = 1
 
     def topology(self, world_size: int, source: Optional[str] = None) -> Topology:
         """Validate against ``world_size`` and return the pure layout (ConfigError if inconsistent)."""
@@ -69,6 +74,7 @@ class Config:
     strategy: str = "auto"
     extra_modes: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     plugins: Tuple[str, ...] = ()
+    nccl_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     source: Optional[str] = attrs.field(default=None, eq=False)
 
     def topology(self, world_size: int) -> Topology:
@@ -118,7 +124,7 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
     if not isinstance(par, Mapping):
         raise ConfigError(f"{where}parallel must be a mapping of {allowed(_PARALLEL_KEYS)}, got {par!r}")
     _reject_unknown(par, _PARALLEL_KEYS, "parallel.", where)
-    for key in ("tensor", "pipeline", "nettest"):
+    for key in ("tensor", "pipeline", "nettest", "virtual_pipeline"):
         _positive_int(par, key, where)
     for key in ("data", "zero1"):
         if par.get(key) is not None:
@@ -132,6 +138,10 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
     data_size, zero1 = parallel.data, parallel.zero1
     if data_size is not None and zero1 is not None and data_size % zero1:
         raise ConfigError(f"{where}parallel.zero1({zero1}) must divide data({data_size})")
+    if parallel.virtual_pipeline > 1 and parallel.pipeline == 1:
+        raise ConfigError(f"{where}parallel.virtual_pipeline({parallel.virtual_pipeline}) needs "
+                          f"pipeline > 1 (got pipeline({parallel.pipeline})): model chunks interleave "
+                          "over pipeline stages")
 
     kwargs: Dict[str, Any] = {"parallel": parallel, "source": source}
     for key, choices in (("backend", BACKENDS), ("groups", GROUP_TIMING),
@@ -151,6 +161,7 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
         kwargs["timeout_s"] = float(value)
     kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
     kwargs["plugins"] = _plugins(data.get("plugins"), where)
+    kwargs["nccl_options"] = validate_nccl_options(data.get("nccl_options"), where)
     return Config(**kwargs)
 
 

@@ -11,17 +11,19 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import attrs
 import torch.distributed as dist
 
+from . import exports, virtual_pipeline
 from .backend import GroupBackend, ProcessGroup, choose_strategy, resolve_device_backend
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
 from .initializer import InitializerRegistry, ProcessGroupInitializer, default_registry
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
 from .modes import ModeLike, ParallelMode, mode_name
+from .nccl_options import check_modes as check_nccl_option_modes
 from .topology import RankGroups, Topology
 
 #: Built-in modes every context builds, in creation order (the same on every rank).
@@ -92,12 +94,14 @@ class ParallelContext:
             self.launch = launch
             self.config, self.topology, self._rank = cfg, topology, rank
             device_backend = resolve_device_backend(cfg.backend)
-            self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend), cfg.timeout_s)
+            self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
+                                        cfg.timeout_s, nccl_options=cfg.nccl_options)
             keys: Dict[Hashable, str] = {}
             for name, init in initializers.items():
                 key = init.layout_key(topology)
                 state = ModeState(name, init, init.group_of(topology, rank))
-                if key is not None:
+                if key is not None:  # identical groups share a communicator unless options differ
+                    key = (key, self.backend.options_key(name))
                     first = keys.setdefault(key, name)
                     state.shares_with = first if first != name else None
                 self._modes[name] = state
@@ -263,11 +267,68 @@ class ParallelContext:
         ranks = self._member_state(mode).ranks
         return ranks[(ranks.index(self._rank) - 1) % len(ranks)]
 
-    def is_pipeline_first_stage(self) -> bool:
-        return self.is_first_rank(ParallelMode.PIPELINE)
+    def is_pipeline_first_stage(self, chunk: Optional[int] = None) -> bool:
+        """Whether this rank is the first pipeline stage (and, given ``chunk``, that chunk is 0:
+        it holds the model's first layers)."""
+        return virtual_pipeline.is_first_stage(self.get_local_rank(ParallelMode.PIPELINE),
+                                               self.topology.pipeline, self.get_virtual_pipeline_size(), chunk)
 
-    def is_pipeline_last_stage(self) -> bool:
-        return self.is_last_rank(ParallelMode.PIPELINE)
+    def is_pipeline_last_stage(self, chunk: Optional[int] = None) -> bool:
+        """Whether this rank is the last pipeline stage (and, given ``chunk``, that chunk is the
+        last one: it holds the model's last layers)."""
+        return virtual_pipeline.is_last_stage(self.get_local_rank(ParallelMode.PIPELINE),
+                                              self.topology.pipeline, self.get_virtual_pipeline_size(), chunk)
+
+    # ---- virtual pipeline ---------------------------------------------------------------------
+    def get_virtual_pipeline_size(self) -> int:
+        """Model chunks per pipeline rank (``parallel.virtual_pipeline``; 1 without interleaving)."""
+        self._require()
+        return self.config.parallel.virtual_pipeline
+
+    def get_virtual_pipeline_layers(self, num_layers: int, first_stage_layers: Optional[int] = None,
+                                    last_stage_layers: Optional[int] = None) -> List[range]:
+        """The layers of each of this rank's model chunks (index = chunk), by the rule of
+        :mod:`pgroups.virtual_pipeline` (ConfigError when ``num_layers`` does not split)."""
+        stage = self.get_local_rank(ParallelMode.PIPELINE)
+        return virtual_pipeline.layer_map(num_layers, self.topology.pipeline, self.get_virtual_pipeline_size(),
+                                          first_stage_layers, last_stage_layers)[stage]
+
+    # ---- exports ------------------------------------------------------------------------------
+    def device_mesh(self, dims: Union[str, Sequence[str]], device_type: Optional[str] = None) -> Any:
+        """A torch ``DeviceMesh`` over ``dims`` (axes such as ``("dp", "tp")``, combinations such
+        as ``"tp-pp"``, or axis modes such as ``"tensor"``) whose dimension groups are this
+        context's own groups; see :func:`pgroups.exports.device_mesh`."""
+        self._require()
+        return exports.device_mesh(self, dims, device_type)
+
+    def megatron_groups(self, fields: Optional[Sequence[str]] = None) -> "exports.MegatronGroups":
+        """This context's groups under Megatron-Core's ``ProcessGroupCollection`` field names;
+        see :func:`pgroups.exports.megatron_groups`."""
+        self._require()
+        return exports.megatron_groups(self, fields)
+
+    def get_initializer(self, mode: ModeLike) -> ProcessGroupInitializer:
+        """The initializer that says which ranks form ``mode``'s groups."""
+        return self._state(mode).initializer
+
+    def is_member(self, mode: ModeLike) -> bool:
+        """Whether this rank is in one of ``mode``'s groups."""
+        return self._state(mode).ranks is not None
+
+    def mode_along(self, axes: Sequence[str]) -> str:
+        """The built mode whose groups are the groups along ``axes`` (axes of size 1 change
+        nothing); a mode along exactly ``axes`` first. ModeNotInitializedError if none is."""
+        self._require()
+        key = self.topology.axes_key(axes)
+        matches = [name for name, state in self._modes.items()
+                   if state.initializer.layout_key(self.topology) == key]
+        exact = [name for name in matches
+                 if set(getattr(self._modes[name].initializer, "axes", ())) == set(axes)]
+        if not matches:
+            raise ModeNotInitializedError(
+                f"no built mode has the groups along {'-'.join(axes) or 'no axis (one rank each)'}; "
+                f"built modes: {allowed(self._modes)}")
+        return (exact or matches)[0]
 
     def _require(self) -> None:
         if self.topology is None:
@@ -333,6 +394,7 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
             if where and str(exc).startswith(where):
                 raise
             raise ConfigError(f"{where}{exc}") from None
+    check_nccl_option_modes(cfg.nccl_options, result, where)
     return result
 
 
