@@ -6,7 +6,11 @@
 - :mod:`.raw` — the collectives without autograd (gather, reduce-scatter, all-to-all);
 - :mod:`.activations` — gather / split / reduce-scatter along a dim and the Ulysses
   all-to-all (:func:`seq_to_head` / :func:`head_to_seq`), with autograd;
-- :mod:`.weights` — asynchronous weight all-gather whose backward reduce-scatters.
+- :mod:`.weights` — asynchronous weight all-gather whose backward reduce-scatters;
+- :mod:`.isp` — :class:`WeightParallel`, the ISP weight-parallel runtime (prefetching weight
+  all-gathers, asynchronous gradient reduce-scatters, driven by module hooks);
+- :mod:`.pool` — :class:`BufferPool`, the reusable communication buffers and their counters;
+- :mod:`.ulysses` — :class:`UlyssesAttention`, sequence-parallel attention (GQA included).
 
 Example (a ``sequence`` mode, weights sharded over ``weight``)::
 
@@ -28,10 +32,14 @@ from .packing import SEGMENT_ALIGN, aligned_nbytes, pack_tensors, packed_nbytes,
 from .raw import all_to_all_raw, exchange_sizes, gather_raw, reduce_scatter_raw, split_raw
 from .sizes import (Sizes, check_sizes, check_split_sizes, even_split_sizes, normalize_dim, offsets_of,
                     with_size)
+from .isp import WeightParallel, WeightParallelSchedulerHook, prefetch_blocks
+from .pool import BufferPool, PoolStats
+from .ulysses import UlyssesAttention, kv_repeats
 from .weights import WeightGatherHandle, all_gather_weight, start_weight_gather
 
 __all__ = [
-    "GroupInfo", "GroupLike", "SEGMENT_ALIGN", "Sizes", "TensorOrTensors", "WeightGatherHandle",
+    "BufferPool", "PoolStats", "UlyssesAttention", "WeightParallel", "WeightParallelSchedulerHook", "kv_repeats",
+    "prefetch_blocks", "GroupInfo", "GroupLike", "SEGMENT_ALIGN", "Sizes", "TensorOrTensors", "WeightGatherHandle",
     "aligned_nbytes", "all_gather_weight", "all_to_all", "all_to_all_raw", "check_sizes", "check_split_sizes",
     "comm_errors", "even_split_sizes", "exchange_sizes", "gather_along", "gather_raw", "head_to_seq",
     "normalize_dim", "offsets_of", "pack_tensors", "packed_nbytes", "reduce_scatter_along",

@@ -7,7 +7,8 @@ a mode name (``"tensor"``, ``"weight"``, any registered mode) looked up in a
 """
 from __future__ import annotations
 
-from typing import ContextManager, Optional, Union
+import contextlib
+from typing import Iterator, Optional, Union
 
 import attrs
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from ..backend import _short as format_ranks, timeouts_named
 from ..context import ParallelContext
+from ..errors import GroupTimeoutError
 from ..modes import ModeLike, ParallelMode, mode_name
 
 GroupLike = Union[ModeLike, dist.ProcessGroup]
@@ -67,9 +69,31 @@ def _device_for(backend_name: str, cpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def comm_errors(info: GroupInfo, operation: str) -> ContextManager[None]:
-    """Turn a collective's timeout into GroupTimeoutError naming ``operation`` and the group."""
-    return timeouts_named(lambda exc: (
-        f"{operation} over {info.label} timed out on local rank {info.rank}: a peer never "
-        f"arrived (does every rank of the group call it in the same order?): "
-        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"))
+#: texts of torch / gloo / NCCL errors that mean a peer of the group is gone (its process died)
+PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                     "connection refused", "remote process exited", "ncclremoteerror")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because a peer's process went away (not a usage error)."""
+    text = str(exc).lower()
+    return any(marker in text for marker in PEER_LOST_MARKERS)
+
+
+@contextlib.contextmanager
+def comm_errors(info: GroupInfo, operation: str) -> Iterator[None]:
+    """Turn a collective's timeout, or the loss of a peer, into GroupTimeoutError naming
+    ``operation`` and the group (a dead peer is a peer that will never arrive)."""
+    def describe(exc: BaseException, outcome: str, reason: str) -> str:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{operation} over {info.label} {outcome} on local rank {info.rank}: {reason}: {first}"
+
+    with timeouts_named(lambda exc: describe(exc, "timed out", "a peer never arrived (does every rank of the "
+                                                               "group call it in the same order?)")):
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as exc:
+            if not is_peer_lost(exc):
+                raise
+            raise GroupTimeoutError(describe(exc, "failed", "a peer left (its process died or closed the "
+                                                            "connection)")) from exc

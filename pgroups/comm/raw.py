@@ -17,6 +17,12 @@ from .groups import GroupInfo, GroupLike, comm_errors, resolve_group
 from .packing import as_bytes, pack_tensors, packed_nbytes, unpack_tensors
 from .sizes import Sizes, offsets_of, with_size
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to all_gather_single /
+# reduce_scatter_single (the old names now warn); older torch (setup.cfg allows 2.4) has only
+# the old names. The one place that picks.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def pad_along(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """``tensor`` zero-padded at the end of ``dim`` to ``size`` (itself when already that size)."""
@@ -46,7 +52,7 @@ def start_gather(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo, 
     elif out.dtype != torch.uint8 or out.numel() != nbytes:
         raise ValueError(f"all-gather buffer must be {nbytes} uint8 bytes, got {out.numel()} {out.dtype}")
     with comm_errors(info, "all-gather"):
-        work = dist.all_gather_into_tensor(out, piece_bytes, group=info.group, async_op=async_op)
+        work = all_gather_single(out, piece_bytes, group=info.group, async_op=async_op)
     piece_shape = tuple(piece.shape)
 
     def finish() -> torch.Tensor:
@@ -96,7 +102,7 @@ def reduce_scatter_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, info: Group
     stacked = stack_for_reduce_scatter(tensor, dim, sizes)
     out = torch.empty(with_size(tensor.shape, dim, padded_size), dtype=tensor.dtype, device=tensor.device)
     with comm_errors(info, "reduce-scatter"):  # flat buffers: the one layout every backend takes
-        dist.reduce_scatter_tensor(out.view(-1), stacked.reshape(-1), op=dist.ReduceOp.SUM, group=info.group)
+        reduce_scatter_single(out.view(-1), stacked.reshape(-1), op=dist.ReduceOp.SUM, group=info.group)
     return out.narrow(dim, 0, sizes[info.rank]) if sizes[info.rank] != padded_size else out
 
 

@@ -1,0 +1,652 @@
+"""The ISP weight-parallel runtime (InternEvo's "intern sequence parallel"): every linear
+weight of the transformer blocks sharded over the ``weight`` group, gathered block by block
+just in time, its gradient reduce-scattered back — driven by module hooks, so a plain
+``loss.backward()`` training loop works.
+
+    wp = WeightParallel(model, blocks=model.layers)          # shards every nn.Linear in the blocks
+    opt = torch.optim.AdamW(model.parameters())              # after wrapping: it sees the shards
+    for batch in data:
+        loss_fn(model(batch)).backward()                     # gathers, prefetches, reduce-scatters
+        wp.finish_grads()                                     # wait, all-reduce, average
+        opt.step(); opt.zero_grad()
+
+What happens, per block ``i`` of ``blocks`` (``N`` blocks, prefetch depth ``d``):
+
+- **forward**: before block ``i`` runs, its weights are all-gathered (already in flight when
+  block ``i - 1`` prefetched them) and blocks ``i + 1 .. i + d`` start gathering; after it
+  runs, its full weights are released. After the last block (with autograd recording) its
+  gather for the backward pass starts at once, overlapping the head and the loss.
+- **backward**: when the gradient reaches block ``i``'s output, its weights are gathered
+  again (usually already prefetched) and blocks ``i - 1 .. i - d`` start gathering. Each
+  linear computes its input gradient and its full weight gradient, whose **reduce-scatter**
+  over the weight group starts at once, asynchronously; the block's full weights are released
+  when its last linear's backward has run. So at most ``1 + d`` blocks' full weights are alive,
+  and reduce-scatters of at most ``2 + d`` blocks are in flight (older ones are waited for).
+- **finish_grads()** (or the optimizer hook of :meth:`WeightParallel.attach_optimizer`):
+  waits for every reduce-scatter, accumulates the shards' gradients, all-reduces them over
+  ``data_mode`` (``weight_data``) if asked, all-reduces the gradients of every parameter that
+  is *not* sharded (embedding, norms, head) over the weight and data groups, and averages.
+
+Linear layers keep their class and names; their ``weight`` / ``bias`` become this rank's
+shard (rows ``tensor_split`` along dim 0, uneven sizes allowed) and their ``forward`` uses the
+gathered weight through an autograd function that saves no full weight (backward gathers it
+again, as InternEvo does). The embedding and the head stay replicated (InternEvo shards them
+on the hidden dim and gathers outputs; replicated is simpler and exact), and so do norms;
+their gradients are all-reduced by :meth:`~WeightParallel.finish_grads`.
+
+Gradient semantics: each rank's loss is the mean over its own tokens (as with DDP); the
+gradients are averaged over the ``weight`` × ``weight_data`` ranks (``average=False``: summed).
+``reduce_dtype=torch.float32`` reduces and accumulates the gradients of bf16/fp16 weights in
+fp32 (InternEvo's fp32 gradient accumulation), kept in ``param.main_grad`` until
+``finish_grads`` writes ``param.grad``.
+
+Buffers come from a :class:`~pgroups.comm.pool.BufferPool` keyed by the parameter's place in
+its block (``"attn.wq.weight"``), so blocks of one structure share buffers and from step 2 on
+nothing is allocated (``wp.pool.stats()``). Every collective runs under the group's timeout: a
+dead or missing peer raises :class:`~pgroups.errors.GroupTimeoutError` naming the operation, the
+mode and its ranks.
+
+Contract: every rank of the weight group runs the same model with the same block structure
+(built from the same seed: each rank keeps its slice of the full weights it was given), calls
+forward and backward in the same order, and calls ``finish_grads`` at the same points.
+Activation checkpointing of the blocks is not supported (it would gather during recompute
+outside the schedule).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import ParallelContext
+from ..errors import ModeNotInitializedError
+from ..modes import ModeLike, mode_name
+from .groups import GroupInfo, comm_errors, resolve_group
+from .pool import BufferPool, PoolStats
+from .raw import all_gather_single, reduce_scatter_single
+from .sizes import Sizes, even_split_sizes, offsets_of
+
+__all__ = ["WeightParallel", "WeightParallelSchedulerHook", "prefetch_blocks"]
+
+
+# ---- pure decisions ------------------------------------------------------------------------------
+def prefetch_blocks(index: int, depth: int, num_blocks: int, forward: bool) -> Tuple[int, ...]:
+    """The blocks to start gathering when block ``index`` starts: the next ``depth`` blocks in
+    the direction of the pass (forward: ``index + 1 ..``, backward: ``index - 1 ..``), within
+    ``0 .. num_blocks - 1``."""
+    step = 1 if forward else -1
+    candidates = (index + step * k for k in range(1, depth + 1))
+    return tuple(j for j in candidates if 0 <= j < num_blocks)
+
+
+# ---- one sharded parameter ----------------------------------------------------------------------
+class _Sharded:
+    """A parameter sharded along dim 0: its full shape, the rows per rank, its pool key."""
+
+    def __init__(self, name: str, key: str, param: nn.Parameter, full_shape: Tuple[int, ...], sizes: Sizes,
+                 block: int) -> None:
+        self.name, self.key, self.param, self.full_shape, self.sizes, self.block = \
+            name, key, param, full_shape, sizes, block
+        self.row_numel = 1
+        for size in full_shape[1:]:
+            self.row_numel *= size
+        self.max_rows = max(sizes)
+        self.even = len(set(sizes)) == 1
+
+    def full_numel(self) -> int:
+        return self.full_shape[0] * self.row_numel
+
+
+class _Linear:
+    """A sharded nn.Linear: its module, its block, and its weight / bias shards."""
+
+    def __init__(self, module: nn.Linear, block: int, weight: _Sharded, bias: Optional[_Sharded]) -> None:
+        self.module, self.block, self.weight, self.bias = module, block, weight, bias
+
+
+class _Gather:
+    """One parameter's all-gather in flight (or done): buffers, work, and the full tensor."""
+
+    def __init__(self, sharded: _Sharded, version: int, work: Optional[dist.Work], recv: torch.Tensor,
+                 send: Optional[torch.Tensor]) -> None:
+        self.sharded, self.version, self.work, self.recv, self.send = sharded, version, work, recv, send
+        self.full: Optional[torch.Tensor] = None
+        self.full_buffer: Optional[torch.Tensor] = None
+
+
+class _Reduce:
+    """One parameter's gradient reduce-scatter in flight."""
+
+    def __init__(self, sharded: _Sharded, work: Optional[dist.Work], send: torch.Tensor, recv: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        self.sharded, self.work, self.send, self.recv, self.dtype = sharded, work, send, recv, dtype
+
+
+# ---- autograd ----------------------------------------------------------------------------------------
+class _BackwardEntry(torch.autograd.Function):
+    """Identity on a block's outputs; its backward tells the runtime that block ``index``'s
+    backward pass begins (gather it, prefetch the blocks before it)."""
+
+    @staticmethod
+    def forward(ctx, runtime, index, *tensors):
+        ctx.runtime, ctx.index = runtime, index
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.runtime._before_block_backward(ctx.index)
+        return (None, None) + grads
+
+
+class _ShardedLinearFn(torch.autograd.Function):
+    """``F.linear`` with the gathered full weight; saves only the input. Backward gathers the
+    weight again, computes the input gradient, and hands the full weight (and bias) gradient
+    to the runtime's reduce-scatter; the shards get no gradient from autograd itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight_shard, bias_shard, runtime, linear):
+        weight, bias = runtime._full_params(linear)
+        ctx.runtime, ctx.linear = runtime, linear
+        ctx.save_for_backward(x)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        runtime, linear = ctx.runtime, ctx.linear
+        weight, _ = runtime._full_params(linear)
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            runtime._reduce_grad(linear.weight, lambda out=None: torch.mm(
+                grad_2d.t(), x.reshape(-1, x.shape[-1]), out=out))
+        if linear.bias is not None and ctx.needs_input_grad[2]:
+            runtime._reduce_grad(linear.bias, lambda out=None: torch.sum(grad_2d, dim=0, out=out))
+        runtime._linear_backward_done(linear.block)
+        return grad_x, None, None, None, None
+
+
+# ---- the runtime -----------------------------------------------------------------------------------
+class WeightParallel:
+    """Shard the linear layers of ``blocks`` over ``mode``'s group and run them (see the module
+    docstring for the schedule and the contract).
+
+    ``model``: the whole model (its other parameters are the replicated ones whose gradients
+    :meth:`finish_grads` all-reduces). ``blocks``: the transformer blocks, in execution order
+    (an ``nn.ModuleList`` or a sequence of modules inside ``model``); every ``nn.Linear``
+    inside them is sharded. ``mode``: the weight-parallel mode (or a ProcessGroup).
+    ``data_mode``: the mode over which the weight shards are replicated (their gradients are
+    all-reduced over it); None leaves that to the user's optimizer (ZeRO). ``overlap``:
+    prefetch gathers and run reduce-scatters asynchronously (False: every collective waits at
+    once). ``memory_pool``: reuse buffers (False: allocate per use; counters still count).
+    ``prefetch_depth``: blocks gathered ahead (≥ 1; ignored without overlap).
+    ``reduce_dtype``: dtype of gradient reduction and accumulation (None: the parameter's).
+    ``average``: average gradients over the weight × data ranks (False: sum).
+    ``sync_replicated``: all-reduce the gradients of parameters that are not sharded.
+
+    Raises ValueError for empty blocks, blocks outside ``model``, a bad prefetch depth, or a
+    linear that appears in two blocks; ModeNotInitializedError for a mode the context lacks.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Iterable[nn.Module], mode: ModeLike = "weight", *,
+                 data_mode: Optional[ModeLike] = "weight_data", overlap: bool = True, memory_pool: bool = True,
+                 prefetch_depth: int = 1, reduce_dtype: Optional[torch.dtype] = None, average: bool = True,
+                 sync_replicated: bool = True, ctx: Optional[ParallelContext] = None) -> None:
+        if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be an integer >= 1 (blocks gathered ahead), got {prefetch_depth!r}")
+        self.model = model
+        self.blocks: List[nn.Module] = list(blocks)
+        if not self.blocks:
+            raise ValueError("WeightParallel needs at least one block (blocks=model.layers, for example)")
+        self.info = resolve_group(mode, ctx)
+        self.data_info = self._resolve_data(data_mode, ctx)
+        self.overlap, self.prefetch_depth = bool(overlap), prefetch_depth
+        self.reduce_dtype, self.average, self.sync_replicated = reduce_dtype, average, sync_replicated
+        self.pool = BufferPool(enabled=memory_pool)
+        self.comm_counts: Dict[str, int] = {"all_gather_calls": 0, "all_gather_bytes": 0,
+                                            "reduce_scatter_calls": 0, "reduce_scatter_bytes": 0,
+                                            "all_reduce_calls": 0, "all_reduce_bytes": 0}
+        self._linears: List[_Linear] = []
+        self._by_block: List[List[_Sharded]] = [[] for _ in self.blocks]
+        self._gathered: Dict[int, List[_Gather]] = {}
+        self._reducing: Dict[int, _Reduce] = {}                 # id(param) -> reduce-scatter in flight
+        self._main_grads: Dict[int, torch.Tensor] = {}
+        self._pending_backward = [0] * len(self.blocks)          # linear backward calls still to come
+        self._grads_finished = True
+        self._hooks: List[Any] = []
+        self._shard_blocks()
+        self._sharded_ids = {id(s.param) for sharded in self._by_block for s in sharded}
+        self._register_hooks()
+
+    # ---- setup ----------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_data(data_mode: Optional[ModeLike], ctx: Optional[ParallelContext]) -> Optional[GroupInfo]:
+        if data_mode is None:
+            return None
+        try:
+            return resolve_group(data_mode, ctx)
+        except ModeNotInitializedError as exc:
+            raise ModeNotInitializedError(
+                f"{exc}; WeightParallel all-reduces weight-shard gradients over data_mode="
+                f"{mode_name(data_mode) if not isinstance(data_mode, dist.ProcessGroup) else data_mode!r}: "
+                "build that mode, or pass data_mode=None to leave it to your optimizer") from None
+
+    def _shard_blocks(self) -> None:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        owner: Dict[int, int] = {}
+        found: List[Tuple[int, str, nn.Linear]] = []
+        for index, block in enumerate(self.blocks):  # validate everything before changing anything
+            if id(block) not in names:
+                raise ValueError(f"block {index} ({type(block).__name__}) is not a submodule of the model")
+            for rel_name, module in block.named_modules():
+                if not isinstance(module, nn.Linear):
+                    continue
+                if id(module) in owner:
+                    raise ValueError(f"linear {names[id(module)]!r} is in block {owner[id(module)]} and block "
+                                     f"{index}; each sharded linear must belong to one block")
+                owner[id(module)] = index
+                found.append((index, rel_name, module))
+        for index, rel_name, module in found:
+            prefix = f"{rel_name}." if rel_name else ""
+            weight = self._shard_param(module, "weight", names[id(module)], prefix + "weight", index)
+            bias = (self._shard_param(module, "bias", names[id(module)], prefix + "bias", index)
+                    if module.bias is not None else None)
+            linear = _Linear(module, index, weight, bias)
+            self._linears.append(linear)
+            module.forward = functools.partial(self._linear_forward, linear)
+
+    def _shard_param(self, module: nn.Module, attr: str, module_name: str, key: str, block: int) -> _Sharded:
+        full: nn.Parameter = getattr(module, attr)
+        sizes = even_split_sizes(full.shape[0], self.info.size)
+        start = offsets_of(sizes)[self.info.rank]
+        shard = nn.Parameter(full.detach().narrow(0, start, sizes[self.info.rank]).clone(),
+                             requires_grad=full.requires_grad)
+        setattr(module, attr, shard)
+        sharded = _Sharded(f"{module_name}.{attr}" if module_name else attr, key, shard, tuple(full.shape),
+                           sizes, block)
+        self._by_block[block].append(sharded)
+        return sharded
+
+    def _register_hooks(self) -> None:
+        for index, block in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(functools.partial(self._before_block_forward, index)))
+            self._hooks.append(block.register_forward_hook(functools.partial(self._after_block_forward, index)))
+
+    def remove_hooks(self) -> None:
+        """Remove the block hooks (the linears stay sharded and gather on demand)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # ---- queries ----------------------------------------------------------------------------
+    def sharded_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        """``(qualified name, shard)`` of every sharded parameter, in block order."""
+        return [(s.name, s.param) for sharded in self._by_block for s in sharded]
+
+    def replicated_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter of the model that is not sharded."""
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) not in self._sharded_ids]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The model's state dict with every shard replaced by the full tensor (gathered now,
+        synchronously; a collective over the weight group, so every rank must call it)."""
+        full = {s.name: self._gather_now(s) for sharded in self._by_block for s in sharded}
+        return {name: full.get(name, value.detach()) for name, value in self.model.state_dict().items()}
+
+    def stats(self) -> PoolStats:
+        """The memory pool's counters (``self.pool.stats()``)."""
+        return self.pool.stats()
+
+    def block_full_bytes(self, index: int) -> int:
+        """Bytes of block ``index``'s full (gathered) weights: what one alive block costs."""
+        return sum(s.max_rows * self.info.size * s.row_numel * s.param.element_size() for s in self._by_block[index])
+
+    # ---- gathers -----------------------------------------------------------------------------
+    def _start_gather(self, index: int) -> None:
+        """Start block ``index``'s all-gathers unless they are in flight or done with the
+        shards as they are now (an optimizer step since then makes them stale)."""
+        current = self._gathered.get(index)
+        if current is not None:
+            if all(g.version == g.sharded.param._version for g in current):
+                return
+            self._release_block(index)
+        self._gathered[index] = [self._gather_param(s, async_op=self.overlap) for s in self._by_block[index]]
+
+    def _gather_param(self, sharded: _Sharded, async_op: bool) -> _Gather:
+        info, shard = self.info, sharded.param.detach()
+        row_bytes = sharded.row_numel * shard.element_size()
+        piece_bytes = sharded.max_rows * row_bytes
+        send = None
+        if sharded.sizes[info.rank] == sharded.max_rows:
+            payload = shard.reshape(-1).view(torch.uint8)
+        else:  # pad this rank's rows to the largest piece; the padding stays zero across reuses
+            send = self.pool.acquire((sharded.key, "gather-send"), piece_bytes, shard.device, "staging", zero=True)
+            send.narrow(0, 0, shard.numel() * shard.element_size()).copy_(shard.reshape(-1).view(torch.uint8))
+            payload = send
+        recv = self.pool.acquire((sharded.key, "gather"), piece_bytes * info.size, shard.device, "weight")
+        self.comm_counts["all_gather_calls"] += 1
+        self.comm_counts["all_gather_bytes"] += recv.numel()
+        if info.size == 1:
+            recv.copy_(payload)
+            work = None
+        else:
+            with comm_errors(info, f"weight all-gather of {sharded.name}"):
+                work = all_gather_single(recv, payload, group=info.group, async_op=async_op)
+        return _Gather(sharded, sharded.param._version, work if async_op else None, recv, send)
+
+    def _wait_gather(self, gather: _Gather) -> torch.Tensor:
+        if gather.full is not None:
+            return gather.full
+        sharded = gather.sharded
+        if gather.work is not None:
+            with comm_errors(self.info, f"weight all-gather of {sharded.name}"):
+                gather.work.wait()
+            gather.work = None
+        if gather.send is not None:
+            self.pool.release(gather.send)
+            gather.send = None
+        dtype = sharded.param.dtype
+        if sharded.even:  # the gathered pieces are the full tensor already
+            gather.full = gather.recv.view(dtype).view(sharded.full_shape)
+            return gather.full
+        padded = gather.recv.view(dtype).view((self.info.size, sharded.max_rows * sharded.row_numel))
+        nbytes = sharded.full_numel() * sharded.param.element_size()
+        gather.full_buffer = self.pool.acquire((sharded.key, "gather-full"), nbytes, padded.device, "weight")
+        full_flat = gather.full_buffer.view(dtype)
+        for rank, (rows, start) in enumerate(zip(sharded.sizes, offsets_of(sharded.sizes))):
+            count = rows * sharded.row_numel
+            full_flat.narrow(0, start * sharded.row_numel, count).copy_(padded[rank].narrow(0, 0, count))
+        self.pool.release(gather.recv)
+        gather.recv = None
+        gather.full = full_flat.view(sharded.full_shape)
+        return gather.full
+
+    def _wait_block(self, index: int) -> List[_Gather]:
+        self._start_gather(index)
+        gathers = self._gathered[index]
+        for gather in gathers:
+            self._wait_gather(gather)
+        return gathers
+
+    def _release_block(self, index: int) -> None:
+        for gather in self._gathered.pop(index, []):
+            if gather.work is not None:  # still in flight: it must land before its buffer is reused
+                with comm_errors(self.info, f"weight all-gather of {gather.sharded.name}"):
+                    gather.work.wait()
+            for buffer in (gather.send, gather.recv, gather.full_buffer):
+                if buffer is not None:
+                    self.pool.release(buffer)
+
+    def _release_all(self) -> None:
+        for index in list(self._gathered):
+            self._release_block(index)
+
+    def _gather_now(self, sharded: _Sharded) -> torch.Tensor:
+        gather = self._gather_param(sharded, async_op=False)
+        full = self._wait_gather(gather).clone()
+        for buffer in (gather.send, gather.recv, gather.full_buffer):
+            if buffer is not None:
+                self.pool.release(buffer)
+        return full
+
+    def _full_params(self, linear: _Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        gathers = {id(g.sharded): g for g in self._wait_block(linear.block)}
+        weight = gathers[id(linear.weight)].full
+        bias = gathers[id(linear.bias)].full if linear.bias is not None else None
+        return weight, bias
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def _linear_forward(self, linear: _Linear, x: torch.Tensor) -> torch.Tensor:
+        bias = linear.bias.param if linear.bias is not None else None
+        records = torch.is_grad_enabled() and (
+            x.requires_grad or linear.weight.param.requires_grad or (bias is not None and bias.requires_grad))
+        if records:
+            self._pending_backward[linear.block] += 1
+            self._grads_finished = False
+        return _ShardedLinearFn.apply(x, linear.weight.param, bias, self, linear)
+
+    def _before_block_forward(self, index: int, module: nn.Module, args: Any) -> None:
+        self._wait_block(index)
+        if self.overlap:
+            for ahead in prefetch_blocks(index, self.prefetch_depth, len(self.blocks), forward=True):
+                self._start_gather(ahead)
+
+    def _after_block_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> Any:
+        self._release_block(index)
+        if not torch.is_grad_enabled():  # no_grad / inference: nothing is registered for backward
+            return None
+        wrapped = _wrap_outputs(output, lambda tensors: _BackwardEntry.apply(self, index, *tensors))
+        if wrapped is not None and self.overlap and index == len(self.blocks) - 1:
+            self._start_gather(index)  # the backward pass needs it first: gather under head and loss
+        return wrapped
+
+    def _before_block_backward(self, index: int) -> None:
+        # bound the gradients in flight: blocks more than prefetch_depth behind must have landed
+        for key, reduce in list(self._reducing.items()):
+            if reduce.sharded.block > index + self.prefetch_depth:
+                self._complete_reduce(key)
+        self._start_gather(index)
+        if self.overlap:
+            for ahead in prefetch_blocks(index, self.prefetch_depth, len(self.blocks), forward=False):
+                self._start_gather(ahead)
+
+    def _linear_backward_done(self, index: int) -> None:
+        self._pending_backward[index] -= 1
+        if self._pending_backward[index] <= 0:
+            self._pending_backward[index] = 0
+            self._release_block(index)
+
+    # ---- gradients ------------------------------------------------------------------------------------
+    def _reduce_grad(self, sharded: _Sharded, compute: Callable[..., torch.Tensor]) -> None:
+        """Reduce-scatter the full gradient that ``compute(out=None)`` returns (or writes into
+        ``out``) over the weight group, into ``sharded``'s gradient; asynchronous with overlap."""
+        self._complete_reduce(id(sharded.param))  # one in flight per parameter (gradient accumulation)
+        info, param = self.info, sharded.param
+        dtype = self.reduce_dtype or param.dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        piece_numel = sharded.max_rows * sharded.row_numel
+        send = self.pool.acquire((sharded.key, "reduce-send"), piece_numel * info.size * itemsize, param.device,
+                                 "grad", zero=not sharded.even)
+        send_view = send.view(dtype)
+        if sharded.even and dtype == param.dtype:  # the matmul writes straight into the buffer
+            compute(out=send_view.view(sharded.full_shape))
+        else:
+            grad = compute()
+            if sharded.even:
+                send_view.copy_(grad.reshape(-1))
+            else:  # rank r's rows at r * max_rows; the padding rows were zeroed once
+                padded = send_view.view(info.size, piece_numel)
+                flat = grad.reshape(-1)
+                for rank, (rows, start) in enumerate(zip(sharded.sizes, offsets_of(sharded.sizes))):
+                    count = rows * sharded.row_numel
+                    padded[rank].narrow(0, 0, count).copy_(flat.narrow(0, start * sharded.row_numel, count))
+        recv = self.pool.acquire((sharded.key, "reduce"), piece_numel * itemsize, param.device, "grad")
+        self.comm_counts["reduce_scatter_calls"] += 1
+        self.comm_counts["reduce_scatter_bytes"] += send.numel()
+        if info.size == 1:
+            recv.copy_(send)
+            work = None
+        else:
+            with comm_errors(info, f"gradient reduce-scatter of {sharded.name}"):
+                work = reduce_scatter_single(recv.view(dtype), send_view, op=dist.ReduceOp.SUM,
+                                                  group=info.group, async_op=self.overlap)
+        self._reducing[id(param)] = _Reduce(sharded, work if self.overlap else None, send, recv, dtype)
+        self._grads_finished = False
+        if not self.overlap:
+            self._complete_reduce(id(param))
+
+    def _complete_reduce(self, key: int) -> None:
+        reduce = self._reducing.pop(key, None)
+        if reduce is None:
+            return
+        sharded = reduce.sharded
+        if reduce.work is not None:
+            with comm_errors(self.info, f"gradient reduce-scatter of {sharded.name}"):
+                reduce.work.wait()
+        rows = sharded.sizes[self.info.rank]
+        shard_grad = reduce.recv.view(reduce.dtype).narrow(0, 0, rows * sharded.row_numel).view(
+            (rows,) + sharded.full_shape[1:])
+        param = sharded.param
+        if reduce.dtype != param.dtype:
+            main = self._main_grads.get(id(param))
+            if main is None:
+                main = self._main_grads[id(param)] = torch.zeros_like(shard_grad)
+                param.main_grad = main  # Megatron's name for the fp32 accumulator
+            main.add_(shard_grad)
+        elif param.grad is None:
+            param.grad = shard_grad.clone()
+        else:
+            param.grad.add_(shard_grad)
+        self.pool.release(reduce.send)
+        self.pool.release(reduce.recv)
+
+    def wait_grads(self) -> None:
+        """Wait for every gradient reduce-scatter in flight and accumulate it into the shards'
+        gradients (no all-reduce, no averaging): what a scheduler calls after each micro-batch."""
+        for key in list(self._reducing):
+            self._complete_reduce(key)
+
+    def finish_grads(self) -> None:
+        """Make every gradient ready for the optimizer; call once per optimizer step, after the
+        last ``backward`` (every rank of the groups must call it: it runs collectives).
+
+        Waits for the reduce-scatters, releases every gathered block, all-reduces the shards'
+        gradients over ``data_mode``, all-reduces the replicated parameters' gradients over the
+        weight and data groups (missing ones count as zero), and averages. A second call with
+        no backward in between does nothing.
+        """
+        self.wait_grads()
+        self._release_all()
+        self._pending_backward = [0] * len(self.blocks)
+        if self._grads_finished:
+            return
+        data = [self.data_info] if self.data_info is not None and self.data_info.size > 1 else []
+        scale = 1.0 / (self.info.size * (self.data_info.size if self.data_info is not None else 1)) \
+            if self.average else 1.0
+        sharded = [s.param for blocks in self._by_block for s in blocks if s.param.requires_grad]
+        accumulators = [self._grad_of(p) for p in sharded]
+        self._all_reduce(accumulators, data, scale)
+        for param, accumulator in zip(sharded, accumulators):
+            if id(param) in self._main_grads:
+                converted = accumulator.to(param.dtype)
+                param.grad = converted if param.grad is None else param.grad.add_(converted)
+                accumulator.zero_()
+        if self.sync_replicated:
+            replicated = [p for _, p in self.replicated_parameters() if p.requires_grad]
+            self._all_reduce([self._grad_of(p) for p in replicated], [self.info] + data, scale)
+        self._grads_finished = True
+
+    def _grad_of(self, param: nn.Parameter) -> torch.Tensor:
+        main = self._main_grads.get(id(param))
+        if main is not None:
+            return main
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        return param.grad
+
+    def _all_reduce(self, tensors: Sequence[torch.Tensor], groups: Sequence[GroupInfo], scale: float) -> None:
+        """Sum ``tensors`` over each of ``groups`` in turn, then multiply by ``scale``: one
+        flat buffer per dtype (and device), one all-reduce per group."""
+        by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_kind.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        for (dtype, device), members in by_kind.items():
+            if not groups:
+                if scale != 1.0:
+                    for tensor in members:
+                        tensor.mul_(scale)
+                continue
+            numel = sum(t.numel() for t in members)
+            itemsize = members[0].element_size()
+            buffer = self.pool.acquire(("all-reduce", str(dtype), len(groups)), numel * itemsize, device, "grad")
+            flat = buffer.view(dtype)
+            offset = 0
+            for tensor in members:
+                flat.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
+                offset += tensor.numel()
+            for info in groups:
+                self.comm_counts["all_reduce_calls"] += 1
+                self.comm_counts["all_reduce_bytes"] += buffer.numel()
+                with comm_errors(info, "gradient all-reduce"):
+                    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=info.group)
+            if scale != 1.0:
+                flat.mul_(scale)
+            offset = 0
+            for tensor in members:
+                tensor.copy_(flat.narrow(0, offset, tensor.numel()).view_as(tensor))
+                offset += tensor.numel()
+            self.pool.release(buffer)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Call :meth:`finish_grads` before every ``optimizer.step()`` (a step pre-hook); returns
+        the hook handle. Calling ``finish_grads`` yourself as well is harmless (it runs once)."""
+        return optimizer.register_step_pre_hook(lambda *_: self.finish_grads())
+
+    def scheduler_hook(self) -> "WeightParallelSchedulerHook":
+        """Hooks for a pipeline scheduler (InternEvo's ``SchedulerHook`` interface)."""
+        return WeightParallelSchedulerHook(self)
+
+    def __repr__(self) -> str:
+        params = sum(len(b) for b in self._by_block)
+        return (f"<WeightParallel {len(self.blocks)} blocks, {params} sharded parameters over {self.info.label}, "
+                f"overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
+                f"{'on' if self.pool.enabled else 'off'}>")
+
+
+def _wrap_outputs(output: Any, wrap: Callable[[List[torch.Tensor]], Tuple[torch.Tensor, ...]]) -> Any:
+    """Pass the tensors of ``output`` (a tensor, or a tuple / list holding tensors) that need a
+    gradient through ``wrap``; the structure is kept. Returns None (no change) when none do."""
+    if isinstance(output, torch.Tensor):
+        return wrap([output])[0] if output.requires_grad else None
+    if isinstance(output, (tuple, list)):
+        positions = [i for i, item in enumerate(output) if isinstance(item, torch.Tensor) and item.requires_grad]
+        if not positions:
+            return None
+        wrapped = wrap([output[i] for i in positions])
+        items = list(output)
+        for i, tensor in zip(positions, wrapped):
+            items[i] = tensor
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    return None
+
+
+class WeightParallelSchedulerHook:
+    """What InternEvo's ``ISPCommunicatorSchedulerHook`` does, for a pipeline scheduler that
+    calls ``before_forward`` / ``after_forward`` / ``before_criterion`` / ``after_criterion``
+    / ``before_backward`` / ``after_backward`` / ``post_helper_func`` around each micro-batch.
+
+    The module hooks already drive the gathers; the scheduler hook adds what only a scheduler
+    knows: ``before_backward`` starts the last block's gather for a backward pass that runs
+    later than its forward (1F1B), and ``after_backward`` completes the micro-batch's
+    reduce-scatters (:meth:`WeightParallel.wait_grads`), so in-flight gradient buffers never
+    pile up across micro-batches. ``finish_grads`` stays the optimizer's (attach it).
+    """
+
+    def __init__(self, runtime: WeightParallel) -> None:
+        self.runtime = runtime
+
+    def before_forward(self, scheduler: Any, inputs: Any) -> None:  # noqa: D102 - interface
+        pass
+
+    def after_forward(self, scheduler: Any, outputs: Any) -> None:
+        pass
+
+    def before_criterion(self, scheduler: Any, outputs: Any, label: Any) -> None:
+        pass
+
+    def after_criterion(self, scheduler: Any, loss: Any) -> None:
+        pass
+
+    def before_backward(self, scheduler: Any, outputs: Any, outputs_grad: Any) -> None:
+        if self.runtime.overlap:
+            self.runtime._start_gather(len(self.runtime.blocks) - 1)
+
+    def after_backward(self, scheduler: Any, inputs_grad: Any) -> None:
+        self.runtime.wait_grads()
+
+    def post_helper_func(self, scheduler: Any, outputs: Any, label: Any) -> None:
+        pass

@@ -1,0 +1,459 @@
+"""The ISP weight-parallel runtime on 4 real gloo ranks, against a single-process reference.
+
+One spawn of 4 ranks runs every check (each rank also trains the unsharded model in-process as
+the reference): equivalence over 3 AdamW steps for weight 4, weight 2 × weight_data 2, and
+tensor (sequence) 2 with Ulysses attention — each with overlap on, overlap off, gradient
+accumulation of 2 micro-batches, and a scheduler-driven loop; the memory bound through the
+pool and by counting live storages that hold full weights; steady-state allocations; bytes
+moved against the analytic count; no_grad forwards; argument errors. A second spawn kills a
+weight-group peer mid-step.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import run_ranks, run_ranks_outcomes
+from isp_model import TinyConfig, TinyLlama, batch, local_attention, loss_of
+from isp_support import isp_context, sequence_slice
+from test_reshard_collectives import Expect, assert_ok, run_checks
+
+STEPS = 3
+SAMPLES_PER_RANK = 2
+SEQ = 8
+LR = 1e-3
+CLOSE = dict(rtol=1e-5, atol=1e-6)
+UNEVEN = TinyConfig()                                  # ffn 38: uneven shards over 4 ranks
+EVEN = TinyConfig(ffn=40, layers=4)                    # every dim divisible by 4
+ULYSSES = TinyConfig(kv_heads=1)                       # 1 KV head < tensor 2: KV heads repeated
+
+
+# ---- the two training loops -------------------------------------------------------------------------
+def global_batch(step: int, cfg: TinyConfig, dp: int):
+    return batch(1000 + step, cfg, SAMPLES_PER_RANK * dp, SEQ)
+
+
+def micro_samples(dp: int, accum: int, micro: int) -> List[int]:
+    """Global sample indices of micro-batch ``micro``: sample ``micro`` of each rank's share
+    when accumulating, all of them otherwise."""
+    per = SAMPLES_PER_RANK // accum
+    return [d * SAMPLES_PER_RANK + micro * per + i for d in range(dp) for i in range(per)]
+
+
+def train_reference(cfg: TinyConfig, dp: int, accum: int):
+    model = TinyLlama(cfg, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    losses = []
+    for step in range(STEPS):
+        tokens, targets = global_batch(step, cfg, dp)
+        total = 0.0
+        for micro in range(accum):
+            rows = micro_samples(dp, accum, micro)
+            loss = loss_of(model(tokens[rows]), targets[rows]) / accum
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_isp(ctx, cfg: TinyConfig, *, accum: int = 1, ulysses: bool = False, scheduler: bool = False,
+              **options):
+    """Train with WeightParallel; returns losses (averaged over the world), the full state
+    dict, and the pool stats and communication counters after each step."""
+    from pgroups.comm import UlyssesAttention, WeightParallel
+
+    core = UlyssesAttention(local_attention, "tensor", ctx=ctx) if ulysses else None
+    model = TinyLlama(cfg, seed=7, attn_core=core)
+    options.setdefault("ctx", ctx)
+    wp = WeightParallel(model, blocks=model.layers, **options)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    wp.attach_optimizer(opt)
+    hook = wp.scheduler_hook() if scheduler else None
+    data_index, dp, seq_rank, seq_size = sequence_slice(ctx) if ulysses else [dist.get_rank(), 4, 0, 1]
+    chunk = SEQ // seq_size
+    positions = torch.arange(seq_rank * chunk, (seq_rank + 1) * chunk)
+    losses, stats, counts = [], [], []
+    for step in range(STEPS):
+        tokens, targets = global_batch(step, cfg, dp)
+        mine = slice(seq_rank * chunk, (seq_rank + 1) * chunk)
+        total = torch.zeros(())
+        for micro in range(accum):
+            rows = [r for r in micro_samples(dp, accum, micro)
+                    if data_index * SAMPLES_PER_RANK <= r < (data_index + 1) * SAMPLES_PER_RANK]
+            if hook:
+                hook.before_forward(None, None)
+            logits = model(tokens[rows][:, mine], positions)
+            loss = loss_of(logits, targets[rows][:, mine]) / accum
+            if hook:
+                hook.after_criterion(None, loss)
+                hook.before_backward(None, None, None)
+            loss.backward()
+            if hook:
+                hook.after_backward(None, None)
+            total += loss.detach()
+        opt.step()  # finish_grads runs in the optimizer's step pre-hook
+        opt.zero_grad()
+        dist.all_reduce(total)
+        losses.append(total.item() / dist.get_world_size())
+        stats.append(wp.stats())
+        counts.append(dict(wp.comm_counts))
+    return losses, wp.full_state_dict(), stats, counts, wp
+
+
+def padded_full_bytes(cfg: TinyConfig, weight: int) -> int:
+    """Analytic bytes of every sharded tensor gathered once: rows rounded up to a multiple of
+    the weight group size (the padding of uneven shards), times the row size, fp32."""
+    model = TinyLlama(cfg)
+    total = 0
+    for block in model.layers:
+        for module in block.modules():
+            if isinstance(module, torch.nn.Linear):
+                for tensor in (module.weight, module.bias):
+                    if tensor is not None:
+                        rows = -(-tensor.shape[0] // weight) * weight
+                        total += rows * (tensor.numel() // tensor.shape[0]) * 4
+    return total
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+def check_equivalence(expect: Expect, ctx, cfg: TinyConfig, weight: int, *, accum: int = 1, ulysses: bool = False,
+                      **options) -> None:
+    dp = sequence_slice(ctx)[1] if ulysses else 4
+    ref_losses, ref_state = train_reference(cfg, dp, accum)
+    losses, state, stats, counts, _ = train_isp(ctx, cfg, accum=accum, ulysses=ulysses, **options)
+    for step, (got, want) in enumerate(zip(losses, ref_losses)):
+        expect.close(torch.tensor(got), torch.tensor(want), CLOSE, f"loss at step {step + 1}")
+    expect.true(state.keys() == ref_state.keys(), f"state keys {sorted(state)} != {sorted(ref_state)}")
+    for name, value in ref_state.items():
+        expect.close(state[name], value, CLOSE, f"parameter {name} after {STEPS} steps")
+    expect.true(stats[1].allocations == stats[2].allocations,
+                f"pool allocated in step 3: {stats[1].allocations} -> {stats[2].allocations}")
+    gathered = [counts[0]["all_gather_bytes"]] + [b["all_gather_bytes"] - a["all_gather_bytes"]
+                                                  for a, b in zip(counts, counts[1:])]
+    reduced = [counts[0]["reduce_scatter_bytes"]] + [b["reduce_scatter_bytes"] - a["reduce_scatter_bytes"]
+                                                     for a, b in zip(counts, counts[1:])]
+    analytic = padded_full_bytes(cfg, weight)
+    expect.true(gathered == [2 * accum * analytic] * STEPS, f"gathered bytes per step {gathered}, "
+                f"analytic 2 x {accum} x {analytic}")
+    expect.true(reduced == [accum * analytic] * STEPS, f"reduce-scattered bytes per step {reduced}, "
+                f"analytic {accum} x {analytic}")
+
+
+def check_pool_bound(expect: Expect, ctx, depth: int) -> None:
+    """Through the pool: the most full-weight bytes acquired at once is exactly (1 + depth)
+    blocks (gathered ahead by the prefetch, released after use), and step 3 allocates nothing."""
+    _, _, stats, _, wp = train_isp(ctx, EVEN, prefetch_depth=depth, data_mode="weight_data")
+    block_bytes = wp.block_full_bytes(0)
+    expect.true(block_bytes == padded_full_bytes(EVEN, 4) // EVEN.layers, f"block bytes {block_bytes}")
+    peak = stats[-1].peak_for("weight")
+    expect.true(peak == (1 + depth) * block_bytes,
+                f"peak full-weight bytes {peak} != (1 + {depth}) x {block_bytes}")
+    expect.true(stats[-1].in_use_bytes == 0, f"{stats[-1].in_use_bytes} bytes still in use after the step")
+    expect.true(stats[1].allocations == stats[2].allocations, f"step 3 allocated: {stats}")
+
+
+def _live_full_weight_storages(references: Dict[int, List[torch.Tensor]], exclude: set) -> int:
+    """Distinct live storages whose bytes equal one of the full weights in ``references``
+    (keyed by byte size), other than the references' own (``exclude``). Counts gathered
+    weights whatever view (or none) refers to them."""
+    seen, count = set(), 0
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):
+            continue
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen or storage.data_ptr() in exclude or storage.nbytes() not in references:
+            continue
+        seen.add(storage.data_ptr())
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        if any(torch.equal(raw, ref) for ref in references[storage.nbytes()]):
+            count += 1
+    return count
+
+
+def check_storage_bound(expect: Expect, ctx) -> None:
+    """Without the pool, every gathered weight is a fresh allocation freed on release, so the
+    live storages holding full weights (found by content, no help from the runtime) show how
+    many blocks are alive: never more than 1 + prefetch_depth."""
+    from pgroups.comm import WeightParallel
+
+    model = TinyLlama(EVEN, seed=7)
+    wp = WeightParallel(model, blocks=model.layers, memory_pool=False, prefetch_depth=1, ctx=ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    wp.attach_optimizer(opt)
+    tokens, targets = global_batch(0, EVEN, 4)
+    mine = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+    # the w2 weights (one per block, told apart from w1 / w3 of the same size by content) count blocks
+    alive: List[tuple] = []
+    references: Dict[int, List[torch.Tensor]] = {}
+    exclude: set = set()
+
+    def sampler(where: str):
+        return lambda *_: alive.append((where, _live_full_weight_storages(references, exclude)))
+
+    for block in model.layers:
+        block.register_forward_pre_hook(sampler("forward"))          # runs after the runtime's hook
+        block.mlp.w2.register_full_backward_hook(sampler("backward"))  # w2: the block's first backward
+        block.attn.wq.register_full_backward_hook(sampler("late"))     # maybe after the block's release
+    for step in range(2):
+        full = wp.full_state_dict()
+        references.clear()
+        for index in range(EVEN.layers):
+            weight = full[f"layers.{index}.mlp.w2.weight"]
+            references.setdefault(weight.numel() * 4, []).append(weight.reshape(-1).view(torch.uint8))
+        exclude.clear()
+        exclude.update(ref.untyped_storage().data_ptr() for refs in references.values() for ref in refs)
+        del full
+        gc.collect()
+        alive.clear()
+        loss_of(model(tokens[mine]), targets[mine]).backward()
+        opt.step()
+        opt.zero_grad()
+        counts = [count for _, count in alive]
+        expect.true(len(alive) == 3 * EVEN.layers, f"sampled {len(alive)} times")
+        expect.true(max(counts) <= 2, f"step {step + 1}: up to {max(counts)} blocks' w2 alive at once: {alive}")
+        expect.true(all(count >= 1 for where, count in alive if where != "late"),
+                    f"step {step + 1}: a block ran without its weights: {alive}")
+
+
+def check_no_grad(expect: Expect, ctx) -> None:
+    """Under no_grad nothing is registered for backward, every buffer is released, and the
+    output equals the unsharded model's."""
+    from pgroups.comm import WeightParallel
+
+    reference = TinyLlama(UNEVEN, seed=7)
+    model = TinyLlama(UNEVEN, seed=7)
+    wp = WeightParallel(model, blocks=model.layers, ctx=ctx)
+    tokens, _ = global_batch(0, UNEVEN, 4)
+    with torch.no_grad():
+        out = model(tokens)
+        want = reference(tokens)
+    expect.true(out.grad_fn is None, "a no_grad forward recorded a graph")
+    expect.close(out, want, CLOSE, "no_grad forward")
+    expect.true(wp.stats().in_use_bytes == 0, f"{wp.stats().in_use_bytes} bytes held after a no_grad forward")
+    expect.true(wp._pending_backward == [0] * UNEVEN.layers, f"backward registered: {wp._pending_backward}")
+
+
+def check_reduce_dtype(expect: Expect, ctx) -> None:
+    """bf16 weights with reduce_dtype=float32: the reduce-scatter and the accumulation over 2
+    micro-batches run in fp32 (param.main_grad), finish_grads writes bf16 grads that match
+    the fp32 model's gradients to bf16 precision, and resets the accumulator."""
+    from pgroups.comm import WeightParallel
+
+    reference = TinyLlama(EVEN, seed=7)
+    model = TinyLlama(EVEN, seed=7).to(torch.bfloat16)
+    wp = WeightParallel(model, blocks=model.layers, reduce_dtype=torch.float32, ctx=ctx)
+    tokens, targets = global_batch(0, EVEN, 4)
+    for micro in range(2):
+        rows = [2 * dist.get_rank() + micro]
+        (loss_of(model(tokens[rows]), targets[rows]) / 2).backward()
+        (loss_of(reference(tokens[micro::2]), targets[micro::2]) / 2).backward()
+    name, shard = wp.sharded_parameters()[0]
+    expect.true(shard.main_grad.dtype == torch.float32, f"main_grad dtype {shard.main_grad.dtype}")
+    wp.finish_grads()
+    expect.true(shard.grad.dtype == torch.bfloat16, f"grad dtype {shard.grad.dtype}")
+    expect.true(bool((shard.main_grad == 0).all()), "main_grad not reset by finish_grads")
+    ref_grads = dict(reference.named_parameters())
+    for name, shard in wp.sharded_parameters():
+        full = ref_grads[name].grad
+        rows = torch.tensor_split(full, 4)[dist.get_rank()]
+        expect.close(shard.grad.float(), rows, dict(rtol=2e-2, atol=2e-3), f"bf16 gradient of {name}")
+
+
+def check_ulysses(expect: Expect, ctx, mode: str, heads: int, kv_heads: int, seq_sizes) -> None:
+    """UlyssesAttention on a sequence slice equals causal GQA attention over the whole sequence,
+    forward and backward (every rank's loss covers its own slice; gradients cross both
+    all-to-alls)."""
+    from pgroups.comm import UlyssesAttention
+
+    me, total = ctx.get_local_rank(mode), sum(seq_sizes)
+    start = sum(seq_sizes[:me])
+    mine = slice(start, start + seq_sizes[me])
+    gen = torch.Generator().manual_seed(11)
+    full = [torch.randn(2, total, h, 4, generator=gen, dtype=torch.float64) for h in (heads, kv_heads, kv_heads)]
+    downstream = torch.randn(2, total, heads, 4, generator=gen, dtype=torch.float64)
+    local = [t[:, mine].clone().requires_grad_() for t in full]
+    reference = [t.clone().requires_grad_() for t in full]
+    out = UlyssesAttention(local_attention, mode, ctx=ctx)(*local, seq_sizes=list(seq_sizes))
+    want = local_attention(*reference)
+    expect.close(out, want[:, mine].detach(), dict(rtol=1e-12, atol=1e-12), "forward")
+    (out * downstream[:, mine]).sum().backward()
+    (want * downstream).sum().backward()
+    for name, got, ref in zip("qkv", local, reference):
+        expect.close(got.grad, ref.grad[:, mine], dict(rtol=1e-10, atol=1e-12), f"gradient of {name}")
+
+
+def check_errors(expect: Expect, ctx) -> None:
+    """Bad arguments raise one clear error before anything is sharded."""
+    from pgroups import ModeNotInitializedError
+    from pgroups.comm import WeightParallel
+
+    def build(blocks_of: Callable, **kwargs):
+        model = TinyLlama(UNEVEN)
+        return WeightParallel(model, blocks=blocks_of(model), ctx=ctx, **kwargs), model
+
+    cases = [
+        (lambda: build(lambda m: []), ValueError, "needs at least one block"),
+        (lambda: build(lambda m: m.layers, prefetch_depth=0), ValueError, "prefetch_depth must be an integer >= 1"),
+        (lambda: build(lambda m: [TinyLlama(UNEVEN).layers[0]]), ValueError,
+         "block 0 (Block) is not a submodule of the model"),
+        (lambda: build(lambda m: [m.layers, m.layers[1]]), ValueError,
+         "linear 'layers.1.attn.wq' is in block 0 and block 1"),
+        (lambda: build(lambda m: m.layers, data_mode="sequence"), ModeNotInitializedError, "data_mode=None"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error) as info:
+            call()
+        expect.true(message in str(info.value), f"{message!r} not in {str(info.value)!r}")
+    model = TinyLlama(UNEVEN)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    with pytest.raises(ValueError):
+        WeightParallel(model, blocks=[model.layers[0], model.layers[0]], ctx=ctx)
+    expect.true({n: p.shape for n, p in model.named_parameters()} == shapes, "a refused model was changed")
+
+
+# ---- the worker --------------------------------------------------------------------------------------
+def _checks(weight4, weight2, ulysses) -> Dict[str, Callable[[Expect], None]]:
+    layouts = {"weight4": (weight4, 4, {}), "weight2x2": (weight2, 2, {}),
+               "ulysses": (ulysses, 4, {"ulysses": True})}
+    checks: Dict[str, Callable[[Expect], None]] = {}
+    for name, (ctx, weight, extra) in layouts.items():
+        cfg = ULYSSES if extra else UNEVEN
+        checks[f"equiv/{name}/overlap"] = lambda e, c=ctx, w=weight, x=extra, f=cfg: check_equivalence(e, c, f, w, **x)
+        checks[f"equiv/{name}/no-overlap"] = (
+            lambda e, c=ctx, w=weight, x=extra, f=cfg: check_equivalence(e, c, f, w, overlap=False, **x))
+        checks[f"equiv/{name}/accum2"] = lambda e, c=ctx, w=weight, x=extra, f=cfg: check_equivalence(e, c, f, w,
+                                                                                                    accum=2, **x)
+    checks["equiv/weight4/scheduler-hook-depth2"] = lambda e: check_equivalence(
+        e, weight4, UNEVEN, 4, accum=2, scheduler=True, prefetch_depth=2)
+    checks["ulysses/tensor2-kv1-repeated"] = lambda e: check_ulysses(e, ulysses, "tensor", 4, 1, (4, 4))
+    checks["ulysses/global4-kv2-repeated-uneven"] = lambda e: check_ulysses(e, ulysses, "global", 4, 2, (3, 2, 2, 1))
+    checks["ulysses/global4-kv4"] = lambda e: check_ulysses(e, ulysses, "global", 8, 4, (2, 2, 2, 2))
+    checks["memory/pool-depth1"] = lambda e: check_pool_bound(e, weight4, 1)
+    checks["memory/pool-depth2"] = lambda e: check_pool_bound(e, weight4, 2)
+    checks["memory/storages"] = lambda e: check_storage_bound(e, weight4)
+    checks["no_grad"] = lambda e: check_no_grad(e, weight4)
+    checks["reduce_dtype"] = lambda e: check_reduce_dtype(e, weight4)
+    checks["errors"] = lambda e: check_errors(e, weight4)
+    return checks
+
+
+def isp_worker() -> Dict[str, str]:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    contexts = [isp_context(4), isp_context(2), isp_context(4, tensor=2)]
+    try:
+        return run_checks(_checks(*contexts))
+    finally:
+        for ctx in contexts:
+            ctx.destroy()
+
+
+@pytest.fixture(scope="module")
+def results() -> List[Dict[str, str]]:
+    return run_ranks(4, isp_worker, timeout_s=400)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+@pytest.mark.parametrize("layout", ["weight4", "weight2x2", "ulysses"])
+@pytest.mark.parametrize("variant", ["overlap", "no-overlap", "accum2"])
+def test_training_equals_a_single_process_run(results, layout, variant):
+    """Loss at every step and final parameters within 1e-5 of the unsharded model; the pool
+    allocates nothing in step 3; bytes moved equal 2 all-gathers + 1 reduce-scatter per
+    sharded tensor per micro-batch."""
+    assert_ok(results, f"equiv/{layout}/{variant}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+def test_scheduler_hooks_and_deeper_prefetch_train_the_same(results):
+    assert_ok(results, "equiv/weight4/scheduler-hook-depth2")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+def test_ulysses_attention_equals_full_attention_with_gqa(results):
+    assert_ok(results, "ulysses/")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+def test_at_most_one_plus_prefetch_depth_blocks_alive(results):
+    assert_ok(results, "memory/")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+def test_no_grad_forward_registers_nothing_for_backward(results):
+    assert_ok(results, "no_grad")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+def test_bf16_weights_reduce_and_accumulate_in_fp32(results):
+    assert_ok(results, "reduce_dtype")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(450)
+def test_bad_arguments_raise_one_clear_error(results):
+    assert_ok(results, "errors")
+
+
+# ---- a dead peer ---------------------------------------------------------------------------------------
+DEATH_TIMEOUT_S = 3.0
+
+
+def dying_peer_worker() -> str:
+    """Rank 3 dies in block 1's forward of step 2; the others must raise GroupTimeoutError
+    naming the weight mode and its ranks, well before the spawn's time limit."""
+    from pgroups import GroupTimeoutError
+    from pgroups.comm import WeightParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    ctx = isp_context(4, timeout_s=DEATH_TIMEOUT_S)
+    model = TinyLlama(UNEVEN, seed=7)
+    wp = WeightParallel(model, blocks=model.layers, ctx=ctx)
+    state = {"step": 0}
+
+    def die(*_):
+        if state["step"] == 1 and dist.get_rank() == 3:
+            os._exit(17)
+
+    model.layers[1].register_forward_pre_hook(die)
+    tokens, targets = global_batch(0, UNEVEN, 4)
+    started = None
+    try:
+        for step in range(2):
+            state["step"] = step
+            started = time.monotonic()
+            loss_of(model(tokens[:2]), targets[:2]).backward()
+            wp.finish_grads()
+    except GroupTimeoutError as exc:
+        return f"{time.monotonic() - started:.1f}s: {exc}"
+    return "no error"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_dead_weight_group_peer_raises_group_timeout_naming_mode_and_ranks(monkeypatch):
+    from pgroups import spawn
+
+    monkeypatch.setattr(spawn, "FAILURE_GRACE_S", 120.0)  # let the survivors reach their timeout
+    outcomes = run_ranks_outcomes(4, dying_peer_worker, timeout_s=200)
+    assert outcomes[3].exitcode == 17, outcomes[3]
+    for outcome in outcomes[:3]:
+        assert outcome.ok, outcome
+        seconds, _, message = outcome.value.partition("s: ")
+        assert "mode 'weight' (ranks [0, 1, 2, 3])" in message, outcome.value
+        assert "weight all-gather" in message or "reduce-scatter" in message, outcome.value
+        assert float(seconds) < 60, f"took {seconds} s with a {DEATH_TIMEOUT_S} s timeout"
