@@ -374,38 +374,16 @@ def test_training_equals_a_single_process_run(results, layout, variant):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(450)
-def test_scheduler_hooks_and_deeper_prefetch_train_the_same(results):
-    assert_ok(results, "equiv/weight4/scheduler-hook-depth2")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.timeout(450)
-def test_ulysses_attention_equals_full_attention_with_gqa(results):
-    assert_ok(results, "ulysses/")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.timeout(450)
-def test_at_most_one_plus_prefetch_depth_blocks_alive(results):
-    assert_ok(results, "memory/")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.timeout(450)
-def test_no_grad_forward_registers_nothing_for_backward(results):
-    assert_ok(results, "no_grad")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.timeout(450)
-def test_bf16_weights_reduce_and_accumulate_in_fp32(results):
-    assert_ok(results, "reduce_dtype")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.timeout(450)
-def test_bad_arguments_raise_one_clear_error(results):
-    assert_ok(results, "errors")
+@pytest.mark.parametrize("prefix", [
+    pytest.param("equiv/weight4/scheduler-hook-depth2", id="scheduler-hooks-and-prefetch-depth-2-train-the-same"),
+    pytest.param("ulysses/", id="ulysses-attention-equals-full-gqa-attention-forward-and-backward"),
+    pytest.param("memory/", id="at-most-1-plus-prefetch-depth-blocks-alive-and-no-steady-state-allocation"),
+    pytest.param("no_grad", id="no-grad-forward-registers-nothing-for-backward"),
+    pytest.param("reduce_dtype", id="bf16-weights-reduce-and-accumulate-in-fp32"),
+    pytest.param("errors", id="bad-arguments-raise-one-clear-error-before-changing-the-model"),
+])
+def test_weight_parallel_contract(results, prefix):
+    assert_ok(results, prefix)
 
 
 # ---- a dead peer ---------------------------------------------------------------------------------------

@@ -100,6 +100,11 @@ class _Sharded:
     def full_numel(self) -> int:
         return self.full_shape[0] * self.row_numel
 
+    def pieces(self) -> List[Tuple[int, int, int]]:
+        """``(rank, offset in the flat full tensor, element count)`` of every rank's rows."""
+        return [(rank, start * self.row_numel, rows * self.row_numel)
+                for rank, (rows, start) in enumerate(zip(self.sizes, offsets_of(self.sizes)))]
+
 
 class _Linear:
     """A sharded nn.Linear: its module, its block, and its weight / bias shards."""
@@ -188,8 +193,13 @@ class WeightParallel:
     ``average``: average gradients over the weight × data ranks (False: sum).
     ``sync_replicated``: all-reduce the gradients of parameters that are not sharded.
 
+    ``pool`` / :meth:`stats`: the buffer pool and its counters; ``comm_counts``: calls and
+    bytes of this rank's collectives (all-gather outputs, reduce-scatter inputs, all-reduce
+    buffers), for benchmarks and tests.
+
     Raises ValueError for empty blocks, blocks outside ``model``, a bad prefetch depth, or a
-    linear that appears in two blocks; ModeNotInitializedError for a mode the context lacks.
+    linear that appears in two blocks (before changing the model);
+    ModeNotInitializedError for a mode the context lacks.
     """
 
     def __init__(self, model: nn.Module, blocks: Iterable[nn.Module], mode: ModeLike = "weight", *,
@@ -328,15 +338,20 @@ class WeightParallel:
             send.narrow(0, 0, shard.numel() * shard.element_size()).copy_(shard.reshape(-1).view(torch.uint8))
             payload = send
         recv = self.pool.acquire((sharded.key, "gather"), piece_bytes * info.size, shard.device, "weight")
-        self.comm_counts["all_gather_calls"] += 1
-        self.comm_counts["all_gather_bytes"] += recv.numel()
-        if info.size == 1:
-            recv.copy_(payload)
-            work = None
-        else:
-            with comm_errors(info, f"weight all-gather of {sharded.name}"):
-                work = all_gather_single(recv, payload, group=info.group, async_op=async_op)
+        work = self._launch("all_gather", f"weight all-gather of {sharded.name}", payload, recv,
+                            lambda: all_gather_single(recv, payload, group=info.group, async_op=async_op))
         return _Gather(sharded, sharded.param._version, work if async_op else None, recv, send)
+
+    def _launch(self, kind: str, what: str, send: torch.Tensor, recv: torch.Tensor,
+                collective: Callable[[], Optional[dist.Work]]) -> Optional[dist.Work]:
+        """Count and run one collective over the weight group (a copy on a group of one)."""
+        self.comm_counts[f"{kind}_calls"] += 1
+        self.comm_counts[f"{kind}_bytes"] += max(send.numel(), recv.numel())
+        if self.info.size == 1:
+            recv.copy_(send)
+            return None
+        with comm_errors(self.info, what):
+            return collective()
 
     def _wait_gather(self, gather: _Gather) -> torch.Tensor:
         if gather.full is not None:
@@ -357,9 +372,8 @@ class WeightParallel:
         nbytes = sharded.full_numel() * sharded.param.element_size()
         gather.full_buffer = self.pool.acquire((sharded.key, "gather-full"), nbytes, padded.device, "weight")
         full_flat = gather.full_buffer.view(dtype)
-        for rank, (rows, start) in enumerate(zip(sharded.sizes, offsets_of(sharded.sizes))):
-            count = rows * sharded.row_numel
-            full_flat.narrow(0, start * sharded.row_numel, count).copy_(padded[rank].narrow(0, 0, count))
+        for rank, full_offset, count in sharded.pieces():
+            full_flat.narrow(0, full_offset, count).copy_(padded[rank].narrow(0, 0, count))
         self.pool.release(gather.recv)
         gather.recv = None
         gather.full = full_flat.view(sharded.full_shape)
@@ -461,19 +475,12 @@ class WeightParallel:
             else:  # rank r's rows at r * max_rows; the padding rows were zeroed once
                 padded = send_view.view(info.size, piece_numel)
                 flat = grad.reshape(-1)
-                for rank, (rows, start) in enumerate(zip(sharded.sizes, offsets_of(sharded.sizes))):
-                    count = rows * sharded.row_numel
-                    padded[rank].narrow(0, 0, count).copy_(flat.narrow(0, start * sharded.row_numel, count))
+                for rank, full_offset, count in sharded.pieces():
+                    padded[rank].narrow(0, 0, count).copy_(flat.narrow(0, full_offset, count))
         recv = self.pool.acquire((sharded.key, "reduce"), piece_numel * itemsize, param.device, "grad")
-        self.comm_counts["reduce_scatter_calls"] += 1
-        self.comm_counts["reduce_scatter_bytes"] += send.numel()
-        if info.size == 1:
-            recv.copy_(send)
-            work = None
-        else:
-            with comm_errors(info, f"gradient reduce-scatter of {sharded.name}"):
-                work = reduce_scatter_single(recv.view(dtype), send_view, op=dist.ReduceOp.SUM,
-                                                  group=info.group, async_op=self.overlap)
+        work = self._launch("reduce_scatter", f"gradient reduce-scatter of {sharded.name}", send, recv,
+                            lambda: reduce_scatter_single(recv.view(dtype), send_view, op=dist.ReduceOp.SUM,
+                                                          group=info.group, async_op=self.overlap))
         self._reducing[id(param)] = _Reduce(sharded, work if self.overlap else None, send, recv, dtype)
         self._grads_finished = False
         if not self.overlap:
