@@ -359,6 +359,9 @@ class _Rule:
         self.order = {spec.name: i for i, spec in enumerate(model.tensors)}
         self._by_host: Dict[Tuple[str, str], List[int]] = {}
         self._local: Dict[Any, List[int]] = {}
+        self._coords: Dict[Tuple[bool, int, bool], Optional[Tuple[int, int, int, int]]] = {}
+        self._senders: Dict[Any, int] = {}
+        self._bytes: Dict[Any, int] = {}
         _check_computable(src, dst, model)
 
     # ---- what a dst shard needs
@@ -382,6 +385,14 @@ class _Rule:
                 yield _Need(experts, unit, src_ep)
 
     # ---- who sends
+    def coords(self, source: bool, rank: int, expert: bool) -> Optional[Tuple[int, int, int, int]]:
+        """``mesh_coordinates`` of ``rank`` in the source (or destination) layout, memoised."""
+        key = (source, rank, expert)
+        found = self._coords.get(key, ())
+        if found == ():
+            found = self._coords[key] = (self.src if source else self.dst).mesh_coordinates(rank, expert)
+        return found
+
     def host(self, rank: int) -> Optional[str]:
         return self.hosts[rank] if self.hosts is not None else None
 
@@ -401,17 +412,24 @@ class _Rule:
             wanted = set(holders)
             found = self._local[key] = [
                 r for r in self.on_host("src", host)
-                if (lambda c: c[3] == stage and (c[0], c[1]) in wanted)(self.src.mesh_coordinates(r, expert))]
+                if (lambda c: c[3] == stage and (c[0], c[1]) in wanted)(self.coords(True, r, expert))]
         return found
 
     def position(self, rank: int, expert: bool) -> int:
         """``p`` of a destination rank: its shard index times its replicas, plus its replica index."""
-        tp, ep, replica, _ = self.dst.mesh_coordinates(rank, expert)
+        tp, ep, replica, _ = self.coords(False, rank, expert)
         tp_size, _, replicas = self.dst.mesh_sizes(expert)
         return (ep * tp_size + tp) * replicas + replica
 
     def sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> int:
         """The source rank that sends dst ``rank`` a unit held by shards ``holders`` (rules 2-3)."""
+        key = (rank, holders, stage, expert)
+        found = self._senders.get(key)
+        if found is None:
+            found = self._senders[key] = self._sender(rank, holders, stage, expert)
+        return found
+
+    def _sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> int:
         p = self.position(rank, expert)
         if self.hosts is not None:
             local = self.local_holders(self.hosts[rank], holders, stage, expert)
@@ -424,7 +442,7 @@ class _Rule:
 
     def holds(self, rank: int, spec: TensorSpec, need: _Need) -> Optional[int]:
         """Where ``rank`` holds ``need`` in its source shard (the row offset), or None."""
-        coords = self.src.mesh_coordinates(rank, spec.is_expert)
+        coords = self.coords(True, rank, spec.is_expert)
         if coords is None or coords[3] != self.src_stage[spec.layer] or coords[1] != need.src_ep:
             return None
         return dict(need.unit.holders).get(coords[0])
@@ -482,7 +500,7 @@ class _Rule:
         my_host = self.host(rank)
         for spec, tp, _, ep, _ in self._held(self.src, self.src_stage, rank):
             expert = spec.is_expert
-            replica = self.src.mesh_coordinates(rank, expert)[2]
+            replica = self.coords(True, rank, expert)[2]
             src_replicas = self.src.mesh_sizes(expert)[2]
             dst_tp_size, dst_ep_size, dst_replicas = self.dst.mesh_sizes(expert)
             stage, dst_stage = self.src_stage[spec.layer], self.dst_stage[spec.layer]
@@ -529,7 +547,7 @@ class _Rule:
             yield ep
 
     def _is_shard(self, rank: int, tp: int, ep: int, stage: int, expert: bool) -> bool:
-        coords = self.dst.mesh_coordinates(rank, expert)
+        coords = self.coords(False, rank, expert)
         return coords is not None and coords[0] == tp and coords[1] == ep and coords[3] == stage
 
     def _held(self, layout: ParallelLayout, stages: Mapping[LayerRef, int],
@@ -537,17 +555,20 @@ class _Rule:
         """Like :func:`.layout.held_tensors`, with the stage map computed once."""
         if rank not in layout:
             return
-        mesh = {expert: layout.mesh_coordinates(rank, expert) for expert in (False, True)}
+        mesh = {expert: self.coords(layout is self.src, rank, expert) for expert in (False, True)}
         for spec in self.model.tensors:
             tp, ep, _, pp = mesh[spec.is_expert]
             tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
             if stages[spec.layer] == pp and spec.held_by(ep_size, ep):
                 yield spec, tp, tp_size, ep, ep_size
 
-    @staticmethod
-    def _shard_bytes(spec: TensorSpec, layout: ParallelLayout, tp: int, ep: int) -> int:
-        tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
-        return math.prod(spec.local_shape(tp_size, tp, ep_size, ep)) * spec.itemsize
+    def _shard_bytes(self, spec: TensorSpec, layout: ParallelLayout, tp: int, ep: int) -> int:
+        key = (spec.shape, spec.dtype, spec.tp_dim, spec.blocks, spec.experts, layout is self.src, tp, ep)
+        found = self._bytes.get(key)
+        if found is None:
+            tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
+            found = self._bytes[key] = math.prod(spec.local_shape(tp_size, tp, ep_size, ep)) * spec.itemsize
+        return found
 
 
 def _check_computable(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec) -> None:

@@ -1,0 +1,72 @@
+"""Plan cost: one rank's share of a reshard plan vs the whole plan, up to world 16,384.
+
+Every rank needs only what it sends and receives (``plan_share``); before, every rank planned
+the whole world (the issue measured 6.6 s at world 4096). The baseline in the same run is the
+whole plan (``plan_reshard``: every destination's share), at the worlds where it finishes in
+reasonable time. Also timed: the 64-bit plan digest every rank computes for the agreement.
+
+Model: a Llama-3-8B-shaped decoder (32 layers) plus 5 small tensors = 200 tensors. Layouts:
+training tensor 8 x pipeline 4 x data W/32 → inference tensor 4 x data W/4, colocated, 8
+ranks per host. Shares are timed for ``--ranks`` spread over the world (first call of a
+process included: that is what a rank pays), median reported.
+
+    .venv/bin/python bench/bench_reshard_plan.py [--worlds 1024 4096 16384] [--full-max 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pgroups.reshard import (ModelSpec, ParallelLayout, TensorSpec, llama_like, plan_digest,  # noqa: E402
+                             plan_reshard, plan_share)
+from pgroups.topology import Topology  # noqa: E402
+
+
+def model_200() -> ModelSpec:
+    base = llama_like(layers=32)
+    extra = [TensorSpec.create(f"layers.{i}.attn.scale", (128,), "float32", None, i) for i in range(5)]
+    return ModelSpec.create(list(base.tensors) + extra, base.num_layers, "llama-3-8b-shapes+5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--full-max", type=int, default=4096, help="largest world to build the whole plan at")
+    parser.add_argument("--ranks", type=int, default=7, help="ranks whose share is timed per world")
+    args = parser.parse_args()
+    model = model_200()
+    print(f"model: {len(model.tensors)} tensors; training tp8 x pp4 → inference tp4, colocated, 8 ranks/host")
+    print(f"{'world':>6} {'share median s':>15} {'share max s':>12} {'transfers/rank':>15} {'digest s':>9} "
+          f"{'whole plan s':>13} {'whole / share':>14}")
+    for world in args.worlds:
+        src = ParallelLayout.create(Topology.create(world, 8, 4))
+        dst = ParallelLayout.create(Topology.create(world, 4, 1))
+        hosts = [f"node{r // 8}" for r in range(world)]
+        ranks = sorted({(world - 1) * i // max(1, args.ranks - 1) for i in range(args.ranks)})
+        times, counts = [], []
+        for rank in ranks:
+            started = time.perf_counter()
+            share = plan_share(src, dst, model, rank, hosts)
+            times.append(time.perf_counter() - started)
+            counts.append(len(share.sends) + len(share.recvs) + len(share.copies))
+        started = time.perf_counter()
+        plan_digest(src, dst, model, hosts)
+        digest_s = time.perf_counter() - started
+        whole = "-"
+        ratio = "-"
+        if world <= args.full_max:
+            started = time.perf_counter()
+            plan_reshard(src, dst, model, hosts)
+            whole_s = time.perf_counter() - started
+            whole, ratio = f"{whole_s:.2f}", f"{whole_s / statistics.median(times):.0f}x"
+        print(f"{world:>6} {statistics.median(times):>15.3f} {max(times):>12.3f} {int(statistics.median(counts)):>15} "
+              f"{digest_s:>9.3f} {whole:>13} {ratio:>14}")
+
+
+if __name__ == "__main__":
+    main()
