@@ -17,6 +17,7 @@ import torch
 from pgroups.errors import ReshardError
 from pgroups.reshard import (ModelSpec, ParallelLayout, TensorSpec, head_blocks, llama_like, parts_blocks,
                              plan_reshard, qkv_blocks, qkv_interleaved_blocks)
+from pgroups.spawn import run_local
 from pgroups.topology import Topology
 
 from reshard_compute import (apply_plan, canonical, reference_attention, reference_mlp, relative_error, rms,
@@ -131,3 +132,42 @@ def test_issue_case_6_heads_3_kv_heads_tp2_holds_the_kv_heads_it_uses():
     # whole query groups: rank 0 groups 0-1 (q 0-3, kv 0-1), rank 1 group 2 (q 4-5, kv 2)
     assert spec.pieces(2, 0) == ((0, 4, 0), (6, 8, 4), (9, 11, 6))
     assert spec.pieces(2, 1) == ((4, 6, 0), (8, 9, 2), (11, 12, 3))
+
+
+# ---- end to end on real gloo processes ------------------------------------------------------------------
+E2E = {"heads": 8, "kv_heads": 2, "src_tp": 4, "dst_ranks": [1, 2, 3]}   # tp 4 -> tp 3: uneven heads
+
+
+def e2e_worker(variant: str) -> Dict[str, list]:
+    """Reshard one layer from TP 4 (ranks 0-3) to TP 3 (ranks 1-3) with the executor; return
+    this rank's destination shards (as lists: tensors would travel by shared memory)."""
+    from pgroups import gpc
+    from pgroups.reshard import cut_shards, empty_shards, execute_plan, plan_share
+
+    gpc.init_from_config({"parallel": {"tensor": 1, "pipeline": 1}, "backend": "gloo", "timeout_s": 60,
+                          "groups": "lazy"})
+    heads, kv_heads = E2E["heads"], E2E["kv_heads"]
+    model, full, _ = one_layer(variant, heads, kv_heads, canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN))
+    src, dst = layout(E2E["src_tp"]), layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"])
+    rank = gpc.get_global_rank()
+    share = plan_share(src, dst, model, rank, gpc.get_hostnames())
+    mine = empty_shards(dst, model, rank, fill=float("nan"))
+    execute_plan(share, cut_shards(src, model, rank, full.__getitem__), mine, timeout_s=30)
+    gpc.destroy()
+    return {name: tensor.tolist() for name, tensor in mine.items()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("variant", ["interleaved", "separate"])
+def test_gloo_reshard_tp4_to_tp3_computes_the_unsharded_layer(variant):
+    outcomes = run_local(4, e2e_worker, (variant,), timeout_s=170, env={"OMP_NUM_THREADS": "1"})
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+    heads, kv_heads = E2E["heads"], E2E["kv_heads"]
+    w = canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    model, _, names = one_layer(variant, heads, kv_heads, w)
+    shards = {o.rank: {name: torch.tensor(v) for name, v in o.value.items()} for o in outcomes}
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(2))
+    dst = layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"])
+    got = sharded_layer(x, shards, model, names, dst, heads, kv_heads)
+    assert relative_error(got, reference_layer(x, w, heads, kv_heads)) < 1e-5
