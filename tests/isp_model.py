@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import attrs
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -100,8 +101,10 @@ class Block(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    def __init__(self, cfg: TinyConfig, seed: int = 0, attn_core: Optional[Callable] = None) -> None:
+    def __init__(self, cfg: TinyConfig, seed: int = 0, attn_core: Optional[Callable] = None,
+                 checkpoint: bool = False) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         torch.manual_seed(seed)
         self.embed = nn.Embedding(cfg.vocab, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, attn_core) for _ in range(cfg.layers))
@@ -113,7 +116,10 @@ class TinyLlama(nn.Module):
             positions = torch.arange(tokens.shape[1])
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, positions)
+            if self.checkpoint:  # activation checkpointing: recompute each block in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, positions, use_reentrant=False)
+            else:
+                x = layer(x, positions)
         return self.head(self.norm(x))
 
 

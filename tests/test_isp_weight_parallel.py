@@ -65,13 +65,13 @@ def train_reference(cfg: TinyConfig, dp: int, accum: int):
 
 
 def train_isp(ctx, cfg: TinyConfig, *, accum: int = 1, ulysses: bool = False, scheduler: bool = False,
-              **options):
+              checkpoint: bool = False, **options):
     """Train with WeightParallel; returns losses (averaged over the world), the full state
     dict, and the pool stats and communication counters after each step."""
     from pgroups.comm import UlyssesAttention, WeightParallel
 
     core = UlyssesAttention(local_attention, "tensor", ctx=ctx) if ulysses else None
-    model = TinyLlama(cfg, seed=7, attn_core=core)
+    model = TinyLlama(cfg, seed=7, attn_core=core, checkpoint=checkpoint)
     options.setdefault("ctx", ctx)
     wp = WeightParallel(model, blocks=model.layers, **options)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
@@ -333,6 +333,8 @@ def _checks(weight4, weight2, ulysses) -> Dict[str, Callable[[Expect], None]]:
                                                                                                     accum=2, **x)
     checks["equiv/weight4/scheduler-hook-depth2"] = lambda e: check_equivalence(
         e, weight4, UNEVEN, 4, accum=2, scheduler=True, prefetch_depth=2)
+    checks["equiv/ulysses/activation-checkpointing"] = lambda e: check_equivalence(
+        e, ulysses, ULYSSES, 4, ulysses=True, checkpoint=True)
     checks["ulysses/tensor2-kv1-repeated"] = lambda e: check_ulysses(e, ulysses, "tensor", 4, 1, (4, 4))
     checks["ulysses/global4-kv2-repeated-uneven"] = lambda e: check_ulysses(e, ulysses, "global", 4, 2, (3, 2, 2, 1))
     checks["ulysses/global4-kv4"] = lambda e: check_ulysses(e, ulysses, "global", 8, 4, (2, 2, 2, 2))
@@ -376,6 +378,7 @@ def test_training_equals_a_single_process_run(results, layout, variant):
 @pytest.mark.timeout(450)
 @pytest.mark.parametrize("prefix", [
     pytest.param("equiv/weight4/scheduler-hook-depth2", id="scheduler-hooks-and-prefetch-depth-2-train-the-same"),
+    pytest.param("equiv/ulysses/activation-checkpointing", id="activation-checkpointed-blocks-train-the-same"),
     pytest.param("ulysses/", id="ulysses-attention-equals-full-gqa-attention-forward-and-backward"),
     pytest.param("memory/", id="at-most-1-plus-prefetch-depth-blocks-alive-and-no-steady-state-allocation"),
     pytest.param("no_grad", id="no-grad-forward-registers-nothing-for-backward"),

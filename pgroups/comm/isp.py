@@ -49,8 +49,9 @@ mode and its ranks.
 Contract: every rank of the weight group runs the same model with the same block structure
 (built from the same seed: each rank keeps its slice of the full weights it was given), calls
 forward and backward in the same order, and calls ``finish_grads`` at the same points.
-Activation checkpointing of the blocks is not supported (it would gather during recompute
-outside the schedule).
+Activation checkpointing of whole blocks (``torch.utils.checkpoint``, non-reentrant) works:
+a block recomputed during backward uses the weights its backward gathered, records nothing
+and releases nothing.
 """
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ __all__ = ["WeightParallel", "WeightParallelSchedulerHook", "prefetch_blocks"]
 
 
 # ---- pure decisions ------------------------------------------------------------------------------
+def _in_backward() -> bool:
+    """Whether this code runs inside an autograd backward pass (activation recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def prefetch_blocks(index: int, depth: int, num_blocks: int, forward: bool) -> Tuple[int, ...]:
     """The blocks to start gathering when block ``index`` starts: the next ``depth`` blocks in
     the direction of the pass (forward: ``index + 1 ..``, backward: ``index - 1 ..``), within
@@ -416,7 +422,7 @@ class WeightParallel:
     # ---- hooks ------------------------------------------------------------------------------------
     def _linear_forward(self, linear: _Linear, x: torch.Tensor) -> torch.Tensor:
         bias = linear.bias.param if linear.bias is not None else None
-        records = torch.is_grad_enabled() and (
+        records = torch.is_grad_enabled() and not _in_backward() and (
             x.requires_grad or linear.weight.param.requires_grad or (bias is not None and bias.requires_grad))
         if records:
             self._pending_backward[linear.block] += 1
@@ -425,11 +431,13 @@ class WeightParallel:
 
     def _before_block_forward(self, index: int, module: nn.Module, args: Any) -> None:
         self._wait_block(index)
-        if self.overlap:
+        if self.overlap and not _in_backward():  # a recompute in backward prefetches backward-wise
             for ahead in prefetch_blocks(index, self.prefetch_depth, len(self.blocks), forward=True):
                 self._start_gather(ahead)
 
     def _after_block_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> Any:
+        if _in_backward():  # activation recompute: its backward follows at once and needs the weights
+            return None
         self._release_block(index)
         if not torch.is_grad_enabled():  # no_grad / inference: nothing is registered for backward
             return None
