@@ -1,37 +1,61 @@
 """Run a :class:`~pgroups.reshard.planner.Plan` on torch.distributed.
 
-Transport: batched point-to-point (``dist.batch_isend_irecv``) on the context's *global*
-group. Point-to-point needs no extra process group, so layouts on any subset of ranks
-(disjoint, overlapping) work without creating groups on only some ranks, which would change
-how torch names the groups those ranks create later; broadcasts over cached groups were
-measured against it (bench/bench_reshard.py) and bring nothing here: after the planner spreads
-senders over replicas, nearly every message has exactly one receiver.
+Transport: point-to-point (``dist.batch_isend_irecv``) on the context's *global* group. Point to
+point needs no extra process group, so layouts on any subset of ranks (disjoint, overlapping)
+work without creating groups on only some ranks; broadcasts over cached groups were measured
+against it (bench/bench_reshard.py) and bring nothing: after the planner spreads senders over
+replicas, nearly every message has exactly one receiver.
 
-Per step each rank sends to at most one peer and receives from at most one (the planner's
-colouring). The bytes a pair exchanges in a step form one stream: transfers in plan order, each
-starting at a multiple of its element size; the stream is cut into chunks of at most ``bucket_bytes``:
-runs of small transfers (under 1 MiB) are packed into one bucket (no per-tensor messages for
-them), a larger transfer is sent straight from the source tensor (no packing copy when its
-region is contiguous), in pieces of at most ``bucket_bytes``. All chunks of a step go in one ``batch_isend_irecv``
-and are awaited together (waiting chunk by chunk made every pair move in lock-step with its
-neighbours' pairs: measured 1.5-2x slower on gloo); the next step is packed while the current
-one is on the wire.
+**Plan agreement.** Before any byte moves, the ranks of the group all-gather an 8-byte digest of
+the plan and of the options both ends of a message must share (``bucket_bytes``, ``dst_dtypes``,
+``verify``): a mismatch raises ReshardError on every rank, naming the first rank that disagrees
+with the majority, and nothing is sent or written. A rank whose own tensors fail the checks
+contributes a refusal, so its peers fail at once instead of timing out. The agreement is a
+collective over the group: every rank of it runs the plan (ranks outside the plan with empty
+mappings).
 
-Atomicity: received bytes land in staging buffers; destination tensors are written only after
-every step (and, with ``verify=True``, every checksum) succeeded on this rank. A failure —
-a dead peer, a timeout (``timeout_s`` per step), a checksum mismatch — raises naming the
-step and the peer ranks and leaves this rank's destination tensors untouched.
+**Wire format.** Per step each rank sends to at most one peer and receives from at most one (the
+planner's colouring). The bytes a pair exchanges in a step form one message: *pieces* in plan
+order, each a transfer (or a slice of one along its split axis) in the *destination* dtype
+(fp8: values, then float32 scales — see :mod:`.convert`), each starting at a multiple of its
+alignment. A transfer is sliced into pieces of at most ``bucket_bytes`` of work when it must be
+converted or is not contiguous on one end; a contiguous, unconverted transfer stays whole. The
+message is cut into *chunks* of at most ``bucket_bytes``: a run of small pieces shares a chunk
+(packed by the sender), a large whole piece gets chunks of its own (sent straight from the source
+tensor, no copy). Both ends derive all of this from the plan (pure functions below).
 
-Every rank of ``plan.ranks`` must run the same plan with the same ``bucket_bytes``
-(:func:`execute_plan` once, or :class:`Resharder` for repeated syncs that keep their staging
-buffers); other ranks need not call it.
+**Pipeline.** Packing — copy, cast, quantize — goes through a ring of send buffers: while chunk
+k is on the wire, chunk k+1 is packed into the other buffer (double buffering; at the end of a
+step, the next step's first chunks are packed while the last ones fly). The rank always waits on
+its oldest operation (receives before sends of the same chunk index), so no rank waits on a peer
+that waits on it. Two receive modes:
+
+- ``atomic=True`` (default): every received byte lands in a staging buffer; destination tensors
+  are written only after every step (and, with ``verify=True``, every checksum) succeeded on this
+  rank: a failure — a dead peer, a timeout (``timeout_s`` without progress), a checksum mismatch —
+  raises naming the step and the peer ranks and leaves the destination untouched. Staging holds
+  all the bytes the rank receives.
+- ``atomic=False`` (streaming): receives go to a ring of bucket buffers; each chunk is unpacked
+  into the destination while the next ones are on the wire, within ``max_staging_bytes``. On a
+  failure the destination may be partly written (the error says so).
+
+After a failed run the buffers that posted receives may still target are dropped (kept alive
+with those operations, never reused): a retry allocates fresh ones, so a late message from the
+failed attempt cannot scribble on it. (gloo also closes the connection of a timed-out operation:
+retry on a fresh group — set ``Resharder.group`` — or after re-initialising; NCCL's watchdog
+aborts the communicator unless told otherwise.)
+
+Every rank of the group must run the same plan with the same options (:func:`execute_plan` once,
+or :class:`Resharder` for repeated syncs: plan layout, buffers and communicators are reused, and
+the second and later runs allocate nothing).
 """
 from __future__ import annotations
 
 import datetime
-import functools
+import hashlib
+import math
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 import torch
@@ -40,24 +64,34 @@ import torch.distributed as dist
 from ..backend import is_timeout
 from ..errors import GroupTimeoutError, ReshardError
 from ..modes import ParallelMode
+from . import convert
 from .layout import ParallelLayout, local_shapes
 from .planner import Box, Plan, Transfer, plan_reshard
 from .spec import ModelSpec
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-#: transfers smaller than this (or than half a bucket) are packed together; larger ones are sent
-#: straight from the source tensor — packing them would only add a copy
+#: pieces smaller than this (or than half a bucket) are packed together; larger contiguous ones
+#: are sent straight from the source tensor — packing them would only add a copy
 PACK_BELOW_BYTES = 1 << 20
+#: buffers per ring (send, and receive when streaming) when ``max_staging_bytes`` is not given
+DEFAULT_RING = 2
 #: weights of the position-sensitive checksum cycle with this period (a prime)
 _CHECKSUM_PERIOD = 65521
 _CHECKSUM_CHUNK = 1 << 22
+#: every piece starts at a multiple of this in its message (any dtype can be viewed in place)
+_ALIGN = 16
+#: the digest a rank contributes when its own checks failed
+_REFUSED = 0
 
 Progress = Callable[[int], None]
+__all__ = ["DEFAULT_BUCKET_BYTES", "ReshardError", "ReshardStats", "Resharder", "execute_plan", "reshard"]
 
 
 @attrs.frozen
 class ReshardStats:
-    """What one rank did: network bytes received/sent (payload), bytes copied locally, wall time."""
+    """What one rank did: network bytes received/sent (payload on the wire, in the destination
+    dtype, fp8 scales included), bytes copied locally (source dtype), wall time, and the staging
+    this rank's Resharder holds (bytes, and how many buffers it has allocated so far)."""
 
     rank: int
     bytes_received: int
@@ -67,6 +101,8 @@ class ReshardStats:
     steps: int
     messages: int            # point-to-point operations this rank posted (chunks sent + received)
     verified_messages: int
+    staging_bytes: int = 0
+    buffer_allocations: int = 0
 
     @property
     def gbps(self) -> float:
@@ -74,47 +110,165 @@ class ReshardStats:
         return self.bytes_received / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+# ---- plan agreement (pure) ------------------------------------------------------------------------
+def agreement_digest(plan: Any, bucket_bytes: int, dst_dtypes: Mapping[str, torch.dtype], verify: bool) -> int:
+    """The int64 the ranks compare: the plan's digest (``plan.digest()``, a hash of everything the
+    plan is a function of) and the options that shape the wire."""
+    h = hashlib.blake2b(plan.digest().to_bytes(8, "little", signed=True), digest_size=8)
+    h.update(repr((bucket_bytes, sorted((n, str(d)) for n, d in dst_dtypes.items()), verify)).encode())
+    value = int.from_bytes(h.digest(), "little", signed=True)
+    return value if value != _REFUSED else 1
+
+
+def first_disagreement(digests: Sequence[int], ranks: Sequence[int]) -> Optional[str]:
+    """None if every rank contributed the same digest; else one line naming the first rank that
+    differs from the majority (ties: from the lowest rank's digest) or that refused."""
+    refused = [r for r, d in zip(ranks, digests) if d == _REFUSED]
+    if refused:
+        return (f"rank {refused[0]} refused to run the plan (its own error says why)"
+                + (f"; {len(refused) - 1} more refused" if len(refused) > 1 else ""))
+    counts: Dict[int, int] = {}
+    for d in digests:
+        counts[d] = counts.get(d, 0) + 1
+    if len(counts) == 1:
+        return None
+    reference = max(counts, key=lambda d: (counts[d], -digests.index(d)))
+    holders = [r for r, d in zip(ranks, digests) if d == reference]
+    odd = next(r for r, d in zip(ranks, digests) if d != reference)
+    return (f"rank {odd} has plan hash {digests[ranks.index(odd)] & (2 ** 64 - 1):016x} but {len(holders)} rank(s) "
+            f"(rank {holders[0]} first) have {reference & (2 ** 64 - 1):016x}: every rank must run the same plan "
+            "with the same bucket_bytes, dst_dtypes and verify")
+
+
 # ---- message layout (pure) ------------------------------------------------------------------------
 @attrs.frozen
-class _Message:
-    """The byte stream one pair exchanges in one step: ``(transfer, offset)`` parts, its size,
-    and the ``(start, stop)`` chunks it moves in (one message each)."""
+class _Piece:
+    """One transfer, or a slice of one along its axis, in a message: ``offset`` in the message,
+    ``payload`` bytes of values and ``nbytes`` in all (fp8: then the scales), ``direct`` if it
+    may be sent from the source tensor and received into the destination as flat bytes."""
+
+    transfer: Transfer
+    offset: int
+    payload: int
+    nbytes: int
+    direct: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@attrs.frozen
+class _Chunk:
+    """One point-to-point message: bytes ``[lo, hi)`` of a pair's stream in a step; ``pieces``
+    it touches. ``index`` orders the chunks of the message."""
 
     step: int
     peer: int
-    parts: Tuple[Tuple[Transfer, int], ...]
+    index: int
+    lo: int
+    hi: int
+    pieces: Tuple[_Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def direct(self) -> bool:
+        """A slice of one direct piece: sent without packing (a view of the source tensor)."""
+        return (len(self.pieces) == 1 and self.pieces[0].direct and self.pieces[0].offset <= self.lo
+                and self.hi <= self.pieces[0].end)
+
+
+@attrs.frozen
+class _Message:
+    step: int
+    peer: int
+    pieces: Tuple[_Piece, ...]
     size: int
-    chunks: Tuple[Tuple[int, int], ...]
+    chunks: Tuple[_Chunk, ...]
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
 
 
-def _chunks(parts: Sequence[Tuple[Transfer, int]], size: int, bucket_bytes: int) -> Tuple[Tuple[int, int], ...]:
-    """Cut a stream into chunks of at most ``bucket_bytes``: runs of small transfers (below
-    ``PACK_BELOW_BYTES`` and half a bucket) share a chunk, packed by the sender; a larger transfer
-    gets chunks of its own, sent straight from the source tensor. Pure: both ends compute the same."""
-    chunks: List[Tuple[int, int]] = []
-    run_start: Optional[int] = None
+def _box_shape(box: Box) -> Tuple[int, ...]:
+    return tuple(stop - start for start, stop in box)
+
+
+def _contiguous(box: Box, shape: Sequence[int]) -> bool:
+    """Whether the region ``box`` of a contiguous tensor of ``shape`` is contiguous: every dim
+    after the last partial one is full, every dim before it has length 1."""
+    lengths = _box_shape(box)
+    partial = [d for d, (n, full) in enumerate(zip(lengths, shape)) if n != full]
+    if not partial:
+        return True
+    last = partial[-1]
+    return all(lengths[d] == 1 for d in range(last))
+
+
+def _narrow_box(box: Box, axis: int, start: int, stop: int) -> Box:
+    """Rows ``[start, stop)`` (relative to the box) of ``box`` along ``axis``."""
+    if not box:
+        return box
+    a, _ = box[axis]
+    return box[:axis] + ((a + start, a + stop),) + box[axis + 1:]
+
+
+def _slices(transfer: Transfer, dst_dtype: torch.dtype, src_itemsize: int, bucket_bytes: int,
+            whole: bool) -> List[Transfer]:
+    """``transfer`` whole, or cut along its axis into slices of at most ``bucket_bytes`` of work
+    (the larger of source, wire and, for fp8, float32 scratch bytes per element)."""
+    shape = _box_shape(transfer.src_box)
+    if whole or not shape:
+        return [transfer]
+    rows = shape[transfer.axis]
+    per_row = math.prod(shape) // max(rows, 1)
+    work = max(src_itemsize, dst_dtype.itemsize, 4 if convert.is_scaled(dst_dtype) else 0)
+    step = max(1, bucket_bytes // max(1, per_row * work))
+    if step >= rows:
+        return [transfer]
+    out = []
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        out.append(attrs.evolve(transfer, global_box=_narrow_box(transfer.global_box, transfer.axis, lo, hi),
+                                src_box=_narrow_box(transfer.src_box, transfer.axis, lo, hi),
+                                dst_box=_narrow_box(transfer.dst_box, transfer.axis, lo, hi),
+                                nbytes=transfer.nbytes // rows * (hi - lo)))
+    return out
+
+
+def _chunks(step: int, peer: int, pieces: Sequence[_Piece], size: int, bucket_bytes: int) -> Tuple[_Chunk, ...]:
+    """Cut a message into chunks of at most ``bucket_bytes`` (a single packed piece may exceed
+    it): runs of small or packed pieces share a chunk; a large direct piece gets its own."""
+    spans: List[Tuple[int, int, List[_Piece]]] = []
+    run: List[_Piece] = []
     pack_below = min(PACK_BELOW_BYTES, -(-bucket_bytes // 2))
-    for transfer, offset in parts:
-        end = offset + transfer.nbytes
-        if transfer.nbytes >= pack_below:
-            if run_start is not None:
-                chunks.append((run_start, offset))
-                run_start = None
-            chunks.extend((lo, min(lo + bucket_bytes, end)) for lo in range(offset, end, bucket_bytes))
+
+    def flush() -> None:
+        if run:
+            spans.append((run[0].offset, run[-1].end, list(run)))
+            run.clear()
+
+    for piece in pieces:
+        if piece.direct and piece.nbytes >= pack_below:
+            flush()
+            spans.extend((lo, min(lo + bucket_bytes, piece.end), [piece])
+                         for lo in range(piece.offset, piece.end, bucket_bytes))
             continue
-        if run_start is not None and end - run_start > bucket_bytes:
-            chunks.append((run_start, offset))
-            run_start = None
-        if run_start is None:
-            run_start = offset
-    if run_start is not None:
-        chunks.append((run_start, size))
-    return tuple(chunks)
+        if run and piece.end - run[0].offset > bucket_bytes:
+            flush()
+        run.append(piece)
+    flush()
+    return tuple(_Chunk(step, peer, i, lo, hi, tuple(p)) for i, (lo, hi, p) in enumerate(spans))
 
 
-def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
-              itemsize: Mapping[str, int], bucket_bytes: int) -> Dict[int, _Message]:
-    """Group one rank's sends (or receives) by step: ``{step: _Message}``."""
+def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int], plan_shapes: "_Shapes",
+              dst_dtypes: Mapping[str, torch.dtype], bucket_bytes: int) -> Dict[int, _Message]:
+    """Group one rank's sends (or receives) by step: ``{step: _Message}``. Pure: the sender and
+    the receiver of a message compute the same."""
     by_step: Dict[int, List[Transfer]] = {}
     for t in transfers:
         by_step.setdefault(t.step, []).append(t)
@@ -124,29 +278,58 @@ def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
         if len(peers) != 1:
             raise ReshardError(f"plan step {step} gives one rank several peers {sorted(peers)}; "
                                "a plan must come from plan_reshard")
-        offset, parts = 0, []
+        peer = peers.pop()
+        offset, pieces = 0, []
         for t in items:
-            align = itemsize[t.tensor]
-            offset = -(-offset // align) * align
-            parts.append((t, offset))
-            offset += t.nbytes
-        messages[step] = _Message(step, peers.pop(), tuple(parts), offset, _chunks(parts, offset, bucket_bytes))
+            dtype, src_dtype = dst_dtypes[t.tensor], plan_shapes.dtype(t.tensor)
+            plain = dtype == src_dtype
+            whole = plain and _contiguous(t.src_box, plan_shapes.src(t.src, t.tensor)) and _contiguous(
+                t.dst_box, plan_shapes.dst(t.dst, t.tensor))
+            for part in _slices(t, dtype, src_dtype.itemsize, bucket_bytes, whole):
+                shape = _box_shape(part.src_box)
+                payload, nbytes = convert.wire_layout(shape, dtype, part.axis)
+                offset = -(-offset // _ALIGN) * _ALIGN
+                pieces.append(_Piece(part, offset, payload, nbytes, whole))
+                offset += nbytes
+        messages[step] = _Message(step, peer, tuple(pieces), offset, _chunks(step, peer, pieces, offset, bucket_bytes))
     return messages
 
 
+class _Shapes:
+    """Local shard shapes of every rank in each layout (cached), and source dtypes."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._src: Dict[int, Dict[str, Tuple[int, ...]]] = {}
+        self._dst: Dict[int, Dict[str, Tuple[int, ...]]] = {}
+        self._dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
+
+    def src(self, rank: int, name: str) -> Tuple[int, ...]:
+        if rank not in self._src:
+            self._src[rank] = local_shapes(self.plan.src, self.plan.model, rank)
+        return self._src[rank][name]
+
+    def dst(self, rank: int, name: str) -> Tuple[int, ...]:
+        if rank not in self._dst:
+            self._dst[rank] = local_shapes(self.plan.dst, self.plan.model, rank)
+        return self._dst[rank][name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+
 # ---- tensor regions ---------------------------------------------------------------------------------
-def _region(tensor: torch.Tensor, axis: int, box: Box) -> torch.Tensor:
-    """The view of ``tensor`` covered by ``box`` (a 0-d tensor is its own region). Boxes differ
-    from the full extent on ``axis`` and, for grouped expert weights, on the expert dim."""
+def _region(tensor: torch.Tensor, box: Box) -> torch.Tensor:
+    """The view of ``tensor`` covered by ``box`` (a 0-d tensor is its own region)."""
     for dim, (start, stop) in enumerate(box):
         if stop - start != tensor.shape[dim]:
             tensor = tensor.narrow(dim, start, stop - start)
     return tensor
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of ``tensor`` (copied first if it is not contiguous)."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous ``tensor`` (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _checksum(data: torch.Tensor, position: int) -> torch.Tensor:
@@ -162,125 +345,519 @@ def _checksum(data: torch.Tensor, position: int) -> torch.Tensor:
     return total
 
 
+# ---- buffers ------------------------------------------------------------------------------------------
+class _Buffers:
+    """The staging a Resharder owns on one device: named uint8 buffers, allocated once and kept.
+    ``allocations`` counts every buffer ever allocated (a repeated sync adds none)."""
+
+    def __init__(self) -> None:
+        self._buffers: Dict[str, torch.Tensor] = {}
+        self.allocations = 0
+        self.abandoned: List[Any] = []     # (works, buffers) a failed run left posted
+
+    def get(self, key: str, nbytes: int, device: torch.device, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.device != device or buffer.numel() < nbytes or buffer.dtype != dtype:
+            buffer = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=dtype, device=device)
+            self.allocations += 1
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def drop(self, works: Optional[Sequence[Any]] = None) -> None:
+        """Forget every buffer: the next run allocates fresh ones. With ``works`` (after a failed
+        run: the operations still posted) the buffers are kept alive with them, never reused, so a
+        late message lands where nobody looks."""
+        if works is not None:
+            self.abandoned.append((list(works), dict(self._buffers)))
+        self._buffers.clear()
+
+
 # ---- the executor -------------------------------------------------------------------------------------
 class Resharder:
     """``plan`` bound to this rank, ready to run many times (a weight sync every iteration): the
-    message layout is computed once and the staging buffers are kept between runs.
+    message layout is computed once, the staging buffers are kept between runs (the second and
+    later runs allocate nothing; ``buffer_allocations`` counts), and the communicators are the
+    context's.
 
-    ``context`` (default ``pgroups.gpc``) gives the rank and the global group — its device
-    group for CUDA tensors, its CPU group otherwise (under NCCL, CPU tensors need the CPU twin of
-    the global group: build it at init with ``cpu_groups: eager``, since only the plan's ranks
-    run this); ``group`` overrides (a group containing every rank of the plan, addressed by
-    global rank). ``timeout_s`` bounds each step (default: the context's config ``timeout_s``).
-    ``bucket_bytes`` is the largest single message (small tensors are packed up to it); every
-    rank must use the same. ``verify`` adds a checksum per message. ``keep_buffers=False``
-    frees the staging buffers after each run.
-
-    Under NCCL the global device group must have run a collective before (torch requires every
-    rank in a group's first ``batch_isend_irecv``); :func:`reshard` does it.
+    ``context`` (default ``pgroups.gpc``) gives the rank and the global group — its device group
+    for CUDA tensors, its CPU group otherwise (under NCCL, CPU tensors need the CPU twin of the
+    global group: build it with ``cpu_groups: eager``); a rank with no tensors uses the device
+    group when the context's backend is NCCL. ``group`` overrides (every rank of the plan in it,
+    addressed by global rank; the plan agreement is collective over it). ``timeout_s`` bounds each
+    wait (default: the context's config ``timeout_s``). Options every rank must share (checked by
+    the agreement): ``bucket_bytes`` (largest message; small pieces are packed up to it),
+    ``dst_dtypes`` (``{tensor name: destination dtype}``, converted at the sender; see
+    :mod:`.convert` — an fp8 tensor also needs ``"<name>_scale"`` among the destination tensors,
+    :meth:`destination_shards` makes them), ``verify`` (a checksum per message). Options each rank
+    chooses: ``atomic`` (see the module docstring), ``max_staging_bytes`` (the bytes of buffers
+    this rank may hold; default: 2 send buffers, 2 receive buffers when streaming, all received
+    bytes when atomic), ``keep_buffers=False`` (free the buffers after each run).
     """
 
     def __init__(self, plan: Plan, *, context: Any = None, group: Optional[dist.ProcessGroup] = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: Optional[float] = None,
-                 verify: bool = False, keep_buffers: bool = True) -> None:
+                 verify: bool = False, keep_buffers: bool = True, atomic: bool = True,
+                 max_staging_bytes: Optional[int] = None,
+                 dst_dtypes: Optional[Mapping[str, torch.dtype]] = None) -> None:
         if context is None:
             from .. import gpc as context
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.plan, self.context, self.group, self.verify = plan, context, group, verify
-        self.keep_buffers = keep_buffers
+        self.keep_buffers, self.atomic, self.bucket_bytes = keep_buffers, atomic, bucket_bytes
         self.rank = context.get_global_rank()
         if timeout_s is None:
             timeout_s = context.config.timeout_s if context.config is not None else 1800.0
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.sends, self.recvs, self.copies = plan.transfers_of(self.rank)
-        itemsize = {spec.name: spec.itemsize for spec in plan.model.tensors}
-        self.axis = {spec.name: spec.axis for spec in plan.model.tensors}
-        self.send_messages = _messages(self.sends, lambda t: t.dst, itemsize, bucket_bytes)
-        self.recv_messages = _messages(self.recvs, lambda t: t.src, itemsize, bucket_bytes)
-        self._staging: Dict[int, torch.Tensor] = {}
+        self.dst_dtypes = convert.resolve_dst_dtypes(plan.model, dst_dtypes)
+        self._converted = {n: d for n, d in self.dst_dtypes.items() if d != plan.model[n].dtype}
+        self.digest = agreement_digest(plan, bucket_bytes, self._converted, verify)
+        self.sends, self.recvs, copies = plan.transfers_of(self.rank)
+        shapes = _Shapes(plan)
+        self.send_messages = _messages(self.sends, lambda t: t.dst, shapes, self.dst_dtypes, bucket_bytes)
+        self.recv_messages = _messages(self.recvs, lambda t: t.src, shapes, self.dst_dtypes, bucket_bytes)
+        self.copies = [part for t in copies for part in _slices(
+            t, self.dst_dtypes[t.tensor], shapes.dtype(t.tensor).itemsize, bucket_bytes,
+            self.dst_dtypes[t.tensor] == shapes.dtype(t.tensor))]
+        self.steps = sorted(set(self.send_messages) | set(self.recv_messages))
+        self._sizes = self._buffer_sizes()
+        self.max_staging_bytes = max_staging_bytes
+        self._budget_problem = self._check_budget(max_staging_bytes)
+        self._buffers = _Buffers()
 
-    def run(self, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
-            progress: Optional[Progress] = None) -> ReshardStats:
-        """Move this rank's part of the plan: send from ``src_tensors`` (this rank's source
-        shards, by tensor name), receive into ``dst_tensors`` (its destination shards, written in
-        place once everything arrived). ``progress(step)`` is called before each step this rank
-        takes part in. Returns this rank's stats.
+    # ---- sizes and budget -----------------------------------------------------------------------
+    def _buffer_sizes(self) -> Dict[str, int]:
+        """Bytes of each kind of buffer this rank needs: the largest packed send chunk, the
+        largest receive chunk, all received bytes (atomic staging), fp8 scratch elements."""
+        packed = [c.nbytes for m in self.send_messages.values() for c in m.chunks if not c.direct]
+        received = [c.nbytes for m in self.recv_messages.values() for c in m.chunks]
+        scratch = [convert.scratch_elements(_box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
+                   for m in self.send_messages.values() for p in m.pieces]
+        scratch += [convert.scratch_elements(_box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
+        return {"send": max(packed, default=0), "recv": max(received, default=0),
+                "staging": sum(-(-m.size // _ALIGN) * _ALIGN for m in self.recv_messages.values()), "scratch": max(scratch, default=0)}
 
-        Raises ReshardError (missing or mis-shaped tensors — before any communication —, a
-        failed peer, a checksum mismatch) or GroupTimeoutError (a peer that does not answer in
-        time), naming the step and ranks; in every failure the destination tensors are untouched.
-        """
-        plan, rank, timeout = self.plan, self.rank, self.timeout
-        device = _check_tensors(plan, rank, src_tensors, dst_tensors)
-        group = self.group
-        if group is None and (self.sends or self.recvs):
-            group = (self.context.get_group(ParallelMode.GLOBAL) if device.type == "cuda"
-                     else self.context.get_cpu_group(ParallelMode.GLOBAL))
-        _synchronize(device)
-        started = time.perf_counter()
-        messages = verified = 0
-        try:
-            steps = [s for s in range(plan.num_steps) if s in self.send_messages or s in self.recv_messages]
-            upcoming = self._prepare(steps[0], src_tensors, group, device) if steps else None
-            for index, step in enumerate(steps):
-                ops, out, inc, packer = upcoming
-                if progress is not None:
-                    progress(step)
-                following = steps[index + 1] if index + 1 < len(steps) else None
-                upcoming = _run(ops, timeout, plan, step, rank, out, inc, while_in_flight=None if following is None
-                                else functools.partial(self._prepare, following, src_tensors, group, device))
-                messages += len(ops)
-                if self.verify:
-                    _exchange_checksums(plan, step, rank, out, inc, packer, self._staging.get(step), group,
-                                        timeout, device)
-                    verified += inc is not None
-            _commit(self.copies, self.recv_messages, self._staging, src_tensors, dst_tensors, self.axis)
-            _synchronize(device)
-        finally:
-            if not self.keep_buffers:
-                self.release()
-        seconds = time.perf_counter() - started
-        return ReshardStats(rank, sum(t.nbytes for t in self.recvs), sum(t.nbytes for t in self.sends),
-                            sum(t.nbytes for t in self.copies), seconds,
-                            len(set(self.send_messages) | set(self.recv_messages)), messages, verified)
+    def _check_budget(self, budget: Optional[int]) -> Optional[str]:
+        """Ring depths within ``budget`` (None: the defaults), or why it is too small."""
+        sizes = self._sizes
+        scratch = sizes["scratch"] * 9    # float32 values, amin, and a bool mask
+        self.send_ring = self.recv_ring = DEFAULT_RING
+        fixed = scratch + (sizes["staging"] if self.atomic else 0)
+        if budget is None:
+            return None
+        per_ring = sizes["send"] + (0 if self.atomic else sizes["recv"])
+        if per_ring == 0:
+            return None if fixed <= budget else self._too_small(budget, fixed)
+        depth = (budget - fixed) // per_ring
+        if depth < 1:
+            return self._too_small(budget, fixed + per_ring)
+        self.send_ring = self.recv_ring = int(min(depth, 4))
+        return None
 
-    def _prepare(self, step: int, src_tensors: Mapping[str, torch.Tensor], group: Optional[dist.ProcessGroup],
-                 device: torch.device) -> Tuple[List[dist.P2POp], Optional[_Message], Optional[_Message],
-                                                Optional["_Packer"]]:
-        """The point-to-point operations of ``step`` (receives into staging, sends packed or direct)."""
-        out, inc = self.send_messages.get(step), self.recv_messages.get(step)
-        ops = []
-        if inc is not None:
-            buffer = self._staging_for(step, inc.size, device)
-            ops += [dist.P2POp(dist.irecv, buffer[lo:hi], inc.peer, group) for lo, hi in inc.chunks]
-        packer = _Packer(out, src_tensors, self.axis, device, self.verify) if out is not None else None
-        if packer is not None:
-            ops += [dist.P2POp(dist.isend, packer.chunk(k), out.peer, group) for k in range(len(out.chunks))]
-        return ops, out, inc, packer
-
-    def _staging_for(self, step: int, size: int, device: torch.device) -> torch.Tensor:
-        buffer = self._staging.get(step)
-        if buffer is None or buffer.device != device:
-            buffer = self._staging[step] = torch.empty(size, dtype=torch.uint8, device=device)
-        return buffer
+    def _too_small(self, budget: int, needed: int) -> str:
+        what = ("atomic mode stages all received bytes" if self.atomic else "streaming needs one send and one "
+                "receive buffer") + (" plus fp8 scratch" if self._sizes["scratch"] else "")
+        return (f"rank {self.rank}: max_staging_bytes={budget} is too small: {what} = {needed} bytes "
+                f"(bucket_bytes {self.bucket_bytes}); raise it"
+                + (", or pass atomic=False" if self.atomic else ", or lower bucket_bytes"))
 
     @property
     def staging_bytes(self) -> int:
-        """Bytes of staging this rank holds (its network bytes received, plus alignment)."""
-        return sum(m.size for m in self.recv_messages.values())
+        """Bytes of buffers this rank holds now."""
+        return self._buffers.nbytes
+
+    @property
+    def buffer_allocations(self) -> int:
+        """Buffers allocated so far by this Resharder (a repeated sync adds none)."""
+        return self._buffers.allocations
 
     def release(self) -> None:
         """Free the staging buffers (the next run allocates them again)."""
-        self._staging.clear()
+        self._buffers.drop()
+
+    def destination_shards(self, device: Any = "cpu") -> Dict[str, torch.Tensor]:
+        """Fresh (uninitialised) destination tensors of this rank, in the destination dtypes,
+        with the fp8 scale tensors (``"<name>_scale"``)."""
+        shards = {}
+        for name, shape in local_shapes(self.plan.dst, self.plan.model, self.rank).items():
+            dtype = self.dst_dtypes[name]
+            shards[name] = torch.empty(shape, dtype=dtype, device=device)
+            if convert.is_scaled(dtype):
+                shards[convert.scale_name(name)] = torch.empty(
+                    convert.scale_shape(shape, self.plan.model[name].axis), dtype=convert.SCALE_DTYPE, device=device)
+        return shards
+
+    # ---- one run -------------------------------------------------------------------------------------
+    def run(self, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
+            progress: Optional[Progress] = None) -> ReshardStats:
+        """Move this rank's part of the plan: send from ``src_tensors`` (this rank's source
+        shards, by tensor name), receive into ``dst_tensors`` (its destination shards, in the
+        destination dtypes). ``progress(step)`` is called before each step this rank takes part in.
+        Returns this rank's stats.
+
+        Raises ReshardError (wrong tensors or budget — this rank —, a plan mismatch — every rank —,
+        both before any byte moves; a failed peer; a checksum mismatch) or GroupTimeoutError (a
+        peer that does not answer within ``timeout_s``), naming the step and ranks; with
+        ``atomic`` (the default) the destination tensors are untouched on every failure.
+        """
+        problem, device = None, None
+        try:
+            device = _check_tensors(self.plan, self.rank, src_tensors, dst_tensors, self.dst_dtypes,
+                                    self._default_device())
+            problem = self._budget_problem
+        except ReshardError as exc:
+            problem = exc
+        group = self.group
+        try:
+            if group is None:
+                group = self._global_group(device or self._default_device())
+            self._agree(group, device or self._default_device(), refuse=problem is not None)
+        except Exception:
+            if problem is None:
+                raise   # else: telling the peers failed too; this rank's own error is the one to raise
+        if problem is not None:
+            raise problem if isinstance(problem, ReshardError) else ReshardError(problem)
+        _synchronize(device)
+        started = time.perf_counter()
+        run = _Run(self, src_tensors, dst_tensors, group, device, progress)
+        try:
+            run.execute()
+            _synchronize(device)
+        except BaseException:
+            self._buffers.drop(run.in_flight_works())
+            raise
+        finally:
+            if not self.keep_buffers:
+                self._buffers.drop()
+        seconds = time.perf_counter() - started
+        return ReshardStats(self.rank, sum(m.wire_bytes for m in self.recv_messages.values()),
+                            sum(m.wire_bytes for m in self.send_messages.values()),
+                            sum(t.nbytes for t in self.copies), seconds, len(self.steps), run.posted,
+                            run.verified, self.staging_bytes, self.buffer_allocations)
+
+    def _default_device(self) -> torch.device:
+        backend = getattr(self.context, "backend", None)
+        if backend is not None and backend.device_backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _global_group(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            return self.context.get_group(ParallelMode.GLOBAL)
+        return self.context.get_cpu_group(ParallelMode.GLOBAL)
+
+    def _agree(self, group: Any, device: torch.device, refuse: bool) -> None:
+        """All-gather the 8-byte digest over ``group``; ReshardError naming the first rank that
+        disagrees (or refused). Under NCCL it is also the group's first collective, which a
+        later batch_isend_irecv needs."""
+        size = dist.get_world_size(group)
+        mine = self._buffers.get("agree.mine", 1, device, torch.int64)[:1]
+        gathered = self._buffers.get("agree.all", size, device, torch.int64)[:size]
+        mine.fill_(_REFUSED if refuse else self.digest)
+        try:
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch < 2.13
+            work = gather(gathered, mine, group=group, async_op=True)
+            if not work.wait(self.timeout):
+                raise TimeoutError(f"timed out after {self.timeout.total_seconds():g}s")
+        except Exception as exc:
+            where = f"reshard plan agreement on rank {self.rank} over the global group ({size} ranks)"
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if is_timeout(exc):
+                raise GroupTimeoutError(f"{where}: not done within {self.timeout.total_seconds():g}s — does every "
+                                        f"rank of the group run the reshard? ({text})") from exc
+            raise ReshardError(f"{where} failed: {text}") from exc
+        if refuse:
+            return
+        digests = gathered.tolist()
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+        problem = first_disagreement(digests, ranks)
+        if problem is not None:
+            raise ReshardError(f"reshard plan agreement on rank {self.rank}: {problem}; nothing was sent or written")
+
+
+class _Run:
+    """One execution of a Resharder's plan on this rank (the pipeline; see the module docstring)."""
+
+    def __init__(self, owner: Resharder, src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor],
+                 group: Any, device: torch.device, progress: Optional[Progress]) -> None:
+        self.owner, self.src, self.dst, self.group, self.device = owner, src, dst, group, device
+        self.progress = progress
+        self.axis = {spec.name: spec.axis for spec in owner.plan.model.tensors}
+        buffers, sizes = owner._buffers, owner._sizes
+        self.send_slots = [buffers.get(f"send{i}", sizes["send"], device) for i in range(owner.send_ring)] \
+            if sizes["send"] else []
+        if owner.atomic:
+            self.staging = buffers.get("staging", sizes["staging"], device) if sizes["staging"] else None
+            self.recv_slots: List[torch.Tensor] = []
+        else:
+            self.staging = None
+            self.recv_slots = [buffers.get(f"recv{i}", sizes["recv"], device) for i in range(owner.recv_ring)] \
+                if sizes["recv"] else []
+        self.quantizer = None
+        if sizes["scratch"]:
+            n = sizes["scratch"]
+            self.quantizer = convert.Quantizer(buffers.get("scratch", n, device, torch.float32),
+                                               buffers.get("scratch.amin", n, device, torch.float32),
+                                               buffers.get("scratch.mask", n, device, torch.bool))
+        self.staging_at: Dict[int, int] = {}
+        offset = 0
+        for step in sorted(owner.recv_messages):
+            self.staging_at[step] = offset
+            offset += -(-owner.recv_messages[step].size // _ALIGN) * _ALIGN
+        self.posted = self.verified = 0
+        # operations in flight: (key, kind, chunk, work, slot)
+        self._flight: List[Tuple[Tuple[int, int, int], str, _Chunk, Any, int]] = []
+        self._send_slot_busy: set = set()
+        self._recv_slot_busy: set = set()
+        self._checksums: Dict[Tuple[str, int], torch.Tensor] = {}
+        self._prepacked: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    def in_flight_works(self) -> List[Any]:
+        return [item[3] for item in self._flight]
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def execute(self) -> None:
+        """Every step in order; within a step, *rounds*: round i posts receive chunk i and send
+        chunk i together (one ``batch_isend_irecv``: on NCCL one group, so two ranks that send to
+        each other's senders cannot block each other's streams), as soon as their ring buffers are
+        free; the rank waits on its oldest operation. Every rank posts rounds in (step, i) order
+        and waits in that order, so every wait depends only on earlier rounds: no deadlock."""
+        owner = self.owner
+        if not owner.atomic:
+            self._local_copies()   # streaming: overlap them with the first transfers
+        for step in owner.steps:
+            if self.progress is not None:
+                self.progress(step)
+            out, inc = owner.send_messages.get(step), owner.recv_messages.get(step)
+            recvs = inc.chunks if inc is not None else ()
+            sends = out.chunks if out is not None else ()
+            rounds, posted = max(len(recvs), len(sends)), 0
+            while posted < rounds or self._flight:
+                while posted < rounds and self._can_post(recvs, sends, posted):
+                    self._post_round(recvs[posted] if posted < len(recvs) else None,
+                                     sends[posted] if posted < len(sends) else None)
+                    posted += 1
+                if posted == rounds:
+                    self._prepack(owner.steps, step)
+                self._flight.sort(key=lambda item: item[0])
+                _, kind, chunk, work, slot = self._flight[0]
+                self._wait(work, chunk, kind)
+                self._flight.pop(0)
+                if kind == "recv":
+                    self._received(chunk, slot)
+                    self._recv_slot_busy.discard(slot)
+                else:
+                    self._send_slot_busy.discard(slot)
+            if owner.verify:
+                self._exchange_checksums(step, out, inc)
+        if owner.atomic:
+            self._local_copies()
+            self._commit()
+
+    def _can_post(self, recvs: Sequence[_Chunk], sends: Sequence[_Chunk], i: int) -> bool:
+        recv_ok = i >= len(recvs) or self.owner.atomic or (i % len(self.recv_slots)) not in self._recv_slot_busy
+        send_ok = i >= len(sends) or sends[i].direct or self._send_slot_free(i)
+        return recv_ok and send_ok
+
+    def _post_round(self, recv: Optional[_Chunk], send: Optional[_Chunk]) -> None:
+        ops, items = [], []
+        if recv is not None:
+            slot = -1 if self.owner.atomic else recv.index % len(self.recv_slots)
+            ops.append(dist.P2POp(dist.irecv, self._recv_target(recv, slot), recv.peer, self.group))
+            items.append(("recv", recv, slot))
+            if slot >= 0:
+                self._recv_slot_busy.add(slot)
+        if send is not None:
+            slot = -1 if send.direct else self._slot(send)
+            ops.append(dist.P2POp(dist.isend, self._send_source(send), send.peer, self.group))
+            items.append(("send", send, slot))
+            if slot >= 0:
+                self._send_slot_busy.add(slot)
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except Exception as exc:
+            raise self._error(exc, items[0][1], items[0][0]) from exc
+        self.posted += len(ops)
+        for (kind, chunk, slot), work in zip(items, works):
+            # receives first within a round: a rank never waits on a send whose receiver waits on it
+            self._flight.append(((chunk.step, chunk.index, 0 if kind == "recv" else 1), kind, chunk, work, slot))
+
+    def _slot(self, chunk: _Chunk) -> int:
+        return chunk.index % len(self.send_slots)
+
+    def _send_slot_free(self, index: int) -> bool:
+        return (index % max(1, len(self.send_slots))) not in self._send_slot_busy
+
+    def _prepack(self, steps: Sequence[int], step: int) -> None:
+        """The current step has posted all its sends: pack the next step's first packed chunks
+        into the free send buffers while the current ones are on the wire."""
+        later = [s for s in steps if s > step and s in self.owner.send_messages]
+        if not later:
+            return
+        for chunk in self.owner.send_messages[later[0]].chunks[:len(self.send_slots)]:
+            key = (chunk.step, chunk.index)
+            if not chunk.direct and key not in self._prepacked and self._send_slot_free(chunk.index):
+                self._prepacked[key] = self._pack(chunk)
+
+    def _wait(self, work: Any, chunk: _Chunk, kind: str) -> None:
+        try:
+            if not work.wait(self.owner.timeout):
+                raise TimeoutError(f"timed out after {self.owner.timeout.total_seconds():g}s")
+        except Exception as exc:
+            raise self._error(exc, chunk, kind) from exc
+
+    def _error(self, exc: BaseException, chunk: _Chunk, kind: str) -> Exception:
+        owner, step = self.owner, chunk.step
+        peers = []
+        inc, out = owner.recv_messages.get(step), owner.send_messages.get(step)
+        if inc is not None:
+            peers.append(f"receiving {inc.wire_bytes} bytes from rank {inc.peer}")
+        if out is not None:
+            peers.append(f"sending {out.wire_bytes} bytes to rank {out.peer}")
+        where = (f"reshard step {step + 1}/{owner.plan.num_steps} on rank {owner.rank} ({' and '.join(peers)}) "
+                 "over the global group")
+        untouched = ("destination tensors untouched" if owner.atomic
+                     else "destination tensors may be partly written (atomic=False)")
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if is_timeout(exc):
+            return GroupTimeoutError(f"{where}: not done within {owner.timeout.total_seconds():g}s — is the peer "
+                                     f"alive and running the same plan? ({text}); {untouched}")
+        return ReshardError(f"{where} failed: {text}; {untouched}")
+
+    # ---- sending ----------------------------------------------------------------------------------
+    def _send_source(self, chunk: _Chunk) -> torch.Tensor:
+        """The bytes of ``chunk`` to post: a view of the source tensor, or packed into a ring
+        buffer (possibly already, while the previous step was on the wire)."""
+        if chunk.direct:
+            piece = chunk.pieces[0]
+            data = _flat_bytes(_region(self.src[piece.transfer.tensor], piece.transfer.src_box))
+            data = data[chunk.lo - piece.offset:chunk.hi - piece.offset]
+            if self.owner.verify:
+                self._sum(("out", chunk.step), data, chunk.lo)
+            return data
+        packed = self._prepacked.pop((chunk.step, chunk.index), None)
+        return packed if packed is not None else self._pack(chunk)
+
+    def _pack(self, chunk: _Chunk) -> torch.Tensor:
+        data = self.send_slots[self._slot(chunk)][:chunk.nbytes]
+        for piece in chunk.pieces:
+            self._encode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
+        if self.owner.verify:
+            self._sum(("out", chunk.step), data, chunk.lo)
+        return data
+
+    def _sum(self, key: Tuple[str, int], data: torch.Tensor, position: int) -> None:
+        if key not in self._checksums:
+            self._checksums[key] = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._checksums[key] += _checksum(data, position)
+
+    def _encode(self, piece: _Piece, out: torch.Tensor) -> None:
+        """Write ``piece`` in its wire form (destination dtype, then fp8 scales) into ``out``."""
+        t = piece.transfer
+        region = _region(self.src[t.tensor], t.src_box)
+        dtype = self.owner.dst_dtypes[t.tensor]
+        values = out[:piece.payload].view(dtype).view(region.shape)
+        if convert.is_scaled(dtype):
+            scales = out[-(-piece.payload // 4) * 4:piece.nbytes]
+            keep = convert.scale_shape(region.shape, t.axis)
+            self.quantizer.quantize(region, t.axis, values, scales.view(convert.SCALE_DTYPE).view(keep))
+        else:
+            values.copy_(region)
+
+    # ---- receiving --------------------------------------------------------------------------------
+    def _recv_target(self, chunk: _Chunk, slot: int) -> torch.Tensor:
+        if slot < 0:
+            start = self.staging_at[chunk.step] + chunk.lo
+            return self.staging[start:start + chunk.nbytes]
+        return self.recv_slots[slot][:chunk.nbytes]
+
+    def _received(self, chunk: _Chunk, slot: int) -> None:
+        """A chunk arrived: checksum it (verify); streaming: unpack it into the destination."""
+        data = self._recv_target(chunk, slot)
+        if self.owner.verify:
+            self._sum(("in", chunk.step), data, chunk.lo)
+        if slot >= 0:
+            self._unpack(chunk, data)
+
+    def _unpack(self, chunk: _Chunk, data: torch.Tensor) -> None:
+        """Write the bytes ``[chunk.lo, chunk.hi)`` of a message (``data``) into the destination."""
+        for piece in chunk.pieces:
+            t = piece.transfer
+            target = _region(self.dst[t.tensor], t.dst_box)
+            if piece.offset <= chunk.lo and chunk.hi <= piece.end and piece.direct and (
+                    chunk.lo != piece.offset or chunk.hi != piece.end):
+                _flat_bytes(target)[chunk.lo - piece.offset:chunk.hi - piece.offset].copy_(data)
+                continue
+            self._decode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo], target)
+
+    def _decode(self, piece: _Piece, wire: torch.Tensor, target: torch.Tensor) -> None:
+        t = piece.transfer
+        target.copy_(wire[:piece.payload].view(target.dtype).view(target.shape))
+        if convert.is_scaled(target.dtype):
+            start = -(-piece.payload // 4) * 4
+            scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, t.axis))
+            scale.copy_(wire[start:piece.nbytes].view(convert.SCALE_DTYPE).view(scale.shape))
+
+    def _commit(self) -> None:
+        """Atomic mode: write every staged message into the destination (all bytes arrived)."""
+        for step, message in self.owner.recv_messages.items():
+            base = self.staging_at[step]
+            for piece in message.pieces:
+                wire = self.staging[base + piece.offset:base + piece.end]
+                self._decode(piece, wire, _region(self.dst[piece.transfer.tensor], piece.transfer.dst_box))
+
+    def _local_copies(self) -> None:
+        for t in self.owner.copies:
+            target = _region(self.dst[t.tensor], t.dst_box)
+            source = _region(self.src[t.tensor], t.src_box)
+            if convert.is_scaled(target.dtype):
+                scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, t.axis))
+                self.quantizer.quantize(source, t.axis, target, scale)
+            else:
+                target.copy_(source)
+
+    # ---- checksums --------------------------------------------------------------------------------
+    def _exchange_checksums(self, step: int, out: Optional[_Message], inc: Optional[_Message]) -> None:
+        """Send the checksum of what this rank sent in ``step``; compare the one of what it got."""
+        ops, theirs = [], None
+        if inc is not None:
+            theirs = torch.empty(2, dtype=torch.int64, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, theirs, inc.peer, self.group))
+        if out is not None:
+            ops.append(dist.P2POp(dist.isend, self._checksums[("out", step)], out.peer, self.group))
+        chunk = (inc or out).chunks[0]
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except Exception as exc:
+            raise self._error(exc, chunk, "checksum") from exc
+        for work in works:
+            self._wait(work, chunk, "checksum")
+        if inc is None:
+            return
+        self.verified += 1
+        if not torch.equal(self._checksums[("in", step)], theirs):
+            names = sorted({p.transfer.tensor for p in inc.pieces})
+            owner = self.owner
+            raise ReshardError(f"reshard step {step + 1}/{owner.plan.num_steps} on rank {owner.rank}: checksum "
+                               f"mismatch on {inc.wire_bytes} bytes from rank {inc.peer} (tensors {names[:4]}"
+                               f"{' …' if len(names) > 4 else ''}); "
+                               + ("destination tensors untouched" if owner.atomic else
+                                  "destination tensors may be partly written (atomic=False)"))
+
+
+def _scale_box(box: Box, axis: int) -> Box:
+    """The box of a region's scales in the scale tensor (1 on every dim but the axis)."""
+    return tuple(span if dim == axis else (0, 1) for dim, span in enumerate(box))
 
 
 def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
                  *, progress: Optional[Progress] = None, **options: Any) -> ReshardStats:
     """Run ``plan`` once on this rank (a :class:`Resharder` that frees its buffers afterwards);
-    ``options`` are Resharder's (context, group, bucket_bytes, timeout_s, verify). Every rank of
-    ``plan.ranks`` must call it with the same plan and bucket_bytes. See :meth:`Resharder.run`
-    for the contract and the errors."""
+    ``options`` are Resharder's. Every rank of the group must call it with the same plan and
+    shared options. See :meth:`Resharder.run` for the contract and the errors."""
     return Resharder(plan, keep_buffers=False, **options).run(src_tensors, dst_tensors, progress)
 
 
@@ -289,7 +866,7 @@ def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: Model
             context: Any = None, hosts: Optional[Sequence[str]] = None, **options: Any) -> Tuple[Plan, ReshardStats]:
     """Plan (with the launch's hostnames) and execute in one call; returns ``(plan, stats)``.
 
-    Collective over the whole world the first time (the hostnames are gathered): call it on
+    Collective over the whole world (the hostnames are gathered, the plan agreed on): call it on
     every rank, with empty mappings on ranks in neither layout. To sync repeatedly, keep a
     :class:`Resharder` of the plan and call its ``run``. ``options`` go to :func:`execute_plan`.
     """
@@ -297,138 +874,47 @@ def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: Model
         from .. import gpc as context
     if hosts is None:
         hosts = context.get_hostnames()
-    if context.backend is not None and context.backend.device_backend == "nccl":
-        # torch: a batch_isend_irecv that is the group's first collective must involve every rank
-        ready = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(ready, group=context.get_group(ParallelMode.GLOBAL))
     plan = plan_reshard(src_layout, dst_layout, model, hosts)
     return plan, execute_plan(plan, src_tensors, dst_tensors, context=context, **options)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-class _Packer:
-    """Produces the send buffer of each chunk of one message (a view of the source tensor, or a
-    packed bucket); with ``verify``, sums the checksum of every transfer it touches."""
-
-    def __init__(self, message: _Message, tensors: Mapping[str, torch.Tensor], axis: Mapping[str, int],
-                 device: torch.device, verify: bool) -> None:
-        self.message, self.tensors, self.axis, self.device = message, tensors, axis, device
-        self.verify = verify
-        self.checksum = torch.zeros(2, dtype=torch.int64, device=device) if verify else None
-        self._cached: Tuple[Optional[Transfer], Optional[torch.Tensor]] = (None, None)
-
-    def _bytes_of(self, transfer: Transfer) -> torch.Tensor:
-        if self._cached[0] is not transfer:
-            region = _region(self.tensors[transfer.tensor], self.axis[transfer.tensor], transfer.src_box)
-            data = _as_bytes(region)
-            if self.verify:
-                self.checksum += _checksum(data, 0)
-            self._cached = (transfer, data)
-        return self._cached[1]
-
-    def chunk(self, index: int) -> torch.Tensor:
-        lo, hi = self.message.chunks[index]
-        inside = [(t, off) for t, off in self.message.parts if off < hi and off + t.nbytes > lo]
-        if len(inside) == 1 and inside[0][1] <= lo and inside[0][1] + inside[0][0].nbytes >= hi:
-            t, off = inside[0]
-            return self._bytes_of(t)[lo - off:hi - off]   # one transfer covers the chunk: no copy
-        buffer = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)   # small transfers only
-        for t, off in inside:
-            a, b = max(lo, off), min(hi, off + t.nbytes)
-            buffer[a - lo:b - lo].copy_(self._bytes_of(t)[a - off:b - off])
-        return buffer
-
-
-def _run(ops: List[dist.P2POp], timeout: datetime.timedelta, plan: Plan, step: int, rank: int,
-         out: Optional[_Message], inc: Optional[_Message],
-         while_in_flight: Optional[Callable[[], Any]] = None) -> Any:
-    """Post one step's operations, call ``while_in_flight`` (the next step is packed meanwhile),
-    wait for all of them within ``timeout`` and return what ``while_in_flight`` returned;
-    failures become errors naming the step and the peers."""
-    try:
-        works = dist.batch_isend_irecv(ops)
-        result = while_in_flight() if while_in_flight is not None else None
-        deadline = time.monotonic() + timeout.total_seconds()
-        for work in works:
-            left = deadline - time.monotonic()
-            if left <= 0 or not work.wait(datetime.timedelta(seconds=left)):
-                raise TimeoutError(f"timed out after {timeout.total_seconds():g}s")
-        return result
-    except Exception as exc:  # torch raises RuntimeError / DistError subclasses
-        peers = []
-        if inc is not None:
-            peers.append(f"receiving {inc.size} bytes from rank {inc.peer}")
-        if out is not None:
-            peers.append(f"sending {out.size} bytes to rank {out.peer}")
-        where = (f"reshard step {step + 1}/{plan.num_steps} on rank {rank} ({' and '.join(peers)}) "
-                 "over the global group")
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if is_timeout(exc):
-            raise GroupTimeoutError(f"{where}: not done within {timeout.total_seconds():g}s — is the peer "
-                                    f"alive and running the same plan? ({text})") from exc
-        raise ReshardError(f"{where} failed: {text}; destination tensors untouched") from exc
-
-
-def _exchange_checksums(plan: Plan, step: int, rank: int, out: Optional[_Message], inc: Optional[_Message],
-                        packer: Optional[_Packer], staging: Optional[torch.Tensor], group: dist.ProcessGroup,
-                        timeout: datetime.timedelta, device: torch.device) -> None:
-    """Send the checksum of what this rank sent, receive and compare the one of what it got."""
-    ops, theirs = [], None
-    if inc is not None:
-        theirs = torch.empty(2, dtype=torch.int64, device=device)
-        ops.append(dist.P2POp(dist.irecv, theirs, inc.peer, group))
-    if out is not None:
-        ops.append(dist.P2POp(dist.isend, packer.checksum, out.peer, group))
-    _run(ops, timeout, plan, step, rank, out, inc)
-    if inc is not None:
-        mine = torch.zeros(2, dtype=torch.int64, device=device)
-        for t, off in inc.parts:
-            mine += _checksum(staging[off:off + t.nbytes], 0)
-        if not torch.equal(mine, theirs):
-            names = sorted({t.tensor for t, _ in inc.parts})
-            raise ReshardError(f"reshard step {step + 1}/{plan.num_steps} on rank {rank}: checksum mismatch on "
-                               f"{inc.size} bytes from rank {inc.peer} (tensors {names[:4]}"
-                               f"{' …' if len(names) > 4 else ''}); destination tensors untouched")
-
-
-def _commit(copies: Sequence[Transfer], recv_messages: Mapping[int, _Message],
-            staging: Mapping[int, torch.Tensor], src_tensors: Mapping[str, torch.Tensor],
-            dst_tensors: Mapping[str, torch.Tensor], axis: Mapping[str, int]) -> None:
-    """Write everything into the destination tensors (only called once all bytes arrived)."""
-    for t in copies:
-        _region(dst_tensors[t.tensor], axis[t.tensor], t.dst_box).copy_(
-            _region(src_tensors[t.tensor], axis[t.tensor], t.src_box))
-    for step, message in recv_messages.items():
-        buffer = staging[step]
-        for t, off in message.parts:
-            target = _region(dst_tensors[t.tensor], axis[t.tensor], t.dst_box)
-            target.copy_(buffer[off:off + t.nbytes].view(target.dtype).view(target.shape))
-
-
 def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor],
-                   dst_tensors: Mapping[str, torch.Tensor]) -> torch.device:
-    """Every shard this rank holds in each layout is given with the right shape and dtype, on one
-    device (returned; CPU if the rank has none)."""
+                   dst_tensors: Mapping[str, torch.Tensor], dst_dtypes: Mapping[str, torch.dtype],
+                   default: torch.device) -> torch.device:
+    """Every shard this rank holds in each layout is given with the right shape and dtype (the
+    destination's in its destination dtype, with its fp8 scale), on one device (returned;
+    ``default`` if the rank has none)."""
     devices = set()
-    dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
+    model = plan.model
     for side, layout, tensors in (("source", plan.src, src_tensors), ("destination", plan.dst, dst_tensors)):
         coords = layout.coordinates(rank)
-        for name, shape in local_shapes(layout, plan.model, rank).items():
-            tensor = tensors.get(name)
-            where = (f"rank {rank}: {side} tensor {name!r} (tp {coords['tp']} of {layout.topology.tensor}, "
-                     f"stage {coords['pp']})")
-            if tensor is None:
-                raise ReshardError(f"{where} is missing; this rank must pass every tensor of its stage "
-                                   f"({len(local_shapes(layout, plan.model, rank))} tensors)")
-            if tuple(tensor.shape) != shape or tensor.dtype != dtypes[name]:
-                raise ReshardError(f"{where} has shape {tuple(tensor.shape)} {tensor.dtype}; the layout "
-                                   f"gives {shape} {dtypes[name]}")
-            devices.add(tensor.device)
+        expected = local_shapes(layout, model, rank)
+        for name, shape in expected.items():
+            dtype = dst_dtypes[name] if side == "destination" else model[name].dtype
+            wanted = [(name, shape, dtype)]
+            if side == "destination" and convert.is_scaled(dtype):
+                wanted.append((convert.scale_name(name), convert.scale_shape(shape, model[name].axis),
+                               convert.SCALE_DTYPE))
+            for key, want_shape, want_dtype in wanted:
+                tensor = tensors.get(key)
+                where = (f"rank {rank}: {side} tensor {key!r} (tp {coords['tp']} of {layout.topology.tensor}, "
+                         f"stage {coords['pp']})")
+                if tensor is None:
+                    raise ReshardError(f"{where} is missing; this rank must pass every tensor of its stage "
+                                       f"({len(expected)} tensors" + (", with the fp8 scales" if key != name else "")
+                                       + ")")
+                if tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
+                    raise ReshardError(f"{where} has shape {tuple(tensor.shape)} {tensor.dtype}; the layout "
+                                       f"gives {tuple(want_shape)} {want_dtype}")
+                if not tensor.is_contiguous():
+                    raise ReshardError(f"{where} is not contiguous; pass contiguous shards")
+                devices.add(tensor.device)
     if len(devices) > 1:
         raise ReshardError(f"rank {rank}: shards are on several devices {sorted(map(str, devices))}; use one")
-    return devices.pop() if devices else torch.device("cpu")
+    return devices.pop() if devices else default
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def _synchronize(device: Optional[torch.device]) -> None:
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,0 +1,110 @@
+"""dtype conversion at the sender: the destination dtype of each tensor, and the fp8 quantizer.
+
+Conversions allowed (source → destination): a floating source (float32 / bfloat16 / float16)
+to ``bfloat16``, ``float16``, ``float32`` (a plain cast, ``Tensor.copy_``: round to nearest even)
+or ``float8_e4m3fn`` (scaled). Integer tensors keep their dtype.
+
+**fp8 scale (the contract).** One float32 scale per index of the tensor's split axis (its TP dim;
+dim 0 for a replicated tensor), the amax taken over every other dim: a transfer only ever cuts a
+tensor along that axis, so the sender always holds every value one scale covers. For a
+column-parallel weight ``[out, in]`` (split on dim 0) that is one scale per output row; for a
+row-parallel weight (split on dim 1) one per input column. The destination holds it as
+``"<name>_scale"`` (:func:`scale_name`), float32, shaped like the local shard with 1 on every
+dim but the axis (:func:`scale_shape`), so it broadcasts: ``w ≈ q.float() * scale``, with
+
+    scale = amax / 448   (1.0 where amax is 0)       q = clamp(w.float() / scale, -448, 448) → e4m3
+
+fp8 needs a tensor of at least 2 dims (a norm or bias would get one scale per value).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import ReshardError
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0}
+#: what a floating source may become on the destination
+TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+SCALE_DTYPE = torch.float32
+SCALE_SUFFIX = "_scale"
+
+
+def scale_name(name: str) -> str:
+    """The destination state's name of the fp8 scale of tensor ``name``."""
+    return name + SCALE_SUFFIX
+
+
+def is_scaled(dtype: torch.dtype) -> bool:
+    return dtype in FP8_MAX
+
+
+def scale_shape(shape: Sequence[int], axis: int) -> Tuple[int, ...]:
+    """The scale's shape for a shard of ``shape`` split on ``axis``: 1 on every other dim."""
+    return tuple(n if dim == axis else 1 for dim, n in enumerate(shape))
+
+
+def resolve_dst_dtypes(model, dst_dtypes: Optional[Mapping[str, torch.dtype]]) -> Dict[str, torch.dtype]:
+    """``{tensor name: destination dtype}`` for every tensor of ``model`` (its own dtype unless
+    ``dst_dtypes`` names another). Raises ReshardError naming the tensor and what is allowed."""
+    result = {spec.name: spec.dtype for spec in model.tensors}
+    for name, dtype in (dst_dtypes or {}).items():
+        if name not in result:
+            raise ReshardError(f"dst_dtypes names {name!r}, which is not a tensor of model {model.name!r}")
+        spec = model[name]
+        if dtype == spec.dtype:
+            continue
+        if not spec.dtype.is_floating_point or dtype not in TARGET_DTYPES:
+            raise ReshardError(f"dst_dtypes[{name!r}]: {spec.dtype} -> {dtype} is not a conversion we do; "
+                               f"a floating source converts to one of {[str(d) for d in TARGET_DTYPES]}")
+        if is_scaled(dtype) and len(spec.shape) < 2:
+            raise ReshardError(f"dst_dtypes[{name!r}]: {dtype} needs a tensor of at least 2 dims (one scale per "
+                               f"index of the split axis); {name!r} has shape {tuple(spec.shape)}")
+        result[name] = dtype
+    return result
+
+
+def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, axis: int) -> Tuple[int, int]:
+    """``(payload bytes, total bytes)`` of a region of ``shape`` on the wire in ``dst_dtype``: the
+    values in the destination dtype, then (fp8) the float32 scales, 4-byte aligned."""
+    payload = math.prod(shape) * dst_dtype.itemsize
+    if not is_scaled(dst_dtype):
+        return payload, payload
+    scales = shape[axis] if shape else 1
+    return payload, -(-payload // 4) * 4 + scales * SCALE_DTYPE.itemsize
+
+
+def scratch_elements(shape: Sequence[int], dst_dtype: torch.dtype) -> int:
+    """float32 scratch elements the quantizer needs for a region of ``shape`` (0 for a cast)."""
+    return math.prod(shape) if is_scaled(dst_dtype) else 0
+
+
+class Quantizer:
+    """Scaled fp8 quantization into caller-given outputs, using scratch it is handed (so a
+    repeated sync allocates nothing): ``quantize(region, q_out, scale_out)``."""
+
+    def __init__(self, scratch: torch.Tensor, amin: torch.Tensor, mask: torch.Tensor) -> None:
+        self.scratch, self.amin, self.mask = scratch, amin, mask   # float32, float32, bool
+
+    def quantize(self, region: torch.Tensor, axis: int, q_out: torch.Tensor, scale_out: torch.Tensor) -> None:
+        """Write ``region`` as fp8 into ``q_out`` (same shape) and its scales into ``scale_out``
+        (float32, :func:`scale_shape` of the region). See the module docstring for the rule."""
+        limit = FP8_MAX[q_out.dtype]
+        values = self.scratch[:region.numel()].view(region.shape)
+        values.copy_(region)
+        others = [d for d in range(region.dim()) if d != axis]
+        keep = scale_shape(region.shape, axis)
+        amax = scale_out          # contiguous: 1 on every dim but the axis
+        amin = self.amin[:math.prod(keep)].view(keep)
+        torch.amax(values, dim=others, keepdim=True, out=amax)
+        torch.amin(values, dim=others, keepdim=True, out=amin)
+        amin.neg_()
+        torch.maximum(amax, amin, out=amax)
+        amax.div_(limit)
+        mask = self.mask[:amax.numel()].view(keep)
+        torch.eq(amax, 0, out=mask)
+        amax.masked_fill_(mask, 1.0)
+        values.div_(amax).clamp_(-limit, limit)
+        q_out.copy_(values)
