@@ -6,9 +6,13 @@ naive schemes, in the same run, on local gloo ranks.
     python bench/bench_reshard.py --size-mb 128 --reps 2
 
 Methods (every one leaves each rank with its generation shard; results are checked equal):
-- ``reshard``: ``plan_reshard`` + a kept ``Resharder`` (bucketed batched point-to-point, staging
-  buffers kept between syncs, as a trainer syncing every iteration would);
-- ``reshard, 1 MiB buckets``: the same with small buckets;
+- ``reshard``: ``plan_reshard`` + a kept ``Resharder`` (atomic: everything staged, destination
+  written at the end; buffers kept between syncs, as a trainer syncing every iteration would);
+- ``reshard, streaming``: the same with ``atomic=False``: a ring of two receive buffers, each
+  chunk unpacked while the next is on the wire, within ``max_staging_bytes`` = 4 buckets;
+- ``reshard, streaming, bf16 -> fp8``: streaming with every 2-D tensor quantized to fp8-e4m3 at
+  the sender (not compared with the others' shards; its bytes are fp8 + scales);
+- ``reshard, 1 MiB buckets``: the atomic one with small buckets;
 - ``reshard, one-shot execute_plan``: fresh staging buffers on every call;
 - ``broadcast-all``: rank 0 holds the full model, broadcasts it in 64 MiB buckets, each rank slices;
 - ``all-gather``: every rank all-gathers every training shard (the full model), then slices.
@@ -16,9 +20,13 @@ The baselines keep their buffers between repetitions too.
 
 Reported: the slowest rank's wall time (median over ``--reps`` rounds that interleave the methods,
 after one untimed warm-up round), bytes received per rank, and
-ratios against ``reshard``; our effective throughput (bytes received per rank / time) against
-the bandwidth of a plain all_reduce (busbw) and of pairwise send/recv on the same ranks; and the
-point-to-point vs broadcast measurement behind the executor's transport choice.
+ratios against ``reshard``; each method's effective throughput (the most bytes any rank receives /
+the slowest rank's time) against the pairwise send/recv busbw measured on the same ranks in the
+same run, the way ``pgroups nettest`` measures pairs (its own ``Bench.measure_pair``: bidirectional
+``batch_isend_irecv`` on the world group, every pair of a round at once — here rank r with
+r xor world/2 —, each operation waited and timed, best repetition's mean; busbw = bytes / time);
+the all_reduce busbw; and the point-to-point vs broadcast measurement behind the executor's
+transport choice.
 """
 from __future__ import annotations
 
@@ -155,15 +163,30 @@ def allgather_all(model, train: ParallelLayout, gen: ParallelLayout, rank: int,
     return (world - 1) * longest
 
 
-def _bandwidths(rank: int, world: int, nbytes: int, reps: int) -> Dict[str, float]:
-    """busbw of all_reduce, and per-rank receive bandwidth of pairwise send/recv (rank ^ half)."""
+def _bandwidths(gpc, rank: int, world: int, nbytes: int, reps: int) -> Dict[str, float]:
+    """busbw of all_reduce, and the pairwise send/recv busbw as ``pgroups nettest`` measures a
+    pair round (rank r with r xor world/2, all pairs at once): median and slowest pair."""
+    from pgroups.nettest import diagnosis, metrics
+    from pgroups.nettest.faults import ActiveFaults
+    from pgroups.nettest.runner import Bench, Coordinator
+
     data = torch.ones(nbytes // 4, dtype=torch.float32)
     ar = statistics.median(_timed(lambda: dist.all_reduce(data)) for _ in range(reps))
-    peer = rank ^ (world // 2)
-    inbox = torch.empty_like(data)
-    pair = statistics.median(_timed(lambda: [w.wait() for w in dist.batch_isend_irecv(
-        [dist.P2POp(dist.isend, data, peer), dist.P2POp(dist.irecv, inbox, peer)])]) for _ in range(reps))
-    return {"allreduce_busbw": nbytes / ar * 2 * (world - 1) / world / 1e9, "sendrecv": nbytes / pair / 1e9}
+    coordinator = Coordinator.from_default_group(900.0, gpc.get_hostnames())
+    bench = Bench(torch.device("cpu"), coordinator, ActiveFaults(), 900.0, warmup=1, iters=reps)
+    partner = rank ^ (world // 2)
+    dist.barrier()
+    record = bench.measure_pair(partner, rank, nbytes, repeats=2)
+    records: List[Any] = [None] * world
+    dist.all_gather_object(records, record)
+    pairs = []
+    for low in range(world):
+        if low < low ^ (world // 2):
+            both = [records[low], records[low ^ (world // 2)]]
+            m = diagnosis.aggregate(f"pair{low}", 2, both)
+            pairs.append(metrics.busbw("sendrecv", 2, m.size_bytes, m.time_s))
+    return {"allreduce_busbw": nbytes / ar * 2 * (world - 1) / world / 1e9,
+            "sendrecv": statistics.median(pairs), "sendrecv_min": min(pairs)}
 
 
 def _p2p_vs_broadcast(gpc, rank: int, nbytes: int, reps: int) -> Dict[str, float]:
@@ -203,12 +226,19 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
     plan_seconds = time.perf_counter() - started
     src = cut_shards(train, model, rank, lambda n: full_tensor(model, n))
     dst = empty_shards(gen, model, rank)
-    resharder, small_buckets = Resharder(plan, bucket_bytes=bucket_mb * MiB), Resharder(plan, bucket_bytes=MiB)
+    bucket = bucket_mb * MiB
+    resharder, small_buckets = Resharder(plan, bucket_bytes=bucket), Resharder(plan, bucket_bytes=MiB)
+    streaming = Resharder(plan, bucket_bytes=bucket, atomic=False, max_staging_bytes=4 * bucket)
+    fp8 = {s.name: torch.float8_e4m3fn for s in model.tensors if len(s.shape) >= 2}
+    quantizing = Resharder(plan, bucket_bytes=bucket, atomic=False, max_staging_bytes=8 * bucket, dst_dtypes=fp8)
+    fp8_dst = quantizing.destination_shards()
     full = {s.name: full_tensor(model, s.name) for s in model.tensors} if rank == 0 else {}
     bcast_cache: Dict[Any, torch.Tensor] = {}
     gather_cache: Dict[Any, torch.Tensor] = {}
     methods: Dict[str, Callable[[], int]] = {
         "reshard": lambda: resharder.run(src, dst).bytes_received,
+        "reshard, streaming": lambda: streaming.run(src, dst).bytes_received,
+        "reshard, streaming, bf16 -> fp8": lambda: quantizing.run(src, fp8_dst).bytes_received,
         "reshard, 1 MiB buckets": lambda: small_buckets.run(src, dst).bytes_received,
         "reshard, one-shot execute_plan (fresh staging)":
             lambda: execute_plan(plan, src, dst, bucket_bytes=bucket_mb * MiB).bytes_received,
@@ -229,7 +259,8 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
             if round_index:
                 seconds[label].append(elapsed)
             received[label] = box["bytes"]
-            fingerprints[label] = _fingerprint(dst)
+            if "fp8" not in label:
+                fingerprints[label] = _fingerprint(dst)
     rows: Dict[str, Dict[str, float]] = {}
     for label in methods:
         most = torch.tensor([received[label]], dtype=torch.int64)
@@ -238,12 +269,17 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
     same = all(torch.equal(fingerprints["reshard"], f) for f in fingerprints.values())
     for cache in (full, bcast_cache, gather_cache):
         cache.clear()
-    resharder.release()
-    small_buckets.release()
-    bandwidth = _bandwidths(rank, world, 64 * MiB, reps)
+    staging = {"reshard": resharder.staging_bytes, "reshard, streaming": streaming.staging_bytes,
+               "reshard, streaming, bf16 -> fp8": quantizing.staging_bytes}
+    most_staging = torch.tensor([staging[k] for k in staging], dtype=torch.int64)
+    dist.all_reduce(most_staging, op=dist.ReduceOp.MAX)
+    for r in (resharder, small_buckets, streaming, quantizing):
+        r.release()
+    fp8_dst.clear()
+    bandwidth = _bandwidths(gpc, rank, world, 64 * MiB, reps)
     transport = _p2p_vs_broadcast(gpc, rank, 64 * MiB, reps)
     gpc.destroy()
-    return {"rows": rows, "same": same, "bandwidth": bandwidth, "transport": transport,
+    return {"rows": rows, "same": same, "staging": dict(zip(staging, most_staging.tolist())), "bandwidth": bandwidth, "transport": transport,
             "model_bytes": model.nbytes, "tensors": len(model.tensors), "plan_seconds": plan_seconds,
             "steps": plan.num_steps, "lower_bound_max": max(r.lower_bound_bytes for r in plan.receivers),
             "ratio": plan.ratio, "load": (plan.sender_load_max, plan.sender_load_mean)}
@@ -269,17 +305,18 @@ def main(argv: List[str] = None) -> int:
           "interleaved rounds")
     print(f"plan: {r['plan_seconds'] * 1e3:.0f} ms, {r['steps']} steps, ratio {r['ratio']:.3f}, sender load "
           f"max/mean {r['load'][0] / r['load'][1]:.2f}; all methods give identical shards: {r['same']}")
-    base = r["rows"]["reshard"]
-    print(f"\n| method | wall s (slowest rank) | MiB received (max rank) | time / reshard | bytes / reshard |")
-    print("|---|---:|---:|---:|---:|")
+    base, bw = r["rows"]["reshard"], r["bandwidth"]
+    print(f"\n| method | wall s (slowest rank) | MiB received (max rank) | time / reshard | bytes / reshard "
+          f"| GB/s per receiver | / pairwise send/recv | staging MiB (max rank) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, row in r["rows"].items():
+        eff = row["bytes"] / row["seconds"] / 1e9
+        staging = f"{r['staging'][label] / MiB:.0f}" if label in r["staging"] else "-"
         print(f"| {label} | {row['seconds']:.2f} | {row['bytes'] / MiB:.0f} | {row['seconds'] / base['seconds']:.2f}x "
-              f"| {row['bytes'] / base['bytes']:.2f}x |")
-    eff = base["bytes"] / base["seconds"] / 1e9
-    bw = r["bandwidth"]
-    print(f"\nreshard effective throughput {eff:.2f} GB/s per receiving rank (max-rank bytes / slowest time); "
-          f"all_reduce busbw {bw['allreduce_busbw']:.2f} GB/s ({eff / bw['allreduce_busbw']:.2f}x); "
-          f"pairwise send/recv {bw['sendrecv']:.2f} GB/s ({eff / bw['sendrecv']:.2f}x); 64 MiB messages")
+              f"| {row['bytes'] / base['bytes']:.2f}x | {eff:.2f} | {eff / bw['sendrecv']:.2f}x | {staging} |")
+    print(f"\nsame run, 64 MiB messages: pairwise send/recv busbw (nettest's pair method, 4 pairs at once) median "
+          f"{bw['sendrecv']:.2f} GB/s, slowest pair {bw['sendrecv_min']:.2f}; all_reduce busbw "
+          f"{bw['allreduce_busbw']:.2f} GB/s")
     t = r["transport"]
     print(f"transport, 64 MiB, GB/s per receiver: 1->1 p2p {t['1->1 p2p']:.2f} vs broadcast "
           f"{t['1->1 broadcast']:.2f}; 1->3 p2p {t['1->3 p2p']:.2f} vs broadcast {t['1->3 broadcast']:.2f}")

@@ -4,13 +4,15 @@ Conversions allowed (source → destination): a floating source (float32 / bfloa
 to ``bfloat16``, ``float16``, ``float32`` (a plain cast, ``Tensor.copy_``: round to nearest even)
 or ``float8_e4m3fn`` (scaled). Integer tensors keep their dtype.
 
-**fp8 scale (the contract).** One float32 scale per index of the tensor's split axis (its TP dim;
-dim 0 for a replicated tensor), the amax taken over every other dim: a transfer only ever cuts a
-tensor along that axis, so the sender always holds every value one scale covers. For a
-column-parallel weight ``[out, in]`` (split on dim 0) that is one scale per output row; for a
-row-parallel weight (split on dim 1) one per input column. The destination holds it as
-``"<name>_scale"`` (:func:`scale_name`), float32, shaped like the local shard with 1 on every
-dim but the axis (:func:`scale_shape`), so it broadcasts: ``w ≈ q.float() * scale``, with
+**fp8 scale (the contract).** One float32 scale per index of the dims a transfer may cut —
+the tensor's split axis (its TP dim; dim 0 for a replicated tensor) and, for a grouped expert
+weight, its expert dim (:func:`scale_dims`) —, the amax taken over every other dim: the sender
+always holds every value one scale covers. For a column-parallel weight ``[out, in]`` (split on
+dim 0) that is one scale per output row; for a row-parallel weight (split on dim 1) one per input
+column; for a grouped expert weight ``[E, out, in]`` split on dim 1, one per (expert, row). The
+destination holds it as ``"<name>_scale"`` (:func:`scale_name`), float32, shaped like the local
+shard with 1 on every other dim (:func:`scale_shape`), so it broadcasts: ``w ≈ q.float() * scale``,
+with
 
     scale = amax / 448   (1.0 where amax is 0)       q = clamp(w.float() / scale, -448, 448) → e4m3
 
@@ -41,9 +43,17 @@ def is_scaled(dtype: torch.dtype) -> bool:
     return dtype in FP8_MAX
 
 
-def scale_shape(shape: Sequence[int], axis: int) -> Tuple[int, ...]:
-    """The scale's shape for a shard of ``shape`` split on ``axis``: 1 on every other dim."""
-    return tuple(n if dim == axis else 1 for dim, n in enumerate(shape))
+def scale_dims(spec) -> Tuple[int, ...]:
+    """The dims a transfer of ``spec`` may cut (one scale per index of them): its axis, and the
+    expert dim of a grouped expert weight."""
+    experts = getattr(spec, "experts", None)
+    dims = {spec.axis} | ({experts.dim} if experts is not None and experts.dim is not None else set())
+    return tuple(sorted(dims))
+
+
+def scale_shape(shape: Sequence[int], dims: Sequence[int]) -> Tuple[int, ...]:
+    """The scale's shape for a region of ``shape`` scaled per index of ``dims``: 1 elsewhere."""
+    return tuple(n if dim in dims else 1 for dim, n in enumerate(shape))
 
 
 def resolve_dst_dtypes(model, dst_dtypes: Optional[Mapping[str, torch.dtype]]) -> Dict[str, torch.dtype]:
@@ -66,13 +76,13 @@ def resolve_dst_dtypes(model, dst_dtypes: Optional[Mapping[str, torch.dtype]]) -
     return result
 
 
-def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, axis: int) -> Tuple[int, int]:
+def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, dims: Sequence[int]) -> Tuple[int, int]:
     """``(payload bytes, total bytes)`` of a region of ``shape`` on the wire in ``dst_dtype``: the
     values in the destination dtype, then (fp8) the float32 scales, 4-byte aligned."""
     payload = math.prod(shape) * dst_dtype.itemsize
     if not is_scaled(dst_dtype):
         return payload, payload
-    scales = shape[axis] if shape else 1
+    scales = math.prod(scale_shape(shape, dims))
     return payload, -(-payload // 4) * 4 + scales * SCALE_DTYPE.itemsize
 
 
@@ -88,15 +98,16 @@ class Quantizer:
     def __init__(self, scratch: torch.Tensor, amin: torch.Tensor, mask: torch.Tensor) -> None:
         self.scratch, self.amin, self.mask = scratch, amin, mask   # float32, float32, bool
 
-    def quantize(self, region: torch.Tensor, axis: int, q_out: torch.Tensor, scale_out: torch.Tensor) -> None:
+    def quantize(self, region: torch.Tensor, dims: Sequence[int], q_out: torch.Tensor,
+                 scale_out: torch.Tensor) -> None:
         """Write ``region`` as fp8 into ``q_out`` (same shape) and its scales into ``scale_out``
         (float32, :func:`scale_shape` of the region). See the module docstring for the rule."""
         limit = FP8_MAX[q_out.dtype]
         values = self.scratch[:region.numel()].view(region.shape)
         values.copy_(region)
-        others = [d for d in range(region.dim()) if d != axis]
-        keep = scale_shape(region.shape, axis)
-        amax = scale_out          # contiguous: 1 on every dim but the axis
+        others = [d for d in range(region.dim()) if d not in dims]
+        keep = scale_shape(region.shape, dims)
+        amax = scale_out          # a contiguous view (see _scale_box in the executor)
         amin = self.amin[:math.prod(keep)].view(keep)
         torch.amax(values, dim=others, keepdim=True, out=amax)
         torch.amin(values, dim=others, keepdim=True, out=amin)

@@ -287,7 +287,7 @@ def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int],
                 t.dst_box, plan_shapes.dst(t.dst, t.tensor))
             for part in _slices(t, dtype, src_dtype.itemsize, bucket_bytes, whole):
                 shape = _box_shape(part.src_box)
-                payload, nbytes = convert.wire_layout(shape, dtype, part.axis)
+                payload, nbytes = convert.wire_layout(shape, dtype, plan_shapes.scale_dims(t.tensor))
                 offset = -(-offset // _ALIGN) * _ALIGN
                 pieces.append(_Piece(part, offset, payload, nbytes, whole))
                 offset += nbytes
@@ -303,6 +303,7 @@ class _Shapes:
         self._src: Dict[int, Dict[str, Tuple[int, ...]]] = {}
         self._dst: Dict[int, Dict[str, Tuple[int, ...]]] = {}
         self._dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
+        self._scale_dims = {spec.name: convert.scale_dims(spec) for spec in plan.model.tensors}
 
     def src(self, rank: int, name: str) -> Tuple[int, ...]:
         if rank not in self._src:
@@ -316,6 +317,9 @@ class _Shapes:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
+
+    def scale_dims(self, name: str) -> Tuple[int, ...]:
+        return self._scale_dims[name]
 
 
 # ---- tensor regions ---------------------------------------------------------------------------------
@@ -487,7 +491,8 @@ class Resharder:
             shards[name] = torch.empty(shape, dtype=dtype, device=device)
             if convert.is_scaled(dtype):
                 shards[convert.scale_name(name)] = torch.empty(
-                    convert.scale_shape(shape, self.plan.model[name].axis), dtype=convert.SCALE_DTYPE, device=device)
+                    convert.scale_shape(shape, convert.scale_dims(self.plan.model[name])), dtype=convert.SCALE_DTYPE,
+                    device=device)
         return shards
 
     # ---- one run -------------------------------------------------------------------------------------
@@ -585,7 +590,7 @@ class _Run:
                  group: Any, device: torch.device, progress: Optional[Progress]) -> None:
         self.owner, self.src, self.dst, self.group, self.device = owner, src, dst, group, device
         self.progress = progress
-        self.axis = {spec.name: spec.axis for spec in owner.plan.model.tensors}
+        self.scale_dims = {spec.name: convert.scale_dims(spec) for spec in owner.plan.model.tensors}
         buffers, sizes = owner._buffers, owner._sizes
         self.send_slots = [buffers.get(f"send{i}", sizes["send"], device) for i in range(owner.send_ring)] \
             if sizes["send"] else []
@@ -626,8 +631,7 @@ class _Run:
         free; the rank waits on its oldest operation. Every rank posts rounds in (step, i) order
         and waits in that order, so every wait depends only on earlier rounds: no deadlock."""
         owner = self.owner
-        if not owner.atomic:
-            self._local_copies()   # streaming: overlap them with the first transfers
+        copies_left = not owner.atomic     # streaming: local copies while the first chunks fly
         for step in owner.steps:
             if self.progress is not None:
                 self.progress(step)
@@ -640,6 +644,9 @@ class _Run:
                     self._post_round(recvs[posted] if posted < len(recvs) else None,
                                      sends[posted] if posted < len(sends) else None)
                     posted += 1
+                if copies_left:
+                    self._local_copies()
+                    copies_left = False
                 if posted == rounds:
                     self._prepack(owner.steps, step)
                 self._flight.sort(key=lambda item: item[0])
@@ -653,8 +660,9 @@ class _Run:
                     self._send_slot_busy.discard(slot)
             if owner.verify:
                 self._exchange_checksums(step, out, inc)
-        if owner.atomic:
+        if owner.atomic or copies_left:
             self._local_copies()
+        if owner.atomic:
             self._commit()
 
     def _can_post(self, recvs: Sequence[_Chunk], sends: Sequence[_Chunk], i: int) -> bool:
@@ -681,6 +689,8 @@ class _Run:
         except Exception as exc:
             raise self._error(exc, items[0][1], items[0][0]) from exc
         self.posted += len(ops)
+        if len(works) != len(items):   # NCCL coalesces a batch into one work (torch's batch_isend_irecv)
+            works = [works[-1]] * len(items)
         for (kind, chunk, slot), work in zip(items, works):
             # receives first within a round: a rank never waits on a send whose receiver waits on it
             self._flight.append(((chunk.step, chunk.index, 0 if kind == "recv" else 1), kind, chunk, work, slot))
@@ -762,8 +772,9 @@ class _Run:
         values = out[:piece.payload].view(dtype).view(region.shape)
         if convert.is_scaled(dtype):
             scales = out[-(-piece.payload // 4) * 4:piece.nbytes]
-            keep = convert.scale_shape(region.shape, t.axis)
-            self.quantizer.quantize(region, t.axis, values, scales.view(convert.SCALE_DTYPE).view(keep))
+            dims = self.scale_dims[t.tensor]
+            keep = convert.scale_shape(region.shape, dims)
+            self.quantizer.quantize(region, dims, values, scales.view(convert.SCALE_DTYPE).view(keep))
         else:
             values.copy_(region)
 
@@ -798,7 +809,7 @@ class _Run:
         target.copy_(wire[:piece.payload].view(target.dtype).view(target.shape))
         if convert.is_scaled(target.dtype):
             start = -(-piece.payload // 4) * 4
-            scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, t.axis))
+            scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, self.scale_dims[t.tensor]))
             scale.copy_(wire[start:piece.nbytes].view(convert.SCALE_DTYPE).view(scale.shape))
 
     def _commit(self) -> None:
@@ -814,8 +825,9 @@ class _Run:
             target = _region(self.dst[t.tensor], t.dst_box)
             source = _region(self.src[t.tensor], t.src_box)
             if convert.is_scaled(target.dtype):
-                scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, t.axis))
-                self.quantizer.quantize(source, t.axis, target, scale)
+                dims = self.scale_dims[t.tensor]
+                scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, dims))
+                self.quantizer.quantize(source, dims, target, scale)
             else:
                 target.copy_(source)
 
@@ -848,9 +860,9 @@ class _Run:
                                   "destination tensors may be partly written (atomic=False)"))
 
 
-def _scale_box(box: Box, axis: int) -> Box:
-    """The box of a region's scales in the scale tensor (1 on every dim but the axis)."""
-    return tuple(span if dim == axis else (0, 1) for dim, span in enumerate(box))
+def _scale_box(box: Box, dims: Sequence[int]) -> Box:
+    """The box of a region's scales in the scale tensor (1 on every dim but ``dims``)."""
+    return tuple(span if dim in dims else (0, 1) for dim, span in enumerate(box))
 
 
 def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
@@ -894,7 +906,7 @@ def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor
             dtype = dst_dtypes[name] if side == "destination" else model[name].dtype
             wanted = [(name, shape, dtype)]
             if side == "destination" and convert.is_scaled(dtype):
-                wanted.append((convert.scale_name(name), convert.scale_shape(shape, model[name].axis),
+                wanted.append((convert.scale_name(name), convert.scale_shape(shape, convert.scale_dims(model[name])),
                                convert.SCALE_DTYPE))
             for key, want_shape, want_dtype in wanted:
                 tensor = tensors.get(key)
