@@ -177,8 +177,10 @@ def _bandwidths(gpc, rank: int, world: int, nbytes: int, reps: int) -> Dict[str,
     partner = rank ^ (world // 2)
     dist.barrier()
     record = bench.measure_pair(partner, rank, nbytes, repeats=2)
-    records: List[Any] = [None] * world
-    dist.all_gather_object(records, record)
+    mine = torch.tensor(record["times"] + [record["op_best"]], dtype=torch.float64)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    records = [dict(record, rank=r, times=t[:-1].tolist(), op_best=float(t[-1])) for r, t in enumerate(everyone)]
     pairs = []
     for low in range(world):
         if low < low ^ (world // 2):
@@ -279,7 +281,8 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
     bandwidth = _bandwidths(gpc, rank, world, 64 * MiB, reps)
     transport = _p2p_vs_broadcast(gpc, rank, 64 * MiB, reps)
     gpc.destroy()
-    return {"rows": rows, "same": same, "staging": dict(zip(staging, most_staging.tolist())), "bandwidth": bandwidth, "transport": transport,
+    return {"rows": rows, "same": same, "staging": dict(zip(staging, most_staging.tolist())),
+            "bandwidth": bandwidth, "transport": transport,
             "model_bytes": model.nbytes, "tensors": len(model.tensors), "plan_seconds": plan_seconds,
             "steps": plan.num_steps, "lower_bound_max": max(r.lower_bound_bytes for r in plan.receivers),
             "ratio": plan.ratio, "load": (plan.sender_load_max, plan.sender_load_mean)}

@@ -441,8 +441,9 @@ class Resharder:
         scratch = [convert.scratch_elements(_box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
                    for m in self.send_messages.values() for p in m.pieces]
         scratch += [convert.scratch_elements(_box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
-        return {"send": max(packed, default=0), "recv": max(received, default=0),
-                "staging": sum(-(-m.size // _ALIGN) * _ALIGN for m in self.recv_messages.values()), "scratch": max(scratch, default=0)}
+        staging = sum(-(-m.size // _ALIGN) * _ALIGN for m in self.recv_messages.values())
+        return {"send": max(packed, default=0), "recv": max(received, default=0), "staging": staging,
+                "scratch": max(scratch, default=0)}
 
     def _check_budget(self, budget: Optional[int]) -> Optional[str]:
         """Ring depths within ``budget`` (None: the defaults), or why it is too small."""
