@@ -42,7 +42,8 @@ class ReshardError(PGroupsError, RuntimeError):
 
 
 class GroupTimeoutError(PGroupsError, TimeoutError):
-    """A group operation did not finish in time: names the group, its ranks and (if known) hosts."""
+    """A group operation did not finish in time, or lost a peer that died mid-operation (it would
+    never finish): names the group, its ranks and (if known) hosts."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -75,3 +75,24 @@ def test_disabled_pool_allocates_every_time_but_still_counts():
     stats = pool.stats()
     assert b is not a and (stats.allocations, stats.reuses) == (2, 0)
     assert stats.bytes_held == 16 and stats.peak_in_use_bytes == 16
+
+
+def test_a_lost_peer_or_a_timeout_becomes_group_timeout_naming_operation_and_group():
+    from pgroups import GroupTimeoutError
+    from pgroups.comm import GroupInfo, comm_errors
+
+    info = GroupInfo(None, 4, 1, "mode 'weight' (ranks [0, 1, 2, 3])")
+    gloo_text = ("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:48017. This is "
+                 "typically caused by a remote worker crashing.")
+    for raised, outcome in [(RuntimeError(gloo_text), "failed on local rank 1: a peer left"),
+                            (RuntimeError("Timed out waiting 2000ms for recv operation"), "timed out on local rank 1")]:
+        with pytest.raises(GroupTimeoutError) as caught:
+            with comm_errors(info, "weight all-gather of layers.0.wq.weight"):
+                raise raised
+        message = str(caught.value)
+        assert message.startswith("weight all-gather of layers.0.wq.weight over mode 'weight' (ranks [0, 1, 2, 3]) "
+                                  + outcome), message
+        assert caught.value.__cause__ is raised
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # other errors pass through unchanged
+        with comm_errors(info, "all-gather"):
+            raise RuntimeError("shapes do not match")
