@@ -16,49 +16,35 @@ the backward pass (it is a collective too).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from ..context import ParallelContext
-from .groups import GroupLike, resolve_group
+from .groups import GroupInfo, GroupLike, resolve_group
 from .raw import all_to_all_raw, gather_raw, reduce_scatter_raw, split_raw
-from .sizes import normalize_dim, piece_sizes, split_sizes
+from .sizes import Sizes, normalize_dim, piece_sizes, split_sizes
 
 TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, dim, sizes, info):
-        ctx.dim, ctx.sizes, ctx.info = dim, sizes, info
-        return gather_raw(tensor, dim, sizes, info)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_raw(grad, ctx.dim, ctx.sizes, ctx.info.rank), None, None, None
+def _split_slice(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo) -> torch.Tensor:
+    return split_raw(tensor, dim, sizes, info.rank)
 
 
-class _Split(torch.autograd.Function):
+class _AlongDim(torch.autograd.Function):
+    """One collective along a dim in forward, its adjoint in backward: gather / keep a slice
+    (gather_along), keep a slice / gather (split_along), reduce-scatter / gather
+    (reduce_scatter_along)."""
+
     @staticmethod
-    def forward(ctx, tensor, dim, sizes, info):
-        ctx.dim, ctx.sizes, ctx.info = dim, sizes, info
-        return split_raw(tensor, dim, sizes, info.rank)
+    def forward(ctx, tensor, dim, sizes, info, forward_op, backward_op):
+        ctx.dim, ctx.sizes, ctx.info, ctx.backward_op = dim, sizes, info, backward_op
+        return forward_op(tensor, dim, sizes, info)
 
     @staticmethod
     def backward(ctx, grad):
-        return gather_raw(grad, ctx.dim, ctx.sizes, ctx.info), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, dim, sizes, info):
-        ctx.dim, ctx.sizes, ctx.info = dim, sizes, info
-        return reduce_scatter_raw(tensor, dim, sizes, info)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_raw(grad, ctx.dim, ctx.sizes, ctx.info), None, None, None
+        return ctx.backward_op(grad, ctx.dim, ctx.sizes, ctx.info), None, None, None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,6 +61,19 @@ class _AllToAll(torch.autograd.Function):
         return (None,) + tuple(all_to_all_raw(grads, gather_dim, scatter_dim, gather_sizes, scatter_sizes, info))
 
 
+def _along(tensor: torch.Tensor, dim: int, mode: GroupLike, ctx: Optional[ParallelContext],
+           sizes: Optional[Sequence[int]], sizes_of: Callable[..., Sizes], forward_op: Callable,
+           backward_op: Callable) -> torch.Tensor:
+    """Resolve the group, validate ``dim`` and ``sizes`` (through ``sizes_of``), and run
+    ``forward_op`` with ``backward_op`` as its adjoint; identity on a group of one."""
+    info = resolve_group(mode, ctx)
+    dim = normalize_dim(dim, tensor.dim())
+    sizes = sizes_of(sizes, info, dim, tensor.shape[dim], "sizes")
+    if info.size == 1:
+        return tensor
+    return _AlongDim.apply(tensor, dim, sizes, info, forward_op, backward_op)
+
+
 def gather_along(tensor: torch.Tensor, dim: int, mode: GroupLike, *, sizes: Optional[Sequence[int]] = None,
                  ctx: Optional[ParallelContext] = None) -> torch.Tensor:
     """All-gather ``tensor`` along ``dim`` over ``mode``'s group (pieces in local-rank order).
@@ -86,12 +85,7 @@ def gather_along(tensor: torch.Tensor, dim: int, mode: GroupLike, *, sizes: Opti
     ``dim``, for uneven pieces (default: all equal to this rank's). Raises ValueError for a bad
     dim or sizes.
     """
-    info = resolve_group(mode, ctx)
-    dim = normalize_dim(dim, tensor.dim())
-    sizes = piece_sizes(sizes, info, dim, tensor.shape[dim], "sizes")
-    if info.size == 1:
-        return tensor
-    return _Gather.apply(tensor, dim, sizes, info)
+    return _along(tensor, dim, mode, ctx, sizes, piece_sizes, gather_raw, _split_slice)
 
 
 def split_along(tensor: torch.Tensor, dim: int, mode: GroupLike, *, sizes: Optional[Sequence[int]] = None,
@@ -101,12 +95,7 @@ def split_along(tensor: torch.Tensor, dim: int, mode: GroupLike, *, sizes: Optio
     Slices follow ``torch.tensor_split`` unless ``sizes`` (one per rank, summing to the dim's
     size) is given. Backward all-gathers the gradient slices into the full gradient.
     """
-    info = resolve_group(mode, ctx)
-    dim = normalize_dim(dim, tensor.dim())
-    sizes = split_sizes(sizes, info, dim, tensor.shape[dim], "sizes")
-    if info.size == 1:
-        return tensor
-    return _Split.apply(tensor, dim, sizes, info)
+    return _along(tensor, dim, mode, ctx, sizes, split_sizes, _split_slice, gather_raw)
 
 
 def reduce_scatter_along(tensor: torch.Tensor, dim: int, mode: GroupLike, *,
@@ -117,12 +106,7 @@ def reduce_scatter_along(tensor: torch.Tensor, dim: int, mode: GroupLike, *,
     Slices follow ``torch.tensor_split`` unless ``sizes`` is given. Backward all-gathers the
     gradient slices (the gradient of a sum reaches every addend).
     """
-    info = resolve_group(mode, ctx)
-    dim = normalize_dim(dim, tensor.dim())
-    sizes = split_sizes(sizes, info, dim, tensor.shape[dim], "sizes")
-    if info.size == 1:
-        return tensor
-    return _ReduceScatter.apply(tensor, dim, sizes, info)
+    return _along(tensor, dim, mode, ctx, sizes, split_sizes, reduce_scatter_raw, gather_raw)
 
 
 def all_to_all(tensors: TensorOrTensors, mode: GroupLike, *, scatter_dim: int, gather_dim: int,
