@@ -1,9 +1,9 @@
-"""The built-in initializers, one module per parallel mode (installed as ``pgroups.initializers``).
+"""Initializers shipped with pgroups (installed as ``pgroups.initializers``).
 
-Importing this package registers them all; each module only states which ranks form its
-mode's groups — group creation lives in :mod:`pgroups.backend`.
+The built-in modes need no class each: they are data (:mod:`pgroups.modes`) served by
+:class:`pgroups.initializer.BuiltinInitializer`. This package holds the base a plugin uses to
+run groups along axes — of a built-in mesh, or of a mesh the plugin declares (new axes).
 """
-from . import data, global_, model, nettest, pipeline, tensor, zero1  # noqa: F401  (register)
 from .axis import AxisInitializer
 
 __all__ = ["AxisInitializer"]

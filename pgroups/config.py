@@ -7,11 +7,17 @@ allowed (with a did-you-mean for unknown keys) — before any communication happ
     parallel:
       tensor: 2          # default 1
       pipeline: 2        # default 1
-      data: 4            # optional: world / (tensor*pipeline)
-      zero1: 2           # default: data; must divide data
+      context: 2         # cp, default 1 (needs cp in the order)
+      data: 4            # optional (or auto): world / (tensor*context*pipeline)
+      expert: 4          # ep, default 1: MoE expert parallel on the expert mesh
+      expert_tensor: 1   # etp, default: tensor
+      expert_layout: megatron   # megatron | internevo
+      weight: 4          # wp: InternEvo ISP weight parallel (unset: ISP off)
+      virtual_pipeline: 2       # model chunks per pipeline rank (no groups of its own)
+      zero1: 2           # default: data*context (weight_data under ISP); must divide it
       nettest: 8         # default 32; larger than the world means one group
-      order: tp-pp-dp    # fastest- to slowest-varying axis
-      virtual_pipeline: 1  # model chunks per pipeline rank (interleaved schedule); >1 needs pipeline > 1
+      order: tp-cp-ep-dp-pp     # fastest- to slowest-varying axis (default tp-pp-dp)
+      modes: [dp-cp, tp-cp]     # more built-in modes / axis combinations to build
     backend: auto        # auto | nccl | gloo
     timeout_s: 1800
     groups: eager        # eager | lazy   (device groups)
@@ -33,8 +39,9 @@ import attrs
 import yaml
 
 from .errors import ConfigError, allowed, did_you_mean
+from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, axis_mode, is_builtin
 from .nccl_options import validate_nccl_options
-from .topology import DEFAULT_ORDER, Topology, parse_order
+from .topology import DEFAULT_ORDER, EXPERT_LAYOUTS, Topology, check_virtual_pipeline, parse_order
 
 BACKENDS = ("auto", "nccl", "gloo")
 GROUP_TIMING = ("eager", "lazy")
@@ -46,7 +53,8 @@ MAX_TIMEOUT_S = 1e9
 
 @attrs.frozen
 class ParallelConfig:
-    """Sizes of the parallel axes; ``data``/``zero1`` None means "derive from the world"."""
+    """Sizes of the parallel axes; None means "derive" (data, zero1, expert_tensor) or "off"
+    (weight). ``modes`` lists extra built-in modes to build."""
 
     tensor: int = 1
     pipeline: int = 1
@@ -55,11 +63,19 @@ class ParallelConfig:
     nettest: int = 32
     order: str = DEFAULT_ORDER
     virtual_pipeline: int = 1
+    context: int = 1
+    expert: int = 1
+    expert_tensor: Optional[int] = None
+    expert_layout: str = "megatron"
+    weight: Optional[int] = None
+    modes: Tuple[str, ...] = ()
 
     def topology(self, world_size: int, source: Optional[str] = None) -> Topology:
         """Validate against ``world_size`` and return the pure layout (ConfigError if inconsistent)."""
         return Topology.create(world_size, self.tensor, self.pipeline, self.data, self.zero1,
-                               self.nettest, self.order, source=source)
+                               self.nettest, self.order, source=source, context=self.context,
+                               expert=self.expert, expert_tensor=self.expert_tensor, weight=self.weight,
+                               virtual_pipeline=self.virtual_pipeline, expert_layout=self.expert_layout)
 
 
 @attrs.frozen
@@ -124,9 +140,12 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
     if not isinstance(par, Mapping):
         raise ConfigError(f"{where}parallel must be a mapping of {allowed(_PARALLEL_KEYS)}, got {par!r}")
     _reject_unknown(par, _PARALLEL_KEYS, "parallel.", where)
-    for key in ("tensor", "pipeline", "nettest", "virtual_pipeline"):
+    par = dict(par)
+    if par.get("data") == "auto":
+        par["data"] = None
+    for key in ("tensor", "pipeline", "nettest", "virtual_pipeline", "context", "expert"):
         _positive_int(par, key, where)
-    for key in ("data", "zero1"):
+    for key in ("data", "zero1", "expert_tensor", "weight"):
         if par.get(key) is not None:
             _positive_int(par, key, where)
     order = par.get("order", DEFAULT_ORDER)
@@ -134,14 +153,19 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
         parse_order(order)
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
+    if "expert_layout" in par and par["expert_layout"] not in EXPERT_LAYOUTS:
+        raise ConfigError(f"{where}parallel.expert_layout: {par['expert_layout']!r} is not allowed; "
+                          f"allowed: {allowed(EXPERT_LAYOUTS)}")
+    if "modes" in par:
+        par["modes"] = _builtin_modes(par["modes"], where)
     parallel = ParallelConfig(**{k: par[k] for k in _PARALLEL_KEYS if k in par})
     data_size, zero1 = parallel.data, parallel.zero1
-    if data_size is not None and zero1 is not None and data_size % zero1:
-        raise ConfigError(f"{where}parallel.zero1({zero1}) must divide data({data_size})")
-    if parallel.virtual_pipeline > 1 and parallel.pipeline == 1:
-        raise ConfigError(f"{where}parallel.virtual_pipeline({parallel.virtual_pipeline}) needs "
-                          f"pipeline > 1 (got pipeline({parallel.pipeline})): model chunks interleave "
-                          "over pipeline stages")
+    if data_size is not None and zero1 is not None and parallel.weight is None:  # zero1 shards dp-cp
+        shard = data_size * parallel.context
+        if shard % zero1:
+            what = f"data({data_size})*context({parallel.context})" if parallel.context > 1 else f"data({data_size})"
+            raise ConfigError(f"{where}parallel.zero1({zero1}) must divide {what}")
+    check_virtual_pipeline(parallel.virtual_pipeline, parallel.pipeline, where)
 
     kwargs: Dict[str, Any] = {"parallel": parallel, "source": source}
     for key, choices in (("backend", BACKENDS), ("groups", GROUP_TIMING),
@@ -215,6 +239,30 @@ def _positive_int(data: Mapping[str, Any], key: str, where: str) -> None:
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}parallel.{key} must be a positive integer, got {value!r}")
+
+
+def _builtin_modes(value: Any, where: str) -> Tuple[str, ...]:
+    """``parallel.modes``: built-in mode names or axis combinations, each once."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}parallel.modes must be a list of mode names such as [dp-cp, tp-cp], "
+                          f"got {value!r}")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}parallel.modes: mode names must be non-empty strings, got {name!r}")
+        try:
+            axis_mode(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}parallel.modes: {exc}") from None
+        if not is_builtin(name):
+            raise ConfigError(
+                f"{where}parallel.modes: {name!r} is not a built-in mode{did_you_mean(name, BUILTIN_MODE_NAMES)}; "
+                f"allowed: {allowed(BUILTIN_MODE_NAMES)}, {COMBINATION_HELP} (your own modes go under "
+                "extra_modes:)")
+    return tuple(dict.fromkeys(value))
 
 
 def _extra_modes(value: Any, where: str) -> Dict[str, Dict[str, Any]]:

@@ -7,9 +7,6 @@ silent 0/1 or the world group.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
@@ -20,15 +17,17 @@ from . import exports, virtual_pipeline
 from .backend import GroupBackend, ProcessGroup, choose_strategy, resolve_device_backend
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
-from .initializer import InitializerRegistry, ProcessGroupInitializer, default_registry
+from .initializer import import_plugins as _import_plugins
+from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupInitializer, check_group_of,
+                          check_groups, checked_initializer_call, default_registry, describe_initializer)
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
-from .modes import ModeLike, ParallelMode, mode_name
+from .modes import ModeLike, ParallelMode, is_builtin, mode_identity, mode_name
 from .nccl_options import check_modes as check_nccl_option_modes
-from .topology import RankGroups, Topology
+from .topology import CLASSIC_MODES, RankGroups, Topology
 
-#: Built-in modes every context builds, in creation order (the same on every rank).
-BUILTIN_MODES = (ParallelMode.GLOBAL, ParallelMode.TENSOR, ParallelMode.PIPELINE, ParallelMode.DATA,
-                 ParallelMode.MODEL, ParallelMode.ZERO1, ParallelMode.NETTEST)
+#: Built-in modes every context builds, in creation order (the same on every rank). A layout
+#: adds the modes of the axes it uses (Topology.default_modes), a config those it lists.
+BUILTIN_MODES = tuple(ParallelMode(name) for name in CLASSIC_MODES)
 
 
 @attrs.define
@@ -99,7 +98,7 @@ class ParallelContext:
             keys: Dict[Hashable, str] = {}
             for name, init in initializers.items():
                 key = init.layout_key(topology)
-                state = ModeState(name, init, init.group_of(topology, rank))
+                state = ModeState(name, init, own_group(init, topology, rank))
                 if key is not None:  # identical groups share a communicator unless options differ
                     key = (key, self.backend.options_key(name))
                     first = keys.setdefault(key, name)
@@ -156,6 +155,10 @@ class ParallelContext:
         try:
             return self._modes[name]
         except KeyError:
+            identity = mode_identity(name)  # "tp" is "tensor", "cp-dp" is "dp-cp"
+            for state in self._modes.values():
+                if mode_identity(state.mode) == identity:
+                    return state
             raise ModeNotInitializedError(
                 f"mode {name!r} was not built{did_you_mean(name, self._modes)}; built modes: "
                 f"{allowed(self._modes)} (add your own under extra_modes:)") from None
@@ -368,20 +371,26 @@ class ParallelContext:
 
 def make_initializers(registry: InitializerRegistry, cfg: Config,
                       topology: Topology) -> Dict[str, ProcessGroupInitializer]:
-    """The initializers of every mode ``cfg`` builds on ``topology`` (built-ins first, in
-    BUILTIN_MODES order, then ``extra_modes``), each validated against ``topology``.
+    """The initializers of every mode ``cfg`` builds on ``topology``, in creation order: the
+    layout's built-in modes (Topology.default_modes), then ``parallel.modes``, then
+    ``extra_modes``; each validated against ``topology``, and a user initializer's groups
+    checked (sorted, disjoint, inside the world).
 
     Pure. Raises ConfigError naming the config's source for an unknown or built-in extra mode,
-    bad options, or a mode that cannot be built on ``topology``.
+    bad options, a mode that cannot be built on ``topology``, bad groups, or an initializer
+    that raises.
     """
     where = f"{cfg.source}: " if cfg.source else ""
     result: Dict[str, ProcessGroupInitializer] = {}
-    for mode in BUILTIN_MODES:
-        result[mode.value] = registry.create(mode)
+    seen = set()
+    for name in topology.default_modes() + tuple(cfg.parallel.modes):
+        if mode_identity(name) not in seen:  # "tp" after "tensor" is the same mode
+            seen.add(mode_identity(name))
+            result[name] = registry.create(name)
     for name, options in cfg.extra_modes.items():
-        if name in result:
-            raise ConfigError(f"{where}extra_modes.{name}: built-in modes are always built; "
-                              "list only modes of your own")
+        if name in result or is_builtin(name):
+            raise ConfigError(f"{where}extra_modes.{name}: built-in modes are always built or listed "
+                              "under parallel.modes; extra_modes is for modes of your own")
         try:
             result[name] = registry.create(name, options, source=cfg.source)
         except UnknownModeError as exc:
@@ -389,7 +398,10 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
                               " (register it, or list its module under plugins:)") from None
     for init in result.values():
         try:
-            init.validate(topology)
+            checked_initializer_call(init, "validating", lambda: init.validate(topology))
+            if not isinstance(init, BuiltinInitializer):  # built-ins are proven by the test suite
+                groups = checked_initializer_call(init, "listing its groups", lambda: init.rank_groups(topology))
+                check_groups(groups, topology.world_size, describe_initializer(init))
         except ConfigError as exc:
             if where and str(exc).startswith(where):
                 raise
@@ -398,29 +410,22 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
     return result
 
 
+def own_group(init: ProcessGroupInitializer, topology: Topology, rank: int) -> Optional[List[int]]:
+    """``rank``'s group of ``init``'s mode; a user initializer's answer is checked (ConfigError)."""
+    if isinstance(init, BuiltinInitializer):
+        return init.group_of(topology, rank)
+    group = checked_initializer_call(init, f"finding rank {rank}'s group", lambda: init.group_of(topology, rank))
+    return check_group_of(group, rank, topology.world_size, describe_initializer(init))
+
+
 def import_plugins(cfg: Config) -> None:
     """Import the modules a config lists under ``plugins:`` (names, or .py paths relative to it).
 
-    Their import registers initializers. Raises ConfigError naming a plugin that cannot be found.
+    Their import registers initializers. Raises ConfigError naming a plugin that cannot be
+    found or raises while loading; the registry is then left as it was.
     """
     base = Path(cfg.source).parent if cfg.source and Path(cfg.source).exists() else Path.cwd()
-    for plugin in cfg.plugins:
-        try:
-            if plugin.endswith(".py"):
-                path = (base / plugin).resolve()
-                name = f"pgroups_plugin_{path.stem}"
-                if name in sys.modules:
-                    continue
-                spec = importlib.util.spec_from_file_location(name, path)
-                if spec is None or not path.is_file():
-                    raise ConfigError(f"{cfg.source or '<config>'}: plugins: file {str(path)!r} not found")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-            else:
-                importlib.import_module(plugin)
-        except ImportError as exc:
-            raise ConfigError(f"{cfg.source or '<config>'}: plugins: cannot import {plugin!r}: {exc}") from None
+    _import_plugins(cfg.plugins, base, cfg.source)
 
 
 def _short(ranks: List[int], limit: int = 8) -> str:

@@ -67,3 +67,41 @@ def test_default_order_is_mesh_dp_pp_tp():
                         == dist.get_process_group_ranks(ctx.get_group(mode)))
         finally:
             ctx.destroy()
+
+
+# ---- four dense axes: tp, cp, dp, pp in every order ------------------------------------------------
+
+DENSE = ("tp", "cp", "dp", "pp")
+ORDERS4 = ["-".join(p) for p in itertools.permutations(DENSE)]
+SHAPES4 = [dict(tp=2, cp=2, dp=2, pp=2), dict(tp=2, cp=3, dp=1, pp=2), dict(tp=1, cp=2, dp=3, pp=2)]
+MODE_OF = {"tp": "tensor", "cp": "context", "dp": "data", "pp": "pipe"}
+COMBOS = [c for n in (2, 3) for c in itertools.combinations(DENSE, n)]
+
+
+@pytest.mark.parametrize("sizes", SHAPES4, ids=lambda s: "t{tp}c{cp}d{dp}p{pp}".format(**s))
+@pytest.mark.parametrize("order", ORDERS4)
+def test_context_axis_in_every_order_matches_device_mesh(order, sizes):
+    """Every axis and every combination of two or three axes: pgroups' groups (the communicators
+    for built modes) == the DeviceMesh sub-mesh, for mesh dims = the order reversed."""
+    world = sizes["tp"] * sizes["cp"] * sizes["dp"] * sizes["pp"]
+    dims = tuple(reversed(order.split("-")))
+    modes = ["-".join(c) for c in COMBOS]
+    for rank in sorted({0, world // 2 + 1, world - 1}):
+        with fake_world(world, rank):
+            mesh = init_device_mesh("cpu", tuple(sizes[d] for d in dims), mesh_dim_names=dims)
+            ctx = ParallelContext().init_from_config(
+                {"parallel": {"tensor": sizes["tp"], "context": sizes["cp"], "pipeline": sizes["pp"],
+                              "order": order, "modes": ["context"] + modes}})
+            try:
+                for axis, mode in MODE_OF.items():
+                    theirs = dist.get_process_group_ranks(mesh.get_group(axis))
+                    assert sorted(theirs) == dist.get_process_group_ranks(ctx.get_group(mode)), (order, axis)
+                    assert mesh.get_local_rank(axis) == ctx.get_local_rank(mode)
+                for combo in COMBOS:
+                    in_mesh_order = tuple(d for d in dims if d in combo)
+                    sub = sorted(mesh[in_mesh_order].mesh.flatten().tolist())
+                    name = "-".join(combo)
+                    assert sub == ctx.get_ranks_in_group(name), (order, rank, combo)
+                    assert sub == dist.get_process_group_ranks(ctx.get_group(name)), (order, rank, combo)
+            finally:
+                ctx.destroy()

@@ -136,8 +136,10 @@ def test_unbuilt_mode_raises_naming_it_and_listing_built_modes():
                 assert "'micro_data'" in message
                 for built in ("'data'", "'global'", "'model'", "'nettest'", "'pipe'", "'tensor'", "'zero1'"):
                     assert built in message
-            with pytest.raises(ModeNotInitializedError, match="'dummy' was not built"):
-                ctx.get_local_rank(ParallelMode.DUMMY)
+            with pytest.raises(ModeNotInitializedError, match="'expert' was not built"):
+                ctx.get_local_rank(ParallelMode.EXPERT)  # a built-in mode this layout does not build
+            with pytest.raises(ModeNotInitializedError, match="'tp-cp' was not built"):
+                ctx.get_world_size("tp-cp")
             with pytest.raises(ModeNotInitializedError, match="did you mean 'tensor'"):
                 ctx.get_world_size("tensr")
         finally:

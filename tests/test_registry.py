@@ -24,7 +24,8 @@ from conftest import fake_world, run_ranks
 REPO = Path(__file__).resolve().parents[1]
 MICRO_DATA_YAML = REPO / "config_examples" / "micro_data.yaml"
 MICRO_DATA_PLUGIN = REPO / "config_examples" / "micro_data_plugin.py"
-BUILTINS = ["data", "global", "model", "nettest", "pipe", "tensor", "zero1"]
+BUILTINS = ["context", "data", "embedding", "expert", "expert_data", "expert_tensor", "global", "model",
+            "nettest", "pipe", "tensor", "weight", "weight_data", "zero1"]
 
 
 class ExpertInitializer(ProcessGroupInitializer):
@@ -44,23 +45,23 @@ class OtherExpertInitializer(ExpertInitializer):
 # ---- registration ---------------------------------------------------------------------------
 
 def test_register_and_get(fresh_registry):
-    fresh_registry.register("expert", ExpertInitializer)
-    assert fresh_registry.get("expert") is ExpertInitializer
-    assert ExpertInitializer.mode == "expert"
-    assert "expert" in fresh_registry and "tensor" in fresh_registry and "nope" not in fresh_registry
-    assert fresh_registry.modes() == sorted(BUILTINS + ["expert"])
-    fresh_registry.register("expert", ExpertInitializer)  # the same class again is harmless
+    fresh_registry.register("blocks", ExpertInitializer)
+    assert fresh_registry.get("blocks") is ExpertInitializer
+    assert ExpertInitializer.mode == "blocks"
+    assert "blocks" in fresh_registry and "tensor" in fresh_registry and "nope" not in fresh_registry
+    assert fresh_registry.modes() == sorted(BUILTINS + ["blocks"])
+    fresh_registry.register("blocks", ExpertInitializer)  # the same class again is harmless
 
 
 def test_duplicate_registration_is_an_error_naming_both(fresh_registry):
-    fresh_registry.register("expert", ExpertInitializer)
+    fresh_registry.register("blocks", ExpertInitializer)
     with pytest.raises(RegistrationError) as info:
-        fresh_registry.register("expert", OtherExpertInitializer)
+        fresh_registry.register("blocks", OtherExpertInitializer)
     message = str(info.value)
-    assert "'expert'" in message and "ExpertInitializer" in message and "OtherExpertInitializer" in message
-    assert fresh_registry.get("expert") is ExpertInitializer
-    fresh_registry.register("expert", OtherExpertInitializer, replace=True)
-    assert fresh_registry.get("expert") is OtherExpertInitializer
+    assert "'blocks'" in message and "ExpertInitializer" in message and "OtherExpertInitializer" in message
+    assert fresh_registry.get("blocks") is ExpertInitializer
+    fresh_registry.register("blocks", OtherExpertInitializer, replace=True)
+    assert fresh_registry.get("blocks") is OtherExpertInitializer
 
 
 def test_registering_over_a_builtin_is_an_error_even_before_any_lookup():
@@ -71,26 +72,26 @@ def test_registering_over_a_builtin_is_an_error_even_before_any_lookup():
 
 
 def test_decorator_registers_into_a_given_registry(fresh_registry):
-    @register_initializer("expert", registry=fresh_registry)
+    @register_initializer("blocks", registry=fresh_registry)
     class Decorated(ExpertInitializer):
         pass
 
-    assert fresh_registry.get("expert") is Decorated
+    assert fresh_registry.get("blocks") is Decorated
     with pytest.raises(RegistrationError, match="already registered"):
-        register_initializer("expert", registry=fresh_registry)(OtherExpertInitializer)
+        register_initializer("blocks", registry=fresh_registry)(OtherExpertInitializer)
 
 
 def test_only_initializer_classes_can_register(fresh_registry):
     for bad in (object, ExpertInitializer(), lambda topology: []):
         with pytest.raises(RegistrationError, match="must subclass ProcessGroupInitializer"):
-            fresh_registry.register("expert", bad)
+            fresh_registry.register("blocks", bad)
 
 
 def test_unknown_mode_lists_the_known_ones(fresh_registry):
     with pytest.raises(UnknownModeError) as info:
-        fresh_registry.get("expert")
+        fresh_registry.get("blocks")
     message = str(info.value)
-    assert "no initializer is registered for mode 'expert'" in message
+    assert "no initializer is registered for mode 'blocks'" in message
     assert "known modes: " + ", ".join(repr(m) for m in BUILTINS) in message
     with pytest.raises(UnknownModeError, match="did you mean 'tensor'"):
         fresh_registry.get("tensr")
@@ -109,10 +110,10 @@ def _entry_points(*entries):
 
 
 def test_entry_point_group_is_loaded(monkeypatch):
-    monkeypatch.setattr(metadata, "entry_points", _entry_points(("expert", "test_registry:ExpertInitializer")))
+    monkeypatch.setattr(metadata, "entry_points", _entry_points(("blocks", "test_registry:ExpertInitializer")))
     registry = InitializerRegistry()
-    assert registry.get("expert").__qualname__ == "ExpertInitializer"
-    assert registry.modes() == sorted(BUILTINS + ["expert"])
+    assert registry.get("blocks").__qualname__ == "ExpertInitializer"
+    assert registry.modes() == sorted(BUILTINS + ["blocks"])
 
 
 def test_entry_point_clashing_with_a_builtin_is_an_error(monkeypatch):
@@ -122,22 +123,22 @@ def test_entry_point_clashing_with_a_builtin_is_an_error(monkeypatch):
 
 
 def test_broken_entry_point_is_a_registration_error_naming_it(monkeypatch):
-    monkeypatch.setattr(metadata, "entry_points", _entry_points(("expert", "no_such_package_xyz:Thing")))
+    monkeypatch.setattr(metadata, "entry_points", _entry_points(("blocks", "no_such_package_xyz:Thing")))
     registry = InitializerRegistry()
     for _ in range(2):  # reported on every lookup, not once and then silently half-loaded
         with pytest.raises(RegistrationError) as info:
             registry.get("data")
-        assert "'expert'" in str(info.value) and "no_such_package_xyz:Thing" in str(info.value)
+        assert "'blocks'" in str(info.value) and "no_such_package_xyz:Thing" in str(info.value)
 
 
 # ---- options from extra_modes -------------------------------------------------------------------
 
 def test_options_are_passed_and_checked(fresh_registry):
-    fresh_registry.register("expert", ExpertInitializer)
-    assert fresh_registry.create("expert", {"size": 4}).size == 4
+    fresh_registry.register("blocks", ExpertInitializer)
+    assert fresh_registry.create("blocks", {"size": 4}).size == 4
     with pytest.raises(ConfigError) as info:
-        fresh_registry.create("expert", {"sise": 4}, source="job.yaml")
-    assert str(info.value) == ("job.yaml: extra_modes.expert.sise: unknown option (did you mean 'size'?); "
+        fresh_registry.create("blocks", {"sise": 4}, source="job.yaml")
+    assert str(info.value) == ("job.yaml: extra_modes.blocks.sise: unknown option (did you mean 'size'?); "
                                "allowed: 'size'")
     with pytest.raises(ConfigError, match="extra_modes.tensor.size: unknown option; allowed: none"):
         fresh_registry.create("tensor", {"size": 2})
@@ -178,15 +179,15 @@ def test_micro_data_layout_offline(capsys):
 
 
 def test_user_mode_in_a_context_under_the_fake_backend(fresh_registry):
-    fresh_registry.register("expert", ExpertInitializer)
+    fresh_registry.register("blocks", ExpertInitializer)
     with fake_world(16, 6):
         ctx = ParallelContext(registry=fresh_registry).init_from_config(
-            {"parallel": {"tensor": 2}, "extra_modes": {"expert": {"size": 4}}})
+            {"parallel": {"tensor": 2}, "extra_modes": {"blocks": {"size": 4}}})
         try:
-            assert ctx.modes[-1] == "expert"
-            assert dist.get_process_group_ranks(ctx.get_group("expert")) == [4, 5, 6, 7]
-            assert ctx.get_local_rank("expert") == 2
-            assert ctx.get_rank_groups("expert") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+            assert ctx.modes[-1] == "blocks"
+            assert dist.get_process_group_ranks(ctx.get_group("blocks")) == [4, 5, 6, 7]
+            assert ctx.get_local_rank("blocks") == 2
+            assert ctx.get_rank_groups("blocks") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
         finally:
             ctx.destroy()
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pgroups import ConfigError, ParallelMode, Topology, default_registry
 from pgroups.context import BUILTIN_MODES
+from pgroups.mesh import GridMesh, Mesh, SplitMesh
 from pgroups.topology import parse_order
 
 AXES = ("tp", "pp", "dp")
@@ -271,8 +272,10 @@ def no_world_listing(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a one-rank query listed every group of the world")
 
-    for name in ("groups_along", "zero1_groups", "block_groups"):
+    for name in ("groups_along", "zero1_groups", "block_groups", "groups", "embedding_groups"):
         monkeypatch.setattr(Topology, name, refuse)
+    for cls in (Mesh, GridMesh, SplitMesh):
+        monkeypatch.setattr(cls, "groups", refuse)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 777_777, MILLION - 1])
@@ -308,3 +311,145 @@ def test_million_rank_last_nettest_block_is_partial(no_world_listing):
     topology = Topology.create(MILLION, nettest=1000)
     last = default_registry.create("nettest").group_of(topology, MILLION - 1)
     assert last == list(range(1_048_000, MILLION))
+
+
+@pytest.mark.parametrize("layout", ["megatron", "internevo"])
+@pytest.mark.parametrize("rank", [0, 777_777, MILLION - 1])
+def test_million_rank_world_new_modes_without_listing_it(no_world_listing, rank, layout):
+    """tensor 8 x context 2 x pipeline 16 x data 4096, expert 8, weight 4: every built-in mode
+    and a few combinations, one rank's group from its own coordinates only."""
+    topology = Topology.create(MILLION, tensor=8, pipeline=16, context=2, expert=8, weight=4,
+                               order="tp-cp-ep-dp-pp", expert_layout=layout)
+    coords = topology.coordinates(rank)
+    assert rank == coords["tp"] + 8 * coords["cp"] + 16 * coords["dp"] + (MILLION // 16) * coords["pp"]
+    sizes = {"tensor": 8, "context": 2, "pipe": 16, "data": MILLION // 256, "model": 128, "expert": 8,
+             "expert_tensor": 8, "expert_data": MILLION // 16 // 64, "weight": 4,
+             "weight_data": MILLION // 16 // 4, "tp-cp": 16, "dp-cp": MILLION // 128, "tp-ep-pp": 1024,
+             "zero1": MILLION // 16 // 4}
+    stage = coords["pp"]
+    if stage in (0, 15):
+        sizes["embedding"] = 2
+    else:
+        assert topology.group_of(rank, "embedding") is None  # middle stages hold no embedding
+    for mode, size in sizes.items():
+        found = topology.group_of(rank, mode)
+        assert rank in found and found == sorted(found) and len(found) == size, mode
+    assert topology.group_of(rank, "tp-cp") == list(range(rank - rank % 16, rank - rank % 16 + 16))
+    assert topology.group_of(rank, "weight") == list(range(rank - rank % 4, rank - rank % 4 + 4))
+    if stage in (0, 15):
+        first = rank % (MILLION // 16)
+        assert topology.group_of(rank, "embedding") == [first, first + 15 * (MILLION // 16)]
+
+
+# ---- meshes: layout keys, runs and listings agree -------------------------------------------------
+
+MODES = ["tensor", "context", "pipe", "data", "model", "zero1", "nettest", "global", "embedding",
+         "expert", "expert_tensor", "expert_data", "weight", "weight_data", "tp-cp", "dp-cp",
+         "tp-dp-cp", "tp-ep", "tp-ep-pp", "ep-edp", "wp-pp", "wdp-pp", "cp-pp"]
+
+
+@st.composite
+def nd_topologies(draw):
+    tp, cp, pp, dp = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3)),
+                      draw(st.integers(1, 4)))
+    stage = tp * cp * dp
+    layout = draw(st.sampled_from(["megatron", "internevo"]))
+    names = ["tp", "cp", "dp", "pp"] + (["ep"] if draw(st.booleans()) else [])
+    order = draw(st.permutations(names))
+    ep = draw(st.sampled_from([d for d in range(1, stage + 1) if stage % d == 0]))
+    etp = draw(st.sampled_from([d for d in range(1, stage // ep + 1) if (stage // ep) % d == 0]))
+    weight = draw(st.one_of(st.none(), st.sampled_from([d for d in range(1, stage + 1) if stage % d == 0])))
+    world = stage * pp
+    nettest = draw(st.integers(1, world + 2))
+    try:  # Megatron's expert mesh refuses some orders: InternEvo's then
+        topology = Topology.create(world, tensor=tp, pipeline=pp, context=cp, expert=ep, expert_tensor=etp,
+                                   weight=weight, order="-".join(order), expert_layout=layout, nettest=nettest)
+        topology.resolve("ep")
+        return topology
+    except ConfigError:
+        return Topology.create(world, tensor=tp, pipeline=pp, context=cp, expert=ep, expert_tensor=etp,
+                               weight=weight, order="-".join(order), expert_layout="internevo", nettest=nettest)
+
+
+def partition_of_runs(runs, world):
+    """The groups a set of runs describes: ranks equal outside the runs' digits."""
+    groups = {}
+    for rank in range(world):
+        key = rank - sum((rank // s) % n * s for s, n in runs)
+        groups.setdefault(key, []).append(rank)
+    return sorted(groups.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(nd_topologies())
+def test_every_mode_partitions_the_world_and_group_of_agrees(topology):
+    for mode in MODES:
+        groups = topology.groups(mode)
+        owner = rank_to_group(groups)
+        assert all(g == sorted(g) for g in groups), mode
+        if mode == "embedding":  # middle stages hold no embedding
+            assert set(owner) <= set(range(topology.world_size))
+        else:
+            assert sorted(owner) == list(range(topology.world_size)), mode
+        if mode != "zero1":
+            assert [g[0] for g in groups] == sorted(g[0] for g in groups), mode  # by smallest member
+        for rank in range(topology.world_size):
+            assert topology.group_of(rank, mode) == owner.get(rank), (mode, rank)
+
+
+@settings(max_examples=150, deadline=None)
+@given(nd_topologies())
+def test_layout_keys_are_sound_and_runs_describe_the_groups(topology):
+    """Equal keys (across meshes) mean identical groups — what lets modes share a communicator."""
+    seen = {}
+    for mode in MODES:
+        key = topology.layout_key(mode)
+        groups = sorted(topology.groups(mode))
+        if key[0] == "runs":
+            assert partition_of_runs(key[1], topology.world_size) == groups, mode
+        if key in seen:
+            assert groups == seen[key][1], (mode, seen[key][0])
+        seen.setdefault(key, (mode, groups))
+
+
+def test_keys_find_identical_groups_across_meshes():
+    """With etp*ep covering a stage, tp-ep of the expert mesh is the dense tp-dp and tp-ep-pp is
+    the world; wp is tensor when weight == tensor (tp fastest): one communicator each."""
+    topology = Topology.create(16, tensor=2, pipeline=2, expert=8, expert_tensor=1, weight=2,
+                               order="tp-ep-dp-pp")
+    assert topology.layout_key("tp-ep") == topology.layout_key("tp-dp")
+    assert topology.layout_key("weight") == topology.layout_key("tensor")
+    assert topology.layout_key("tp-ep-pp") == topology.layout_key("global")
+    assert topology.layout_key("weight_data") == topology.layout_key("data")
+
+
+def test_split_mesh_unaligned_runs_fall_back_to_a_sound_key():
+    """A stage of tp(2)·dp(3) ranks with pp between them, cut in weight groups of 3: not a grid
+    of the rank, so the key is structural — and still equal for equal structure."""
+    topology = Topology.create(12, tensor=2, pipeline=2, weight=3, order="tp-pp-dp")
+    assert topology.group_of(0, "weight") == [0, 1, 4]
+    assert topology.layout_key("weight")[0] == "split"
+    other = Topology.create(12, tensor=2, pipeline=2, expert=1, expert_tensor=3, weight=3,
+                            order="tp-pp-dp", expert_layout="internevo")
+    assert other.layout_key("expert_tensor") == other.layout_key("weight")
+    assert other.groups("expert_tensor") == other.groups("weight")
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("tp-wp", "mixes axes of different meshes"),
+    ("cp-ep", "mixes axes of different meshes"),
+    ("tp-tp", "names the same axis of the dense mesh twice"),
+    ("etp-tp", "names the same axis of the expert mesh twice"),
+])
+def test_bad_combinations_are_config_errors(name, needle):
+    topology = Topology.create(8, tensor=2)
+    with pytest.raises(ConfigError, match=needle):
+        topology.groups(name)
+
+
+def test_combination_names_are_order_free_and_alias_megatrons_expert_names():
+    topology = Topology.create(32, tensor=2, context=2, pipeline=2, expert=2, order="tp-cp-ep-dp-pp")
+    assert topology.groups("dp-cp") == topology.groups("cp-dp") == topology.groups("dp-cp")
+    assert topology.groups("tp-ep") == topology.groups("etp-ep") == topology.groups("ep-tp")
+    assert topology.groups("tp") == topology.groups("tensor")
+    assert topology.groups("dp-ep") == topology.groups("edp-ep")
