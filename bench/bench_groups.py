@@ -7,6 +7,10 @@ time the creation (noisy: medians, and ratios within one run).
     python bench/bench_groups.py                 # fake backend at 1024/4096/16384, gloo at 4/8/16
     python bench/bench_groups.py --fake-only --worlds 1024 4096
 
+Two layouts on the fake backend: the classic one (tensor 8, pipeline 4) and an N-axis one
+(tensor 8, context 2, expert 8, pipeline 4, order tp-cp-ep-dp-pp, with *every* built-in mode
+and Megatron's combinations built). The baseline builds the same modes the classic way.
+
 Fake backend: one process plays one rank (a sample of ranks per world). Real gloo: N local
 processes on this machine; rank 0's figures are reported. The ``split`` strategy needs NCCL
 with a device-bound default group and cannot run here; by construction it makes one
@@ -23,12 +27,22 @@ from typing import Dict, List, Tuple
 import torch.distributed as dist
 
 from pgroups.config import load_config
-from pgroups.context import BUILTIN_MODES, ParallelContext
+from pgroups.context import ParallelContext, make_initializers
 from pgroups.initializer import default_registry
 from pgroups.launch import from_environment, init_distributed
+from pgroups.modes import BUILTIN_MODE_NAMES
 
 CONFIG = {"parallel": {"tensor": 8, "pipeline": 4, "zero1": 4, "nettest": 32},
           "groups": "eager", "cpu_groups": "eager", "timeout_s": 300}
+#: Every built-in mode, and the combinations Megatron-Core builds.
+NAXIS_CONFIG = {"parallel": {"tensor": 8, "context": 2, "expert": 8, "pipeline": 4, "nettest": 32,
+                             "order": "tp-cp-ep-dp-pp",
+                             "modes": list(BUILTIN_MODE_NAMES) + ["tp-cp", "dp-cp", "tp-dp-cp", "tp-ep",
+                                                                  "tp-ep-pp"]},
+                "groups": "eager", "cpu_groups": "eager", "timeout_s": 300}
+LAYOUTS = {"classic": (CONFIG, "tensor 8, pipeline 4, zero1 4, nettest 32"),
+           "n-axis": (NAXIS_CONFIG, "tensor 8, context 2, expert 8, pipeline 4, every built-in mode "
+                                    f"({len(BUILTIN_MODE_NAMES)}) + tp-cp, dp-cp, tp-dp-cp, tp-ep, tp-ep-pp")}
 SMALL_CONFIG = {"parallel": {"tensor": 2, "pipeline": 2, "nettest": 4},
                 "groups": "eager", "cpu_groups": "eager", "timeout_s": 300}
 
@@ -37,9 +51,10 @@ def classic_init(config: dict, twin_backend: str) -> Tuple[int, float]:
     """The baseline: every rank creates every group of every mode, plus a gloo twin of each."""
     cfg = load_config(config)
     topology = cfg.topology(dist.get_world_size())
+    modes = [m for m in make_initializers(default_registry, cfg, topology) if m != "global"]
     calls, start = 0, time.perf_counter()
-    for mode in BUILTIN_MODES[1:]:  # global is the default group in both approaches
-        for ranks in default_registry.create(mode).rank_groups(topology):
+    for mode in modes:  # global is the default group in both approaches
+        for ranks in topology.groups(mode):
             dist.new_group(ranks)
             dist.new_group(ranks, backend=twin_backend)
             calls += 2
@@ -60,7 +75,7 @@ def ours_init(config: dict, strategy: str) -> Tuple[int, float]:
 APPROACHES = ("classic", "all", "local")
 
 
-def measure_fake(world: int, rank: int, approach: str, repeats: int) -> Tuple[int, float]:
+def measure_fake(world: int, rank: int, approach: str, repeats: int, config: dict = CONFIG) -> Tuple[int, float]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     times, calls = [], 0
@@ -68,9 +83,9 @@ def measure_fake(world: int, rank: int, approach: str, repeats: int) -> Tuple[in
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
             if approach == "classic":
-                calls, elapsed = classic_init(CONFIG, "fake")
+                calls, elapsed = classic_init(config, "fake")
             else:
-                calls, elapsed = ours_init(CONFIG, approach)
+                calls, elapsed = ours_init(config, approach)
         finally:
             dist.destroy_process_group()
         times.append(elapsed)
@@ -110,16 +125,21 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--gloo-worlds", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fake-only", action="store_true")
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
     args = parser.parse_args(argv)
 
-    rows = []
-    for world in args.worlds:
-        for approach in APPROACHES:
-            samples = [measure_fake(world, rank, approach, args.repeats) for rank in (0, world // 2 + 3)]
-            rows.append({"world": world, "approach": approach, "calls": max(c for c, _ in samples),
-                         "seconds": statistics.median(t for _, t in samples)})
-    print(table(with_ratios(rows), "fake backend (tensor 8, pipeline 4, zero1 4, nettest 32; device + cpu twins; "
-                                   "max calls over ranks 0 and world/2+3, median time)"))
+    for name in args.layouts:
+        config, what = LAYOUTS[name]
+        rows = []
+        for world in args.worlds:
+            for approach in APPROACHES:
+                samples = [measure_fake(world, rank, approach, args.repeats, config)
+                           for rank in (0, world // 2 + 3)]
+                rows.append({"world": world, "approach": approach, "calls": max(c for c, _ in samples),
+                             "seconds": statistics.median(t for _, t in samples)})
+        print(table(with_ratios(rows), f"fake backend, {name} layout ({what}; device + cpu twins; "
+                                       "max calls over ranks 0 and world/2+3, median time)"))
+        print()
     if args.fake_only:
         return 0
     from pgroups.spawn import run_local
@@ -134,7 +154,6 @@ def main(argv: List[str] = None) -> int:
                 return 1
             rows.append({"world": world, "approach": approach, "calls": max(o.value[0] for o in outcomes),
                          "seconds": statistics.median(o.value[1] for o in outcomes)})
-    print()
     print(table(with_ratios(rows), "real gloo processes on this machine (tensor 2, pipeline 2, nettest 4; "
                                    "max calls over ranks, median time over ranks)"))
     return 0

@@ -1,6 +1,7 @@
 """The ``pgroups`` command (console script and ``python -m pgroups``).
 
-- ``pgroups show CONFIG --world-size N [--rank R] [--json]``: the layout, offline.
+- ``pgroups show CONFIG --world-size N [--rank R] [--mode M] [--json]``: the layout, offline
+  (every built mode, or one mode — any built-in or axis combination such as ``tp-cp``).
 - ``pgroups validate CONFIG [--world-size N]``: exit 0, or exit 2 with one line on stderr.
 - ``pgroups run [--nproc N] [CONFIG]``: the main job on this machine (local gloo processes).
 
@@ -19,8 +20,10 @@ from typing import Dict, List, Optional
 
 from .config import Config, load_config
 from .context import import_plugins, make_initializers
-from .errors import GroupTimeoutError, PGroupsError
+from .errors import ConfigError, GroupTimeoutError, PGroupsError, allowed, did_you_mean
 from .initializer import default_registry
+from .modes import COMBINATION_HELP, is_builtin, mode_identity
+from .topology import Topology
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", help="YAML config file")
     show.add_argument("--world-size", "-n", type=int, required=True)
     show.add_argument("--rank", type=int, help="show only this rank's groups")
+    show.add_argument("--mode", help="show only this mode: a built one, a built-in mode or an axis "
+                                     "combination such as tp-cp (built or not)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_show)
 
@@ -67,29 +72,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def offline_layout(config: Config, world_size: int) -> Dict[str, List[List[int]]]:
-    """Every mode's groups for ``world_size``, computed without processes."""
+    """Every built mode's groups for ``world_size``, computed without processes (a context's
+    modes, in its creation order)."""
     import_plugins(config)
     topology = config.topology(world_size)
     initializers = make_initializers(default_registry, config, topology)
     return {name: init.rank_groups(topology) for name, init in initializers.items()}
 
 
+def one_mode_layout(config: Config, world_size: int, mode: str) -> Dict[str, List[List[int]]]:
+    """``{mode: groups}`` for a mode the config builds, or any built-in mode / axis combination.
+
+    Raises ConfigError (via UnknownModeError) naming what exists for anything else.
+    """
+    layout = offline_layout(config, world_size)
+    if mode in layout:
+        return {mode: layout[mode]}
+    identity = mode_identity(mode)
+    for name, groups in layout.items():
+        if mode_identity(name) == identity:
+            return {mode: groups}
+    if not is_builtin(mode):
+        raise ConfigError(f"--mode {mode!r} is not built by {config.source or 'this config'}"
+                          f"{did_you_mean(mode, layout)}; built modes: {allowed(layout)}, "
+                          f"or any built-in mode, {COMBINATION_HELP}")
+    return {mode: config.topology(world_size).groups(mode)}
+
+
+def describe_meshes(topology: Topology) -> Dict[str, Dict[str, object]]:
+    """``{"dense": {"axes": [...], "sizes": [...]}, …}`` — axes fastest first."""
+    return {name: {"axes": list(mesh.axes), "sizes": list(mesh.sizes)}
+            for name, mesh in (("dense", topology.dense), ("expert", topology.expert_mesh),
+                               ("weight", topology.weight_mesh))}
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     topology = config.topology(args.world_size)
-    layout = offline_layout(config, args.world_size)
+    if args.mode is not None:
+        layout = one_mode_layout(config, args.world_size, args.mode)
+    else:
+        layout = offline_layout(config, args.world_size)
     if args.rank is not None:
         topology.check_rank(args.rank)
         layout = {m: [g for g in groups if args.rank in g] for m, groups in layout.items()}
     if args.json:
         print(json.dumps({"world_size": args.world_size, "order": "-".join(topology.order),
-                          "modes": layout}))
+                          "meshes": describe_meshes(topology), "modes": layout}))
         return EXIT_OK
     print(topology.describe())
+    width = max([10] + [len(m) for m in layout])
     for mode, groups in layout.items():
         shown = groups if len(groups) <= 16 else groups[:16]
         more = f" … ({len(groups)} groups)" if len(groups) > 16 else ""
-        print(f"{mode:<10} {' '.join(_fmt(g) for g in shown)}{more}")
+        print(f"{mode:<{width}} {' '.join(_fmt(g) for g in shown)}{more}")
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ every built-in mode and every axis combination (``"tp-cp"`` …), reading what t
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -338,7 +339,8 @@ def import_plugins(plugins: Sequence[str], base: Path, source: Optional[str] = N
         try:
             if plugin.endswith(".py"):
                 path = (base / plugin).resolve()
-                name = f"pgroups_plugin_{path.stem}"
+                # one module per file: two configs' "modes.py" in different folders are two plugins
+                name = f"pgroups_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
                 if name in sys.modules:
                     continue
                 spec = importlib.util.spec_from_file_location(name, path)

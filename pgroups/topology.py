@@ -368,8 +368,12 @@ class Topology:
         return self.dense.stride(axis)
 
     def coordinates(self, rank: int) -> Dict[str, int]:
-        """``{"tp": i, "cp": c, "dp": k, "pp": j}`` of ``rank`` on the dense mesh."""
-        return self.dense.coordinates(rank)
+        """``{"tp": i, "pp": j, "dp": k}`` of ``rank`` on the dense mesh, with ``"cp"`` when
+        the order names it."""
+        coords = self.dense.coordinates(rank)
+        if "cp" not in self.order:
+            del coords["cp"]
+        return coords
 
     def rank_at(self, tp: int = 0, pp: int = 0, dp: int = 0, cp: int = 0) -> int:
         """The global rank at the given dense coordinates."""

@@ -246,7 +246,7 @@ def test_cli_show_json_format(tmp_path, capsys):
     path.write_text("parallel: {tensor: 2, pipeline: 2, zero1: 2, nettest: 8}\n")
     assert main(["show", str(path), "--world-size", "16", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert list(shown) == ["world_size", "order", "modes"]
+    assert list(shown) == ["world_size", "order", "meshes", "modes"]
     assert shown["world_size"] == 16 and shown["order"] == "tp-pp-dp"
     assert set(shown["modes"]) == {"global", "tensor", "pipe", "data", "model", "zero1", "nettest"}
     assert shown["modes"]["pipe"] == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]

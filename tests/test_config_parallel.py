@@ -114,3 +114,53 @@ def test_validate_cli_one_line_exit_2(tmp_path, capsys):
     assert main(["validate", str(path), "--world-size", "16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tensor(2)*context(2)*data(2)=8 ranks per stage" in err
+
+
+# ---- pgroups show ----------------------------------------------------------------------------------
+
+def issue_config(tmp_path) -> str:
+    path = tmp_path / "moe.yaml"
+    path.write_text(ISSUE_YAML)
+    return str(path)
+
+
+def test_show_json_prints_every_built_mode_and_the_meshes(tmp_path, capsys):
+    import json
+
+    path = issue_config(tmp_path)
+    assert main(["show", path, "--world-size", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = load_config(path)
+    topology = cfg.topology(32)
+    built = list(make_initializers(default_registry, cfg, topology))
+    assert list(out["modes"]) == built
+    for mode in built:
+        assert out["modes"][mode] == topology.groups(mode), mode
+    assert out["order"] == "tp-cp-ep-dp-pp"
+    assert out["meshes"]["dense"] == {"axes": ["tp", "cp", "dp", "pp"], "sizes": [2, 2, 4, 2]}
+    assert out["meshes"]["expert"] == {"axes": ["etp", "ep", "edp", "pp"], "sizes": [1, 4, 4, 2]}
+    assert out["meshes"]["weight"] == {"axes": ["wp", "wdp", "pp"], "sizes": [4, 4, 2]}
+
+
+@pytest.mark.parametrize("mode", ["tp-cp", "cp-tp", "tp-ep-pp", "embedding", "context"])
+def test_show_one_mode_built_or_not(tmp_path, capsys, mode):
+    import json
+
+    path = issue_config(tmp_path)
+    assert main(["show", path, "--world-size", "32", "--mode", mode, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["modes"] == {mode: load_config(path).topology(32).groups(mode)}
+    assert main(["show", path, "--world-size", "32", "--mode", mode, "--rank", "5"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert len(text) == 2 and text[1].split()[0] == mode
+
+
+@pytest.mark.parametrize("mode, needle", [
+    ("micro_data", "--mode 'micro_data' is not built by"),
+    ("tp-wp", "mixes axes of different meshes"),
+])
+def test_show_unknown_mode_is_one_line(tmp_path, capsys, mode, needle):
+    path = issue_config(tmp_path)
+    assert main(["show", path, "--world-size", "32", "--mode", mode]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
