@@ -326,7 +326,7 @@ class ParallelContext:
         matches = [name for name, state in self._modes.items()
                    if state.initializer.layout_key(self.topology) == key]
         exact = [name for name in matches
-                 if set(getattr(self._modes[name].initializer, "axes", ())) == set(axes)]
+                 if set(getattr(self._modes[name].initializer, "axes", None) or ()) == set(axes)]
         if not matches:
             raise ModeNotInitializedError(
                 f"no built mode has the groups along {'-'.join(axes) or 'no axis (one rank each)'}; "

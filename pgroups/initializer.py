@@ -22,7 +22,7 @@ import inspect
 import sys
 from pathlib import Path
 from importlib import metadata
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from .errors import ConfigError, RegistrationError, UnknownModeError, allowed, did_you_mean
 from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, ModeLike, axis_mode, is_builtin, mode_name
@@ -86,6 +86,13 @@ class BuiltinInitializer(ProcessGroupInitializer):
 
     def validate(self, topology: Topology) -> None:
         topology.resolve(self.mode)
+
+    @property
+    def axes(self) -> Optional[Tuple[str, ...]]:
+        """The mesh axes the mode runs along (``("tp", "pp")`` for model), None for the
+        special modes (global, zero1, nettest, embedding)."""
+        spec = axis_mode(self.mode)
+        return None if spec is None else spec.ordered_axes()
 
     def __repr__(self) -> str:
         return f"<BuiltinInitializer {self.mode!r}>"
