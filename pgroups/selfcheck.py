@@ -27,6 +27,8 @@ def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
     modes = [m for m in ctx.modes]
     wrong = torch.zeros(2 * len(modes), dtype=torch.int64)
     for i, mode in enumerate(modes):
+        if not ctx.is_member(mode):  # e.g. embedding: middle pipeline stages hold none
+            continue
         ranks = ctx.get_ranks_in_group(mode)
         expected = sum(ranks)
         for j, (group, dev) in enumerate(((ctx.get_group(mode), device),
@@ -38,8 +40,8 @@ def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
     summary: Dict[str, Dict[str, Any]] = {}
     for i, mode in enumerate(modes):
         summary[mode] = {
-            "groups": len(ctx.get_rank_groups(mode)),
-            "group_size": ctx.get_world_size(mode),
+            "groups": len(ctx.get_rank_groups(mode)),  # (the largest group: nettest's last may be partial)
+            "group_size": max(len(g) for g in ctx.get_rank_groups(mode)),
             "device_failures": int(wrong[2 * i]),
             "cpu_failures": int(wrong[2 * i + 1]),
             "shares": ctx._modes[mode].shares_with,
@@ -65,15 +67,16 @@ def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
 
 def format_summary(result: Dict[str, Any], world_size: int) -> str:
     """The per-mode table ``pgroups run`` prints."""
+    width = max([10] + [len(mode) for mode in result["modes"]])
     lines = [f"pgroups run: {result['layout']}",
              f"backend {result['backend']}, strategy {result['strategy']}, "
              f"{result['calls']} group-creation calls on rank 0, init {result['init_s']:.2f}s",
-             f"{'mode':<10} {'groups':>6} {'size':>5}  {'device all_reduce':<18} {'cpu all_reduce':<16} shares",
+             f"{'mode':<{width}} {'groups':>6} {'size':>5}  {'device all_reduce':<18} {'cpu all_reduce':<16} shares",
              ]
     for mode, fig in result["modes"].items():
         dev = "ok" if fig["device_failures"] == 0 else f"FAIL on {fig['device_failures']} ranks"
         cpu = "ok" if fig["cpu_failures"] == 0 else f"FAIL on {fig['cpu_failures']} ranks"
-        lines.append(f"{mode:<10} {fig['groups']:>6} {fig['group_size']:>5}  {dev:<18} {cpu:<16} "
+        lines.append(f"{mode:<{width}} {fig['groups']:>6} {fig['group_size']:>5}  {dev:<18} {cpu:<16} "
                      f"{fig['shares'] or '-'}")
     bad = sum(f["device_failures"] + f["cpu_failures"] for f in result["modes"].values())
     lines.append(f"{'all groups passed' if bad == 0 else f'{bad} failures'} "
