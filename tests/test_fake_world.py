@@ -213,3 +213,33 @@ def test_million_rank_world_one_rank_without_listing_it(monkeypatch):
             assert ctx.get_local_rank("nettest") == 777
         finally:
             ctx.destroy()
+
+
+def test_million_rank_world_n_axis_modes_without_listing_it(monkeypatch):
+    """Context, expert and weight modes and combinations at 1,048,576 ranks: one rank builds its
+    groups from its own coordinates, one call per distinct layout."""
+    from pgroups.mesh import GridMesh, Mesh, SplitMesh
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("building one rank's groups listed every group of the world")
+
+    for name in ("groups_along", "zero1_groups", "block_groups", "groups", "embedding_groups"):
+        monkeypatch.setattr(Topology, name, refuse)
+    for cls in (Mesh, GridMesh, SplitMesh):
+        monkeypatch.setattr(cls, "groups", refuse)
+    world, rank = 1 << 20, 777_777
+    config = {"parallel": {"tensor": 8, "context": 2, "pipeline": 16, "expert": 8, "weight": 4,
+                           "order": "tp-cp-ep-dp-pp", "modes": ["tp-cp", "dp-cp", "tp-ep-pp"]}}
+    with fake_world(world, rank):
+        ctx = ParallelContext().init_from_config(config)
+        try:
+            topology = ctx.topology
+            distinct = {ctx.get_initializer(m).layout_key(topology) for m in ctx.modes if m != "global"}
+            assert ctx.backend.calls == len(distinct)  # identical layouts share one communicator
+            for mode in ctx.modes:
+                ranks = topology.group_of(rank, mode)
+                assert dist.get_process_group_ranks(ctx.get_group(mode)) == ranks, mode
+            assert ctx.get_world_size("tp-cp") == 16 and ctx.get_world_size("dp-cp") == world // 128
+            assert ctx.get_group("expert_tensor") is ctx.get_group("tensor")  # etp defaults to tensor
+        finally:
+            ctx.destroy()
