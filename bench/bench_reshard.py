@@ -309,8 +309,8 @@ def main(argv: List[str] = None) -> int:
     print(f"plan: {r['plan_seconds'] * 1e3:.0f} ms, {r['steps']} steps, ratio {r['ratio']:.3f}, sender load "
           f"max/mean {r['load'][0] / r['load'][1]:.2f}; all methods give identical shards: {r['same']}")
     base, bw = r["rows"]["reshard"], r["bandwidth"]
-    print(f"\n| method | wall s (slowest rank) | MiB received (max rank) | time / reshard | bytes / reshard "
-          f"| GB/s per receiver | / pairwise send/recv | staging MiB (max rank) |")
+    print("\n| method | wall s (slowest rank) | MiB received (max rank) | time / reshard | bytes / reshard "
+          "| GB/s per receiver | / pairwise send/recv | staging MiB (max rank) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, row in r["rows"].items():
         eff = row["bytes"] / row["seconds"] / 1e9

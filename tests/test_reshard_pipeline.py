@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pgroups.errors import GroupTimeoutError
 from pgroups.reshard import ReshardError, Resharder, cut_shards, empty_shards, execute_plan, llama_like, plan_reshard
 from pgroups.reshard.convert import resolve_dst_dtypes, scale_name
-from pgroups.reshard.executor import first_disagreement
+from pgroups.reshard.wire import first_disagreement
 from pgroups.spawn import run_local
 from test_reshard_executor import SENTINEL, _init, layout, reference, same_bytes, sentinel_shards, tiny_model
 

@@ -14,15 +14,10 @@ contributes a refusal, so its peers fail at once instead of timing out. The agre
 collective over the group: every rank of it runs the plan (ranks outside the plan with empty
 mappings).
 
-**Wire format.** Per step each rank sends to at most one peer and receives from at most one (the
-planner's colouring). The bytes a pair exchanges in a step form one message: *pieces* in plan
-order, each a transfer (or a slice of one along its split axis) in the *destination* dtype
-(fp8: values, then float32 scales — see :mod:`.convert`), each starting at a multiple of its
-alignment. A transfer is sliced into pieces of at most ``bucket_bytes`` of work when it must be
-converted or is not contiguous on one end; a contiguous, unconverted transfer stays whole. The
-message is cut into *chunks* of at most ``bucket_bytes``: a run of small pieces shares a chunk
-(packed by the sender), a large whole piece gets chunks of its own (sent straight from the source
-tensor, no copy). Both ends derive all of this from the plan (pure functions below).
+**Wire format** (:mod:`.wire`, pure: both ends derive it from the plan alone). Per step each rank
+sends to at most one peer and receives from at most one; the bytes a pair exchanges in a step form
+one message of pieces in the *destination* dtype, cut into chunks of at most ``bucket_bytes``
+(small pieces packed together, large contiguous ones sent straight from the source tensor).
 
 **Pipeline.** Packing — copy, cast, quantize — goes through a ring of send buffers: while chunk
 k is on the wire, chunk k+1 is packed into the other buffer (double buffering; at the end of a
@@ -52,10 +47,8 @@ the second and later runs allocate nothing).
 from __future__ import annotations
 
 import datetime
-import hashlib
-import math
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 import torch
@@ -66,22 +59,17 @@ from ..errors import GroupTimeoutError, ReshardError
 from ..modes import ParallelMode
 from . import convert
 from .layout import ParallelLayout, local_shapes
-from .planner import Box, Plan, Transfer, plan_reshard
+from .wire import (ALIGN, REFUSED, Chunk, Message, Piece, Shapes, agreement_digest, box_shape, first_disagreement,
+                   messages, slices)
+from .planner import Box, Plan, plan_reshard
 from .spec import ModelSpec
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-#: pieces smaller than this (or than half a bucket) are packed together; larger contiguous ones
-#: are sent straight from the source tensor — packing them would only add a copy
-PACK_BELOW_BYTES = 1 << 20
 #: buffers per ring (send, and receive when streaming) when ``max_staging_bytes`` is not given
 DEFAULT_RING = 2
 #: weights of the position-sensitive checksum cycle with this period (a prime)
 _CHECKSUM_PERIOD = 65521
 _CHECKSUM_CHUNK = 1 << 22
-#: every piece starts at a multiple of this in its message (any dtype can be viewed in place)
-_ALIGN = 16
-#: the digest a rank contributes when its own checks failed
-_REFUSED = 0
 
 Progress = Callable[[int], None]
 __all__ = ["DEFAULT_BUCKET_BYTES", "ReshardError", "ReshardStats", "Resharder", "execute_plan", "reshard"]
@@ -100,7 +88,7 @@ class ReshardStats:
     seconds: float
     steps: int
     messages: int            # point-to-point operations this rank posted (chunks sent + received)
-    verified_messages: int
+    verifiedmessages: int
     staging_bytes: int = 0
     buffer_allocations: int = 0
 
@@ -108,218 +96,6 @@ class ReshardStats:
     def gbps(self) -> float:
         """Effective receive throughput, GB/s (1e9 bytes)."""
         return self.bytes_received / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-# ---- plan agreement (pure) ------------------------------------------------------------------------
-def agreement_digest(plan: Any, bucket_bytes: int, dst_dtypes: Mapping[str, torch.dtype], verify: bool) -> int:
-    """The int64 the ranks compare: the plan's digest (``plan.digest()``, a hash of everything the
-    plan is a function of) and the options that shape the wire."""
-    h = hashlib.blake2b(plan.digest().to_bytes(8, "little", signed=True), digest_size=8)
-    h.update(repr((bucket_bytes, sorted((n, str(d)) for n, d in dst_dtypes.items()), verify)).encode())
-    value = int.from_bytes(h.digest(), "little", signed=True)
-    return value if value != _REFUSED else 1
-
-
-def first_disagreement(digests: Sequence[int], ranks: Sequence[int]) -> Optional[str]:
-    """None if every rank contributed the same digest; else one line naming the first rank that
-    differs from the majority (ties: from the lowest rank's digest) or that refused."""
-    refused = [r for r, d in zip(ranks, digests) if d == _REFUSED]
-    if refused:
-        return (f"rank {refused[0]} refused to run the plan (its own error says why)"
-                + (f"; {len(refused) - 1} more refused" if len(refused) > 1 else ""))
-    counts: Dict[int, int] = {}
-    for d in digests:
-        counts[d] = counts.get(d, 0) + 1
-    if len(counts) == 1:
-        return None
-    reference = max(counts, key=lambda d: (counts[d], -digests.index(d)))
-    holders = [r for r, d in zip(ranks, digests) if d == reference]
-    odd = next(r for r, d in zip(ranks, digests) if d != reference)
-    return (f"rank {odd} has plan hash {digests[ranks.index(odd)] & (2 ** 64 - 1):016x} but {len(holders)} rank(s) "
-            f"(rank {holders[0]} first) have {reference & (2 ** 64 - 1):016x}: every rank must run the same plan "
-            "with the same bucket_bytes, dst_dtypes and verify")
-
-
-# ---- message layout (pure) ------------------------------------------------------------------------
-@attrs.frozen
-class _Piece:
-    """One transfer, or a slice of one along its axis, in a message: ``offset`` in the message,
-    ``payload`` bytes of values and ``nbytes`` in all (fp8: then the scales), ``direct`` if it
-    may be sent from the source tensor and received into the destination as flat bytes."""
-
-    transfer: Transfer
-    offset: int
-    payload: int
-    nbytes: int
-    direct: bool
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.nbytes
-
-
-@attrs.frozen
-class _Chunk:
-    """One point-to-point message: bytes ``[lo, hi)`` of a pair's stream in a step; ``pieces``
-    it touches. ``index`` orders the chunks of the message."""
-
-    step: int
-    peer: int
-    index: int
-    lo: int
-    hi: int
-    pieces: Tuple[_Piece, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return self.hi - self.lo
-
-    @property
-    def direct(self) -> bool:
-        """A slice of one direct piece: sent without packing (a view of the source tensor)."""
-        return (len(self.pieces) == 1 and self.pieces[0].direct and self.pieces[0].offset <= self.lo
-                and self.hi <= self.pieces[0].end)
-
-
-@attrs.frozen
-class _Message:
-    step: int
-    peer: int
-    pieces: Tuple[_Piece, ...]
-    size: int
-    chunks: Tuple[_Chunk, ...]
-
-    @property
-    def wire_bytes(self) -> int:
-        return sum(p.nbytes for p in self.pieces)
-
-
-def _box_shape(box: Box) -> Tuple[int, ...]:
-    return tuple(stop - start for start, stop in box)
-
-
-def _contiguous(box: Box, shape: Sequence[int]) -> bool:
-    """Whether the region ``box`` of a contiguous tensor of ``shape`` is contiguous: every dim
-    after the last partial one is full, every dim before it has length 1."""
-    lengths = _box_shape(box)
-    partial = [d for d, (n, full) in enumerate(zip(lengths, shape)) if n != full]
-    if not partial:
-        return True
-    last = partial[-1]
-    return all(lengths[d] == 1 for d in range(last))
-
-
-def _narrow_box(box: Box, axis: int, start: int, stop: int) -> Box:
-    """Rows ``[start, stop)`` (relative to the box) of ``box`` along ``axis``."""
-    if not box:
-        return box
-    a, _ = box[axis]
-    return box[:axis] + ((a + start, a + stop),) + box[axis + 1:]
-
-
-def _slices(transfer: Transfer, dst_dtype: torch.dtype, src_itemsize: int, bucket_bytes: int,
-            whole: bool) -> List[Transfer]:
-    """``transfer`` whole, or cut along its axis into slices of at most ``bucket_bytes`` of work
-    (the larger of source, wire and, for fp8, float32 scratch bytes per element)."""
-    shape = _box_shape(transfer.src_box)
-    if whole or not shape:
-        return [transfer]
-    rows = shape[transfer.axis]
-    per_row = math.prod(shape) // max(rows, 1)
-    work = max(src_itemsize, dst_dtype.itemsize, 4 if convert.is_scaled(dst_dtype) else 0)
-    step = max(1, bucket_bytes // max(1, per_row * work))
-    if step >= rows:
-        return [transfer]
-    out = []
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        out.append(attrs.evolve(transfer, global_box=_narrow_box(transfer.global_box, transfer.axis, lo, hi),
-                                src_box=_narrow_box(transfer.src_box, transfer.axis, lo, hi),
-                                dst_box=_narrow_box(transfer.dst_box, transfer.axis, lo, hi),
-                                nbytes=transfer.nbytes // rows * (hi - lo)))
-    return out
-
-
-def _chunks(step: int, peer: int, pieces: Sequence[_Piece], size: int, bucket_bytes: int) -> Tuple[_Chunk, ...]:
-    """Cut a message into chunks of at most ``bucket_bytes`` (a single packed piece may exceed
-    it): runs of small or packed pieces share a chunk; a large direct piece gets its own."""
-    spans: List[Tuple[int, int, List[_Piece]]] = []
-    run: List[_Piece] = []
-    pack_below = min(PACK_BELOW_BYTES, -(-bucket_bytes // 2))
-
-    def flush() -> None:
-        if run:
-            spans.append((run[0].offset, run[-1].end, list(run)))
-            run.clear()
-
-    for piece in pieces:
-        if piece.direct and piece.nbytes >= pack_below:
-            flush()
-            spans.extend((lo, min(lo + bucket_bytes, piece.end), [piece])
-                         for lo in range(piece.offset, piece.end, bucket_bytes))
-            continue
-        if run and piece.end - run[0].offset > bucket_bytes:
-            flush()
-        run.append(piece)
-    flush()
-    return tuple(_Chunk(step, peer, i, lo, hi, tuple(p)) for i, (lo, hi, p) in enumerate(spans))
-
-
-def _messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int], plan_shapes: "_Shapes",
-              dst_dtypes: Mapping[str, torch.dtype], bucket_bytes: int) -> Dict[int, _Message]:
-    """Group one rank's sends (or receives) by step: ``{step: _Message}``. Pure: the sender and
-    the receiver of a message compute the same."""
-    by_step: Dict[int, List[Transfer]] = {}
-    for t in transfers:
-        by_step.setdefault(t.step, []).append(t)
-    messages = {}
-    for step, items in by_step.items():
-        peers = {peer_of(t) for t in items}
-        if len(peers) != 1:
-            raise ReshardError(f"plan step {step} gives one rank several peers {sorted(peers)}; "
-                               "a plan must come from plan_reshard")
-        peer = peers.pop()
-        offset, pieces = 0, []
-        for t in items:
-            dtype, src_dtype = dst_dtypes[t.tensor], plan_shapes.dtype(t.tensor)
-            plain = dtype == src_dtype
-            whole = plain and _contiguous(t.src_box, plan_shapes.src(t.src, t.tensor)) and _contiguous(
-                t.dst_box, plan_shapes.dst(t.dst, t.tensor))
-            for part in _slices(t, dtype, src_dtype.itemsize, bucket_bytes, whole):
-                shape = _box_shape(part.src_box)
-                payload, nbytes = convert.wire_layout(shape, dtype, plan_shapes.scale_dims(t.tensor))
-                offset = -(-offset // _ALIGN) * _ALIGN
-                pieces.append(_Piece(part, offset, payload, nbytes, whole))
-                offset += nbytes
-        messages[step] = _Message(step, peer, tuple(pieces), offset, _chunks(step, peer, pieces, offset, bucket_bytes))
-    return messages
-
-
-class _Shapes:
-    """Local shard shapes of every rank in each layout (cached), and source dtypes."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self._src: Dict[int, Dict[str, Tuple[int, ...]]] = {}
-        self._dst: Dict[int, Dict[str, Tuple[int, ...]]] = {}
-        self._dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
-        self._scale_dims = {spec.name: convert.scale_dims(spec) for spec in plan.model.tensors}
-
-    def src(self, rank: int, name: str) -> Tuple[int, ...]:
-        if rank not in self._src:
-            self._src[rank] = local_shapes(self.plan.src, self.plan.model, rank)
-        return self._src[rank][name]
-
-    def dst(self, rank: int, name: str) -> Tuple[int, ...]:
-        if rank not in self._dst:
-            self._dst[rank] = local_shapes(self.plan.dst, self.plan.model, rank)
-        return self._dst[rank][name]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
-
-    def scale_dims(self, name: str) -> Tuple[int, ...]:
-        return self._scale_dims[name]
 
 
 # ---- tensor regions ---------------------------------------------------------------------------------
@@ -420,13 +196,13 @@ class Resharder:
         self._converted = {n: d for n, d in self.dst_dtypes.items() if d != plan.model[n].dtype}
         self.digest = agreement_digest(plan, bucket_bytes, self._converted, verify)
         self.sends, self.recvs, copies = plan.transfers_of(self.rank)
-        shapes = _Shapes(plan)
-        self.send_messages = _messages(self.sends, lambda t: t.dst, shapes, self.dst_dtypes, bucket_bytes)
-        self.recv_messages = _messages(self.recvs, lambda t: t.src, shapes, self.dst_dtypes, bucket_bytes)
-        self.copies = [part for t in copies for part in _slices(
+        shapes = Shapes(plan)
+        self.send_messages = messages(self.sends, lambda t: t.dst, shapes, self.dst_dtypes, bucket_bytes)
+        self.recv_messages = messages(self.recvs, lambda t: t.src, shapes, self.dst_dtypes, bucket_bytes)
+        self.copies = [part for t in copies for part in slices(
             t, self.dst_dtypes[t.tensor], shapes.dtype(t.tensor).itemsize, bucket_bytes,
             self.dst_dtypes[t.tensor] == shapes.dtype(t.tensor))]
-        self.steps = sorted(set(self.send_messages) | set(self.recv_messages))
+        self.steps = sorted(set(self.sendmessages) | set(self.recvmessages))
         self._sizes = self._buffer_sizes()
         self.max_staging_bytes = max_staging_bytes
         self._budget_problem = self._check_budget(max_staging_bytes)
@@ -438,10 +214,10 @@ class Resharder:
         largest receive chunk, all received bytes (atomic staging), fp8 scratch elements."""
         packed = [c.nbytes for m in self.send_messages.values() for c in m.chunks if not c.direct]
         received = [c.nbytes for m in self.recv_messages.values() for c in m.chunks]
-        scratch = [convert.scratch_elements(_box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
+        scratch = [convert.scratch_elements(box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
                    for m in self.send_messages.values() for p in m.pieces]
-        scratch += [convert.scratch_elements(_box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
-        staging = sum(-(-m.size // _ALIGN) * _ALIGN for m in self.recv_messages.values())
+        scratch += [convert.scratch_elements(box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
+        staging = sum(-(-m.size // ALIGN) * ALIGN for m in self.recv_messages.values())
         return {"send": max(packed, default=0), "recv": max(received, default=0), "staging": staging,
                 "scratch": max(scratch, default=0)}
 
@@ -562,7 +338,7 @@ class Resharder:
         size = dist.get_world_size(group)
         mine = self._buffers.get("agree.mine", 1, device, torch.int64)[:1]
         gathered = self._buffers.get("agree.all", size, device, torch.int64)[:size]
-        mine.fill_(_REFUSED if refuse else self.digest)
+        mine.fill_(REFUSED if refuse else self.digest)
         try:
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch < 2.13
             work = gather(gathered, mine, group=group, async_op=True)
@@ -610,12 +386,12 @@ class _Run:
                                                buffers.get("scratch.mask", n, device, torch.bool))
         self.staging_at: Dict[int, int] = {}
         offset = 0
-        for step in sorted(owner.recv_messages):
+        for step in sorted(owner.recvmessages):
             self.staging_at[step] = offset
-            offset += -(-owner.recv_messages[step].size // _ALIGN) * _ALIGN
+            offset += -(-owner.recv_messages[step].size // ALIGN) * ALIGN
         self.posted = self.verified = 0
         # operations in flight: (key, kind, chunk, work, slot)
-        self._flight: List[Tuple[Tuple[int, int, int], str, _Chunk, Any, int]] = []
+        self._flight: List[Tuple[Tuple[int, int, int], str, Chunk, Any, int]] = []
         self._send_slot_busy: set = set()
         self._recv_slot_busy: set = set()
         self._checksums: Dict[Tuple[str, int], torch.Tensor] = {}
@@ -666,12 +442,12 @@ class _Run:
         if owner.atomic:
             self._commit()
 
-    def _can_post(self, recvs: Sequence[_Chunk], sends: Sequence[_Chunk], i: int) -> bool:
+    def _can_post(self, recvs: Sequence[Chunk], sends: Sequence[Chunk], i: int) -> bool:
         recv_ok = i >= len(recvs) or self.owner.atomic or (i % len(self.recv_slots)) not in self._recv_slot_busy
         send_ok = i >= len(sends) or sends[i].direct or self._send_slot_free(i)
         return recv_ok and send_ok
 
-    def _post_round(self, recv: Optional[_Chunk], send: Optional[_Chunk]) -> None:
+    def _post_round(self, recv: Optional[Chunk], send: Optional[Chunk]) -> None:
         ops, items = [], []
         if recv is not None:
             slot = -1 if self.owner.atomic else recv.index % len(self.recv_slots)
@@ -696,7 +472,7 @@ class _Run:
             # receives first within a round: a rank never waits on a send whose receiver waits on it
             self._flight.append(((chunk.step, chunk.index, 0 if kind == "recv" else 1), kind, chunk, work, slot))
 
-    def _slot(self, chunk: _Chunk) -> int:
+    def _slot(self, chunk: Chunk) -> int:
         return chunk.index % len(self.send_slots)
 
     def _send_slot_free(self, index: int) -> bool:
@@ -705,7 +481,7 @@ class _Run:
     def _prepack(self, steps: Sequence[int], step: int) -> None:
         """The current step has posted all its sends: pack the next step's first packed chunks
         into the free send buffers while the current ones are on the wire."""
-        later = [s for s in steps if s > step and s in self.owner.send_messages]
+        later = [s for s in steps if s > step and s in self.owner.sendmessages]
         if not later:
             return
         for chunk in self.owner.send_messages[later[0]].chunks[:len(self.send_slots)]:
@@ -713,14 +489,14 @@ class _Run:
             if not chunk.direct and key not in self._prepacked and self._send_slot_free(chunk.index):
                 self._prepacked[key] = self._pack(chunk)
 
-    def _wait(self, work: Any, chunk: _Chunk, kind: str) -> None:
+    def _wait(self, work: Any, chunk: Chunk, kind: str) -> None:
         try:
             if not work.wait(self.owner.timeout):
                 raise TimeoutError(f"timed out after {self.owner.timeout.total_seconds():g}s")
         except Exception as exc:
             raise self._error(exc, chunk, kind) from exc
 
-    def _error(self, exc: BaseException, chunk: _Chunk, kind: str) -> Exception:
+    def _error(self, exc: BaseException, chunk: Chunk, kind: str) -> Exception:
         owner, step = self.owner, chunk.step
         peers = []
         inc, out = owner.recv_messages.get(step), owner.send_messages.get(step)
@@ -739,7 +515,7 @@ class _Run:
         return ReshardError(f"{where} failed: {text}; {untouched}")
 
     # ---- sending ----------------------------------------------------------------------------------
-    def _send_source(self, chunk: _Chunk) -> torch.Tensor:
+    def _send_source(self, chunk: Chunk) -> torch.Tensor:
         """The bytes of ``chunk`` to post: a view of the source tensor, or packed into a ring
         buffer (possibly already, while the previous step was on the wire)."""
         if chunk.direct:
@@ -752,7 +528,7 @@ class _Run:
         packed = self._prepacked.pop((chunk.step, chunk.index), None)
         return packed if packed is not None else self._pack(chunk)
 
-    def _pack(self, chunk: _Chunk) -> torch.Tensor:
+    def _pack(self, chunk: Chunk) -> torch.Tensor:
         data = self.send_slots[self._slot(chunk)][:chunk.nbytes]
         for piece in chunk.pieces:
             self._encode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
@@ -765,7 +541,7 @@ class _Run:
             self._checksums[key] = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._checksums[key] += _checksum(data, position)
 
-    def _encode(self, piece: _Piece, out: torch.Tensor) -> None:
+    def _encode(self, piece: Piece, out: torch.Tensor) -> None:
         """Write ``piece`` in its wire form (destination dtype, then fp8 scales) into ``out``."""
         t = piece.transfer
         region = _region(self.src[t.tensor], t.src_box)
@@ -780,13 +556,13 @@ class _Run:
             values.copy_(region)
 
     # ---- receiving --------------------------------------------------------------------------------
-    def _recv_target(self, chunk: _Chunk, slot: int) -> torch.Tensor:
+    def _recv_target(self, chunk: Chunk, slot: int) -> torch.Tensor:
         if slot < 0:
             start = self.staging_at[chunk.step] + chunk.lo
             return self.staging[start:start + chunk.nbytes]
         return self.recv_slots[slot][:chunk.nbytes]
 
-    def _received(self, chunk: _Chunk, slot: int) -> None:
+    def _received(self, chunk: Chunk, slot: int) -> None:
         """A chunk arrived: checksum it (verify); streaming: unpack it into the destination."""
         data = self._recv_target(chunk, slot)
         if self.owner.verify:
@@ -794,7 +570,7 @@ class _Run:
         if slot >= 0:
             self._unpack(chunk, data)
 
-    def _unpack(self, chunk: _Chunk, data: torch.Tensor) -> None:
+    def _unpack(self, chunk: Chunk, data: torch.Tensor) -> None:
         """Write the bytes ``[chunk.lo, chunk.hi)`` of a message (``data``) into the destination."""
         for piece in chunk.pieces:
             t = piece.transfer
@@ -805,7 +581,7 @@ class _Run:
                 continue
             self._decode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo], target)
 
-    def _decode(self, piece: _Piece, wire: torch.Tensor, target: torch.Tensor) -> None:
+    def _decode(self, piece: Piece, wire: torch.Tensor, target: torch.Tensor) -> None:
         t = piece.transfer
         target.copy_(wire[:piece.payload].view(target.dtype).view(target.shape))
         if convert.is_scaled(target.dtype):
@@ -833,7 +609,7 @@ class _Run:
                 target.copy_(source)
 
     # ---- checksums --------------------------------------------------------------------------------
-    def _exchange_checksums(self, step: int, out: Optional[_Message], inc: Optional[_Message]) -> None:
+    def _exchange_checksums(self, step: int, out: Optional[Message], inc: Optional[Message]) -> None:
         """Send the checksum of what this rank sent in ``step``; compare the one of what it got."""
         ops, theirs = [], None
         if inc is not None:
@@ -920,7 +696,7 @@ def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor
                 if tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
                     raise ReshardError(f"{where} has shape {tuple(tensor.shape)} {tensor.dtype}; the layout "
                                        f"gives {tuple(want_shape)} {want_dtype}")
-                if not tensor.is_contiguous():
+                if not tensor.iscontiguous():
                     raise ReshardError(f"{where} is not contiguous; pass contiguous shards")
                 devices.add(tensor.device)
     if len(devices) > 1:

@@ -1,0 +1,244 @@
+"""The wire layout of a reshard, pure: what both ends of every message compute alone from the
+plan and the shared options, and the plan agreement's digest.
+
+A rank's transfers of one step with one peer form a *message*: *pieces* in plan order — a transfer,
+or a slice of one along its split axis — in the destination dtype (fp8: values, then float32
+scales; :mod:`.convert`), each at a multiple of ``ALIGN``. A transfer is sliced into pieces of at
+most ``bucket_bytes`` of work when it must be converted or is not contiguous on one end; a
+contiguous, unconverted transfer stays whole (*direct*: sent from the source tensor, received as
+flat bytes). The message is cut into *chunks* of at most ``bucket_bytes``: a run of small or
+packed pieces shares a chunk, a large direct piece gets chunks of its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+import torch
+
+from ..errors import ReshardError
+from . import convert
+from .layout import local_shapes
+from .planner import Box, Plan, Transfer
+
+#: pieces smaller than this (or than half a bucket) are packed together; larger contiguous ones
+#: are sent straight from the source tensor — packing them would only add a copy
+PACK_BELOW_BYTES = 1 << 20
+#: every piece starts at a multiple of this in its message (any dtype can be viewed in place)
+ALIGN = 16
+#: the digest a rank contributes when its own checks failed
+REFUSED = 0
+
+
+# ---- plan agreement (pure) ------------------------------------------------------------------------
+def agreement_digest(plan: Any, bucket_bytes: int, dst_dtypes: Mapping[str, torch.dtype], verify: bool) -> int:
+    """The int64 the ranks compare: the plan's digest (``plan.digest()``, a hash of everything the
+    plan is a function of) and the options that shape the wire."""
+    h = hashlib.blake2b(plan.digest().to_bytes(8, "little", signed=True), digest_size=8)
+    h.update(repr((bucket_bytes, sorted((n, str(d)) for n, d in dst_dtypes.items()), verify)).encode())
+    value = int.from_bytes(h.digest(), "little", signed=True)
+    return value if value != REFUSED else 1
+
+
+def first_disagreement(digests: Sequence[int], ranks: Sequence[int]) -> Optional[str]:
+    """None if every rank contributed the same digest; else one line naming the first rank that
+    differs from the majority (ties: from the lowest rank's digest) or that refused."""
+    refused = [r for r, d in zip(ranks, digests) if d == REFUSED]
+    if refused:
+        return (f"rank {refused[0]} refused to run the plan (its own error says why)"
+                + (f"; {len(refused) - 1} more refused" if len(refused) > 1 else ""))
+    counts: Dict[int, int] = {}
+    for d in digests:
+        counts[d] = counts.get(d, 0) + 1
+    if len(counts) == 1:
+        return None
+    reference = max(counts, key=lambda d: (counts[d], -digests.index(d)))
+    holders = [r for r, d in zip(ranks, digests) if d == reference]
+    odd = next(r for r, d in zip(ranks, digests) if d != reference)
+    return (f"rank {odd} has plan hash {digests[ranks.index(odd)] & (2 ** 64 - 1):016x} but {len(holders)} rank(s) "
+            f"(rank {holders[0]} first) have {reference & (2 ** 64 - 1):016x}: every rank must run the same plan "
+            "with the same bucket_bytes, dst_dtypes and verify")
+
+
+# ---- message layout (pure) ------------------------------------------------------------------------
+@attrs.frozen
+class Piece:
+    """One transfer, or a slice of one along its axis, in a message: ``offset`` in the message,
+    ``payload`` bytes of values and ``nbytes`` in all (fp8: then the scales), ``direct`` if it
+    may be sent from the source tensor and received into the destination as flat bytes."""
+
+    transfer: Transfer
+    offset: int
+    payload: int
+    nbytes: int
+    direct: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@attrs.frozen
+class Chunk:
+    """One point-to-point message: bytes ``[lo, hi)`` of a pair's stream in a step; ``pieces``
+    it touches. ``index`` orders the chunks of the message."""
+
+    step: int
+    peer: int
+    index: int
+    lo: int
+    hi: int
+    pieces: Tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def direct(self) -> bool:
+        """A slice of one direct piece: sent without packing (a view of the source tensor)."""
+        return (len(self.pieces) == 1 and self.pieces[0].direct and self.pieces[0].offset <= self.lo
+                and self.hi <= self.pieces[0].end)
+
+
+@attrs.frozen
+class Message:
+    step: int
+    peer: int
+    pieces: Tuple[Piece, ...]
+    size: int
+    chunks: Tuple[Chunk, ...]
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def box_shape(box: Box) -> Tuple[int, ...]:
+    return tuple(stop - start for start, stop in box)
+
+
+def contiguous(box: Box, shape: Sequence[int]) -> bool:
+    """Whether the region ``box`` of a contiguous tensor of ``shape`` is contiguous: every dim
+    after the last partial one is full, every dim before it has length 1."""
+    lengths = box_shape(box)
+    partial = [d for d, (n, full) in enumerate(zip(lengths, shape)) if n != full]
+    if not partial:
+        return True
+    last = partial[-1]
+    return all(lengths[d] == 1 for d in range(last))
+
+
+def narrow_box(box: Box, axis: int, start: int, stop: int) -> Box:
+    """Rows ``[start, stop)`` (relative to the box) of ``box`` along ``axis``."""
+    if not box:
+        return box
+    a, _ = box[axis]
+    return box[:axis] + ((a + start, a + stop),) + box[axis + 1:]
+
+
+def slices(transfer: Transfer, dst_dtype: torch.dtype, src_itemsize: int, bucket_bytes: int,
+            whole: bool) -> List[Transfer]:
+    """``transfer`` whole, or cut along its axis into slices of at most ``bucket_bytes`` of work
+    (the larger of source, wire and, for fp8, float32 scratch bytes per element)."""
+    shape = box_shape(transfer.src_box)
+    if whole or not shape:
+        return [transfer]
+    rows = shape[transfer.axis]
+    per_row = math.prod(shape) // max(rows, 1)
+    work = max(src_itemsize, dst_dtype.itemsize, 4 if convert.is_scaled(dst_dtype) else 0)
+    step = max(1, bucket_bytes // max(1, per_row * work))
+    if step >= rows:
+        return [transfer]
+    out = []
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        out.append(attrs.evolve(transfer, global_box=narrow_box(transfer.global_box, transfer.axis, lo, hi),
+                                src_box=narrow_box(transfer.src_box, transfer.axis, lo, hi),
+                                dst_box=narrow_box(transfer.dst_box, transfer.axis, lo, hi),
+                                nbytes=transfer.nbytes // rows * (hi - lo)))
+    return out
+
+
+def chunks_of(step: int, peer: int, pieces: Sequence[Piece], size: int, bucket_bytes: int) -> Tuple[Chunk, ...]:
+    """Cut a message into chunks of at most ``bucket_bytes`` (a single packed piece may exceed
+    it): runs of small or packed pieces share a chunk; a large direct piece gets its own."""
+    spans: List[Tuple[int, int, List[Piece]]] = []
+    run: List[Piece] = []
+    pack_below = min(PACK_BELOW_BYTES, -(-bucket_bytes // 2))
+
+    def flush() -> None:
+        if run:
+            spans.append((run[0].offset, run[-1].end, list(run)))
+            run.clear()
+
+    for piece in pieces:
+        if piece.direct and piece.nbytes >= pack_below:
+            flush()
+            spans.extend((lo, min(lo + bucket_bytes, piece.end), [piece])
+                         for lo in range(piece.offset, piece.end, bucket_bytes))
+            continue
+        if run and piece.end - run[0].offset > bucket_bytes:
+            flush()
+        run.append(piece)
+    flush()
+    return tuple(Chunk(step, peer, i, lo, hi, tuple(p)) for i, (lo, hi, p) in enumerate(spans))
+
+
+def messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int], plan_shapes: "Shapes",
+              dst_dtypes: Mapping[str, torch.dtype], bucket_bytes: int) -> Dict[int, Message]:
+    """Group one rank's sends (or receives) by step: ``{step: _Message}``. Pure: the sender and
+    the receiver of a message compute the same."""
+    by_step: Dict[int, List[Transfer]] = {}
+    for t in transfers:
+        by_step.setdefault(t.step, []).append(t)
+    messages = {}
+    for step, items in by_step.items():
+        peers = {peer_of(t) for t in items}
+        if len(peers) != 1:
+            raise ReshardError(f"plan step {step} gives one rank several peers {sorted(peers)}; "
+                               "a plan must come from plan_reshard")
+        peer = peers.pop()
+        offset, pieces = 0, []
+        for t in items:
+            dtype, src_dtype = dst_dtypes[t.tensor], plan_shapes.dtype(t.tensor)
+            plain = dtype == src_dtype
+            whole = plain and contiguous(t.src_box, plan_shapes.src(t.src, t.tensor)) and contiguous(
+                t.dst_box, plan_shapes.dst(t.dst, t.tensor))
+            for part in slices(t, dtype, src_dtype.itemsize, bucket_bytes, whole):
+                shape = box_shape(part.src_box)
+                payload, nbytes = convert.wire_layout(shape, dtype, plan_shapes.scale_dims(t.tensor))
+                offset = -(-offset // ALIGN) * ALIGN
+                pieces.append(Piece(part, offset, payload, nbytes, whole))
+                offset += nbytes
+        messages[step] = Message(step, peer, tuple(pieces), offset, chunks_of(step, peer, pieces, offset, bucket_bytes))
+    return messages
+
+
+class Shapes:
+    """Local shard shapes of every rank in each layout (cached), and source dtypes."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._src: Dict[int, Dict[str, Tuple[int, ...]]] = {}
+        self._dst: Dict[int, Dict[str, Tuple[int, ...]]] = {}
+        self._dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
+        self._scale_dims = {spec.name: convert.scale_dims(spec) for spec in plan.model.tensors}
+
+    def src(self, rank: int, name: str) -> Tuple[int, ...]:
+        if rank not in self._src:
+            self._src[rank] = local_shapes(self.plan.src, self.plan.model, rank)
+        return self._src[rank][name]
+
+    def dst(self, rank: int, name: str) -> Tuple[int, ...]:
+        if rank not in self._dst:
+            self._dst[rank] = local_shapes(self.plan.dst, self.plan.model, rank)
+        return self._dst[rank][name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def scale_dims(self, name: str) -> Tuple[int, ...]:
+        return self._scale_dims[name]

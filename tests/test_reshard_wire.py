@@ -1,0 +1,68 @@
+"""The wire layout is pure and symmetric: for every message of random plans, the sender and the
+receiver compute the same pieces and chunks alone; the pieces of a transfer tile it exactly; every
+piece is aligned; a chunk is at most ``bucket_bytes`` unless it holds one packed piece; bytes are
+counted in the destination dtype (fp8 with one float32 scale per index of the scale dims)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgroups.reshard import plan_reshard
+from pgroups.reshard.convert import resolve_dst_dtypes, scale_dims
+from pgroups.reshard.wire import ALIGN, Shapes, messages
+from test_reshard_executor import layout, tiny_model
+
+SHAPES = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4), (3, 1)]
+
+
+def _rows(box, axis):
+    return box[axis][1] - box[axis][0] if box else 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(src=st.sampled_from(SHAPES), dst=st.sampled_from(SHAPES), bucket=st.sampled_from([64, 300, 1000, 1 << 20]),
+       target=st.sampled_from([None, torch.float16, torch.float8_e4m3fn]))
+def test_both_ends_compute_the_same_messages_and_pieces_tile_transfers(src, dst, bucket, target):
+    model = tiny_model()
+    src_layout = layout(4, *src, list(range(src[0] * src[1])))
+    dst_layout = layout(4, *dst, list(range(4 - dst[0] * dst[1], 4)))
+    plan = plan_reshard(src_layout, dst_layout, model)
+    wanted = {} if target is None else {s.name: target for s in model.tensors
+                                        if s.dtype.is_floating_point and len(s.shape) >= 2}
+    dtypes = resolve_dst_dtypes(model, wanted)
+    shapes = Shapes(plan)
+    for rank in plan.ranks:
+        sends = plan.transfers_of(rank)[0]
+        for step, out in messages(sends, lambda t: t.dst, shapes, dtypes, bucket).items():
+            inc = messages(plan.transfers_of(out.peer)[1], lambda t: t.src, shapes, dtypes, bucket)[step]
+            assert inc.peer == rank
+            assert (inc.pieces, inc.size) == (out.pieces, out.size)
+            assert [(c.index, c.lo, c.hi, c.pieces) for c in inc.chunks] == \
+                [(c.index, c.lo, c.hi, c.pieces) for c in out.chunks]
+            position = 0
+            for piece in out.pieces:
+                assert piece.offset % ALIGN == 0 and piece.offset >= position
+                position = piece.end
+            for chunk in out.chunks:
+                assert chunk.nbytes <= bucket or (len(chunk.pieces) == 1 and not chunk.direct)
+            # bytes in the destination dtype: values, then (fp8) one float32 scale per index of the
+            # scale dims; summed over pieces they equal the same sums over the step's transfers
+            values = scales = 0
+            for t in [t for t in sends if t.step == step]:
+                spec, dtype = model[t.tensor], dtypes[t.tensor]
+                values += t.nbytes // spec.itemsize * dtype.itemsize
+                if dtype == torch.float8_e4m3fn:
+                    scales += 4 * math.prod(b - a for d, (a, b) in enumerate(t.src_box) if d in scale_dims(spec))
+            assert sum(p.payload for p in out.pieces) == values
+            assert sum(p.nbytes - (-(-p.payload // 4) * 4 if p.nbytes != p.payload else p.payload)
+                       for p in out.pieces) == scales
+            # the pieces of each transfer tile it along its axis
+            rows = {}
+            for piece in out.pieces:
+                t = piece.transfer
+                rows[t.tensor] = rows.get(t.tensor, 0) + _rows(t.src_box, t.axis)
+            for name, count in rows.items():
+                assert count == sum(_rows(t.src_box, t.axis) for t in sends if t.step == step and t.tensor == name)
