@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
@@ -88,7 +89,7 @@ class ReshardStats:
     seconds: float
     steps: int
     messages: int            # point-to-point operations this rank posted (chunks sent + received)
-    verifiedmessages: int
+    verified_messages: int
     staging_bytes: int = 0
     buffer_allocations: int = 0
 
@@ -202,7 +203,7 @@ class Resharder:
         self.copies = [part for t in copies for part in slices(
             t, self.dst_dtypes[t.tensor], shapes.dtype(t.tensor).itemsize, bucket_bytes,
             self.dst_dtypes[t.tensor] == shapes.dtype(t.tensor))]
-        self.steps = sorted(set(self.sendmessages) | set(self.recvmessages))
+        self.steps = sorted(set(self.send_messages) | set(self.recv_messages))
         self._sizes = self._buffer_sizes()
         self.max_staging_bytes = max_staging_bytes
         self._budget_problem = self._check_budget(max_staging_bytes)
@@ -217,14 +218,17 @@ class Resharder:
         scratch = [convert.scratch_elements(box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
                    for m in self.send_messages.values() for p in m.pieces]
         scratch += [convert.scratch_elements(box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
+        scaled = [p.transfer for m in self.send_messages.values() for p in m.pieces] + list(self.copies)
+        scales = [math.prod(convert.scale_shape(box_shape(t.src_box), convert.scale_dims(self.plan.model[t.tensor])))
+                  for t in scaled if convert.is_scaled(self.dst_dtypes[t.tensor])]
         staging = sum(-(-m.size // ALIGN) * ALIGN for m in self.recv_messages.values())
         return {"send": max(packed, default=0), "recv": max(received, default=0), "staging": staging,
-                "scratch": max(scratch, default=0)}
+                "scratch": max(scratch, default=0), "scales": max(scales, default=0)}
 
     def _check_budget(self, budget: Optional[int]) -> Optional[str]:
         """Ring depths within ``budget`` (None: the defaults), or why it is too small."""
         sizes = self._sizes
-        scratch = sizes["scratch"] * 9    # float32 values, amin, and a bool mask
+        scratch = sizes["scratch"] * 4 + sizes["scales"] * 5    # float32 values; float32 amin, bool mask
         self.send_ring = self.recv_ring = DEFAULT_RING
         fixed = scratch + (sizes["staging"] if self.atomic else 0)
         if budget is None:
@@ -380,13 +384,13 @@ class _Run:
                 if sizes["recv"] else []
         self.quantizer = None
         if sizes["scratch"]:
-            n = sizes["scratch"]
+            n, scales = sizes["scratch"], sizes["scales"]
             self.quantizer = convert.Quantizer(buffers.get("scratch", n, device, torch.float32),
-                                               buffers.get("scratch.amin", n, device, torch.float32),
-                                               buffers.get("scratch.mask", n, device, torch.bool))
+                                               buffers.get("scratch.amin", scales, device, torch.float32),
+                                               buffers.get("scratch.mask", scales, device, torch.bool))
         self.staging_at: Dict[int, int] = {}
         offset = 0
-        for step in sorted(owner.recvmessages):
+        for step in sorted(owner.recv_messages):
             self.staging_at[step] = offset
             offset += -(-owner.recv_messages[step].size // ALIGN) * ALIGN
         self.posted = self.verified = 0
@@ -481,7 +485,7 @@ class _Run:
     def _prepack(self, steps: Sequence[int], step: int) -> None:
         """The current step has posted all its sends: pack the next step's first packed chunks
         into the free send buffers while the current ones are on the wire."""
-        later = [s for s in steps if s > step and s in self.owner.sendmessages]
+        later = [s for s in steps if s > step and s in self.owner.send_messages]
         if not later:
             return
         for chunk in self.owner.send_messages[later[0]].chunks[:len(self.send_slots)]:
@@ -696,7 +700,7 @@ def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor
                 if tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
                     raise ReshardError(f"{where} has shape {tuple(tensor.shape)} {tensor.dtype}; the layout "
                                        f"gives {tuple(want_shape)} {want_dtype}")
-                if not tensor.iscontiguous():
+                if not tensor.is_contiguous():
                     raise ReshardError(f"{where} is not contiguous; pass contiguous shards")
                 devices.add(tensor.device)
     if len(devices) > 1:
