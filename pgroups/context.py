@@ -22,7 +22,7 @@ from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupI
                           check_groups, checked_initializer_call, default_registry, describe_initializer)
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
 from .modes import ModeLike, ParallelMode, is_builtin, mode_identity, mode_name
-from .nccl_options import check_modes as check_nccl_option_modes
+from .nccl_options import options_by_mode
 from .topology import CLASSIC_MODES, RankGroups, Topology
 
 #: Built-in modes every context builds, in creation order (the same on every rank). A layout
@@ -94,7 +94,8 @@ class ParallelContext:
             self.config, self.topology, self._rank = cfg, topology, rank
             device_backend = resolve_device_backend(cfg.backend)
             self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
-                                        cfg.timeout_s, nccl_options=cfg.nccl_options)
+                                        cfg.timeout_s, nccl_options=options_by_mode(
+                                            cfg.nccl_options, initializers, mode_identity))
             keys: Dict[Hashable, str] = {}
             for name, init in initializers.items():
                 key = init.layout_key(topology)
@@ -286,7 +287,7 @@ class ParallelContext:
     def get_virtual_pipeline_size(self) -> int:
         """Model chunks per pipeline rank (``parallel.virtual_pipeline``; 1 without interleaving)."""
         self._require()
-        return self.config.parallel.virtual_pipeline
+        return self.topology.virtual_pipeline or 1
 
     def get_virtual_pipeline_layers(self, num_layers: int, first_stage_layers: Optional[int] = None,
                                     last_stage_layers: Optional[int] = None) -> List[range]:
@@ -318,20 +319,24 @@ class ParallelContext:
         """Whether this rank is in one of ``mode``'s groups."""
         return self._state(mode).ranks is not None
 
-    def mode_along(self, axes: Sequence[str]) -> str:
-        """The built mode whose groups are the groups along ``axes`` (axes of size 1 change
-        nothing); a mode along exactly ``axes`` first. ModeNotInitializedError if none is."""
+    def find_mode(self, mode: ModeLike) -> str:
+        """The built mode that answers for ``mode``: itself under any spelling (``"tp"`` is
+        ``"tensor"``), else a built mode with identical groups (``"tp-cp"`` is ``"tensor"`` when
+        context is 1). ModeNotInitializedError naming it when none is built (list it under
+        ``parallel.modes``)."""
         self._require()
-        key = self.topology.axes_key(axes)
-        matches = [name for name, state in self._modes.items()
-                   if state.initializer.layout_key(self.topology) == key]
-        exact = [name for name in matches
-                 if set(getattr(self._modes[name].initializer, "axes", None) or ()) == set(axes)]
-        if not matches:
-            raise ModeNotInitializedError(
-                f"no built mode has the groups along {'-'.join(axes) or 'no axis (one rank each)'}; "
-                f"built modes: {allowed(self._modes)}")
-        return (exact or matches)[0]
+        name = mode_name(mode)
+        try:
+            return self._state(name).mode
+        except ModeNotInitializedError:
+            pass
+        key = self.topology.layout_key(name)  # UnknownModeError / ConfigError for a bad name
+        for built, state in self._modes.items():
+            if state.initializer.layout_key(self.topology) == key:
+                return built
+        raise ModeNotInitializedError(
+            f"mode {name!r} was not built and no built mode has its groups; list it under "
+            f"parallel.modes (built modes: {allowed(self._modes)})")
 
     def _require(self) -> None:
         if self.topology is None:
@@ -406,7 +411,7 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
             if where and str(exc).startswith(where):
                 raise
             raise ConfigError(f"{where}{exc}") from None
-    check_nccl_option_modes(cfg.nccl_options, result, where)
+    options_by_mode(cfg.nccl_options, result, mode_identity, where)  # every entry names a built mode
     return result
 
 

@@ -2,10 +2,11 @@
 ``ProcessGroupCollection``-shaped object. Both reuse the context's communicators; neither ever
 creates a group of its own (a mode built lazily is built by the context, as for any query).
 
-Dimensions and fields are named by *axes* of the layout: a short axis name (``"tp"``), a
-combination of axes joined with ``-`` (``"tp-pp"``, order irrelevant), or a mode whose groups run
-along axes (``"tensor"``, ``"pipe"``, ``"data"``, ``"model"``, ``"global"``). The group of an axis
-set is the group of the built mode with exactly those groups.
+Dimensions and fields are modes: an axis (``"tp"``, ``"cp"``), a combination of one mesh's axes
+joined with ``-`` (``"dp-cp"``, order irrelevant), or a built-in axis mode (``"tensor"``,
+``"model"``, ``"global"`` …). Each is served by the built mode with exactly its groups
+(:meth:`ParallelContext.find_mode`): itself, or a mode with identical groups (``"tp-cp"`` is
+``"tensor"`` when context is 1).
 """
 from __future__ import annotations
 
@@ -13,58 +14,87 @@ import itertools
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ModeNotInitializedError, allowed
-from .topology import Topology
+from .mesh import GridMesh, Mesh
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
 
     from .backend import ProcessGroup
     from .context import ParallelContext
+    from .topology import Topology
 
 Axes = Tuple[str, ...]
 
 
 # ---- pure: names → axes → the ranks of a mesh -------------------------------------------------
-def dim_axes(name: str, topology: Topology, mode_axes: Mapping[str, Axes]) -> Axes:
-    """The layout axes a mesh dimension named ``name`` runs along, in layout order (fastest first).
+def dim_axes(topology: "Topology", names: Sequence[str]) -> Tuple[Mesh, List[Axes]]:
+    """The mesh all of ``names`` run along and each name's axes on it (mesh order).
 
-    ``name`` is an axis of ``topology`` (``"tp"``), axes joined with ``-`` (``"dp-tp"``), or a
-    mode in ``mode_axes`` (mode → its axes). Raises ValueError naming what is allowed.
+    ``"global"`` is every axis of the dense mesh; ``"pp"`` (a dense name) joins the expert or
+    weight mesh when the other names are on it. Raises ValueError for a mode that is not a
+    view of a mesh (zero1, nettest, embedding, user modes) or names on different meshes, and
+    the topology's UnknownModeError / ConfigError for a name that is no mode at all.
     """
-    axes = mode_axes.get(name)
-    if axes is None:
-        parts = [part.strip() for part in name.split("-")] if isinstance(name, str) else [name]
-        if not all(part in topology.order for part in parts) or len(set(parts)) != len(parts):
-            raise ValueError(
-                f"{name!r} is not an axis, an axis combination or an axis mode of this layout; "
-                f"allowed: axes {allowed(topology.order)}, combinations such as "
-                f"{'-'.join(topology.order[:2])!r}, modes {allowed(mode_axes)}")
-        axes = tuple(parts)
-    return tuple(a for a in topology.order if a in axes)
+    meshes, axes = [], []
+    for name in names:
+        if name == "global":
+            mesh, dims = topology.mesh("dense"), topology.mesh("dense").axes
+        else:
+            mesh, dims, _ = topology.resolve(name)
+            if mesh is None:
+                raise ValueError(f"{name!r} is not a view of a mesh (its groups follow a rule of their "
+                                 "own); a mesh dimension is an axis such as 'tp', a combination such as "
+                                 "'dp-cp', or an axis mode such as 'tensor', 'model', 'global'")
+        meshes.append(mesh)
+        axes.append(tuple(dims))
+    others = {m.name: m for m in meshes if m.name != "dense"}
+    if len(others) == 1:  # axes the dense mesh shares with it by name (pp) join the other mesh
+        (target,) = others.values()
+        if all(set(dims) <= set(target.axes) for dims in axes):
+            return target, axes
+    if len({m.name for m in meshes}) > 1:
+        raise ValueError(f"dimensions {list(names)} lie on different meshes "
+                         f"({', '.join(sorted({m.name for m in meshes}))}); a DeviceMesh is one mesh")
+    return meshes[0], axes
 
 
-def mesh_ranks(topology: Topology, rank: int, dims: Sequence[Axes]) -> Any:
+def mesh_ranks(mesh: Mesh, rank: int, dims: Sequence[Axes]) -> Any:
     """The rank mesh around ``rank`` with one dimension per entry of ``dims`` (nested lists).
 
-    Along a dimension the ranks are sorted, so a rank's coordinate on it is its local rank in the
-    group along those axes (the order ``new_group`` gives it); the other axes keep ``rank``'s
-    coordinates. Cost O(mesh size). Raises ValueError if two dimensions share an axis.
+    Along a dimension the ranks are in sorted order, so a rank's coordinate on it is its local
+    rank in the group along those axes (the order ``new_group`` gives it); ``rank``'s other
+    coordinates are kept. Cost O(mesh size x dimensions). Raises ValueError if two dimensions
+    share an axis, or if a mesh's groups are not laid out alike through every rank of the
+    sub-mesh (then no DeviceMesh can hold them).
     """
     seen = [a for axes in dims for a in axes]
     if len(seen) != len(set(seen)):
         raise ValueError(f"mesh dimensions {['-'.join(d) for d in dims]} share an axis; each axis "
                          "may appear in one dimension only")
-    coords = topology.coordinates(rank)
-    base = rank - sum(coords[a] * topology.stride(a) for a in seen)
-    offsets = [sorted(sum(step) for step in itertools.product(
-        *[[i * topology.stride(a) for i in range(topology.axis_size(a))] for a in axes])) for axes in dims]
+    home = mesh.coordinates(rank)
 
-    def build(level: int, start: int) -> Any:
-        if level == len(offsets):
-            return start
-        return [build(level + 1, start + off) for off in offsets[level]]
+    def at(values: Mapping[str, int]) -> int:
+        return mesh.rank_at({**home, **values})
 
-    return build(0, base)
+    # each dimension's coordinate tuples, in the order of the ranks they give through ``rank``
+    steps = [sorted((dict(zip(axes, values)) for values in itertools.product(*(range(mesh.size(a)) for a in axes))),
+                    key=at) for axes in dims]
+
+    def build(level: int, values: Dict[str, int]) -> Any:
+        if level == len(steps):
+            return at(values)
+        return [build(level + 1, {**values, **step}) for step in steps[level]]
+
+    ranks = build(0, {})
+    if isinstance(mesh, GridMesh):  # a grid's sorted order is its coordinate order everywhere
+        return ranks
+    for index in itertools.product(*(range(len(s)) for s in steps)):  # every rank: coordinate == local rank
+        member = at({k: v for level, i in enumerate(index) for k, v in steps[level][i].items()})
+        for level, axes in enumerate(dims):
+            if mesh.group_of(member, axes).index(member) != index[level]:
+                raise ValueError(f"the groups along {'-'.join(axes)} of the {mesh.name} mesh are not "
+                                 "ordered alike through every rank; a DeviceMesh cannot hold them")
+    return ranks
 
 
 # ---- DeviceMesh --------------------------------------------------------------------------------
@@ -76,40 +106,32 @@ def device_mesh(ctx: "ParallelContext", dims: Union[str, Sequence[str]],
     job (its device groups) and ``"cpu"`` otherwise; ``"cpu"`` on an NCCL job uses the gloo twins.
     Collective only when a mode it needs is still lazy (built as by ``get_group``).
     """
+    import torch
     from torch.distributed.device_mesh import DeviceMesh
 
     names = (dims,) if isinstance(dims, str) else tuple(dims)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"device_mesh needs one or more distinct dimension names, got {names!r}")
-    topology = ctx.topology
-    axes = [dim_axes(name, topology, axis_modes(ctx)) for name in names]
-    ranks = mesh_ranks(topology, ctx.get_global_rank(), axes)
+    mesh, axes = dim_axes(ctx.topology, names)
+    ranks = mesh_ranks(mesh, ctx.get_global_rank(), axes)
+    modes = [ctx.find_mode(name) for name in names]
+    rank = ctx.get_global_rank()
+    for name, mode, dims_axes in zip(names, modes, axes):
+        if ctx.get_ranks_in_group(mode) != mesh.group_of(rank, dims_axes):  # e.g. pp of two meshes
+            raise ValueError(f"dimension {name!r}: mode {mode!r}'s groups are not the {mesh.name} "
+                             f"mesh's groups along {'-'.join(dims_axes)}")
     if device_type is None:
         device_type = "cuda" if ctx.backend.device_backend == "nccl" else "cpu"
     twins = device_type == "cpu" and ctx.backend.device_backend == "nccl"
-    get = ctx.get_cpu_group if twins else ctx.get_group
-    groups = [get(ctx.mode_along(a)) for a in axes]
-    import torch
-
+    groups = [(ctx.get_cpu_group if twins else ctx.get_group)(mode) for mode in modes]
     return DeviceMesh.from_group(groups, device_type, mesh=torch.tensor(ranks, dtype=torch.int),
                                  mesh_dim_names=names)
 
 
-def axis_modes(ctx: "ParallelContext") -> Dict[str, Axes]:
-    """Every built mode whose groups run along axes of the layout → those axes."""
-    result = {}
-    for mode in ctx.modes:
-        axes = getattr(ctx.get_initializer(mode), "axes", None)
-        if axes is not None:
-            result[mode] = tuple(axes)
-    result.setdefault("global", tuple(ctx.topology.order))
-    return result
-
-
 # ---- Megatron-Core -------------------------------------------------------------------------------
-#: Megatron-Core ``ProcessGroupCollection`` field → the axes of its groups (Megatron's
-#: ``RankGenerator.get_ranks`` names; ``etp``/``edp`` are the expert mesh's tensor and data axes),
-#: and what the field holds.
+#: Megatron-Core ``ProcessGroupCollection`` field → the mode with its groups (Megatron's
+#: ``RankGenerator.get_ranks`` tokens; ``etp``/``edp`` are the expert mesh's tensor and data
+#: axes, which Megatron's expert generator calls tp/dp), and what the field holds.
 MEGATRON_FIELDS: Dict[str, Tuple[str, str]] = {
     "tp": ("tp", "tensor parallel"),
     "pp": ("pp", "pipeline parallel"),
@@ -126,9 +148,6 @@ MEGATRON_FIELDS: Dict[str, Tuple[str, str]] = {
     "dp_cp": ("dp-cp", "data x context parallel"),
     "expt_dp": ("edp", "expert data parallel"),
 }
-#: The expert axes when the layout has no expert mesh: Megatron's defaults (expert 1,
-#: expert_tensor = tensor) make the expert mesh the dense one with context parallelism folded in.
-_EXPERT_DEFAULTS = {"etp": ("tp",), "ep": (), "edp": ("dp", "cp")}
 
 
 class MegatronGroups:
@@ -181,22 +200,8 @@ def megatron_groups(ctx: "ParallelContext", fields: Optional[Iterable[str]] = No
     for field in (f for f in MEGATRON_FIELDS if f in wanted):
         spec, meaning = MEGATRON_FIELDS[field]
         try:
-            modes[field] = _megatron_mode(ctx, spec)
+            modes[field] = ctx.find_mode(spec)
         except ModeNotInitializedError as exc:
             raise ModeNotInitializedError(f"megatron group {field!r} ({meaning}): {exc}") from None
         groups[field] = ctx.get_group(modes[field]) if ctx.is_member(modes[field]) else None
     return MegatronGroups(groups, modes)
-
-
-def _megatron_mode(ctx: "ParallelContext", spec: str) -> str:
-    if spec == "embedding":
-        if not ctx.is_initialized("embedding"):
-            raise ModeNotInitializedError(
-                f"this context has no 'embedding' mode; built modes: {allowed(ctx.modes)}")
-        return "embedding"
-    axes: List[str] = []
-    for part in spec.split("-"):
-        for axis in _EXPERT_DEFAULTS.get(part, (part,)):
-            if axis in ctx.topology.order:  # axes the layout lacks have size 1
-                axes.append(axis)
-    return ctx.mode_along(tuple(axes))

@@ -13,7 +13,7 @@ NCCL group. This module is pure: it never imports torch.distributed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Mapping, Optional
+from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Optional
 
 from .errors import ConfigError, allowed, did_you_mean
 
@@ -35,7 +35,7 @@ def validate_nccl_options(value: Any, where: str = "") -> Dict[str, Dict[str, An
 
     Returns a plain dict with ``net_name`` spelled as NCCL names it (``IB`` / ``Socket``).
     Mode names are checked later, against the modes a context builds
-    (:func:`check_modes`). Raises ConfigError naming the key, the value and what is allowed.
+    (:func:`options_by_mode`). Raises ConfigError naming the key, the value and what is allowed.
     """
     if value is None:
         return {}
@@ -82,13 +82,24 @@ def _check_cta_bounds(prefix: str, options: Mapping[str, Any]) -> None:
         raise ConfigError(f"{prefix}: min_ctas({low}) must not exceed max_ctas({high})")
 
 
-def check_modes(nccl_options: Mapping[str, NcclOptions], modes: Any, where: str = "") -> None:
-    """Raise ConfigError if ``nccl_options`` names a mode outside ``modes`` (the built ones)."""
+def options_by_mode(nccl_options: Mapping[str, NcclOptions], modes: Iterable[str],
+                    identity: Callable[[str], Hashable] = lambda name: name,
+                    where: str = "") -> Dict[str, NcclOptions]:
+    """``nccl_options`` keyed by the built mode each entry names (``identity`` says when two
+    spellings are one mode: ``tp`` is ``tensor``). Raises ConfigError for an entry that names
+    no built mode, or two entries that name one."""
     modes = list(modes)
-    for mode in nccl_options:
-        if mode not in modes:
-            raise ConfigError(f"{where}nccl_options.{mode}: no such mode{did_you_mean(mode, modes)}; "
+    by_identity = {identity(m): m for m in modes}
+    result: Dict[str, NcclOptions] = {}
+    for name, options in nccl_options.items():
+        built = by_identity.get(identity(name))
+        if built is None:
+            raise ConfigError(f"{where}nccl_options.{name}: no such mode{did_you_mean(name, modes)}; "
                               f"modes this config builds: {allowed(modes)}")
+        if built in result:
+            raise ConfigError(f"{where}nccl_options.{name}: mode {built!r} already has options")
+        result[built] = options
+    return result
 
 
 def config_fields(options: NcclOptions) -> Dict[str, Any]:

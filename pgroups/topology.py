@@ -390,10 +390,6 @@ class Topology:
         """Every group along dense ``axes``, ordered by smallest member. Cost O(world)."""
         return self.dense.groups(axes)
 
-    def axes_key(self, axes: Sequence[str]) -> Hashable:
-        """The layout key of the groups along ``axes`` (one mesh's axes; none: one rank each)."""
-        return self.layout_key("-".join(axes)) if axes else ("runs", frozenset())
-
     # ---- special modes ----------------------------------------------------------------------
     @property
     def zero1_base(self) -> str:

@@ -169,3 +169,19 @@ def test_a_mode_with_options_gets_its_own_communicator_in_the_context():
             assert tuned.backend.calls == plain_calls + 1
         finally:
             tuned.destroy()
+
+
+def test_options_follow_the_mode_under_any_spelling():
+    """'tp' is 'tensor' and 'cp-dp' is 'dp-cp': the options reach the built mode; naming one
+    mode twice is an error."""
+    with fake_world(16, 0):
+        ctx = ParallelContext().init_from_config({
+            "parallel": {"tensor": 2, "context": 2, "order": "tp-cp-dp-pp", "modes": ["dp-cp"]},
+            "nccl_options": {"tp": {"max_ctas": 4}, "cp-dp": {"min_ctas": 2}}})
+        try:
+            assert ctx.backend.nccl_options == {"tensor": {"max_ctas": 4}, "dp-cp": {"min_ctas": 2}}
+        finally:
+            ctx.destroy()
+        with pytest.raises(ConfigError, match=r"nccl_options.tp: mode 'tensor' already has options"):
+            ParallelContext().init_from_config({"parallel": {"tensor": 2},
+                                                "nccl_options": {"tensor": {"max_ctas": 4}, "tp": {"max_ctas": 8}}})

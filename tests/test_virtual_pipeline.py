@@ -138,12 +138,22 @@ def test_first_and_last_stage_with_chunks_are_megatrons(pp, vp):
 
 # ---- config and context ---------------------------------------------------------------------
 def test_config_key_and_its_errors():
-    assert load_config({"parallel": {"pipeline": 4, "virtual_pipeline": 2}}).parallel.virtual_pipeline == 2
-    assert load_config({}).parallel.virtual_pipeline == 1
+    assert load_config({"parallel": {"pipeline": 4, "virtual_pipeline": 2}}).topology(8).virtual_pipeline == 2
     with pytest.raises(ConfigError, match=r"parallel.virtual_pipeline\(2\) needs pipeline > 1"):
-        load_config({"parallel": {"virtual_pipeline": 2}})
+        load_config({"parallel": {"virtual_pipeline": 2}}).topology(8)
     with pytest.raises(ConfigError, match="parallel.virtual_pipeline must be a positive integer, got 0"):
         load_config({"parallel": {"pipeline": 2, "virtual_pipeline": 0}})
+
+
+def test_without_the_key_there_is_one_chunk():
+    with fake_world(4, 3):
+        ctx = ParallelContext().init_from_config({"parallel": {"pipeline": 2}})
+        try:
+            assert ctx.get_virtual_pipeline_size() == 1
+            assert ctx.get_virtual_pipeline_layers(8) == [range(4, 8)]  # rank 3 is stage 1 (order tp-pp-dp)
+            assert ctx.is_pipeline_last_stage(chunk=0) and not ctx.is_pipeline_first_stage(chunk=0)
+        finally:
+            ctx.destroy()
 
 
 @pytest.mark.parametrize("rank", [0, 2, 5, 7])
