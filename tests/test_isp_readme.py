@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pgroups.launch import free_port
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -28,8 +30,12 @@ def test_readme_training_loop_runs_as_written(tmp_path):
     script.write_text(readme_script())
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(README.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                          str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    # a fixed single-node launch on a free port: no rendezvous service to share with other jobs'
+    # torchrun on this machine (a --standalone run failed once under load, cause not recorded)
+    launch = ["--nnodes", "1", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+              "--nproc-per-node", "4"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, str(script)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=280)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 0", "step 1", "step 2"], run.stdout
