@@ -38,8 +38,9 @@ Wrong data is never noise: any wrong element flags a group at once (no re-test n
 """
 from __future__ import annotations
 
+import bisect
 import statistics
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
@@ -165,38 +166,94 @@ class Deviation:
     ratio: float   # how many times worse (>= 1 means worse)
 
 
-def worse_than_peers(value: float, peers: Sequence[float], higher_is_better: bool,
-                     rule: Rule) -> Optional[Deviation]:
-    """The Deviation if ``value`` is worse than ``peers`` by the rule, else None.
+@attrs.frozen
+class PeerStats:
+    """The reference a value is judged against: its peers' median, spread (1.4826 x MAD) and
+    how many peers there are. Computed once, so judging many values against the same peers
+    costs O(1) each."""
+
+    median: float
+    spread: float
+    count: int
+
+    @classmethod
+    def of(cls, peers: Sequence[float]) -> "PeerStats":
+        if not peers:
+            return cls(0.0, 0.0, 0)
+        reference = statistics.median(peers)
+        return cls(reference, MAD_SCALE * statistics.median(abs(p - reference) for p in peers), len(peers))
+
+
+def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule) -> Optional[Deviation]:
+    """The Deviation if ``value`` is worse than the peers described by ``peers`` by the rule.
 
     Worse means: beyond ``slow_factor`` times the peers' median **and** beyond ``mad_k``
     robust standard deviations of the peers. With fewer than MIN_PEERS_FOR_SPREAD peers there
     is no spread to measure, so the factor doubles instead. No peers → None.
     """
-    if not peers:
+    if not peers.count or not peers.median > 0:
         return None
-    reference = statistics.median(peers)
-    spread = MAD_SCALE * statistics.median(abs(p - reference) for p in peers)
-    factor = rule.slow_factor if len(peers) >= MIN_PEERS_FOR_SPREAD else 2 * rule.slow_factor
+    factor = rule.slow_factor if peers.count >= MIN_PEERS_FOR_SPREAD else 2 * rule.slow_factor
     if higher_is_better:
-        ratio = reference / value if value > 0 else float("inf")
-        beyond_spread = value < reference - rule.mad_k * spread
+        ratio = peers.median / value if value > 0 else float("inf")
+        beyond_spread = value < peers.median - rule.mad_k * peers.spread
     else:
-        ratio = value / reference if reference > 0 else float("inf")
-        beyond_spread = value > reference + rule.mad_k * spread
-    if ratio >= factor and beyond_spread and reference > 0:
-        return Deviation(value, reference, spread, ratio)
+        ratio = value / peers.median
+        beyond_spread = value > peers.median + rule.mad_k * peers.spread
+    if ratio >= factor and beyond_spread:
+        return Deviation(value, peers.median, peers.spread, ratio)
     return None
+
+
+def worse_than_peers(value: float, peers: Sequence[float], higher_is_better: bool,
+                     rule: Rule) -> Optional[Deviation]:
+    """The Deviation if ``value`` is worse than ``peers`` by the rule (see :func:`deviation`)."""
+    return deviation(value, PeerStats.of(peers), higher_is_better, rule)
+
+
+def leave_one_out(values: Sequence[float]) -> List[PeerStats]:
+    """For each value, the PeerStats of all the *other* values — in O(n log n), not O(n²).
+
+    Removing one value from a sorted list moves the median to one of at most three places,
+    so the absolute deviations are sorted once per place, and each value's own deviation is
+    taken out of them by position.
+    """
+    n = len(values)
+    if n < 2:
+        return [PeerStats(0.0, 0.0, 0) for _ in values]
+    order = sorted(range(n), key=lambda i: values[i])
+    ranked = [values[i] for i in order]
+    position = {index: pos for pos, index in enumerate(order)}
+    deviations: Dict[float, List[float]] = {}
+    out = []
+    for i in range(n):
+        median = _median_without(ranked, position[i])
+        if median not in deviations:
+            deviations[median] = sorted(abs(v - median) for v in ranked)
+        spread = _median_without(deviations[median], bisect.bisect_left(deviations[median], abs(values[i] - median)))
+        out.append(PeerStats(median, MAD_SCALE * spread, n - 1))
+    return out
+
+
+def _median_without(ranked: Sequence[float], skip: int) -> float:
+    """The median of sorted ``ranked`` without its element at position ``skip``."""
+    m = len(ranked) - 1
+
+    def at(k: int) -> float:
+        return ranked[k] if k < skip else ranked[k + 1]
+
+    return at(m // 2) if m % 2 else (at(m // 2 - 1) + at(m // 2)) / 2
 
 
 def outliers(values: Mapping[str, float], higher_is_better: bool, rule: Rule) -> Dict[str, Deviation]:
     """Leave-one-out: every key whose value is worse than the others' by the rule."""
+    keys = list(values)
+    stats = leave_one_out([values[k] for k in keys])
     found = {}
-    for key, value in values.items():
-        peers = [v for k, v in values.items() if k != key]
-        deviation = worse_than_peers(value, peers, higher_is_better, rule)
-        if deviation is not None:
-            found[key] = deviation
+    for key, peers in zip(keys, stats):
+        dev = deviation(values[key], peers, higher_is_better, rule)
+        if dev is not None:
+            found[key] = dev
     return found
 
 
@@ -234,15 +291,20 @@ def comparison_classes(catalog: Sequence[GroupUnderTest]) -> Dict[Tuple[str, int
 
 
 def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurement], rule: Rule,
-              metrics_to_check: Sequence[str] = ("busbw", "latency", "floor")) -> List[Finding]:
+              metrics_to_check: Sequence[str] = ("busbw", "latency", "floor"),
+              tick: Callable[[], None] = lambda: None) -> List[Finding]:
     """Slow groups by the relative rule (busbw at the largest size, latency at the smallest
-    size, per collective, within each comparison class) and by the absolute floor."""
+    size, per collective, within each comparison class) and by the absolute floor.
+
+    O(measurements + groups · log groups); ``tick`` is called once per class (a heartbeat)."""
     table = index_measurements(measurements)
+    sizes_of = _sizes_by_group(table)
     findings: List[Finding] = []
     for (kind, _size), groups in comparison_classes(catalog).items():
+        tick()
         ids = [g.id for g in groups]
-        for collective in _collectives_of(table, ids):
-            sizes = _common_sizes(table, ids, collective)
+        for collective in _collectives_of(sizes_of, ids):
+            sizes = _common_sizes(sizes_of, ids, collective)
             if not sizes:
                 continue
             large, small = max(sizes), min(sizes)
@@ -301,13 +363,21 @@ def _sources(rows: Sequence[Measurement]) -> List[int]:
     return sorted(s for s, n in counts.items() if n)
 
 
-def _collectives_of(table: Mapping[MeasurementKey, Measurement], ids: Sequence[str]) -> List[str]:
-    found = {c for (gid, c, _s) in table if gid in ids}
+def _sizes_by_group(table: Mapping[MeasurementKey, Measurement]) -> Dict[str, Dict[str, set]]:
+    """``{group: {collective: sizes measured}}``, one pass over the table."""
+    sizes: Dict[str, Dict[str, set]] = {}
+    for gid, collective, size in table:
+        sizes.setdefault(gid, {}).setdefault(collective, set()).add(size)
+    return sizes
+
+
+def _collectives_of(sizes_of: Mapping[str, Mapping[str, set]], ids: Sequence[str]) -> List[str]:
+    found = {c for gid in ids for c in sizes_of.get(gid, {})}
     return [c for c in metrics.COLLECTIVES if c in found]
 
 
-def _common_sizes(table: Mapping[MeasurementKey, Measurement], ids: Sequence[str], collective: str) -> List[int]:
-    per_group = [{s for (g, c, s) in table if g == gid and c == collective} for gid in ids]
+def _common_sizes(sizes_of: Mapping[str, Mapping[str, set]], ids: Sequence[str], collective: str) -> List[int]:
+    per_group = [sizes_of.get(gid, {}).get(collective, set()) for gid in ids]
     return sorted(set.intersection(*per_group)) if per_group else []
 
 
@@ -474,7 +544,6 @@ def _mutual_rounds(candidates: List[int], references: List[int], max_rounds: int
     wanted = min(MUTUAL_PARTNERS, len(candidates) - 1)
     rounds: List[List[Pair]] = []
     met: Dict[int, set] = {c: set() for c in candidates}
-    rounds: List[List[Pair]] = []
     for _ in range(min(max_rounds, len(ring) - 1)):
         if all(len(met[c]) >= wanted for c in candidates):
             break
