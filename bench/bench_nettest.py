@@ -9,8 +9,15 @@
    nettest + host groups) beside the **baseline** ``pgroups run --nproc 8`` (start 8 processes,
    build and check every group: the cost of starting at all).
 
+3. ``--scale``: the pure diagnosis at 1024 hosts x 8 ranks (world 8192), no processes:
+   (a) the group diagnosis (find_slow + find_wrong) over every collective at every size of
+   the default sweep, beside the **baseline** of the previous quadratic leave-one-out (each
+   group's reference recomputed from all its peers); (b) the link scan on the synthetic
+   network with one slow host (and with four faults): rounds and rank 0's thinking time.
+
     python bench/bench_nettest.py                       # the full table (several minutes here)
     python bench/bench_nettest.py --ranks 2 4 --size 16M --skip-default
+    python bench/bench_nettest.py --scale               # the pure diagnosis at world 8192
 
 Loopback gloo on a 2-core machine: the figures say how this machine behaves, not a network.
 """
@@ -78,6 +85,90 @@ def wall(cmd: List[str]) -> float:
     return time.perf_counter() - start
 
 
+def quadratic_outliers(values, higher_is_better, rule):
+    """The baseline: leave-one-out as it was, the peers' median and MAD recomputed per group."""
+    from pgroups.nettest.diagnosis import worse_than_peers
+
+    found = {}
+    for key, value in values.items():
+        dev = worse_than_peers(value, [v for k, v in values.items() if k != key], higher_is_better, rule)
+        if dev is not None:
+            found[key] = dev
+    return found
+
+
+def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
+    """Part 3: the pure diagnosis at ``hosts`` x ``ranks_per_host``."""
+    import random
+    import statistics
+
+    from pgroups.nettest import diagnosis
+    from pgroups.nettest.groups import build_catalog
+    from pgroups.nettest.linkscan import LinkScan, run_scan
+    from pgroups.nettest.synthetic import SyntheticNetwork, host_names
+
+    world = hosts * ranks_per_host
+    names = host_names(hosts, ranks_per_host)
+    catalog = build_catalog({"nettest": [list(range(i, i + 32)) for i in range(0, world, 32)]}, names)
+    rng = random.Random(0)
+    sizes = metrics.size_sweep(8, 64 * 1024 * 1024, 2)
+    measurements = [diagnosis.Measurement(g.id, c, metrics.message_shape(c, size, g.size).size_bytes, g.size, 1,
+                                          (1e-5 + size / 1e9) * rng.uniform(0.9, 1.2))
+                    for g in catalog for c in metrics.COLLECTIVES for size in sizes]
+    rule = diagnosis.Rule()
+
+    def timed(outliers_fn) -> float:
+        original = diagnosis.outliers
+        diagnosis.outliers = outliers_fn
+        try:
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                diagnosis.find_slow(catalog, measurements, rule)
+                diagnosis.find_wrong(catalog, measurements)
+                runs.append(time.perf_counter() - start)
+            return statistics.median(runs)
+        finally:
+            diagnosis.outliers = original
+
+    ours, base = timed(diagnosis.outliers), timed(quadratic_outliers)
+    print(f"group diagnosis, world {world} ({hosts} hosts x {ranks_per_host}), {len(catalog)} groups, "
+          f"{len(metrics.COLLECTIVES)} collectives x {len(sizes)} sizes = {len(measurements)} measurements; "
+          f"median of {repeats}")
+    print(f"{'approach':<34} {'seconds':>9} {'vs baseline':>12}")
+    print(f"{'quadratic leave-one-out (baseline)':<34} {base:>9.3f} {1.0:>11.2f}x")
+    print(f"{'sorted leave-one-out (pgroups)':<34} {ours:>9.3f} {ours / base:>11.3f}x")
+    print()
+    print(f"link scan, {hosts} hosts x {ranks_per_host} ranks, synthetic network (pure; measuring excluded)")
+    print(f"{'faults':<34} {'inter rounds':>12} {'intra rounds':>12} {'think s':>9}  named")
+    for label, faults in (("one slow host", {"host": ["node0513"]}),
+                          ("slow host, link, 2 ranks", {"host": ["node0100"], "link": [("node0000", "node0001")],
+                                                        "rank": [77, 4000]})):
+        thinking = []
+        for seed in range(repeats):
+            net = SyntheticNetwork(names, seed=seed)
+            for h in faults.get("host", []):
+                net.host_factor[h] = 0.02
+            for a, b in faults.get("link", []):
+                net.slow_link(a, b, 0.05)
+            for r in faults.get("rank", []):
+                net.rank_factor[r] = 0.05
+            spent = [0.0]
+
+            def measure(round_, net=net, spent=spent):
+                begin = time.perf_counter()
+                samples = net.measure(round_)
+                spent[0] += time.perf_counter() - begin
+                return samples
+
+            start = time.perf_counter()
+            scan = run_scan(LinkScan(names), measure)
+            culprits = scan.culprits()
+            thinking.append(time.perf_counter() - start - spent[0])
+        print(f"{label:<34} {scan.inter_rounds():>12} {len(scan.rounds) - scan.inter_rounds():>12} "
+              f"{statistics.median(thinking):>9.3f}  {', '.join(f'{c.kind} {c.hosts[0]}' + (f' r{c.ranks[0]}' if c.kind == 'rank' else '') for c in culprits)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
@@ -85,7 +176,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-default", action="store_true", help="skip the wall time of the default run")
+    parser.add_argument("--scale", action="store_true", help="only the pure diagnosis at 1024 hosts x 8 ranks")
     args = parser.parse_args()
+    if args.scale:
+        scale()
+        return
     size_bytes = metrics.parse_size(args.size)
 
     print(f"busbw (GB/s) at {metrics.format_size(size_bytes)}, gloo over loopback, {os.cpu_count()} CPU cores; "

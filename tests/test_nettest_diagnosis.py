@@ -204,100 +204,6 @@ def test_aggregate_means_over_ranks_best_repetition_and_best_operation():
         dx.aggregate("g", 2, [records[0], {**records[1], "size": 128}])
 
 
-# ---- pair tests ------------------------------------------------------------------------------
-def _partners(rounds, rank, roles=(dx.CANDIDATE, dx.MUTUAL)):
-    return {p.b if p.a == rank else p.a for pairs in rounds for p in pairs
-            if rank in (p.a, p.b) and p.role in roles}
-
-
-def test_pair_rounds_are_disjoint_with_a_control_and_two_reference_partners_each():
-    rounds = dx.plan_pair_rounds([0, 1, 2, 3], [4, 5, 6, 7])
-    for pairs in rounds:
-        ranks = [r for p in pairs for r in (p.a, p.b)]
-        assert len(ranks) == len(set(ranks))
-        assert any(p.role == dx.CONTROL for p in pairs)
-        assert all(p.role != dx.MUTUAL for p in pairs)
-    for cand in range(4):
-        assert len(_partners(rounds, cand)) >= 2 and _partners(rounds, cand) <= {4, 5, 6, 7}
-
-
-def test_with_three_references_candidate_pairs_are_each_others_baseline():
-    rounds = dx.plan_pair_rounds([1, 4, 5, 6, 7], [0, 2, 3])
-    assert [p.role for p in rounds[0]] == [dx.CANDIDATE] * 3  # no reference spent on a control
-    assert len(rounds) == 4  # 5 candidates x 2 references each, 3 pairs a round
-    results = dx.judge_pairs(rounds, *_pair_figures(rounds, slow_ranks={5}), RULE)
-    assert [s.rank for s in dx.name_suspects(results, [1, 4, 5, 6, 7], [0, 2, 3], HOSTS_2x4)] == [5]
-
-
-def test_pair_rounds_with_few_references_pair_candidates_with_each_other():
-    rounds = dx.plan_pair_rounds([0, 1, 2, 3, 4], [])
-    assert dx.pair_mode([0, 1, 2, 3, 4], []) == "mutual"
-    for cand in range(5):
-        assert len(_partners(rounds, cand)) >= 3
-    assert dx.plan_pair_rounds([], [1, 2]) == []
-
-
-def test_pair_plan_is_deterministic():
-    assert dx.plan_pair_rounds([3, 7, 0], [1, 2, 4, 5, 6]) == dx.plan_pair_rounds([0, 3, 7], [6, 5, 4, 2, 1])
-
-
-def _pair_figures(rounds, slow_ranks=(), wrong_senders=()):
-    small, large = {}, {}
-    for index, pairs in enumerate(rounds):
-        for p in pairs:
-            slow = p.a in slow_ranks or p.b in slow_ranks
-            t = 0.02 if slow else 0.001
-            wrong_from = tuple((r, 8) for r in (p.a, p.b) if r in wrong_senders)
-            small[(index, p.a, p.b)] = dx.Measurement("p", "sendrecv", 8, 2, 2, t, robust_time_s=t,
-                                                      wrong_from=wrong_from, wrong=8 * len(wrong_from))
-            large[(index, p.a, p.b)] = dx.Measurement("p", "sendrecv", 1 << 20, 2, 1 << 18, 10 * t,
-                                                      robust_time_s=10 * t)
-    return small, large
-
-
-def test_a_slow_rank_is_named_with_its_host_and_its_partners_are_not():
-    candidates, references = [0, 1, 2, 3], [4, 5, 6, 7]
-    rounds = dx.plan_pair_rounds(candidates, references)
-    results = dx.judge_pairs(rounds, *_pair_figures(rounds, slow_ranks={3}), RULE)
-    suspects = dx.name_suspects(results, candidates, references, HOSTS_2x4)
-    assert [(s.rank, s.host) for s in suspects] == [(3, "a")]
-    assert "slow in all 2 pair tests" in suspects[0].reason
-    assert dx.suspect_hosts(suspects, HOSTS_2x4) == {"a": {"ranks": [3], "all_ranks": False}}
-
-
-def test_a_whole_slow_host_is_named_thanks_to_control_pairs():
-    candidates, references = [4, 5, 6, 7], [0, 1, 2, 3]
-    rounds = dx.plan_pair_rounds(candidates, references)
-    results = dx.judge_pairs(rounds, *_pair_figures(rounds, slow_ranks={4, 5, 6, 7}), RULE)
-    suspects = dx.name_suspects(results, candidates, references, HOSTS_2x4)
-    assert [s.rank for s in suspects] == [4, 5, 6, 7]
-    assert dx.suspect_hosts(suspects, HOSTS_2x4)["b"]["all_ranks"] is True
-
-
-def test_within_a_group_the_slow_rank_stands_out_among_mutual_pairs():
-    candidates = [0, 1, 2, 3]
-    rounds = dx.plan_pair_rounds(candidates, [])
-    results = dx.judge_pairs(rounds, *_pair_figures(rounds, slow_ranks={2}), RULE)
-    assert [s.rank for s in dx.name_suspects(results, candidates, [], ["h"] * 4)] == [2]
-
-
-def test_a_corrupting_sender_is_named_and_its_receivers_are_not():
-    candidates = [0, 1, 2, 3]
-    rounds = dx.plan_pair_rounds(candidates, [])
-    results = dx.judge_pairs(rounds, *_pair_figures(rounds, wrong_senders={1}), RULE)
-    suspects = dx.name_suspects(results, candidates, [], ["h"] * 4)
-    assert [s.rank for s in suspects] == [1] and "data it sent arrived wrong" in suspects[0].reason
-
-
-def test_healthy_pairs_name_nobody_and_two_lone_ranks_cannot_be_told_apart():
-    rounds = dx.plan_pair_rounds([0, 1, 2, 3], [4, 5, 6, 7])
-    assert dx.name_suspects(dx.judge_pairs(rounds, *_pair_figures(rounds), RULE), [0, 1, 2, 3],
-                            [4, 5, 6, 7], HOSTS_2x4) == []
-    rounds = dx.plan_pair_rounds([0, 1], [])
-    results = dx.judge_pairs(rounds, *_pair_figures(rounds, slow_ranks={0}), RULE)
-    assert dx.name_suspects(results, [0, 1], [], ["h", "h"]) == []
-
-
 # ---- fault injection hook ------------------------------------------------------------------
 def test_fault_specs_parse():
     faults = parse_faults("slow:rank=3,sleep_ms=20; corrupt:host=node7;absent:rank=1")
@@ -306,10 +212,11 @@ def test_fault_specs_parse():
     active = ActiveFaults.for_rank(faults, 3, "node7")
     assert active == ActiveFaults(sleep_s=0.02, corrupt=True, absent=False)
     assert ActiveFaults.for_rank(faults, 0, "node1") == ActiveFaults()
+    assert ActiveFaults.for_rank(parse_faults("die:host=n2,after=3"), 5, "n2").die_after == 3
 
 
 @pytest.mark.parametrize("spec, message", [("melt:rank=1", "unknown fault 'melt'"),
-                                           ("slow:rank=x", "rank must be an integer"),
+                                           ("slow:rank=x", "rank and after must be integers"),
                                            ("slow:sleep_ms=5", "name exactly one of rank=R or host=H"),
                                            ("slow:rank=1,host=a", "name exactly one"),
                                            ("slow:rank=1,speed=2", "bad option 'speed=2'")])

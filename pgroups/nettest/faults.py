@@ -5,6 +5,8 @@ Set ``PGROUPS_NETTEST_FAULT`` (never in production) to one or more ``;``-separat
     slow:rank=3,sleep_ms=20     rank 3 sleeps 20 ms inside the timed region of every operation
     corrupt:rank=2              rank 2 corrupts what it contributes (its send buffers)
     absent:rank=1               rank 1 never enters any test collective (it sleeps until killed)
+    die:host=node7,after=3      every rank of node7 exits at once (no goodbye) inside its 4th
+                                timed operation: a host that dies mid-sweep
     slow:host=node7             every rank on host node7 (as reported; see PGROUPS_HOSTNAME)
 
 A fault names ``rank=R`` or ``host=H``. Parsing is pure; a bad spec raises ValueError naming
@@ -12,15 +14,17 @@ the part that is wrong and what is allowed.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional, Sequence, Tuple
 
 import attrs
 
 FAULT_ENV = "PGROUPS_NETTEST_FAULT"
-KINDS = ("slow", "corrupt", "absent")
+KINDS = ("slow", "corrupt", "absent", "die")
 DEFAULT_SLEEP_MS = 50.0
 ABSENT_SLEEP_S = 3600.0
+DIE_EXIT_CODE = 137  # what a killed process reports
 
 
 @attrs.frozen
@@ -31,6 +35,7 @@ class Fault:
     rank: Optional[int] = None
     host: Optional[str] = None
     sleep_ms: float = DEFAULT_SLEEP_MS
+    after: int = 0
 
     def applies_to(self, rank: int, host: str) -> bool:
         return self.rank == rank or (self.host is not None and self.host == host)
@@ -58,38 +63,47 @@ def _parse_one(part: str) -> Fault:
             continue
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or key not in ("rank", "host", "sleep_ms"):
-            raise ValueError(f"{where}: bad option {item.strip()!r}; allowed: rank=R, host=H, sleep_ms=MS")
+        if not sep or key not in ("rank", "host", "sleep_ms", "after"):
+            raise ValueError(f"{where}: bad option {item.strip()!r}; allowed: rank=R, host=H, sleep_ms=MS, after=N")
         values[key] = value
     if ("rank" in values) == ("host" in values):
         raise ValueError(f"{where}: name exactly one of rank=R or host=H")
     try:
         rank = int(values["rank"]) if "rank" in values else None
         sleep_ms = float(values.get("sleep_ms", DEFAULT_SLEEP_MS))
+        after = int(values.get("after", 0))
     except ValueError:
-        raise ValueError(f"{where}: rank must be an integer and sleep_ms a number") from None
-    if rank is not None and rank < 0 or sleep_ms < 0:
-        raise ValueError(f"{where}: rank and sleep_ms must not be negative")
-    return Fault(kind, rank, values.get("host"), sleep_ms)
+        raise ValueError(f"{where}: rank and after must be integers and sleep_ms a number") from None
+    if rank is not None and rank < 0 or sleep_ms < 0 or after < 0:
+        raise ValueError(f"{where}: rank, after and sleep_ms must not be negative")
+    return Fault(kind, rank, values.get("host"), sleep_ms, after)
 
 
-@attrs.frozen
+@attrs.define
 class ActiveFaults:
     """The faults that apply to this rank, as the runner uses them."""
 
     sleep_s: float = 0.0
     corrupt: bool = False
     absent: bool = False
+    die_after: Optional[int] = None   # timed operations before the rank dies (None: never)
+    operations: int = 0
 
     @classmethod
     def for_rank(cls, faults: Sequence[Fault], rank: int, host: str) -> "ActiveFaults":
         mine = [f for f in faults if f.applies_to(rank, host)]
+        dies = [f.after for f in mine if f.kind == "die"]
         return cls(sleep_s=sum(f.sleep_ms for f in mine if f.kind == "slow") / 1000.0,
                    corrupt=any(f.kind == "corrupt" for f in mine),
-                   absent=any(f.kind == "absent" for f in mine))
+                   absent=any(f.kind == "absent" for f in mine),
+                   die_after=min(dies) if dies else None)
 
     def inside_timed_region(self) -> None:
-        """Called before every timed operation: the injected slowness."""
+        """Called before every timed operation: the injected slowness, or death."""
+        if self.die_after is not None:
+            if self.operations >= self.die_after:
+                os._exit(DIE_EXIT_CODE)
+            self.operations += 1
         if self.sleep_s:
             time.sleep(self.sleep_s)
 

@@ -1,17 +1,19 @@
 """Output: nccl-tests-like tables, the summary, ``--json``, ``--plot`` and rank 0's progress line.
 
 Everything here reads the report dict that rank 0 builds (JSON-able, documented in the README:
-``groups``, ``measurements``, ``findings``, ``retest``, ``confirmed``, ``transient``, ``pairs``,
-``suspects``, ``suspect_hosts``, ``verdicts``, ``summary``, ``status``, ``exit_code``, and on a
+``groups``, ``measurements``, ``findings``, ``retest``, ``confirmed``, ``transient``, ``links``,
+``culprits``, ``suspects``, ``verdicts``, ``summary``, ``status``, ``exit_code``, and on a
 hang ``timeout``).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .metrics import format_size
 
@@ -105,6 +107,35 @@ def format_group_summary(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CULPRIT_LABELS = {"host": "SLOW HOST", "link": "SLOW LINK", "rank": "SLOW RANK", "rank-link": "SLOW RANK PAIR",
+                  "rail": "SLOW RAIL", "host-inside": "SLOW INSIDE HOST", "corrupting": "CORRUPTING RANK"}
+MATRIX_MAX_HOSTS = 16
+
+
+def link_matrix(links: Dict[str, Any]) -> Tuple[List[str], List[List[Optional[float]]]]:
+    """(hosts, busbw[i][j]): the median busbw of each measured host pair (None: not measured)."""
+    hosts = list(links.get("hosts", []))
+    matrix = links.get("matrix", {})
+    cells = [[(statistics.median(matrix[a][b]["busbw_gbps"]) if b in matrix.get(a, {}) else None)
+              for b in hosts] for a in hosts]
+    return hosts, cells
+
+
+def format_link_matrix(report: Dict[str, Any]) -> str:
+    """The host x host busbw matrix of the link scan (small clusters; the JSON has it always)."""
+    links = report.get("links") or {}
+    hosts, cells = link_matrix(links)
+    if len(hosts) < 2 or len(hosts) > MATRIX_MAX_HOSTS:
+        return ""
+    width = max(9, max(len(h) for h in hosts) + 1)
+    lines = [f"link scan: {links.get('inter_rounds', 0)} inter-host rounds, {links.get('intra_rounds', 0)} "
+             f"intra-host rounds; busbw (GB/s) per host pair, rail by rail, best operation:",
+             " " * width + "".join(f"{h:>{width}}" for h in hosts)]
+    for host, row in zip(hosts, cells):
+        lines.append(f"{host:<{width}}" + "".join(f"{'-' if v is None else f'{v:.3g}':>{width}}" for v in row))
+    return "\n".join(lines)
+
+
 def format_summary(report: Dict[str, Any]) -> str:
     """The verdict: groups tested, slow, wrong, suspect ranks and hosts, transient notes."""
     summary = report.get("summary", {})
@@ -116,15 +147,11 @@ def format_summary(report: Dict[str, Any]) -> str:
         again = "" if finding["metric"] == "wrong" else " (confirmed on re-test)"
         lines.append(f"{label:<5} {finding['group_id']} ranks {_ranks_text(g['ranks'])} hosts "
                      f"{_hosts_text(g['hosts'])}: {finding['detail']}{again}")
-    for s in report.get("suspects", []):
-        lines.append(f"SUSPECT rank {s['rank']} on host {s['host']}: {s['reason']}")
-    for host, info in report.get("suspect_hosts", {}).items():
-        whole = " (every rank of the host)" if info.get("all_ranks") else ""
-        lines.append(f"SUSPECT host {host}: ranks {info['ranks']}{whole}")
-    pairs = report.get("pairs") or {}
-    if report.get("confirmed") and pairs.get("candidates") and not report.get("suspects"):
-        lines.append(f"note: pair tests of ranks {pairs['candidates']} singled out no rank: the fault shows "
-                     "only in whole-group traffic (or every candidate is equally affected)")
+    for culprit in report.get("culprits", []):
+        lines.append(f"{CULPRIT_LABELS.get(culprit['kind'], culprit['kind'].upper())}: {culprit['reason']}")
+    links = report.get("links") or {}
+    for note in links.get("transient", [])[:8]:
+        lines.append(f"note: transient, not counted: {note}")
     transient: Dict[str, List[str]] = {}
     for finding in report.get("transient", []):
         transient.setdefault(finding["group_id"], []).append(f"{finding['collective']} {finding['metric']}")
@@ -150,6 +177,7 @@ def format_report(report: Dict[str, Any], tables: bool = True) -> str:
     if tables:
         parts.append(format_tables(report))
     parts.append(format_group_summary(report))
+    parts.append(format_link_matrix(report))
     parts.append(format_summary(report))
     return "\n".join(p for p in parts if p)
 
@@ -160,8 +188,10 @@ def write_json(report: Dict[str, Any], path: str) -> None:
     if path == "-":
         print(text)
         return
-    with open(path, "w", encoding="utf-8") as handle:
+    temporary = f"{path}.{os.getpid()}.tmp"   # several ranks may write it (store gone): whole files only
+    with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
+    os.replace(temporary, path)
 
 
 def plotting_available() -> bool:
@@ -169,7 +199,8 @@ def plotting_available() -> bool:
 
 
 def write_plot(report: Dict[str, Any], path: str) -> None:
-    """busbw against message size, one line per group (and one bar per pair test, if any).
+    """busbw against message size, one line per group, and beside it the link scan's host x
+    host busbw matrix as a heatmap (when two or more hosts were scanned).
 
     Needs matplotlib (the CLI checks :func:`plotting_available` before running anything).
     """
@@ -179,9 +210,10 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     collectives = list(dict.fromkeys(m["collective"] for m in report.get("measurements", [])))
-    pairs = (report.get("pairs") or {}).get("results", [])
-    panels = len(collectives) + (1 if pairs else 0)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(6 * max(panels, 1), 4.5), squeeze=False)
+    hosts, cells = link_matrix(report.get("links") or {})
+    heatmap = len(hosts) >= 2
+    panels = max(len(collectives) + (1 if heatmap else 0), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     verdicts = report.get("verdicts", {})
     for ax, collective in zip(axes[0], collectives):
         lines: Dict[str, List[Dict[str, Any]]] = {}
@@ -198,15 +230,15 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
         ax.set_ylabel("busbw (GB/s)")
         ax.set_title(collective)
         ax.legend(fontsize="small")
-    if pairs:
+    if heatmap:
         ax = axes[0][-1]
-        labels = [f"r{p['round']}:{p['ranks'][0]}-{p['ranks'][1]}" for p in pairs]
-        values = [p["large"].get("robust_busbw_gbps", p["large"]["busbw_gbps"]) for p in pairs]
-        colors = ["tab:red" if p["slow"] else ("tab:gray" if p["role"] == "control" else "tab:green") for p in pairs]
-        ax.bar(range(len(values)), values, color=colors)
-        ax.set_xticks(range(len(values)), labels, rotation=60, fontsize="small")
-        ax.set_ylabel("busbw of the best operation (GB/s)")
-        ax.set_title(f"pair tests at {format_size(pairs[0]['large']['size_bytes'])} (red: slow, gray: control)")
+        values = [[float("nan") if v is None else v for v in row] for row in cells]
+        image = ax.imshow(values, cmap="viridis")
+        ticks = range(len(hosts))
+        ax.set_xticks(ticks, hosts, rotation=60, fontsize="small")
+        ax.set_yticks(ticks, hosts, fontsize="small")
+        ax.set_title("link scan: busbw per host pair (GB/s; blank: not measured)")
+        fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

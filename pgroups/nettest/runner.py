@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
 from . import diagnosis, metrics
 from .diagnosis import Measurement, Rule
 from .faults import FAULT_ENV, ActiveFaults, parse_faults
+from .linkscan import Culprit, LinkScan, PairSample
 from .groups import HOST_KINDS, GroupUnderTest, build_catalog, duplicate_kinds, group_of_rank, plan_waves
 
 STORE_PREFIX = "pgroups-nettest/"
@@ -47,6 +49,11 @@ PAIR_MAX_BYTES = 8 * 1024 * 1024  # pair tests stop here: enough to compare pair
 PATTERN_PERIOD = 61   # element values cycle through -30..30 (exact in float32 sums)
 OFFSET_PERIOD = 64    # per-source offset, so chunks from different ranks differ
 CORRUPT_DELTA = 1000.0
+ALIVE_WINDOW_S = 2.5   # after an abort: how long the rank that raised it watches who still answers
+LEAVE_WAIT_S = 2.0     # ... and how long the store's host waits for the other hosts' ranks to leave
+NCCL_TIMEOUT_MARGIN_S = 60.0
+CLOSE_WAIT_S = 2.0  # NCCL groups time out this much after the tool's own deadline
+RANK_CULPRITS = ("rank", "corrupting", "rank-link", "rail")  # culprits that name ranks, not hosts
 
 
 class NettestTimeoutError(GroupTimeoutError):
@@ -91,17 +98,56 @@ class NettestOptions:
 
 
 # ---- control plane ----------------------------------------------------------------------------
+class StoreGoneError(NettestTimeoutError):
+    """The rendezvous store stopped answering: its host (or the process that held it) is gone."""
+
+
+def store_address() -> str:
+    """``HOST:PORT`` of the rendezvous store, as the launcher gave it (``?`` if unknown)."""
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+class _GuardedStore:
+    """The run's store, every call of which turns a lost connection into StoreGoneError (one
+    line, never a traceback)."""
+
+    def __init__(self, store: dist.Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._store, name)
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return method(*args)
+            except (RuntimeError, dist.DistError, ConnectionError) as exc:
+                cause = _first_words(str(exc)) or type(exc).__name__
+                message = f"the rendezvous store at {store_address()} is gone ({cause})"
+                raise StoreGoneError(message, {"message": message, "kind": "store-gone",
+                                               "store": store_address()}) from None
+        return guarded
+
+
 class Coordinator:
-    """Barriers, figure exchange, plans, heartbeats and the abort flag, through the store."""
+    """Barriers, figure exchange, plans, heartbeats and the abort flag, through the store.
+
+    Keys live under ``pgroups-nettest/run<N>/`` (N counts the runs on this store, so a second
+    run never reads the first one's keys) and are deleted when the run ends (:meth:`close`);
+    only the run counter stays.
+    """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
                  hostnames: Sequence[str]) -> None:
-        self.store = dist.PrefixStore(STORE_PREFIX, store)
+        root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store))
+        self.run_id = (int(root.add("runs", 1)) - 1) // world_size
+        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store))
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
         self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
         self.hostnames = list(hostnames)
         self._last_beat = 0.0
+        self._steps: List[str] = []
+        self._plans: List[str] = []
 
     @classmethod
     def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
@@ -116,14 +162,15 @@ class Coordinator:
         self.store.set(f"pos/{self.rank}", where)
 
     def positions(self, ranks: Sequence[int]) -> Dict[int, str]:
-        keys = [f"pos/{r}" for r in ranks]
         found = {}
-        for rank, key in zip(ranks, keys):
+        for rank in ranks:
+            key = f"pos/{rank}"
             found[rank] = self.store.get(key).decode() if self.store.check([key]) else "start-up"
         return found
 
     def beat(self) -> None:
-        """Heartbeat (at most once a second; cheap to call often) and abort check."""
+        """Heartbeat (at most once a second; cheap to call often) and abort check. Rank 0 calls
+        it while it thinks, so that the waiting ranks do not take its silence for a hang."""
         now = time.monotonic()
         if now - self._last_beat >= BEAT_INTERVAL_S:
             self._last_beat = now
@@ -138,17 +185,12 @@ class Coordinator:
     def abort(self, report: Dict[str, Any]) -> bool:
         """Raise the abort flag with ``report``; True if this rank was the first to raise it."""
         payload = json.dumps(report)
-        try:
-            current = self.store.compare_set("abort", "", payload)
-            return (current.decode() if isinstance(current, bytes) else current) == payload
-        except (RuntimeError, AttributeError):  # a store without compare_set
-            if self.store.check(["abort"]):
-                return False
-            self.store.set("abort", payload)
-            return True
+        current = self.store.compare_set("abort", "", payload)
+        return (current.decode() if isinstance(current, bytes) else current) == payload
 
     def exchange(self, step: str, payload: Any) -> Optional[List[Any]]:
         """Post ``payload`` for ``step`` and wait for every rank; rank 0 gets every payload."""
+        self._steps.append(step)
         self.store.set(f"{step}/data/{self.rank}", json.dumps(payload))
         self.store.add(f"{step}/arrived", 1)
         self._wait(lambda: int(self.store.add(f"{step}/arrived", 0)) >= self.world_size,
@@ -157,15 +199,98 @@ class Coordinator:
         if self.rank != 0:
             return None
         keys = [f"{step}/data/{r}" for r in range(self.world_size)]
-        values = self.store.multi_get(keys) if hasattr(self.store, "multi_get") else [self.store.get(k) for k in keys]
+        values = self.store.multi_get(keys)
         return [json.loads(v.decode() if isinstance(v, bytes) else v) for v in values]
 
     def publish(self, key: str, value: Any) -> None:
+        self._plans.append(key)
         self.store.set(f"plan/{key}", json.dumps(value))
 
     def fetch(self, key: str) -> Any:
         self._wait(lambda: self.store.check([f"plan/{key}"]), None, f"the plan {key!r} from rank 0", lambda: [0])
         return json.loads(self.store.get(f"plan/{key}").decode())
+
+    def close(self) -> None:
+        """The run is over on every rank: each deletes its own keys, rank 0 the shared ones
+        once everyone has left (bounded wait)."""
+        self.stop_liveness()
+        for step in self._steps:
+            self.store.delete_key(f"{step}/data/{self.rank}")
+        for key in (f"pos/{self.rank}", f"alive/{self.rank}"):
+            self.store.delete_key(key)
+        self.store.add("left", 1)
+        if self.rank != 0:
+            return
+        deadline = time.monotonic() + self.stall_s
+        while int(self.store.add("left", 0)) < self.world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for key in ([f"{s}/arrived" for s in self._steps] + [f"plan/{k}" for k in self._plans]
+                    + ["beat", "abort", "left"]):
+            self.store.delete_key(key)
+
+    # -- the end of an aborted run ----------------------------------------------------------
+    def start_liveness(self) -> None:
+        """A daemon thread that counts ``alive/<rank>`` up every second, whatever the main
+        thread does (waiting inside an operation, thinking): after an abort, the ranks whose
+        counter stopped are the ones that stopped answering."""
+        self._alive_stop = threading.Event()
+
+        def beat_forever() -> None:
+            while not self._alive_stop.is_set():
+                try:
+                    self.store.add(f"alive/{self.rank}", 1)
+                except StoreGoneError:
+                    return
+                self._alive_stop.wait(BEAT_INTERVAL_S)
+
+        threading.Thread(target=beat_forever, name="pgroups-nettest-alive", daemon=True).start()
+
+    def stop_liveness(self) -> None:
+        stop = getattr(self, "_alive_stop", None)
+        if stop is not None:
+            stop.set()
+
+    def silent_ranks(self, window_s: float) -> List[int]:
+        """The ranks whose liveness counter did not move during ``window_s`` seconds."""
+        keys = [f"alive/{r}" for r in range(self.world_size)]
+        first = [int(self.store.add(k, 0)) for k in keys]
+        time.sleep(window_s)
+        return [r for r, k in enumerate(keys) if int(self.store.add(k, 0)) == first[r]]
+
+    def conclude_abort(self, report: Dict[str, Any]) -> Dict[str, Any]:
+        """Every surviving rank calls this after an abort. The rank that raised the flag asks
+        who still answers (liveness counters over ALIVE_WINDOW_S) and publishes the final
+        report naming the ranks that do not — dead, or their host gone — so a rank that
+        vanished inside an operation is named, not the whole group; the others wait for that
+        report. Returns the final report (the abort report if none came)."""
+        if report.get("detected_by") == self.rank:
+            silent = self.silent_ranks(ALIVE_WINDOW_S)
+            final = dict(report, missing=silent, missing_hosts=sorted({self.host(r) for r in silent}))
+            if silent:
+                final["message"] = (f"{report.get('message', 'aborted')}; no answer from "
+                                    f"{_ranks_and_hosts(silent, self.hostnames)}")
+            self.store.set("final", json.dumps(final))
+            return final
+        deadline = time.monotonic() + ALIVE_WINDOW_S + 3.0
+        while time.monotonic() < deadline:
+            if self.store.check(["final"]):
+                return json.loads(self.store.get("final").decode())
+            time.sleep(0.05)
+        return report
+
+    def leave_after_abort(self, final: Dict[str, Any]) -> None:
+        """Ranks on the store's host (rank 0's) leave last: when they exit, a launcher such as
+        torchrun may stop the store with them. Bounded by LEAVE_WAIT_S."""
+        self.store.add("aborted-left", 1)
+        store_host = self.host(0)
+        if self.host(self.rank) != store_host:
+            return
+        missing = set(final.get("missing", []))
+        others = sum(1 for r in range(self.world_size) if self.host(r) != store_host and r not in missing)
+        mine = sum(1 for r in range(self.world_size) if self.host(r) == store_host and r not in missing)
+        deadline = time.monotonic() + LEAVE_WAIT_S
+        while int(self.store.add("aborted-left", 0)) < others + mine and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _wait(self, done: Callable[[], bool], counter: Optional[Callable[[], str]], what: str,
               missing: Callable[[], List[int]]) -> None:
@@ -199,15 +324,21 @@ class Coordinator:
         raise NettestTimeoutError(message, report)
 
 
+def _first_words(text: str, limit: int = 160) -> str:
+    """The first line of an error, cut to ``limit`` characters (torch's are long)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def _ranks_and_hosts(ranks: Sequence[int], hostnames: Sequence[str]) -> str:
+    """``ranks [3, 4] (hosts hostB)``, shortened for long lists."""
+    ranks = sorted(ranks)
+    shown = ", ".join(map(str, ranks[:16])) + (f", … ({len(ranks)} ranks)" if len(ranks) > 16 else "")
+    hosts = sorted({hostnames[r] if r < len(hostnames) else "?" for r in ranks})
+    return f"ranks [{shown}] (hosts {', '.join(hosts[:8])}{' …' if len(hosts) > 8 else ''})"
+
+
 # ---- data plane -----------------------------------------------------------------------------
-def _all_gather_fn() -> Callable[..., Any]:
-    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _reduce_scatter_fn() -> Callable[..., Any]:
-    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
 def periodic(start: int, count: int, scale: float, offset: float, device: torch.device) -> torch.Tensor:
     """Elements ``start .. start+count-1`` of ``scale * ((i mod 61) - 30) + offset``.
 
@@ -312,9 +443,9 @@ def launch(collective: str, group: Any, ranks: Sequence[int], me: int, send: tor
     if collective == "all_reduce":
         return [dist.all_reduce(send, group=group, async_op=True)]
     if collective == "all_gather":
-        return [_all_gather_fn()(recv, send, group=group, async_op=True)]
+        return [dist.all_gather_into_tensor(recv, send, group=group, async_op=True)]
     if collective == "reduce_scatter":
-        return [_reduce_scatter_fn()(recv, send, group=group, async_op=True)]
+        return [dist.reduce_scatter_tensor(recv, send, group=group, async_op=True)]
     if collective == "broadcast":  # in place on ``recv`` (the root's holds its data)
         return [dist.broadcast(recv, src=ranks[0], group=group, async_op=True)]
     if collective == "all_to_all":
@@ -348,25 +479,32 @@ class Bench:
             for work in works:
                 work.wait(self.timeout)
         except (RuntimeError, dist.DistError) as exc:
-            raise GroupFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+            raise GroupFailure(_first_words(str(exc)) or type(exc).__name__) from exc
 
     def _timed(self, issue: Callable[[], List[Any]], iters: int) -> List[float]:
         """Time ``iters`` back-to-back operations (device-synchronized); seconds per operation.
 
         On GPUs the operations are queued back to back between two CUDA events (as nccl-tests
-        does) and the result is one value, the mean. On CPU each operation is waited and timed
-        on its own: the result has one value per operation (their mean is the table's figure,
-        the best of them the follow-ups' robust one).
+        does) and the result is one value, the mean. NCCL runs them on its own stream, which
+        waits for the current one (so the start event comes first); ``work.wait()`` without a
+        timeout makes the current stream wait for that work, so the end event, recorded after
+        it, completes only when the last transfer has — the time of the transfers, not of
+        their launch. The CPU then waits with --timeout (a hang raises). On CPU each operation
+        is waited and timed on its own: the result has one value per operation (their mean is
+        the table's figure, the best of them the follow-ups' robust one).
         """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            stream = torch.cuda.current_stream(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             works: List[Any] = []
             for _ in range(iters):
                 self.faults.inside_timed_region()
-                works = issue()  # stream-ordered: the last one completes after all the others
-            end.record()
+                works = issue()  # NCCL's stream is in order: the last one completes after the others
+            for work in works:
+                work.wait()      # the current stream waits for NCCL's (no CPU block)
+            end.record(stream)
             self.wait_all(works)
             end.synchronize()
             return [start.elapsed_time(end) / 1e3 / iters]
@@ -449,7 +587,7 @@ class Bench:
 def select_modes(requested: Sequence[str], built: Sequence[str]) -> List[str]:
     """``("all",)`` → every built mode; else the requested ones, which must be built (ConfigError)."""
     if list(requested) == ["all"]:
-        return [m for m in built if m != "dummy"]
+        return list(built)
     unknown = [m for m in requested if m not in built]
     if unknown:
         raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; built modes: "
@@ -466,6 +604,7 @@ class RankRun:
         self.world_size = dist.get_world_size()
         self.hostnames = ctx.get_hostnames()
         self.coordinator = Coordinator.from_default_group(options.timeout_s, self.hostnames)
+        self.coordinator.start_liveness()
         self.faults = ActiveFaults.for_rank(parse_faults(os.environ.get(FAULT_ENV)), self.rank,
                                             self.hostnames[self.rank])
         self.device = (torch.device("cuda", torch.cuda.current_device())
@@ -475,6 +614,9 @@ class RankRun:
         self.catalog: List[GroupUnderTest] = []
         self.handles: Dict[str, Any] = {}
         self.report: Dict[str, Any] = {}
+        self._findings: List[diagnosis.Finding] = []
+        self._confirmed: List[diagnosis.Finding] = []
+        self._culprits: List[Culprit] = []
         self.exit_code = 0
         self.started = time.perf_counter()
 
@@ -516,11 +658,13 @@ class RankRun:
         plan = self._decide_retest(sweep) if self.rank == 0 else None
         retest_plan = self._share("retest", plan)
         retest = self._run_retest(retest_plan)
-        pair_plan = self._share("pairs", self._decide_pairs(retest_plan, retest) if self.rank == 0 else None)
-        self._run_pairs(pair_plan)
+        if self.rank == 0:
+            self._confirm(retest_plan, retest)
+        self._run_link_scan()
         report = self._finish() if self.rank == 0 else None
         verdict = self._share("verdict", {"exit_code": report["exit_code"]} if report else None)
         self.exit_code = int(verdict["exit_code"])
+        self.coordinator.close()
         return report
 
     def _share(self, key: str, plan: Optional[Any]) -> Any:
@@ -588,7 +732,7 @@ class RankRun:
     # -- rank 0's decisions -----------------------------------------------------------------
     def _decide_retest(self, sweep: List[Measurement]) -> Dict[str, Any]:
         rule = self.options.rule
-        slow = diagnosis.find_slow(self.catalog, sweep, rule)
+        slow = diagnosis.find_slow(self.catalog, sweep, rule, tick=self.coordinator.beat)
         wrong = diagnosis.find_wrong(self.catalog, sweep)
         self.report["measurements"] = [m.to_json() for m in sweep]
         self.report["findings"] = [f.to_json() for f in slow + wrong]
@@ -620,7 +764,8 @@ class RankRun:
             return []
         return self._aggregate(collected, by_id)
 
-    def _decide_pairs(self, retest_plan: Dict[str, Any], retest: List[Measurement]) -> Dict[str, Any]:
+    def _confirm(self, retest_plan: Dict[str, Any], retest: List[Measurement]) -> None:
+        """Rank 0: split the sweep's findings into confirmed and transient by the re-test."""
         findings = self._findings
         if retest_plan["tasks"]:
             confirmed, transient = diagnosis.confirm(findings, self.catalog, retest, self.options.rule)
@@ -631,64 +776,58 @@ class RankRun:
         self.report["confirmed"] = [f.to_json() for f in confirmed]
         self.report["transient"] = [f.to_json() for f in transient]
         self._confirmed = confirmed
-        bad_ids = {f.group_id for f in confirmed}
-        candidates = sorted({r for g in self.catalog if g.id in bad_ids for r in g.ranks})
-        references = sorted(set(range(self.world_size)) - set(candidates))
-        rounds = diagnosis.plan_pair_rounds(candidates, references) if candidates and self.options.followup else []
-        sizes = self.options.sizes
-        return {"candidates": candidates, "references": references,
-                "mode": diagnosis.pair_mode(candidates, references),
-                "rounds": [[p.to_json() for p in pairs] for pairs in rounds],
-                "small": min(sizes), "large": min(max(sizes), PAIR_MAX_BYTES)}
 
-    def _run_pairs(self, plan: Dict[str, Any]) -> None:
-        rounds = [[diagnosis.Pair(p["ranks"][0], p["ranks"][1], p["role"]) for p in pairs] for pairs in plan["rounds"]]
-        sizes = {"small": _pair_size(plan["small"]), "large": _pair_size(plan["large"])}
-        figures: Dict[str, Dict[Tuple[int, int, int], Measurement]] = {"small": {}, "large": {}}
-        if rounds and self.device.type == "cuda":
-            self._touch_world_group()
-        for index, pairs in enumerate(rounds):
-            pair = next((p for p in pairs if self.rank in (p.a, p.b)), None)
-            records = []
-            self.coordinator.position(f"pair round {index + 1}/{len(rounds)} (idle)")
-            if pair is not None:
-                partner = pair.b if pair.a == self.rank else pair.a
-                pair_id = f"pair{index}:{pair.a}-{pair.b}"
-                for label, size in sizes.items():
-                    where = f"pair round {index + 1}/{len(rounds)} ranks {pair.a}-{pair.b} {metrics.format_size(size)}"
-                    self.progress.update(where)
-                    self.coordinator.position(where)
-                    try:
-                        record = self.bench.measure_pair(partner, self.rank, size, RETEST_REPEATS)
-                    except GroupFailure as exc:
-                        self._hang(pair_id, [pair.a, pair.b], where, "sendrecv", size, str(exc))
-                    records.append({**record, "group": pair_id, "label": label})
-            collected = self.coordinator.exchange(f"pairs{index}", records)
-            if self.rank == 0:
-                by_key: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
-                for rank_records in collected:
-                    for r in rank_records:
-                        by_key.setdefault((r["group"], r["label"]), []).append(r)
-                for each in pairs:
-                    pair_id = f"pair{index}:{each.a}-{each.b}"
-                    for label in sizes:
-                        if (pair_id, label) in by_key:
-                            figures[label][(index, each.a, each.b)] = diagnosis.aggregate(
-                                pair_id, 2, by_key[(pair_id, label)])
-        if self.rank == 0:
-            results = diagnosis.judge_pairs(rounds, figures["small"], figures["large"], self.options.rule)
-            suspects = diagnosis.name_suspects(results, plan["candidates"], plan["references"],
-                                                self.hostnames)
-            self.report["pairs"] = {"candidates": plan["candidates"], "references": plan["references"],
-                                    "mode": plan["mode"], "sizes": sizes,
-                                    "rounds": plan["rounds"], "results": [r.to_json() for r in results]}
-            self.report["suspects"] = [s.to_json() for s in suspects]
-            self.report["suspect_hosts"] = diagnosis.suspect_hosts(suspects, self.hostnames)
+    def _run_link_scan(self) -> None:
+        """The link scan (:mod:`.linkscan`): rank 0 plans each round from the results so far;
+        every rank in a pair exchanges a small and a large message both ways with its partner
+        on the world group (no new groups); rank 0 records the figures."""
+        if not self.options.followup:
+            return
+        scan = (LinkScan(self.hostnames, self.options.rule, tick=self.coordinator.beat)
+                if self.rank == 0 else None)
+        sizes = {"small": _pair_size(min(self.options.sizes)),
+                 "large": _pair_size(min(max(self.options.sizes), PAIR_MAX_BYTES))}
+        index = 0
+        while True:
+            planned = scan.next_round() if scan is not None else None
+            plan = self._share(f"scan{index}", planned.to_json() if planned is not None else None)
+            if plan is None:
+                break
+            if index == 0 and self.device.type == "cuda":
+                self._touch_world_group()
+            records = self._scan_round(index, plan, sizes)
+            collected = self.coordinator.exchange(f"scan{index}", records)
+            if scan is not None:
+                scan.record(_scan_samples(index, plan["kind"], plan["rank_pairs"], collected))
+            index += 1
+        if scan is not None:
+            self.report["links"] = scan.to_json()
+            self._culprits = scan.culprits()
+
+    def _scan_round(self, index: int, plan: Dict[str, Any], sizes: Mapping[str, int]) -> List[Dict[str, Any]]:
+        pair = next((p for p in plan["rank_pairs"] if self.rank in p), None)
+        label = f"link scan round {index + 1} ({plan['kind']})"
+        self.coordinator.position(f"{label} (idle)")
+        if pair is None:
+            return []
+        a, b = pair
+        partner = b if a == self.rank else a
+        records = []
+        for which, size in sizes.items():
+            where = f"{label} ranks {a}-{b} {metrics.format_size(size)}"
+            self.progress.update(where)
+            self.coordinator.position(where)
+            try:
+                record = self.bench.measure_pair(partner, self.rank, size, repeats=1)
+            except GroupFailure as exc:
+                self._hang(f"pair {a}-{b}", [a, b], where, "sendrecv", size, str(exc))
+            records.append({**record, "pair": [a, b], "label": which})
+        return records
 
     def _touch_world_group(self) -> None:
         """One all-reduce on the world device group, by every rank, before the pair rounds: an
         NCCL communicator must be complete before only two of its ranks talk over it."""
-        where = "pair tests: world group warm-up"
+        where = "link scan: world group warm-up"
         self.coordinator.position(where)
         try:
             self.bench.wait_all([dist.all_reduce(torch.zeros(1, device=self.device), async_op=True)])
@@ -705,19 +844,48 @@ class RankRun:
                 verdicts[f.group_id].append(label)
         slow = sorted(g for g, v in verdicts.items() if "slow" in v)
         wrong = sorted(g for g, v in verdicts.items() if "wrong" in v)
-        healthy = not verdicts
+        culprits = self._culprits
+        suspects = [{"rank": r, "host": self.hostnames[r], "reason": c.reason}
+                    for c in culprits if c.kind in RANK_CULPRITS for r in c.ranks]
+        healthy = not verdicts and not culprits
         self.report.update({
             "options": self.options.to_json(), "rule": self.options.rule.to_json(),
             "verdicts": {g.id: ",".join(verdicts.get(g.id, ["ok"])) for g in self.catalog},
+            "culprits": [c.to_json() for c in culprits],
+            "suspects": suspects,
             "summary": {"groups_tested": len(self.catalog), "slow": slow, "wrong": wrong,
                         "transient": sorted({f["group_id"] for f in self.report.get("transient", [])}),
-                        "suspect_ranks": [s["rank"] for s in self.report.get("suspects", [])],
-                        "suspect_hosts": sorted(self.report.get("suspect_hosts", {})),
+                        "slow_hosts": sorted({c.hosts[0] for c in culprits if c.kind in ("host", "host-inside")}),
+                        "slow_links": sorted([list(c.hosts) for c in culprits if c.kind == "link"]),
+                        "suspect_ranks": sorted({s["rank"] for s in suspects}),
+                        "suspect_hosts": sorted({h for c in culprits for h in c.hosts}),
                         "healthy": healthy},
             "status": "healthy" if healthy else "unhealthy",
             "exit_code": 0 if healthy else 1,
             "elapsed_s": time.perf_counter() - self.started})
         return self.report
+
+
+def _scan_samples(index: int, kind: str, rank_pairs: Sequence[Sequence[int]],
+                  collected: Sequence[Sequence[Dict[str, Any]]]) -> List[PairSample]:
+    """Rank 0: one PairSample per pair of a scan round from both ranks' records (the best
+    operation of each, averaged over the two ranks, as every follow-up judges)."""
+    by_pair: Dict[Tuple[int, int], Dict[str, List[Dict[str, Any]]]] = {}
+    for rank_records in collected:
+        for record in rank_records:
+            by_pair.setdefault(tuple(record["pair"]), {}).setdefault(record["label"], []).append(record)
+    samples = []
+    for a, b in rank_pairs:
+        found = by_pair.get((a, b), {})
+        if len(found.get("small", [])) != 2 or len(found.get("large", [])) != 2:
+            continue
+        small = diagnosis.aggregate(f"{a}-{b}", 2, found["small"])
+        large = diagnosis.aggregate(f"{a}-{b}", 2, found["large"])
+        wrong_at = {rank: sum(r["wrong"] for label in found.values() for r in label if r["rank"] == rank)
+                    for rank in (a, b)}
+        samples.append(PairSample(index, kind, a, b, large.judged_busbw, small.judged_time_s * 1e6,
+                                  wrong_at[a], wrong_at[b]))
+    return samples
 
 
 def _repeat(timed: Callable[[Callable[[], List[Any]]], List[float]], issue: Callable[[], List[Any]],
@@ -778,31 +946,91 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     the test and return its RankResult (the report on rank 0 only).
 
     ``progress`` (used on rank 0 only) has ``update(text)`` and ``done()``. Raises
-    NettestTimeoutError when a group hangs, after raising the abort flag so the other ranks
-    stop too (rank 0 first writes ``options.json_path`` with what it had); ConfigError /
-    LaunchError for bad input. On a timeout the groups are left as they are: destroying a group
-    with a hung operation can itself hang, and the process is about to exit.
+    NettestTimeoutError when a group hangs or a rank dies: every surviving rank first answers
+    the abort, the rank that raised it names the ranks that did not answer, the report (what
+    was measured, and the hang) is written to ``options.json_path`` by rank 0 — or by the rank
+    that raised the abort when rank 0 is gone, or by the lowest rank of each host when the
+    store is gone — and the ranks on the store's host leave last. ConfigError / LaunchError
+    for bad input. The context is destroyed in every case; on NCCL the communicators are
+    aborted first after a hang (destroying one with a hung operation would wait for it).
     """
-    from .report import write_json
-
     config = load_config(options.config)
-    # The groups' own timeout is --timeout too: a hung gloo operation then fails by itself at
-    # about the moment our wait gives up, so no thread is left blocked when the process exits.
-    config = attrs.evolve(config, timeout_s=options.timeout_s)
+    # gloo: the groups' own timeout is --timeout too, so a hung operation fails by itself at
+    # about the moment our wait gives up and no thread is left blocked at exit. NCCL: later
+    # than our deadline, so that the tool, not NCCL's watchdog, reports the hang.
+    nccl = config.backend == "nccl" or (config.backend == "auto" and torch.cuda.is_available())
+    group_timeout = options.timeout_s + (NCCL_TIMEOUT_MARGIN_S if nccl else 0.0)
+    config = attrs.evolve(config, timeout_s=group_timeout)
     ctx = ParallelContext()
     ctx.init_from_config(config)
     is_zero = ctx.get_global_rank() == 0
     progress = progress if (is_zero and progress is not None) else NullProgress()
-    run = RankRun(ctx, options, progress)
+    run: Optional[RankRun] = None
+    hung = False
     try:
+        run = RankRun(ctx, options, progress)
         report = run.run()
+        return RankResult(run.rank, run.exit_code, report)
     except NettestTimeoutError as exc:
+        hung = True
+        if run is None:
+            raise
+        raise _conclude(run, exc) from None
+    finally:
         progress.done()
-        if is_zero and options.json_path:
-            run.report.update({"status": "timeout", "timeout": exc.report, "exit_code": 3,
-                               "options": options.to_json(), "elapsed_s": time.perf_counter() - run.started})
-            write_json(run.report, options.json_path)
-        raise
-    progress.done()
-    ctx.destroy()
-    return RankResult(run.rank, run.exit_code, report)
+        _close_context(ctx, hung)
+
+
+def _conclude(run: RankRun, exc: NettestTimeoutError) -> NettestTimeoutError:
+    """After an abort: answer, learn the final story, write the report, leave in order."""
+    from .report import write_json
+
+    coordinator, report = run.coordinator, exc.report
+    store_gone = isinstance(exc, StoreGoneError)
+    if not store_gone:
+        try:
+            report = coordinator.conclude_abort(report)
+        except StoreGoneError as gone:
+            store_gone, report = True, dict(report, message=f"{report.get('message', exc)}; {gone}")
+    coordinator.stop_liveness()
+    missing = set(report.get("missing", []))
+    if store_gone:
+        same_host = [r for r, h in enumerate(run.hostnames) if h == run.hostnames[run.rank]]
+        writer = run.rank == min(same_host)
+        report = dict(report, missing_hosts=report.get("missing_hosts", [run.hostnames[0]]))
+    else:
+        writer = run.rank == 0 or (0 in missing and report.get("detected_by") == run.rank)
+    if writer and run.options.json_path:
+        run.report.update({"status": "timeout", "timeout": report, "exit_code": 3,
+                           "options": run.options.to_json(), "elapsed_s": time.perf_counter() - run.started})
+        write_json(run.report, run.options.json_path)
+    if not store_gone:
+        try:
+            coordinator.leave_after_abort(report)
+        except StoreGoneError:
+            pass
+    error_type = StoreGoneError if store_gone else NettestTimeoutError
+    return error_type(report.get("message", str(exc)), report)
+
+
+def _close_context(ctx: ParallelContext, hung: bool) -> None:
+    """Destroy the context; after a hang, abort NCCL communicators first, and do not wait
+    longer than CLOSE_WAIT_S for a destroy that a hung operation may block."""
+    if hung and dist.is_initialized() and ctx.backend is not None and ctx.backend.device_backend == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except (RuntimeError, ValueError, AttributeError):
+            pass
+    if not hung:
+        ctx.destroy()
+        return
+    closer = threading.Thread(target=_destroy_quietly, args=(ctx,), daemon=True)
+    closer.start()
+    closer.join(CLOSE_WAIT_S)
+
+
+def _destroy_quietly(ctx: ParallelContext) -> None:
+    try:
+        ctx.destroy()
+    except Exception:  # noqa: BLE001 - tearing down after a hang: nothing left to report
+        pass
