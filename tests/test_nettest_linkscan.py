@@ -131,7 +131,8 @@ def test_a_link_slow_only_between_two_of_four_hosts_is_named_as_the_link():
     assert (culprit.kind, culprit.hosts) == ("link", ("node0001", "node0003"))
     assert "both hosts are fast with other partners" in culprit.reason
     retests = [r for r in scan.rounds if r.kind == INTER and any("re-test" in w for w in r.why)]
-    assert [r.host_pairs for r in retests] == [(("node0001", "node0003"),)] * 2
+    assert [r.host_pairs for r in retests] == [(("node0001", "node0003"), ("node0000", "node0002"))] * 2
+    assert [r.why[1] for r in retests] == ["control node0000 - node0002"] * 2   # measured beside it
 
 
 def test_with_two_hosts_a_slow_link_is_not_blamed_on_one_end():

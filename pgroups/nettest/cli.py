@@ -229,10 +229,8 @@ def _run_here(args: argparse.Namespace, options: NettestOptions) -> int:
     """This process is one rank of torchrun / SLURM: run, then rank 0 prints the report."""
     try:
         result = run_rank(options, Progress() if options.progress else None)
-    except NettestTimeoutError as exc:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        if rank == 0 or exc.report.get("detected_by") == rank:
-            print(f"pgroups nettest: timeout: {exc}", file=sys.stderr)
+    except NettestTimeoutError as exc:  # every surviving rank says the same one line
+        print(f"pgroups nettest: timeout: {exc}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_TIMEOUT)  # a hung operation may still hold threads: do not wait for them

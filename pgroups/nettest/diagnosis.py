@@ -180,17 +180,19 @@ def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule
 
     Worse means: beyond ``slow_factor`` times the peers' median **and** beyond ``mad_k``
     robust standard deviations of the peers. With fewer than MIN_PEERS_FOR_SPREAD peers there
-    is no spread to measure, so the factor doubles instead. No peers → None.
+    is no spread to measure, so the factor doubles instead of the spread test. No peers → None.
     """
     if not peers.count or not peers.median > 0:
         return None
-    factor = rule.slow_factor if peers.count >= MIN_PEERS_FOR_SPREAD else 2 * rule.slow_factor
+    spread_known = peers.count >= MIN_PEERS_FOR_SPREAD
+    factor = rule.slow_factor if spread_known else 2 * rule.slow_factor
+    margin = rule.mad_k * peers.spread if spread_known else 0.0
     if higher_is_better:
         ratio = peers.median / value if value > 0 else float("inf")
-        beyond_spread = value < peers.median - rule.mad_k * peers.spread
+        beyond_spread = value < peers.median - margin
     else:
         ratio = value / peers.median
-        beyond_spread = value > peers.median + rule.mad_k * peers.spread
+        beyond_spread = value > peers.median + margin
     if ratio >= factor and beyond_spread:
         return Deviation(value, peers.median, peers.spread, ratio)
     return None

@@ -48,6 +48,7 @@ from .diagnosis import PeerStats, Rule, deviation
 
 INTER, INTRA = "inter-host", "intra-host"
 DEFAULT_BASE_ROUNDS = 3      # round-robin rounds before the adaptive ones (each host meets 3 partners)
+CONTROL_PAIRS = 2            # at least this many control pairs in an adaptive round (when there are idle healthy nodes)
 MAX_ADAPTIVE_ROUNDS = 8      # per class: adaptive rounds stop here even if something is unresolved
 MIN_PARTNERS_TO_NAME = 3     # distinct proven-healthy partners a node must be slow with (fewer
                              # when its component has fewer other nodes, but at least two)
@@ -211,12 +212,22 @@ def judge(busbw: float, latency_us: float, reference: Reference, rule: Rule) -> 
     return "; ".join(reasons) or None
 
 
-def judge_all(raw: Sequence[Edge], rule: Rule) -> Tuple[List[Edge], Reference]:
-    """Judge every measurement of one class against the class's healthy reference."""
+def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {}
+              ) -> Tuple[List[Edge], Reference]:
+    """Judge every measurement of one class against the class's healthy reference — or, in a
+    round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the
+    same time and so under the same load), against those controls. Returns the judged
+    measurements and the class-wide reference (for the report)."""
     reference = reference_of([e.busbw_gbps for e in raw], [e.latency_us for e in raw], rule)
+    in_round: Dict[int, List[Edge]] = {}
+    for e in raw:
+        if (e.a, e.b) in controls.get(e.round, ()):
+            in_round.setdefault(e.round, []).append(e)
+    per_round = {rnd: reference_of([e.busbw_gbps for e in es], [e.latency_us for e in es], rule)
+                 for rnd, es in in_round.items()}
     judged = []
     for e in raw:
-        why = judge(e.busbw_gbps, e.latency_us, reference, rule)
+        why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule)
         judged.append(e._replace(slow=True, why=why) if why else e)
     return judged, reference
 
@@ -328,6 +339,7 @@ class LinkScan:
         self._met: Dict[str, Set[str]] = {h: set() for h in self.hosts}
         self._cursor = 0
         self._cache: Dict[str, Dict[str, object]] = {}
+        self._control_pairs: Dict[int, List[Tuple[object, object]]] = {}   # round -> control node pairs
 
     # -- schedule -------------------------------------------------------------------------
     def next_round(self) -> Optional[ScanRound]:
@@ -402,10 +414,29 @@ class LinkScan:
                 why.append(f"re-pair suspect {suspect} with {partner}")
         if not pairs:
             return None
+        controls = self._controls(healthy, busy, kind, max(CONTROL_PAIRS, len(pairs)))
+        self._control_pairs[index] = [_edge_key(a, b) for a, b in controls]
+        pairs.extend(controls)
+        why.extend(f"control {a} - {b}" for a, b in controls)
         self._adaptive[kind] += 1
         if kind == INTER:
             return self._inter_round(index, pairs, why)
         return ScanRound(index, INTRA, tuple((int(a), int(b)) for a, b in pairs), (), tuple(why))
+
+    def _controls(self, healthy: Sequence[object], busy: Set[object], kind: str, wanted: int) -> List[Tuple[object, object]]:
+        """Up to ``wanted`` pairs of idle proven-healthy nodes (of one host, for intra-host
+        rounds), measured beside the suspects: the round's own reference."""
+        free: Dict[object, List[object]] = {}
+        for node in healthy:
+            if node not in busy:
+                free.setdefault(None if kind == INTER else self.hostnames[int(node)], []).append(node)
+        controls = []
+        for nodes in free.values():
+            while len(nodes) >= 2 and len(controls) < wanted:
+                a, b = nodes.pop(0), nodes.pop(0)
+                busy.update((a, b))
+                controls.append((a, b))
+        return controls
 
     def _component(self, node: object, kind: str) -> List[object]:
         return list(self.hosts) if kind == INTER else list(self.ranks_of[self.hostnames[int(node)]])
@@ -450,7 +481,7 @@ class LinkScan:
         if INTRA not in self._cache:
             ranks_on = {h: len(r) for h, r in self.ranks_of.items()}
             edges, ref = judge_all([edge(s.round, s.a, s.b, s.busbw_gbps, s.latency_us)
-                                    for s in self.samples if s.kind == INTRA], self.rule)
+                                    for s in self.samples if s.kind == INTRA], self.rule, self._control_pairs)
             self._cache[INTRA] = {"intra_edges": edges, "intra_reference": ref,
                                   "intra": find_culprits(edges, lambda r: ranks_on[self.hostnames[r]])}
             self.tick()
@@ -459,11 +490,13 @@ class LinkScan:
     def _inter_findings(self, inter: Sequence[PairSample]) -> Dict[str, object]:
         """Host links judged among themselves; then the rails of the links that were not slow,
         judged among themselves (a rail's slowness is then its ranks', not its hosts')."""
-        links, link_ref = judge_all(self._host_links(inter), self.rule)
+        links, link_ref = judge_all(self._host_links(inter), self.rule, self._control_pairs)
         slow_links = {(e.round, e.key) for e in links if e.slow}
         rails_raw = [edge(s.round, s.a, s.b, s.busbw_gbps, s.latency_us) for s in inter
                      if (s.round, _edge_key(self.hostnames[s.a], self.hostnames[s.b])) not in slow_links]
-        rails, rail_ref = judge_all(rails_raw, self.rule)
+        control_rails = {rnd: [_edge_key(a, b) for ha, hb in pairs for a, b in zip(self.ranks_of[ha], self.ranks_of[hb])]
+                         for rnd, pairs in self._control_pairs.items() if self.rounds[rnd].kind == INTER}
+        rails, rail_ref = judge_all(rails_raw, self.rule, control_rails)
         host_count = len(self.hosts)
         return {"links": links, "link_reference": link_ref, "rails": rails, "rail_reference": rail_ref,
                 "hosts": find_culprits(links, lambda _h: host_count),

@@ -1,0 +1,42 @@
+"""``pgroups nettest`` on NCCL: the times are the transfers' (not their launch), and a healthy run
+exits 0 with its link scan. Skipped (one reason) with fewer than 2 visible GPUs; it has not run
+on the CPU machine this project is developed on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pgroups import cli
+
+from conftest import run_ranks_outcomes
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason=f"needs 2 CUDA GPUs for NCCL; {torch.cuda.device_count()} visible")]
+
+# No link between two GPUs moves 64 MiB faster than this; a time taken at the launch of the
+# operation (before NCCL's stream ran it) gives figures far above it.
+PHYSICAL_BOUND_GBPS = 2000.0
+
+
+def as_torchrun_rank(argv):
+    import os
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    return cli.main(["nettest", *argv])
+
+
+@pytest.mark.timeout(600)
+def test_healthy_nccl_run_times_transfers_and_exits_0(tmp_path):
+    path = tmp_path / "gpu.json"
+    argv = ["-b", "64M", "-e", "64M", "-c", "all_reduce,sendrecv", "--quiet", "--no-tables", "--json", str(path)]
+    outcomes = run_ranks_outcomes(2, as_torchrun_rank, argv, timeout_s=500)
+    assert [o.value for o in outcomes] == [0, 0], [o.error for o in outcomes]
+    report = json.loads(path.read_text())
+    assert report["backend"] == "nccl" and report["device"] == "cuda"
+    for m in report["measurements"]:
+        assert 0 < m["busbw_gbps"] < PHYSICAL_BOUND_GBPS, m
+    for sample in report["links"]["samples"]:
+        assert 0 < sample["busbw_gbps"] < PHYSICAL_BOUND_GBPS, sample
+    assert report["culprits"] == []

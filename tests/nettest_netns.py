@@ -1,0 +1,175 @@
+"""An emulated cluster on one machine: one network namespace per host, veth pairs on a bridge.
+
+Each "host" is a namespace with its own UTS hostname (``unshare --uts``) and one interface
+(``eth0``) on a bridge that lives in a switch namespace of its own, so nothing touches the
+machine's own network. ``GLOO_SOCKET_IFNAME=eth0`` makes gloo use it. Faults are real network
+faults: ``tc ... tbf rate 200mbit burst 64kb latency 200ms`` on a host's interface (both
+directions) slows the host; the same tbf under an ``htb`` class chosen by a ``u32`` filter on
+the peer's address slows one link only (the ``prio`` qdisc and netem are not available
+here). A host is killed by cutting its link and killing every process in its namespace: its
+peers hear nothing more.
+
+One torchrun per namespace (static rendezvous on the first host) runs ``python -m
+pgroups.nettest``: a real multi-host job. Names are unique per cluster (``pgXXXX``), so
+parallel test runs do not collide; :meth:`EmulatedCluster.close` tears everything down
+(``ss -K`` inside each namespace first: a socket retrying to a deleted namespace keeps its
+veth alive for minutes). Needs root and a working ``ip netns``: :func:`unavailable_reason`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+SLOW_TBF = ["rate", "200mbit", "burst", "64kb", "latency", "200ms"]
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=60)
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the emulated cluster cannot be built here (None if it can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "tc", "unshare", "ss"):
+        if _run("sh", "-c", f"command -v {tool}", check=False).returncode != 0:
+            return f"{tool} is not installed"
+    name = f"pgprobe{os.getpid() % 100000}"
+    probe = _run("ip", "netns", "add", name, check=False)
+    if probe.returncode != 0:
+        return f"ip netns add failed: {probe.stderr.strip()}"
+    _run("ip", "netns", "delete", name, check=False)
+    return None
+
+
+class EmulatedCluster:
+    """``hosts`` namespaces on one bridge; ``ns(i)``, ``address(i)``, ``hostname(i)``."""
+
+    def __init__(self, hosts: int) -> None:
+        self.id = f"pg{os.getpid() % 1000:03d}{random.randrange(16 ** 3):03x}"
+        self.hosts = hosts
+        self.subnet = f"10.{random.randrange(100, 250)}.{random.randrange(0, 250)}"
+        self.switch = f"{self.id}sw"
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self.created: List[str] = []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def ns(self, i: int) -> str:
+        return f"{self.id}h{i}"
+
+    def address(self, i: int) -> str:
+        return f"{self.subnet}.{i + 1}"
+
+    def hostname(self, i: int) -> str:
+        return f"host{chr(ord('A') + i)}"
+
+    def _in(self, ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run("ip", "netns", "exec", ns, *cmd, check=check)
+
+    def _build(self) -> None:
+        _run("ip", "netns", "add", self.switch)
+        self.created.append(self.switch)
+        self._in(self.switch, "ip", "link", "add", "br0", "type", "bridge")
+        self._in(self.switch, "ip", "link", "set", "br0", "up")
+        for i in range(self.hosts):
+            ns, outside = self.ns(i), f"{self.id}p{i}"
+            _run("ip", "netns", "add", ns)
+            self.created.append(ns)
+            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", f"{self.id}e{i}")
+            _run("ip", "link", "set", outside, "netns", self.switch)
+            _run("ip", "link", "set", f"{self.id}e{i}", "netns", ns)
+            self._in(ns, "ip", "link", "set", f"{self.id}e{i}", "name", "eth0")
+            self._in(ns, "ip", "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+            self._in(ns, "ip", "link", "set", "eth0", "up")
+            self._in(ns, "ip", "link", "set", "lo", "up")
+            self._in(self.switch, "ip", "link", "set", outside, "master", "br0")
+            self._in(self.switch, "ip", "link", "set", outside, "up")
+
+    # -- faults -------------------------------------------------------------------------------
+    def slow_host(self, i: int) -> None:
+        """tbf on both directions of host ``i``'s link."""
+        self._in(self.ns(i), "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *SLOW_TBF)
+        self._in(self.switch, "tc", "qdisc", "add", "dev", f"{self.id}p{i}", "root", "tbf", *SLOW_TBF)
+
+    def slow_link(self, i: int, j: int) -> None:
+        """tbf on the traffic between hosts ``i`` and ``j`` only (each side, towards the other)."""
+        for me, peer in ((i, j), (j, i)):
+            ns = self.ns(me)
+            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10")
+            for classid in ("1:10", "1:20"):
+                self._in(ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", classid,
+                         "htb", "rate", "100gbit", "quantum", "60000")
+            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "tbf", *SLOW_TBF)
+            self._in(ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1",
+                     "u32", "match", "ip", "dst", f"{self.address(peer)}/32", "flowid", "1:20")
+
+    def kill_host(self, i: int) -> None:
+        """Cut host ``i``'s link, then kill every process in its namespace: silence."""
+        self._in(self.switch, "ip", "link", "set", f"{self.id}p{i}", "down", check=False)
+        self._kill_namespace(i)
+
+    def _kill_namespace(self, i: int) -> None:
+        pids = self._in(self.ns(i), "ip", "netns", "pids", self.ns(i), check=False).stdout.split()
+        listed = _run("ip", "netns", "pids", self.ns(i), check=False).stdout.split()
+        for pid in set(pids) | set(listed):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    # -- the job ------------------------------------------------------------------------------
+    def start(self, nproc_per_host: int, args: Sequence[str], log_dir: str, port: int = 29500,
+              env: Optional[Dict[str, str]] = None) -> None:
+        """torchrun on every host (node rank = host index, store on host 0) running
+        ``python -m pgroups.nettest ARGS``; each host's output goes to ``log_dir/host<i>.log``,
+        each worker's to torchrun's ``--log-dir`` below it."""
+        for i in range(self.hosts):
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.hosts),
+                        "--nproc-per-node", str(nproc_per_host), "--node-rank", str(i),
+                        "--master-addr", self.address(0), "--master-port", str(port),
+                        "--log-dir", os.path.join(log_dir, f"workers{i}"), "--redirects", "3",
+                        "--max-restarts", "0", "-m", "pgroups.nettest", *args]
+            child_env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", **(env or {}))
+            for key in ("PGROUPS_HOSTNAME", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                child_env.pop(key, None)
+            script = f"hostname {self.hostname(i)} && exec \"$@\""
+            log = open(os.path.join(log_dir, f"host{i}.log"), "w")
+            self.procs[i] = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c", script, "sh", *torchrun],
+                stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
+
+    def wait(self, timeout_s: float) -> Dict[int, Optional[int]]:
+        """Each host's torchrun exit code (None: still running at the deadline, then killed)."""
+        deadline = time.monotonic() + timeout_s
+        codes: Dict[int, Optional[int]] = {}
+        for i, proc in self.procs.items():
+            try:
+                codes[i] = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[i] = None
+        return codes
+
+    def close(self) -> None:
+        """Kill what runs, drop sockets (``ss -K``), delete the namespaces."""
+        for i in range(self.hosts):
+            if self.ns(i) in self.created:
+                self._kill_namespace(i)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for ns in self.created:
+            self._in(ns, "ss", "-K", check=False)
+        for ns in reversed(self.created):
+            _run("ip", "netns", "delete", ns, check=False)
+        self.created.clear()

@@ -1,0 +1,120 @@
+"""``pgroups nettest`` on an emulated multi-host cluster: network namespaces, a bridge, real
+traffic shaping (see tests/nettest_netns.py), one torchrun per host. Skipped, with the reason,
+where namespaces cannot be made (not root, no ``ip netns``).
+
+What the user relies on is asserted: each host's exit code, the host or link named, the
+missing ranks and hosts, the report. Sizes stay small (up to 4 MiB): a host behind a
+200 Mbit/s token bucket is ~50x slower than the bridge here, far beyond any noise. The
+10-run false-alarm figures are in the README (``bench/bench_nettest.py --netns-healthy 10``);
+here one healthy run per size keeps the suite short.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import pytest
+
+from nettest_netns import EmulatedCluster, unavailable_reason
+
+REASON = unavailable_reason()
+pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(REASON is not None, reason=f"emulated cluster: {REASON}")]
+
+RANKS_PER_HOST = 2
+TIMEOUT_S = 20.0
+ARGS = ["-e", "4M", "--no-tables", "--timeout", str(TIMEOUT_S)]
+RUN_LIMIT_S = 400
+
+
+def run_cluster(tmp_path, hosts, fault=None, extra=()):
+    """Run nettest on ``hosts`` emulated hosts; returns (exit codes per host, report)."""
+    path = tmp_path / "net.json"
+    cluster = EmulatedCluster(hosts)
+    try:
+        if fault is not None:
+            fault(cluster)
+        cluster.start(RANKS_PER_HOST, [*ARGS, "--quiet", "--json", str(path), *extra], str(tmp_path))
+        codes = cluster.wait(RUN_LIMIT_S)
+    finally:
+        cluster.close()
+    report = json.loads(path.read_text()) if path.exists() else None
+    return codes, report, cluster
+
+
+def host(i):
+    return f"host{chr(ord('A') + i)}"
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+@pytest.mark.parametrize("hosts", [3, 4])
+def test_healthy_emulated_cluster_exits_0_everywhere(tmp_path, hosts):
+    codes, report, _ = run_cluster(tmp_path, hosts)
+    assert codes == {i: 0 for i in range(hosts)}, (codes, report and report.get("culprits"))
+    assert report["hostnames"] == [host(i) for i in range(hosts) for _ in range(RANKS_PER_HOST)]
+    assert report["culprits"] == [] and report["status"] == "healthy"
+    assert report["links"]["inter_rounds"] == 3   # every pair of hosts met once
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_a_slow_host_is_named_and_only_it(tmp_path):
+    codes, report, _ = run_cluster(tmp_path, 3, fault=lambda c: c.slow_host(2))
+    assert codes == {0: 1, 1: 1, 2: 1}
+    named = {(c["kind"], tuple(c["hosts"])) for c in report["culprits"]}
+    assert named == {("host", (host(2),))}, report["culprits"]
+    assert report["culprits"][0]["reason"].startswith(f"{host(2)}: slow with every partner")
+    assert report["summary"]["suspect_hosts"] == [host(2)]
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_a_slow_link_between_two_of_four_hosts_is_named_as_the_link(tmp_path):
+    codes, report, _ = run_cluster(tmp_path, 4, fault=lambda c: c.slow_link(1, 3))
+    assert codes == {0: 1, 1: 1, 2: 1, 3: 1}
+    named = {(c["kind"], tuple(c["hosts"])) for c in report["culprits"]}
+    assert named == {("link", (host(1), host(3)))}, report["culprits"]
+    matrix = report["links"]["matrix"]
+    assert all(matrix[host(1)][host(3)]["slow"]) and len(matrix[host(1)][host(3)]["slow"]) == 3
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_a_host_killed_mid_sweep_gives_exit_3_everywhere_within_the_bound(tmp_path):
+    path = tmp_path / "net.json"
+    cluster = EmulatedCluster(3)
+    try:
+        cluster.start(RANKS_PER_HOST, [*ARGS, "--json", str(path)], str(tmp_path))
+        rank0_err = None
+        deadline = time.monotonic() + RUN_LIMIT_S / 2
+        while time.monotonic() < deadline:  # rank 0's progress line says the sweep runs
+            found = glob.glob(str(tmp_path / "workers0" / "*" / "attempt_0" / "0" / "stderr.log"))
+            if found and "sweep" in open(found[0]).read():
+                rank0_err = found[0]
+                break
+            time.sleep(0.2)
+        assert rank0_err, "the sweep never started"
+        cluster.kill_host(2)
+        killed_at = time.monotonic()
+        codes = {}
+        for i in (0, 1):
+            codes[i] = cluster.procs[i].wait(RUN_LIMIT_S)
+            codes[f"t{i}"] = time.monotonic() - killed_at
+    finally:
+        cluster.close()
+    assert codes[0] != 0 and codes[1] != 0
+    # every surviving rank: exit 3, one line naming the missing ranks and host, no traceback
+    for i in (0, 1):
+        for local in range(RANKS_PER_HOST):
+            [err] = glob.glob(str(tmp_path / f"workers{i}" / "*" / "attempt_0" / str(local) / "stderr.log"))
+            text = open(err).read()
+            ours = [line for line in text.splitlines() if line.startswith("pgroups nettest")]
+            assert "Traceback" not in text, text
+            assert len(ours) == 1 and ours[0].startswith("pgroups nettest: timeout: "), text
+            assert f"no answer from ranks [4, 5] (hosts {host(2)})" in ours[0], ours[0]
+        host_log = open(tmp_path / f"host{i}.log").read()
+        assert "exitcode  : 3" in host_log and "exitcode  : 1" not in host_log, host_log[-2000:]
+    # torchrun's own teardown adds a few seconds to the ranks' bound (--timeout + 10 s)
+    assert codes["t0"] < TIMEOUT_S + 10 + 15 and codes["t1"] < TIMEOUT_S + 10 + 15, codes
+    report = json.loads(path.read_text())
+    assert report["status"] == "timeout" and report["exit_code"] == 3
+    assert report["timeout"]["missing"] == [4, 5] and report["timeout"]["missing_hosts"] == [host(2)]
+    assert os.path.getsize(path) > 0
