@@ -19,6 +19,12 @@
     python bench/bench_nettest.py --ranks 2 4 --size 16M --skip-default
     python bench/bench_nettest.py --scale               # the pure diagnosis at world 8192
 
+4. ``--netns-healthy N`` (root): the emulated cluster of tests/nettest_netns.py — N healthy
+   runs at 3 and at 4 hosts (2 ranks each; false alarms counted), then one run with a slow
+   host and one with a slow link: exit codes, what was named, inter-host rounds, wall time.
+
+    python bench/bench_nettest.py --netns-healthy 10
+
 Loopback gloo on a 2-core machine: the figures say how this machine behaves, not a network.
 """
 from __future__ import annotations
@@ -169,6 +175,53 @@ def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
               f"{statistics.median(thinking):>9.3f}  {', '.join(f'{c.kind} {c.hosts[0]}' + (f' r{c.ranks[0]}' if c.kind == 'rank' else '') for c in culprits)}")
 
 
+def netns(healthy_runs: int) -> None:
+    """Part 4: runs on the emulated cluster (namespaces, bridge, tbf)."""
+    import statistics
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from nettest_netns import EmulatedCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"emulated cluster unavailable: {reason}")
+
+    def one(hosts: int, fault=None) -> Dict[str, object]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "net.json")
+            cluster = EmulatedCluster(hosts)
+            start = time.perf_counter()
+            try:
+                if fault:
+                    fault(cluster)
+                cluster.start(2, ["-e", "4M", "--no-tables", "--timeout", "20", "--quiet", "--json", path], tmp)
+                codes = cluster.wait(600)
+            finally:
+                cluster.close()
+            elapsed = time.perf_counter() - start
+            report = json.load(open(path)) if os.path.exists(path) else {}
+        return {"codes": sorted(set(codes.values()), key=str), "named": [c["reason"] for c in report.get("culprits", [])],
+                "rounds": (report.get("links") or {}).get("inter_rounds"), "wall": elapsed,
+                "tool": report.get("elapsed_s")}
+
+    print(f"emulated cluster, 2 ranks per host, -e 4M, --timeout 20; {os.cpu_count()} CPU cores")
+    print(f"{'case':<34} {'runs':>4} {'false alarms':>12} {'exit codes':>10} {'inter rounds':>12} "
+          f"{'tool s (median)':>15} {'wall s (median)':>15}")
+    for hosts in (3, 4):
+        runs = [one(hosts) for _ in range(healthy_runs)]
+        alarms = sum(1 for r in runs if r["named"] or r["codes"] != [0])
+        print(f"{f'healthy, {hosts} hosts':<34} {len(runs):>4} {alarms:>12} "
+              f"{','.join(sorted({str(c) for r in runs for c in r['codes']})):>10} "
+              f"{','.join(sorted({str(r['rounds']) for r in runs})):>12} "
+              f"{statistics.median(r['tool'] or 0 for r in runs):>15.1f} {statistics.median(r['wall'] for r in runs):>15.1f}")
+    for label, hosts, fault in (("slow host C of 3 (tbf 200mbit)", 3, lambda c: c.slow_host(2)),
+                                ("slow host D of 4 (tbf 200mbit)", 4, lambda c: c.slow_host(3)),
+                                ("slow link B-D of 4 (tbf 200mbit)", 4, lambda c: c.slow_link(1, 3))):
+        r = one(hosts, fault)
+        print(f"{label:<34} {1:>4} {'-':>12} {','.join(map(str, r['codes'])):>10} {str(r['rounds']):>12} "
+              f"{r['tool'] or 0:>15.1f} {r['wall']:>15.1f}   named: {'; '.join(r['named'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
@@ -177,11 +230,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-default", action="store_true", help="skip the wall time of the default run")
     parser.add_argument("--scale", action="store_true", help="only the pure diagnosis at 1024 hosts x 8 ranks")
+    parser.add_argument("--default-only", action="store_true",
+                        help="only the wall time of the default run beside its baseline (part 2)")
+    parser.add_argument("--netns-healthy", type=int, metavar="N",
+                        help="only the emulated-cluster runs: N healthy runs at 3 and 4 hosts, then the faults")
     args = parser.parse_args()
+    if args.netns_healthy:
+        netns(args.netns_healthy)
+        return
     if args.scale:
         scale()
         return
     size_bytes = metrics.parse_size(args.size)
+    if args.default_only:
+        default_wall()
+        return
 
     print(f"busbw (GB/s) at {metrics.format_size(size_bytes)}, gloo over loopback, {os.cpu_count()} CPU cores; "
           f"tool = pgroups nettest, bare = torch.distributed loop (baseline); {args.iters} iterations")
@@ -204,6 +267,11 @@ def main() -> None:
     if args.skip_default:
         return
     print()
+    default_wall()
+
+
+def default_wall() -> None:
+    """Part 2: the default run beside its baseline, in the same session."""
     base = wall([sys.executable, "-m", "pgroups", "run", "--nproc", "8"])
     ours = wall([sys.executable, "-m", "pgroups.nettest", "--nproc", "8", "--quiet"])
     print(f"{'command':<40} {'wall (s)':>9}")

@@ -84,6 +84,9 @@ class EmulatedCluster:
             ns, outside = self.ns(i), f"{self.id}p{i}"
             _run("ip", "netns", "add", ns)
             self.created.append(ns)
+            # IPv4 only: gloo may otherwise pick eth0's IPv6 link-local address, which the
+            # per-destination (IPv4) filter of slow_link would not see
+            self._in(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
             _run("ip", "link", "add", outside, "type", "veth", "peer", "name", f"{self.id}e{i}")
             _run("ip", "link", "set", outside, "netns", self.switch)
             _run("ip", "link", "set", f"{self.id}e{i}", "netns", ns)

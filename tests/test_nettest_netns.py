@@ -118,3 +118,37 @@ def test_a_host_killed_mid_sweep_gives_exit_3_everywhere_within_the_bound(tmp_pa
     assert report["status"] == "timeout" and report["exit_code"] == 3
     assert report["timeout"]["missing"] == [4, 5] and report["timeout"]["missing_hosts"] == [host(2)]
     assert os.path.getsize(path) > 0
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_when_the_store_host_dies_the_others_exit_3_saying_the_store_is_gone(tmp_path):
+    path = tmp_path / "net.json"
+    cluster = EmulatedCluster(3)
+    try:
+        cluster.start(RANKS_PER_HOST, [*ARGS, "--json", str(path)], str(tmp_path))
+        deadline = time.monotonic() + RUN_LIMIT_S / 2
+        started = False
+        while time.monotonic() < deadline and not started:
+            found = glob.glob(str(tmp_path / "workers0" / "*" / "attempt_0" / "0" / "stderr.log"))
+            started = bool(found) and "sweep" in open(found[0]).read()
+            time.sleep(0.2)
+        assert started, "the sweep never started"
+        cluster.kill_host(0)   # the store runs there (torchrun's agent on the first host)
+        killed_at = time.monotonic()
+        codes = {i: cluster.procs[i].wait(RUN_LIMIT_S) for i in (1, 2)}
+        elapsed = time.monotonic() - killed_at
+    finally:
+        cluster.close()
+    assert codes[1] != 0 and codes[2] != 0
+    for i in (1, 2):
+        for local in range(RANKS_PER_HOST):
+            [err] = glob.glob(str(tmp_path / f"workers{i}" / "*" / "attempt_0" / str(local) / "stderr.log"))
+            text = open(err).read()
+            ours = [line for line in text.splitlines() if line.startswith("pgroups nettest")]
+            assert "Traceback" not in text, text
+            assert len(ours) == 1 and "pgroups nettest: timeout: " in ours[0], text
+            assert "the rendezvous store at " in ours[0] and " is gone" in ours[0], ours[0]
+            assert f"with {host(0)} (ranks [0, 1])" in ours[0], ours[0]
+    report = json.loads(path.read_text())   # the lowest rank of each surviving host writes it
+    assert report["status"] == "timeout" and report["exit_code"] == 3
+    assert elapsed < 2 * TIMEOUT_S + 10 + 15, elapsed

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import queue
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -52,7 +53,8 @@ CORRUPT_DELTA = 1000.0
 ALIVE_WINDOW_S = 2.5   # after an abort: how long the rank that raised it watches who still answers
 LEAVE_WAIT_S = 2.0     # ... and how long the store's host waits for the other hosts' ranks to leave
 NCCL_TIMEOUT_MARGIN_S = 60.0
-CLOSE_WAIT_S = 2.0  # NCCL groups time out this much after the tool's own deadline
+CLOSE_WAIT_S = 2.0
+STORE_CALL_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone  # NCCL groups time out this much after the tool's own deadline
 RANK_CULPRITS = ("rank", "corrupting", "rank-link", "rail")  # culprits that name ranks, not hosts
 
 
@@ -108,24 +110,48 @@ def store_address() -> str:
 
 
 class _GuardedStore:
-    """The run's store, every call of which turns a lost connection into StoreGoneError (one
-    line, never a traceback)."""
+    """The run's store. Every call runs on one daemon thread and is given STORE_CALL_TIMEOUT_S:
+    a store whose host vanished silently never answers (no reset, the TCP call would block for
+    minutes), so a call that does not return in time — or that fails — raises StoreGoneError
+    (one line, never a traceback). A call left hanging keeps the thread; later calls then time
+    out too, which is right: the store is gone."""
 
-    def __init__(self, store: dist.Store) -> None:
+    def __init__(self, store: dist.Store, call_timeout_s: float) -> None:
         self._store = store
+        self._timeout_s = call_timeout_s
+        self._calls: "queue.Queue[Tuple[Callable[[], Any], Dict[str, Any], threading.Event]]" = queue.Queue()
+        threading.Thread(target=self._serve, name="pgroups-nettest-store", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            call, box, done = self._calls.get()
+            try:
+                box["value"] = call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self._store, name)
 
         def guarded(*args: Any) -> Any:
-            try:
-                return method(*args)
-            except (RuntimeError, dist.DistError, ConnectionError) as exc:
-                cause = _first_words(str(exc)) or type(exc).__name__
-                message = f"the rendezvous store at {store_address()} is gone ({cause})"
-                raise StoreGoneError(message, {"message": message, "kind": "store-gone",
-                                               "store": store_address()}) from None
+            box: Dict[str, Any] = {}
+            done = threading.Event()
+            self._calls.put((lambda: method(*args), box, done))
+            if not done.wait(self._timeout_s):
+                raise _store_gone(f"no answer for {self._timeout_s:g}s")
+            error = box.get("error")
+            if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
+                raise _store_gone(_first_words(str(error)) or type(error).__name__) from None
+            if error is not None:
+                raise error
+            return box.get("value")
         return guarded
+
+
+def _store_gone(cause: str) -> "StoreGoneError":
+    message = f"the rendezvous store at {store_address()} is gone ({cause})"
+    return StoreGoneError(message, {"message": message, "kind": "store-gone", "store": store_address()})
 
 
 class Coordinator:
@@ -138,9 +164,10 @@ class Coordinator:
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
                  hostnames: Sequence[str]) -> None:
-        root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store))
+        call_timeout = STORE_CALL_TIMEOUT_S
+        root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store), call_timeout)
         self.run_id = (int(root.add("runs", 1)) - 1) // world_size
-        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store))
+        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store), call_timeout)
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
         self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
@@ -330,12 +357,15 @@ def _first_words(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
+def _short_ranks(ranks: Sequence[int]) -> str:
+    ranks = sorted(ranks)
+    return "[" + ", ".join(map(str, ranks[:16])) + (f", … ({len(ranks)} ranks)" if len(ranks) > 16 else "") + "]"
+
+
 def _ranks_and_hosts(ranks: Sequence[int], hostnames: Sequence[str]) -> str:
     """``ranks [3, 4] (hosts hostB)``, shortened for long lists."""
-    ranks = sorted(ranks)
-    shown = ", ".join(map(str, ranks[:16])) + (f", … ({len(ranks)} ranks)" if len(ranks) > 16 else "")
     hosts = sorted({hostnames[r] if r < len(hostnames) else "?" for r in ranks})
-    return f"ranks [{shown}] (hosts {', '.join(hosts[:8])}{' …' if len(hosts) > 8 else ''})"
+    return f"ranks {_short_ranks(ranks)} (hosts {', '.join(hosts[:8])}{' …' if len(hosts) > 8 else ''})"
 
 
 # ---- data plane -----------------------------------------------------------------------------
@@ -997,7 +1027,11 @@ def _conclude(run: RankRun, exc: NettestTimeoutError) -> NettestTimeoutError:
     if store_gone:
         same_host = [r for r, h in enumerate(run.hostnames) if h == run.hostnames[run.rank]]
         writer = run.rank == min(same_host)
-        report = dict(report, missing_hosts=report.get("missing_hosts", [run.hostnames[0]]))
+        store_host = run.hostnames[0]
+        with_it = [r for r, h in enumerate(run.hostnames) if h == store_host]
+        report = dict(report, missing=with_it, missing_hosts=[store_host],
+                      message=f"{report.get('message', exc)}: probably with {store_host} "
+                              f"(ranks {_short_ranks(with_it)}), where it runs")
     else:
         writer = run.rank == 0 or (0 in missing and report.get("detected_by") == run.rank)
     if writer and run.options.json_path:
