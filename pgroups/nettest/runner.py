@@ -817,7 +817,7 @@ class RankRun:
                 if self.rank == 0 else None)
         sizes = {"small": _pair_size(min(self.options.sizes)),
                  "large": _pair_size(min(max(self.options.sizes), PAIR_MAX_BYTES))}
-        index = 0
+        index, started = 0, time.perf_counter()
         while True:
             planned = scan.next_round() if scan is not None else None
             plan = self._share(f"scan{index}", planned.to_json() if planned is not None else None)
@@ -831,7 +831,7 @@ class RankRun:
                 scan.record(_scan_samples(index, plan["kind"], plan["rank_pairs"], collected))
             index += 1
         if scan is not None:
-            self.report["links"] = scan.to_json()
+            self.report["links"] = dict(scan.to_json(), elapsed_s=time.perf_counter() - started)
             self._culprits = scan.culprits()
 
     def _scan_round(self, index: int, plan: Dict[str, Any], sizes: Mapping[str, int]) -> List[Dict[str, Any]]:
