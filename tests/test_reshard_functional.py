@@ -23,19 +23,22 @@ from pgroups.topology import Topology
 from reshard_compute import (apply_plan, canonical, reference_attention, reference_mlp, relative_error, rms,
                              sharded_attention, sharded_mlp, tp_group)
 
-HIDDEN, HEAD_DIM, FFN = 16, 4, 20
+HIDDEN, HEAD_DIM, FFN, VOCAB = 16, 4, 20, 30
 
 
-def layout(tensor: int, pipeline: int = 1, data: int = 1, ranks=None) -> ParallelLayout:
-    return ParallelLayout.create(Topology.create(tensor * pipeline * data, tensor, pipeline), ranks)
+def layout(tensor: int, pipeline: int = 1, data: int = 1, ranks=None, vocab_multiple=None) -> ParallelLayout:
+    return ParallelLayout.create(Topology.create(tensor * pipeline * data, tensor, pipeline), ranks,
+                                 vocab_multiple=vocab_multiple)
 
 
 def one_layer(variant: str, heads: int, kv_heads: int, w: Dict[str, torch.Tensor]) -> Tuple[ModelSpec, Dict, Dict]:
     """(model spec, full tensors, role → tensor name) of one layer in QKV layout ``variant``."""
     group = heads // kv_heads
     q, k, v = w["q"], w["k"], w["v"]
-    full = {"input_norm": w["norm1"], "post_norm": w["norm2"], "o": w["o"], "down": w["down"]}
-    specs = [TensorSpec.create("input_norm", (HIDDEN,), "float32", None, 0),
+    full = {"input_norm": w["norm1"], "post_norm": w["norm2"], "o": w["o"], "down": w["down"],
+            "embed": torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(11))}
+    specs = [TensorSpec.create("embed", (VOCAB, HIDDEN), "float32", 0, 0, vocab=True),
+             TensorSpec.create("input_norm", (HIDDEN,), "float32", None, 0),
              TensorSpec.create("post_norm", (HIDDEN,), "float32", None, 0),
              TensorSpec.create("o", (HIDDEN, heads * HEAD_DIM), "float32", 1, 0,
                                head_blocks(heads, kv_heads, HEAD_DIM, "q")),
@@ -135,7 +138,10 @@ def test_issue_case_6_heads_3_kv_heads_tp2_holds_the_kv_heads_it_uses():
 
 
 # ---- end to end on real gloo processes ------------------------------------------------------------------
-E2E = {"heads": 8, "kv_heads": 2, "src_tp": 4, "dst_ranks": [1, 2, 3]}   # tp 4 -> tp 3: uneven heads
+# tp 4 -> tp 3: uneven heads; the 30-row vocabulary padded to 32 (8 per rank) on the source and to 36
+# (12 per rank) on the destination, whose last rank zero-fills 6 padding rows
+E2E = {"heads": 8, "kv_heads": 2, "src_tp": 4, "dst_ranks": [1, 2, 3], "src_vocab_multiple": 2,
+       "dst_vocab_multiple": 4}
 
 
 def e2e_worker(variant: str) -> Dict[str, list]:
@@ -148,7 +154,8 @@ def e2e_worker(variant: str) -> Dict[str, list]:
                           "groups": "lazy"})
     heads, kv_heads = E2E["heads"], E2E["kv_heads"]
     model, full, _ = one_layer(variant, heads, kv_heads, canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN))
-    src, dst = layout(E2E["src_tp"]), layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"])
+    src = layout(E2E["src_tp"], vocab_multiple=E2E["src_vocab_multiple"])
+    dst = layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"], vocab_multiple=E2E["dst_vocab_multiple"])
     rank = gpc.get_global_rank()
     share = plan_share(src, dst, model, rank, gpc.get_hostnames())
     mine = empty_shards(dst, model, rank, fill=float("nan"))
@@ -165,8 +172,12 @@ def test_gloo_reshard_tp4_to_tp3_computes_the_unsharded_layer(variant):
     assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
     heads, kv_heads = E2E["heads"], E2E["kv_heads"]
     w = canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
-    model, _, names = one_layer(variant, heads, kv_heads, w)
+    model, full, names = one_layer(variant, heads, kv_heads, w)
     shards = {o.rank: {name: torch.tensor(v) for name, v in o.value.items()} for o in outcomes}
+    embed = full["embed"]
+    assert torch.equal(shards[3]["embed"][:6], embed[24:]) and shards[3]["embed"].shape[0] == 12
+    assert (shards[3]["embed"][6:] == 0).all(), "vocabulary padding rows are zero-filled"
+    assert torch.equal(torch.cat([shards[1]["embed"], shards[2]["embed"]]), embed[:24])
     x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(2))
     dst = layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"])
     got = sharded_layer(x, shards, model, names, dst, heads, kv_heads)

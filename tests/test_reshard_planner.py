@@ -8,6 +8,7 @@ the lower bound (ratio 1.0); each step is a matching; same-host holders are pref
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from pgroups.cli import main
 from pgroups.errors import ConfigError, ReshardError
 from pgroups.reshard import (ModelSpec, ParallelLayout, Rule, TensorSpec, balanced_stages, even_stages,
-                             llama_like, load_layout, load_model_spec, parts_blocks, plan_reshard, plan_share,
+                             llama_like, load_layout, load_model_spec, local_shapes, parts_blocks, plan_reshard,
+                             plan_share,
                              qkv_blocks, spec_from_module)
 from pgroups.reshard.spec import Piece
 from pgroups.topology import Topology
@@ -53,16 +55,23 @@ def local_start(pieces: Sequence[Piece], start: int, stop: int) -> Optional[int]
     return None
 
 
-def holds(spec: TensorSpec, lay: ParallelLayout, stage: int, rank: int, start: int, stop: int) -> Optional[int]:
+def stages_of(lay: ParallelLayout, model: ModelSpec) -> Dict[str, set]:
+    """{tensor: stages holding it}: a tied tensor on the first and the last stage."""
+    stage = lay.stage_map(model)
+    last = lay.topology.pipeline - 1
+    return {t.name: {0, last} if t.layer == "tied" else {stage[t.layer]} for t in model.tensors}
+
+
+def holds(spec: TensorSpec, lay: ParallelLayout, stages: set, rank: int, start: int, stop: int) -> Optional[int]:
     coords = lay.coordinates(rank)
-    if coords is None or coords["pp"] != stage:
+    if coords is None or coords["pp"] not in stages:
         return None
     return local_start(spec.pieces(lay.topology.tensor, coords["tp"]), start, stop)
 
 
 def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts: Optional[List[str]]) -> None:
     plan = plan_reshard(src, dst, model, hosts)
-    src_stage, dst_stage = src.stage_map(model), dst.stage_map(model)
+    src_stage, dst_stage = stages_of(src, model), stages_of(dst, model)
     specs = {s.name: s for s in model.tensors}
     got: Dict[Tuple[int, str], List[Tuple[int, int]]] = defaultdict(list)
     holders_cache: Dict[Tuple[str, int, int], List[int]] = {}
@@ -71,7 +80,7 @@ def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts
         key = (spec.name, g0, g1)
         if key not in holders_cache:
             holders_cache[key] = [r for r in src.ranks
-                                  if holds(spec, src, src_stage[spec.layer], r, g0, g1) is not None]
+                                  if holds(spec, src, src_stage[spec.name], r, g0, g1) is not None]
         return holders_cache[key]
 
     received: Counter = Counter()
@@ -85,10 +94,10 @@ def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts
             g0, g1 = 0, 1
         assert g1 > g0 and t.nbytes == (g1 - g0) * spec.row_bytes
         # the sender holds these rows, at src_box, in the source layout
-        at_src = holds(spec, src, src_stage[spec.layer], t.src, g0, g1)
+        at_src = holds(spec, src, src_stage[spec.name], t.src, g0, g1)
         assert at_src is not None, f"{t} sent by a rank that does not hold it"
         assert not spec.shape or at_src == t.src_box[spec.axis][0]
-        at_dst = holds(spec, dst, dst_stage[spec.layer], t.dst, g0, g1)
+        at_dst = holds(spec, dst, dst_stage[spec.name], t.dst, g0, g1)
         assert at_dst is not None, f"{t} received by a rank that does not need it"
         assert not spec.shape or at_dst == t.dst_box[spec.axis][0]
         assert (t.step == -1) == t.is_local
@@ -100,7 +109,7 @@ def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts
                 same_host = [r for r in holders(spec, g0, g1) if hosts[r] == hosts[t.dst]]
                 assert not same_host or hosts[t.src] == hosts[t.dst], f"{t} crosses hosts; {same_host} hold it"
             # a rank never receives over the network bytes it holds itself
-            assert holds(spec, src, src_stage[spec.layer], t.dst, g0, g1) is None
+            assert holds(spec, src, src_stage[spec.name], t.dst, g0, g1) is None
 
     needed: Counter = Counter()
     held: Counter = Counter()
@@ -108,7 +117,7 @@ def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts
         d = dst.coordinates(rank)
         s = src.coordinates(rank)
         for spec in model.tensors:
-            if dst_stage[spec.layer] != d["pp"]:
+            if d["pp"] not in dst_stage[spec.name]:
                 assert (rank, spec.name) not in got
                 continue
             want = [(a, b) for a, b, _ in spec.pieces(dst.topology.tensor, d["tp"])]
@@ -116,7 +125,7 @@ def check_plan(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, hosts
             assert _merge(covered) == _merge(sorted(want)), f"rank {rank} {spec.name}: {covered} vs {want}"
             assert sum(b - a for a, b in covered) == sum(b - a for a, b in want), "a byte is covered twice"
             needed[rank] += sum(b - a for a, b in want) * spec.row_bytes
-            if s is not None and s["pp"] == src_stage[spec.layer]:
+            if s is not None and s["pp"] in src_stage[spec.name]:
                 mine = spec.pieces(src.topology.tensor, s["tp"])
                 held[rank] += sum(max(0, min(b, m1) - max(a, m0)) for a, b in want for m0, m1, _ in mine) * spec.row_bytes
     for report in plan.receivers:
@@ -172,7 +181,7 @@ def tensor_specs(draw, index: int, num_layers: int) -> TensorSpec:
     ndim = draw(st.integers(0, 3))
     shape = [draw(st.integers(1, 24)) for _ in range(ndim)]
     dtype = draw(st.sampled_from(["float32", "bfloat16", "int8", "float64"]))
-    layer = draw(st.sampled_from(["embedding", "head", *range(num_layers)]))
+    layer = draw(st.sampled_from(["embedding", "head", "tied", *range(num_layers)]))
     tp_dim = draw(st.none() | st.integers(0, ndim - 1)) if ndim else None
     blocks = None
     if tp_dim is not None and draw(st.booleans()):
@@ -317,6 +326,26 @@ def test_same_host_sender_is_preferred():
     plan = plan_reshard(layout(1, 1, 2, ranks=[0, 4]), layout(1, 1, 6, ranks=[1, 2, 3, 5, 6, 7]),
                         one_tensor((10, 3), 0), hosts)
     assert {r.rank: r.senders for r in plan.receivers} == {1: (0,), 2: (0,), 3: (0,), 5: (4,), 6: (4,), 7: (4,)}
+
+
+def test_tied_embedding_is_held_by_first_and_last_stage_and_received_once_per_rank_that_needs_it():
+    model = llama_like(hidden=16, layers=4, heads=4, kv_heads=2, ffn=24, vocab=40, tied_embeddings=True)
+    assert "lm_head.weight" not in model.names and model["embed.weight"].layer == "tied"
+    src, dst = layout(2, 2), layout(2, 4, ranks=list(range(4, 12)))   # pp 2 → pp 4 on other ranks
+    assert set(local_shapes(src, model, 0)) >= {"embed.weight"} and "embed.weight" in local_shapes(src, model, 2)
+    plan = plan_reshard(src, dst, model)
+    tied = Counter(t.dst for t in plan.transfers if t.tensor == "embed.weight")
+    # stage 0 (ranks 4, 5) and stage 3 (ranks 10, 11) need it: each receives its TP half, once
+    assert sorted(tied) == [4, 5, 10, 11]
+    got = {r: sum(t.nbytes for t in plan.transfers if t.tensor == "embed.weight" and t.dst == r) for r in tied}
+    assert got == {r: model["embed.weight"].nbytes // 2 for r in (4, 5, 10, 11)}
+    check_plan(src, dst, model, None)
+    # pipeline 1: first and last stage are one; the rank receives the tensor once
+    one = plan_reshard(src, layout(1, 1, 1, ranks=[7]), model)
+    assert sum(t.nbytes for t in one.transfers if t.tensor == "embed.weight") == model["embed.weight"].nbytes
+    # both source stages hold it: the replicas of stage 0 and of stage 1 share the senders
+    spread = plan_reshard(layout(1, 2), layout(1, 1, 2, ranks=[2, 3]), model)
+    assert {t.src for t in spread.transfers if t.tensor == "embed.weight"} == {0, 1}
 
 
 def test_identity_reshard_is_all_local_copies():
@@ -475,3 +504,52 @@ def test_cli_reshard_plan_bad_input_exits_2_with_one_line(capsys, tmp_path):
     assert main(["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
                  "--world-size", "16", "--model", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read model spec" in capsys.readouterr().err
+
+
+# ---- vocabulary padding -------------------------------------------------------------------------------------
+def test_vocab_padding_rows_are_never_sent_and_zero_filled_on_the_destination():
+    # Megatron pads 1000 rows to a multiple of 128 x TP: tp 4 → 1024 (256 per rank); inference unpadded
+    model = llama_like(hidden=8, layers=2, heads=4, kv_heads=2, ffn=12, vocab=1000, dtype="float32")
+    src = ParallelLayout.create(Topology.create(4, 4, 1), vocab_multiple=128)
+    dst = ParallelLayout.create(Topology.create(3, 3, 1), list(range(4, 7)))
+    emb = model["embed.weight"]
+    assert [emb.local_shape(4, r, vocab_multiple=128)[0] for r in range(4)] == [256] * 4
+    assert emb.pieces(4, 3, 128) == ((768, 1000, 0),)    # rows 1000..1023 of rank 3 are padding
+    plan = plan_reshard(src, dst, model)
+    for t in plan.transfers:
+        if t.tensor in ("embed.weight", "lm_head.weight"):
+            assert t.global_box[0][1] <= 1000 and t.src_box[0][1] <= 256, "a padding row was sent"
+    assert plan.ratio == 1.0 and not plan.fills
+    # and back: the destination pads to 128 x 2 = 256 multiples → 1024 rows, rank 1 holds 512..1023
+    back = plan_reshard(dst, ParallelLayout.create(Topology.create(2, 2, 1), vocab_multiple=128), model)
+    fills = {(f.tensor, f.dst): f.dst_box[0] for f in back.fills}
+    assert fills == {("embed.weight", 1): (488, 512), ("lm_head.weight", 1): (488, 512)}
+    assert all(f.nbytes == 24 * 8 * 4 for f in back.fills)
+    assert back.ratio == 1.0
+    report = {r.rank: r for r in back.receivers}
+    shard_bytes = sum(math.prod(shape) * 4 for shape in local_shapes(back.dst, model, 1).values())
+    assert report[1].needed_bytes + sum(f.nbytes for f in back.fills) == shard_bytes   # padding is not "needed"
+    full = {s.name: torch.randn(s.shape) for s in model.tensors}
+    from reshard_compute import apply_plan
+    shards = apply_plan(back, full)
+    assert torch.equal(shards[1]["embed.weight"][:488], full["embed.weight"][512:])
+    for fill in back.fills:   # apply_plan leaves NaN where nothing arrives: exactly the padding
+        assert shards[fill.dst][fill.tensor][fill.dst_box[0][0]:].isnan().all()
+
+
+def test_cli_reshard_plan_one_rank_share_matches_the_whole_plan(capsys):
+    args = ["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+            "--world-size", "16", "--ranks-per-host", "8", "--model", "config_examples/reshard_model.yaml", "--json"]
+    assert main(args) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(args + ["--rank", "5"]) == 0
+    share = json.loads(capsys.readouterr().out)
+    mine = next(r for r in whole["receivers"] if r["rank"] == 5)
+    assert share["plan_hash"] == whole["plan_hash"] and len(share["plan_hash"]) == 16
+    assert share["received_bytes"] == mine["received"] == share["lower_bound_bytes"]
+    assert share["receive_peers"] == mine["senders"]
+    assert main(args[:-1] + ["--rank", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 5's share" in out and f"plan hash {whole['plan_hash']}" in out
+    assert main(args + ["--rank", "16"]) == 2
+    assert "--rank 16 is outside the job's ranks 0..15" in capsys.readouterr().err

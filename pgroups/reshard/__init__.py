@@ -22,8 +22,8 @@ from ..comm import (WeightGatherHandle, all_gather_weight, all_to_all, gather_al
 from .executor import DEFAULT_BUCKET_BYTES, Resharder, ReshardError, ReshardStats, execute_plan, reshard
 from .layout import (STAGE_POLICIES, ParallelLayout, balanced_stages, cut_shards, empty_shards, even_stages,
                      held_tensors, load_layout, local_shapes, parse_ranks)
-from .planner import (Plan, PlanShare, ReceiverReport, Transfer, describe_plan, plan_digest, plan_reshard,
-                      plan_share)
+from .planner import (Plan, PlanShare, ReceiverReport, Transfer, ZeroFill, describe_plan, describe_share,
+                      plan_digest, plan_reshard, plan_share)
 from .spec import (Block, Experts, Heads, ModelSpec, Rule, TensorSpec, attention_heads, head_blocks, llama_like,
                    load_model_spec, parts_blocks, qkv_blocks, qkv_interleaved_blocks, spec_from_module)
 from .verl import MicroDataSharding
@@ -31,10 +31,10 @@ from .verl import MicroDataSharding
 __all__ = [
     "Block", "DEFAULT_BUCKET_BYTES", "Experts", "Heads", "ModelSpec", "ParallelLayout", "Plan", "PlanShare",
     "ReceiverReport", "ReshardError", "ReshardStats", "Resharder", "Rule", "STAGE_POLICIES", "TensorSpec", "Transfer",
-    "attention_heads", "balanced_stages", "cut_shards", "describe_plan", "empty_shards", "even_stages",
+    "attention_heads", "balanced_stages", "cut_shards", "describe_plan", "describe_share", "empty_shards", "even_stages",
     "execute_plan", "head_blocks", "held_tensors", "llama_like", "load_layout", "load_model_spec", "local_shapes",
     "parse_ranks", "parts_blocks", "plan_digest", "plan_reshard", "plan_share", "qkv_blocks",
-    "qkv_interleaved_blocks", "reshard",
+    "qkv_interleaved_blocks", "reshard", "ZeroFill",
     "spec_from_module", "WeightGatherHandle", "all_gather_weight", "all_to_all", "gather_along", "head_to_seq",
     "reduce_scatter_along", "seq_to_head", "split_along", "start_weight_gather", "MicroDataSharding",
 ]

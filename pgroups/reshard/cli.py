@@ -1,9 +1,11 @@
-"""``pgroups reshard-plan SRC.yaml DST.yaml --world-size N [--model SPEC.yaml] [--json]``: a plan, offline.
+"""``pgroups reshard-plan SRC.yaml DST.yaml --world-size N [--model SPEC.yaml] [--rank R] [--json]``: a plan, offline.
 
 SRC and DST are pgroups configs with an optional ``placement:`` section (see
 :mod:`pgroups.reshard.layout`). Without ``--model`` the plan is for a Llama-3-8B-shaped model.
 Hosts are unknown offline unless given: ``--ranks-per-host K`` (K consecutive ranks per host,
 as torchrun places them) or ``--hostfile FILE`` (one host name per rank, in rank order).
+``--rank R`` reports only rank R's share (what it sends, receives, copies; fast at any world
+size, as each rank computes it at run time). The plan hash is the one every rank agrees on.
 Exit 0 when every destination rank receives exactly its lower bound, 1 otherwise, 2 on bad input.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import List, Optional
 
 from ..errors import ConfigError
 from .layout import load_layout
-from .planner import describe_plan, plan_reshard
+from .planner import describe_plan, describe_share, plan_reshard, plan_share
 from .spec import llama_like, load_model_spec
 
 
@@ -28,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("--ranks-per-host", type=int, help="assume K consecutive ranks per host")
     hosts.add_argument("--hostfile", help="file with one host name per rank, in rank order")
+    parser.add_argument("--rank", type=int, help="report only this rank's share of the plan")
     parser.add_argument("--json", action="store_true", help="machine-readable summary")
     parser.add_argument("--transfers", action="store_true", help="with --json: list every transfer too")
     parser.set_defaults(func=cmd_reshard_plan)
@@ -55,6 +58,15 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
     src = load_layout(args.src, args.world_size)
     dst = load_layout(args.dst, args.world_size)
     model = load_model_spec(args.model) if args.model else llama_like(name="llama-3-8b-shapes")
+    if args.rank is not None:
+        if not 0 <= args.rank < args.world_size:
+            raise ConfigError(f"--rank {args.rank} is outside the job's ranks 0..{args.world_size - 1}")
+        share = plan_share(src, dst, model, args.rank, _hosts(args))
+        if args.json:
+            print(json.dumps({"world_size": args.world_size, **share.summary()}))
+        else:
+            print(describe_share(share))
+        return 0 if share.report is None or share.report.ratio == 1.0 else 1
     plan = plan_reshard(src, dst, model, _hosts(args))
     if args.json:
         result = {"world_size": args.world_size, **plan.summary()}

@@ -197,6 +197,7 @@ class Resharder:
         self._converted = {n: d for n, d in self.dst_dtypes.items() if d != plan.model[n].dtype}
         self.digest = agreement_digest(plan, bucket_bytes, self._converted, verify)
         self.sends, self.recvs, copies = plan.transfers_of(self.rank)
+        self.fills = plan.fills_of(self.rank)   # vocabulary padding: zero-filled here, never sent
         shapes = Shapes(plan)
         self.send_messages = messages(self.sends, lambda t: t.dst, shapes, self.dst_dtypes, bucket_bytes)
         self.recv_messages = messages(self.recvs, lambda t: t.src, shapes, self.dst_dtypes, bucket_bytes)
@@ -602,6 +603,12 @@ class _Run:
                 self._decode(piece, wire, _region(self.dst[piece.transfer.tensor], piece.transfer.dst_box))
 
     def _local_copies(self) -> None:
+        for fill in self.owner.fills:
+            target = _region(self.dst[fill.tensor], fill.dst_box)
+            target.zero_()
+            if convert.is_scaled(target.dtype):
+                dims = self.scale_dims[fill.tensor]
+                _region(self.dst[convert.scale_name(fill.tensor)], _scale_box(fill.dst_box, dims)).fill_(1)
         for t in self.owner.copies:
             target = _region(self.dst[t.tensor], t.dst_box)
             source = _region(self.src[t.tensor], t.src_box)

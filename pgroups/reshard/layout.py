@@ -18,6 +18,7 @@ YAML: a pgroups config, with an optional ``placement:`` section::
       stages: balanced      # even (default) | balanced | [layers per stage]
       expert_parallel: 4    # EP of routed-expert tensors (default 1)
       expert_tensor: 1      # expert TP (default 1); EP x expert TP divides tensor x data
+      vocab_multiple: 128   # pad vocabularies as Megatron (default: unpadded, as HF / vLLM)
 """
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ import attrs
 from ..config import Config, config_from_dict, read_yaml
 from ..errors import ConfigError, allowed, did_you_mean
 from ..topology import Topology
-from .spec import EMBEDDING, HEAD, LayerRef, ModelSpec, TensorSpec, balanced_share
+from .spec import EMBEDDING, HEAD, TIED, LayerRef, ModelSpec, TensorSpec, balanced_share
 
 StagePolicy = Callable[[int, int, int, Sequence[int]], Sequence[int]]
 Stages = Union[str, Tuple[int, ...], StagePolicy]
 
-_PLACEMENT_KEYS = ("ranks", "stages", "expert_parallel", "expert_tensor")
+_PLACEMENT_KEYS = ("ranks", "stages", "expert_parallel", "expert_tensor", "vocab_multiple")
 
 
 # ---- stage policies (pure) -----------------------------------------------------------------------
@@ -94,6 +95,7 @@ class ParallelLayout:
     name: str = ""
     expert_parallel: int = 1
     expert_tensor: int = 1
+    vocab_multiple: Optional[int] = None
     _index: Dict[int, int] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -101,17 +103,20 @@ class ParallelLayout:
 
     @classmethod
     def create(cls, topology: Topology, ranks: Optional[Sequence[int]] = None, stages: Stages = "even",
-               name: str = "", expert_parallel: int = 1, expert_tensor: int = 1) -> "ParallelLayout":
+               name: str = "", expert_parallel: int = 1, expert_tensor: int = 1,
+               vocab_multiple: Optional[int] = None) -> "ParallelLayout":
         """Validate and build. ``ranks`` default to ``0..topology.world_size-1``;
         ``expert_parallel`` (EP) and ``expert_tensor`` (expert TP) place routed-expert tensors
-        (see :meth:`mesh_coordinates`).
+        (see :meth:`mesh_coordinates`); ``vocab_multiple`` pads vocabulary tensors as Megatron's
+        ``make_vocab_size_divisible_by`` does (None: unpadded, as HF / vLLM checkpoints).
 
         Raises ConfigError if the ranks are not distinct non-negative integers, one per layout
         rank, ``stages`` is not a known policy / a tuple of counts / a callable, or EP x expert TP
         does not divide the ranks of a pipeline stage.
         """
         where = f"{name}: " if name else ""
-        for key, value in (("expert_parallel", expert_parallel), ("expert_tensor", expert_tensor)):
+        for key, value in (("expert_parallel", expert_parallel), ("expert_tensor", expert_tensor),
+                           ("vocab_multiple", 1 if vocab_multiple is None else vocab_multiple)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}{key} must be a positive integer, got {value!r}")
         stage_ranks = topology.tensor * topology.data
@@ -141,19 +146,19 @@ class ParallelLayout:
         elif not callable(stages):
             raise ConfigError(f"{where}stages must be a policy name, a list of layer counts or a callable, "
                               f"got {stages!r}")
-        return cls(topology, ranks, stages, name, expert_parallel, expert_tensor)
+        return cls(topology, ranks, stages, name, expert_parallel, expert_tensor, vocab_multiple)
 
     @classmethod
     def from_config(cls, config: Config, world_size: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
                     stages: Stages = "even", name: str = "", expert_parallel: int = 1,
-                    expert_tensor: int = 1) -> "ParallelLayout":
+                    expert_tensor: int = 1, vocab_multiple: Optional[int] = None) -> "ParallelLayout":
         """The layout of ``config.parallel`` on ``ranks`` (default: ranks 0..n-1 of a job of
         ``world_size``; ``data`` is derived from the number of ranks when the config leaves it out)."""
         size = len(ranks) if ranks is not None else world_size
         if size is None:
             raise ConfigError(f"{name or config.source or 'layout'}: give the world size or the placement ranks")
         return cls.create(config.topology(size), ranks, stages, name or config.source or "", expert_parallel,
-                          expert_tensor)
+                          expert_tensor, vocab_multiple)
 
     # ---- ranks --------------------------------------------------------------------------------
     @property
@@ -233,8 +238,9 @@ class ParallelLayout:
         return tuple(counts)
 
     def stage_map(self, model: ModelSpec) -> Dict[LayerRef, int]:
-        """``{layer: stage}`` for ``model``: embedding → 0, head → last, layers by :meth:`layer_counts`."""
-        result: Dict[LayerRef, int] = {EMBEDDING: 0, HEAD: self.topology.pipeline - 1}
+        """``{layer: stage}`` for ``model``: embedding → 0, head → last, layers by :meth:`layer_counts`
+        (a tied tensor is on both ends: see :func:`layer_stages`)."""
+        result: Dict[LayerRef, int] = {EMBEDDING: 0, HEAD: self.topology.pipeline - 1, TIED: 0}
         layer = 0
         for stage, count in enumerate(self.layer_counts(model)):
             for _ in range(count):
@@ -247,11 +253,21 @@ class ParallelLayout:
         stages = self.stages if isinstance(self.stages, (str, tuple)) else getattr(self.stages, "__name__", "custom")
         experts = (f", experts: etp {self.expert_tensor} x ep {self.expert_parallel}"
                    if (self.expert_tensor, self.expert_parallel) != (1, 1) else "")
+        if self.vocab_multiple:
+            experts += f", vocab padded to a multiple of {self.vocab_multiple} x tensor"
         return (f"tensor {t.tensor} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
                 f"on ranks {format_ranks(self.ranks)}, stages {stages}{experts}")
 
 
 # ---- shards of a layout -------------------------------------------------------------------------
+def layer_stages(stage_map: Mapping[LayerRef, int], layer: LayerRef) -> Tuple[int, ...]:
+    """The stages holding ``layer``: one, or the first and last for a tied tensor (one when they
+    are the same stage)."""
+    if layer == TIED:
+        return (0,) if stage_map[HEAD] == 0 else (0, stage_map[HEAD])
+    return (stage_map[layer],)
+
+
 def held_tensors(layout: ParallelLayout, model: ModelSpec,
                  global_rank: int) -> List[Tuple[TensorSpec, int, int, int, int]]:
     """``[(spec, tp, tp size, ep, ep size)]`` for every tensor ``global_rank`` holds in ``layout``
@@ -266,7 +282,7 @@ def held_tensors(layout: ParallelLayout, model: ModelSpec,
     for spec in model.tensors:
         tp, ep, _, pp = mesh[spec.is_expert]
         tp_size, ep_size, _ = sizes[spec.is_expert]
-        if stages[spec.layer] == pp and spec.held_by(ep_size, ep):
+        if pp in layer_stages(stages, spec.layer) and spec.held_by(ep_size, ep):
             result.append((spec, tp, tp_size, ep, ep_size))
     return result
 
@@ -274,7 +290,7 @@ def held_tensors(layout: ParallelLayout, model: ModelSpec,
 def local_shapes(layout: ParallelLayout, model: ModelSpec, global_rank: int) -> Dict[str, Tuple[int, ...]]:
     """``{tensor name: local shard shape}`` for every tensor ``global_rank`` holds in ``layout``
     (see :func:`held_tensors`); empty if the rank is not placed in the layout."""
-    return {spec.name: spec.local_shape(tp_size, tp, ep_size, ep)
+    return {spec.name: spec.local_shape(tp_size, tp, ep_size, ep, layout.vocab_multiple)
             for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, global_rank)}
 
 
@@ -282,7 +298,7 @@ def cut_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
                full: Callable[[str], "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
     """The shards ``global_rank`` holds in ``layout``, cut from full tensors (``full(name)``,
     e.g. ``state_dict.__getitem__``): the reference every reshard result must equal."""
-    return {spec.name: spec.shard(full(spec.name), tp_size, tp, ep_size, ep)
+    return {spec.name: spec.shard(full(spec.name), tp_size, tp, ep_size, ep, layout.vocab_multiple)
             for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, global_rank)}
 
 
@@ -369,4 +385,5 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
     if isinstance(stages, list):
         stages = tuple(stages)
     return ParallelLayout.from_config(config, world_size, ranks, stages, source,
-                                      placement.get("expert_parallel", 1), placement.get("expert_tensor", 1))
+                                      placement.get("expert_parallel", 1), placement.get("expert_tensor", 1),
+                                      placement.get("vocab_multiple"))

@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import attrs
 
 from ..errors import ConfigError, ReshardError
-from .layout import ParallelLayout, format_ranks
+from .layout import ParallelLayout, format_ranks, layer_stages
 from .spec import Block, LayerRef, ModelSpec, Piece, TensorSpec
 
 Box = Tuple[Tuple[int, int], ...]   # per dim (start, stop)
@@ -84,6 +84,18 @@ class Transfer:
             return 1
         start, stop = self.global_box[self.axis]
         return stop - start
+
+
+@attrs.frozen
+class ZeroFill:
+    """Rows of a destination shard no source holds — vocabulary padding — that the executor
+    zero-fills on rank ``dst`` (``dst_box`` in its local shard); never sent."""
+
+    tensor: str
+    dst: int
+    axis: int
+    dst_box: Box
+    nbytes: int
 
 
 @attrs.frozen
@@ -131,6 +143,7 @@ class PlanShare:
     copies: Tuple[Transfer, ...]
     report: Optional[ReceiverReport]          # None when the rank is not in the dst layout
     hosts: Optional[Tuple[str, ...]] = None
+    fills: Tuple[ZeroFill, ...] = ()
 
     @property
     def transfers(self) -> Tuple[Transfer, ...]:
@@ -161,6 +174,26 @@ class PlanShare:
                                "each rank computes its own share with plan_share(..., rank)")
         return list(self.sends), list(self.recvs), list(self.copies)
 
+    def summary(self) -> Dict[str, Any]:
+        """A JSON-ready summary of this rank's share."""
+        r = self.report
+        return {
+            "rank": self.rank, "plan_hash": f"{self.digest() & (2 ** 64 - 1):016x}",
+            "src": self.src.describe(), "dst": self.dst.describe(),
+            "sends": len(self.sends), "sent_bytes": self.sent_bytes,
+            "receives": len(self.recvs), "received_bytes": self.received_bytes,
+            "local_copies": len(self.copies), "local_copy_bytes": sum(t.nbytes for t in self.copies),
+            "zero_filled_bytes": sum(f.nbytes for f in self.fills),
+            "needed_bytes": r.needed_bytes if r else 0, "lower_bound_bytes": r.lower_bound_bytes if r else 0,
+            "ratio": r.ratio if r else 1.0, "steps": self.steps,
+            "send_peers": sorted({t.dst for t in self.sends}), "receive_peers": sorted({t.src for t in self.recvs}),
+        }
+
+    def fills_of(self, rank: int) -> List[ZeroFill]:
+        """The padding regions ``rank`` zero-fills (only this share's rank)."""
+        self.transfers_of(rank)
+        return list(self.fills)
+
     def digest(self) -> int:
         """The plan's 64-bit hash (a signed int64), identical on every rank: :func:`plan_digest`."""
         return plan_digest(self.src, self.dst, self.model, self.hosts)
@@ -180,6 +213,7 @@ class Plan:
     receivers: Tuple[ReceiverReport, ...]
     sender_bytes: Mapping[int, int]   # every source rank → bytes it sends over the network
     hosts: Optional[Tuple[str, ...]] = None
+    fills: Tuple[ZeroFill, ...] = ()
 
     @property
     def ranks(self) -> List[int]:
@@ -230,12 +264,16 @@ class Plan:
         """``(sends, receives, local copies)`` of global ``rank``, in plan order."""
         return _transfers_of(self.transfers, rank)
 
+    def fills_of(self, rank: int) -> List[ZeroFill]:
+        """The padding regions ``rank`` zero-fills."""
+        return [f for f in self.fills if f.dst == rank]
+
     def share(self, rank: int) -> PlanShare:
         """``rank``'s part of this plan (equal to ``plan_share(src, dst, model, rank, hosts)``)."""
         sends, recvs, copies = self.transfers_of(rank)
         report = next((r for r in self.receivers if r.rank == rank), None)
         return PlanShare(rank, self.src, self.dst, self.model, tuple(sends), tuple(recvs), tuple(copies), report,
-                         self.hosts)
+                         self.hosts, tuple(self.fills_of(rank)))
 
     def digest(self) -> int:
         """The plan's 64-bit hash (a signed int64): :func:`plan_digest` of its inputs."""
@@ -251,6 +289,7 @@ class Plan:
             "received_bytes": self.received_bytes, "lower_bound_bytes": self.lower_bound_bytes,
             "ratio": self.ratio, "max_rank_ratio": self.max_ratio,
             "local_copy_bytes": sum(r.local_copy_bytes for r in self.receivers),
+            "zero_filled_bytes": sum(f.nbytes for f in self.fills),
             "steps": self.max_rank_steps, "pairs": self.pair_count,
             "sender_load": {"max": self.sender_load_max, "mean": self.sender_load_mean,
                             "max_over_mean": (self.sender_load_max / self.sender_load_mean
@@ -308,17 +347,20 @@ def _merge_units(dst_pieces: Sequence[Piece], bounds: List[int], holders: List[D
 
 
 @functools.lru_cache(maxsize=4096)
-def _row_units(blocks: Tuple[Block, ...], axis_len: int, split: bool, src_tp_size: int,
+def _row_units(blocks: Tuple[Block, ...], axis_len: int, split: bool, vocab: bool,
+               src_multiple: Optional[int], dst_multiple: Optional[int], src_tp_size: int,
                dst_tp_size: int, dst_tp: int) -> Tuple[_Unit, ...]:
     """The units of dst TP rank ``dst_tp``'s pieces along the split axis (cached: every layer's
     tensor of one kind has the same answer)."""
-    def pieces(tp_size: int, tp: int) -> Tuple[Piece, ...]:
+    geometry = TensorSpec("", (axis_len,), None, 0, 0, blocks, None, vocab)   # type: ignore[arg-type]
+
+    def pieces(tp_size: int, tp: int, multiple: Optional[int]) -> Tuple[Piece, ...]:
         if not split:
             return ((0, axis_len, 0),)
-        return TensorSpec("", (axis_len,), None, 0, 0, blocks).pieces(tp_size, tp)   # type: ignore[arg-type]
+        return geometry.pieces(tp_size, tp, multiple)
 
-    src_pieces = [pieces(src_tp_size, tp) for tp in range(src_tp_size)]
-    dst_pieces = pieces(dst_tp_size, dst_tp)
+    src_pieces = [pieces(src_tp_size, tp, src_multiple) for tp in range(src_tp_size)]
+    dst_pieces = pieces(dst_tp_size, dst_tp, dst_multiple)
     bounds = sorted({p for ps in src_pieces + [dst_pieces] for a, b, _ in ps for p in (a, b)})
     return tuple(_merge_units(dst_pieces, bounds, _segment_holders(bounds, src_pieces)))
 
@@ -370,7 +412,8 @@ class _Rule:
         src_tp_size, src_ep_size, _ = self.src.mesh_sizes(expert)
         dst_tp_size, dst_ep_size, _ = self.dst.mesh_sizes(expert)
         try:
-            units = _row_units(spec.blocks, spec.axis_len, spec.tp_dim is not None, src_tp_size, dst_tp_size, dst_tp)
+            units = _row_units(spec.blocks, spec.axis_len, spec.tp_dim is not None, spec.vocab,
+                               self.src.vocab_multiple, self.dst.vocab_multiple, src_tp_size, dst_tp_size, dst_tp)
         except ReshardError as exc:
             raise ReshardError(f"tensor {spec.name!r}: {exc}") from None
         if spec.experts is None:
@@ -404,46 +447,66 @@ class _Rule:
                     self._by_host.setdefault((name, self.hosts[rank]), []).append(rank)
         return self._by_host.get((side, host), [])
 
-    def local_holders(self, host: str, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> List[int]:
-        """Source ranks on ``host`` holding one of the shards ``holders`` ((tp, ep) pairs) at ``stage``."""
-        key = (host, holders, stage, expert)
+    def stages(self, source: bool, spec: TensorSpec) -> Tuple[int, ...]:
+        """The stages holding ``spec`` in the source (or destination) layout."""
+        return layer_stages(self.src_stage if source else self.dst_stage, spec.layer)
+
+    def replica(self, source: bool, rank: int, expert: bool, stages: Tuple[int, ...]) -> Tuple[int, int]:
+        """``(replica index, replicas)`` of ``rank`` among the copies of its shard: data (or expert
+        data) replicas of every stage in ``stages`` (two for a tied tensor), stage-major."""
+        _, _, replica, pp = self.coords(source, rank, expert)
+        replicas = (self.src if source else self.dst).mesh_sizes(expert)[2]
+        return stages.index(pp) * replicas + replica, replicas * len(stages)
+
+    def rank_at(self, source: bool, tp: int, ep: int, index: int, stages: Tuple[int, ...], expert: bool) -> int:
+        """The rank of replica ``index`` (as :meth:`replica` numbers them) of shard (tp, ep)."""
+        layout = self.src if source else self.dst
+        replicas = layout.mesh_sizes(expert)[2]
+        return layout.mesh_rank(tp, ep, index % replicas, stages[index // replicas], expert)
+
+    def local_holders(self, host: str, holders: Tuple[Tuple[int, int], ...], stages: Tuple[int, ...],
+                      expert: bool) -> List[int]:
+        """Source ranks on ``host`` holding one of the shards ``holders`` ((tp, ep) pairs) at ``stages``."""
+        key = (host, holders, stages, expert)
         found = self._local.get(key)
         if found is None:
             wanted = set(holders)
             found = self._local[key] = [
                 r for r in self.on_host("src", host)
-                if (lambda c: c[3] == stage and (c[0], c[1]) in wanted)(self.coords(True, r, expert))]
+                if (lambda c: c[3] in stages and (c[0], c[1]) in wanted)(self.coords(True, r, expert))]
         return found
 
-    def position(self, rank: int, expert: bool) -> int:
+    def position(self, rank: int, expert: bool, stages: Tuple[int, ...]) -> int:
         """``p`` of a destination rank: its shard index times its replicas, plus its replica index."""
-        tp, ep, replica, _ = self.coords(False, rank, expert)
-        tp_size, _, replicas = self.dst.mesh_sizes(expert)
-        return (ep * tp_size + tp) * replicas + replica
+        tp, ep, _, _ = self.coords(False, rank, expert)
+        index, replicas = self.replica(False, rank, expert, stages)
+        return (ep * self.dst.mesh_sizes(expert)[0] + tp) * replicas + index
 
-    def sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> int:
-        """The source rank that sends dst ``rank`` a unit held by shards ``holders`` (rules 2-3)."""
-        key = (rank, holders, stage, expert)
+    def sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], spec: TensorSpec) -> int:
+        """The source rank that sends dst ``rank`` a unit of ``spec`` held by shards ``holders``
+        (rules 2-3)."""
+        key = (rank, holders, spec.layer, spec.is_expert)
         found = self._senders.get(key)
         if found is None:
-            found = self._senders[key] = self._sender(rank, holders, stage, expert)
+            found = self._senders[key] = self._sender(rank, holders, spec)
         return found
 
-    def _sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], stage: int, expert: bool) -> int:
-        p = self.position(rank, expert)
+    def _sender(self, rank: int, holders: Tuple[Tuple[int, int], ...], spec: TensorSpec) -> int:
+        expert, stages = spec.is_expert, self.stages(True, spec)
+        p = self.position(rank, expert, self.stages(False, spec))
         if self.hosts is not None:
-            local = self.local_holders(self.hosts[rank], holders, stage, expert)
+            local = self.local_holders(self.hosts[rank], holders, stages, expert)
             if local:
                 return local[p % len(local)]
-        replicas = self.src.mesh_sizes(expert)[2]
+        replicas = self.src.mesh_sizes(expert)[2] * len(stages)
         k = p % (len(holders) * replicas)
         tp, ep = holders[k % len(holders)]
-        return self.src.mesh_rank(tp, ep, k // len(holders), stage, expert)
+        return self.rank_at(True, tp, ep, k // len(holders), stages, expert)
 
     def holds(self, rank: int, spec: TensorSpec, need: _Need) -> Optional[int]:
         """Where ``rank`` holds ``need`` in its source shard (the row offset), or None."""
         coords = self.coords(True, rank, spec.is_expert)
-        if coords is None or coords[3] != self.src_stage[spec.layer] or coords[1] != need.src_ep:
+        if coords is None or coords[3] not in self.stages(True, spec) or coords[1] != need.src_ep:
             return None
         return dict(need.unit.holders).get(coords[0])
 
@@ -468,14 +531,17 @@ class _Rule:
     def sort_key(self, t: Transfer) -> Tuple:
         return (t.step, t.src, t.dst, self.order[t.tensor], t.global_box)
 
-    def receive(self, rank: int) -> Tuple[List[Transfer], List[Transfer], int]:
-        """``(network receives, local copies, needed bytes)`` of destination ``rank``."""
+    def receive(self, rank: int) -> Tuple[List[Transfer], List[Transfer], int, List[ZeroFill]]:
+        """``(network receives, local copies, needed bytes, zero fills)`` of destination ``rank``."""
         recvs: List[Transfer] = []
         copies: List[Transfer] = []
+        fills: List[ZeroFill] = []
         needed = 0
         for spec, tp, _, ep, _ in self._held(self.dst, self.dst_stage, rank):
-            needed += self._shard_bytes(spec, self.dst, tp, ep)
-            stage = self.src_stage[spec.layer]
+            real, padded = self._shard_bytes(spec, self.dst, tp, ep)
+            needed += real
+            if padded > real:
+                fills.append(self._fill(spec, rank, tp, ep, real, padded))
             for need in self.needs(spec, tp, ep):
                 mine = self.holds(rank, spec, need)
                 if mine is not None:
@@ -484,7 +550,7 @@ class _Rule:
                         copies.append(copy)
                     continue
                 holders = tuple((tp_s, need.src_ep) for tp_s, _ in need.unit.holders)
-                sender = self.sender(rank, holders, stage, spec.is_expert)
+                sender = self.sender(rank, holders, spec)
                 at_sender = self.holds(sender, spec, need)
                 if at_sender is None:
                     raise ReshardError(f"tensor {spec.name!r}: the rule chose rank {sender} to send to rank {rank}, "
@@ -492,7 +558,15 @@ class _Rule:
                 transfer = self.transfer(spec, sender, rank, need, at_sender)
                 if transfer.nbytes:
                     recvs.append(transfer)
-        return recvs, copies, needed
+        return recvs, copies, needed, fills
+
+    def _fill(self, spec: TensorSpec, rank: int, tp: int, ep: int, real: int, padded: int) -> ZeroFill:
+        """The padding rows of a vocabulary shard: after its real rows, to the padded length."""
+        shape = spec.local_shape(self.dst.mesh_sizes(spec.is_expert)[0], tp, 1, 0, self.dst.vocab_multiple)
+        box = [(0, n) for n in shape]
+        rows = real // (padded // shape[spec.axis])
+        box[spec.axis] = (rows, shape[spec.axis])
+        return ZeroFill(spec.name, rank, spec.axis, tuple(box), padded - real)
 
     def send(self, rank: int) -> List[Transfer]:
         """Network sends of source ``rank``: the receives of other ranks whose rule picks it."""
@@ -500,10 +574,10 @@ class _Rule:
         my_host = self.host(rank)
         for spec, tp, _, ep, _ in self._held(self.src, self.src_stage, rank):
             expert = spec.is_expert
-            replica = self.coords(True, rank, expert)[2]
-            src_replicas = self.src.mesh_sizes(expert)[2]
-            dst_tp_size, dst_ep_size, dst_replicas = self.dst.mesh_sizes(expert)
-            stage, dst_stage = self.src_stage[spec.layer], self.dst_stage[spec.layer]
+            stages, dst_stages = self.stages(True, spec), self.stages(False, spec)
+            replica, src_replicas = self.replica(True, rank, expert, stages)
+            dst_tp_size = self.dst.mesh_sizes(expert)[0]
+            dst_replicas = self.dst.mesh_sizes(expert)[2] * len(dst_stages)
             for dst_ep in self._dst_eps(spec, ep):
                 for dst_tp in range(dst_tp_size):
                     shard = dst_ep * dst_tp_size + dst_tp
@@ -517,16 +591,16 @@ class _Rule:
                         candidates: List[int] = []
                         if my_host is not None:
                             candidates = [d for d in self.on_host("dst", my_host)
-                                          if self._is_shard(d, dst_tp, dst_ep, dst_stage, expert)]
+                                          if self._is_shard(d, dst_tp, dst_ep, dst_stages, expert)]
                         for j in range((index - shard * dst_replicas) % count, dst_replicas, count):
-                            d = self.dst.mesh_rank(dst_tp, dst_ep, j, dst_stage, expert)
+                            d = self.rank_at(False, dst_tp, dst_ep, j, dst_stages, expert)
                             if my_host is None or (self.hosts[d] != my_host and not self.local_holders(
-                                    self.hosts[d], holders, stage, expert)):
+                                    self.hosts[d], holders, stages, expert)):
                                 candidates.append(d)
                         for d in candidates:
                             if d == rank or self.holds(d, spec, need) is not None:
                                 continue
-                            if my_host is not None and self.sender(d, holders, stage, expert) != rank:
+                            if my_host is not None and self.sender(d, holders, spec) != rank:
                                 continue
                             transfer = self.transfer(spec, rank, d, need, mine)
                             if transfer.nbytes:
@@ -546,9 +620,9 @@ class _Rule:
         for ep, *_ in _ep_overlaps(spec, first, stop, dst_ep_size):
             yield ep
 
-    def _is_shard(self, rank: int, tp: int, ep: int, stage: int, expert: bool) -> bool:
+    def _is_shard(self, rank: int, tp: int, ep: int, stages: Tuple[int, ...], expert: bool) -> bool:
         coords = self.coords(False, rank, expert)
-        return coords is not None and coords[0] == tp and coords[1] == ep and coords[3] == stage
+        return coords is not None and coords[0] == tp and coords[1] == ep and coords[3] in stages
 
     def _held(self, layout: ParallelLayout, stages: Mapping[LayerRef, int],
               rank: int) -> Iterator[Tuple[TensorSpec, int, int, int, int]]:
@@ -559,15 +633,22 @@ class _Rule:
         for spec in self.model.tensors:
             tp, ep, _, pp = mesh[spec.is_expert]
             tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
-            if stages[spec.layer] == pp and spec.held_by(ep_size, ep):
+            if pp in layer_stages(stages, spec.layer) and spec.held_by(ep_size, ep):
                 yield spec, tp, tp_size, ep, ep_size
 
-    def _shard_bytes(self, spec: TensorSpec, layout: ParallelLayout, tp: int, ep: int) -> int:
-        key = (spec.shape, spec.dtype, spec.tp_dim, spec.blocks, spec.experts, layout is self.src, tp, ep)
+    def _shard_bytes(self, spec: TensorSpec, layout: ParallelLayout, tp: int, ep: int) -> Tuple[int, int]:
+        """``(real bytes, bytes with padding)`` of a shard (equal unless a vocabulary is padded)."""
+        key = (spec.shape, spec.dtype, spec.tp_dim, spec.blocks, spec.experts, spec.vocab, layout is self.src, tp, ep)
         found = self._bytes.get(key)
         if found is None:
             tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
-            found = self._bytes[key] = math.prod(spec.local_shape(tp_size, tp, ep_size, ep)) * spec.itemsize
+            shape = spec.local_shape(tp_size, tp, ep_size, ep, layout.vocab_multiple)
+            padded = math.prod(shape) * spec.itemsize
+            real = padded
+            if spec.padded_rows(tp_size, layout.vocab_multiple) is not None and shape[spec.axis]:
+                rows = sum(b - a for a, b, _ in spec.pieces(tp_size, tp, layout.vocab_multiple))
+                real = padded // shape[spec.axis] * rows
+            found = self._bytes[key] = (real, padded)
         return found
 
 
@@ -594,14 +675,14 @@ def plan_share(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, rank:
     receives and copies, in O(its transfers + tensors × the shards it overlaps); equal to
     ``plan_reshard(...).share(rank)``. Raises as :func:`plan_reshard`."""
     rule = _Rule(src, dst, model, hosts)
-    recvs, copies, needed = rule.receive(rank) if rank in dst else ([], [], 0)
+    recvs, copies, needed, fills = rule.receive(rank) if rank in dst else ([], [], 0, [])
     sends = rule.send(rank) if rank in src else []
     recvs.sort(key=rule.sort_key)
     sends.sort(key=rule.sort_key)
     copies.sort(key=lambda t: (rule.order[t.tensor], t.global_box))
     report = _report(rank, needed, recvs, copies) if rank in dst else None
     return PlanShare(rank, src, dst, model, tuple(sends), tuple(recvs), tuple(copies), report,
-                     tuple(hosts) if hosts is not None else None)
+                     tuple(hosts) if hosts is not None else None, tuple(fills))
 
 
 def plan_reshard(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
@@ -618,8 +699,10 @@ def plan_reshard(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
     network: List[Transfer] = []
     copies: List[Transfer] = []
     reports = []
+    fills: List[ZeroFill] = []
     for rank in sorted(dst.ranks):
-        recvs, mine, needed = rule.receive(rank)
+        recvs, mine, needed, padding = rule.receive(rank)
+        fills += padding
         mine.sort(key=lambda t: (rule.order[t.tensor], t.global_box))
         network += recvs
         copies += mine
@@ -629,7 +712,7 @@ def plan_reshard(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
     for t in network:
         sender_bytes[t.src] += t.nbytes
     return Plan(src, dst, model, tuple(copies) + tuple(network), max((t.step for t in network), default=-1) + 1,
-                tuple(reports), sender_bytes, tuple(hosts) if hosts is not None else None)
+                tuple(reports), sender_bytes, tuple(hosts) if hosts is not None else None, tuple(fills))
 
 
 def _report(rank: int, needed: int, recvs: Sequence[Transfer], copies: Sequence[Transfer]) -> ReceiverReport:
@@ -642,7 +725,7 @@ def _report(rank: int, needed: int, recvs: Sequence[Transfer], copies: Sequence[
 def _layout_key(layout: ParallelLayout, model: ModelSpec) -> Tuple:
     t = layout.topology
     return (t.tensor, t.pipeline, t.data, tuple(t.order), layout.ranks, layout.layer_counts(model),
-            layout.expert_parallel, layout.expert_tensor)
+            layout.expert_parallel, layout.expert_tensor, layout.vocab_multiple)
 
 
 def plan_digest(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
@@ -672,7 +755,8 @@ def describe_plan(plan: Plan, rank_limit: int = 16) -> str:
         f"plan hash {s['plan_hash']}",
         f"received {_fmt_bytes(plan.received_bytes)} over the network; lower bound "
         f"{_fmt_bytes(plan.lower_bound_bytes)}; ratio {plan.ratio:.3f} (worst rank {plan.max_ratio:.3f}); "
-        f"local copies {_fmt_bytes(s['local_copy_bytes'])}",
+        f"local copies {_fmt_bytes(s['local_copy_bytes'])}; vocabulary padding zero-filled on the destination "
+        f"{_fmt_bytes(s['zero_filled_bytes'])} (never sent)",
         f"steps {plan.max_rank_steps} (most any rank takes part in), sender/receiver pairs {plan.pair_count}, "
         f"sender load max "
         f"{_fmt_bytes(load['max'])} / mean {_fmt_bytes(int(load['mean']))} = {load['max_over_mean']:.2f}",
@@ -687,6 +771,30 @@ def describe_plan(plan: Plan, rank_limit: int = 16) -> str:
     if len(plan.receivers) > rank_limit:
         lines.append(f"   … {len(plan.receivers) - rank_limit} more destination ranks (--json lists all)")
     return "\n".join(lines)
+
+
+def describe_share(share: PlanShare) -> str:
+    """A readable report of one rank's share."""
+    s = share.summary()
+    return "\n".join([
+        f"rank {share.rank}'s share of the plan moving model {share.model.name} ({len(share.model.tensors)} tensors)",
+        f"src: {s['src']}",
+        f"dst: {s['dst']}",
+        f"plan hash {s['plan_hash']}",
+        f"receives {_fmt_bytes(s['received_bytes'])} in {s['receives']} transfers from "
+        f"{_peers(s['receive_peers'])}; lower bound {_fmt_bytes(s['lower_bound_bytes'])}, ratio {s['ratio']:.3f}",
+        f"sends {_fmt_bytes(s['sent_bytes'])} in {s['sends']} transfers to {_peers(s['send_peers'])}",
+        f"local copies {_fmt_bytes(s['local_copy_bytes'])} ({s['local_copies']}); zero-filled padding "
+        f"{_fmt_bytes(s['zero_filled_bytes'])}",
+        f"steps {len(s['steps'])}: {', '.join(map(str, s['steps'][:16]))}{' …' if len(s['steps']) > 16 else ''}",
+    ])
+
+
+def _peers(ranks: Sequence[int], limit: int = 16) -> str:
+    if not ranks:
+        return "no rank"
+    more = f" … ({len(ranks)} ranks)" if len(ranks) > limit else ""
+    return f"rank{'s' if len(ranks) > 1 else ''} {format_ranks(ranks[:limit])}{more}"
 
 
 def _fmt_bytes(n: float) -> str:

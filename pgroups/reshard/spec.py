@@ -44,6 +44,9 @@ from ..errors import ConfigError, allowed, did_you_mean
 
 EMBEDDING = "embedding"
 HEAD = "head"
+#: a tensor shared by the embedding and the head (tied word embeddings): held by the first and
+#: the last pipeline stage
+TIED = "tied"
 LayerRef = Union[int, str]
 
 #: dtype names accepted in specs (torch attribute names)
@@ -182,12 +185,14 @@ class TensorSpec:
     layer: LayerRef
     blocks: Tuple[Block, ...]
     experts: Optional[Experts] = None
+    vocab: bool = False
 
     @classmethod
     def create(cls, name: str, shape: Sequence[int], dtype: Any = "float32", tp_dim: Optional[int] = None,
                layer: LayerRef = 0, blocks: Optional[Sequence[Block]] = None,
-               where: str = "", experts: Optional[Experts] = None) -> "TensorSpec":
+               where: str = "", experts: Optional[Experts] = None, vocab: bool = False) -> "TensorSpec":
         """Validate and build. ``blocks`` default to one plain block spanning the split dim.
+        ``vocab``: the split dim is a vocabulary, which a layout may pad (see :meth:`pieces`).
 
         Raises ConfigError naming the tensor and the field that is wrong.
         """
@@ -204,9 +209,10 @@ class TensorSpec:
                 raise ConfigError(f"{at}tp_dim {tp_dim!r} is not a dim of shape {list(shape)}; "
                                   f"allowed: null (replicated) or 0..{len(shape) - 1}")
             tp_dim %= len(shape)
-        if not (layer in (EMBEDDING, HEAD) or (isinstance(layer, int) and not isinstance(layer, bool)
-                                                and layer >= 0)):
-            raise ConfigError(f"{at}layer {layer!r} must be 'embedding', 'head' or a layer index >= 0")
+        if not (layer in (EMBEDDING, HEAD, TIED) or (isinstance(layer, int) and not isinstance(layer, bool)
+                                                      and layer >= 0)):
+            raise ConfigError(f"{at}layer {layer!r} must be 'embedding', 'head', 'tied' (both) or a layer "
+                              "index >= 0")
         axis_len = shape[tp_dim] if tp_dim is not None else 0
         if blocks is None or len(blocks) == 0:
             blocks = (Block(axis_len),) if tp_dim is not None else ()
@@ -224,7 +230,9 @@ class TensorSpec:
                                       f"is not a whole number of units of {block.unit}")
         if experts is not None:
             _check_experts(experts, shape, tp_dim, at)
-        return cls(name, shape, torch_dtype, tp_dim, layer, tuple(blocks), experts)
+        if vocab and (tp_dim is None or len(blocks) != 1 or blocks[0].unit != 1 or blocks[0].heads is not None):
+            raise ConfigError(f"{at}a vocabulary (vocab: true) must be split on a tp_dim, with no fused sub-blocks")
+        return cls(name, shape, torch_dtype, tp_dim, layer, tuple(blocks), experts, bool(vocab))
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -285,11 +293,25 @@ class TensorSpec:
                         f"head; allowed: a TP size of at most {h.num_heads}")
         return None
 
-    def pieces(self, tp_size: int, tp_rank: int) -> Tuple[Piece, ...]:
+    def padded_rows(self, tp_size: int, vocab_multiple: Optional[int]) -> Optional[int]:
+        """Rows per TP rank of a vocabulary padded as Megatron pads it (None: not padded): the
+        vocabulary rounded up to a multiple of ``vocab_multiple * tp_size``, split evenly."""
+        if not self.vocab or not vocab_multiple:
+            return None
+        step = vocab_multiple * tp_size
+        return -(-self.axis_len // step) * step // tp_size
+
+    def pieces(self, tp_size: int, tp_rank: int, vocab_multiple: Optional[int] = None) -> Tuple[Piece, ...]:
         """The intervals along :attr:`axis` that TP rank ``tp_rank`` of ``tp_size`` holds, as
-        ``(global_start, global_stop, local_start)`` in local order; empty pieces are dropped."""
+        ``(global_start, global_stop, local_start)`` in local order; empty pieces are dropped.
+        A vocabulary padded with ``vocab_multiple`` (:meth:`padded_rows`): rank ``r`` holds padded
+        rows ``[r * n, (r + 1) * n)``; its piece is their real part, the rest is padding."""
         if self.tp_dim is None:
             return ((0, self.axis_len, 0),)
+        per = self.padded_rows(tp_size, vocab_multiple)
+        if per is not None:
+            start, stop = tp_rank * per, min((tp_rank + 1) * per, self.axis_len)
+            return ((start, stop, 0),) if stop > start else ()
         result, local, offset = [], 0, 0
         for block in self.blocks:
             start, stop = block.share(tp_size, tp_rank)
@@ -299,30 +321,37 @@ class TensorSpec:
             offset += block.size
         return tuple(result)
 
-    def local_shape(self, tp_size: int, tp_rank: int, ep_size: int = 1, ep_rank: int = 0) -> Tuple[int, ...]:
+    def local_shape(self, tp_size: int, tp_rank: int, ep_size: int = 1, ep_rank: int = 0,
+                    vocab_multiple: Optional[int] = None) -> Tuple[int, ...]:
         """Shape of the shard TP rank ``tp_rank`` of ``tp_size`` (and, for a grouped expert
-        weight, EP rank ``ep_rank`` of ``ep_size``) holds."""
+        weight, EP rank ``ep_rank`` of ``ep_size``; a padded vocabulary included) holds."""
         shape = list(self.shape)
         if self.tp_dim is not None:
-            shape[self.tp_dim] = sum(stop - start for start, stop, _ in self.pieces(tp_size, tp_rank))
+            per = self.padded_rows(tp_size, vocab_multiple)
+            shape[self.tp_dim] = per if per is not None else sum(
+                stop - start for start, stop, _ in self.pieces(tp_size, tp_rank))
         experts = self.expert_range(ep_size, ep_rank)
         if experts is not None:
             shape[self.experts.dim] = experts[1] - experts[0]
         return tuple(shape)
 
     def shard(self, full: torch.Tensor, tp_size: int, tp_rank: int, ep_size: int = 1,
-              ep_rank: int = 0) -> torch.Tensor:
+              ep_rank: int = 0, vocab_multiple: Optional[int] = None) -> torch.Tensor:
         """Cut the shard of TP rank ``tp_rank`` (and EP rank ``ep_rank``) from the ``full`` tensor
-        (a new contiguous tensor)."""
+        (a new contiguous tensor; vocabulary padding rows are zeros)."""
         experts = self.expert_range(ep_size, ep_rank)
         if experts is not None:
             full = full.narrow(self.experts.dim, experts[0], experts[1] - experts[0])
         if self.tp_dim is None:
             return full.clone()
+        shape = self.local_shape(tp_size, tp_rank, ep_size, ep_rank, vocab_multiple)
         parts = [full.narrow(self.tp_dim, start, stop - start)
-                 for start, stop, _ in self.pieces(tp_size, tp_rank)]
-        if not parts:
-            return full.new_empty(self.local_shape(tp_size, tp_rank, ep_size, ep_rank))
+                 for start, stop, _ in self.pieces(tp_size, tp_rank, vocab_multiple)]
+        rows = sum(p.shape[self.tp_dim] for p in parts)
+        if rows < shape[self.tp_dim]:
+            pad = list(shape)
+            pad[self.tp_dim] -= rows
+            parts.append(full.new_zeros(pad))
         return torch.cat(parts, dim=self.tp_dim).contiguous()
 
 
@@ -445,17 +474,17 @@ class ModelSpec:
         per_layer = [0] * self.num_layers
         embedding = head = 0
         for spec in self.tensors:
-            if spec.layer == EMBEDDING:
+            if spec.layer in (EMBEDDING, TIED):
                 embedding += spec.nbytes
-            elif spec.layer == HEAD:
+            if spec.layer in (HEAD, TIED):
                 head += spec.nbytes
-            else:
+            if isinstance(spec.layer, int):
                 per_layer[spec.layer] += spec.nbytes
         return embedding, head, per_layer
 
 
 # ---- building specs: YAML ---------------------------------------------------------------------
-_TENSOR_KEYS = ("name", "shape", "dtype", "tp_dim", "layer", "fused", "experts")
+_TENSOR_KEYS = ("name", "shape", "dtype", "tp_dim", "layer", "fused", "experts", "vocab")
 _MODEL_KEYS = ("name", "num_layers", "dtype", "tensors", "synthetic")
 _FUSED_KINDS = ("qkv", "qkv_interleaved", "heads", "parts")
 _HEADS_KEYS = ("heads", "kv_heads", "head_dim")
@@ -549,7 +578,7 @@ def model_spec_from_dict(data: Any, source: str = "<model spec>") -> ModelSpec:
             for expert_name, experts in per_expert:
                 tensor_name = expert_name.replace(LAYER_PLACEHOLDER, str(layer))
                 tensors.append(TensorSpec.create(tensor_name, shape, entry.get("dtype", default_dtype), tp_dim,
-                                                 layer, blocks, where, experts))
+                                                 layer, blocks, where, experts, entry.get("vocab", False)))
     return ModelSpec.create(tensors, num_layers, name, where)
 
 
@@ -671,7 +700,7 @@ def spec_from_module(module: torch.nn.Module, rules: Sequence[Rule],
 def llama_like(hidden: int = 4096, layers: int = 32, heads: int = 32, kv_heads: int = 8,
                ffn: int = 14336, vocab: int = 128256, dtype: Any = "bfloat16",
                name: str = "llama-like", experts: int = 0, expert_ffn: Optional[int] = None,
-               shared_ffn: int = 0, grouped_experts: bool = True) -> ModelSpec:
+               shared_ffn: int = 0, grouped_experts: bool = True, tied_embeddings: bool = False) -> ModelSpec:
     """A Llama-style decoder with fused QKV (GQA) and fused gate/up, Megatron TP dims:
     embedding and head split by vocab, QKV and gate/up by output rows, o_proj (by query heads)
     and down_proj by input columns, norms replicated. The defaults are Llama-3-8B's shapes.
@@ -679,11 +708,13 @@ def llama_like(hidden: int = 4096, layers: int = 32, heads: int = 32, kv_heads: 
     ``experts > 0`` makes every MLP a routed MoE: a router ``[E, hidden]`` (replicated), the
     experts' gate/up and down — grouped ``[E, …]`` weights (``grouped_experts``) or one tensor per
     expert — of ``expert_ffn`` (default ``ffn``) placed by EP / expert TP, and, with
-    ``shared_ffn > 0``, a shared expert (a dense MLP)."""
+    ``shared_ffn > 0``, a shared expert (a dense MLP). ``tied_embeddings``: one ``embed.weight``
+    held by the first and last stage, no ``lm_head.weight``."""
     head_dim = hidden // heads
     qkv = qkv_blocks(heads, kv_heads, head_dim)
     o_heads = head_blocks(heads, kv_heads, head_dim, "q")
-    specs = [TensorSpec.create("embed.weight", (vocab, hidden), dtype, 0, EMBEDDING)]
+    specs = [TensorSpec.create("embed.weight", (vocab, hidden), dtype, 0, TIED if tied_embeddings else EMBEDDING,
+                               vocab=True)]
     for i in range(layers):
         p = f"layers.{i}."
         specs += [
@@ -696,8 +727,9 @@ def llama_like(hidden: int = 4096, layers: int = 32, heads: int = 32, kv_heads: 
             specs += _moe_specs(p + "mlp.", i, hidden, experts, expert_ffn or ffn, shared_ffn, grouped_experts, dtype)
         else:
             specs += _mlp_specs(p + "mlp.", i, hidden, ffn, dtype)
-    specs += [TensorSpec.create("norm.weight", (hidden,), dtype, None, HEAD),
-              TensorSpec.create("lm_head.weight", (vocab, hidden), dtype, 0, HEAD)]
+    specs.append(TensorSpec.create("norm.weight", (hidden,), dtype, None, HEAD))
+    if not tied_embeddings:
+        specs.append(TensorSpec.create("lm_head.weight", (vocab, hidden), dtype, 0, HEAD, vocab=True))
     return ModelSpec.create(specs, layers, name)
 
 
