@@ -61,7 +61,7 @@ def one_layer(variant: str, heads: int, kv_heads: int, w: Dict[str, torch.Tensor
                 q[g * group * HEAD_DIM:(g + 1) * group * HEAD_DIM], k[g * HEAD_DIM:(g + 1) * HEAD_DIM],
                 v[g * HEAD_DIM:(g + 1) * HEAD_DIM])])
         specs.append(TensorSpec.create("qkv", tuple(qkv.shape), "float32", 0, 0, blocks))
-        specs.append(TensorSpec.create("gate_up", (2 * FFN, HIDDEN), "float32", 0, 0, parts_blocks((FFN, FFN))))
+        specs.append(TensorSpec.create("gate_up", (2 * FFN, HIDDEN), "float32", 0, 0, parts_blocks((FFN, FFN), names=("gate", "up"))))
         full["qkv"], full["gate_up"] = qkv, torch.cat([w["gate"], w["up"]])
         names.update(qkv="qkv", gate_up="gate_up")
     return ModelSpec.create(specs, 1), full, names

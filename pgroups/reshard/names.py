@@ -1,0 +1,156 @@
+"""After a reshard, each rank's shards under other names and fused layouts: fused QKV (Megatron's
+interleaved, or ``[Q;K;V]``) → separate q / k / v, fused gate/up → gate and up, and tensor names
+→ the names an inference engine loads (Hugging Face's, for the shipped ``llama`` map).
+
+Why it is local: every QKV layout hands out heads by one rule (:func:`.spec.attention_heads`) and
+every fused part is split like the separate tensor it stands for, so a rank's shard of a fused
+tensor already holds exactly the rows of its shards of the separate tensors. Converting is a
+reorder of rows the rank has (views where the rows are contiguous): no communication, no bytes
+beyond the reshard's lower bound.
+
+A :class:`NameMap` gives, for a source tensor name (``{layer}`` stands for a layer index), either
+its new name or ``{sub-block role: new name}``; a role is a sub-block's name without its group
+number for attention heads (Megatron's ``q0, k0, v0, q1, …`` are roles ``q``, ``k``, ``v``). Tensors the map does not
+name keep their names. From YAML::
+
+    name: llama
+    tensors:
+      embed.weight: model.embed_tokens.weight
+      "layers.{layer}.attn.qkv.weight":
+        {q: "model.layers.{layer}.self_attn.q_proj.weight", k: ..., v: ...}
+
+Converting back (separate → fused, e.g. loading an HF checkpoint into Megatron) is not done here.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import attrs
+import torch
+
+from ..config import read_yaml
+from ..errors import ConfigError
+from .layout import ParallelLayout, held_tensors
+from .spec import LAYER_PLACEHOLDER, Block, ModelSpec, TensorSpec
+
+Target = Union[str, Mapping[str, str]]
+
+
+@attrs.frozen
+class NameMap:
+    """Source tensor name patterns → new name or ``{role: new name}``; see the module docstring."""
+
+    rules: Tuple[Tuple[str, Target], ...]
+    name: str = "names"
+    _compiled: Tuple[Tuple[re.Pattern, Target], ...] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        compiled = []
+        for pattern, target in self.rules:
+            regex = re.escape(pattern).replace(re.escape(LAYER_PLACEHOLDER), r"(?P<layer>\d+)")
+            compiled.append((re.compile(f"^{regex}$"), target))
+        object.__setattr__(self, "_compiled", tuple(compiled))
+
+    def target(self, tensor: str) -> Target:
+        """The new name (or ``{role: new name}``) of source tensor ``tensor``; itself if unmapped."""
+        for regex, target in self._compiled:
+            match = regex.match(tensor)
+            if match is not None:
+                layer = match.groupdict().get("layer", "")
+                if isinstance(target, str):
+                    return target.replace(LAYER_PLACEHOLDER, layer)
+                return {role: name.replace(LAYER_PLACEHOLDER, layer) for role, name in target.items()}
+        return tensor
+
+
+#: our ``llama_like`` names → Hugging Face Llama's
+LLAMA = NameMap((
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("layers.{layer}.input_norm.weight", "model.layers.{layer}.input_layernorm.weight"),
+    ("layers.{layer}.attn.qkv.weight", {"q": "model.layers.{layer}.self_attn.q_proj.weight",
+                                        "k": "model.layers.{layer}.self_attn.k_proj.weight",
+                                        "v": "model.layers.{layer}.self_attn.v_proj.weight"}),
+    ("layers.{layer}.attn.o.weight", "model.layers.{layer}.self_attn.o_proj.weight"),
+    ("layers.{layer}.post_norm.weight", "model.layers.{layer}.post_attention_layernorm.weight"),
+    ("layers.{layer}.mlp.gate_up.weight", {"gate": "model.layers.{layer}.mlp.gate_proj.weight",
+                                           "up": "model.layers.{layer}.mlp.up_proj.weight"}),
+    ("layers.{layer}.mlp.down.weight", "model.layers.{layer}.mlp.down_proj.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+), "llama")
+
+#: name maps shipped with pgroups, by name
+NAME_MAPS: Mapping[str, NameMap] = {"llama": LLAMA}
+
+
+def load_name_map(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]]) -> NameMap:
+    """A shipped map by name (``"llama"``), or one from a YAML path / string / mapping with
+    ``tensors: {source pattern: new name or {role: new name}}``. Raises ConfigError."""
+    if isinstance(obj, str) and obj in NAME_MAPS:
+        return NAME_MAPS[obj]
+    if isinstance(obj, Mapping):
+        data, source = obj, "<name map>"
+    else:
+        data, source = read_yaml(obj, "name map")
+    tensors = data.get("tensors") if isinstance(data, Mapping) else None
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise ConfigError(f"{source}: a name map needs 'tensors:', a mapping of source tensor names to new names "
+                          f"or to {{role: new name}}; shipped maps: {', '.join(NAME_MAPS)}")
+    rules = []
+    for pattern, target in tensors.items():
+        ok = isinstance(target, str) or (isinstance(target, Mapping) and target and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in target.items()))
+        if not isinstance(pattern, str) or not ok:
+            raise ConfigError(f"{source}: tensors.{pattern}: expected a new name or {{role: new name}}, got {target!r}")
+        rules.append((pattern, target if isinstance(target, str) else dict(target)))
+    return NameMap(tuple(rules), str(data.get("name", "names")))
+
+
+def block_role(block: Block) -> str:
+    """A sub-block's role: its name, without the group number for attention heads (``q3`` → ``q``)."""
+    return block.name.rstrip("0123456789") if block.heads is not None else block.name
+
+
+def split_roles(spec: TensorSpec, shard: torch.Tensor, tp_size: int, tp: int) -> Dict[str, torch.Tensor]:
+    """``{role: rows of shard}`` for a fused tensor's local shard: each role's sub-block shares
+    in block order (a view when they are one contiguous run)."""
+    pieces: Dict[str, List[Tuple[int, int]]] = {}
+    local = 0
+    for block in spec.blocks:
+        start, stop = block.share(tp_size, tp)
+        if stop > start:
+            runs = pieces.setdefault(block_role(block), [])
+            if runs and runs[-1][1] == local:
+                runs[-1] = (runs[-1][0], local + stop - start)
+            else:
+                runs.append((local, local + stop - start))
+            local += stop - start
+    axis = spec.tp_dim
+    result = {}
+    for role, runs in pieces.items():
+        parts = [shard.narrow(axis, a, b - a) for a, b in runs]
+        result[role] = parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+    return result
+
+
+def convert_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout: ParallelLayout, rank: int,
+                   names: NameMap) -> Dict[str, torch.Tensor]:
+    """``rank``'s shards (in ``model``'s names and fused layouts, on ``layout``) under the names of
+    ``names``, fused tensors split by role. Raises ConfigError naming a tensor whose map asks for a
+    role it has no sub-block of."""
+    result: Dict[str, torch.Tensor] = {}
+    for spec, tp, tp_size, _, _ in held_tensors(layout, model, rank):
+        target = names.target(spec.name)
+        if isinstance(target, str):
+            result[target] = shards[spec.name]
+            continue
+        roles = split_roles(spec, shards[spec.name], tp_size, tp)
+        known = {block_role(b) for b in spec.blocks}
+        for role, name in target.items():
+            if role not in known:
+                raise ConfigError(f"name map {names.name!r}: tensor {spec.name!r} has no sub-block role {role!r}; "
+                                  f"its roles: {', '.join(sorted(known))}")
+            result[name] = roles.get(role, shards[spec.name].narrow(spec.tp_dim, 0, 0))
+    return result

@@ -1,0 +1,72 @@
+"""Name maps and fused-layout splitting after a reshard: each destination rank turns its shards
+of fused QKV (Megatron's interleaved or [Q;K;V]) and fused gate/up into separate q/k/v and
+gate/up shards under new names, locally; the result equals the shards of the separate-tensor
+model bit for bit and computes the unsharded layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgroups.errors import ConfigError
+from pgroups.reshard import cut_shards, llama_like, plan_reshard
+from pgroups.reshard.names import LLAMA, convert_shards, load_name_map
+
+from reshard_compute import apply_plan, canonical, relative_error
+from test_reshard_functional import FFN, HEAD_DIM, HIDDEN, layout, one_layer, reference_layer, sharded_layer
+
+SPLIT = load_name_map({"name": "split", "tensors": {"qkv": {"q": "q", "k": "k", "v": "v"},
+                                                     "gate_up": {"gate": "gate", "up": "up"}}})
+
+
+@pytest.mark.parametrize("variant", ["fused", "interleaved"])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3)])
+def test_fused_shards_split_locally_into_the_separate_models_shards_and_compute(variant, heads, kv_heads):
+    w = canonical(3, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    model, full, _ = one_layer(variant, heads, kv_heads, w)
+    separate, separate_full, names = one_layer("separate", heads, kv_heads, w)
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(4))
+    want = reference_layer(x, w, heads, kv_heads)
+    for dst_tp in range(1, heads + 1):
+        dst = layout(dst_tp, ranks=list(range(1, dst_tp + 1)))
+        shards = apply_plan(plan_reshard(layout(2), dst, model), full)
+        converted = {r: convert_shards(shards[r], model, dst, r, SPLIT) for r in dst.ranks}
+        for r in dst.ranks:
+            expected = cut_shards(dst, separate, r, separate_full.__getitem__)
+            assert converted[r].keys() == expected.keys()
+            assert all(torch.equal(converted[r][n], t) for n, t in expected.items()), f"TP {dst_tp} rank {r}"
+        got = sharded_layer(x, converted, separate, names, dst, heads, kv_heads)
+        assert relative_error(got, want) < 1e-5, f"{variant} TP {dst_tp}"
+
+
+def test_llama_map_gives_hugging_face_names_and_shards():
+    model = llama_like(hidden=32, layers=2, heads=8, kv_heads=2, ffn=24, vocab=40, dtype="float32")
+    full = {t.name: torch.randn(t.shape) for t in model.tensors}
+    dst = layout(3, ranks=[2, 3, 4])
+    shards = apply_plan(plan_reshard(layout(4, 2), dst, model), full)
+    hf = convert_shards(shards[3], model, dst, 3, LLAMA)   # tp 1 of 3: q heads 3-5, KV heads 0-1
+    assert "model.layers.1.self_attn.q_proj.weight" in hf and "model.embed_tokens.weight" in hf
+    assert "lm_head.weight" in hf and not any(name.startswith("layers.") for name in hf)
+    hd, qkv = 4, full["layers.1.attn.qkv.weight"]
+    assert torch.equal(hf["model.layers.1.self_attn.q_proj.weight"], qkv[3 * hd:6 * hd])
+    assert torch.equal(hf["model.layers.1.self_attn.k_proj.weight"], qkv[8 * hd:10 * hd])
+    assert torch.equal(hf["model.layers.1.self_attn.v_proj.weight"], qkv[10 * hd:12 * hd])
+    gate_up = full["layers.0.mlp.gate_up.weight"]                # ffn 24 over 3 ranks: rows 8-15
+    assert torch.equal(hf["model.layers.0.mlp.gate_proj.weight"], gate_up[8:16])
+    assert torch.equal(hf["model.layers.0.mlp.up_proj.weight"], gate_up[24 + 8:24 + 16])
+    assert hf["model.layers.0.mlp.gate_proj.weight"].data_ptr() == shards[3]["layers.0.mlp.gate_up.weight"].data_ptr()
+
+
+def test_name_map_yaml_and_errors():
+    names = load_name_map('name: mine\ntensors: {"layers.{layer}.w": "model.layers.{layer}.weight"}')
+    assert names.target("layers.12.w") == "model.layers.12.weight" and names.target("other") == "other"
+    assert load_name_map("llama") is LLAMA
+    with pytest.raises(ConfigError, match="a name map needs 'tensors:'.*shipped maps: llama"):
+        load_name_map("name: x\n")
+    with pytest.raises(ConfigError, match=r"tensors.w: expected a new name or \{role: new name\}"):
+        load_name_map({"tensors": {"w": 3}})
+    model = llama_like(hidden=8, layers=1, heads=2, kv_heads=1, ffn=4, vocab=6, dtype="float32")
+    bad = load_name_map({"tensors": {"layers.{layer}.attn.qkv.weight": {"query": "q"}}})
+    shards = cut_shards(layout(1), model, 0, lambda n: torch.zeros(model[n].shape))
+    with pytest.raises(ConfigError, match=r"tensor 'layers.0.attn.qkv.weight' has no sub-block role 'query'; "
+                                          r"its roles: k, q, v"):
+        convert_shards(shards, model, layout(1), 0, bad)
