@@ -1,16 +1,17 @@
 """Resharding: move model state between two parallel layouts at the minimum traffic.
 
     from pgroups import gpc
-    from pgroups.reshard import ParallelLayout, llama_like, plan_reshard, execute_plan
+    from pgroups.reshard import ParallelLayout, llama_like, plan_share, execute_plan
 
     train = ParallelLayout.create(gpc.config.topology(8))                 # e.g. tensor 4 x pipeline 2
     infer = load_layout("infer.yaml", world_size=8)                        # e.g. tensor 2, data 4
-    plan = plan_reshard(train, infer, model_spec, gpc.get_hostnames())     # pure; keep it
-    stats = execute_plan(plan, my_train_shards, my_infer_shards)           # every rank of the plan
+    share = plan_share(train, infer, model_spec, gpc.get_global_rank(), gpc.get_hostnames())  # pure
+    stats = execute_plan(share, my_train_shards, my_infer_shards)          # every rank of the plan
 
 - :mod:`.spec`: what the tensors are (shapes, TP dim, layer, fused sub-blocks), from YAML or a module;
 - :mod:`.layout`: a Topology placed on global ranks, with a layer-to-stage policy;
-- :mod:`.planner`: the pure planner and its report (bytes vs the lower bound, sender loads, steps);
+- :mod:`.planner`: the pure planner — one rank's share or the whole plan, its 64-bit digest, and
+  its report (bytes vs the lower bound, sender loads, steps);
 - :mod:`.names`: after a reshard, a rank's shards split from fused QKV / gate-up and renamed
   (HF names: the shipped ``llama`` map), locally;
 - :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
