@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from . import nccl_options as nccl
 from .errors import GroupTimeoutError, LaunchError
+from .ranks import format_ranks
 
 ProcessGroup = dist.ProcessGroup
 GroupKey = Tuple[str, Tuple[int, ...], Optional[Hashable]]
@@ -134,7 +135,7 @@ class GroupBackend:
             return self.world_group()
         def describe(exc: BaseException) -> str:
             return (f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r} "
-                    f"with ranks {_short(my_ranks)} timed out after {self.timeout.total_seconds():g}s "
+                    f"with ranks {format_ranks(my_ranks)} timed out after {self.timeout.total_seconds():g}s "
                     f"on rank {dist.get_rank()}: a peer never entered (is every member running "
                     "and requesting the same modes in the same order? across hosts, set "
                     "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)")
@@ -251,11 +252,3 @@ def timeouts_named(describe: Callable[[BaseException], str]) -> Iterator[None]:
             raise GroupTimeoutError(describe(exc)) from exc
         raise
 
-
-def _short(ranks: Optional[Sequence[int]], limit: int = 16) -> str:
-    if ranks is None:
-        return "[]"
-    ranks = list(ranks)
-    if len(ranks) <= limit:
-        return str(ranks)
-    return f"[{', '.join(map(str, ranks[:limit]))}, … ({len(ranks)} ranks)]"

@@ -23,6 +23,7 @@ from .context import import_plugins, make_initializers
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, allowed, did_you_mean
 from .initializer import default_registry
 from .modes import COMBINATION_HELP, is_builtin, mode_identity
+from .ranks import format_ranks
 from .topology import Topology
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -125,14 +126,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for mode, groups in layout.items():
         shown = groups if len(groups) <= 16 else groups[:16]
         more = f" … ({len(groups)} groups)" if len(groups) > 16 else ""
-        print(f"{mode:<{width}} {' '.join(_fmt(g) for g in shown)}{more}")
+        print(f"{mode:<{width}} {' '.join(format_ranks(g, compact=True) for g in shown)}{more}")
     return EXIT_OK
-
-
-def _fmt(group: List[int]) -> str:
-    if len(group) > 8 and group == list(range(group[0], group[-1] + 1)):
-        return f"[{group[0]}..{group[-1]}]"
-    return "[" + ",".join(map(str, group)) + "]"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupI
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
 from .modes import ModeLike, ParallelMode, is_builtin, mode_identity, mode_name
 from .nccl_options import options_by_mode
+from .ranks import format_ranks
 from .topology import CLASSIC_MODES, RankGroups, Topology
 
 #: Built-in modes every context builds, in creation order (the same on every rank). A layout
@@ -367,7 +368,7 @@ class ParallelContext:
             shared = f", shares {state.shares_with!r}" if state.shares_with else ""
             built = "built" if state.built else "lazy"
             lines.append(f"  {name:<10} local {state.ranks.index(self._rank)}/{len(state.ranks)} "
-                         f"ranks {_short(state.ranks)} ({built}{shared})")
+                         f"ranks {format_ranks(state.ranks, limit=8)} ({built}{shared})")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -432,8 +433,3 @@ def import_plugins(cfg: Config) -> None:
     base = Path(cfg.source).parent if cfg.source and Path(cfg.source).exists() else Path.cwd()
     _import_plugins(cfg.plugins, base, cfg.source)
 
-
-def _short(ranks: List[int], limit: int = 8) -> str:
-    if len(ranks) <= limit:
-        return str(ranks)
-    return f"[{', '.join(map(str, ranks[:limit]))}, … {len(ranks)} ranks]"

@@ -5,7 +5,7 @@ Every message names what was involved (key, mode, group, ranks) and what is allo
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Optional
+from typing import Iterable
 
 
 class PGroupsError(Exception):
@@ -56,6 +56,3 @@ def allowed(choices: Iterable[str]) -> str:
     """Format a list of allowed values for a message: ``'a', 'b', 'c'``."""
     return ", ".join(repr(c) for c in sorted(choices))
 
-
-def source_prefix(source: Optional[str]) -> str:
-    return f"{source}: " if source else ""

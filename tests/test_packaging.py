@@ -1,0 +1,94 @@
+"""Packaging claims that a user relies on: metadata in pyproject.toml (PEP 621), a real Python
+floor that the sources compile on, the Apache-2.0 license text, the `plot` extra, py.typed."""
+from __future__ import annotations
+
+import configparser
+import glob
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def floor() -> tuple:
+    match = re.fullmatch(r">=\s*(\d+)\.(\d+)", PROJECT["requires-python"])
+    assert match, f"requires-python should be a plain floor, got {PROJECT['requires-python']!r}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_metadata_is_in_pyproject_and_setup_cfg_holds_none():
+    assert PROJECT["name"] == "pgroups" and "version" in PROJECT["dynamic"]
+    assert any(d.startswith("torch") for d in PROJECT["dependencies"])
+    assert PROJECT["scripts"]["pgroups"] == "pgroups.cli:main"
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert (ROOT / "setup.cfg").exists() and cfg.sections() == []
+
+
+def test_python_floor_is_310_and_classifiers_start_there():
+    # importlib.metadata.entry_points(group=...), which plugin discovery uses, is new in 3.10.
+    assert floor() == (3, 10)
+    versions = sorted(tuple(map(int, c.rsplit(":: ", 1)[1].split(".")))
+                      for c in PROJECT["classifiers"] if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    assert versions and versions[0] == floor()
+    assert (sys.version_info.major, sys.version_info.minor) in versions  # the tested version is claimed
+
+
+def _interpreter(version: tuple):
+    name = "python%d.%d" % version
+    roots = [os.environ.get("PYENV_ROOT", ""), os.path.expanduser("~/.pyenv")]
+    candidates = [shutil.which(name)] + sorted(p for r in roots if r for p in glob.glob(f"{r}/versions/{version[0]}.{version[1]}.*/bin/{name}"))
+    for path in filter(None, candidates):
+        done = subprocess.run([path, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip() == str(version):
+            return path
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_sources_compile_on_the_floor_interpreter():
+    """Syntax newer than the floor (``except*``, PEP 695 generics, …) would break installs there.
+    torch has no CPU wheel for the floor on this machine, so the floor runs the compiler only."""
+    python = _interpreter(floor())
+    if python is None:
+        pytest.skip("no Python %d.%d interpreter installed here" % floor())
+    script = ("import pathlib, sys\n"
+              "bad = []\n"
+              "for folder in sys.argv[1:]:\n"
+              "    for path in sorted(pathlib.Path(folder).rglob('*.py')):\n"
+              "        try: compile(path.read_text(), str(path), 'exec', dont_inherit=True)\n"
+              "        except SyntaxError as exc: bad.append(f'{path}:{exc.lineno}: {exc.msg}')\n"
+              "print('\\n'.join(bad)); sys.exit(bool(bad))\n")
+    done = subprocess.run([python, "-c", script, str(ROOT / "pgroups"), str(ROOT / "initializers")],
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_license_is_the_apache_2_text():
+    assert PROJECT["license"] == "Apache-2.0" and PROJECT["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a one-line notice
+
+
+def test_plot_extra_and_py_typed_ship():
+    assert any(d.startswith("matplotlib") for d in PROJECT["optional-dependencies"]["plot"])
+    assert (ROOT / "pgroups" / "py.typed").exists()
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in setuptools["package-data"]["pgroups"]
+
+
+def test_installed_metadata_says_the_same():
+    meta = importlib.metadata.metadata("pgroups")
+    assert meta["Requires-Python"] == PROJECT["requires-python"]
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert "plot" in meta.get_all("Provides-Extra")
