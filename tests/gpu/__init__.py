@@ -1,0 +1,1 @@
+"""GPU tests (NCCL): see conftest.py for when they run."""
