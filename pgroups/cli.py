@@ -5,8 +5,10 @@
 - ``pgroups validate CONFIG [--world-size N]``: exit 0, or exit 2 with one line on stderr.
 - ``pgroups run [--nproc N] [CONFIG]``: the main job on this machine (local gloo processes).
 
-Exit codes: 0 success, 1 a check failed, 2 usage or config error, 3 timeout. Errors are one
-line on stderr, never a traceback (set PGROUPS_TRACEBACK=1 to see one).
+Exit codes: 0 success, 1 a check failed, 2 usage or config error, 3 timeout. The errors pgroups
+raises on purpose (:class:`~pgroups.errors.PGroupsError`: UsageError, ConfigError, LaunchError, …)
+are one line on stderr (PGROUPS_TRACEBACK=1 shows a traceback); anything else is a bug and
+shows its traceback, exit 1.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Dict, List, Optional
 
 from .config import Config, load_config
 from .context import import_plugins, make_initializers
-from .errors import ConfigError, GroupTimeoutError, PGroupsError, allowed, did_you_mean
+from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
 from .initializer import default_registry
 from .modes import COMBINATION_HELP, is_builtin, mode_identity
 from .ranks import format_ranks
@@ -110,12 +112,13 @@ def describe_meshes(topology: Topology) -> Dict[str, Dict[str, object]]:
 def cmd_show(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     topology = config.topology(args.world_size)
+    if args.rank is not None and not 0 <= args.rank < args.world_size:
+        raise UsageError(f"--rank {args.rank} is outside 0..{args.world_size - 1} (world size {args.world_size})")
     if args.mode is not None:
         layout = one_mode_layout(config, args.world_size, args.mode)
     else:
         layout = offline_layout(config, args.world_size)
     if args.rank is not None:
-        topology.check_rank(args.rank)
         layout = {m: [g for g in groups if args.rank in g] for m, groups in layout.items()}
     if args.json:
         print(json.dumps({"world_size": args.world_size, "order": "-".join(topology.order),
@@ -145,6 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .selfcheck import format_summary, selfcheck_worker
     from .spawn import run_local
 
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     path = args.config or default_config_path()
     config = load_config(path)
     config.topology(args.nproc)  # validate before starting anything
@@ -170,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except GroupTimeoutError as exc:
         print(f"pgroups {args.command}: timeout: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
-    except (PGroupsError, ValueError) as exc:
+    except PGroupsError as exc:  # not ValueError: a bug's ValueError shows its traceback, exit 1
         if os.environ.get("PGROUPS_TRACEBACK"):
             raise
         print(f"pgroups {args.command}: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ silent 0/1 or the world group.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from . import exports, virtual_pipeline
 from .backend import GroupBackend, ProcessGroup, choose_strategy, resolve_device_backend
 from .config import Config, ConfigLike, load_config
-from .errors import ConfigError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
+from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
 from .initializer import import_plugins as _import_plugins
 from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupInitializer, check_group_of,
                           check_groups, checked_initializer_call, default_registry, describe_initializer)
@@ -73,7 +74,9 @@ class ParallelContext:
         ``launch`` or the environment if it is not started, and build the groups.
 
         Everything that can be checked without communication is checked first (ConfigError).
-        Raises RuntimeError if already initialized (call destroy() first).
+        Raises RuntimeError if already initialized (call destroy() first). When torch.distributed
+        is already started, ``launch`` cannot start it: a ``launch`` whose rank or world size
+        differs from the running job raises LaunchError, a matching one is ignored with a warning.
         """
         if self.is_initialized():
             raise RuntimeError("the parallel context is already initialized; call destroy() first")
@@ -81,6 +84,8 @@ class ParallelContext:
         import_plugins(cfg)
         if dist.is_initialized():
             world_size, rank = dist.get_world_size(), dist.get_rank()
+            if launch is not None:
+                _check_launch_matches(launch, rank, world_size)
         else:
             launch = launch or from_environment()
             world_size, rank = launch.world_size, launch.rank
@@ -373,6 +378,16 @@ class ParallelContext:
 
     def __repr__(self) -> str:
         return f"<ParallelContext {'uninitialized' if self.topology is None else self.topology.describe()}>"
+
+
+def _check_launch_matches(launch: LaunchInfo, rank: int, world_size: int) -> None:
+    if (launch.rank, launch.world_size) != (rank, world_size):
+        raise LaunchError(
+            f"init_from_config(launch=...) says rank {launch.rank} of {launch.world_size}, but "
+            f"torch.distributed is already running as rank {rank} of {world_size}; pass no launch "
+            "(the running job is used) or call torch.distributed.destroy_process_group() first")
+    warnings.warn(f"torch.distributed is already initialized (rank {rank} of {world_size}): "
+                  f"launch={launch!r} is not used to start it", stacklevel=3)
 
 
 def make_initializers(registry: InitializerRegistry, cfg: Config,

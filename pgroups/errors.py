@@ -16,6 +16,10 @@ class ConfigError(PGroupsError, ValueError):
     """An invalid configuration; raised before any communication happens."""
 
 
+class UsageError(PGroupsError, ValueError):
+    """A command-line argument is invalid (the CLI prints one line and exits 2)."""
+
+
 class LaunchError(PGroupsError, RuntimeError):
     """The launch environment (torchrun, SLURM, explicit arguments) is incomplete or inconsistent."""
 

@@ -114,11 +114,14 @@ def from_torchrun(env: Mapping[str, str]) -> LaunchInfo:
 def from_slurm(env: Mapping[str, str]) -> LaunchInfo:
     """SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; master = first host of the node list.
 
+    The node list is the step's (``SLURM_STEP_NODELIST``, set by srun) before the job's: a step
+    that runs on part of the allocation has its own first node, where its rank 0 runs.
+
     MASTER_ADDR / MASTER_PORT override; the default port is derived from SLURM_JOB_ID so two
     jobs on one node do not collide.
     """
     missing = [v for v in SLURM_VARS if v not in env]
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_STEP_NODELIST")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist and "MASTER_ADDR" not in env:
         missing.append("SLURM_JOB_NODELIST (or MASTER_ADDR)")
     if missing:

@@ -138,6 +138,9 @@ BAD = [
     ("parallel:\n  tensor: [2\n", None, ["malformed YAML at line 3", "column 1"]),
     ("parallel:\n  tensor: 2\n tensor: 4\n", None, ["malformed YAML at line 3"]),
     ("parallel: !!python/object:os.system {}\n", None, ["malformed YAML at line 1"]),
+    ("parallel:\n  tensor: 2\n  pipeline: 2\n  tensor: 4\n", None,
+     ["duplicate key 'tensor' at line 4 (first given at line 2)"]),
+    ("backend: gloo\nparallel: {tensor: 2}\nbackend: nccl\n", None, ["duplicate key 'backend' at line 3 (first given at line 1)"]),
     ("extra_modes:\n  nosuch: {}\n", 8, ["extra_modes.nosuch", "no initializer is registered for mode 'nosuch'",
                                         "known modes:"]),
     ("extra_modes:\n  tensor: {}\n", 8, ["extra_modes.tensor", "built-in modes are always built"]),
@@ -191,6 +194,12 @@ def test_yaml_string_errors_name_the_string_source():
         load_config("parallel:\n  tensor: 2\n pipeline: 2\n")
 
 
+def test_yaml_merge_keys_may_still_be_overridden():
+    # `<<` merges defaults that the mapping then overrides: not a duplicate key
+    cfg = load_config("parallel: {<<: {tensor: 2, pipeline: 2}, tensor: 1}\n")
+    assert (cfg.parallel.tensor, cfg.parallel.pipeline) == (1, 2)
+
+
 def test_dict_errors_name_the_key_and_an_explicit_source():
     with pytest.raises(ConfigError, match=r"^parallel.pipeline must be a positive integer, got 0$"):
         load_config({"parallel": {"pipeline": 0}})
@@ -230,6 +239,36 @@ def test_cli_validate_ok(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     assert f"{path}: ok" in out and "world 16 = tensor 2 x pipeline 2 x data 4" in out
+
+
+def test_cli_bad_argument_values_are_usage_errors(tmp_path, capsys):
+    path = tmp_path / "golden.yaml"
+    path.write_text("parallel: {tensor: 2, pipeline: 2}\n")
+    for argv, needle in ((["show", str(path), "-n", "16", "--rank", "-1"], "--rank -1 is outside 0..15"),
+                         (["run", "--nproc", "0"], "--nproc must be at least 1, got 0")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+
+
+def test_a_bug_inside_a_command_is_not_reported_as_a_usage_error(tmp_path, monkeypatch):
+    """A ValueError pgroups did not raise on purpose is a bug: the traceback shows, exit 1."""
+    import pgroups.cli
+
+    def broken(config, world_size):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(pgroups.cli, "offline_layout", broken)
+    path = tmp_path / "golden.yaml"
+    path.write_text("parallel: {tensor: 2}\n")
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["show", str(path), "-n", "4"])
+    script = ("import sys, pgroups.cli as cli\n"
+              "def broken(*a): raise ValueError('an internal invariant broke')\n"
+              "cli.offline_layout = broken\n"
+              f"sys.exit(cli.main(['show', {str(path)!r}, '-n', '4']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "an internal invariant broke" in done.stderr
 
 
 def test_cli_usage_errors_are_one_line(capsys):

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from pgroups import LaunchError, LaunchInfo, ParallelContext
 from pgroups.launch import free_port, from_environment, from_slurm, from_torchrun, parse_nodelist
 
+from conftest import fake_world
+
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node07",
             "MASTER_PORT": "29511"}
 SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
@@ -68,6 +70,13 @@ def test_slurm_overrides_and_fallbacks():
     # different jobs on one node get different default ports
     assert from_slurm(dict(SLURM, SLURM_JOB_ID="1")).master_port != from_slurm(
         dict(SLURM, SLURM_JOB_ID="2")).master_port
+
+
+def test_slurm_step_node_list_comes_before_the_job_s():
+    # srun on part of the allocation: the step's first node (where its rank 0 runs) is node03
+    step = dict(SLURM, SLURM_JOB_NODELIST="node[01-04]", SLURM_STEP_NODELIST="node[03-04]")
+    assert from_slurm(step).master_addr == "node03"
+    assert from_slurm(dict(step, SLURM_NODELIST="node[01-04]")).master_addr == "node03"
 
 
 def test_slurm_missing_variables_are_named():
@@ -224,3 +233,21 @@ def test_unreachable_rendezvous_is_a_launch_error_naming_the_master(monkeypatch)
     assert f"127.0.0.1:{launch.master_port}" in str(info.value)
     assert "rank 1/2" in str(info.value)
     assert not dist.is_initialized()
+
+
+# ---- a launch handed to a job that already runs ----------------------------------------------
+
+def test_launch_for_an_already_running_job_is_checked_not_ignored():
+    config = {"parallel": {"tensor": 2}}
+    with fake_world(16, 3):
+        ctx = ParallelContext()
+        with pytest.raises(LaunchError, match=r"says rank 0 of 8, but torch.distributed is already "
+                                              r"running as rank 3 of 16"):
+            ctx.init_from_config(config, launch=LaunchInfo(0, 8, 0, "127.0.0.1", 29500))
+        assert not ctx.is_initialized()
+        with pytest.warns(UserWarning, match=r"already initialized \(rank 3 of 16\): launch=.* is not used"):
+            ctx.init_from_config(config, launch=LaunchInfo(3, 16, 3, "10.0.0.1", 29500))
+        try:
+            assert ctx.get_ranks_in_group("tensor") == [2, 3]
+        finally:
+            ctx.destroy()

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from ..cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, default_config_path, offline_layout
 from ..config import load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, PGroupsError, UsageError
 from ..hosts import HOSTNAME_ENV, local_hostname
 from . import metrics
 from .diagnosis import Rule
@@ -120,7 +120,12 @@ def cmd_nettest(args: argparse.Namespace) -> int:
                           "use --nproc N to start N local processes, or launch with torchrun / srun")
     world_size = args.nproc if args.nproc is not None else _launch_world_size()
     config = resolve_config(args.config, world_size)
-    options = options_from_args(args, config)
+    try:
+        options = options_from_args(args, config)
+    except PGroupsError:
+        raise
+    except ValueError as exc:  # the option parsers (sizes, collectives, faults, rule) raise ValueError
+        raise UsageError(str(exc)) from None
     if args.nproc is not None:
         return _run_local(args, options, load_config(config))
     return _run_here(args, options)
@@ -162,7 +167,7 @@ def _run_local(args: argparse.Namespace, options: NettestOptions, config) -> int
     from ..spawn import run_local
 
     if args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     config.topology(args.nproc)
     _check_modes(options, config, args.nproc)
     env_per_rank = None
