@@ -15,7 +15,17 @@ It never decides layouts: callers hand it rank lists (from initializers). It own
 
 Contract of lazy creation (``groups: lazy`` or a CPU twin made on first request): creating a
 group is collective over its members, who must request the same modes in the same order —
-torch names members-only groups by how many groups a process already holds.
+torch names members-only groups by how many groups a process already holds. Lazy device groups
+therefore need the ``local`` strategy (:func:`check_lazy_creation`); lazily made CPU twins are
+always members-only (gloo groups never split the world communicator).
+
+NCCL (none of this has run on a GPU here; it is written from torch 2.13's distributed_c10d.py
+and ProcessGroupNCCL.hpp): with a device-bound default group every NCCL group creation is a
+split of the world communicator (:func:`creation_is_world_collective`), so ``auto`` picks
+``split`` and ``local`` is refused. A split (ncclCommSplit, blocking) has no deadline: a rank
+that never enters it leaves the others waiting until the launcher kills the job — only
+store-based steps (rendezvous, gloo groups, non-split NCCL unique-id exchange) time out into
+GroupTimeoutError.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import nccl_options as nccl
-from .errors import GroupTimeoutError, LaunchError
+from .errors import ConfigError, GroupTimeoutError, LaunchError
 from .ranks import format_ranks
 
 ProcessGroup = dist.ProcessGroup
@@ -59,21 +69,62 @@ def cpu_backend_for(device_backend: str) -> str:
 
 
 def choose_strategy(requested: str, device_backend: str) -> str:
-    """``auto`` → ``split`` for NCCL with a device-bound default group, else ``local``."""
-    if requested != "auto":
-        if requested == "split" and not _can_split(device_backend):
-            raise LaunchError(
-                "strategy 'split' needs the nccl backend and a default group bound to a device "
-                "(init_process_group(device_id=...)); use strategy: local or auto")
-        return requested
-    return "split" if _can_split(device_backend) else "local"
+    """The creation strategy for ``requested`` (auto | all | local | split) on this job's default
+    group: see :func:`strategy_for`. Raises LaunchError for a strategy that cannot work here."""
+    world_collective = creation_is_world_collective(device_backend)
+    return strategy_for(requested, world_collective, world_collective and hasattr(dist, "split_group"))
 
 
-def _can_split(device_backend: str) -> bool:
-    if device_backend != "nccl" or not hasattr(dist, "split_group"):
+def strategy_for(requested: str, world_collective: bool, can_split: bool) -> str:
+    """Pure decision. ``auto`` → ``split`` when torch can split the default group, ``all`` when
+    creation is world-collective without ``split_group``, else ``local`` (members only).
+
+    Raises LaunchError for ``split`` without a device-bound NCCL default group, and for
+    ``local`` when creation is world-collective (members-only creation would deadlock: the
+    ranks outside a group never enter the split that the members wait in).
+    """
+    if requested == "auto":
+        return "split" if can_split else ("all" if world_collective else "local")
+    if requested == "split" and not can_split:
+        raise LaunchError(
+            "strategy 'split' needs the nccl backend and a default group bound to a device "
+            "(init_process_group(device_id=...)); use strategy: local or auto")
+    if requested == "local" and world_collective:
+        raise LaunchError(WORLD_COLLECTIVE_WHY + ", so strategy 'local' (members only) would deadlock; "
+                          "use strategy: auto, split or all")
+    return requested
+
+
+#: Why NCCL group creation involves every rank when the default group is bound to a device.
+WORLD_COLLECTIVE_WHY = (
+    "the default group is NCCL bound to a device, so torch creates every NCCL group as a split of "
+    "the world communicator (ncclCommSplit), which every rank must enter")
+
+
+def creation_is_world_collective(device_backend: str) -> bool:
+    """True when creating a device group needs every rank of the world, members or not.
+
+    torch (``distributed_c10d._new_process_group_helper``): with a default group bound to a
+    device (``init_process_group(device_id=...)``, as :func:`pgroups.launch.init_distributed`
+    does on GPUs), each NCCL ``new_group`` is created by splitting the default communicator, and
+    non-members take part through ``perform_nocolor_split``; ``split_group`` is collective over
+    its parent too. gloo groups never split: members-only creation works for CPU twins.
+    """
+    if device_backend != "nccl":
         return False
-    default = dist.distributed_c10d._get_default_group()
-    return getattr(default, "bound_device_id", None) is not None
+    return getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None) is not None
+
+
+def check_lazy_creation(groups: str, strategy: str) -> None:
+    """Lazy device groups are created on first request, which only the members of a group make:
+    that needs members-only creation. Raises ConfigError for ``groups: lazy`` with a strategy
+    where every rank must enter every creation (``all``, ``split``)."""
+    if groups == "lazy" and strategy != "local":
+        why = (WORLD_COLLECTIVE_WHY if strategy == "split" else
+               "with strategy 'all' every rank enters every group's creation")
+        raise ConfigError(f"groups: lazy needs members-only group creation (strategy local), but the "
+                          f"strategy here is {strategy!r}: {why}; a request made by the members alone "
+                          "would deadlock. Use groups: eager")
 
 
 class GroupBackend:
@@ -117,6 +168,19 @@ class GroupBackend:
         built._timeout = self.timeout  # torch warns when the options' timeout differs from new_group's
         return built
 
+    def device_for_tensors(self) -> torch.device:
+        """Where tensors for this backend's device groups live: this rank's GPU under NCCL."""
+        if self.device_backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def world_cpu_group_needs_creation(self) -> bool:
+        """Whether the world's CPU group is a group of its own (one creation, by every rank),
+        rather than the default group itself: true when a CPU twin is needed and the default
+        group has no gloo backend (torch.distributed started with plain ``nccl`` by the user;
+        pgroups starts ``cpu:gloo,cuda:nccl``). Under the fake backend nothing can hang: False."""
+        return self.cpu_twin_needed and self.device_backend != "fake" and "gloo" not in default_backend_name()
+
     def build(self, mode: str, my_ranks: Optional[Sequence[int]],
               all_groups: Callable[[], List[List[int]]], cpu: bool = False,
               strategy: Optional[str] = None) -> Optional[ProcessGroup]:
@@ -152,15 +216,16 @@ class GroupBackend:
         """Create groups for arbitrary disjoint rank lists (host-aware groups of the network
         test, …) and return the one that holds this rank (None if none does).
 
-        Collective over the WORLD: every rank calls it with the same ``rank_groups`` in the same
-        order, and every rank enters every ``new_group`` (the ``all`` strategy), so ranks that
-        hold different groups still agree on torch's group names. Raises GroupTimeoutError like
+        Every rank calls it with the same ``rank_groups`` in the same order. It costs this rank
+        one creation call whatever the number of groups — one ``split_group`` over all of them
+        (strategy ``split``), or one members-only ``new_group`` for its own group (``local``) —
+        except under strategy ``all``, which enters every group. Raises GroupTimeoutError like
         :meth:`build`.
         """
         groups = [sorted(g) for g in rank_groups]
         rank = dist.get_rank()
         mine = next((g for g in groups if rank in g), None)
-        return self.build(name, mine, lambda: groups, cpu=cpu, strategy="all")
+        return self.build(name, mine, lambda: groups, cpu=cpu)
 
     def _new_group(self, ranks: Sequence[int], backend: str, mode: str, local: bool) -> Optional[ProcessGroup]:
         self.calls += 1

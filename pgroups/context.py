@@ -15,7 +15,8 @@ import attrs
 import torch.distributed as dist
 
 from . import exports, virtual_pipeline
-from .backend import GroupBackend, ProcessGroup, choose_strategy, resolve_device_backend
+from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_strategy,
+                      resolve_device_backend, timeouts_named)
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
 from .initializer import import_plugins as _import_plugins
@@ -102,6 +103,7 @@ class ParallelContext:
             self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
                                         cfg.timeout_s, nccl_options=options_by_mode(
                                             cfg.nccl_options, initializers, mode_identity))
+            check_lazy_creation(cfg.groups, self.backend.strategy)
             keys: Dict[Hashable, str] = {}
             for name, init in initializers.items():
                 key = init.layout_key(topology)
@@ -117,6 +119,10 @@ class ParallelContext:
             if cfg.cpu_groups == "eager":
                 for name in self._modes:
                     self._cpu_group(name)
+            elif cfg.cpu_groups == "lazy" and self.backend.world_cpu_group_needs_creation():
+                # The world's CPU group needs every rank; later callers (hostnames, CPU-tensor
+                # exchanges) may be a subset, so it is built now, while every rank is here.
+                self._cpu_group(ParallelMode.GLOBAL.value)
         except BaseException:
             self.destroy()  # never leave a half-built context behind: a retry starts clean
             raise
@@ -190,7 +196,7 @@ class ParallelContext:
         if self.config is not None and self.config.cpu_groups == "off" and self.backend.cpu_twin_needed:
             raise ModeNotInitializedError(
                 f"CPU groups are off in this config (cpu_groups: off); mode {state.mode!r} has none")
-        return self._cpu_group(state.mode)
+        return self._cpu_group(state.mode, lazy=True)
 
     def _device_group(self, name: str) -> Optional[ProcessGroup]:
         state = self._modes[name]
@@ -202,16 +208,18 @@ class ParallelContext:
             state.built = True
         return state.group
 
-    def _cpu_group(self, name: str) -> Optional[ProcessGroup]:
+    def _cpu_group(self, name: str, lazy: bool = False) -> Optional[ProcessGroup]:
+        """``lazy``: requested after init, by the members only — so created members-only."""
         state = self._modes[name]
         if not state.cpu_built:
             if not self.backend.cpu_twin_needed:
                 state.cpu_group = self._device_group(name)
             elif state.shares_with is not None:
-                state.cpu_group = self._cpu_group(state.shares_with)
+                state.cpu_group = self._cpu_group(state.shares_with, lazy)
             else:
                 self._device_group(name)  # device first: members create twins in one order
-                state.cpu_group = self.backend.build(name, state.ranks, self._lister(state), cpu=True)
+                state.cpu_group = self.backend.build(name, state.ranks, self._lister(state), cpu=True,
+                                                     strategy="local" if lazy else None)
             state.cpu_built = True
         return state.cpu_group
 
@@ -351,12 +359,25 @@ class ParallelContext:
 
     def get_hostnames(self) -> List[str]:
         """Every rank's host name, indexed by global rank (collective over the world the first
-        time, then cached). Hosts come from the ranks themselves, never from ``rank // 8``."""
+        time, then cached). Hosts come from the ranks themselves, never from ``rank // 8``.
+
+        Works with ``cpu_groups: off`` (the exchange then runs on the device world group). A
+        peer that never calls it raises GroupTimeoutError after ``timeout_s``."""
         self._require()
         if self._hostnames is None:
             from .hosts import gather_hostnames
 
-            self._hostnames = gather_hostnames(self.get_cpu_group(ParallelMode.GLOBAL))
+            off = self.config.cpu_groups == "off" and self.backend.cpu_twin_needed
+            # With CPU groups off, the exchange runs on the device world group (the default group).
+            group = self.backend.world_group() if off else self.get_cpu_group(ParallelMode.GLOBAL)
+            device = self.backend.device_for_tensors() if off else None
+            world = self.topology.world_size
+            timeout_s = self.backend.timeout.total_seconds()
+            with timeouts_named(lambda exc: (
+                    f"gathering every rank's hostname over the world group (ranks {format_ranks(range(world))}) "
+                    f"timed out after {timeout_s:g}s on rank {self._rank}: a peer never entered "
+                    "(is every rank calling get_hostnames()? across hosts, set GLOO_SOCKET_IFNAME)")):
+                self._hostnames = gather_hostnames(group, device=device)
         return list(self._hostnames)
 
     def describe(self) -> str:

@@ -21,20 +21,23 @@ def local_hostname() -> str:
     return os.environ.get(HOSTNAME_ENV) or socket.gethostname()
 
 
-def gather_hostnames(group: Optional[dist.ProcessGroup] = None) -> List[str]:
+def gather_hostnames(group: Optional[dist.ProcessGroup] = None,
+                     device: Optional[torch.device] = None) -> List[str]:
     """Every rank's host name, indexed by rank within ``group`` (default: the world).
 
-    Collective over ``group``, which must run CPU tensors (a gloo group). Exchanges fixed-size
-    byte tensors, so it needs no numpy (torch's ``*_object`` collectives do).
+    Collective over ``group``. The tensors live on ``device`` (default: CPU, for a gloo group;
+    pass the GPU for an NCCL group). Exchanges fixed-size byte tensors, so it needs no numpy
+    (torch's ``*_object`` collectives do).
     """
     name = local_hostname().encode("utf-8")[:MAX_HOSTNAME_BYTES]
     mine = torch.zeros(MAX_HOSTNAME_BYTES + 1, dtype=torch.uint8)
     mine[0] = len(name)
     mine[1:1 + len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    mine = mine.to(device or "cpu")
     size = dist.get_world_size(group)
     everyone = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(everyone, mine, group=group)
-    return [bytes(t[1:1 + int(t[0])].tolist()).decode("utf-8", "replace") for t in everyone]
+    return [bytes(t[1:1 + int(t[0])].tolist()).decode("utf-8", "replace") for t in (e.cpu() for e in everyone)]
 
 
 def ranks_by_host(hostnames: List[str]) -> Dict[str, List[int]]:

@@ -185,7 +185,8 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
     use_nccl = device_backend in ("auto", "nccl") and torch.cuda.is_available()
     kwargs = {}
     if use_nccl:
-        device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
+        device = torch.device("cuda", device_index(info, torch.cuda.device_count(),
+                                                   os.environ.get("CUDA_VISIBLE_DEVICES")))
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     if store is not None:
@@ -199,6 +200,31 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     except (RuntimeError, dist.DistError) as exc:
         raise _rendezvous_error(info, exc) from exc
+
+
+def device_index(info: LaunchInfo, visible: int, cuda_visible_devices: Optional[str]) -> int:
+    """The CUDA device of this process: ``local_rank`` when this process sees one GPU per local
+    rank; device 0 when it sees exactly one GPU that ``CUDA_VISIBLE_DEVICES`` picked for it (the
+    launcher bound one GPU per process, as ``srun --gpus-per-task=1`` does).
+
+    Pure. Raises LaunchError — naming the rank, the local rank, the visible count and
+    ``CUDA_VISIBLE_DEVICES`` — when two local ranks would share a GPU (NCCL would fail later with
+    "Duplicate GPU detected"), instead of wrapping ``local_rank % visible``.
+    """
+    if visible < 1:
+        raise LaunchError(f"rank {info.rank}: the nccl backend needs a GPU and this process sees none "
+                          f"(CUDA_VISIBLE_DEVICES={cuda_visible_devices!r})")
+    if info.local_rank < visible:
+        return info.local_rank
+    bound_to_one = visible == 1 and cuda_visible_devices is not None and "," not in cuda_visible_devices.strip(", ")
+    if bound_to_one:
+        return 0
+    raise LaunchError(
+        f"rank {info.rank} (local rank {info.local_rank} on this host) has no GPU of its own: this process "
+        f"sees {visible} GPU{'s' if visible != 1 else ''} (CUDA_VISIBLE_DEVICES={cuda_visible_devices!r}), so "
+        f"local ranks {visible}..{info.local_rank} would share GPUs with local ranks 0..{visible - 1} and NCCL "
+        "would fail with 'Duplicate GPU detected'; start at most one process per visible GPU on each host "
+        "(torchrun --nproc-per-node), or give each process its own GPU through CUDA_VISIBLE_DEVICES")
 
 
 def _rendezvous_error(info: LaunchInfo, exc: BaseException) -> LaunchError:

@@ -9,7 +9,8 @@ import pytest
 import torch.distributed as dist
 
 from pgroups import LaunchError, LaunchInfo, ParallelContext
-from pgroups.launch import free_port, from_environment, from_slurm, from_torchrun, parse_nodelist
+from pgroups.launch import (device_index, free_port, from_environment, from_slurm, from_torchrun,
+                            parse_nodelist)
 
 from conftest import fake_world
 
@@ -251,3 +252,32 @@ def test_launch_for_an_already_running_job_is_checked_not_ignored():
             assert ctx.get_ranks_in_group("tensor") == [2, 3]
         finally:
             ctx.destroy()
+
+
+# ---- which GPU a rank takes ------------------------------------------------------------------
+
+def _info(rank, local_rank):
+    return LaunchInfo(rank, 64, local_rank, "127.0.0.1", 29500)
+
+
+def test_each_local_rank_takes_its_own_gpu():
+    assert [device_index(_info(8 + r, r), 8, None) for r in range(8)] == list(range(8))
+    assert device_index(_info(9, 1), 8, "0,1,2,3,4,5,6,7") == 1
+
+
+def test_a_gpu_bound_per_process_is_device_zero():
+    # srun --gpus-per-task=1 / --gpu-bind: each process sees only its own GPU
+    assert device_index(_info(13, 5), 1, "5") == 0
+
+
+def test_fewer_gpus_than_local_ranks_fails_naming_ranks_and_visible_devices():
+    with pytest.raises(LaunchError) as info:
+        device_index(_info(13, 5), 4, "0,1,2,3")
+    message = str(info.value)
+    for needle in ("rank 13 (local rank 5", "sees 4 GPUs", "CUDA_VISIBLE_DEVICES='0,1,2,3'",
+                   "local ranks 4..5 would share GPUs", "Duplicate GPU detected"):
+        assert needle in message, (needle, message)
+    with pytest.raises(LaunchError, match=r"sees 1 GPU \(CUDA_VISIBLE_DEVICES=None\)"):
+        device_index(_info(1, 1), 1, None)  # one GPU for all local ranks, not a per-process binding
+    with pytest.raises(LaunchError, match="sees none"):
+        device_index(_info(0, 0), 0, "")
