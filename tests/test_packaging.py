@@ -92,3 +92,13 @@ def test_installed_metadata_says_the_same():
     assert meta["Requires-Python"] == PROJECT["requires-python"]
     assert meta["License-Expression"] == "Apache-2.0"
     assert "plot" in meta.get_all("Provides-Extra")
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A sub-package missing from [tool.setuptools] packages works in the editable checkout and
+    is absent from the wheel: list them all."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {"pgroups." + ".".join(p.parent.relative_to(ROOT / "pgroups").parts)
+               for p in (ROOT / "pgroups").rglob("__init__.py") if p.parent != ROOT / "pgroups"}
+    on_disk |= {"pgroups", "pgroups.initializers"}
+    assert set(setuptools["packages"]) == on_disk

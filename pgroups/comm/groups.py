@@ -14,10 +14,11 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from ..backend import _short as format_ranks, timeouts_named
+from ..backend import timeouts_named
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError
 from ..modes import ModeLike, ParallelMode, mode_name
+from ..ranks import format_ranks
 
 GroupLike = Union[ModeLike, dist.ProcessGroup]
 
