@@ -10,7 +10,8 @@ It never decides layouts: callers hand it rank lists (from initializers). It own
 - a dedupe cache, so identical rank lists across modes share one communicator;
 - per-mode NCCL options (``nccl_options:`` in the config) passed as ``ProcessGroupNCCL.Options``
   to the NCCL groups of that mode (modes with different options never share a communicator);
-- timeouts (a peer that never enters raises GroupTimeoutError naming the mode and ranks);
+- timeouts (a peer that never enters raises GroupTimeoutError naming the mode and ranks), and
+  :func:`wait_within`, which waits for a collective with a deadline on every backend;
 - destruction.
 
 Contract of lazy creation (``groups: lazy`` or a CPU twin made on first request): creating a
@@ -295,6 +296,29 @@ def nccl_process_group_options(options: nccl.NcclOptions, options_class: Optiona
     for key, value in nccl.config_fields(options).items():
         setattr(built.config, key, value)
     return built
+
+
+def wait_within(work: "dist.Work", timeout: datetime.timedelta, describe: Callable[[BaseException], str],
+                group: Optional[ProcessGroup] = None) -> None:
+    """Wait for an async collective (``async_op=True``) at most ``timeout``; a peer that never
+    joins raises GroupTimeoutError(describe(exc)) — on NCCL too, where a plain call returns as
+    soon as the kernel is enqueued.
+
+    gloo: ``Work.wait(timeout)`` raises when the deadline passes. NCCL (torch 2.13,
+    ProcessGroupNCCL.hpp, ``WorkNCCL::wait``): with a timeout it blocks the CPU until the kernel
+    completes or the deadline passes, then throws; the stuck communicator of ``group`` is then
+    aborted (``ProcessGroup.abort()``), so the watchdog does not also tear the process down for
+    that work later, and the group cannot be used again (destroy the context). This NCCL path is
+    written from torch's source and is exercised only by tests/gpu (not run here).
+    """
+    try:
+        with timeouts_named(describe):
+            work.wait(timeout)
+    except GroupTimeoutError:
+        if group is not None and "nccl" in str(dist.get_backend(group)).lower():
+            with contextlib.suppress(RuntimeError, dist.DistError):
+                group.abort()
+        raise
 
 
 def is_timeout(exc: BaseException) -> bool:

@@ -12,8 +12,10 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from .backend import wait_within
 from .config import ConfigLike
 from .context import ParallelContext
+from .ranks import format_ranks
 
 
 def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
@@ -34,7 +36,12 @@ def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
         for j, (group, dev) in enumerate(((ctx.get_group(mode), device),
                                           (ctx.get_cpu_group(mode), torch.device("cpu")))):
             value = torch.tensor([ctx.get_global_rank()], dtype=torch.int64, device=dev)
-            dist.all_reduce(value, group=group)
+            kind = "device" if j == 0 else "cpu"
+            wait_within(dist.all_reduce(value, group=group, async_op=True), ctx.backend.timeout,
+                        lambda exc, mode=mode, kind=kind, ranks=ranks: (
+                            f"the {kind} all_reduce of mode {mode!r} with ranks {format_ranks(ranks)} timed out "
+                            f"after {ctx.backend.timeout.total_seconds():g}s on rank {ctx.get_global_rank()}: "
+                            "a peer never joined"), group)
             wrong[2 * i + j] = int(value.item() != expected)
     dist.all_reduce(wrong, group=ctx.get_cpu_group("global"))
     summary: Dict[str, Dict[str, Any]] = {}

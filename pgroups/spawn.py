@@ -3,13 +3,18 @@
 Each child gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT,
 then runs ``target(*args)``; its return value comes back to the parent. Processes use the
 ``spawn`` start method (fork is unsafe with torch threads). A child that fails makes the
-parent stop the rest; a run longer than ``timeout_s`` is killed and reported.
+parent stop the rest; a run longer than ``timeout_s`` is killed and reported. No child outlives
+the call: any exit of the parent from it (an exception, Ctrl-C) kills and reaps them all, and on
+Linux a child also dies when the parent process is killed outright.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -22,6 +27,8 @@ from .launch import free_port
 FAILURE_GRACE_S = 5.0
 #: how long children that already reported may take to exit before they are killed
 EXIT_GRACE_S = 5.0
+#: prctl option: signal this process when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
 
 
 @attrs.frozen
@@ -40,8 +47,22 @@ class RankOutcome:
         return self.error is None and not self.timed_out and self.exitcode in (0, None)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: ask the kernel to kill this process when the parent that started it dies — even by
+    SIGKILL, where no ``finally`` in the parent runs. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Callable[..., Any],
-           args: Sequence[Any], results: "mp.Queue") -> None:
+           args: Sequence[Any], results: "mp.Queue", parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -71,15 +92,23 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
     ctx = mp.get_context("spawn")
     results: "mp.Queue" = ctx.Queue()
     port = free_port()
-    procs = []
-    for rank in range(nproc):
-        child_env = dict(env or {})
-        if env_per_rank is not None:
-            child_env.update(env_per_rank(rank))
-        proc = ctx.Process(target=_child, args=(rank, nproc, port, child_env, target, tuple(args), results),
-                           daemon=False)
-        proc.start()
-        procs.append(proc)
+    procs: List[Any] = []
+    try:
+        for rank in range(nproc):
+            child_env = dict(env or {})
+            if env_per_rank is not None:
+                child_env.update(env_per_rank(rank))
+            proc = ctx.Process(target=_child, daemon=False,
+                               args=(rank, nproc, port, child_env, target, tuple(args), results, os.getpid()))
+            proc.start()
+            procs.append(proc)
+        return _collect(procs, results, nproc, timeout_s)
+    finally:  # any exit of the parent — an error, Ctrl-C — kills and reaps every child
+        _kill_and_reap(procs)
+        results.close()
+
+
+def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optional[float]) -> List[RankOutcome]:
     outcomes: Dict[int, RankOutcome] = {}
     deadline = time.monotonic() + timeout_s if timeout_s else None
     failed_at: Optional[float] = None
@@ -110,8 +139,16 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
         if rank not in outcomes:
             outcomes[rank] = RankOutcome(rank, error="killed: still running at the time limit",
                                          exitcode=proc.exitcode, timed_out=True)
-    results.close()
     return [outcomes[r] for r in range(nproc)]
+
+
+def _kill_and_reap(procs: List[Any]) -> None:
+    """Kill every child still running and wait for each, so none outlives run_local."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join(timeout=10)
 
 
 def _drained(results: "mp.Queue", outcomes: Dict[int, RankOutcome]) -> bool:

@@ -270,3 +270,37 @@ def test_hostnames_with_cpu_groups_off_use_the_device_world_group():
             assert len(ctx.get_hostnames()) == 64
         finally:
             ctx.destroy()
+
+
+# ---- waiting for a collective with a deadline --------------------------------------------------
+
+def wait_within_worker(signals: str) -> Any:
+    """Rank 0 all-reduces over the world; rank 1 never joins. The world's own timeout is long
+    (60 s): the 3 s deadline that raises is wait_within's."""
+    import datetime
+
+    from pgroups.backend import wait_within
+
+    ctx = ParallelContext().init_from_config({"parallel": {"tensor": 1}, "timeout_s": 60, "backend": "gloo"})
+    try:
+        if ctx.get_global_rank() == 1:
+            _wait_for_files(signals, 1, limit_s=45)
+            return None
+        work = dist.all_reduce(torch.ones(1), async_op=True)
+        try:
+            wait_within(work, datetime.timedelta(seconds=3), lambda exc: "all_reduce over the world: rank 1 missing")
+        except GroupTimeoutError as exc:
+            return str(exc)
+        finally:
+            open(os.path.join(signals, "rank0"), "w").close()
+        return None
+    finally:
+        ctx.destroy()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_wait_within_turns_a_missing_peer_into_a_group_timeout(tmp_path):
+    outcomes = run_ranks_outcomes(2, wait_within_worker, str(tmp_path), timeout_s=80)
+    assert outcomes[0].ok, outcomes[0].error
+    assert outcomes[0].value == "all_reduce over the world: rank 1 missing"

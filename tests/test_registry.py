@@ -42,6 +42,24 @@ class OtherExpertInitializer(ExpertInitializer):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _registration_does_not_leak():
+    """Registering a class sets its ``mode`` attribute; put the test classes back as they were
+    after every test, so one test's registration cannot change what the next one sees."""
+    classes = (ExpertInitializer, OtherExpertInitializer)
+    saved = {cls: cls.__dict__.get("mode", _ABSENT) for cls in classes}
+    yield
+    for cls, value in saved.items():
+        if value is _ABSENT:
+            if "mode" in cls.__dict__:
+                delattr(cls, "mode")
+        else:
+            cls.mode = value
+
+
+_ABSENT = object()
+
+
 # ---- registration ---------------------------------------------------------------------------
 
 def test_register_and_get(fresh_registry):
@@ -51,6 +69,11 @@ def test_register_and_get(fresh_registry):
     assert "blocks" in fresh_registry and "tensor" in fresh_registry and "nope" not in fresh_registry
     assert fresh_registry.modes() == sorted(BUILTINS + ["blocks"])
     fresh_registry.register("blocks", ExpertInitializer)  # the same class again is harmless
+
+
+def test_an_earlier_test_s_registration_is_not_seen_here():
+    # test_register_and_get (above) registered ExpertInitializer as 'expert'
+    assert "mode" not in ExpertInitializer.__dict__ and "mode" not in OtherExpertInitializer.__dict__
 
 
 def test_duplicate_registration_is_an_error_naming_both(fresh_registry):
@@ -169,6 +192,14 @@ def test_micro_data_option_errors_name_the_file(tmp_path, capsys, body, world, n
     assert main(["validate", path, "--world-size", str(world)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
+
+
+def test_micro_data_ships_with_the_package():
+    """verl's helper needs micro_data: it is importable from the installed package, no example
+    file needed."""
+    config = load_config({"parallel": {"tensor": 4}, "plugins": ["pgroups.plugins.micro_data"],
+                          "extra_modes": {"micro_data": {"inference_tensor": 2}}})
+    assert offline_layout(config, 8)["micro_data"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_micro_data_layout_offline(capsys):

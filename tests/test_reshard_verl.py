@@ -253,7 +253,7 @@ def test_missing_micro_data_mode_names_the_plugin_and_bad_groups_are_refused():
     with fake_world(4, 0):
         ctx = ParallelContext().init_from_config({"parallel": {"tensor": 2, "pipeline": 2}})
         try:
-            with pytest.raises(ModeNotInitializedError, match="micro_data_plugin.py"):
+            with pytest.raises(ModeNotInitializedError, match=r"pgroups\.plugins\.micro_data"):
                 MicroDataSharding(ctx)
             with pytest.raises(ConfigError, match=r"mode 'pipe' group \[0, 2\] is not a block of consecutive ranks"):
                 MicroDataSharding(ctx, micro_data_mode="pipe")

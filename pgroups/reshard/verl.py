@@ -3,9 +3,9 @@ an inference engine with tensor parallelism ``i`` (``i`` divides ``t``) on the s
 
 Each training TP group then holds ``m = t / i`` inference replicas. The ``m`` consecutive
 ranks that will hold the *same* inference shard form a **micro-data-parallel** group — the
-user-defined ``micro_data`` mode of ``config_examples/micro_data_plugin.py``::
+``micro_data`` mode that ships as the plugin :mod:`pgroups.plugins.micro_data`::
 
-    plugins: [micro_data_plugin.py]
+    plugins: [pgroups.plugins.micro_data]
     extra_modes:
       micro_data: {inference_tensor: 2}
 
@@ -264,7 +264,7 @@ class MicroDataSharding:
         if ctx.is_initialized() and not ctx.is_initialized(self.micro_data_mode):
             raise ModeNotInitializedError(
                 f"mode {self.micro_data_mode!r} was not built: add the micro_data initializer to the config "
-                "(plugins: [micro_data_plugin.py], see config_examples/micro_data.yaml) and "
+                "(plugins: [pgroups.plugins.micro_data], see config_examples/micro_data.yaml) and "
                 f"extra_modes: {{{self.micro_data_mode}: {{inference_tensor: N}}}}")
         self.tensor_ranks = ctx.get_ranks_in_group(self.tensor_mode)
         self.micro_ranks = ctx.get_ranks_in_group(self.micro_data_mode)

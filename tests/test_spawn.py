@@ -1,0 +1,96 @@
+"""The local launcher never leaves a child behind: whatever ends the parent's run_local — an
+interrupt (Ctrl-C), an exception, or the parent process being killed — every child is gone."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def sleeper(folder: str) -> None:
+    """A child that records its pid, then waits far longer than any test (a hung collective)."""
+    Path(folder, f"{os.getpid()}.pid").write_text("")
+    time.sleep(600)
+
+
+PARENT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pgroups.spawn import run_local
+from test_spawn import sleeper
+run_local(3, sleeper, ({folder!r},))
+"""
+
+
+def _child_pids(folder: Path, count: int, limit_s: float = 120) -> list:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        pids = [int(p.stem) for p in folder.glob("*.pid")]
+        if len(pids) == count:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError(f"only {len(list(folder.glob('*.pid')))} of {count} children started")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie is dead (its parent exited before reaping it)
+
+
+def _run_parent_then(tmp_path: Path, stop) -> list:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(tests=str(HERE), folder=str(tmp_path))],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = _child_pids(tmp_path, 3)
+        stop(parent)
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return [p for p in pids if _alive(p)]
+    finally:
+        parent.kill()
+        for pid in (int(p.stem) for p in tmp_path.glob("*.pid")):  # never leave our own children behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_interrupting_the_parent_leaves_no_child(tmp_path):
+    assert _run_parent_then(tmp_path, lambda p: p.send_signal(signal.SIGINT)) == []
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_killing_the_parent_outright_leaves_no_child(tmp_path):
+    assert _run_parent_then(tmp_path, lambda p: p.send_signal(signal.SIGKILL)) == []
+
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_an_error_while_starting_children_kills_those_started(tmp_path):
+    from pgroups.spawn import run_local
+
+    def env_per_rank(rank):
+        if rank == 2:
+            _child_pids(tmp_path, 2)  # the first two are running
+            raise RuntimeError("env_per_rank failed for rank 2")
+        return {}
+
+    with pytest.raises(RuntimeError, match="failed for rank 2"):
+        run_local(3, sleeper, (str(tmp_path),), env_per_rank=env_per_rank)
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2 and not any(_alive(p) for p in pids)
