@@ -1,7 +1,7 @@
 """The one rank-list formatter every message, summary and table uses."""
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from pgroups.ranks import format_ranks
 
@@ -29,6 +29,7 @@ def test_compact_form_for_table_cells():
     assert format_ranks(list(range(0, 64, 4)), limit=2, compact=True) == "[0,4,…] (16 ranks)"
 
 
+@settings(deadline=None)  # no wall-clock bound: CI machines are loaded
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=40, unique=True))
 def test_every_written_rank_is_a_real_rank_in_order(ranks):
     """Whatever the shape, the numbers printed are ranks of the list, in its order."""
