@@ -102,3 +102,28 @@ def test_every_subpackage_is_listed_for_installation():
                for p in (ROOT / "pgroups").rglob("__init__.py") if p.parent != ROOT / "pgroups"}
     on_disk |= {"pgroups", "pgroups.initializers"}
     assert set(setuptools["packages"]) == on_disk
+
+
+def _setup_copy(tmp_path: Path) -> Path:
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "setup", tmp_path / ".ci" / "setup")
+    return tmp_path / ".ci" / "setup"
+
+
+@pytest.mark.timeout(120)
+def test_setup_refuses_a_python_that_cannot_run_the_package(tmp_path):
+    """.ci/setup never builds a venv on an interpreter below the floor: one line naming what it
+    found, exit 1, no .venv."""
+    setup = _setup_copy(tmp_path)
+    candidates = [("no-such-python3", "no-such-python3: not runnable")]
+    old = _interpreter((3, 9))
+    if old is not None:
+        candidates.append((old, f"{old}: 3.9."))
+    for python, found in candidates:
+        done = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=100,
+                              env={**os.environ, "PYTHON": python})
+        assert done.returncode == 1, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pgroups setup: error: no Python >= 3.10 found ("), lines
+        assert found in lines[0]
+        assert not (tmp_path / ".venv").exists()
