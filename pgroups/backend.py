@@ -116,15 +116,15 @@ def creation_is_world_collective(device_backend: str) -> bool:
     return getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None) is not None
 
 
-def check_lazy_creation(groups: str, strategy: str) -> None:
-    """Lazy device groups are created on first request, which only the members of a group make:
-    that needs members-only creation. Raises ConfigError for ``groups: lazy`` with a strategy
-    where every rank must enter every creation (``all``, ``split``)."""
-    if groups == "lazy" and strategy != "local":
-        why = (WORLD_COLLECTIVE_WHY if strategy == "split" else
-               "with strategy 'all' every rank enters every group's creation")
-        raise ConfigError(f"groups: lazy needs members-only group creation (strategy local), but the "
-                          f"strategy here is {strategy!r}: {why}; a request made by the members alone "
+def check_lazy_creation(groups: str, strategy: str, world_collective: bool) -> None:
+    """Lazy device groups are created on first request. Under ``local`` that request is
+    collective over the group's members; under ``all`` (gloo) over the world — every rank must
+    then request every lazy mode, in one order. Where creation splits the world communicator
+    (``split``, or any strategy on a device-bound NCCL default group) a lazy request made by a
+    group's members would deadlock: raises ConfigError for ``groups: lazy`` there."""
+    if groups == "lazy" and (strategy == "split" or world_collective):
+        raise ConfigError(f"groups: lazy cannot work with strategy {strategy!r} here: "
+                          f"{WORLD_COLLECTIVE_WHY}, so a request made by a group's members alone "
                           "would deadlock. Use groups: eager")
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from . import exports, virtual_pipeline
 from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_strategy,
-                      resolve_device_backend, timeouts_named)
+                      creation_is_world_collective, resolve_device_backend, timeouts_named)
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
 from .initializer import import_plugins as _import_plugins
@@ -103,7 +103,8 @@ class ParallelContext:
             self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
                                         cfg.timeout_s, nccl_options=options_by_mode(
                                             cfg.nccl_options, initializers, mode_identity))
-            check_lazy_creation(cfg.groups, self.backend.strategy)
+            check_lazy_creation(cfg.groups, self.backend.strategy,
+                                creation_is_world_collective(device_backend))
             keys: Dict[Hashable, str] = {}
             for name, init in initializers.items():
                 key = init.layout_key(topology)

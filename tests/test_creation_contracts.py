@@ -56,22 +56,15 @@ def test_local_on_a_device_bound_nccl_default_group_says_why():
 
 # ---- lazy creation -----------------------------------------------------------------------------
 
-def test_lazy_groups_need_members_only_creation():
-    check_lazy_creation("lazy", "local")
-    check_lazy_creation("eager", "split")
-    check_lazy_creation("eager", "all")
-    for strategy in ("split", "all"):
-        with pytest.raises(ConfigError, match=f"groups: lazy needs members-only group creation .*"
-                                              f"strategy here is {strategy!r}.*Use groups: eager"):
-            check_lazy_creation("lazy", strategy)
-
-
-def test_lazy_with_a_world_collective_strategy_is_refused_at_init():
-    with fake_world(16, 3):
-        ctx = ParallelContext()
-        with pytest.raises(ConfigError, match="groups: lazy needs members-only"):
-            ctx.init_from_config({"parallel": {"tensor": 2}, "groups": "lazy", "strategy": "all"})
-        assert not ctx.is_initialized()
+def test_lazy_groups_are_refused_where_creation_splits_the_world():
+    check_lazy_creation("lazy", "local", world_collective=False)
+    check_lazy_creation("lazy", "all", world_collective=False)  # gloo: every rank requests every mode
+    check_lazy_creation("eager", "split", world_collective=True)
+    check_lazy_creation("eager", "all", world_collective=True)
+    for strategy, world_collective in (("split", True), ("all", True)):
+        with pytest.raises(ConfigError, match=f"groups: lazy cannot work with strategy {strategy!r} here: "
+                                              ".*split of the world communicator.*Use groups: eager"):
+            check_lazy_creation("lazy", strategy, world_collective)
 
 
 # ---- host groups: one creation call per kind, at any scale ------------------------------------
