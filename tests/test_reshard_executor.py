@@ -92,7 +92,8 @@ def reshard_cases_worker(world: int, cases: List[Dict[str, Any]]) -> List[Tuple[
         for name, tensor in expected.items():
             if not same_bytes(dst_shards[name], tensor):
                 problems.append((index, f"rank {rank}: tensor {name} differs"))
-        report = {r.rank: r for r in plan.receivers}.get(rank)
+        assert plan.rank == rank   # reshard() plans only this rank's share
+        report = plan.report
         if report is not None and stats.bytes_received != report.lower_bound_bytes:
             problems.append((index, f"rank {rank}: received {stats.bytes_received} != bound "
                                     f"{report.lower_bound_bytes}"))

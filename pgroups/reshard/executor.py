@@ -62,7 +62,7 @@ from . import convert
 from .layout import ParallelLayout, local_shapes
 from .wire import (ALIGN, REFUSED, Chunk, Message, Piece, Shapes, agreement_digest, box_shape, first_disagreement,
                    messages, slices)
-from .planner import Box, Plan, plan_reshard
+from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
 DEFAULT_BUCKET_BYTES = 64 << 20
@@ -653,7 +653,7 @@ def _scale_box(box: Box, dims: Sequence[int]) -> Box:
     return tuple(span if dim in dims else (0, 1) for dim, span in enumerate(box))
 
 
-def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
+def execute_plan(plan: "Plan | PlanShare", src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
                  *, progress: Optional[Progress] = None, **options: Any) -> ReshardStats:
     """Run ``plan`` once on this rank (a :class:`Resharder` that frees its buffers afterwards);
     ``options`` are Resharder's. Every rank of the group must call it with the same plan and
@@ -663,19 +663,23 @@ def execute_plan(plan: Plan, src_tensors: Mapping[str, torch.Tensor], dst_tensor
 
 def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: ModelSpec,
             src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor], *,
-            context: Any = None, hosts: Optional[Sequence[str]] = None, **options: Any) -> Tuple[Plan, ReshardStats]:
-    """Plan (with the launch's hostnames) and execute in one call; returns ``(plan, stats)``.
+            context: Any = None, hosts: Optional[Sequence[str]] = None,
+            **options: Any) -> Tuple[PlanShare, ReshardStats]:
+    """Plan this rank's share (with the launch's hostnames) and execute it in one call; returns
+    ``(share, stats)``.
 
-    Collective over the whole world (the hostnames are gathered, the plan agreed on): call it on
-    every rank, with empty mappings on ranks in neither layout. To sync repeatedly, keep a
-    :class:`Resharder` of the plan and call its ``run``. ``options`` go to :func:`execute_plan`.
+    Each rank computes only its own :class:`PlanShare` (O(its transfers), not the whole world's
+    plan); the ranks agree on the plan's digest before any byte moves. Collective over the whole
+    world (the hostnames are gathered, the plan agreed on): call it on every rank, with empty
+    mappings on ranks in neither layout. To sync repeatedly, keep a :class:`Resharder` of the share
+    and call its ``run``. ``options`` go to :func:`execute_plan`.
     """
     if context is None:
         from .. import gpc as context
     if hosts is None:
         hosts = context.get_hostnames()
-    plan = plan_reshard(src_layout, dst_layout, model, hosts)
-    return plan, execute_plan(plan, src_tensors, dst_tensors, context=context, **options)
+    share = plan_share(src_layout, dst_layout, model, context.get_global_rank(), hosts)
+    return share, execute_plan(share, src_tensors, dst_tensors, context=context, **options)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
