@@ -30,6 +30,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from ..comm.raw import all_gather_single, reduce_scatter_single
 from ..config import load_config
 from ..context import ParallelContext
 from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
@@ -473,9 +474,9 @@ def launch(collective: str, group: Any, ranks: Sequence[int], me: int, send: tor
     if collective == "all_reduce":
         return [dist.all_reduce(send, group=group, async_op=True)]
     if collective == "all_gather":
-        return [dist.all_gather_into_tensor(recv, send, group=group, async_op=True)]
+        return [all_gather_single(recv, send, group=group, async_op=True)]
     if collective == "reduce_scatter":
-        return [dist.reduce_scatter_tensor(recv, send, group=group, async_op=True)]
+        return [reduce_scatter_single(recv, send, group=group, async_op=True)]
     if collective == "broadcast":  # in place on ``recv`` (the root's holds its data)
         return [dist.broadcast(recv, src=ranks[0], group=group, async_op=True)]
     if collective == "all_to_all":

@@ -55,6 +55,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from ..comm.raw import all_gather_single
 from ..backend import is_timeout
 from ..errors import GroupTimeoutError, ReshardError
 from ..modes import ParallelMode
@@ -345,8 +346,7 @@ class Resharder:
         gathered = self._buffers.get("agree.all", size, device, torch.int64)[:size]
         mine.fill_(REFUSED if refuse else self.digest)
         try:
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch < 2.13
-            work = gather(gathered, mine, group=group, async_op=True)
+            work = all_gather_single(gathered, mine, group=group, async_op=True)
             if not work.wait(self.timeout):
                 raise TimeoutError(f"timed out after {self.timeout.total_seconds():g}s")
         except Exception as exc:
