@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
+from ..ranks import format_ranks
 from .metrics import format_size
 
 
@@ -51,10 +52,7 @@ class Progress:
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
-    ranks = list(ranks)
-    if len(ranks) > 4 and ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"[{ranks[0]}..{ranks[-1]}]"
-    return "[" + ",".join(map(str, ranks)) + "]"
+    return format_ranks(ranks, compact=True)
 
 
 def _hosts_text(hosts: Sequence[str], limit: int = 4) -> str:
