@@ -33,6 +33,7 @@ import torch.distributed as dist
 from ..comm.raw import all_gather_single, reduce_scatter_single
 from ..config import load_config
 from ..context import ParallelContext
+from ..backend import is_timeout
 from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
 from . import diagnosis, metrics
 from .diagnosis import Measurement, Rule
@@ -725,16 +726,17 @@ class RankRun:
             record = self.bench.measure(collective, self.handles[group.id], list(group.ranks), self.rank,
                                         shape, repeats, followup)
         except GroupFailure as exc:
-            self._hang(group.id, list(group.ranks), where, collective, shape.size_bytes, str(exc))
+            self._hang(group.id, list(group.ranks), where, collective, shape.size_bytes, exc)
         record["group"] = group.id
         return record
 
     def _hang(self, group_id: str, ranks: List[int], where: str, collective: str, size_bytes: int,
-              cause: str) -> None:
+              failure: GroupFailure) -> None:
         positions = self.coordinator.positions([r for r in ranks if r != self.rank])
         absent = {r: p for r, p in positions.items() if p != where}
         hosts = list(dict.fromkeys(self.hostnames[r] for r in ranks))
-        timed_out = "timed out" in cause.lower() or "timeout" in cause.lower()
+        cause = str(failure)
+        timed_out = is_timeout(failure.__cause__ or failure)
         what = (f"{collective} of {metrics.format_size(size_bytes)} did not complete within "
                 f"{self.options.timeout_s:g}s" if timed_out else f"{collective} of "
                 f"{metrics.format_size(size_bytes)} failed ({cause})")
@@ -851,7 +853,7 @@ class RankRun:
             try:
                 record = self.bench.measure_pair(partner, self.rank, size, repeats=1)
             except GroupFailure as exc:
-                self._hang(f"pair {a}-{b}", [a, b], where, "sendrecv", size, str(exc))
+                self._hang(f"pair {a}-{b}", [a, b], where, "sendrecv", size, exc)
             records.append({**record, "pair": [a, b], "label": which})
         return records
 
@@ -863,7 +865,7 @@ class RankRun:
         try:
             self.bench.wait_all([dist.all_reduce(torch.zeros(1, device=self.device), async_op=True)])
         except GroupFailure as exc:
-            self._hang("global", list(range(self.world_size)), where, "all_reduce", 4, str(exc))
+            self._hang("global", list(range(self.world_size)), where, "all_reduce", 4, exc)
 
     def _finish(self) -> Dict[str, Any]:
         confirmed = self._confirmed
