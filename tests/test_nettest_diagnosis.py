@@ -223,3 +223,12 @@ def test_fault_specs_parse():
 def test_bad_fault_specs_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_faults(spec)
+
+
+def test_a_link_100x_slower_is_slow_even_when_healthy_links_spread_widely():
+    # healthy bandwidths on a loaded machine (measured in an emulated-cluster run): their robust
+    # spread times mad_k exceeds the median, so only the extreme-ratio rule can call 0.009 slow
+    healthy = [1.74, 1.94, 1.65, 0.98, 0.995, 1.10, 1.57]
+    rule = dx.Rule()
+    assert dx.worse_than_peers(0.009, healthy, True, rule) is not None
+    assert dx.worse_than_peers(0.9, healthy, True, rule) is None   # within the healthy spread

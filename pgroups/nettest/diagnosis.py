@@ -41,6 +41,7 @@ from .groups import GroupUnderTest
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
 MIN_PEERS_FOR_SPREAD = 3  # below this, a MAD means nothing: the factor doubles instead
+EXTREME_RATIO = 10.0          # this many times worse than the median is slow whatever the spread
 
 
 @attrs.frozen
@@ -179,7 +180,10 @@ def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule
     """The Deviation if ``value`` is worse than the peers described by ``peers`` by the rule.
 
     Worse means: beyond ``slow_factor`` times the peers' median **and** beyond ``mad_k``
-    robust standard deviations of the peers. With fewer than MIN_PEERS_FOR_SPREAD peers there
+    robust standard deviations of the peers — or EXTREME_RATIO times worse than the median
+    whatever the spread (on a loaded machine healthy bandwidths spread so widely that
+    ``mad_k`` deviations exceed the median itself, and no bandwidth, not even a link 100x
+    slower, would otherwise count). With fewer than MIN_PEERS_FOR_SPREAD peers there
     is no spread to measure, so the factor doubles instead of the spread test. No peers → None.
     """
     if not peers.count or not peers.median > 0:
@@ -193,7 +197,7 @@ def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule
     else:
         ratio = value / peers.median
         beyond_spread = value > peers.median + margin
-    if ratio >= factor and beyond_spread:
+    if ratio >= factor and (beyond_spread or ratio >= EXTREME_RATIO):
         return Deviation(value, peers.median, peers.spread, ratio)
     return None
 
