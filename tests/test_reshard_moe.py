@@ -32,8 +32,10 @@ def moe_model(grouped: bool) -> ModelSpec:
 
 
 def moe_layout(tensor: int, ep: int, etp: int, ranks=None) -> ParallelLayout:
+    """Megatron-Core's expert mesh (order tp-ep-dp-pp) with ep / expert TP given directly."""
     size = len(ranks) if ranks is not None else WORLD
-    return ParallelLayout.create(Topology.create(size, tensor, 1), ranks, expert_parallel=ep, expert_tensor=etp)
+    return ParallelLayout.create(Topology.create(size, tensor, 1, order="tp-ep-dp-pp"), ranks,
+                                 expert_parallel=ep, expert_tensor=etp)
 
 
 def full_tensors(model: ModelSpec) -> Dict[str, torch.Tensor]:
@@ -162,8 +164,8 @@ def test_expert_relayouts_are_bit_exact_minimal_and_compute_the_moe_layer(groupe
 
 
 def test_expert_sizes_must_divide_a_stage():
-    with pytest.raises(ConfigError, match=r"expert_tensor\(2\) \* expert_parallel\(3\) = 6 does not divide the "
-                                          r"ranks of a pipeline stage: tensor\(2\) \* data\(4\) = 8"):
+    with pytest.raises(ConfigError, match=r"parallel.expert: tensor\(2\)\*data\(4\)=8 ranks per stage are not "
+                                          r"divisible by expert_tensor\(2\)\*expert\(3\)"):
         moe_layout(2, 3, 2)
 
 

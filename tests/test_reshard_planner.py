@@ -553,3 +553,46 @@ def test_cli_reshard_plan_one_rank_share_matches_the_whole_plan(capsys):
     assert "rank 5's share" in out and f"plan hash {whole['plan_hash']}" in out
     assert main(args + ["--rank", "16"]) == 2
     assert "--rank 16 is outside the job's ranks 0..15" in capsys.readouterr().err
+
+
+# ---- the whole plan is every rank's share ------------------------------------------------------------------
+def _union_cases():
+    dense = llama_like(hidden=16, layers=3, heads=4, kv_heads=2, ffn=12, vocab=40, dtype="bfloat16",
+                       tied_embeddings=True)
+    moe = llama_like(hidden=8, layers=2, heads=4, kv_heads=2, ffn=8, vocab=20, dtype="float32", experts=4,
+                     expert_ffn=4, shared_ffn=4, grouped_experts=False)
+    hosts = [f"h{r // 4}" for r in range(16)]
+    yield "dense tp4pp2 -> tp2 disjoint, hosts", layout(4, 2), layout(2, 1, 4, ranks=range(8, 16)), dense, hosts
+    yield "dense pp3 -> tp3 colocated, no hosts", layout(1, 3, 4), layout(3, 1, 4), dense, None
+    yield ("moe ep2 cp2 -> ep4, padded vocab",
+           ParallelLayout.create(Topology.create(8, 2, 2, order="tp-cp-ep-dp-pp", context=2, expert=2, expert_tensor=1)),
+           ParallelLayout.create(Topology.create(8, 1, 1, order="tp-ep-dp-pp", expert=4), list(range(4, 12)),
+                                 vocab_multiple=8), moe, hosts)
+
+
+@pytest.mark.parametrize("case", list(_union_cases()), ids=lambda c: c[0])
+def test_whole_plan_is_the_union_of_every_ranks_share(case):
+    _, src, dst, model, hosts = case
+    plan = plan_reshard(src, dst, model, hosts)
+    network = [t for t in plan.transfers if not t.is_local]
+    sends, recvs, copies, fills = [], [], [], []
+    for rank in sorted(set(src.ranks) | set(dst.ranks)):
+        share = plan_share(src, dst, model, rank, hosts)
+        assert share.digest() == plan.digest()
+        report = next((r for r in plan.receivers if r.rank == rank), None)
+        assert share.report == report, f"rank {rank}"
+        sends += share.sends
+        recvs += share.recvs
+        copies += share.copies
+        fills += share.fills
+    order = {spec.name: i for i, spec in enumerate(model.tensors)}
+
+    def key(t):
+        return (t.step, t.src, t.dst, order[t.tensor], t.global_box)
+
+    # senders work out their sends by inverting the rule; receivers by applying it: both are the plan
+    assert sorted(sends, key=key) == network == sorted(recvs, key=key)
+    assert copies == [t for t in plan.transfers if t.is_local]
+    assert fills == list(plan.fills) and (fills or "padded" not in case[0])
+    assert plan.num_steps == max(t.step for t in network) + 1
+    assert plan.sender_bytes == {r: sum(t.nbytes for t in sends if t.src == r) for r in src.ranks}

@@ -10,15 +10,23 @@ layer counts), ``"balanced"`` (balanced parameter bytes, counting embedding on t
 stage and head on the last), an explicit tuple of layer counts per stage, or any callable
 ``policy(num_stages, embedding_bytes, head_bytes, layer_bytes) -> layer counts``.
 
+Where tensors live comes from the topology's meshes, the very ones pgroups builds its groups
+from: dense tensors by the dense mesh (TP shard = ``tp``; every ``dp`` and ``cp`` rank of a stage
+holds a full copy of its TP shard — context parallelism splits activations, not weights), routed
+experts by the expert mesh (``etp`` · ``ep`` · ``edp`` · ``pp``, Megatron-Core's or InternEvo's
+``expert_layout``): expert TP shard = ``etp``, experts owned = ``ep``, copies over ``edp``. So the
+ranks holding expert e's shard k are exactly a group of the context's ``expert_data`` mode, and
+each ``expert_tensor`` / ``expert`` group holds the shards / the experts of one copy. Expert
+tensors of a topology without expert parallelism (ep 1, expert TP = TP) go by the dense mesh.
+
 YAML: a pgroups config, with an optional ``placement:`` section::
 
-    parallel: {tensor: 2, pipeline: 2}
+    parallel: {tensor: 2, pipeline: 2, expert: 4, expert_tensor: 1, order: tp-cp-ep-dp-pp}
     placement:
       ranks: 4-7            # "0-3,8-11", a list [4, 5, 6, 7], or left out: ranks 0..size-1
       stages: balanced      # even (default) | balanced | [layers per stage]
-      expert_parallel: 4    # EP of routed-expert tensors (default 1)
-      expert_tensor: 1      # expert TP (default 1); EP x expert TP divides tensor x data
       vocab_multiple: 128   # pad vocabularies as Megatron (default: unpadded, as HF / vLLM)
+      # expert_parallel / expert_tensor: the same as parallel.expert / parallel.expert_tensor
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ StagePolicy = Callable[[int, int, int, Sequence[int]], Sequence[int]]
 Stages = Union[str, Tuple[int, ...], StagePolicy]
 
 _PLACEMENT_KEYS = ("ranks", "stages", "expert_parallel", "expert_tensor", "vocab_multiple")
+#: placement keys that are another name of a ``parallel:`` key
+_PLACEMENT_ALIASES = {"expert_parallel": "expert", "expert_tensor": "expert_tensor"}
 
 
 # ---- stage policies (pure) -----------------------------------------------------------------------
@@ -85,6 +95,22 @@ STAGE_POLICIES: Mapping[str, StagePolicy] = {"even": even_stages, "balanced": ba
 
 
 # ---- the layout ---------------------------------------------------------------------------------
+def with_experts(topology: Topology, expert: Optional[int] = None, expert_tensor: Optional[int] = None,
+                 expert_layout: Optional[str] = None, where: str = "") -> Topology:
+    """``topology`` with its expert sizes / expert layout replaced (None keeps the topology's):
+    the topology a config with those ``parallel:`` keys gives, validated as it would be (a
+    ConfigError prefixed with ``where`` otherwise)."""
+    t = topology
+    try:
+        return Topology.create(t.world_size, t.tensor, t.pipeline, t.data, t.zero1, t.nettest, "-".join(t.order),
+                               context=t.context, weight=t.weight, virtual_pipeline=t.virtual_pipeline,
+                               expert=t.expert if expert is None else expert,
+                               expert_tensor=t.expert_tensor if expert_tensor is None else expert_tensor,
+                               expert_layout=t.expert_layout if expert_layout is None else expert_layout)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+
 @attrs.frozen
 class ParallelLayout:
     """``topology`` placed on global ``ranks`` (layout rank i → ``ranks[i]``). Build with :meth:`create`."""
@@ -93,8 +119,6 @@ class ParallelLayout:
     ranks: Tuple[int, ...]
     stages: Stages = "even"
     name: str = ""
-    expert_parallel: int = 1
-    expert_tensor: int = 1
     vocab_multiple: Optional[int] = None
     _index: Dict[int, int] = attrs.field(init=False, eq=False, repr=False)
 
@@ -103,34 +127,36 @@ class ParallelLayout:
 
     @classmethod
     def create(cls, topology: Topology, ranks: Optional[Sequence[int]] = None, stages: Stages = "even",
-               name: str = "", expert_parallel: int = 1, expert_tensor: int = 1,
-               vocab_multiple: Optional[int] = None) -> "ParallelLayout":
-        """Validate and build. ``ranks`` default to ``0..topology.world_size-1``;
-        ``expert_parallel`` (EP) and ``expert_tensor`` (expert TP) place routed-expert tensors
-        (see :meth:`mesh_coordinates`); ``vocab_multiple`` pads vocabulary tensors as Megatron's
-        ``make_vocab_size_divisible_by`` does (None: unpadded, as HF / vLLM checkpoints).
+               name: str = "", expert_parallel: Optional[int] = None, expert_tensor: Optional[int] = None,
+               vocab_multiple: Optional[int] = None, expert_layout: Optional[str] = None) -> "ParallelLayout":
+        """Validate and build. ``ranks`` default to ``0..topology.world_size-1``. Routed experts
+        are placed by ``topology``'s expert mesh (see the module docstring), so
+        ``ParallelLayout.create(gpc.topology)`` places them as the context's expert groups are.
+        ``expert_parallel`` / ``expert_tensor`` / ``expert_layout``, when given, are a convenience:
+        the topology is rebuilt with ``expert`` / ``expert_tensor`` / ``expert_layout`` set so (the
+        mesh a config with those keys gives, under the same validation). ``vocab_multiple`` pads
+        vocabulary tensors as Megatron's ``make_vocab_size_divisible_by`` does (None: unpadded, as
+        HF / vLLM checkpoints).
 
         Raises ConfigError if the ranks are not distinct non-negative integers, one per layout
-        rank, ``stages`` is not a known policy / a tuple of counts / a callable, or EP x expert TP
-        does not divide the ranks of a pipeline stage.
+        rank, ``stages`` is not a known policy / a tuple of counts / a callable, or the expert
+        sizes do not fit the topology (the topology's own message: e.g. EP x expert TP must divide
+        the ranks of a pipeline stage; Megatron's expert mesh needs ``ep`` in the order).
         """
         where = f"{name}: " if name else ""
-        for key, value in (("expert_parallel", expert_parallel), ("expert_tensor", expert_tensor),
-                           ("vocab_multiple", 1 if vocab_multiple is None else vocab_multiple)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}{key} must be a positive integer, got {value!r}")
-        stage_ranks = topology.tensor * topology.data
-        if stage_ranks % (expert_parallel * expert_tensor):
-            raise ConfigError(f"{where}expert_tensor({expert_tensor}) * expert_parallel({expert_parallel}) = "
-                              f"{expert_tensor * expert_parallel} does not divide the ranks of a pipeline stage: "
-                              f"tensor({topology.tensor}) * data({topology.data}) = {stage_ranks}")
+        if vocab_multiple is not None and (isinstance(vocab_multiple, bool) or not isinstance(vocab_multiple, int)
+                                           or vocab_multiple < 1):
+            raise ConfigError(f"{where}vocab_multiple must be a positive integer, got {vocab_multiple!r}")
+        if (expert_parallel, expert_tensor, expert_layout) != (None, None, None):
+            topology = with_experts(topology, expert_parallel, expert_tensor, expert_layout, where)
         ranks = tuple(range(topology.world_size)) if ranks is None else tuple(ranks)
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
             raise ConfigError(f"{where}placement ranks must be non-negative integers, got {list(ranks)}")
         if len(set(ranks)) != len(ranks):
             raise ConfigError(f"{where}placement ranks must be distinct, got {list(ranks)}")
         if len(ranks) != topology.world_size:
-            raise ConfigError(f"{where}placement has {len(ranks)} ranks but tensor({topology.tensor}) * "
+            context = f" * context({topology.context})" if topology.context > 1 else ""
+            raise ConfigError(f"{where}placement has {len(ranks)} ranks but tensor({topology.tensor}){context} * "
                               f"pipeline({topology.pipeline}) * data({topology.data}) = {topology.world_size}")
         if isinstance(stages, str):
             if stages not in STAGE_POLICIES:
@@ -146,19 +172,30 @@ class ParallelLayout:
         elif not callable(stages):
             raise ConfigError(f"{where}stages must be a policy name, a list of layer counts or a callable, "
                               f"got {stages!r}")
-        return cls(topology, ranks, stages, name, expert_parallel, expert_tensor, vocab_multiple)
+        return cls(topology, ranks, stages, name, vocab_multiple)
 
     @classmethod
     def from_config(cls, config: Config, world_size: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
-                    stages: Stages = "even", name: str = "", expert_parallel: int = 1,
-                    expert_tensor: int = 1, vocab_multiple: Optional[int] = None) -> "ParallelLayout":
+                    stages: Stages = "even", name: str = "", expert_parallel: Optional[int] = None,
+                    expert_tensor: Optional[int] = None, vocab_multiple: Optional[int] = None) -> "ParallelLayout":
         """The layout of ``config.parallel`` on ``ranks`` (default: ranks 0..n-1 of a job of
-        ``world_size``; ``data`` is derived from the number of ranks when the config leaves it out)."""
+        ``world_size``; ``data`` is derived from the number of ranks when the config leaves it out;
+        experts placed by the config's ``expert`` / ``expert_tensor`` / ``expert_layout``)."""
         size = len(ranks) if ranks is not None else world_size
         if size is None:
             raise ConfigError(f"{name or config.source or 'layout'}: give the world size or the placement ranks")
-        return cls.create(config.topology(size), ranks, stages, name or config.source or "", expert_parallel,
-                          expert_tensor, vocab_multiple)
+        return cls.create(config.topology(size), ranks, stages, name or config.source or "",
+                          expert_parallel, expert_tensor, vocab_multiple)
+
+    @property
+    def expert_parallel(self) -> int:
+        """EP size of routed-expert tensors (the topology's ``expert``)."""
+        return self.mesh_sizes(True)[1]
+
+    @property
+    def expert_tensor(self) -> int:
+        """Expert TP size (the topology's ``expert_tensor``; TP when expert parallelism is off)."""
+        return self.mesh_sizes(True)[0]
 
     # ---- ranks --------------------------------------------------------------------------------
     @property
@@ -172,51 +209,56 @@ class ParallelLayout:
         """The position of ``global_rank`` in this layout (KeyError if it is not placed here)."""
         return self._index[global_rank]
 
-    def global_rank(self, tp: int = 0, pp: int = 0, dp: int = 0) -> int:
-        """The global rank at layout coordinates (tp, pp, dp)."""
-        return self.ranks[self.topology.rank_at(tp, pp, dp)]
+    def global_rank(self, tp: int = 0, pp: int = 0, dp: int = 0, cp: int = 0) -> int:
+        """The global rank at layout coordinates (tp, pp, dp, cp)."""
+        return self.ranks[self.topology.rank_at(tp, pp, dp, cp)]
 
     def coordinates(self, global_rank: int) -> Optional[Dict[str, int]]:
-        """``{"tp", "pp", "dp"}`` of ``global_rank`` in this layout, or None if it is not placed here."""
+        """``{"tp", "pp", "dp"}`` (and ``"cp"`` when the order names it) of ``global_rank`` in this
+        layout, or None if it is not placed here."""
         index = self._index.get(global_rank)
         return None if index is None else self.topology.coordinates(index)
 
     def replicas(self, tp: int, pp: int) -> List[int]:
-        """Global ranks holding TP shard ``tp`` of stage ``pp``: the data-parallel group there."""
-        return [self.ranks[i] for i in self.topology.group_along(self.topology.rank_at(tp, pp, 0), ("dp",))]
+        """Global ranks holding TP shard ``tp`` of stage ``pp``: its data- and context-parallel group."""
+        return [self.ranks[i] for i in self.topology.group_along(self.topology.rank_at(tp, pp, 0), ("dp", "cp"))]
 
-    # ---- meshes: dense (tp, dp) and expert (etp, ep, edp) within each stage -----------------------
+    # ---- meshes: where dense and expert tensors live ---------------------------------------------
+    def _experts_on_expert_mesh(self, expert: bool) -> bool:
+        return expert and self.topology.expert_enabled
+
     def mesh_sizes(self, expert: bool = False) -> Tuple[int, int, int]:
-        """``(tp size, ep size, replicas)`` of a stage: dense ``(tensor, 1, data)``; expert
-        ``(expert_tensor, expert_parallel, tensor * data / (expert_tensor * expert_parallel))``."""
+        """``(tp size, ep size, copies)`` of a stage: dense ``(tensor, 1, data * context)``;
+        expert ``(expert_tensor, expert, expert_data)`` of the topology's expert mesh (the dense
+        sizes when expert parallelism is off)."""
         t = self.topology
-        if not expert:
-            return t.tensor, 1, t.data
-        return self.expert_tensor, self.expert_parallel, t.tensor * t.data // (self.expert_tensor * self.expert_parallel)
+        if self._experts_on_expert_mesh(expert):
+            return t.expert_tensor, t.expert, t.expert_data
+        return t.tensor, 1, t.data * t.context
 
     def mesh_coordinates(self, global_rank: int, expert: bool = False) -> Optional[Tuple[int, int, int, int]]:
-        """``(tp, ep, replica, pp)`` of ``global_rank`` (None if it is not placed here).
+        """``(tp, ep, copy, pp)`` of ``global_rank`` (None if it is not placed here).
 
-        Dense: ``(tp, 0, dp, pp)``. Expert: the stage's ranks, numbered ``i = tp + tensor * dp``,
-        re-factored with expert TP fastest, then EP, then expert DP (Megatron-Core's expert
-        order ``tp-ep-dp`` inside a stage): ``etp = i % etp_size``, ``ep = i // etp_size % ep_size``,
-        ``edp = i // (etp_size * ep_size)``.
+        Dense: ``(tp, 0, dp + data * cp, pp)`` from the dense mesh — data and context ranks hold
+        the same weights. Expert: ``(etp, ep, edp, pp)`` from the topology's expert mesh, the one
+        its ``expert`` / ``expert_tensor`` / ``expert_data`` groups come from.
         """
-        coords = self.coordinates(global_rank)
-        if coords is None:
+        index = self._index.get(global_rank)
+        if index is None:
             return None
-        if not expert:
-            return coords["tp"], 0, coords["dp"], coords["pp"]
-        i = coords["tp"] + self.topology.tensor * coords["dp"]
-        etp, ep = self.expert_tensor, self.expert_parallel
-        return i % etp, i // etp % ep, i // (etp * ep), coords["pp"]
+        t = self.topology
+        if self._experts_on_expert_mesh(expert):
+            c = t.expert_mesh.coordinates(index)
+            return c["etp"], c["ep"], c["edp"], c["pp"]
+        c = t.dense.coordinates(index)
+        return c["tp"], 0, c["dp"] + t.data * c["cp"], c["pp"]
 
     def mesh_rank(self, tp: int, ep: int, replica: int, pp: int, expert: bool = False) -> int:
         """The global rank at mesh coordinates (the inverse of :meth:`mesh_coordinates`)."""
-        if not expert:
-            return self.global_rank(tp, pp, replica)
-        i = tp + self.expert_tensor * (ep + self.expert_parallel * replica)
-        return self.global_rank(i % self.topology.tensor, pp, i // self.topology.tensor)
+        t = self.topology
+        if self._experts_on_expert_mesh(expert):
+            return self.ranks[t.expert_mesh.rank_at({"etp": tp, "ep": ep, "edp": replica, "pp": pp})]
+        return self.ranks[t.dense.rank_at({"tp": tp, "pp": pp, "dp": replica % t.data, "cp": replica // t.data})]
 
     # ---- pipeline stages ------------------------------------------------------------------------
     def layer_counts(self, model: ModelSpec) -> Tuple[int, ...]:
@@ -251,11 +293,12 @@ class ParallelLayout:
     def describe(self) -> str:
         t = self.topology
         stages = self.stages if isinstance(self.stages, (str, tuple)) else getattr(self.stages, "__name__", "custom")
-        experts = (f", experts: etp {self.expert_tensor} x ep {self.expert_parallel}"
-                   if (self.expert_tensor, self.expert_parallel) != (1, 1) else "")
+        experts = (f", experts: etp {t.expert_tensor} x ep {t.expert} x edp {t.expert_data} "
+                   f"({t.expert_layout} layout)" if t.expert_enabled else "")
         if self.vocab_multiple:
             experts += f", vocab padded to a multiple of {self.vocab_multiple} x tensor"
-        return (f"tensor {t.tensor} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
+        context = f" x context {t.context}" if t.context > 1 else ""
+        return (f"tensor {t.tensor}{context} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
                 f"on ranks {format_ranks(self.ranks)}, stages {stages}{experts}")
 
 
@@ -375,6 +418,15 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
         if key not in _PLACEMENT_KEYS:
             raise ConfigError(f"{where}placement.{key}: unknown key{did_you_mean(str(key), _PLACEMENT_KEYS)}; "
                               f"allowed: {allowed(_PLACEMENT_KEYS)}")
+    for key, parallel_key in _PLACEMENT_ALIASES.items():
+        if key in placement:
+            parallel = data.get("parallel")
+            parallel = dict(parallel) if isinstance(parallel, Mapping) else {}
+            if parallel_key in parallel and parallel[parallel_key] != placement[key]:
+                raise ConfigError(f"{where}placement.{key}({placement[key]!r}) contradicts parallel.{parallel_key}"
+                                  f"({parallel[parallel_key]!r}); give it once, in parallel:")
+            parallel[parallel_key] = placement[key]
+            data["parallel"] = parallel
     config = config_from_dict(data, source)
     ranks = parse_ranks(placement["ranks"], where) if "ranks" in placement else None
     if ranks is not None:
@@ -385,5 +437,4 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
     if isinstance(stages, list):
         stages = tuple(stages)
     return ParallelLayout.from_config(config, world_size, ranks, stages, source,
-                                      placement.get("expert_parallel", 1), placement.get("expert_tensor", 1),
-                                      placement.get("vocab_multiple"))
+                                      vocab_multiple=placement.get("vocab_multiple"))

@@ -16,7 +16,8 @@ Who sends a unit is a deterministic rule that both ends evaluate alone:
    work round-robin, and a sender finds its own receivers by inverting the rule
    (``p ≡ its index``), without looking at the rest of the world.
 One rank's share (:func:`plan_share`) therefore costs O(its transfers + tensors × shards it
-overlaps); the whole plan (:func:`plan_reshard`) is the union of every destination's share.
+overlaps); the whole plan (:func:`plan_reshard`) is the union of every destination's share, each
+rank's regions and senders worked out once per tensor kind (O(total transfers)).
 
 Network transfers are grouped into *steps*: the pair (sender ``s``, receiver ``d``) talks in step
 ``(s + d) mod W`` (``W`` = the largest rank + 1). In step ``c`` a rank ``r`` exchanges with one
@@ -35,7 +36,9 @@ Pure: no processes; identical inputs give an identical plan on every rank.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
+import gc
 import hashlib
 import math
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -49,7 +52,7 @@ from .spec import Block, LayerRef, ModelSpec, Piece, TensorSpec
 Box = Tuple[Tuple[int, int], ...]   # per dim (start, stop)
 
 #: bumped whenever the rule that turns inputs into a plan changes (it is part of the digest)
-PLAN_RULE_VERSION = "pgroups-reshard-plan/2"
+PLAN_RULE_VERSION = "pgroups-reshard-plan/3"
 
 
 @attrs.frozen
@@ -404,6 +407,9 @@ class _Rule:
         self._coords: Dict[Tuple[bool, int, bool], Optional[Tuple[int, int, int, int]]] = {}
         self._senders: Dict[Any, int] = {}
         self._bytes: Dict[Any, int] = {}
+        self._kinds: Dict[str, int] = {}
+        self._held_specs: Dict[Tuple[bool, int, int, int], List[Tuple[TensorSpec, bool, int, int]]] = {}
+        self._kind_ids: Dict[Tuple, int] = {}
         _check_computable(src, dst, model)
 
     # ---- what a dst shard needs
@@ -531,34 +537,82 @@ class _Rule:
     def sort_key(self, t: Transfer) -> Tuple:
         return (t.step, t.src, t.dst, self.order[t.tensor], t.global_box)
 
+    def kind(self, spec: TensorSpec) -> int:
+        """A number for what a tensor's transfers depend on besides its name: geometry, dtype,
+        experts and the stages holding it on each side. Tensors of one kind (every layer's q/k/v
+        of a stage, say) get the same transfers, so a rank works them out once per kind."""
+        found = self._kinds.get(spec.name)
+        if found is None:
+            key = (spec.shape, spec.dtype, spec.tp_dim, spec.blocks, spec.experts, spec.vocab,
+                   self.stages(True, spec), self.stages(False, spec))
+            found = self._kinds[spec.name] = self._kind_ids.setdefault(key, len(self._kind_ids))
+        return found
+
     def receive(self, rank: int) -> Tuple[List[Transfer], List[Transfer], int, List[ZeroFill]]:
-        """``(network receives, local copies, needed bytes, zero fills)`` of destination ``rank``."""
-        recvs: List[Transfer] = []
+        """``(network receives, local copies, needed bytes, zero fills)`` of destination ``rank``;
+        receives in plan order (:meth:`sort_key`), copies in model order."""
+        by_sender, copies, needed, fills = self.receive_by_sender(rank)
+        return [t for run in by_sender.values() for t in run], copies, needed, fills
+
+    def receive_by_sender(self, rank: int) -> Tuple[Dict[int, List[Transfer]], List[Transfer], int, List[ZeroFill]]:
+        """Like :meth:`receive`, with the receives as ``{sender: its transfers}`` in step order.
+
+        The regions and senders are worked out once per tensor :meth:`kind` and shard, sorted by
+        position; tensors are visited in model order, so each sender's run (and the copies) come
+        out in plan order without sorting the transfers."""
+        by_sender: Dict[int, List[Transfer]] = {}
         copies: List[Transfer] = []
         fills: List[ZeroFill] = []
         needed = 0
+        by_kind: Dict[Tuple[int, int, int], Tuple[List[Tuple], int, Optional[Tuple[Box, int]]]] = {}
         for spec, tp, _, ep, _ in self._held(self.dst, self.dst_stage, rank):
-            real, padded = self._shard_bytes(spec, self.dst, tp, ep)
+            key = (self.kind(spec), tp, ep)
+            found = by_kind.get(key)
+            if found is None:
+                found = by_kind[key] = self._receive_regions(rank, spec, tp, ep)
+            regions, real, fill = found
             needed += real
-            if padded > real:
-                fills.append(self._fill(spec, rank, tp, ep, real, padded))
-            for need in self.needs(spec, tp, ep):
-                mine = self.holds(rank, spec, need)
-                if mine is not None:
-                    copy = self.transfer(spec, rank, rank, need, mine)
-                    if copy.nbytes:
-                        copies.append(copy)
-                    continue
+            if fill is not None:
+                fills.append(ZeroFill(spec.name, rank, spec.axis, fill[0], fill[1]))
+            name, axis = spec.name, spec.axis
+            for sender, glob, at_src, at_dst, nbytes, step in regions:
+                transfer = Transfer(name, sender, rank, axis, glob, at_src, at_dst, nbytes, step)
+                if step < 0:
+                    copies.append(transfer)
+                else:
+                    run = by_sender.get(sender)
+                    if run is None:
+                        run = by_sender[sender] = []
+                    run.append(transfer)
+        world = self.world
+        ordered = {s: by_sender[s] for s in sorted(by_sender, key=lambda s: (s + rank) % world)}
+        return ordered, copies, needed, fills
+
+    def _receive_regions(self, rank: int, spec: TensorSpec, tp: int,
+                         ep: int) -> Tuple[List[Tuple], int, Optional[Tuple[Box, int]]]:
+        """``([(sender, global box, src box, dst box, bytes, step)], real bytes, padding fill)`` of
+        ``rank``'s shard (tp, ep) of a tensor like ``spec``; the sender is ``rank`` for local copies."""
+        regions: List[Tuple] = []
+        real, padded = self._shard_bytes(spec, self.dst, tp, ep)
+        fill = None
+        if padded > real:
+            zero = self._fill(spec, rank, tp, ep, real, padded)
+            fill = (zero.dst_box, zero.nbytes)
+        for need in self.needs(spec, tp, ep):
+            sender = rank
+            at_sender = self.holds(rank, spec, need)
+            if at_sender is None:
                 holders = tuple((tp_s, need.src_ep) for tp_s, _ in need.unit.holders)
                 sender = self.sender(rank, holders, spec)
                 at_sender = self.holds(sender, spec, need)
                 if at_sender is None:
                     raise ReshardError(f"tensor {spec.name!r}: the rule chose rank {sender} to send to rank {rank}, "
                                        "but it does not hold the region (a planner invariant is broken)")
-                transfer = self.transfer(spec, sender, rank, need, at_sender)
-                if transfer.nbytes:
-                    recvs.append(transfer)
-        return recvs, copies, needed, fills
+            t = self.transfer(spec, sender, rank, need, at_sender)
+            if t.nbytes:
+                regions.append((sender, t.global_box, t.src_box, t.dst_box, t.nbytes, t.step))
+        regions.sort(key=lambda region: region[1])
+        return regions, real, fill
 
     def _fill(self, spec: TensorSpec, rank: int, tp: int, ep: int, real: int, padded: int) -> ZeroFill:
         """The padding rows of a vocabulary shard: after its real rows, to the padded length."""
@@ -626,15 +680,26 @@ class _Rule:
 
     def _held(self, layout: ParallelLayout, stages: Mapping[LayerRef, int],
               rank: int) -> Iterator[Tuple[TensorSpec, int, int, int, int]]:
-        """Like :func:`.layout.held_tensors`, with the stage map computed once."""
+        """Like :func:`.layout.held_tensors`, with the stage map computed once and the tensors of
+        a (stage, EP rank) listed once for all its ranks."""
         if rank not in layout:
             return
-        mesh = {expert: self.coords(layout is self.src, rank, expert) for expert in (False, True)}
-        for spec in self.model.tensors:
-            tp, ep, _, pp = mesh[spec.is_expert]
-            tp_size, ep_size, _ = layout.mesh_sizes(spec.is_expert)
-            if pp in layer_stages(stages, spec.layer) and spec.held_by(ep_size, ep):
-                yield spec, tp, tp_size, ep, ep_size
+        source = layout is self.src
+        dense, expert = self.coords(source, rank, False), self.coords(source, rank, True)
+        key = (source, dense[3], expert[3], expert[1])
+        specs = self._held_specs.get(key)
+        if specs is None:
+            specs = self._held_specs[key] = []
+            sizes = {e: layout.mesh_sizes(e) for e in (False, True)}
+            for spec in self.model.tensors:
+                is_expert = spec.is_expert
+                tp_size, ep_size, _ = sizes[is_expert]
+                coords = expert if is_expert else dense
+                if coords[3] in layer_stages(stages, spec.layer) and spec.held_by(ep_size, coords[1]):
+                    specs.append((spec, is_expert, tp_size, ep_size))
+        for spec, is_expert, tp_size, ep_size in specs:
+            coords = expert if is_expert else dense
+            yield spec, coords[0], tp_size, coords[1], ep_size
 
     def _shard_bytes(self, spec: TensorSpec, layout: ParallelLayout, tp: int, ep: int) -> Tuple[int, int]:
         """``(real bytes, bytes with padding)`` of a shard (equal unless a vocabulary is padded)."""
@@ -688,30 +753,56 @@ def plan_share(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec, rank:
 def plan_reshard(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,
                  hosts: Optional[Sequence[str]] = None) -> Plan:
     """Plan moving every tensor of ``model`` from layout ``src`` to layout ``dst`` (the union of
-    every destination rank's share).
+    every rank's :func:`plan_share`), in O(total transfers): each destination's regions and
+    senders are worked out once per tensor kind, then emitted for every tensor of that kind.
 
     ``hosts[r]`` is global rank r's host name (from the launch: ``gpc.get_hostnames()``);
     None means unknown (no same-host preference). Raises ConfigError if a layout's stage policy
     does not fit the model, or ``hosts`` does not cover every rank of both layouts; ReshardError
     if a layout's shards cannot compute (a TP size above a tensor's query heads).
     """
-    rule = _Rule(src, dst, model, hosts)
-    network: List[Transfer] = []
+    with _gc_paused():
+        return _whole_plan(_Rule(src, dst, model, hosts), hosts)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a plan's millions of acyclic objects are built: every
+    collection would walk all of them again (half the time of a whole plan at world 1024)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _whole_plan(rule: "_Rule", hosts: Optional[Sequence[str]]) -> Plan:
+    """Every destination's receives (each rank's regions shared per tensor kind), in plan order."""
+    src, dst, model = rule.src, rule.dst, rule.model
     copies: List[Transfer] = []
     reports = []
     fills: List[ZeroFill] = []
-    for rank in sorted(dst.ranks):
-        recvs, mine, needed, padding = rule.receive(rank)
-        fills += padding
-        mine.sort(key=lambda t: (rule.order[t.tensor], t.global_box))
-        network += recvs
-        copies += mine
-        reports.append(_report(rank, needed, recvs, mine))
-    network.sort(key=rule.sort_key)
+    # A receiver's network transfers come in runs of one sender each (the pair's step is fixed);
+    # ordering the runs by (step, src, dst) orders the whole plan without sorting every transfer.
+    runs: List[Tuple[Tuple[int, int, int], List[Transfer]]] = []
     sender_bytes = {r: 0 for r in sorted(src.ranks)}
-    for t in network:
-        sender_bytes[t.src] += t.nbytes
-    return Plan(src, dst, model, tuple(copies) + tuple(network), max((t.step for t in network), default=-1) + 1,
+    for rank in sorted(dst.ranks):
+        by_sender, mine, needed, padding = rule.receive_by_sender(rank)
+        fills += padding
+        copies += mine
+        received = 0
+        for sender, run in by_sender.items():
+            nbytes = sum(t.nbytes for t in run)
+            sender_bytes[sender] += nbytes
+            received += nbytes
+            runs.append(((run[0].step, sender, rank), run))
+        copied = sum(t.nbytes for t in mine)
+        reports.append(ReceiverReport(rank, needed, copied, received, copied, tuple(sorted(by_sender))))
+    runs.sort(key=lambda run: run[0])
+    network = [t for _, run in runs for t in run]
+    return Plan(src, dst, model, tuple(copies) + tuple(network), max((key[0] for key, _ in runs), default=-1) + 1,
                 tuple(reports), sender_bytes, tuple(hosts) if hosts is not None else None, tuple(fills))
 
 
@@ -724,8 +815,8 @@ def _report(rank: int, needed: int, recvs: Sequence[Transfer], copies: Sequence[
 # ---- the plan hash -------------------------------------------------------------------------------
 def _layout_key(layout: ParallelLayout, model: ModelSpec) -> Tuple:
     t = layout.topology
-    return (t.tensor, t.pipeline, t.data, tuple(t.order), layout.ranks, layout.layer_counts(model),
-            layout.expert_parallel, layout.expert_tensor, layout.vocab_multiple)
+    return (t.tensor, t.context, t.pipeline, t.data, tuple(t.order), layout.ranks, layout.layer_counts(model),
+            layout.mesh_sizes(True), t.expert_layout if t.expert_enabled else None, layout.vocab_multiple)
 
 
 def plan_digest(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,

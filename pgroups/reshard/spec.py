@@ -352,7 +352,7 @@ class TensorSpec:
             pad = list(shape)
             pad[self.tp_dim] -= rows
             parts.append(full.new_zeros(pad))
-        return torch.cat(parts, dim=self.tp_dim).contiguous()
+        return torch.cat(parts, dim=self.tp_dim).contiguous() if parts else full.new_zeros(shape)
 
 
 def _check_experts(experts: Experts, shape: Tuple[int, ...], tp_dim: Optional[int], at: str) -> None:
