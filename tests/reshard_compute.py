@@ -8,7 +8,7 @@ partial o_proj / down_proj outputs over the TP group, as Megatron's row-parallel
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,10 +21,12 @@ def region(tensor: torch.Tensor, box) -> torch.Tensor:
     return tensor
 
 
-def apply_plan(plan: Plan, full: Mapping[str, torch.Tensor]) -> Dict[int, Dict[str, torch.Tensor]]:
-    """Run ``plan`` in one process: source shards cut from ``full``, destination shards start as
-    NaN and receive exactly what the plan's transfers say. Returns ``{dst rank: shards}``."""
-    src = {r: cut_shards(plan.src, plan.model, r, full.__getitem__) for r in plan.src.ranks}
+def apply_plan(plan: Plan, full: Optional[Mapping[str, torch.Tensor]],
+               src: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None) -> Dict[int, Dict[str, torch.Tensor]]:
+    """Run ``plan`` in one process: source shards ``src`` (default: cut from ``full``), destination
+    shards start as NaN and receive exactly what the plan's transfers say. Returns ``{dst rank: shards}``."""
+    if src is None:
+        src = {r: cut_shards(plan.src, plan.model, r, full.__getitem__) for r in plan.src.ranks}
     dst = {r: empty_shards(plan.dst, plan.model, r, fill=float("nan")) for r in plan.dst.ranks}
     for t in plan.transfers:
         region(dst[t.dst][t.tensor], t.dst_box).copy_(region(src[t.src][t.tensor], t.src_box))

@@ -9,7 +9,7 @@ import torch
 
 from pgroups.errors import ConfigError
 from pgroups.reshard import cut_shards, llama_like, plan_reshard
-from pgroups.reshard.names import LLAMA, convert_shards, load_name_map
+from pgroups.reshard.names import LLAMA, convert_shards, fuse_shards, load_name_map, separate_model
 
 from reshard_compute import apply_plan, canonical, relative_error
 from test_reshard_functional import FFN, HEAD_DIM, HIDDEN, layout, one_layer, reference_layer, sharded_layer
@@ -70,3 +70,90 @@ def test_name_map_yaml_and_errors():
     with pytest.raises(ConfigError, match=r"tensor 'layers.0.attn.qkv.weight' has no sub-block role 'query'; "
                                           r"its roles: k, q, v"):
         convert_shards(shards, model, layout(1), 0, bad)
+
+
+# ---- separate → fused: an HF checkpoint (or a vLLM-style separate layout) into Megatron's layouts ------------
+def megatron_shards(w, heads: int, kv_heads: int, variant: str, tp_size: int) -> list:
+    """Megatron-Core's TP shards of the fused weights, from its rules (written here, not from
+    pgroups): linear_qkv is, per query group g, [g's query heads; k_g; v_g] ("interleaved"; vLLM's
+    QKVParallelLinear: per rank [its q; its k; its v], "fused"), split into ``tp_size`` equal
+    row chunks; fc1 of a gated MLP is, per rank, [its gate rows; its up rows]; linear_proj and fc2
+    split their input columns."""
+    hd = w["q"].shape[0] // heads
+    if variant == "interleaved":
+        q = w["q"].view(kv_heads, heads // kv_heads * hd, -1)
+        k, v = w["k"].view(kv_heads, hd, -1), w["v"].view(kv_heads, hd, -1)
+        qkv = torch.cat([q, k, v], dim=1).reshape(-1, w["q"].shape[1]).chunk(tp_size)
+    else:
+        qkv = [torch.cat(parts) for parts in zip(*(w[r].chunk(tp_size) for r in "qkv"))]
+    return [{"qkv": qkv[k], "gate_up": torch.cat([w["gate"].chunk(tp_size)[k], w["up"].chunk(tp_size)[k]]),
+             "o": w["o"].chunk(tp_size, 1)[k], "down": w["down"].chunk(tp_size, 1)[k]} for k in range(tp_size)]
+
+
+def vllm_separate_shards(full, tp_size: int) -> list:
+    """Separate q / k / v / gate / up shards of a TP layout as vLLM-style engines split them when TP
+    divides the KV heads: contiguous equal row chunks (o / down by columns, norms whole)."""
+    cols = {"o", "down"}
+    return [{n: (t if t.dim() == 1 else t.tensor_split(tp_size, 1 if n in cols else 0)[k]).contiguous()
+             for n, t in full.items()} for k in range(tp_size)]
+
+
+@pytest.mark.parametrize("variant", ["interleaved", "fused"])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3)])
+def test_separate_shards_fuse_into_megatrons_layouts_bit_exact_and_compute(variant, heads, kv_heads):
+    w = canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    model, _, names = one_layer(variant, heads, kv_heads, w)
+    _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
+    assert {t.name: t.shape for t in separate_model(model, SPLIT).tensors} == {
+        n: tuple(t.shape) for n, t in separate_full.items()}
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(6))
+    want = reference_layer(x, w, heads, kv_heads)
+    for src_tp in (1, kv_heads):          # an HF checkpoint (TP 1), a separate TP layout
+        src = layout(src_tp)
+        separate = vllm_separate_shards(separate_full, src_tp)
+        fused = {r: fuse_shards(separate[r], model, src, r, SPLIT) for r in src.ranks}
+        for dst_tp in range(1, heads + 1):
+            dst = layout(dst_tp, ranks=list(range(1, dst_tp + 1)))
+            plan = plan_reshard(src, dst, model)
+            assert plan.ratio == 1.0
+            shards = apply_plan(plan, None, fused)
+            case = f"{variant}: separate TP {src_tp} -> fused TP {dst_tp}"
+            if kv_heads % dst_tp == 0:    # Megatron's layouts exist: equal to them bit for bit
+                for k, expected in enumerate(megatron_shards(w, heads, kv_heads, variant, dst_tp)):
+                    got = shards[dst.global_rank(k)]
+                    assert all(torch.equal(got[n], t) for n, t in expected.items()), f"{case}: TP rank {k}"
+            got = sharded_layer(x, shards, model, names, dst, heads, kv_heads)
+            assert relative_error(got, want) < 1e-5, case
+
+
+def test_fusing_is_the_inverse_of_splitting_with_the_llama_map():
+    model = llama_like(hidden=32, layers=2, heads=8, kv_heads=2, ffn=24, vocab=40, dtype="float32", experts=0)
+    full = {t.name: torch.randn(t.shape) for t in model.tensors}
+    for tp in (1, 3, 4):
+        lay = layout(tp, 2)
+        for r in lay.ranks:
+            shards = cut_shards(lay, model, r, full.__getitem__)
+            hf = convert_shards(shards, model, lay, r, LLAMA)
+            assert "model.layers.0.self_attn.k_proj.weight" in hf or "lm_head.weight" in hf
+            back = fuse_shards(hf, model, lay, r, LLAMA)
+            assert back.keys() == shards.keys() and all(torch.equal(back[n], t) for n, t in shards.items())
+
+
+def test_fuse_errors_name_the_tensor():
+    model = llama_like(hidden=8, layers=1, heads=2, kv_heads=1, ffn=4, vocab=6, dtype="float32")
+    sep = separate_model(model, LLAMA)
+    full = {t.name: torch.zeros(t.shape) for t in sep.tensors}
+    lay = layout(2)
+    shards = cut_shards(lay, sep, 0, full.__getitem__)
+    del shards["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(ConfigError, match=r"rank 0: tensor 'model.layers.0.mlp.up_proj.weight' \(part of "
+                                          r"'layers.0.mlp.gate_up.weight' under name map 'llama'\) is not among"):
+        fuse_shards(shards, model, lay, 0, LLAMA)
+    whole = dict(full)                      # unsharded tensors given to TP rank 0 of 2
+    with pytest.raises(ConfigError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' has 8 rows on dim 0, "
+                                          r"but its part of 'layers.0.attn.qkv.weight' on this rank \(TP rank 0 of 2\) "
+                                          r"has 4"):
+        fuse_shards(whole, model, lay, 0, LLAMA)
+    partial = load_name_map({"tensors": {"layers.{layer}.attn.qkv.weight": {"q": "q", "k": "k"}}})
+    with pytest.raises(ConfigError, match=r"has sub-block roles k, q, v but the map names k, q; to fuse, name every"):
+        separate_model(model, partial)

@@ -19,7 +19,14 @@ name keep their names. From YAML::
       "layers.{layer}.attn.qkv.weight":
         {q: "model.layers.{layer}.self_attn.q_proj.weight", k: ..., v: ...}
 
-Converting back (separate → fused, e.g. loading an HF checkpoint into Megatron) is not done here.
+The reverse — separate → fused, e.g. loading a Hugging Face checkpoint (or a vLLM-style layout
+with separate q / k / v and gate / up) into Megatron's fused layouts — is local too, on the
+*source* side, before the reshard: :func:`fuse_shards` builds each source rank's fused shards
+(interleaved per query group, ``[Q;K;V]``, fused gate/up: whatever ``model`` says) from the
+separate ones it holds, one copy of its own rows, and the reshard then moves fused shards between
+the two layouts at the lower bound. :func:`separate_model` is the separate-named model (its
+shapes and splits) the source shards must follow. The conversion is not planned inside the
+transfer: it costs each source rank one local copy of its fused tensors' rows.
 """
 from __future__ import annotations
 
@@ -153,4 +160,84 @@ def convert_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout:
                 raise ConfigError(f"name map {names.name!r}: tensor {spec.name!r} has no sub-block role {role!r}; "
                                   f"its roles: {', '.join(sorted(known))}")
             result[name] = roles.get(role, shards[spec.name].narrow(spec.tp_dim, 0, 0))
+    return result
+
+
+def _roles(spec: TensorSpec, target: Mapping[str, str], names: NameMap) -> Dict[str, List[Block]]:
+    """``{role: its sub-blocks in block order}`` of a fused tensor, checked against ``target``."""
+    roles: Dict[str, List[Block]] = {}
+    for block in spec.blocks:
+        roles.setdefault(block_role(block), []).append(block)
+    if set(target) != set(roles):
+        raise ConfigError(f"name map {names.name!r}: tensor {spec.name!r} has sub-block roles "
+                          f"{', '.join(sorted(roles))} but the map names {', '.join(sorted(target))}; "
+                          "to fuse, name every role")
+    return roles
+
+
+def separate_model(model: ModelSpec, names: NameMap) -> ModelSpec:
+    """The model under ``names``, fused tensors split by role: one tensor per role, its rows the
+    role's sub-blocks in block order (separate q / k / v in head order, gate and up), split over
+    TP by the same rule — so a rank's separate shards hold exactly the rows of its fused shard.
+    This is the layout a Hugging Face checkpoint (TP 1) or a vLLM-style separate layout has.
+    Raises ConfigError if a map names only some roles of a fused tensor."""
+    specs: List[TensorSpec] = []
+    for spec in model.tensors:
+        target = names.target(spec.name)
+        if isinstance(target, str):
+            specs.append(attrs.evolve(spec, name=target))
+            continue
+        for role, blocks in _roles(spec, target, names).items():
+            shape = list(spec.shape)
+            shape[spec.tp_dim] = sum(b.size for b in blocks)
+            specs.append(TensorSpec.create(target[role], shape, spec.dtype, spec.tp_dim, spec.layer, blocks,
+                                           experts=spec.experts))
+    return ModelSpec.create(specs, model.num_layers, f"{model.name} ({names.name} names)")
+
+
+def fuse_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout: ParallelLayout, rank: int,
+                names: NameMap) -> Dict[str, torch.Tensor]:
+    """``rank``'s shards of ``model`` (names and fused layouts) on ``layout``, built from its
+    shards of the separate model (:func:`separate_model`: the names of ``names``): each fused
+    shard is its roles' rows in sub-block order (a new tensor); other tensors are passed through
+    renamed. The inverse of :func:`convert_shards`.
+
+    Raises ConfigError naming the tensor when a separate shard is missing, or does not have the
+    rows this rank's fused shard takes from it (a shard of another layout or TP rank)."""
+    result: Dict[str, torch.Tensor] = {}
+
+    def get(name: str, fused: str) -> torch.Tensor:
+        if name not in shards:
+            raise ConfigError(f"rank {rank}: tensor {name!r} (part of {fused!r} under name map {names.name!r}) "
+                              "is not among the shards given")
+        return shards[name]
+
+    for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, rank):
+        target = names.target(spec.name)
+        if isinstance(target, str):
+            result[spec.name] = get(target, spec.name)
+            continue
+        _roles(spec, target, names)
+        axis, used, parts = spec.tp_dim, {role: 0 for role in target}, []
+        for block in spec.blocks:
+            start, stop = block.share(tp_size, tp)
+            if stop > start:
+                role = block_role(block)
+                source = get(target[role], spec.name)
+                if used[role] + stop - start > source.shape[axis]:
+                    used[role] += stop - start
+                    break
+                parts.append(source.narrow(axis, used[role], stop - start))
+                used[role] += stop - start
+        for role, rows in used.items():
+            have = get(target[role], spec.name).shape[axis]
+            if rows != have:
+                raise ConfigError(f"rank {rank}: tensor {target[role]!r} has {have} rows on dim {axis}, but its "
+                                  f"part of {spec.name!r} on this rank (TP rank {tp} of {tp_size}) has {rows}; "
+                                  "give this rank's shard of the separate model (see separate_model)")
+        if parts:
+            result[spec.name] = torch.cat(parts, axis)
+        else:
+            shape = list(spec.local_shape(tp_size, tp, ep_size, ep))
+            result[spec.name] = get(next(iter(target.values())), spec.name).new_empty(shape)
     return result
