@@ -596,3 +596,65 @@ def test_whole_plan_is_the_union_of_every_ranks_share(case):
     assert fills == list(plan.fills) and (fills or "padded" not in case[0])
     assert plan.num_steps == max(t.step for t in network) + 1
     assert plan.sender_bytes == {r: sum(t.nbytes for t in sends if t.src == r) for r in src.ranks}
+
+
+# ---- reshard-plan on MoE, padded, converted and fused-conversion models ------------------------------------
+MOE_SPEC = ("name: tiny-moe\nsynthetic: {hidden: 16, layers: 2, heads: 4, kv_heads: 2, ffn: 32, vocab: 1000, "
+            "experts: 8, expert_ffn: 8, shared_ffn: 16, tied_embeddings: true}\n")
+MOE_TRAIN = ("parallel: {tensor: 2, pipeline: 2, expert: 4, expert_tensor: 1, order: tp-cp-ep-dp-pp}\n"
+             "placement: {vocab_multiple: 128}\n")
+MOE_INFER = "parallel: {tensor: 4, expert: 8, expert_tensor: 1, order: tp-ep-dp-pp}\n"
+
+
+def test_cli_reshard_plan_reports_experts_padding_dtypes_and_fusing(capsys, tmp_path):
+    for name, text in (("model.yaml", MOE_SPEC), ("train.yaml", MOE_TRAIN), ("infer.yaml", MOE_INFER)):
+        (tmp_path / name).write_text(text)
+    args = ["reshard-plan", str(tmp_path / "train.yaml"), str(tmp_path / "infer.yaml"), "-n", "16",
+            "--model", str(tmp_path / "model.yaml"), "--dst-dtype", "fp8", "--src-names", "llama"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "routed experts: 8 per MoE layer" in out and "experts per EP rank: 2" in out
+    assert "src 1024 rows (padded to a multiple of 128 x TP: 24 padding rows)" in out     # ceil(1000/256)*256
+    assert "destination float8_e4m3fn" in out and "on the wire in the destination dtypes" in out
+    assert "fused locally on each source rank before the transfer" in out and "plan hash" in out and "steps" in out
+    assert main(args + ["--json", "--transfers"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # experts each destination rank owns: its position in its expert group (Megatron: 8 / ep 8 = one each)
+    topology = Topology.create(16, 4, 1, order="tp-ep-dp-pp", expert=8, expert_tensor=1)
+    position = {r: g.index(r) for g in topology.groups("expert") for r in g}
+    assert all(row["experts"] == [position[row["rank"]], position[row["rank"]] + 1] for row in data["receivers"])
+    # bytes on the wire: fp8 values (4-byte aligned) + one float32 scale per row of the split axis (and
+    # per expert of a grouped weight) for >= 2-D tensors; bf16 for 1-D ones
+    model = load_model_spec(str(tmp_path / "model.yaml"))
+    wire: Counter = Counter()
+    for t in data["transfers"]:
+        if t["src"] == t["dst"]:
+            continue
+        spec = model[t["tensor"]]
+        shape = [b - a for a, b in t["src_local"]]
+        if len(spec.shape) < 2:
+            wire[t["dst"]] += math.prod(shape) * 2
+            continue
+        scaled = {spec.axis} | ({spec.experts.dim} if spec.experts is not None and spec.experts.dim is not None
+                                else set())
+        wire[t["dst"]] += -(-math.prod(shape) // 4) * 4 + 4 * math.prod(shape[d] for d in scaled)
+    assert {r["rank"]: r["wire_received"] for r in data["receivers"]} == {r: wire[r] for r in range(16)}
+    assert data["wire_received_bytes"] < data["received_bytes"] and data["names"]["src"]["fused"] == 2   # qkv of 2 layers
+    assert data["vocab_padding"]["src"]["padding_rows"] == 24 and data["vocab_padding"]["dst"]["padding_rows"] == 0
+    assert main(args + ["--rank", "3"]) == 0
+    assert "this rank owns 6-7 in the source, 3 in the destination" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dst-dtype", "fp9"], r"--dst-dtype 'fp9' is not known; allowed: .*'fp8'"),
+    (["--src-names", "missing.yaml"], r"missing.yaml: cannot read name map"),
+    (["--dst-names", "{tensors: {'layers.{layer}.attn.qkv.weight': {q: q}}}"],
+     r"has sub-block roles k, q, v but the map names q; to fuse, name every role"),
+])
+def test_cli_reshard_plan_bad_conversion_options_exit_2_with_one_line(capsys, extra, message):
+    import re
+    args = ["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+            "--world-size", "16", "--model", "config_examples/reshard_model.yaml"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err

@@ -30,6 +30,7 @@ transfer: it costs each source rank one local copy of its fused tensors' rows.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Dict, List, Mapping, Tuple, Union
@@ -241,3 +242,22 @@ def fuse_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout: Pa
             shape = list(spec.local_shape(tp_size, tp, ep_size, ep))
             result[spec.name] = get(next(iter(target.values())), spec.name).new_empty(shape)
     return result
+
+
+def conversion_report(model: ModelSpec, layout: ParallelLayout, names: NameMap) -> Dict[str, Any]:
+    """What converting ``layout``'s shards under ``names`` costs, locally: ``{"map", "renamed",
+    "fused", "max_rank_bytes"}`` — tensors renamed, fused tensors (split or fused by role), and the
+    most bytes of fused tensors one rank holds (what :func:`fuse_shards` copies; what
+    :func:`convert_shards` reorders, as views where the rows are contiguous)."""
+    fused = {spec.name for spec in model.tensors if not isinstance(names.target(spec.name), str)}
+    renamed = sum(1 for spec in model.tensors if names.target(spec.name) != spec.name)
+    per_shard: Dict[Tuple, int] = {}
+    most = 0
+    for rank in layout.ranks:
+        key = (layout.mesh_coordinates(rank, False)[::3], layout.mesh_coordinates(rank, True)[:2])
+        if key not in per_shard:
+            per_shard[key] = sum(math.prod(spec.local_shape(tp_size, tp, ep_size, ep)) * spec.itemsize
+                                 for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, rank)
+                                 if spec.name in fused)
+        most = max(most, per_shard[key])
+    return {"map": names.name, "renamed": renamed, "fused": len(fused), "max_rank_bytes": most}
