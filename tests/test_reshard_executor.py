@@ -135,8 +135,8 @@ def fault_worker(world: int, case: Dict[str, Any], fault: str, victim: int, at_s
 
         honest = executor._Run._send_source
 
-        def corrupted(run, chunk):  # what goes on the wire differs from what was checksummed
-            data = honest(run, chunk).clone()
+        def corrupted(run, *args):  # what goes on the wire differs from what was checksummed
+            data = honest(run, *args).clone()
             data[0] ^= 0xFF
             return data
 

@@ -21,7 +21,7 @@ fp8 needs a tensor of at least 2 dims (a norm or bias would get one scale per va
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +32,10 @@ FP8_MAX = {torch.float8_e4m3fn: 448.0}
 TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 SCALE_DTYPE = torch.float32
 SCALE_SUFFIX = "_scale"
+#: float32 elements the quantizer converts at once (1 MiB: the float32 copy stays in cache)
+BLOCK_ELEMENTS = 1 << 18
+#: bytes per extremum the quantizer may need (a float64 source at most)
+EXTREMA_ITEMSIZE = 8
 
 
 def scale_name(name: str) -> str:
@@ -87,35 +91,85 @@ def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, dims: Sequence[int
 
 
 def scratch_elements(shape: Sequence[int], dst_dtype: torch.dtype) -> int:
-    """float32 scratch elements the quantizer needs for a region of ``shape`` (0 for a cast)."""
-    return math.prod(shape) if is_scaled(dst_dtype) else 0
+    """float32 scratch elements the quantizer needs for a region of ``shape`` (0 for a cast):
+    one block (:data:`BLOCK_ELEMENTS`), or the region if smaller."""
+    return min(math.prod(shape), BLOCK_ELEMENTS) if is_scaled(dst_dtype) else 0
+
+
+def scratch_bytes(scratch: int, scales: int) -> int:
+    """Bytes of the quantizer's buffers for ``scratch`` float32 elements and ``scales`` scales
+    (:class:`Quantizer`: the block, the extrema in the source dtype, a mask)."""
+    return 4 * scratch + (2 * EXTREMA_ITEMSIZE + 1) * scales
+
+
+def region(tensor: torch.Tensor, box: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """The view of ``tensor`` covered by ``box`` (one ``(start, stop)`` per dim; no copy)."""
+    for dim, (start, stop) in enumerate(box):
+        if stop - start != tensor.shape[dim]:
+            tensor = tensor.narrow(dim, start, stop - start)
+    return tensor
+
+
+def scale_box(box: Sequence[Tuple[int, int]], dims: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+    """The box of a region's scales in the scale tensor (1 on every dim but ``dims``)."""
+    return tuple(span if dim in dims else (0, 1) for dim, span in enumerate(box))
+
+
+def blocks(shape: Sequence[int], limit: int) -> Iterator[Tuple[Tuple[int, int], ...]]:
+    """Boxes that tile a region of ``shape`` in order, each of at most ``limit`` elements: runs of
+    whole rows of dim 0 where a row fits, else the same one level down (pure)."""
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    rest = tuple((0, n) for n in shape[1:])
+    if inner <= limit:
+        rows = max(1, limit // max(inner, 1))
+        for start in range(0, shape[0], rows):
+            yield ((start, min(shape[0], start + rows)),) + rest
+        return
+    for row in range(shape[0]):
+        for box in blocks(shape[1:], limit):
+            yield ((row, row + 1),) + box
 
 
 class Quantizer:
-    """Scaled fp8 quantization into caller-given outputs, using scratch it is handed (so a
-    repeated sync allocates nothing): ``quantize(region, q_out, scale_out)``."""
+    """Scaled fp8 quantization into caller-given outputs, using buffers it is handed (so a
+    repeated sync allocates nothing): ``scratch`` (float32, one block: a region is converted a
+    block at a time, so the float32 copy stays in cache and no bucket-sized scratch exists),
+    ``extrema`` (float32, :data:`EXTREMA_ITEMSIZE` // 2 elements per scale: each scale's max and
+    min in the source dtype), ``mask`` (bool, one per scale)."""
 
-    def __init__(self, scratch: torch.Tensor, amin: torch.Tensor, mask: torch.Tensor) -> None:
-        self.scratch, self.amin, self.mask = scratch, amin, mask   # float32, float32, bool
+    def __init__(self, scratch: torch.Tensor, extrema: torch.Tensor, mask: torch.Tensor) -> None:
+        self.scratch, self.extrema, self.mask = scratch, extrema, mask
 
-    def quantize(self, region: torch.Tensor, dims: Sequence[int], q_out: torch.Tensor,
+    def quantize(self, source: torch.Tensor, dims: Sequence[int], q_out: torch.Tensor,
                  scale_out: torch.Tensor) -> None:
-        """Write ``region`` as fp8 into ``q_out`` (same shape) and its scales into ``scale_out``
-        (float32, :func:`scale_shape` of the region). See the module docstring for the rule."""
+        """Write ``source`` as fp8 into ``q_out`` (same shape) and its scales into ``scale_out``
+        (float32, :func:`scale_shape` of the region). See the module docstring for the rule.
+
+        The amax is taken in the source dtype (max, min and negation are exact, so it equals the
+        float32 amax); then, block by block, the values are copied to float32, divided by their
+        scale, clamped and cast: the same float32 arithmetic as ``w.float() / scale``."""
         limit = FP8_MAX[q_out.dtype]
-        values = self.scratch[:region.numel()].view(region.shape)
-        values.copy_(region)
-        others = [d for d in range(region.dim()) if d not in dims]
-        keep = scale_shape(region.shape, dims)
-        amax = scale_out          # a contiguous view (see _scale_box in the executor)
-        amin = self.amin[:math.prod(keep)].view(keep)
-        torch.amax(values, dim=others, keepdim=True, out=amax)
-        torch.amin(values, dim=others, keepdim=True, out=amin)
-        amin.neg_()
-        torch.maximum(amax, amin, out=amax)
-        amax.div_(limit)
-        mask = self.mask[:amax.numel()].view(keep)
-        torch.eq(amax, 0, out=mask)
-        amax.masked_fill_(mask, 1.0)
-        values.div_(amax).clamp_(-limit, limit)
-        q_out.copy_(values)
+        others = [d for d in range(source.dim()) if d not in dims]
+        keep = scale_shape(source.shape, dims)
+        count = math.prod(keep)
+        extrema = self.extrema.view(torch.uint8)[:2 * count * source.element_size()].view(source.dtype)
+        high, low = extrema[:count].view(keep), extrema[count:].view(keep)
+        torch.amax(source, dim=others, keepdim=True, out=high)
+        torch.amin(source, dim=others, keepdim=True, out=low)
+        low.neg_()
+        torch.maximum(high, low, out=high)
+        scale_out.copy_(high)
+        scale_out.div_(limit)
+        mask = self.mask[:count].view(keep)
+        torch.eq(scale_out, 0, out=mask)
+        scale_out.masked_fill_(mask, 1.0)
+        for box in blocks(source.shape, self.scratch.numel()):
+            block = region(source, box)
+            values = self.scratch[:block.numel()].view(block.shape)
+            values.copy_(block)
+            values.div_(region(scale_out, scale_box(box, dims)))
+            values.clamp_(-limit, limit)
+            region(q_out, box).copy_(values)

@@ -19,20 +19,27 @@ sends to at most one peer and receives from at most one; the bytes a pair exchan
 one message of pieces in the *destination* dtype, cut into chunks of at most ``bucket_bytes``
 (small pieces packed together, large contiguous ones sent straight from the source tensor).
 
-**Pipeline.** Packing — copy, cast, quantize — goes through a ring of send buffers: while chunk
-k is on the wire, chunk k+1 is packed into the other buffer (double buffering; at the end of a
-step, the next step's first chunks are packed while the last ones fly). The rank always waits on
-its oldest operation (receives before sends of the same chunk index), so no rank waits on a peer
-that waits on it. Two receive modes:
+**Pipeline.** Each rank posts *rounds* (:func:`.wire.rounds`: chunk i of the message it receives
+and of the one it sends in a step, in (step, i) order — the same order on every rank) as far
+ahead as its buffers allow, across steps (at most ``MAX_OPS_IN_FLIGHT`` operations), and waits on
+its oldest operation: the wire never waits for the loop between chunks or steps, and since the
+globally first unfinished round always has both ends posted, posting ahead cannot deadlock.
+Copies only where needed: a contiguous, unconverted transfer is sent straight from the source
+tensor; packing — copy, cast, quantize — goes through a ring of send buffers, chunk k+1 packed
+while chunk k is on the wire. Two receive modes:
 
 - ``atomic=True`` (default): every received byte lands in a staging buffer; destination tensors
   are written only after every step (and, with ``verify=True``, every checksum) succeeded on this
-  rank: a failure — a dead peer, a timeout (``timeout_s`` without progress), a checksum mismatch —
-  raises naming the step and the peer ranks and leaves the destination untouched. Staging holds
-  all the bytes the rank receives.
-- ``atomic=False`` (streaming): receives go to a ring of bucket buffers; each chunk is unpacked
-  into the destination while the next ones are on the wire, within ``max_staging_bytes``. On a
-  failure the destination may be partly written (the error says so).
+  rank — one copy, staging to destination: a failure — a dead peer, a timeout (``timeout_s``
+  without progress), a checksum mismatch — raises naming the step and the peer ranks and leaves
+  the destination untouched. Staging holds all the bytes the rank receives.
+- ``atomic=False`` (streaming): a contiguous, unconverted chunk is received straight into the
+  destination tensor (no copy at all); the others go to a ring of bucket buffers and are
+  unpacked while the next ones are on the wire, within ``max_staging_bytes``. On a failure the
+  destination may be partly written (the error says so).
+
+``ReshardStats.bytes_packed`` / ``bytes_unpacked`` count the wire bytes that went through a
+buffer on each side.
 
 After a failed run the buffers that posted receives may still target are dropped (kept alive
 with those operations, never reused): a retry allocates fresh ones, so a late message from the
@@ -46,10 +53,11 @@ the second and later runs allocate nothing).
 """
 from __future__ import annotations
 
+import collections
 import datetime
-import time
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 import torch
@@ -60,15 +68,20 @@ from ..backend import is_timeout
 from ..errors import GroupTimeoutError, ReshardError
 from ..modes import ParallelMode
 from . import convert
+from .convert import region as _region
+from .convert import scale_box as _scale_box
 from .layout import ParallelLayout, local_shapes
-from .wire import (ALIGN, REFUSED, Chunk, Message, Piece, Shapes, agreement_digest, box_shape, first_disagreement,
-                   messages, slices)
+from .wire import (ALIGN, REFUSED, Chunk, Message, Piece, Round, Shapes, agreement_digest, box_shape,
+                   first_disagreement, messages, rounds, slices)
 from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 #: buffers per ring (send, and receive when streaming) when ``max_staging_bytes`` is not given
 DEFAULT_RING = 2
+#: operations a rank keeps posted at once (across steps): enough that the wire never waits for
+#: the loop, few enough that a gloo rank does not open every peer's transfer at once
+MAX_OPS_IN_FLIGHT = 16
 #: weights of the position-sensitive checksum cycle with this period (a prime)
 _CHECKSUM_PERIOD = 65521
 _CHECKSUM_CHUNK = 1 << 22
@@ -80,8 +93,11 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "ReshardError", "ReshardStats", "Resharder", 
 @attrs.frozen
 class ReshardStats:
     """What one rank did: network bytes received/sent (payload on the wire, in the destination
-    dtype, fp8 scales included), bytes copied locally (source dtype), wall time, and the staging
-    this rank's Resharder holds (bytes, and how many buffers it has allocated so far)."""
+    dtype, fp8 scales included), bytes copied locally (source dtype), wall time, the staging
+    this rank's Resharder holds (bytes, and how many buffers it has allocated so far), and the
+    wire bytes that went through a buffer on the way (packed before sending, unpacked after
+    receiving): a contiguous, unconverted transfer is sent from the source tensor and, when
+    streaming, received into the destination tensor, so it counts in neither."""
 
     rank: int
     bytes_received: int
@@ -93,6 +109,8 @@ class ReshardStats:
     verified_messages: int
     staging_bytes: int = 0
     buffer_allocations: int = 0
+    bytes_packed: int = 0    # wire bytes this rank copied into send buffers (the rest went from its source)
+    bytes_unpacked: int = 0  # wire bytes copied from receive buffers / staging (the rest landed in place)
 
     @property
     def gbps(self) -> float:
@@ -101,14 +119,6 @@ class ReshardStats:
 
 
 # ---- tensor regions ---------------------------------------------------------------------------------
-def _region(tensor: torch.Tensor, box: Box) -> torch.Tensor:
-    """The view of ``tensor`` covered by ``box`` (a 0-d tensor is its own region)."""
-    for dim, (start, stop) in enumerate(box):
-        if stop - start != tensor.shape[dim]:
-            tensor = tensor.narrow(dim, start, stop - start)
-    return tensor
-
-
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous ``tensor`` (no copy)."""
     return tensor.reshape(-1).view(torch.uint8)
@@ -206,6 +216,7 @@ class Resharder:
             t, self.dst_dtypes[t.tensor], shapes.dtype(t.tensor).itemsize, bucket_bytes,
             self.dst_dtypes[t.tensor] == shapes.dtype(t.tensor))]
         self.steps = sorted(set(self.send_messages) | set(self.recv_messages))
+        self.rounds = rounds(self.send_messages, self.recv_messages, verify)
         self._sizes = self._buffer_sizes()
         self.max_staging_bytes = max_staging_bytes
         self._budget_problem = self._check_budget(max_staging_bytes)
@@ -214,9 +225,10 @@ class Resharder:
     # ---- sizes and budget -----------------------------------------------------------------------
     def _buffer_sizes(self) -> Dict[str, int]:
         """Bytes of each kind of buffer this rank needs: the largest packed send chunk, the
-        largest receive chunk, all received bytes (atomic staging), fp8 scratch elements."""
+        largest packed receive chunk (direct ones land in the destination), all received bytes
+        (atomic staging), fp8 scratch elements."""
         packed = [c.nbytes for m in self.send_messages.values() for c in m.chunks if not c.direct]
-        received = [c.nbytes for m in self.recv_messages.values() for c in m.chunks]
+        received = [c.nbytes for m in self.recv_messages.values() for c in m.chunks if not c.direct]
         scratch = [convert.scratch_elements(box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
                    for m in self.send_messages.values() for p in m.pieces]
         scratch += [convert.scratch_elements(box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
@@ -230,7 +242,7 @@ class Resharder:
     def _check_budget(self, budget: Optional[int]) -> Optional[str]:
         """Ring depths within ``budget`` (None: the defaults), or why it is too small."""
         sizes = self._sizes
-        scratch = sizes["scratch"] * 4 + sizes["scales"] * 5    # float32 values; float32 amin, bool mask
+        scratch = convert.scratch_bytes(sizes["scratch"], sizes["scales"])
         self.send_ring = self.recv_ring = DEFAULT_RING
         fixed = scratch + (sizes["staging"] if self.atomic else 0)
         if budget is None:
@@ -324,7 +336,7 @@ class Resharder:
         return ReshardStats(self.rank, sum(m.wire_bytes for m in self.recv_messages.values()),
                             sum(m.wire_bytes for m in self.send_messages.values()),
                             sum(t.nbytes for t in self.copies), seconds, len(self.steps), run.posted,
-                            run.verified, self.staging_bytes, self.buffer_allocations)
+                            run.verified, self.staging_bytes, self.buffer_allocations, run.packed, run.unpacked)
 
     def _default_device(self) -> torch.device:
         backend = getattr(self.context, "backend", None)
@@ -385,87 +397,87 @@ class _Run:
                 if sizes["recv"] else []
         self.quantizer = None
         if sizes["scratch"]:
-            n, scales = sizes["scratch"], sizes["scales"]
-            self.quantizer = convert.Quantizer(buffers.get("scratch", n, device, torch.float32),
-                                               buffers.get("scratch.amin", scales, device, torch.float32),
-                                               buffers.get("scratch.mask", scales, device, torch.bool))
+            extrema = sizes["scales"] * convert.EXTREMA_ITEMSIZE // 2     # float32 elements
+            self.quantizer = convert.Quantizer(buffers.get("scratch", sizes["scratch"], device, torch.float32),
+                                               buffers.get("scratch.extrema", extrema, device, torch.float32),
+                                               buffers.get("scratch.mask", sizes["scales"], device, torch.bool))
         self.staging_at: Dict[int, int] = {}
         offset = 0
         for step in sorted(owner.recv_messages):
             self.staging_at[step] = offset
             offset += -(-owner.recv_messages[step].size // ALIGN) * ALIGN
-        self.posted = self.verified = 0
-        # operations in flight: (key, kind, chunk, work, slot)
-        self._flight: List[Tuple[Tuple[int, int, int], str, Chunk, Any, int]] = []
-        self._send_slot_busy: set = set()
-        self._recv_slot_busy: set = set()
+        self.posted = self.verified = self.packed = self.unpacked = 0
+        # operations in flight, oldest first: (kind, chunk, work, slot); posted in round order,
+        # receives before sends within a round, so the deque is in the order of the waits
+        self._flight: Deque[Tuple[str, Chunk, Any, int]] = collections.deque()
+        self._free_send = list(range(len(self.send_slots)))
+        self._free_recv = list(range(len(self.recv_slots)))
         self._checksums: Dict[Tuple[str, int], torch.Tensor] = {}
-        self._prepacked: Dict[Tuple[int, int], torch.Tensor] = {}
 
     def in_flight_works(self) -> List[Any]:
-        return [item[3] for item in self._flight]
+        return [item[2] for item in self._flight]
 
     # ---- the loop --------------------------------------------------------------------------------
     def execute(self) -> None:
-        """Every step in order; within a step, *rounds*: round i posts receive chunk i and send
-        chunk i together (one ``batch_isend_irecv``: on NCCL one group, so two ranks that send to
-        each other's senders cannot block each other's streams), as soon as their ring buffers are
-        free; the rank waits on its oldest operation. Every rank posts rounds in (step, i) order
-        and waits in that order, so every wait depends only on earlier rounds: no deadlock."""
+        """Post rounds (:func:`.wire.rounds`: every step's chunks in one order on every rank) as
+        far ahead as the buffers and ``MAX_OPS_IN_FLIGHT`` allow — across steps, so the wire
+        never waits for this loop —, then wait on the oldest operation and recycle its buffer.
+        Streaming: local copies run while the first chunks fly; atomic: after the last wait,
+        then the staged bytes are committed."""
         owner = self.owner
-        copies_left = not owner.atomic     # streaming: local copies while the first chunks fly
-        for step in owner.steps:
-            if self.progress is not None:
-                self.progress(step)
-            out, inc = owner.send_messages.get(step), owner.recv_messages.get(step)
-            recvs = inc.chunks if inc is not None else ()
-            sends = out.chunks if out is not None else ()
-            rounds, posted = max(len(recvs), len(sends)), 0
-            while posted < rounds or self._flight:
-                while posted < rounds and self._can_post(recvs, sends, posted):
-                    self._post_round(recvs[posted] if posted < len(recvs) else None,
-                                     sends[posted] if posted < len(sends) else None)
-                    posted += 1
-                if copies_left:
-                    self._local_copies()
-                    copies_left = False
-                if posted == rounds:
-                    self._prepack(owner.steps, step)
-                self._flight.sort(key=lambda item: item[0])
-                _, kind, chunk, work, slot = self._flight[0]
+        rounds, upcoming, announced = owner.rounds, 0, None
+        copies_left = True
+        while upcoming < len(rounds) or self._flight:
+            while upcoming < len(rounds) and self._can_post(rounds[upcoming]):
+                current = rounds[upcoming]
+                if self.progress is not None and current.step != announced:
+                    self.progress(current.step)
+                announced = current.step
+                self._post(current)
+                upcoming += 1
+            if copies_left and not owner.atomic:
+                self._local_copies()
+                copies_left = False
+            if self._flight:
+                kind, chunk, work, slot = self._flight[0]
                 self._wait(work, chunk, kind)
-                self._flight.pop(0)
-                if kind == "recv":
-                    self._received(chunk, slot)
-                    self._recv_slot_busy.discard(slot)
-                else:
-                    self._send_slot_busy.discard(slot)
-            if owner.verify:
-                self._exchange_checksums(step, out, inc)
-        if owner.atomic or copies_left:
+                self._flight.popleft()
+                self._completed(kind, chunk, slot)
+        if copies_left:
             self._local_copies()
         if owner.atomic:
             self._commit()
 
-    def _can_post(self, recvs: Sequence[Chunk], sends: Sequence[Chunk], i: int) -> bool:
-        recv_ok = i >= len(recvs) or self.owner.atomic or (i % len(self.recv_slots)) not in self._recv_slot_busy
-        send_ok = i >= len(sends) or sends[i].direct or self._send_slot_free(i)
-        return recv_ok and send_ok
+    def _can_post(self, current: Round) -> bool:
+        """Whether ``current`` has the buffers it needs (always, with nothing in flight)."""
+        if not self._flight:
+            return True
+        if len(self._flight) >= MAX_OPS_IN_FLIGHT:
+            return False
+        if current.checksum:
+            return True
+        if current.send is not None and not current.send.direct and not self._free_send:
+            return False
+        return current.recv is None or not self._needs_recv_slot(current.recv) or bool(self._free_recv)
 
-    def _post_round(self, recv: Optional[Chunk], send: Optional[Chunk]) -> None:
+    def _needs_recv_slot(self, chunk: Chunk) -> bool:
+        return not self.owner.atomic and not chunk.direct
+
+    def _post(self, current: Round) -> None:
         ops, items = [], []
-        if recv is not None:
-            slot = -1 if self.owner.atomic else recv.index % len(self.recv_slots)
-            ops.append(dist.P2POp(dist.irecv, self._recv_target(recv, slot), recv.peer, self.group))
-            items.append(("recv", recv, slot))
-            if slot >= 0:
-                self._recv_slot_busy.add(slot)
-        if send is not None:
-            slot = -1 if send.direct else self._slot(send)
-            ops.append(dist.P2POp(dist.isend, self._send_source(send), send.peer, self.group))
-            items.append(("send", send, slot))
-            if slot >= 0:
-                self._send_slot_busy.add(slot)
+        if current.checksum:
+            self._post_checksums(current, ops, items)
+        else:
+            if current.recv is not None:
+                slot = self._free_recv.pop(0) if self._needs_recv_slot(current.recv) else -1
+                ops.append(dist.P2POp(dist.irecv, self._recv_target(current.recv, slot), current.recv.peer,
+                                      self.group))
+                items.append(("recv", current.recv, slot))
+            if current.send is not None:
+                slot = -1 if current.send.direct else self._free_send.pop(0)
+                ops.append(dist.P2POp(dist.isend, self._send_source(current.send, slot), current.send.peer,
+                                      self.group))
+                items.append(("send", current.send, slot))
         try:
             works = dist.batch_isend_irecv(ops)
         except Exception as exc:
@@ -473,26 +485,18 @@ class _Run:
         self.posted += len(ops)
         if len(works) != len(items):   # NCCL coalesces a batch into one work (torch's batch_isend_irecv)
             works = [works[-1]] * len(items)
-        for (kind, chunk, slot), work in zip(items, works):
-            # receives first within a round: a rank never waits on a send whose receiver waits on it
-            self._flight.append(((chunk.step, chunk.index, 0 if kind == "recv" else 1), kind, chunk, work, slot))
+        self._flight.extend((kind, chunk, work, slot) for (kind, chunk, slot), work in zip(items, works))
 
-    def _slot(self, chunk: Chunk) -> int:
-        return chunk.index % len(self.send_slots)
-
-    def _send_slot_free(self, index: int) -> bool:
-        return (index % max(1, len(self.send_slots))) not in self._send_slot_busy
-
-    def _prepack(self, steps: Sequence[int], step: int) -> None:
-        """The current step has posted all its sends: pack the next step's first packed chunks
-        into the free send buffers while the current ones are on the wire."""
-        later = [s for s in steps if s > step and s in self.owner.send_messages]
-        if not later:
-            return
-        for chunk in self.owner.send_messages[later[0]].chunks[:len(self.send_slots)]:
-            key = (chunk.step, chunk.index)
-            if not chunk.direct and key not in self._prepacked and self._send_slot_free(chunk.index):
-                self._prepacked[key] = self._pack(chunk)
+    def _completed(self, kind: str, chunk: Chunk, slot: int) -> None:
+        """The oldest operation finished: use what it received, free its buffer."""
+        if kind == "recv":
+            self._received(chunk, slot)
+            if slot >= 0:
+                self._free_recv.append(slot)
+        elif kind == "send" and slot >= 0:
+            self._free_send.append(slot)
+        elif kind == "checksum.recv":
+            self._check_sum(chunk.step)
 
     def _wait(self, work: Any, chunk: Chunk, kind: str) -> None:
         try:
@@ -520,23 +524,18 @@ class _Run:
         return ReshardError(f"{where} failed: {text}; {untouched}")
 
     # ---- sending ----------------------------------------------------------------------------------
-    def _send_source(self, chunk: Chunk) -> torch.Tensor:
-        """The bytes of ``chunk`` to post: a view of the source tensor, or packed into a ring
-        buffer (possibly already, while the previous step was on the wire)."""
+    def _send_source(self, chunk: Chunk, slot: int) -> torch.Tensor:
+        """The bytes of ``chunk`` to post: a view of the source tensor (direct: no copy), or
+        packed into send buffer ``slot``."""
         if chunk.direct:
             piece = chunk.pieces[0]
             data = _flat_bytes(_region(self.src[piece.transfer.tensor], piece.transfer.src_box))
             data = data[chunk.lo - piece.offset:chunk.hi - piece.offset]
-            if self.owner.verify:
-                self._sum(("out", chunk.step), data, chunk.lo)
-            return data
-        packed = self._prepacked.pop((chunk.step, chunk.index), None)
-        return packed if packed is not None else self._pack(chunk)
-
-    def _pack(self, chunk: Chunk) -> torch.Tensor:
-        data = self.send_slots[self._slot(chunk)][:chunk.nbytes]
-        for piece in chunk.pieces:
-            self._encode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
+        else:
+            data = self.send_slots[slot][:chunk.nbytes]
+            for piece in chunk.pieces:
+                self._encode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
+                self.packed += piece.nbytes
         if self.owner.verify:
             self._sum(("out", chunk.step), data, chunk.lo)
         return data
@@ -562,45 +561,43 @@ class _Run:
 
     # ---- receiving --------------------------------------------------------------------------------
     def _recv_target(self, chunk: Chunk, slot: int) -> torch.Tensor:
-        if slot < 0:
+        """Where ``chunk`` lands: the atomic staging; streaming, the destination region itself
+        (direct: no copy), else receive buffer ``slot``."""
+        if self.owner.atomic:
             start = self.staging_at[chunk.step] + chunk.lo
             return self.staging[start:start + chunk.nbytes]
+        if slot < 0:
+            piece = chunk.pieces[0]
+            target = _flat_bytes(_region(self.dst[piece.transfer.tensor], piece.transfer.dst_box))
+            return target[chunk.lo - piece.offset:chunk.hi - piece.offset]
         return self.recv_slots[slot][:chunk.nbytes]
 
     def _received(self, chunk: Chunk, slot: int) -> None:
-        """A chunk arrived: checksum it (verify); streaming: unpack it into the destination."""
+        """A chunk arrived: checksum it (verify); from a receive buffer: unpack it."""
         data = self._recv_target(chunk, slot)
         if self.owner.verify:
             self._sum(("in", chunk.step), data, chunk.lo)
         if slot >= 0:
-            self._unpack(chunk, data)
+            for piece in chunk.pieces:   # a packed chunk holds whole pieces (wire.chunks_of)
+                self._decode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
 
-    def _unpack(self, chunk: Chunk, data: torch.Tensor) -> None:
-        """Write the bytes ``[chunk.lo, chunk.hi)`` of a message (``data``) into the destination."""
-        for piece in chunk.pieces:
-            t = piece.transfer
-            target = _region(self.dst[t.tensor], t.dst_box)
-            if piece.offset <= chunk.lo and chunk.hi <= piece.end and piece.direct and (
-                    chunk.lo != piece.offset or chunk.hi != piece.end):
-                _flat_bytes(target)[chunk.lo - piece.offset:chunk.hi - piece.offset].copy_(data)
-                continue
-            self._decode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo], target)
-
-    def _decode(self, piece: Piece, wire: torch.Tensor, target: torch.Tensor) -> None:
+    def _decode(self, piece: Piece, wire: torch.Tensor) -> None:
+        """Write one piece's wire bytes (values, then fp8 scales) into the destination."""
         t = piece.transfer
+        target = _region(self.dst[t.tensor], t.dst_box)
         target.copy_(wire[:piece.payload].view(target.dtype).view(target.shape))
         if convert.is_scaled(target.dtype):
             start = -(-piece.payload // 4) * 4
             scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, self.scale_dims[t.tensor]))
             scale.copy_(wire[start:piece.nbytes].view(convert.SCALE_DTYPE).view(scale.shape))
+        self.unpacked += piece.nbytes
 
     def _commit(self) -> None:
         """Atomic mode: write every staged message into the destination (all bytes arrived)."""
         for step, message in self.owner.recv_messages.items():
             base = self.staging_at[step]
             for piece in message.pieces:
-                wire = self.staging[base + piece.offset:base + piece.end]
-                self._decode(piece, wire, _region(self.dst[piece.transfer.tensor], piece.transfer.dst_box))
+                self._decode(piece, self.staging[base + piece.offset:base + piece.end])
 
     def _local_copies(self) -> None:
         for fill in self.owner.fills:
@@ -620,37 +617,30 @@ class _Run:
                 target.copy_(source)
 
     # ---- checksums --------------------------------------------------------------------------------
-    def _exchange_checksums(self, step: int, out: Optional[Message], inc: Optional[Message]) -> None:
-        """Send the checksum of what this rank sent in ``step``; compare the one of what it got."""
-        ops, theirs = [], None
-        if inc is not None:
-            theirs = torch.empty(2, dtype=torch.int64, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, theirs, inc.peer, self.group))
-        if out is not None:
-            ops.append(dist.P2POp(dist.isend, self._checksums[("out", step)], out.peer, self.group))
-        chunk = (inc or out).chunks[0]
-        try:
-            works = dist.batch_isend_irecv(ops)
-        except Exception as exc:
-            raise self._error(exc, chunk, "checksum") from exc
-        for work in works:
-            self._wait(work, chunk, "checksum")
-        if inc is None:
-            return
+    def _post_checksums(self, current: Round, ops: List[Any], items: List[Tuple[str, Chunk, int]]) -> None:
+        """The step's checksum exchange (posted after all its data): send the sum of what this
+        rank sent; receive the peer's sum of what it sent (compared once it arrived)."""
+        step = current.step
+        if current.recv is not None:
+            theirs = self._checksums[("theirs", step)] = torch.empty(2, dtype=torch.int64, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, theirs, current.recv.peer, self.group))
+            items.append(("checksum.recv", current.recv, -1))
+        if current.send is not None:
+            ops.append(dist.P2POp(dist.isend, self._checksums[("out", step)], current.send.peer, self.group))
+            items.append(("checksum.send", current.send, -1))
+
+    def _check_sum(self, step: int) -> None:
+        """Every chunk of ``step``'s message arrived (waited in order) and so did the sender's sum."""
         self.verified += 1
-        if not torch.equal(self._checksums[("in", step)], theirs):
-            names = sorted({p.transfer.tensor for p in inc.pieces})
-            owner = self.owner
-            raise ReshardError(f"reshard step {step + 1}/{owner.plan.num_steps} on rank {owner.rank}: checksum "
-                               f"mismatch on {inc.wire_bytes} bytes from rank {inc.peer} (tensors {names[:4]}"
-                               f"{' …' if len(names) > 4 else ''}); "
-                               + ("destination tensors untouched" if owner.atomic else
-                                  "destination tensors may be partly written (atomic=False)"))
-
-
-def _scale_box(box: Box, dims: Sequence[int]) -> Box:
-    """The box of a region's scales in the scale tensor (1 on every dim but ``dims``)."""
-    return tuple(span if dim in dims else (0, 1) for dim, span in enumerate(box))
+        if torch.equal(self._checksums[("in", step)], self._checksums[("theirs", step)]):
+            return
+        inc, owner = self.owner.recv_messages[step], self.owner
+        names = sorted({p.transfer.tensor for p in inc.pieces})
+        raise ReshardError(f"reshard step {step + 1}/{owner.plan.num_steps} on rank {owner.rank}: checksum "
+                           f"mismatch on {inc.wire_bytes} bytes from rank {inc.peer} (tensors {names[:4]}"
+                           f"{' …' if len(names) > 4 else ''}); "
+                           + ("destination tensors untouched" if owner.atomic else
+                              "destination tensors may be partly written (atomic=False)"))
 
 
 def execute_plan(plan: "Plan | PlanShare", src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],

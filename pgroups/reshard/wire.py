@@ -116,6 +116,40 @@ class Message:
         return sum(p.nbytes for p in self.pieces)
 
 
+@attrs.frozen
+class Round:
+    """What a rank posts together (one ``batch_isend_irecv``): chunk ``index`` of the message it
+    receives in ``step`` and chunk ``index`` of the one it sends (either may be None); with
+    ``checksum``, the step's checksum exchange instead (after its data; ``recv`` / ``send`` are
+    then the messages' first chunks, to name them)."""
+
+    step: int
+    index: int
+    recv: Optional[Chunk]
+    send: Optional[Chunk]
+    checksum: bool = False
+
+
+def rounds(send_messages: Mapping[int, Message], recv_messages: Mapping[int, Message],
+           verify: bool) -> Tuple[Round, ...]:
+    """One rank's rounds in the order it posts and waits for them: by step, then chunk index
+    (then, with ``verify``, the step's checksum exchange). A message's chunk i is in round
+    (step, i) on both of its ends, and every rank posts and waits in this one order: the
+    globally first unfinished round always has both ends posted, so posting ahead never
+    deadlocks."""
+    result: List[Round] = []
+    for step in sorted(set(send_messages) | set(recv_messages)):
+        inc, out = recv_messages.get(step), send_messages.get(step)
+        recvs = inc.chunks if inc is not None else ()
+        sends = out.chunks if out is not None else ()
+        count = max(len(recvs), len(sends))
+        result.extend(Round(step, i, recvs[i] if i < len(recvs) else None, sends[i] if i < len(sends) else None)
+                      for i in range(count))
+        if verify and count:
+            result.append(Round(step, count, recvs[0] if recvs else None, sends[0] if sends else None, True))
+    return tuple(result)
+
+
 def box_shape(box: Box) -> Tuple[int, ...]:
     return tuple(stop - start for start, stop in box)
 
