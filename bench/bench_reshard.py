@@ -14,12 +14,17 @@ Methods (every one leaves each rank with its generation shard; results are check
   the sender (not compared with the others' shards; its bytes are fp8 + scales);
 - ``reshard, 1 MiB buckets``: the atomic one with small buckets;
 - ``reshard, one-shot execute_plan``: fresh staging buffers on every call;
+- ``same messages, bare send/recv``: the ceiling of the plan's message pattern on this wire —
+  every message a rank exchanges (same peers, sizes and step order) sent from and received into
+  preallocated flat buffers, all posted at once, no packing, no unpacking, no destination;
 - ``broadcast-all``: rank 0 holds the full model, broadcasts it in 64 MiB buckets, each rank slices;
 - ``all-gather``: every rank all-gathers every training shard (the full model), then slices.
 The baselines keep their buffers between repetitions too.
 
 Reported: the slowest rank's wall time (median over ``--reps`` rounds that interleave the methods,
-after one untimed warm-up round), bytes received per rank, and
+after one untimed warm-up round), the most CPU seconds any rank's process used in it (all its
+threads: on loopback the wire is the CPU, so this is the cost that load cannot hide), bytes
+received per rank, and
 ratios against ``reshard``; each method's effective throughput (the most bytes any rank receives /
 the slowest rank's time) against the pairwise send/recv busbw measured on the same ranks in the
 same run, the way ``pgroups nettest`` measures pairs (its own ``Bench.measure_pair``: bidirectional
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -163,6 +169,26 @@ def allgather_all(model, train: ParallelLayout, gen: ParallelLayout, rank: int,
     return (world - 1) * longest
 
 
+def bare_messages(resharder: Resharder) -> Callable[[], int]:
+    """The ceiling of the plan's message pattern: this rank's messages (same peers, sizes, step
+    order) from and into kept flat buffers, all posted at once, then waited for."""
+    sends = {s: torch.zeros(m.wire_bytes, dtype=torch.uint8) for s, m in resharder.send_messages.items()}
+    recvs = {s: torch.empty(m.wire_bytes, dtype=torch.uint8) for s, m in resharder.recv_messages.items()}
+
+    def run() -> int:
+        ops = []
+        for step in resharder.steps:
+            if step in recvs:
+                ops.append(dist.P2POp(dist.irecv, recvs[step], resharder.recv_messages[step].peer))
+            if step in sends:
+                ops.append(dist.P2POp(dist.isend, sends[step], resharder.send_messages[step].peer))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        return sum(t.numel() for t in recvs.values())
+
+    return run
+
+
 def _bandwidths(gpc, rank: int, world: int, nbytes: int, reps: int) -> Dict[str, float]:
     """busbw of all_reduce, and the pairwise send/recv busbw as ``pgroups nettest`` measures a
     pair round (rank r with r xor world/2, all pairs at once): median and slowest pair."""
@@ -218,6 +244,11 @@ def _p2p_vs_broadcast(gpc, rank: int, nbytes: int, reps: int) -> Dict[str, float
 def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
     from pgroups import gpc
 
+    # one intra-op thread per rank, as one GPU per rank: OMP_NUM_THREADS in the child's environment
+    # comes after torch was imported (by unpickling this function), too late for torch's thread
+    # pool, and 8 ranks x 2 spinning OpenMP threads on 2 cores inflated every copy's CPU time
+    torch.set_num_threads(1)
+
     gpc.init_from_config({"parallel": {"tensor": 4, "pipeline": 2}, "backend": "gloo", "timeout_s": 900})
     rank, world = gpc.get_global_rank(), dist.get_world_size()
     model = synthetic_model(size_mb)
@@ -244,10 +275,12 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
         "reshard, 1 MiB buckets": lambda: small_buckets.run(src, dst).bytes_received,
         "reshard, one-shot execute_plan (fresh staging)":
             lambda: execute_plan(plan, src, dst, bucket_bytes=bucket_mb * MiB).bytes_received,
+        "same messages, bare send/recv (ceiling)": bare_messages(resharder),
         "broadcast-all": lambda: broadcast_all(model, gen, rank, full, dst, bcast_cache),
         "all-gather": lambda: allgather_all(model, train, gen, rank, src, dst, gather_cache),
     }
     seconds: Dict[str, List[float]] = {label: [] for label in methods}
+    cpu: Dict[str, List[float]] = {label: [] for label in methods}
     received: Dict[str, int] = {}
     fingerprints: Dict[str, torch.Tensor] = {}
     # one untimed warm-up each (first-touch page faults, connection set-up), then rounds that
@@ -257,17 +290,22 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
             for t in dst.values():
                 t.zero_()
             box: Dict[str, int] = {}
+            used = time.process_time()
             elapsed = _timed(lambda: box.setdefault("bytes", method()))
+            used = torch.tensor([time.process_time() - used], dtype=torch.float64)
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
             if round_index:
                 seconds[label].append(elapsed)
+                cpu[label].append(float(used))
             received[label] = box["bytes"]
-            if "fp8" not in label:
+            if "fp8" not in label and "bare" not in label:
                 fingerprints[label] = _fingerprint(dst)
     rows: Dict[str, Dict[str, float]] = {}
     for label in methods:
         most = torch.tensor([received[label]], dtype=torch.int64)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        rows[label] = {"seconds": statistics.median(seconds[label]), "bytes": int(most)}
+        rows[label] = {"seconds": statistics.median(seconds[label]), "cpu": statistics.median(cpu[label]),
+                       "bytes": int(most)}
     same = all(torch.equal(fingerprints["reshard"], f) for f in fingerprints.values())
     for cache in (full, bcast_cache, gather_cache):
         cache.clear()
@@ -295,8 +333,10 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--nproc", type=int, default=8)
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     outcomes = run_local(args.nproc, bench_worker, (args.size_mb, args.reps, args.bucket_mb), timeout_s=3000,
                          env={"OMP_NUM_THREADS": "1"})
+    load_after = os.getloadavg()[0]
     bad = [o for o in outcomes if not o.ok]
     if bad:
         for o in bad:
@@ -305,18 +345,22 @@ def main(argv: List[str] = None) -> int:
     r = outcomes[0].value
     print(f"world {args.nproc} gloo, model {r['model_bytes'] / MiB:.0f} MiB bf16 ({r['tensors']} tensors); "
           f"tensor 4 x pipeline 2 (balanced stages) -> tensor 2 x data 4, colocated; median of {args.reps} "
-          "interleaved rounds")
+          f"interleaved rounds; load average {load_before:.1f} before, {load_after:.1f} after, "
+          f"{os.cpu_count()} CPUs")
     print(f"plan: {r['plan_seconds'] * 1e3:.0f} ms, {r['steps']} steps, ratio {r['ratio']:.3f}, sender load "
           f"max/mean {r['load'][0] / r['load'][1]:.2f}; all methods give identical shards: {r['same']}")
     base, bw = r["rows"]["reshard"], r["bandwidth"]
-    print("\n| method | wall s (slowest rank) | MiB received (max rank) | time / reshard | bytes / reshard "
-          "| GB/s per receiver | / pairwise send/recv | staging MiB (max rank) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    bare = r["rows"]["same messages, bare send/recv (ceiling)"]
+    print("\n| method | wall s (slowest rank) | CPU s (max rank) | MiB received (max rank) | time / reshard "
+          "| GB/s per receiver | / pairwise send/recv | / same messages bare | staging MiB (max rank) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ceiling = bare["bytes"] / bare["seconds"] / 1e9
     for label, row in r["rows"].items():
         eff = row["bytes"] / row["seconds"] / 1e9
         staging = f"{r['staging'][label] / MiB:.0f}" if label in r["staging"] else "-"
-        print(f"| {label} | {row['seconds']:.2f} | {row['bytes'] / MiB:.0f} | {row['seconds'] / base['seconds']:.2f}x "
-              f"| {row['bytes'] / base['bytes']:.2f}x | {eff:.2f} | {eff / bw['sendrecv']:.2f}x | {staging} |")
+        print(f"| {label} | {row['seconds']:.2f} | {row['cpu']:.2f} | {row['bytes'] / MiB:.0f} "
+              f"| {row['seconds'] / base['seconds']:.2f}x | {eff:.2f} | {eff / bw['sendrecv']:.2f}x "
+              f"| {eff / ceiling:.2f}x | {staging} |")
     print(f"\nsame run, 64 MiB messages: pairwise send/recv busbw (nettest's pair method, 4 pairs at once) median "
           f"{bw['sendrecv']:.2f} GB/s, slowest pair {bw['sendrecv_min']:.2f}; all_reduce busbw "
           f"{bw['allreduce_busbw']:.2f} GB/s")
