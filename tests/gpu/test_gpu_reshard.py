@@ -1,7 +1,8 @@
 """The reshard executor on NCCL with CUDA shards (2 to 8 GPUs; skipped with one reason otherwise).
 
 One spawned job of two ranks (one GPU each) runs every case over the NCCL global group: bit-exact
-shards in the atomic and streaming modes, sender-side conversion to bf16 and fp8 against a local
+shards in the atomic and streaming modes (streaming receives contiguous chunks straight into
+the CUDA destination: fewer bytes unpacked than received), sender-side conversion to bf16 and fp8 against a local
 reference, and repeated syncs of a kept Resharder that allocate nothing after the first. Written
 from torch's source (ProcessGroupNCCL: ``work.wait(timeout)`` blocks the CPU until the operation
 completed; operations are ordered after the current stream's packing) — see the README for what
@@ -46,9 +47,15 @@ def nccl_worker(cases: List[Dict[str, Any]]) -> List[Tuple[int, str]]:
         src, dst = layout(2, *case["src"]), layout(2, *case["dst"])
         src_shards = {n: t.to(device) for n, t in cut_shards(src, model, rank, full).items()}
         dst_shards = {n: t.to(device) for n, t in sentinel_shards(dst, model, rank).items()}
-        reshard(src, dst, model, src_shards, dst_shards, bucket_bytes=case.get("bucket", 1 << 20),
-                verify=case.get("verify", False), atomic=case.get("atomic", True),
-                max_staging_bytes=case.get("staging"))
+        _, stats = reshard(src, dst, model, src_shards, dst_shards, bucket_bytes=case.get("bucket", 1 << 20),
+                           verify=case.get("verify", False), atomic=case.get("atomic", True),
+                           max_staging_bytes=case.get("staging"))
+        # atomic: every received byte is staged, then copied once; streaming: contiguous chunks
+        # land in the destination (CUDA views as receive buffers), so fewer bytes are unpacked
+        atomic = case.get("atomic", True)
+        if stats.bytes_received and (stats.bytes_unpacked == stats.bytes_received) != atomic:
+            problems.append((index, f"rank {rank}: unpacked {stats.bytes_unpacked} of {stats.bytes_received} "
+                                    f"received bytes (atomic={atomic})"))
         for name, tensor in cut_shards(dst, model, rank, full).items():
             if not same_bytes(dst_shards[name].cpu(), tensor):
                 problems.append((index, f"rank {rank}: tensor {name} differs"))
