@@ -162,8 +162,11 @@ def create_store(info: LaunchInfo, timeout_s: float = 1800.0):
     import torch.distributed as dist
 
     try:
+        # wait_for_workers=False: the server must outlive a rank that never comes (the default
+        # group's own rendezvous waits for the ranks, and the survivors may still need the store)
         return dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0,
-                             timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=True)
+                             timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=True,
+                             wait_for_workers=False)
     except (RuntimeError, dist.DistError) as exc:
         raise _rendezvous_error(info, exc) from exc
 

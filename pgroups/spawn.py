@@ -80,12 +80,14 @@ def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Cal
 
 def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
               timeout_s: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
-              env_per_rank: Optional[Callable[[int], Mapping[str, str]]] = None) -> List[RankOutcome]:
+              env_per_rank: Optional[Callable[[int], Mapping[str, str]]] = None,
+              failure_grace_s: float = FAILURE_GRACE_S) -> List[RankOutcome]:
     """Run ``target(*args)`` in ``nproc`` local processes; return one RankOutcome per rank.
 
     ``target`` must be importable (a module-level function). ``env`` is added to every child's
     environment, ``env_per_rank(rank)`` to one's. Never hangs: after ``timeout_s`` (or
-    FAILURE_GRACE_S after the first failure) the remaining children are killed.
+    ``failure_grace_s`` after the first failure, for the others to report it) the remaining
+    children are killed.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
@@ -102,19 +104,20 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
                                args=(rank, nproc, port, child_env, target, tuple(args), results, os.getpid()))
             proc.start()
             procs.append(proc)
-        return _collect(procs, results, nproc, timeout_s)
+        return _collect(procs, results, nproc, timeout_s, failure_grace_s)
     finally:  # any exit of the parent — an error, Ctrl-C — kills and reaps every child
         _kill_and_reap(procs)
         results.close()
 
 
-def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optional[float]) -> List[RankOutcome]:
+def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optional[float],
+             failure_grace_s: float = FAILURE_GRACE_S) -> List[RankOutcome]:
     outcomes: Dict[int, RankOutcome] = {}
     deadline = time.monotonic() + timeout_s if timeout_s else None
     failed_at: Optional[float] = None
     while len(outcomes) < nproc:
         now = time.monotonic()
-        limits = [t for t in (deadline, failed_at + FAILURE_GRACE_S if failed_at else None) if t]
+        limits = [t for t in (deadline, failed_at + failure_grace_s if failed_at else None) if t]
         if limits and now >= min(limits):
             break
         try:

@@ -100,6 +100,21 @@ def test_a_slow_rank_is_named_with_its_host_and_exit_is_1(tmp_path, capsys, monk
     assert "UNHEALTHY" in out
 
 
+@pytest.mark.timeout(240)
+def test_a_slow_host_is_named_as_the_host_and_none_of_its_ranks(tmp_path, capsys, monkeypatch):
+    # the third of three simulated hosts has a slow network: every operation that leaves it
+    # sleeps 10 ms, its ranks among themselves are fast (the hook's model of a slow NIC)
+    monkeypatch.setenv(FAULT_ENV, f"slow:host={sim_host(2)},sleep_ms=10")
+    path = tmp_path / "slowhost.json"
+    code, out, err = nettest(capsys, "--nproc", "6", "--simulate-hosts", "3", *SMALL, "-e", "4K",
+                             "--json", str(path))
+    assert code == 1, err
+    report = json.loads(path.read_text())
+    assert [(c["kind"], c["hosts"]) for c in report["culprits"]] == [("host", [sim_host(2)])], report["culprits"]
+    assert report["summary"]["slow_hosts"] == [sim_host(2)] and report["summary"]["suspect_ranks"] == []
+    assert f"{sim_host(2)}: slow with every partner" in out
+
+
 @pytest.mark.timeout(180)
 def test_a_corrupting_rank_is_reported_wrong_and_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "corrupt:rank=2")
@@ -158,6 +173,25 @@ def test_a_host_that_dies_mid_sweep_gives_exit_3_naming_its_ranks_and_host(tmp_p
     assert report["status"] == "timeout" and report["exit_code"] == 3
     assert report["timeout"]["missing"] == [2, 3] and report["timeout"]["missing_hosts"] == [sim_host(1)]
     assert report["elapsed_s"] < timeout_s + 10
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_that_never_starts_gives_exit_3_naming_it_and_its_host(tmp_path, capsys, monkeypatch):
+    # rank 3 (second simulated host) exits before joining the default group: the others must
+    # not wait torch's default 30 minutes, and must say who never came
+    monkeypatch.setenv(FAULT_ENV, "never-start:rank=3")
+    path = tmp_path / "start.json"
+    timeout_s = 5.0
+    code, out, err = nettest(capsys, "--nproc", "4", "--simulate-hosts", "2", "--timeout", str(timeout_s),
+                             *SMALL, "--json", str(path))
+    assert code == 3, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"pgroups nettest: timeout: the default group did not form within --timeout "
+                               f"{timeout_s:g}s: ranks [3] (hosts {sim_host(1)}) never arrived"), lines[0]
+    report = json.loads(path.read_text())   # rank 0, the lowest rank present, wrote it
+    assert report["status"] == "timeout" and report["exit_code"] == 3
+    assert report["timeout"]["never_arrived"] == [3] and report["timeout"]["missing_hosts"] == [sim_host(1)]
 
 
 def test_store_keys_are_per_run_and_deleted_at_the_end():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import math
+
 import pytest
 
 from pgroups.nettest import diagnosis as dx
@@ -71,7 +73,8 @@ RULE = dx.Rule()
 
 def test_rule_flags_a_clear_outlier_and_reports_how_far():
     dev = dx.worse_than_peers(1.0, [10.0, 11.0, 9.0, 10.5], higher_is_better=True, rule=RULE)
-    assert dev is not None and dev.reference == pytest.approx(10.25) and dev.ratio == pytest.approx(10.25)
+    middle = math.sqrt(10.0 * 10.5)  # even count: the median in log space is the geometric mean of the middle two
+    assert dev is not None and dev.reference == pytest.approx(middle) and dev.ratio == pytest.approx(middle)
 
 
 def test_rule_needs_both_the_factor_and_the_spread():
@@ -210,9 +213,22 @@ def test_fault_specs_parse():
     assert faults == (Fault("slow", 3, None, 20.0), Fault("corrupt", None, "node7"), Fault("absent", 1))
     assert parse_faults(None) == () and parse_faults("") == ()
     active = ActiveFaults.for_rank(faults, 3, "node7")
-    assert active == ActiveFaults(sleep_s=0.02, corrupt=True, absent=False)
+    assert active == ActiveFaults(sleep_s=0.02, host_sleep_s=0.0, corrupt=True, absent=False)
     assert ActiveFaults.for_rank(faults, 0, "node1") == ActiveFaults()
     assert ActiveFaults.for_rank(parse_faults("die:host=n2,after=3"), 5, "n2").die_after == 3
+    assert ActiveFaults.for_rank(parse_faults("never-start:host=n2"), 5, "n2").never_starts
+
+
+def test_a_slow_host_slows_only_traffic_that_leaves_it_and_a_slow_rank_everything(monkeypatch):
+    slept = []
+    monkeypatch.setattr("pgroups.nettest.faults.time.sleep", slept.append)
+    host = ActiveFaults.for_rank(parse_faults("slow:host=n2,sleep_ms=7"), 5, "n2")
+    host.inside_timed_region(crosses_hosts=False)
+    host.inside_timed_region(crosses_hosts=True)
+    rank = ActiveFaults.for_rank(parse_faults("slow:rank=5,sleep_ms=3"), 5, "n2")
+    rank.inside_timed_region(crosses_hosts=False)
+    rank.inside_timed_region(crosses_hosts=True)
+    assert slept == [0.007, 0.003, 0.003]
 
 
 @pytest.mark.parametrize("spec, message", [("melt:rank=1", "unknown fault 'melt'"),
@@ -226,9 +242,19 @@ def test_bad_fault_specs_name_the_problem(spec, message):
 
 
 def test_a_link_100x_slower_is_slow_even_when_healthy_links_spread_widely():
-    # healthy bandwidths on a loaded machine (measured in an emulated-cluster run): their robust
-    # spread times mad_k exceeds the median, so only the extreme-ratio rule can call 0.009 slow
+    # healthy bandwidths on a loaded machine (measured in an emulated-cluster run): spread so
+    # widely that 4 robust sigmas of the values themselves exceed their median (an absolute
+    # MAD could flag no bandwidth at all); in log space the spread is a factor
     healthy = [1.74, 1.94, 1.65, 0.98, 0.995, 1.10, 1.57]
     rule = dx.Rule()
+    values = sorted(healthy)
+    median = values[3]
+    absolute_margin = rule.mad_k * 1.4826 * sorted(abs(v - median) for v in values)[3]
+    assert absolute_margin > median   # the blind spot of the absolute rule
+    logs = sorted(math.log(v) for v in healthy)
+    log_margin = rule.mad_k * 1.4826 * sorted(abs(x - logs[3]) for x in logs)[3]
     assert dx.worse_than_peers(0.009, healthy, True, rule) is not None
+    assert dx.worse_than_peers(median / math.exp(log_margin) * 0.99, healthy, True, rule) is not None
+    assert dx.worse_than_peers(median / math.exp(log_margin) * 1.01, healthy, True, rule) is None
     assert dx.worse_than_peers(0.9, healthy, True, rule) is None   # within the healthy spread
+

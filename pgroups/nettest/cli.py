@@ -30,6 +30,7 @@ DEFAULT_WARMUP = 1
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_TIME_S = 1800.0
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "SLURM_PROCID")
+REPORT_GRACE_S = 15.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how many times worse than its peers' median a group must be (default 2; "
                              "doubled when it has fewer than 3 peers)")
     parser.add_argument("--mad-k", type=float, default=Rule().mad_k,
-                        help="and by how many robust standard deviations (1.4826 x MAD) of its peers (default 4)")
+                        help="and by how many robust standard deviations of its peers, in ratio (log) space: 1.4826 x MAD of log values (default 4)")
     parser.add_argument("--no-followup", dest="followup", action="store_false",
                         help="report the sweep's findings as they are: no re-test, no pair tests")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the full report as JSON ('-': stdout)")
@@ -174,8 +175,9 @@ def _run_local(args: argparse.Namespace, options: NettestOptions, config) -> int
     if args.simulate_hosts:
         base, hosts, nproc = local_hostname(), args.simulate_hosts, args.nproc
         env_per_rank = _SimulatedHosts(base, hosts, nproc)
+    # after a rank dies, the others need --timeout to notice and a few seconds to report
     outcomes = run_local(args.nproc, local_worker, (options,), timeout_s=args.max_time,
-                         env_per_rank=env_per_rank)
+                         env_per_rank=env_per_rank, failure_grace_s=options.timeout_s + REPORT_GRACE_S)
     failed = [o for o in outcomes if not o.ok]
     if not failed:
         result: RankResult = outcomes[0].value
@@ -201,13 +203,19 @@ def _run_local(args: argparse.Namespace, options: NettestOptions, config) -> int
 
 
 class _SimulatedHosts:
-    """env_per_rank for --simulate-hosts: contiguous blocks of ranks per pretend host."""
+    """env_per_rank for --simulate-hosts: contiguous blocks of ranks per pretend host; when the
+    blocks are equal, each host is a launcher node as torchrun would make it (GROUP_RANK,
+    LOCAL_WORLD_SIZE)."""
 
     def __init__(self, base: str, hosts: int, nproc: int) -> None:
         self.base, self.hosts, self.nproc = base, hosts, nproc
 
     def __call__(self, rank: int) -> dict:
-        return {HOSTNAME_ENV: f"{self.base}-sim{rank * self.hosts // self.nproc}"}
+        node = rank * self.hosts // self.nproc
+        env = {HOSTNAME_ENV: f"{self.base}-sim{node}"}
+        if self.nproc % self.hosts == 0:
+            env.update(GROUP_RANK=str(node), LOCAL_WORLD_SIZE=str(self.nproc // self.hosts))
+        return env
 
 
 def _distinct(messages) -> List[str]:

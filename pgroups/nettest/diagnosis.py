@@ -6,12 +6,14 @@ The rule, chosen so that a healthy run on a noisy machine raises no alarm:
    (``nettest`` blocks with each other, one host's ranks with another host's …), measured in
    the same wave, per collective: bus bandwidth at the largest size and time (latency) at the
    smallest.
-2. **Robust and relative.** A group is *flagged* when its figure is worse than the median of
-   the *other* groups of its class (leave-one-out, so an outlier never drags its own
-   reference) by a factor ``slow_factor`` (default 2: half the bandwidth, or twice the
-   latency) **and** by ``mad_k`` (default 4) robust standard deviations of the others
-   (1.4826 x MAD). One noisy figure is not enough to move a median, and a 2x margin is far
-   beyond the jitter of a healthy link. With fewer than three peers there is no spread to
+2. **Robust and relative, in ratio space.** A group is *flagged* when its figure is worse
+   than the median of the *other* groups of its class (leave-one-out, so an outlier never
+   drags its own reference) by a factor ``slow_factor`` (default 2: half the bandwidth, or
+   twice the latency) **and** by ``mad_k`` (default 4) robust standard deviations of the
+   others' *logarithms* (1.4826 x MAD of log values): noise on bandwidths and times is
+   multiplicative, so the margin is a factor too, however widely a loaded machine scatters
+   the healthy figures. One noisy figure is not enough to move a median, and a 2x margin is
+   far beyond the jitter of a healthy link. With fewer than three peers there is no spread to
    measure, so the factor doubles (4x by default); a class with one group is never compared.
 3. **Absolute floors.** ``--min-busbw`` flags any group whose bus bandwidth at the largest
    size is below the floor, whatever its peers do (the only way to catch a uniformly slow
@@ -31,6 +33,7 @@ Wrong data is never noise: any wrong element flags a group at once (no re-test n
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -41,7 +44,7 @@ from .groups import GroupUnderTest
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
 MIN_PEERS_FOR_SPREAD = 3  # below this, a MAD means nothing: the factor doubles instead
-EXTREME_RATIO = 10.0          # this many times worse than the median is slow whatever the spread
+TINY = 1e-30  # non-positive figures are clamped to this before taking logarithms
 
 
 @attrs.frozen
@@ -154,52 +157,62 @@ class Deviation:
 
     value: float
     reference: float
-    spread: float  # 1.4826 x MAD of the peers
-    ratio: float   # how many times worse (>= 1 means worse)
+    log_spread: float  # 1.4826 x MAD of the peers' natural logarithms
+    ratio: float       # how many times worse (>= 1 means worse)
 
 
 @attrs.frozen
 class PeerStats:
-    """The reference a value is judged against: its peers' median, spread (1.4826 x MAD) and
-    how many peers there are. Computed once, so judging many values against the same peers
-    costs O(1) each."""
+    """The reference a value is judged against, in ratio (log) space: ``median`` is the peers'
+    median (for an even count, the geometric mean of the two middle values), ``log_spread``
+    1.4826 x the MAD of the peers' natural logarithms (a relative spread: 0.1 means the peers
+    scatter by about 10 %), ``count`` how many peers. Computed once, so judging many values
+    against the same peers costs O(1) each."""
 
     median: float
-    spread: float
+    log_spread: float
     count: int
 
     @classmethod
     def of(cls, peers: Sequence[float]) -> "PeerStats":
         if not peers:
             return cls(0.0, 0.0, 0)
-        reference = statistics.median(peers)
-        return cls(reference, MAD_SCALE * statistics.median(abs(p - reference) for p in peers), len(peers))
+        logs = [_log(p) for p in peers]
+        centre = statistics.median(logs)
+        return cls(math.exp(centre), MAD_SCALE * statistics.median(abs(x - centre) for x in logs), len(peers))
+
+
+def _log(value: float) -> float:
+    """The natural log, with non-positive values (a zero bandwidth) clamped to a tiny one."""
+    return math.log(max(value, TINY))
 
 
 def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule) -> Optional[Deviation]:
     """The Deviation if ``value`` is worse than the peers described by ``peers`` by the rule.
 
-    Worse means: beyond ``slow_factor`` times the peers' median **and** beyond ``mad_k``
-    robust standard deviations of the peers — or EXTREME_RATIO times worse than the median
-    whatever the spread (on a loaded machine healthy bandwidths spread so widely that
-    ``mad_k`` deviations exceed the median itself, and no bandwidth, not even a link 100x
-    slower, would otherwise count). With fewer than MIN_PEERS_FOR_SPREAD peers there
-    is no spread to measure, so the factor doubles instead of the spread test. No peers → None.
+    Judged in ratio space: worse means ``ratio`` (how many times worse than the peers' median)
+    at least ``slow_factor`` **and** ``log(ratio)`` beyond ``mad_k`` robust standard deviations
+    of the peers' logarithms. Bandwidths and times are positive and their noise is
+    multiplicative (a loaded machine makes every healthy figure 1.5x or 3x worse, never
+    "0.7 GB/s worse"), so a relative spread describes them: however widely healthy peers
+    scatter, the margin is a factor, never a distance larger than the median itself (which,
+    with an absolute MAD, made every bandwidth unflaggable on a loaded machine). With fewer
+    than MIN_PEERS_FOR_SPREAD peers there is no spread to measure, so the factor doubles
+    instead of the spread test. No peers → None.
     """
     if not peers.count or not peers.median > 0:
         return None
     spread_known = peers.count >= MIN_PEERS_FOR_SPREAD
     factor = rule.slow_factor if spread_known else 2 * rule.slow_factor
-    margin = rule.mad_k * peers.spread if spread_known else 0.0
     if higher_is_better:
         ratio = peers.median / value if value > 0 else float("inf")
-        beyond_spread = value < peers.median - margin
     else:
         ratio = value / peers.median
-        beyond_spread = value > peers.median + margin
-    if ratio >= factor and (beyond_spread or ratio >= EXTREME_RATIO):
-        return Deviation(value, peers.median, peers.spread, ratio)
-    return None
+    if not ratio >= factor:
+        return None
+    if spread_known and not math.log(ratio) > rule.mad_k * peers.log_spread:
+        return None
+    return Deviation(value, peers.median, peers.log_spread, ratio)
 
 
 def worse_than_peers(value: float, peers: Sequence[float], higher_is_better: bool,
@@ -218,6 +231,7 @@ def leave_one_out(values: Sequence[float]) -> List[PeerStats]:
     n = len(values)
     if n < 2:
         return [PeerStats(0.0, 0.0, 0) for _ in values]
+    values = [_log(v) for v in values]  # ratio space, as PeerStats.of
     order = sorted(range(n), key=lambda i: values[i])
     ranked = [values[i] for i in order]
     position = {index: pos for pos, index in enumerate(order)}
@@ -228,7 +242,7 @@ def leave_one_out(values: Sequence[float]) -> List[PeerStats]:
         if median not in deviations:
             deviations[median] = sorted(abs(v - median) for v in ranked)
         spread = _median_without(deviations[median], bisect.bisect_left(deviations[median], abs(values[i] - median)))
-        out.append(PeerStats(median, MAD_SCALE * spread, n - 1))
+        out.append(PeerStats(math.exp(median), MAD_SCALE * spread, n - 1))
     return out
 
 

@@ -7,7 +7,14 @@ Set ``PGROUPS_NETTEST_FAULT`` (never in production) to one or more ``;``-separat
     absent:rank=1               rank 1 never enters any test collective (it sleeps until killed)
     die:host=node7,after=3      every rank of node7 exits at once (no goodbye) inside its 4th
                                 timed operation: a host that dies mid-sweep
-    slow:host=node7             every rank on host node7 (as reported; see PGROUPS_HOSTNAME)
+    slow:host=node7,sleep_ms=5  host node7's network is slow: every rank on it sleeps inside
+                                the timed region of every operation that crosses hosts (its
+                                group or pair holds ranks of another host); traffic between
+                                node7's own ranks is not slowed, as with a slow NIC or link
+    never-start:host=node7      every rank of node7 exits before joining the default group:
+                                torchrun started there, its ranks died before the test began
+
+A ``slow:rank=R`` fault slows every operation of rank R, inside its host too (a slow rank).
 
 A fault names ``rank=R`` or ``host=H``. Parsing is pure; a bad spec raises ValueError naming
 the part that is wrong and what is allowed.
@@ -21,7 +28,7 @@ from typing import Optional, Sequence, Tuple
 import attrs
 
 FAULT_ENV = "PGROUPS_NETTEST_FAULT"
-KINDS = ("slow", "corrupt", "absent", "die")
+KINDS = ("slow", "corrupt", "absent", "die", "never-start")
 DEFAULT_SLEEP_MS = 50.0
 ABSENT_SLEEP_S = 3600.0
 DIE_EXIT_CODE = 137  # what a killed process reports
@@ -83,29 +90,41 @@ def _parse_one(part: str) -> Fault:
 class ActiveFaults:
     """The faults that apply to this rank, as the runner uses them."""
 
-    sleep_s: float = 0.0
+    sleep_s: float = 0.0             # every timed operation (a slow rank)
+    host_sleep_s: float = 0.0        # timed operations that cross hosts (a slow host's network)
     corrupt: bool = False
     absent: bool = False
     die_after: Optional[int] = None   # timed operations before the rank dies (None: never)
+    never_starts: bool = False
     operations: int = 0
 
     @classmethod
     def for_rank(cls, faults: Sequence[Fault], rank: int, host: str) -> "ActiveFaults":
         mine = [f for f in faults if f.applies_to(rank, host)]
         dies = [f.after for f in mine if f.kind == "die"]
-        return cls(sleep_s=sum(f.sleep_ms for f in mine if f.kind == "slow") / 1000.0,
+        slow = [f for f in mine if f.kind == "slow"]
+        return cls(sleep_s=sum(f.sleep_ms for f in slow if f.rank is not None) / 1000.0,
+                   host_sleep_s=sum(f.sleep_ms for f in slow if f.rank is None) / 1000.0,
                    corrupt=any(f.kind == "corrupt" for f in mine),
                    absent=any(f.kind == "absent" for f in mine),
-                   die_after=min(dies) if dies else None)
+                   die_after=min(dies) if dies else None,
+                   never_starts=any(f.kind == "never-start" for f in mine))
 
-    def inside_timed_region(self) -> None:
-        """Called before every timed operation: the injected slowness, or death."""
+    def inside_timed_region(self, crosses_hosts: bool = True) -> None:
+        """Called before every timed operation: the injected slowness, or death.
+        ``crosses_hosts``: the operation's group or pair holds ranks of another host."""
         if self.die_after is not None:
             if self.operations >= self.die_after:
                 os._exit(DIE_EXIT_CODE)
             self.operations += 1
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
+        pause = self.sleep_s + (self.host_sleep_s if crosses_hosts else 0.0)
+        if pause:
+            time.sleep(pause)
+
+    def never_start(self) -> None:
+        """The injected death before the start-up (called before the default group forms)."""
+        if self.never_starts:
+            os._exit(DIE_EXIT_CODE)
 
     def stay_away(self) -> None:
         """The injected absence: never enter (the launcher or the peers' exit ends this)."""

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import queue
+import signal
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -34,11 +35,15 @@ from ..comm.raw import all_gather_single, reduce_scatter_single
 from ..config import load_config
 from ..context import ParallelContext
 from ..backend import is_timeout
-from ..errors import ConfigError, GroupTimeoutError, ModeNotInitializedError
+from ..errors import ConfigError, GroupTimeoutError, LaunchError, ModeNotInitializedError
+from ..hosts import local_hostname
+from ..launch import from_environment
 from . import diagnosis, metrics
 from .diagnosis import Measurement, Rule
 from .faults import FAULT_ENV, ActiveFaults, parse_faults
+from . import startup
 from .linkscan import Culprit, LinkScan, PairSample
+from .startup import StartupBoard
 from .groups import HOST_KINDS, GroupUnderTest, build_catalog, duplicate_kinds, group_of_rank, plan_waves
 
 STORE_PREFIX = "pgroups-nettest/"
@@ -54,9 +59,11 @@ OFFSET_PERIOD = 64    # per-source offset, so chunks from different ranks differ
 CORRUPT_DELTA = 1000.0
 ALIVE_WINDOW_S = 2.5   # after an abort: how long the rank that raised it watches who still answers
 LEAVE_WAIT_S = 2.0     # ... and how long the store's host waits for the other hosts' ranks to leave
-NCCL_TIMEOUT_MARGIN_S = 60.0
+NCCL_TIMEOUT_MARGIN_S = 60.0  # NCCL groups time out this much after the tool's own deadline
 CLOSE_WAIT_S = 2.0
-STORE_CALL_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone  # NCCL groups time out this much after the tool's own deadline
+STORE_CALL_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone
+GONE_POLL_S = 0.2           # how often a waiting store call looks whether another found the store gone
+WAIT_SLICE_S = 1.0          # gloo: an operation is waited in slices of this, to see an abort or a gone store
 RANK_CULPRITS = ("rank", "corrupting", "rank-link", "rail")  # culprits that name ranks, not hosts
 
 
@@ -111,16 +118,34 @@ def store_address() -> str:
     return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 
+class _StoreHealth:
+    """Shared by every guarded view of one store: set once a call finds the store gone, after
+    which every call (on any thread) fails at once instead of waiting its own deadline."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.cause = ""
+
+    def mark_gone(self, cause: str) -> None:
+        if not self.gone.is_set():
+            self.cause = cause
+            self.gone.set()
+
+
 class _GuardedStore:
     """The run's store. Every call runs on one daemon thread and is given STORE_CALL_TIMEOUT_S:
     a store whose host vanished silently never answers (no reset, the TCP call would block for
     minutes), so a call that does not return in time — or that fails — raises StoreGoneError
-    (one line, never a traceback). A call left hanging keeps the thread; later calls then time
-    out too, which is right: the store is gone."""
+    (one line, never a traceback) and marks the store gone for every other call (``health``,
+    shared by the views of one store): the liveness thread, which calls it every second, finds
+    out within STORE_CALL_TIMEOUT_S of the store's death whatever the main thread is doing. A
+    call left hanging keeps the thread; later calls fail at once, which is right: the store is
+    gone."""
 
-    def __init__(self, store: dist.Store, call_timeout_s: float) -> None:
+    def __init__(self, store: dist.Store, call_timeout_s: float, health: Optional[_StoreHealth] = None) -> None:
         self._store = store
         self._timeout_s = call_timeout_s
+        self.health = health or _StoreHealth()
         self._calls: "queue.Queue[Tuple[Callable[[], Any], Dict[str, Any], threading.Event]]" = queue.Queue()
         threading.Thread(target=self._serve, name="pgroups-nettest-store", daemon=True).start()
 
@@ -133,18 +158,29 @@ class _GuardedStore:
                 box["error"] = exc
             done.set()
 
+    def check_gone(self) -> None:
+        """Raise StoreGoneError if some call found the store gone."""
+        if self.health.gone.is_set():
+            raise _store_gone(self.health.cause)
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self._store, name)
 
         def guarded(*args: Any) -> Any:
+            self.check_gone()
             box: Dict[str, Any] = {}
             done = threading.Event()
             self._calls.put((lambda: method(*args), box, done))
-            if not done.wait(self._timeout_s):
-                raise _store_gone(f"no answer for {self._timeout_s:g}s")
+            deadline = time.monotonic() + self._timeout_s
+            while not done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
+                self.check_gone()
+                if time.monotonic() >= deadline:
+                    self.health.mark_gone(f"no answer for {self._timeout_s:g}s")
+                    self.check_gone()
             error = box.get("error")
             if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
-                raise _store_gone(_first_words(str(error)) or type(error).__name__) from None
+                self.health.mark_gone(_first_words(str(error)) or type(error).__name__)
+                self.check_gone()
             if error is not None:
                 raise error
             return box.get("value")
@@ -169,7 +205,8 @@ class Coordinator:
         call_timeout = STORE_CALL_TIMEOUT_S
         root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store), call_timeout)
         self.run_id = (int(root.add("runs", 1)) - 1) // world_size
-        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store), call_timeout)
+        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store), call_timeout,
+                                   root.health)
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
         self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
@@ -506,14 +543,33 @@ class Bench:
         self.warmup, self.iters = warmup, iters
 
     def wait_all(self, works: Sequence[Any]) -> None:
-        """Wait for ``works`` with --timeout each; GroupFailure (with the cause) if one fails."""
+        """Wait for ``works``, --timeout in all; GroupFailure (with the cause) if one fails or
+        the deadline passes. On gloo the wait is sliced (WAIT_SLICE_S): between slices the
+        abort flag and the store's health are looked at, so a rank stuck with a dead peer
+        leaves as soon as another rank raised the alarm or the store is found gone (a
+        NettestTimeoutError / StoreGoneError), not only at its own deadline. A finished
+        operation returns from its slice at once: the slicing costs nothing to the timing.
+        NCCL's ``wait(timeout)`` has other semantics (it may abort the communicator): one
+        wait there."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
         try:
             for work in works:
-                work.wait(self.timeout)
+                if self.device.type == "cuda":
+                    work.wait(self.timeout)
+                    continue
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        work.wait(datetime.timedelta(seconds=max(0.001, min(WAIT_SLICE_S, left))))
+                        break
+                    except (RuntimeError, dist.DistError):
+                        if work.is_completed() or left <= WAIT_SLICE_S:
+                            raise
+                    self.coordinator.check_abort()
         except (RuntimeError, dist.DistError) as exc:
             raise GroupFailure(_first_words(str(exc)) or type(exc).__name__) from exc
 
-    def _timed(self, issue: Callable[[], List[Any]], iters: int) -> List[float]:
+    def _timed(self, issue: Callable[[], List[Any]], iters: int, crosses_hosts: bool) -> List[float]:
         """Time ``iters`` back-to-back operations (device-synchronized); seconds per operation.
 
         On GPUs the operations are queued back to back between two CUDA events (as nccl-tests
@@ -532,7 +588,7 @@ class Bench:
             start.record(stream)
             works: List[Any] = []
             for _ in range(iters):
-                self.faults.inside_timed_region()
+                self.faults.inside_timed_region(crosses_hosts)
                 works = issue()  # NCCL's stream is in order: the last one completes after the others
             for work in works:
                 work.wait()      # the current stream waits for NCCL's (no CPU block)
@@ -543,7 +599,7 @@ class Bench:
         durations = []
         for _ in range(iters):
             begin = time.perf_counter()
-            self.faults.inside_timed_region()
+            self.faults.inside_timed_region(crosses_hosts)
             self.wait_all(issue())
             durations.append(time.perf_counter() - begin)
             self.coordinator.beat()
@@ -557,6 +613,9 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return count_wrong(buffers.recv, buffers.expected, buffers.sources)
+
+    def _crosses_hosts(self, ranks: Sequence[int]) -> bool:
+        return len({self.coordinator.host(r) for r in ranks}) > 1
 
     def iters_for(self, size_bytes: int, followup: bool) -> int:
         """Timed operations per repetition: ``iters``; follow-ups of small messages (cheap, and
@@ -580,7 +639,8 @@ class Bench:
         for _ in range(self.warmup):
             self.wait_all(timed_op())
         iters = self.iters_for(shape.size_bytes, followup)
-        times, op_best = _repeat(lambda issue: self._timed(issue, iters), timed_op, repeats)
+        crosses = self._crosses_hosts(ranks)
+        times, op_best = _repeat(lambda issue: self._timed(issue, iters, crosses), timed_op, repeats)
         wrong, wrong_from = self._verify(buffers, verify_op)
         self.coordinator.beat()
         return {"rank": me, "collective": collective, "size": shape.size_bytes, "count": shape.in_count,
@@ -604,7 +664,8 @@ class Bench:
         for _ in range(self.warmup):
             self.wait_all(issue())
         iters = self.iters_for(shape.size_bytes, followup=True)
-        times, op_best = _repeat(lambda issue_: self._timed(issue_, iters), issue, repeats)
+        crosses = self._crosses_hosts((me, partner))
+        times, op_best = _repeat(lambda issue_: self._timed(issue_, iters, crosses), issue, repeats)
         recv.fill_(float("nan"))
         self.wait_all(issue())
         if self.device.type == "cuda":
@@ -994,15 +1055,30 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     nccl = config.backend == "nccl" or (config.backend == "auto" and torch.cuda.is_available())
     group_timeout = options.timeout_s + (NCCL_TIMEOUT_MARGIN_S if nccl else 0.0)
     config = attrs.evolve(config, timeout_s=group_timeout)
+    board = _startup_board(options) if not dist.is_initialized() else None
+    faults = parse_faults(os.environ.get(FAULT_ENV))
+    ActiveFaults.for_rank(faults, _env_rank(), local_hostname()).never_start()
+    if board is not None:
+        board.start()
     ctx = ParallelContext()
-    ctx.init_from_config(config)
-    is_zero = ctx.get_global_rank() == 0
-    progress = progress if (is_zero and progress is not None) else NullProgress()
     run: Optional[RankRun] = None
     hung = False
+    shown, progress = progress, NullProgress()
     try:
-        run = RankRun(ctx, options, progress)
+        try:
+            ctx.init_from_config(config)
+            if ctx.get_global_rank() == 0 and shown is not None:
+                progress = shown
+            run = RankRun(ctx, options, progress)
+        except (LaunchError, GroupTimeoutError, RuntimeError) as exc:
+            if board is None or isinstance(exc, NettestTimeoutError):
+                raise
+            raise _failed_startup(board, options, exc) from None
+        if board is not None:
+            board.stop()
         report = run.run()
+        if board is not None:
+            board.forget()
         return RankResult(run.rank, run.exit_code, report)
     except NettestTimeoutError as exc:
         hung = True
@@ -1014,10 +1090,57 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
         _close_context(ctx, hung)
 
 
+def _finish_before_terminate() -> None:
+    """From here the rank only reports (every step bounded): a launcher that stops a host's
+    other ranks when one exits (torchrun sends SIGTERM) must not cut a rank off before its one
+    line and the report — it exits 3 moments later by itself (torchrun's SIGKILL follows
+    after 30 s anyway)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _env_rank() -> int:
+    text = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or ""
+    return int(text) if text.isdigit() else -1
+
+
+def _startup_board(options: NettestOptions) -> Optional[StartupBoard]:
+    try:
+        launch = from_environment()
+    except LaunchError:
+        return None   # the context's own start-up says what is missing
+    return StartupBoard.from_environment(launch, local_hostname(), options.timeout_s)
+
+
+def _failed_startup(board: StartupBoard, options: NettestOptions, exc: BaseException) -> BaseException:
+    """The default group (or the first exchange) did not form: name who never arrived, write
+    the report (the lowest rank present writes it), and return the error to raise —
+    NettestTimeoutError if ranks are missing, StoreGoneError if the store cannot be read, the
+    original error if everyone is there (something else failed)."""
+    from .report import write_json
+
+    _finish_before_terminate()
+    missing = board.find_missing()
+    if missing is None:
+        return _store_gone(f"unreachable after the start-up failed: {_first_words(str(exc))}")
+    if not missing.ranks:
+        return exc
+    message = startup.describe(missing, options.timeout_s)
+    report = {"message": message, "kind": "start-up", "missing": missing.ranks,
+              "never_arrived": list(missing.never_arrived), "stopped_answering": list(missing.went_silent),
+              "missing_hosts": missing.known_hosts, "cause": _first_words(str(exc))}
+    present = [r for r in range(board.world_size) if r not in set(missing.ranks)]
+    if options.json_path and present and board.rank == present[0]:
+        write_json({"status": "timeout", "exit_code": 3, "world_size": board.world_size, "timeout": report,
+                    "options": options.to_json()}, options.json_path)
+    return NettestTimeoutError(message, report)
+
+
 def _conclude(run: RankRun, exc: NettestTimeoutError) -> NettestTimeoutError:
     """After an abort: answer, learn the final story, write the report, leave in order."""
     from .report import write_json
 
+    _finish_before_terminate()
     coordinator, report = run.coordinator, exc.report
     store_gone = isinstance(exc, StoreGoneError)
     if not store_gone:
