@@ -77,7 +77,12 @@ def test_healthy_emulated_cluster_exits_0_everywhere(tmp_path, hosts):
     assert codes == {i: 0 for i in range(hosts)}, (codes, report and report.get("culprits"))
     assert report["hostnames"] == [host(i) for i in range(hosts) for _ in range(RANKS_PER_HOST)]
     assert report["culprits"] == [] and report["status"] == "healthy"
-    assert report["links"]["inter_rounds"] == 3   # every pair of hosts met once
+    # the three round-robin rounds meet every pair of hosts; a transient hiccup may add a
+    # re-pair round (judged healthy in the end: no culprit, exit 0)
+    inter = [r for r in report["links"]["rounds"] if r["kind"] == "inter-host"]
+    met = {tuple(sorted(p)) for r in inter[:3] for p in r["host_pairs"]}
+    assert met == {(host(i), host(j)) for i in range(hosts) for j in range(i + 1, hosts)}
+    assert all(w == "round-robin" for r in inter[:3] for w in r["why"])
 
 
 @pytest.mark.timeout(RUN_LIMIT_S + 60)

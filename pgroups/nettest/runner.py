@@ -739,7 +739,14 @@ class RankRun:
 
     # -- steps ----------------------------------------------------------------------------
     def run(self) -> Optional[Dict[str, Any]]:
-        self.build_groups()
+        self.coordinator.position("building the groups under test")
+        try:
+            self.build_groups()
+        except GroupTimeoutError as exc:   # a peer died while the groups were being built
+            if isinstance(exc, NettestTimeoutError):
+                raise
+            self._alarm({"message": f"building the groups under test: {exc}", "kind": "timeout",
+                         "step": "build-groups", "detected_by": self.rank, "cause": _first_words(str(exc))})
         self.faults.stay_away()
         waves = plan_waves(self.catalog)
         sweep: List[Measurement] = []
@@ -810,9 +817,14 @@ class RankRun:
                   "never_entered": [{"rank": r, "host": self.hostnames[r], "last_at": p}
                                     for r, p in sorted(absent.items())],
                   "cause": cause}
+        self._alarm(report)
+
+    def _alarm(self, report: Dict[str, Any]) -> None:
+        """Raise the abort flag with ``report`` and raise the first report raised (every rank
+        tells one story)."""
         self.coordinator.abort(report)
-        self.coordinator.check_abort()  # raises the first report raised: every rank tells one story
-        raise NettestTimeoutError(message, report)
+        self.coordinator.check_abort()
+        raise NettestTimeoutError(report["message"], report)
 
     def _aggregate(self, collected: Sequence[Sequence[Dict[str, Any]]],
                    groups: Mapping[str, Any]) -> List[Measurement]:
