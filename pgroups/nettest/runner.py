@@ -1133,19 +1133,24 @@ def _failed_startup(board: StartupBoard, options: NettestOptions, exc: BaseExcep
 
     _finish_before_terminate()
     missing = board.find_missing()
-    if missing is None:
-        return _store_gone(f"unreachable after the start-up failed: {_first_words(str(exc))}")
-    if not missing.ranks:
+    if missing is None:   # the store is gone: each host's first local rank writes what it knows
+        error = _store_gone(f"unreachable after the start-up failed: {_first_words(str(exc))}")
+        writer = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
+        report = error.report
+    elif not missing.ranks:
         return exc
-    message = startup.describe(missing, options.timeout_s)
-    report = {"message": message, "kind": "start-up", "missing": missing.ranks,
-              "never_arrived": list(missing.never_arrived), "stopped_answering": list(missing.went_silent),
-              "missing_hosts": missing.known_hosts, "cause": _first_words(str(exc))}
-    present = [r for r in range(board.world_size) if r not in set(missing.ranks)]
-    if options.json_path and present and board.rank == present[0]:
+    else:
+        message = startup.describe(missing, options.timeout_s)
+        report = {"message": message, "kind": "start-up", "missing": missing.ranks,
+                  "never_arrived": list(missing.never_arrived), "stopped_answering": list(missing.went_silent),
+                  "missing_hosts": missing.known_hosts, "cause": _first_words(str(exc))}
+        present = [r for r in range(board.world_size) if r not in set(missing.ranks)]
+        writer = bool(present) and board.rank == present[0]
+        error = NettestTimeoutError(message, report)
+    if options.json_path and writer:
         write_json({"status": "timeout", "exit_code": 3, "world_size": board.world_size, "timeout": report,
                     "options": options.to_json()}, options.json_path)
-    return NettestTimeoutError(message, report)
+    return error
 
 
 def _conclude(run: RankRun, exc: NettestTimeoutError) -> NettestTimeoutError:

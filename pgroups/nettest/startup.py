@@ -33,8 +33,8 @@ from ..ranks import format_ranks
 START_PREFIX = "pgroups-nettest/start/"
 BEAT_S = 1.0
 ROLL_CALL_S = 2.5     # how long a failed rank watches the start-up heartbeats
-LEAVE_WAIT_S = 5.0    # how long the rank that serves the store waits for the others to read it
-STORE_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone
+LEAVE_WAIT_S = 7.0    # how long the store's host waits for the others to read it (start-up skew)
+STORE_TIMEOUT_S = 6.0  # the roll call may take this much beyond ROLL_CALL_S: then the store is gone
 
 
 @attrs.frozen
@@ -186,35 +186,43 @@ class StartupBoard:
 
     def find_missing(self) -> Optional[Absentees]:
         """After a failed start-up: read the register, watch the heartbeats for ROLL_CALL_S,
-        say who is missing; mark this rank as done reading. None if the store is unreachable.
-        Bounded: each store step gets STORE_TIMEOUT_S on a helper thread."""
+        say who is missing; mark this rank as done reading. None if the register cannot be
+        read (the store is gone); if the store goes during the roll call, the register read
+        stands and nobody is called silent. Bounded: the store calls run on a helper thread
+        given ROLL_CALL_S + STORE_TIMEOUT_S in all. A rank on the store's host then waits (at
+        most LEAVE_WAIT_S) for the others to have read: when its ranks exit, the store may go."""
         box: Dict[str, Any] = {}
 
         def read() -> None:
-            client = self._client or self._connect(min(self.timeout_s, STORE_TIMEOUT_S))
-            keys = [f"{self.prefix}beat/{r}" for r in range(self.world_size)]
-            text = client.get(self.prefix + "register").decode() if client.check([self.prefix + "register"]) else ""
-            register = parse_register(text)
-            first = {r: int(client.add(keys[r], 0)) for r in register}
-            time.sleep(ROLL_CALL_S)
-            silent = [r for r in register if r != self.rank and int(client.add(keys[r], 0)) == first[r]]
-            box["missing"] = absentees(self.world_size, register, silent, self.local_world_size)
-            client.add(self.prefix + "left", 1)
-            box["client"] = client
+            try:
+                client = self._client or self._connect(min(self.timeout_s, STORE_TIMEOUT_S))
+                key = self.prefix + "register"
+                box["register"] = parse_register(client.get(key).decode() if client.check([key]) else "")
+                beats = {r: f"{self.prefix}beat/{r}" for r in box["register"] if r != self.rank}
+                first = {r: int(client.add(k, 0)) for r, k in beats.items()}
+                time.sleep(ROLL_CALL_S)
+                box["silent"] = [r for r, k in beats.items() if int(client.add(k, 0)) == first[r]]
+                client.add(self.prefix + "left", 1)
+                box["client"] = client
+            except Exception:  # noqa: BLE001 - the store went away: what was read stands
+                return
 
         reader = threading.Thread(target=read, name="pgroups-nettest-roll-call", daemon=True)
         reader.start()
-        reader.join(STORE_TIMEOUT_S + ROLL_CALL_S + STORE_TIMEOUT_S)
+        reader.join(ROLL_CALL_S + STORE_TIMEOUT_S)
         self.stop()
-        missing = box.get("missing")
-        if missing is not None and self.serves_store():
+        if "register" not in box:
+            return None
+        missing = absentees(self.world_size, box["register"], box.get("silent", []), self.local_world_size)
+        if "client" in box and self.on_store_host():
             self._wait_for_readers(box["client"], self.world_size - len(missing.ranks))
         return missing
 
-    def serves_store(self) -> bool:
-        """True if the store lives in this process (rank 0 without torchrun's agent store):
-        then it must stay until the others have read it."""
-        return self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    def on_store_host(self) -> bool:
+        """True if the store lives with this rank's host: rank 0's process (our launcher,
+        SLURM), or torchrun's agent on node 0 (static rendezvous): then this rank must not
+        leave before the others have read it."""
+        return self.rank == 0 or self.arrival.node == 0
 
     def forget(self) -> None:
         """The run is over on every rank: delete this rank's start-up keys (rank 0 the shared
