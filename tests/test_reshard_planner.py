@@ -1,7 +1,8 @@
 """The pure reshard planner, its specs and layouts, and `pgroups reshard-plan`.
 
-Properties over random layout pairs up to world 1024 are checked against an oracle that only
-uses the specs' pieces and the layouts' coordinates: every destination byte is covered
+Properties over random layout pairs up to world 1024 (with and without context parallelism) are
+checked against an oracle that only uses the specs' pieces and the layouts' coordinates: every
+destination byte is covered
 exactly once, from a rank that holds it, at the right local positions; bytes received equal
 the lower bound (ratio 1.0); each step is a matching; same-host holders are preferred.
 """
@@ -206,8 +207,9 @@ def models(draw) -> ModelSpec:
 def layouts(draw, world: int, max_size: int) -> ParallelLayout:
     tensor = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16]).filter(lambda t: t <= max_size))
     pipeline = draw(st.sampled_from([1, 2, 3, 4, 8]).filter(lambda p: tensor * p <= max_size))
-    data = draw(st.integers(1, max(1, max_size // (tensor * pipeline))))
-    size = tensor * pipeline * data
+    context = draw(st.sampled_from([1, 1, 2]).filter(lambda c: tensor * pipeline * c <= max_size))
+    data = draw(st.integers(1, max(1, max_size // (tensor * pipeline * context))))
+    size = tensor * pipeline * context * data
     placement = draw(st.sampled_from(["prefix", "offset", "shuffled"]))
     if placement == "prefix":
         ranks = list(range(size))
@@ -216,9 +218,10 @@ def layouts(draw, world: int, max_size: int) -> ParallelLayout:
         ranks = list(range(start, start + size))
     else:
         ranks = draw(st.randoms(use_true_random=False)).sample(range(world), size)
-    order = draw(st.sampled_from(["tp-pp-dp", "tp-dp-pp", "dp-tp-pp"]))
+    order = draw(st.sampled_from(["tp-pp-dp", "tp-dp-pp", "dp-tp-pp"] if context == 1 else
+                                 ["tp-cp-pp-dp", "tp-cp-dp-pp", "cp-dp-tp-pp"]))
     stages = draw(st.sampled_from(["even", "balanced"]))
-    return ParallelLayout.create(Topology.create(size, tensor, pipeline, order=order), ranks, stages)
+    return ParallelLayout.create(Topology.create(size, tensor, pipeline, order=order, context=context), ranks, stages)
 
 
 @st.composite
