@@ -191,3 +191,33 @@ def test_reshard_to_and_from_context_parallel_layouts_is_exact_and_minimal(src_c
         want = cut_shards(dst, model, r, full.__getitem__)
         assert all(torch.equal(got[r][n], t) for n, t in want.items()), f"rank {r}"
     assert plan.ratio == 1.0
+
+
+@pytest.mark.parametrize("parallel", [CONFIGS[1][0], CONFIGS[6][0]], ids=["megatron", "internevo"])
+@pytest.mark.parametrize("rank", [0, 5, 11, 15])
+def test_layout_of_a_running_context_places_this_ranks_experts_by_its_groups(parallel, rank):
+    """``ParallelLayout.create(gpc.topology)`` on an initialised context (torch's fake backend, rank
+    ``rank`` of 16): the experts this rank holds are its expert group position's, its shard is its
+    expert-TP group position's, and every member of its expert-data group holds the same shards."""
+    from pgroups import ParallelContext
+    from conftest import fake_world
+
+    model = moe(grouped=True)
+    full = encoded(model)
+    with fake_world(16, rank):
+        ctx = ParallelContext().init_from_config({"parallel": parallel})
+        try:
+            lay = ParallelLayout.create(ctx.topology)
+            expert, etp = ctx.get_ranks_in_group("expert"), ctx.get_ranks_in_group("expert_tensor")
+            j, k = expert.index(rank), etp.index(rank)
+            layer = ctx.get_local_rank("pipe") * 2 // ctx.get_world_size("pipe")
+            chunk = FFN // len(etp)
+            mine = held_expert_rows(cut_shards(lay, model, rank, full.__getitem__), layer, True)
+            experts = range(j * E // len(expert), (j + 1) * E // len(expert))
+            assert {e for _, e, _ in mine} == set(experts)
+            assert {row for part, _, row in mine if part == "gate_up"} == {
+                r for i in range(k * chunk, (k + 1) * chunk) for r in (i, FFN + i)}
+            for peer in ctx.get_ranks_in_group("expert_data"):
+                assert held_expert_rows(cut_shards(lay, model, peer, full.__getitem__), layer, True) == mine
+        finally:
+            ctx.destroy()
