@@ -22,12 +22,15 @@ def region(tensor: torch.Tensor, box) -> torch.Tensor:
 
 
 def apply_plan(plan: Plan, full: Optional[Mapping[str, torch.Tensor]],
-               src: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None) -> Dict[int, Dict[str, torch.Tensor]]:
+               src: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None,
+               dst: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None) -> Dict[int, Dict[str, torch.Tensor]]:
     """Run ``plan`` in one process: source shards ``src`` (default: cut from ``full``), destination
-    shards start as NaN and receive exactly what the plan's transfers say. Returns ``{dst rank: shards}``."""
+    shards ``dst`` (default: new, NaN) receive exactly what the plan's transfers say. Returns
+    ``{dst rank: shards}``."""
     if src is None:
         src = {r: cut_shards(plan.src, plan.model, r, full.__getitem__) for r in plan.src.ranks}
-    dst = {r: empty_shards(plan.dst, plan.model, r, fill=float("nan")) for r in plan.dst.ranks}
+    if dst is None:
+        dst = {r: empty_shards(plan.dst, plan.model, r, fill=float("nan")) for r in plan.dst.ranks}
     for t in plan.transfers:
         region(dst[t.dst][t.tensor], t.dst_box).copy_(region(src[t.src][t.tensor], t.src_box))
     return dst

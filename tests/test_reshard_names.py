@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pgroups.errors import ConfigError
-from pgroups.reshard import cut_shards, llama_like, plan_reshard
-from pgroups.reshard.names import LLAMA, convert_shards, fuse_shards, load_name_map, separate_model
+from pgroups.reshard import cut_shards, empty_shards, llama_like, plan_reshard
+from pgroups.reshard.names import (LLAMA, convert_shards, fuse_shards, load_name_map, separate_model, sub_block_model,
+                                   sub_block_views)
 
 from reshard_compute import apply_plan, canonical, relative_error
 from test_reshard_functional import FFN, HEAD_DIM, HIDDEN, layout, one_layer, reference_layer, sharded_layer
@@ -157,3 +158,116 @@ def test_fuse_errors_name_the_tensor():
     partial = load_name_map({"tensors": {"layers.{layer}.attn.qkv.weight": {"q": "q", "k": "k"}}})
     with pytest.raises(ConfigError, match=r"has sub-block roles k, q, v but the map names k, q; to fuse, name every"):
         separate_model(model, partial)
+
+
+# ---- the same conversions inside the transfer: one reshard of sub-blocks, each side's shards as views -------
+def nan_shards(lay, model):
+    return {r: empty_shards(lay, model, r, fill=float("nan")) for r in lay.ranks}
+
+
+@pytest.mark.parametrize("variant", ["interleaved", "fused"])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3)])
+def test_separate_to_fused_inside_the_transfer_is_bit_exact_at_the_lower_bound(variant, heads, kv_heads):
+    w = canonical(7, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    model, _, names = one_layer(variant, heads, kv_heads, w)
+    _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
+    sub = sub_block_model(model, SPLIT)
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(8))
+    want = reference_layer(x, w, heads, kv_heads)
+    for src_tp in (1, kv_heads):          # an HF checkpoint (TP 1), a separate TP layout
+        src = layout(src_tp)
+        separate = vllm_separate_shards(separate_full, src_tp)
+        views = {r: sub_block_views(separate[r], model, src, r, SPLIT, separate=True) for r in src.ranks}
+        assert all(v.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in separate[r].values()}
+                   for r in src.ranks for v in views[r].values()), "views, not copies"
+        for dst_tp in range(1, heads + 1):
+            dst = layout(dst_tp, ranks=list(range(1, dst_tp + 1)))
+            plan, fused_plan = plan_reshard(src, dst, sub), plan_reshard(src, dst, model)
+            assert plan.ratio == 1.0 and plan.received_bytes == fused_plan.lower_bound_bytes
+            fused = nan_shards(dst, model)
+            apply_plan(plan, None, views, {r: sub_block_views(fused[r], model, dst, r, SPLIT, separate=False)
+                                           for r in dst.ranks})
+            case = f"{variant}: separate TP {src_tp} -> fused TP {dst_tp}"
+            assert not any(t.isnan().any() for s in fused.values() for t in s.values()), f"{case}: a row not written"
+            if kv_heads % dst_tp == 0:
+                for k, expected in enumerate(megatron_shards(w, heads, kv_heads, variant, dst_tp)):
+                    got = fused[dst.global_rank(k)]
+                    assert all(torch.equal(got[n], t) for n, t in expected.items()), f"{case}: TP rank {k}"
+            assert relative_error(sharded_layer(x, fused, model, names, dst, heads, kv_heads), want) < 1e-5, case
+
+
+def test_fused_to_separate_inside_the_transfer_gives_the_separate_layouts_shards():
+    heads, kv_heads = 8, 2
+    w = canonical(9, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    model, _, _ = one_layer("interleaved", heads, kv_heads, w)
+    _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
+    sub, sep = sub_block_model(model, SPLIT), separate_model(model, SPLIT)
+    for src_tp, dst_tp in ((2, 1), (2, 2), (1, 2), (1, 1)):   # Megatron needs TP | query groups
+        src, dst = layout(src_tp), layout(dst_tp, ranks=list(range(3, 3 + dst_tp)))
+        megatron = megatron_shards(w, heads, kv_heads, "interleaved", src_tp)   # Megatron's own shards
+        rest = vllm_separate_shards({n: separate_full[n] for n in ("embed", "input_norm", "post_norm")}, src_tp)
+        fused_src = {src.global_rank(k): {**rest[k], **megatron[k]} for k in range(src_tp)}
+        out = {r: empty_shards(dst, sep, r, fill=float("nan")) for r in dst.ranks}
+        apply_plan(plan_reshard(src, dst, sub),
+                   None, {r: sub_block_views(fused_src[r], model, src, r, SPLIT, separate=False) for r in src.ranks},
+                   {r: sub_block_views(out[r], model, dst, r, SPLIT, separate=True) for r in dst.ranks})
+        for k, expected in enumerate(vllm_separate_shards(separate_full, dst_tp)):
+            got = out[dst.global_rank(k)]
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[n], t) for n, t in expected.items()), f"TP {src_tp} -> {dst_tp}: rank {k}"
+
+
+def e2e_worker(heads: int, kv_heads: int) -> dict:
+    """An HF checkpoint on rank 0 (TP 1, separate q/k/v, gate/up) → Megatron's interleaved fused
+    layout at TP 2 on ranks 1-2, by the executor on gloo: the sub-block reshard writes straight
+    into the fused destination shards. Returns this rank's fused shards (as lists)."""
+    from pgroups import gpc
+    from pgroups.reshard import execute_plan, plan_share
+
+    gpc.init_from_config({"parallel": {"tensor": 1, "pipeline": 1}, "backend": "gloo", "timeout_s": 60,
+                          "groups": "lazy"})
+    w = canonical(11, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    model, _, _ = one_layer("interleaved", heads, kv_heads, w)
+    _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
+    src, dst = layout(1), layout(2, ranks=[1, 2])
+    rank = gpc.get_global_rank()
+    share = plan_share(src, dst, sub_block_model(model, SPLIT), rank, gpc.get_hostnames())
+    source = sub_block_views(separate_full, model, src, rank, SPLIT, separate=True) if rank in src else {}
+    fused = empty_shards(dst, model, rank, fill=float("nan")) if rank in dst else {}
+    target = sub_block_views(fused, model, dst, rank, SPLIT, separate=False) if rank in dst else {}
+    execute_plan(share, source, target, timeout_s=30)
+    gpc.destroy()
+    return {name: tensor.tolist() for name, tensor in fused.items()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_gloo_executor_converts_an_hf_checkpoint_into_megatrons_layout_inside_the_transfer():
+    from pgroups.spawn import run_local
+
+    heads, kv_heads = 8, 2
+    outcomes = run_local(3, e2e_worker, (heads, kv_heads), timeout_s=170, env={"OMP_NUM_THREADS": "1"})
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+    w = canonical(11, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    shards = {o.rank: {n: torch.tensor(v) for n, v in o.value.items()} for o in outcomes}
+    for k, expected in enumerate(megatron_shards(w, heads, kv_heads, "interleaved", 2)):
+        assert all(torch.equal(shards[1 + k][n], t) for n, t in expected.items()), f"TP rank {k}"
+
+
+def test_sub_block_conversion_refuses_what_views_cannot_hold():
+    moe = llama_like(hidden=8, layers=1, heads=2, kv_heads=1, ffn=4, vocab=6, dtype="float32", experts=2)
+    grouped = load_name_map({"name": "experts", "tensors": {
+        "layers.{layer}.mlp.experts.gate_up.weight": {"gate": "gate", "up": "up"}}})
+    with pytest.raises(ConfigError, match=r"tensor 'layers.0.mlp.experts.gate_up.weight' is split on dim 1: converting "
+                                          r"it inside the transfer needs dim 0 .* fuse_shards / convert_shards"):
+        sub_block_model(moe, grouped)
+    model = llama_like(hidden=8, layers=1, heads=2, kv_heads=1, ffn=4, vocab=6, dtype="float32")
+    sep = separate_model(model, LLAMA)
+    shards = cut_shards(layout(2), sep, 1, lambda n: torch.zeros(sep[n].shape))
+    del shards["model.layers.0.self_attn.v_proj.weight"]
+    with pytest.raises(ConfigError, match=r"rank 1: tensor 'model.layers.0.self_attn.v_proj.weight' is not among"):
+        sub_block_views(shards, model, layout(2), 1, LLAMA, separate=True)
+    whole = {t.name: torch.zeros(t.shape) for t in model.tensors}   # unsharded fused tensors on TP rank 1 of 2
+    with pytest.raises(ConfigError, match=r"rank 1: tensor 'layers.0.attn.qkv.weight' has shape \(16, 8\); TP rank 1 "
+                                          r"of 2 holds \(12, 8\)"):
+        sub_block_views(whole, model, layout(2), 1, LLAMA, separate=False)

@@ -24,6 +24,7 @@ from pgroups.reshard import (ModelSpec, ParallelLayout, Rule, TensorSpec, balanc
                              llama_like, load_layout, load_model_spec, local_shapes, parts_blocks, plan_reshard,
                              plan_share,
                              qkv_blocks, spec_from_module)
+from pgroups.reshard.names import LLAMA, sub_block_model
 from pgroups.reshard.spec import Piece
 from pgroups.topology import Topology
 
@@ -619,7 +620,9 @@ def test_cli_reshard_plan_reports_experts_padding_dtypes_and_fusing(capsys, tmp_
     assert "routed experts: 8 per MoE layer" in out and "experts per EP rank: 2" in out
     assert "src 1024 rows (padded to a multiple of 128 x TP: 24 padding rows)" in out     # ceil(1000/256)*256
     assert "destination float8_e4m3fn" in out and "on the wire in the destination dtypes" in out
-    assert "fused locally on each source rank before the transfer" in out and "plan hash" in out and "steps" in out
+    # 2 layers x (q0 q1 k0 k1 v0 v1)
+    assert "converted inside the transfer (2 fused tensors planned as 12 sub-block tensors" in out
+    assert "plan hash" in out and "steps" in out
     assert main(args + ["--json", "--transfers"]) == 0
     data = json.loads(capsys.readouterr().out)
     # experts each destination rank owns: its position in its expert group (Megatron: 8 / ep 8 = one each)
@@ -628,7 +631,7 @@ def test_cli_reshard_plan_reports_experts_padding_dtypes_and_fusing(capsys, tmp_
     assert all(row["experts"] == [position[row["rank"]], position[row["rank"]] + 1] for row in data["receivers"])
     # bytes on the wire: fp8 values (4-byte aligned) + one float32 scale per row of the split axis (and
     # per expert of a grouped weight) for >= 2-D tensors; bf16 for 1-D ones
-    model = load_model_spec(str(tmp_path / "model.yaml"))
+    model = sub_block_model(load_model_spec(str(tmp_path / "model.yaml")), LLAMA)   # what --src-names plans
     wire: Counter = Counter()
     for t in data["transfers"]:
         if t["src"] == t["dst"]:

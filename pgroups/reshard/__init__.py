@@ -14,7 +14,8 @@
   its report (bytes vs the lower bound, sender loads, steps);
 - :mod:`.names`: after a reshard, a rank's shards split from fused QKV / gate-up and renamed
   (HF names: the shipped ``llama`` map), locally; before one, separate (HF-named) shards fused
-  into the model's layouts (``fuse_shards``);
+  into the model's layouts (``fuse_shards``); or either conversion inside the transfer
+  (``sub_block_model`` / ``sub_block_views``);
 - :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
 - :mod:`.collectives`: the old import path of :mod:`pgroups.comm` (activation collectives with
   autograd: Ulysses all-to-all, gather / split / reduce-scatter along a dim, async weight all-gather);
@@ -26,7 +27,8 @@ from ..comm import (WeightGatherHandle, all_gather_weight, all_to_all, gather_al
 from .executor import DEFAULT_BUCKET_BYTES, Resharder, ReshardError, ReshardStats, execute_plan, reshard
 from .layout import (STAGE_POLICIES, ParallelLayout, balanced_stages, cut_shards, empty_shards, even_stages,
                      held_tensors, load_layout, local_shapes, parse_ranks)
-from .names import LLAMA, NameMap, convert_shards, fuse_shards, load_name_map, separate_model
+from .names import (LLAMA, NameMap, convert_shards, fuse_shards, load_name_map, separate_model, sub_block_model,
+                    sub_block_views)
 from .planner import (Plan, PlanShare, ReceiverReport, Transfer, ZeroFill, describe_plan, describe_share,
                       plan_digest, plan_reshard, plan_share)
 from .spec import (Block, Experts, Heads, ModelSpec, Rule, TensorSpec, attention_heads, head_blocks, llama_like,
@@ -40,7 +42,7 @@ __all__ = [
     "execute_plan", "head_blocks", "held_tensors", "llama_like", "load_layout", "load_model_spec", "local_shapes",
     "parse_ranks", "parts_blocks", "plan_digest", "plan_reshard", "plan_share", "qkv_blocks",
     "qkv_interleaved_blocks", "reshard", "ZeroFill", "LLAMA", "NameMap", "convert_shards", "load_name_map",
-    "fuse_shards", "separate_model",
+    "fuse_shards", "separate_model", "sub_block_model", "sub_block_views",
     "spec_from_module", "WeightGatherHandle", "all_gather_weight", "all_to_all", "gather_along", "head_to_seq",
     "reduce_scatter_along", "seq_to_head", "split_along", "start_weight_gather", "MicroDataSharding",
 ]

@@ -10,8 +10,9 @@ The report lists routed experts (each side's expert mesh, the experts each rank 
 padding, dtypes, bytes per rank against the lower bound, and steps. ``--dst-dtype D`` converts
 every floating tensor at the sender (``fp8``: tensors of >= 2 dims, with float32 scales) and
 adds the bytes on the wire in the destination dtypes. ``--src-names MAP`` says the source shards
-are separate tensors under a name map (``llama`` or a YAML), fused locally on each source rank
-before the transfer; ``--dst-names MAP`` that the destination splits / renames after it.
+are separate tensors under a name map (``llama`` or a YAML), ``--dst-names MAP`` that the
+destination wants them so: the plan is then the sub-block reshard that converts inside the
+transfer (:func:`~pgroups.reshard.names.sub_block_model`), and its hash is that plan's.
 Exit 0 when every destination rank receives exactly its lower bound, 1 otherwise, 2 on bad input.
 """
 from __future__ import annotations
@@ -19,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError, allowed
-from .layout import ParallelLayout, load_layout
-from .names import conversion_report, load_name_map, separate_model
+from .layout import load_layout
+from .names import conversion_report, load_name_map, sub_block_model
 from .planner import _fmt_bytes, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
 from .spec import ModelSpec, llama_like, load_model_spec
@@ -69,28 +70,32 @@ def _dst_dtypes(value: Optional[str], model: ModelSpec) -> Optional[Dict[str, to
             if t.dtype.is_floating_point and (len(t.shape) >= 2 or not convert.is_scaled(dtype))}
 
 
-def _conversions(args: argparse.Namespace, model: ModelSpec, src: ParallelLayout,
-                 dst: ParallelLayout) -> Dict[str, Dict]:
-    """``{"src" / "dst": conversion_report}`` for ``--src-names`` / ``--dst-names``."""
-    result = {}
-    for side, value, layout in (("src", args.src_names, src), ("dst", args.dst_names, dst)):
-        if value is not None:
-            names = load_name_map(value)
-            separate_model(model, names)   # every fused tensor's roles named (ConfigError otherwise)
-            result[side] = conversion_report(model, layout, names)
-    return result
+def _conversions(args: argparse.Namespace, model: ModelSpec) -> Tuple[ModelSpec, Dict[str, Dict]]:
+    """The model to plan — :func:`sub_block_model` when ``--src-names`` / ``--dst-names`` ask for a
+    conversion — and ``{"src" / "dst": conversion_report}``. ConfigError if the two maps split
+    different tensors."""
+    maps = {side: load_name_map(value) for side, value in (("src", args.src_names), ("dst", args.dst_names))
+            if value is not None}
+    if not maps:
+        return model, {}
+    reports = {side: conversion_report(model, names) for side, names in maps.items()}
+    split = {side: {t.name for t in model.tensors if not isinstance(names.target(t.name), str)}
+             for side, names in maps.items()}
+    if len(split) == 2 and split["src"] != split["dst"]:
+        raise ConfigError(f"--src-names {args.src_names} and --dst-names {args.dst_names} split different tensors "
+                          f"by role ({len(split['src'])} vs {len(split['dst'])}); they must split the same ones")
+    return sub_block_model(model, maps.get("src", maps.get("dst"))), reports
 
 
 def _describe_conversions(conversions: Dict[str, Dict]) -> List[str]:
     lines = []
-    for side, what in (("src", "source: separate tensors under name map {map!r} fused locally on each source "
-                               "rank before the transfer"),
-                       ("dst", "destination: shards split / renamed under name map {map!r} locally after the "
-                               "transfer")):
+    for side, what in (("src", "source: separate tensors under name map {map!r}"),
+                       ("dst", "destination: separate tensors under name map {map!r}")):
         c = conversions.get(side)
         if c is not None:
-            lines.append(what.format(map=c["map"]) + f" ({c['fused']} fused tensors, {c['renamed']} renamed; at most "
-                         f"{_fmt_bytes(c['max_rank_bytes'])} of fused rows per rank; no network bytes)")
+            lines.append(what.format(map=c["map"]) + f", converted inside the transfer ({c['fused']} fused tensors "
+                         f"planned as {c['sub_blocks']} sub-block tensors, {c['renamed']} renamed; each rank passes "
+                         "views of its shards, no copy)")
     return lines
 
 
@@ -116,8 +121,8 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
     src = load_layout(args.src, args.world_size)
     dst = load_layout(args.dst, args.world_size)
     model = load_model_spec(args.model) if args.model else llama_like(name="llama-3-8b-shapes")
+    model, conversions = _conversions(args, model)
     dtypes = convert.resolve_dst_dtypes(model, _dst_dtypes(args.dst_dtype, model))
-    conversions = _conversions(args, model, src, dst)
     if args.rank is not None:
         if not 0 <= args.rank < args.world_size:
             raise ConfigError(f"--rank {args.rank} is outside the job's ranks 0..{args.world_size - 1}")

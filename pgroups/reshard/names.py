@@ -20,20 +20,24 @@ name keep their names. From YAML::
         {q: "model.layers.{layer}.self_attn.q_proj.weight", k: ..., v: ...}
 
 The reverse — separate → fused, e.g. loading a Hugging Face checkpoint (or a vLLM-style layout
-with separate q / k / v and gate / up) into Megatron's fused layouts — is local too, on the
-*source* side, before the reshard: :func:`fuse_shards` builds each source rank's fused shards
-(interleaved per query group, ``[Q;K;V]``, fused gate/up: whatever ``model`` says) from the
-separate ones it holds, one copy of its own rows, and the reshard then moves fused shards between
-the two layouts at the lower bound. :func:`separate_model` is the separate-named model (its
-shapes and splits) the source shards must follow. The conversion is not planned inside the
-transfer: it costs each source rank one local copy of its fused tensors' rows.
+with separate q / k / v and gate / up) into Megatron's fused layouts — locally on the source side
+before the reshard: :func:`fuse_shards` builds each source rank's fused shards (interleaved per
+query group, ``[Q;K;V]``, fused gate/up: whatever ``model`` says) from the separate ones it holds
+(one copy of its own rows). :func:`separate_model` is the separate-named model (its shapes and
+splits) separate shards follow.
+
+Or inside the transfer, either way, with no copy: :func:`sub_block_model` is ``model`` with each
+converted tensor cut into sub-blocks every layout stores whole (a query group's q heads, a K
+head, a V head, gate, up); a reshard of it moves fused ↔ separate in one plan, each side passing
+:func:`sub_block_views` of its own shards (contiguous row views), so the executor reads separate
+tensors and writes the fused destination in place; bytes stay the fused reshard's lower bound.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import attrs
 import torch
@@ -244,20 +248,153 @@ def fuse_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout: Pa
     return result
 
 
-def conversion_report(model: ModelSpec, layout: ParallelLayout, names: NameMap) -> Dict[str, Any]:
-    """What converting ``layout``'s shards under ``names`` costs, locally: ``{"map", "renamed",
-    "fused", "max_rank_bytes"}`` — tensors renamed, fused tensors (split or fused by role), and the
-    most bytes of fused tensors one rank holds (what :func:`fuse_shards` copies; what
-    :func:`convert_shards` reorders, as views where the rows are contiguous)."""
-    fused = {spec.name for spec in model.tensors if not isinstance(names.target(spec.name), str)}
+def conversion_report(model: ModelSpec, names: NameMap) -> Dict[str, Any]:
+    """What converting under ``names`` inside the transfer involves: ``{"map", "renamed", "fused",
+    "sub_blocks"}`` — tensors renamed, fused tensors split / fused by role, and the tensors of
+    :func:`sub_block_model` they become."""
+    converted = _converted(model, names)
     renamed = sum(1 for spec in model.tensors if names.target(spec.name) != spec.name)
-    per_shard: Dict[Tuple, int] = {}
-    most = 0
-    for rank in layout.ranks:
-        key = (layout.mesh_coordinates(rank, False)[::3], layout.mesh_coordinates(rank, True)[:2])
-        if key not in per_shard:
-            per_shard[key] = sum(math.prod(spec.local_shape(tp_size, tp, ep_size, ep)) * spec.itemsize
-                                 for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, rank)
-                                 if spec.name in fused)
-        most = max(most, per_shard[key])
-    return {"map": names.name, "renamed": renamed, "fused": len(fused), "max_rank_bytes": most}
+    sub_blocks = sum(len(_sub_blocks(model[name])) for name in converted)
+    return {"map": names.name, "renamed": renamed, "fused": len(converted), "sub_blocks": sub_blocks}
+
+
+# ---- conversion inside the transfer: a reshard of sub-blocks, each side's tensors as views ---------------------
+def _refine(block: Block, offset: int) -> List[Tuple[str, Block, int]]:
+    """``[(name, block, row offset)]``: ``block`` (at ``offset`` in its tensor) cut into pieces
+    every layout of the same weights stores whole: attention heads by query group (a K or V head
+    is one group), other sub-blocks as they are. Each piece keeps the block's sharing rule."""
+    if block.heads is None:
+        return [(block.name, block, offset)]
+    h = block.heads
+    group = h.num_heads // h.num_kv_heads if h.role == "q" else 1
+    first, stop = h.first, h.first + block.size // block.unit
+    out = []
+    for g in range(first // group, -(-stop // group)):
+        lo, hi = max(first, g * group), min(stop, (g + 1) * group)
+        out.append((f"{block_role(block)}{g}", attrs.evolve(block, size=(hi - lo) * block.unit,
+                                                            heads=attrs.evolve(h, first=lo)),
+                    offset + (lo - first) * block.unit))
+    return out
+
+
+def _sub_blocks(spec: TensorSpec) -> List[Tuple[str, str, Block, int]]:
+    """``[(sub-block tensor name, role, block, row offset in spec)]`` of a fused tensor."""
+    out, offset = [], 0
+    for block in spec.blocks:
+        out += [(f"{spec.name}[{name}]", block_role(block), piece, at) for name, piece, at in _refine(block, offset)]
+        offset += block.size
+    return out
+
+
+def _converted(model: ModelSpec, names: NameMap) -> Dict[str, Mapping[str, str]]:
+    """``{fused tensor: {role: separate name}}`` of the tensors ``names`` splits by role; ConfigError
+    if one cannot be converted in the transfer (its split dim is not dim 0: views would not be
+    contiguous)."""
+    out = {}
+    for spec in model.tensors:
+        target = names.target(spec.name)
+        if isinstance(target, str):
+            continue
+        _roles(spec, target, names)
+        if spec.tp_dim != 0:
+            raise ConfigError(f"tensor {spec.name!r} is split on dim {spec.tp_dim}: converting it inside the transfer "
+                              "needs dim 0 (its sub-blocks as contiguous row views); convert it locally with "
+                              "fuse_shards / convert_shards instead")
+        out[spec.name] = target
+    return out
+
+
+def sub_block_model(model: ModelSpec, names: NameMap) -> ModelSpec:
+    """``model`` with every tensor that ``names`` splits by role replaced by its sub-blocks, one
+    tensor each (``"<name>[q3]"``: query heads of group 3, ``[k3]``, ``[v3]``, ``[gate]``, ``[up]``),
+    split over TP by the same rule. Both a fused and a separate layout of those weights hold each
+    sub-block's shard as a contiguous run of rows, so a reshard of this model moves fused ↔
+    separate (``names``' names) *in the transfer*: each side passes :func:`sub_block_views` of
+    its own shards, the executor reads and writes those views, and the bytes stay those of the
+    fused reshard (the lower bound). Raises ConfigError as :func:`separate_model`, or for a
+    converted tensor not split on dim 0."""
+    converted = _converted(model, names)
+    specs: List[TensorSpec] = []
+    for spec in model.tensors:
+        if spec.name not in converted:
+            specs.append(spec)
+            continue
+        for name, _, block, _ in _sub_blocks(spec):
+            shape = (block.size,) + tuple(spec.shape[1:])
+            specs.append(TensorSpec.create(name, shape, spec.dtype, 0, spec.layer, (block,), experts=spec.experts))
+    return ModelSpec.create(specs, model.num_layers, f"{model.name} (sub-blocks of {names.name})")
+
+
+def sub_block_views(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout: ParallelLayout, rank: int,
+                    names: NameMap, separate: bool) -> Dict[str, torch.Tensor]:
+    """``rank``'s shards on ``layout`` as the tensors of :func:`sub_block_model` — views, no copy:
+    writing into them (as the executor does on a destination) fills ``shards`` in place.
+
+    ``separate=False``: ``shards`` are ``model``'s (fused layouts, model names); ``True``: they are
+    the separate model's (:func:`separate_model`, ``names``' names). Raises ConfigError naming the
+    tensor when a shard is missing or does not hold the rows this rank's share says."""
+    converted = _converted(model, names)
+    sep = {t.name: t for t in separate_model(model, names).tensors} if separate else {}
+    result: Dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in shards:
+            raise ConfigError(f"rank {rank}: tensor {name!r} is not among the shards given")
+        return shards[name]
+
+    for spec, tp, tp_size, ep, ep_size in held_tensors(layout, model, rank):
+        target = names.target(spec.name)
+        if spec.name not in converted:
+            result[spec.name] = get(target if separate else spec.name)
+            continue
+        for storage in ([sep[n] for n in target.values()] if separate else [spec]):
+            want = storage.local_shape(tp_size, tp, ep_size, ep, layout.vocab_multiple)
+            if tuple(get(storage.name).shape) != want:
+                raise ConfigError(f"rank {rank}: tensor {storage.name!r} has shape {tuple(get(storage.name).shape)}; "
+                                  f"TP rank {tp} of {tp_size} holds {want}: give this rank's shards of that layout")
+        role_offset: Dict[str, int] = {}
+        role_start: Dict[int, int] = {}
+        for block in spec.blocks:   # where each fused block starts in its role's separate tensor
+            role = block_role(block)
+            role_start[id(block)] = role_offset.get(role, 0)
+            role_offset[role] = role_offset.get(role, 0) + block.size
+        for name, role, block, at in _sub_blocks(spec):
+            start, stop = block.share(tp_size, tp)
+            if separate:
+                owner = next(b for b in spec.blocks if b.size and _holds(spec, b, at))
+                storage, global_start = sep[target[role]], role_start[id(owner)] + at - _offset(spec, owner) + start
+                tensor = get(target[role])
+            else:
+                storage, global_start, tensor = spec, at + start, get(spec.name)
+            local = _local_row(storage, tp_size, tp, global_start, stop - start)
+            if local is None or local + stop - start > tensor.shape[0]:
+                raise ConfigError(f"rank {rank}: tensor {storage.name!r} (shape {tuple(tensor.shape)}) does not hold "
+                                  f"rows {global_start}..{global_start + stop - start} of TP rank {tp} of {tp_size}; "
+                                  "give this rank's shards of that layout")
+            result[name] = tensor.narrow(0, local, stop - start)
+    return result
+
+
+def _offset(spec: TensorSpec, block: Block) -> int:
+    """Row offset of ``block`` in ``spec``."""
+    offset = 0
+    for b in spec.blocks:
+        if b is block:
+            return offset
+        offset += b.size
+    raise ValueError(block)
+
+
+def _holds(spec: TensorSpec, block: Block, at: int) -> bool:
+    """Whether row ``at`` of ``spec`` is in ``block``."""
+    start = _offset(spec, block)
+    return start <= at < start + block.size
+
+
+def _local_row(spec: TensorSpec, tp_size: int, tp: int, global_start: int, rows: int) -> Optional[int]:
+    """Where rows ``[global_start, +rows)`` of ``spec`` sit in TP rank ``tp``'s shard (0 rows: the
+    position they would have), or None if the shard does not hold them contiguously."""
+    for g0, g1, local in spec.pieces(tp_size, tp):
+        if g0 <= global_start and global_start + rows <= g1:
+            return local + global_start - g0
+    return 0 if rows == 0 else None
