@@ -1,7 +1,13 @@
-"""Name maps and fused-layout splitting after a reshard: each destination rank turns its shards
-of fused QKV (Megatron's interleaved or [Q;K;V]) and fused gate/up into separate q/k/v and
-gate/up shards under new names, locally; the result equals the shards of the separate-tensor
-model bit for bit and computes the unsharded layer."""
+"""Name maps and fused-layout conversion.
+
+After a reshard, each destination rank turns its shards of fused QKV (Megatron's interleaved or
+[Q;K;V]) and fused gate/up into separate q/k/v and gate/up shards under new names, locally; the
+result equals the shards of the separate-tensor model bit for bit and computes the unsharded layer.
+
+Separate → fused (an HF checkpoint, or a vLLM-style separate TP layout, into Megatron's layouts),
+fused locally on the source or converted inside the transfer (one reshard of sub-blocks on row
+views, also on the gloo executor): equal bit for bit to Megatron-Core's TP shards as its rules
+give them (re-derived here), at the lower bound, and the layer computes on them for TP 1-8."""
 from __future__ import annotations
 
 import pytest
@@ -99,34 +105,6 @@ def vllm_separate_shards(full, tp_size: int) -> list:
              for n, t in full.items()} for k in range(tp_size)]
 
 
-@pytest.mark.parametrize("variant", ["interleaved", "fused"])
-@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3)])
-def test_separate_shards_fuse_into_megatrons_layouts_bit_exact_and_compute(variant, heads, kv_heads):
-    w = canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
-    model, _, names = one_layer(variant, heads, kv_heads, w)
-    _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
-    assert {t.name: t.shape for t in separate_model(model, SPLIT).tensors} == {
-        n: tuple(t.shape) for n, t in separate_full.items()}
-    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(6))
-    want = reference_layer(x, w, heads, kv_heads)
-    for src_tp in (1, kv_heads):          # an HF checkpoint (TP 1), a separate TP layout
-        src = layout(src_tp)
-        separate = vllm_separate_shards(separate_full, src_tp)
-        fused = {r: fuse_shards(separate[r], model, src, r, SPLIT) for r in src.ranks}
-        for dst_tp in range(1, heads + 1):
-            dst = layout(dst_tp, ranks=list(range(1, dst_tp + 1)))
-            plan = plan_reshard(src, dst, model)
-            assert plan.ratio == 1.0
-            shards = apply_plan(plan, None, fused)
-            case = f"{variant}: separate TP {src_tp} -> fused TP {dst_tp}"
-            if kv_heads % dst_tp == 0:    # Megatron's layouts exist: equal to them bit for bit
-                for k, expected in enumerate(megatron_shards(w, heads, kv_heads, variant, dst_tp)):
-                    got = shards[dst.global_rank(k)]
-                    assert all(torch.equal(got[n], t) for n, t in expected.items()), f"{case}: TP rank {k}"
-            got = sharded_layer(x, shards, model, names, dst, heads, kv_heads)
-            assert relative_error(got, want) < 1e-5, case
-
-
 def test_fusing_is_the_inverse_of_splitting_with_the_llama_map():
     model = llama_like(hidden=32, layers=2, heads=8, kv_heads=2, ffn=24, vocab=40, dtype="float32", experts=0)
     full = {t.name: torch.randn(t.shape) for t in model.tensors}
@@ -160,36 +138,48 @@ def test_fuse_errors_name_the_tensor():
         separate_model(model, partial)
 
 
-# ---- the same conversions inside the transfer: one reshard of sub-blocks, each side's shards as views -------
+# ---- locally or inside the transfer (one reshard of sub-blocks, each side's shards as views) ----------------
 def nan_shards(lay, model):
     return {r: empty_shards(lay, model, r, fill=float("nan")) for r in lay.ranks}
 
 
+def separate_to_fused(way: str, model, src, separate, dst):
+    """Reshard separate shards on ``src`` into ``model``'s fused shards on ``dst``: fused locally on
+    the source first, or converted inside the transfer (sub-block reshard on views). Returns
+    ``(fused shards per dst rank, the plan that ran)``."""
+    if way == "local":
+        plan = plan_reshard(src, dst, model)
+        return apply_plan(plan, None, {r: fuse_shards(separate[r], model, src, r, SPLIT) for r in src.ranks}), plan
+    views = {r: sub_block_views(separate[r], model, src, r, SPLIT, separate=True) for r in src.ranks}
+    assert all(v.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in separate[r].values()}
+               for r in src.ranks for v in views[r].values()), "views, not copies"
+    plan, fused = plan_reshard(src, dst, sub_block_model(model, SPLIT)), nan_shards(dst, model)
+    apply_plan(plan, None, views, {r: sub_block_views(fused[r], model, dst, r, SPLIT, separate=False)
+                                   for r in dst.ranks})
+    return fused, plan
+
+
+@pytest.mark.parametrize("way", ["local", "in-transfer"])
 @pytest.mark.parametrize("variant", ["interleaved", "fused"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3)])
-def test_separate_to_fused_inside_the_transfer_is_bit_exact_at_the_lower_bound(variant, heads, kv_heads):
-    w = canonical(7, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+def test_separate_shards_become_megatrons_fused_shards_bit_exact_at_the_lower_bound(way, variant, heads, kv_heads):
+    w = canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
     model, _, names = one_layer(variant, heads, kv_heads, w)
     _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
-    sub = sub_block_model(model, SPLIT)
-    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(8))
+    assert {t.name: t.shape for t in separate_model(model, SPLIT).tensors} == {
+        n: tuple(t.shape) for n, t in separate_full.items()}
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(6))
     want = reference_layer(x, w, heads, kv_heads)
     for src_tp in (1, kv_heads):          # an HF checkpoint (TP 1), a separate TP layout
         src = layout(src_tp)
         separate = vllm_separate_shards(separate_full, src_tp)
-        views = {r: sub_block_views(separate[r], model, src, r, SPLIT, separate=True) for r in src.ranks}
-        assert all(v.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in separate[r].values()}
-                   for r in src.ranks for v in views[r].values()), "views, not copies"
         for dst_tp in range(1, heads + 1):
             dst = layout(dst_tp, ranks=list(range(1, dst_tp + 1)))
-            plan, fused_plan = plan_reshard(src, dst, sub), plan_reshard(src, dst, model)
-            assert plan.ratio == 1.0 and plan.received_bytes == fused_plan.lower_bound_bytes
-            fused = nan_shards(dst, model)
-            apply_plan(plan, None, views, {r: sub_block_views(fused[r], model, dst, r, SPLIT, separate=False)
-                                           for r in dst.ranks})
-            case = f"{variant}: separate TP {src_tp} -> fused TP {dst_tp}"
+            fused, plan = separate_to_fused(way, model, src, separate, dst)
+            assert plan.ratio == 1.0 and plan.received_bytes == plan_reshard(src, dst, model).lower_bound_bytes
+            case = f"{way} {variant}: separate TP {src_tp} -> fused TP {dst_tp}"
             assert not any(t.isnan().any() for s in fused.values() for t in s.values()), f"{case}: a row not written"
-            if kv_heads % dst_tp == 0:
+            if kv_heads % dst_tp == 0:    # Megatron's layouts exist: equal to them bit for bit
                 for k, expected in enumerate(megatron_shards(w, heads, kv_heads, variant, dst_tp)):
                     got = fused[dst.global_rank(k)]
                     assert all(torch.equal(got[n], t) for n, t in expected.items()), f"{case}: TP rank {k}"
