@@ -10,6 +10,7 @@ views, also on the gloo executor): equal bit for bit to Megatron-Core's TP shard
 give them (re-derived here), at the lower bound, and the layer computes on them for TP 1-8."""
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
@@ -261,3 +262,35 @@ def test_sub_block_conversion_refuses_what_views_cannot_hold():
     with pytest.raises(ConfigError, match=r"rank 1: tensor 'layers.0.attn.qkv.weight' has shape \(16, 8\); TP rank 1 "
                                           r"of 2 holds \(12, 8\)"):
         sub_block_views(whole, model, layout(2), 1, LLAMA, separate=False)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 3)])
+def test_megatron_interleaved_to_vllm_fused_qkv_inside_the_transfer(heads, kv_heads):
+    """Megatron's interleaved QKV (TP | query groups) → vLLM's per-rank [q; k; v] at every TP 1-8:
+    one sub-block reshard, each side's views of its own fused layout."""
+    w = canonical(13, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
+    megatron_model, _, _ = one_layer("interleaved", heads, kv_heads, w)
+    vllm_model, _, names = one_layer("fused", heads, kv_heads, w)
+    sub = sub_block_model(megatron_model, SPLIT)
+    assert sub == attrs.evolve(sub_block_model(vllm_model, SPLIT), name=sub.name), "the same sub-blocks"
+    _, separate_full, _ = one_layer("separate", heads, kv_heads, w)
+    rest = vllm_separate_shards({n: separate_full[n] for n in ("embed", "input_norm", "post_norm")}, kv_heads)
+    src = layout(kv_heads)
+    source = {src.global_rank(k): {**rest[k], **m}
+              for k, m in enumerate(megatron_shards(w, heads, kv_heads, "interleaved", kv_heads))}
+    views = {r: sub_block_views(source[r], megatron_model, src, r, SPLIT, separate=False) for r in src.ranks}
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(14))
+    want = reference_layer(x, w, heads, kv_heads)
+    for dst_tp in range(1, heads + 1):
+        dst = layout(dst_tp, ranks=list(range(2, dst_tp + 2)))
+        plan = plan_reshard(src, dst, sub)
+        assert plan.ratio == 1.0 and plan.received_bytes == plan_reshard(src, dst, vllm_model).lower_bound_bytes
+        fused = nan_shards(dst, vllm_model)
+        apply_plan(plan, None, views, {r: sub_block_views(fused[r], vllm_model, dst, r, SPLIT, separate=False)
+                                       for r in dst.ranks})
+        if kv_heads % dst_tp == 0:
+            for k, expected in enumerate(megatron_shards(w, heads, kv_heads, "fused", dst_tp)):
+                got = fused[dst.global_rank(k)]
+                assert all(torch.equal(got[n], t) for n, t in expected.items()), f"TP {dst_tp}: rank {k}"
+        got = sharded_layer(x, fused, vllm_model, names, dst, heads, kv_heads)
+        assert relative_error(got, want) < 1e-5, f"interleaved TP {kv_heads} -> [q;k;v] TP {dst_tp}"

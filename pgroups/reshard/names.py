@@ -31,6 +31,9 @@ converted tensor cut into sub-blocks every layout stores whole (a query group's 
 head, a V head, gate, up); a reshard of it moves fused ↔ separate in one plan, each side passing
 :func:`sub_block_views` of its own shards (contiguous row views), so the executor reads separate
 tensors and writes the fused destination in place; bytes stay the fused reshard's lower bound.
+The sub-blocks of Megatron's interleaved QKV and of ``[Q;K;V]`` are the same tensors, so the same
+reshard converts one fused layout into the other (each side passing views of its own model's
+shards).
 """
 from __future__ import annotations
 
@@ -271,19 +274,21 @@ def _refine(block: Block, offset: int) -> List[Tuple[str, Block, int]]:
     out = []
     for g in range(first // group, -(-stop // group)):
         lo, hi = max(first, g * group), min(stop, (g + 1) * group)
-        out.append((f"{block_role(block)}{g}", attrs.evolve(block, size=(hi - lo) * block.unit,
-                                                            heads=attrs.evolve(h, first=lo)),
+        name = f"{block_role(block)}{g}"
+        out.append((name, attrs.evolve(block, size=(hi - lo) * block.unit, name=name, heads=attrs.evolve(h, first=lo)),
                     offset + (lo - first) * block.unit))
     return out
 
 
 def _sub_blocks(spec: TensorSpec) -> List[Tuple[str, str, Block, int]]:
-    """``[(sub-block tensor name, role, block, row offset in spec)]`` of a fused tensor."""
+    """``[(sub-block tensor name, role, block, row offset in spec)]`` of a fused tensor, in one order
+    for every layout of the same weights (by role, then query group): Megatron's interleaved QKV
+    and ``[Q;K;V]`` give the same sub-blocks, so a reshard of them converts one into the other."""
     out, offset = [], 0
     for block in spec.blocks:
         out += [(f"{spec.name}[{name}]", block_role(block), piece, at) for name, piece, at in _refine(block, offset)]
         offset += block.size
-    return out
+    return sorted(out, key=lambda sub: (sub[1], sub[2].heads.first if sub[2].heads is not None else 0))
 
 
 def _converted(model: ModelSpec, names: NameMap) -> Dict[str, Mapping[str, str]]:
