@@ -38,10 +38,9 @@ from ..backend import is_timeout
 from ..errors import ConfigError, GroupTimeoutError, LaunchError, ModeNotInitializedError
 from ..hosts import local_hostname
 from ..launch import from_environment
-from . import diagnosis, metrics
+from . import diagnosis, metrics, startup
 from .diagnosis import Measurement, Rule
 from .faults import FAULT_ENV, ActiveFaults, parse_faults
-from . import startup
 from .linkscan import Culprit, LinkScan, PairSample
 from .startup import StartupBoard
 from .groups import HOST_KINDS, GroupUnderTest, build_catalog, duplicate_kinds, group_of_rank, plan_waves
@@ -1056,8 +1055,9 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     the abort, the rank that raised it names the ranks that did not answer, the report (what
     was measured, and the hang) is written to ``options.json_path`` by rank 0 — or by the rank
     that raised the abort when rank 0 is gone, or by the lowest rank of each host when the
-    store is gone — and the ranks on the store's host leave last. ConfigError / LaunchError
-    for bad input. The context is destroyed in every case; on NCCL the communicators are
+    store is gone — and the ranks on the store's host leave last. When the default group does
+    not form within ``--timeout`` (ranks that never came or died during the start-up), the
+    NettestTimeoutError names them (:mod:`.startup`). ConfigError / LaunchError for bad input. The context is destroyed in every case; on NCCL the communicators are
     aborted first after a hang (destroying one with a hung operation would wait for it).
     """
     config = load_config(options.config)
