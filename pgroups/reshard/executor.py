@@ -72,7 +72,7 @@ from .convert import region as _region
 from .convert import scale_box as _scale_box
 from .layout import ParallelLayout, local_shapes
 from .wire import (ALIGN, REFUSED, Chunk, Message, Piece, Round, Shapes, agreement_digest, box_shape,
-                   first_disagreement, messages, rounds, slices)
+                   first_disagreement, may_post, messages, needs_recv_buffer, rounds, slices)
 from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
@@ -295,8 +295,9 @@ class Resharder:
             progress: Optional[Progress] = None) -> ReshardStats:
         """Move this rank's part of the plan: send from ``src_tensors`` (this rank's source
         shards, by tensor name), receive into ``dst_tensors`` (its destination shards, in the
-        destination dtypes). ``progress(step)`` is called before each step this rank takes part in.
-        Returns this rank's stats.
+        destination dtypes). ``progress(step)`` is called before each step this rank takes part in,
+        once every operation of its earlier steps completed (so with a progress callback the
+        rank does not post ahead across steps). Returns this rank's stats.
 
         Raises ReshardError (wrong tensors or budget — this rank —, a plan mismatch — every rank —,
         both before any byte moves; a failed peer; a checksum mismatch) or GroupTimeoutError (a
@@ -431,6 +432,8 @@ class _Run:
             while upcoming < len(rounds) and self._can_post(rounds[upcoming]):
                 current = rounds[upcoming]
                 if self.progress is not None and current.step != announced:
+                    if self._flight:
+                        break     # progress(step) comes after every earlier operation completed
                     self.progress(current.step)
                 announced = current.step
                 self._post(current)
@@ -449,19 +452,8 @@ class _Run:
             self._commit()
 
     def _can_post(self, current: Round) -> bool:
-        """Whether ``current`` has the buffers it needs (always, with nothing in flight)."""
-        if not self._flight:
-            return True
-        if len(self._flight) >= MAX_OPS_IN_FLIGHT:
-            return False
-        if current.checksum:
-            return True
-        if current.send is not None and not current.send.direct and not self._free_send:
-            return False
-        return current.recv is None or not self._needs_recv_slot(current.recv) or bool(self._free_recv)
-
-    def _needs_recv_slot(self, chunk: Chunk) -> bool:
-        return not self.owner.atomic and not chunk.direct
+        return may_post(current, len(self._flight), len(self._free_send), len(self._free_recv), self.owner.atomic,
+                        MAX_OPS_IN_FLIGHT)
 
     def _post(self, current: Round) -> None:
         ops, items = [], []
@@ -469,7 +461,7 @@ class _Run:
             self._post_checksums(current, ops, items)
         else:
             if current.recv is not None:
-                slot = self._free_recv.pop(0) if self._needs_recv_slot(current.recv) else -1
+                slot = self._free_recv.pop(0) if needs_recv_buffer(current.recv, self.owner.atomic) else -1
                 ops.append(dist.P2POp(dist.irecv, self._recv_target(current.recv, slot), current.recv.peer,
                                       self.group))
                 items.append(("recv", current.recv, slot))

@@ -150,6 +150,28 @@ def rounds(send_messages: Mapping[int, Message], recv_messages: Mapping[int, Mes
     return tuple(result)
 
 
+def needs_recv_buffer(chunk: Chunk, atomic: bool) -> bool:
+    """Whether a received ``chunk`` takes a ring buffer: streaming, and not direct (atomic mode
+    receives into its staging; a direct chunk lands in the destination)."""
+    return not atomic and not chunk.direct
+
+
+def may_post(current: Round, in_flight: int, free_send: int, free_recv: int, atomic: bool, limit: int) -> bool:
+    """Whether a rank may post ``current`` now (pure): always with nothing in flight (every
+    buffer is free then); else while fewer than ``limit`` operations are in flight and the
+    buffers it needs are free — a send buffer for a packed send chunk, a receive buffer for a
+    chunk :func:`needs_recv_buffer`."""
+    if in_flight == 0:
+        return True
+    if in_flight >= limit:
+        return False
+    if current.checksum:
+        return True
+    if current.send is not None and not current.send.direct and free_send == 0:
+        return False
+    return current.recv is None or not needs_recv_buffer(current.recv, atomic) or free_recv > 0
+
+
 def box_shape(box: Box) -> Tuple[int, ...]:
     return tuple(stop - start for start, stop in box)
 
