@@ -36,7 +36,8 @@ while chunk k is on the wire. Two receive modes:
 - ``atomic=False`` (streaming): a contiguous, unconverted chunk is received straight into the
   destination tensor (no copy at all); the others go to a ring of bucket buffers and are
   unpacked while the next ones are on the wire, within ``max_staging_bytes``. On a failure the
-  destination may be partly written (the error says so).
+  destination may be partly written (the error says so), and a receive still posted then may
+  write it later: retry on a fresh group.
 
 ``ReshardStats.bytes_packed`` / ``bytes_unpacked`` count the wire bytes that went through a
 buffer on each side.
