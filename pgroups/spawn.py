@@ -60,6 +60,19 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _limit_threads() -> None:
+    """Apply ``OMP_NUM_THREADS`` to torch in this child.
+
+    A spawned child imports torch while unpickling its target, before ``_child`` sets the
+    environment, so the variable alone would be read too late: every rank would run one
+    intra-op thread per core and N ranks would oversubscribe the machine N-fold.
+    """
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Callable[..., Any],
            args: Sequence[Any], results: "mp.Queue", parent_pid: int) -> None:
     _die_with_parent(parent_pid)
@@ -67,6 +80,7 @@ def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Cal
                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     os.environ.update(env)
+    _limit_threads()
     try:
         value = target(*args)
         results.put((rank, value, None, None))

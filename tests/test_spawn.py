@@ -94,3 +94,23 @@ def test_an_error_while_starting_children_kills_those_started(tmp_path):
         run_local(3, sleeper, (str(tmp_path),), env_per_rank=env_per_rank)
     pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
     assert len(pids) == 2 and not any(_alive(p) for p in pids)
+
+
+def intra_op_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+@pytest.mark.timeout(180)
+def test_each_child_runs_torch_with_omp_num_threads(monkeypatch):
+    """The child imports torch (unpickling its target) before the launcher sets its environment;
+    OMP_NUM_THREADS must still bind torch's intra-op pool, or N ranks each spin one thread per
+    core. The variable given to the child is 1, the machine's default would be its core count."""
+    import torch
+    from pgroups.spawn import run_local
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.syspath_prepend(str(HERE))
+    if os.cpu_count() == 1 and torch.get_num_threads() == 1:
+        pytest.skip("one core: torch's default is already 1 thread, so the test could not fail")
+    outcomes = run_local(2, intra_op_threads, env={"OMP_NUM_THREADS": "1"}, timeout_s=150)
+    assert [o.value for o in outcomes] == [1, 1], outcomes
