@@ -46,3 +46,18 @@ def fresh_registry():
     from pgroups.initializer import InitializerRegistry
 
     return InitializerRegistry()
+
+
+@pytest.fixture
+def no_world_listing(monkeypatch):
+    """Make every whole-world listing fail, so a query that enumerates the world is caught."""
+    from pgroups import Topology
+    from pgroups.mesh import GridMesh, Mesh, SplitMesh
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a one-rank query listed every group of the world")
+
+    for name in ("groups_along", "zero1_groups", "block_groups", "groups", "embedding_groups"):
+        monkeypatch.setattr(Topology, name, refuse)
+    for cls in (Mesh, GridMesh, SplitMesh):
+        monkeypatch.setattr(cls, "groups", refuse)

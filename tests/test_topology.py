@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from pgroups import ConfigError, ParallelMode, Topology, default_registry
 from pgroups.context import BUILTIN_MODES
-from pgroups.mesh import GridMesh, Mesh, SplitMesh
 from pgroups.topology import parse_order
 
 AXES = ("tp", "pp", "dp")
@@ -264,18 +263,6 @@ def test_documented_sharing_cases():
 # ---- one rank's queries at a world of 1,048,576 -------------------------------------------------
 
 MILLION = 1 << 20
-
-
-@pytest.fixture
-def no_world_listing(monkeypatch):
-    """Make every whole-world listing fail, so a query that enumerates the world is caught."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a one-rank query listed every group of the world")
-
-    for name in ("groups_along", "zero1_groups", "block_groups", "groups", "embedding_groups"):
-        monkeypatch.setattr(Topology, name, refuse)
-    for cls in (Mesh, GridMesh, SplitMesh):
-        monkeypatch.setattr(cls, "groups", refuse)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 777_777, MILLION - 1])
