@@ -65,6 +65,30 @@ def our_lines(tmp_path, host_index, local):
     return text, [line for line in text.splitlines() if line.startswith("pgroups nettest")]
 
 
+def wait_for_hosts(cluster, hosts, since):
+    """Each host's torchrun exit code and its end in seconds after ``since``."""
+    codes, ended = {}, {}
+    for i in hosts:
+        codes[i] = cluster.procs[i].wait(RUN_LIMIT_S)
+        ended[i] = time.monotonic() - since
+    return codes, ended
+
+
+def one_line_each_and_exit_3(tmp_path, hosts):
+    """Every worker of ``hosts`` wrote exactly one line of ours and no traceback, and each host's
+    torchrun saw exit 3 (never 1); the lines, to check their words."""
+    lines = []
+    for i in hosts:
+        for local in range(RANKS_PER_HOST):
+            text, ours = our_lines(tmp_path, i, local)
+            assert "Traceback" not in text, text
+            assert len(ours) == 1 and ours[0].startswith("pgroups nettest: timeout: "), text
+            lines.append(ours[0])
+        host_log = open(tmp_path / f"host{i}.log").read()
+        assert "exitcode  : 3" in host_log and "exitcode  : 1" not in host_log, host_log[-2000:]
+    return lines
+
+
 # The tool's own bound is --timeout + 10 s from the moment a host dies; torchrun then stops its
 # agent and the machine may be loaded (2 cores): this much more is allowed on top.
 TEARDOWN_ALLOWANCE_S = 20.0
@@ -113,25 +137,15 @@ def test_a_host_killed_mid_sweep_gives_exit_3_everywhere_within_the_bound(tmp_pa
         cluster.start(RANKS_PER_HOST, [*ARGS, "--json", str(path)], str(tmp_path))
         wait_for_the_sweep(tmp_path)
         cluster.kill_host(2)
-        killed_at = time.monotonic()
-        codes = {}
-        for i in (0, 1):
-            codes[i] = cluster.procs[i].wait(RUN_LIMIT_S)
-            codes[f"t{i}"] = time.monotonic() - killed_at
+        codes, ended = wait_for_hosts(cluster, (0, 1), time.monotonic())
     finally:
         cluster.close()
     assert codes[0] != 0 and codes[1] != 0
     # every surviving rank: exit 3, one line naming the missing ranks and host, no traceback
-    for i in (0, 1):
-        for local in range(RANKS_PER_HOST):
-            text, ours = our_lines(tmp_path, i, local)
-            assert "Traceback" not in text, text
-            assert len(ours) == 1 and ours[0].startswith("pgroups nettest: timeout: "), text
-            assert f"no answer from ranks [4, 5] (hosts {host(2)})" in ours[0], ours[0]
-        host_log = open(tmp_path / f"host{i}.log").read()
-        assert "exitcode  : 3" in host_log and "exitcode  : 1" not in host_log, host_log[-2000:]
+    for line in one_line_each_and_exit_3(tmp_path, (0, 1)):
+        assert f"no answer from ranks [4, 5] (hosts {host(2)})" in line, line
     # the tool's bound (--timeout + 10 s from the host's death) plus torchrun's teardown
-    assert codes["t0"] < TIMEOUT_S + 10 + TEARDOWN_ALLOWANCE_S and codes["t1"] < TIMEOUT_S + 10 + TEARDOWN_ALLOWANCE_S, codes
+    assert all(t < TIMEOUT_S + 10 + TEARDOWN_ALLOWANCE_S for t in ended.values()), ended
     report = json.loads(path.read_text())
     assert report["status"] == "timeout" and report["exit_code"] == 3
     assert report["timeout"]["missing"] == [4, 5] and report["timeout"]["missing_hosts"] == [host(2)]
@@ -147,23 +161,13 @@ def test_when_the_store_host_dies_the_others_exit_3_saying_the_store_is_gone(tmp
         cluster.start(RANKS_PER_HOST, [*ARGS, "--json", str(path)], str(tmp_path))
         wait_for_the_sweep(tmp_path)
         cluster.kill_host(0)   # the store runs there (torchrun's agent on the first host)
-        killed_at = time.monotonic()
-        codes, ended = {}, {}
-        for i in (1, 2):
-            codes[i] = cluster.procs[i].wait(RUN_LIMIT_S)
-            ended[i] = time.monotonic() - killed_at
+        codes, ended = wait_for_hosts(cluster, (1, 2), time.monotonic())
     finally:
         cluster.close()
     assert codes[1] != 0 and codes[2] != 0
-    for i in (1, 2):
-        for local in range(RANKS_PER_HOST):
-            text, ours = our_lines(tmp_path, i, local)
-            assert "Traceback" not in text, text
-            assert len(ours) == 1 and "pgroups nettest: timeout: " in ours[0], text
-            assert "the rendezvous store at " in ours[0] and " is gone" in ours[0], ours[0]
-            assert f"with {host(0)} (ranks [0, 1])" in ours[0], ours[0]
-        host_log = open(tmp_path / f"host{i}.log").read()
-        assert "exitcode  : 3" in host_log and "exitcode  : 1" not in host_log, host_log[-2000:]
+    for line in one_line_each_and_exit_3(tmp_path, (1, 2)):
+        assert "the rendezvous store at " in line and " is gone" in line, line
+        assert f"with {host(0)} (ranks [0, 1])" in line, line
     report = json.loads(path.read_text())   # the lowest rank of each surviving host writes it
     assert report["status"] == "timeout" and report["exit_code"] == 3
     # each surviving host's torchrun, ranks included, ended within the tool's bound from the
@@ -181,23 +185,13 @@ def test_a_host_whose_ranks_die_before_the_test_gives_exit_3_naming_them(tmp_pat
         started = time.monotonic()
         cluster.start(RANKS_PER_HOST, [*ARGS, "--quiet", "--json", str(path)], str(tmp_path),
                       env={"PGROUPS_NETTEST_FAULT": "never-start:rank=5"})
-        codes, ended = {}, {}
-        for i in range(3):
-            codes[i] = cluster.procs[i].wait(RUN_LIMIT_S)
-            ended[i] = time.monotonic() - started
+        codes, ended = wait_for_hosts(cluster, range(3), started)
     finally:
         cluster.close()
     assert codes[0] != 0 and codes[1] != 0 and codes[2] != 0
-    lines = []
-    for i in (0, 1):
-        for local in range(RANKS_PER_HOST):
-            text, ours = our_lines(tmp_path, i, local)
-            assert "Traceback" not in text, text
-            assert len(ours) == 1 and ours[0].startswith(
-                "pgroups nettest: timeout: the default group did not form within --timeout "), text
-            lines.append(ours[0])
-        host_log = open(tmp_path / f"host{i}.log").read()
-        assert "exitcode  : 3" in host_log and "exitcode  : 1" not in host_log, host_log[-2000:]
+    lines = one_line_each_and_exit_3(tmp_path, (0, 1))
+    for line in lines:
+        assert line.startswith("pgroups nettest: timeout: the default group did not form within --timeout "), line
     report = json.loads(path.read_text())   # rank 0 writes it
     assert report["status"] == "timeout" and report["exit_code"] == 3
     timeout = report["timeout"]
