@@ -171,6 +171,16 @@ def create_store(info: LaunchInfo, timeout_s: float = 1800.0):
         raise _rendezvous_error(info, exc) from exc
 
 
+def store_client(addr: str, port: int, timeout_s: float):
+    """One more client connection to a running rendezvous store (never serves, never waits for
+    workers): for threads that must not share the default group's connection. Errors are
+    torch's, for the caller to word."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(addr, port, None, False, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
 def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: float = 1800.0,
                      store=None) -> None:
     """Start torch.distributed's default group for ``info`` (no-op if already started).

@@ -20,7 +20,6 @@ store calls are at the edges, each bounded.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import threading
 import time
@@ -162,10 +161,9 @@ class StartupBoard:
                    node_of(env), int(local) if local.isdigit() else None, launch_tag(env), timeout_s)
 
     def _connect(self, timeout_s: float) -> Any:
-        import torch.distributed as dist
+        from ..launch import store_client
 
-        return dist.TCPStore(self.addr, self.port, None, False, timeout=datetime.timedelta(seconds=timeout_s),
-                             wait_for_workers=False)
+        return store_client(self.addr, self.port, timeout_s)
 
     def start(self) -> None:
         threading.Thread(target=self._register_and_beat, name="pgroups-nettest-start", daemon=True).start()
