@@ -135,13 +135,20 @@ class GroupBackend:
     """
 
     def __init__(self, device_backend: str, strategy: str, timeout_s: float,
-                 nccl_options: Optional[Mapping[str, nccl.NcclOptions]] = None) -> None:
+                 nccl_options: Optional[Mapping[str, nccl.NcclOptions]] = None,
+                 store: Optional[Any] = None, creation_timeout_s: Optional[float] = None) -> None:
         self.device_backend = device_backend
         self.nccl_options = dict(nccl_options or {})
         self.cpu_backend = cpu_backend_for(device_backend)
         self.strategy = strategy
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.calls = 0
+        #: one-rank groups made so that every rank holds as many groups as its peers (see
+        #: :mod:`pgroups.creation`); not counted in ``calls``
+        self.placeholders = 0
+        self._meeting = (CreationRendezvous(store, creation_timeout_s or timeout_s)
+                         if store is not None else None)
+        self._steps: Dict[str, int] = {}  # how often this rank entered each step label
         self._cache: Dict[GroupKey, Optional[ProcessGroup]] = {}  # "all" strategy only
         self._created: List[ProcessGroup] = []
 
@@ -205,12 +212,42 @@ class GroupBackend:
                     "and requesting the same modes in the same order? across hosts, set "
                     "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)")
 
+        label = f"{mode}/{'cpu' if cpu else 'device'}"
+        step = f"{label}#{self._steps.get(label, 0)}"
+        self._steps[label] = self._steps.get(label, 0) + 1
+        created = len(self._created)
         with timeouts_named(describe):
+            meeting = list(range(dist.get_world_size())) if strategy != "local" else my_ranks
+            if self._meeting is not None and meeting is not None:
+                what = f"the {'cpu' if cpu else 'device'} group of mode {mode!r}"
+                held = self._meeting.meet(f"{step}/{meeting[0]}", what, meeting, dist.get_rank(), groups_held())
+                while groups_held() < held:  # agree with the peers that hold more groups
+                    self._placeholder()
             if strategy == "all":
-                return self._build_all(backend, my_ranks, all_groups(), mode, cpu)
-            if strategy == "split":
-                return self._build_split(backend, my_ranks, all_groups(), mode)
-            return self._build_local(backend, my_ranks, mode)
+                group = self._build_all(backend, my_ranks, all_groups(), mode, cpu)
+            elif strategy == "split":
+                group = self._build_split(backend, my_ranks, all_groups(), mode)
+            else:
+                group = self._build_local(backend, my_ranks, mode)
+        if len(self._created) == created:  # registered nothing in this step: keep in step
+            self._placeholder()
+        return group
+
+    @property
+    def registered(self) -> int:
+        """How many groups this backend has made torch register on this rank (placeholders
+        included): what torch's members-only group names count, beyond the groups the process
+        held before (see :mod:`pgroups.creation`)."""
+        return len(self._created)
+
+    def _placeholder(self) -> None:
+        """Register a one-rank group, so that this rank holds as many groups as its peers after
+        a step in which it created none of its own (see :mod:`pgroups.creation`)."""
+        rank = dist.get_rank()
+        group = dist.new_group([rank], timeout=self.timeout, backend=self.cpu_backend,
+                               use_local_synchronization=True, group_desc="pgroups:placeholder")
+        self.placeholders += 1
+        self._created.append(group)
 
     def build_for_rank_lists(self, name: str, rank_groups: Sequence[Sequence[int]],
                              cpu: bool = False) -> Optional[ProcessGroup]:
@@ -240,8 +277,8 @@ class GroupBackend:
 
     def _build_local(self, backend: str, my_ranks: Optional[Sequence[int]], mode: str) -> Optional[ProcessGroup]:
         # No rank-local dedupe here: a partial match (one rank's nettest block equal to its
-        # tensor group) would change how many groups this rank holds, and so the name torch
-        # gives its next members-only group. Modes equal as a whole are shared by the context.
+        # tensor group) would make this rank create nothing in the step, and the placeholder
+        # it then makes costs as much as the group. Modes equal as a whole are shared.
         if my_ranks is None:
             return None
         return self._new_group(my_ranks, backend, mode, local=True)
@@ -277,6 +314,62 @@ class GroupBackend:
                 pass  # already gone with the default group
         self._created.clear()
         self._cache.clear()
+
+
+def groups_held() -> int:
+    """How many process groups this process holds — what torch 2.13 hashes into a members-only
+    or split group's name (``len(_world.pg_names)``, private; checked against torch 2.13)."""
+    return len(dist.distributed_c10d._world.pg_names)
+
+
+class CreationRendezvous:
+    """Where the members of a group meet, through the store, before creating it.
+
+    Each member writes how many groups it holds and counts itself in; the last to arrive
+    publishes the largest count; everyone waits for it at most ``timeout_s`` (the config's
+    creation deadline, shorter than the collective timeout). It gives (a) a creation deadline
+    whose error names who entered and who did not, and (b) agreement on the count torch names
+    members-only groups by: members holding fewer groups pad up to it with placeholders. In an
+    eager build every rank already holds the same count (:mod:`pgroups.creation`), so nobody
+    pads; requests by members alone (lazy groups, CPU twins on first use) rely on it.
+
+    Store traffic per member and step: one set, one add, one wait, one get; the last arriver
+    also reads every member's count once (a ``multi_get``).
+    """
+
+    def __init__(self, store: Any, timeout_s: float) -> None:
+        self.store = store
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+
+    def meet(self, step: str, what: str, members: Sequence[int], rank: int, held: int) -> int:
+        """Arrive at ``step`` (a key every member derives alike) with ``held`` groups; return the
+        largest count among ``members`` once all arrived. Raises GroupTimeoutError naming
+        ``what`` is being created, the ranks that arrived and the ones that did not."""
+        store = self.store
+        store.set(f"{step}/held/{rank}", str(held))
+        if store.add(f"{step}/arrived", 1) == len(members):
+            counts = store.multi_get([f"{step}/held/{m}" for m in members])
+            store.set(f"{step}/most", str(max(int(c) for c in counts)))
+        try:
+            store.wait([f"{step}/most"], self.timeout)
+        except (RuntimeError, dist.DistError) as exc:
+            if not is_timeout(exc):
+                raise
+            entered = [m for m in members if self._arrived(f"{step}/held/{m}")]
+            missing = [m for m in members if m not in entered]
+            raise GroupTimeoutError(
+                f"creating {what} with ranks {format_ranks(members)} timed out after "
+                f"{self.timeout.total_seconds():g}s (creation_timeout_s) on rank {rank}: ranks "
+                f"{format_ranks(entered)} entered, ranks {format_ranks(missing)} never did (are they "
+                "running and requesting the same modes? across hosts, set GLOO_SOCKET_IFNAME / "
+                "NCCL_SOCKET_IFNAME)") from exc
+        return int(store.get(f"{step}/most"))
+
+    def _arrived(self, key: str) -> bool:
+        try:
+            return bool(self.store.check([key]))
+        except (RuntimeError, dist.DistError):
+            return False
 
 
 def nccl_process_group_options(options: nccl.NcclOptions, options_class: Optional[type] = None) -> Any:

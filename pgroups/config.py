@@ -19,7 +19,8 @@ allowed (with a did-you-mean for unknown keys) — before any communication happ
       order: tp-cp-ep-dp-pp     # fastest- to slowest-varying axis (default tp-pp-dp)
       modes: [dp-cp, tp-cp]     # more built-in modes / axis combinations to build
     backend: auto        # auto | nccl | gloo
-    timeout_s: 1800
+    timeout_s: 1800      # collectives (and the groups' own watchdog)
+    creation_timeout_s: 300   # members meeting to create a group (default: min(300, timeout_s))
     groups: eager        # eager | lazy   (device groups)
     cpu_groups: lazy     # lazy | eager | off
     strategy: auto       # auto | all | local | split
@@ -47,6 +48,11 @@ BACKENDS = ("auto", "nccl", "gloo")
 GROUP_TIMING = ("eager", "lazy")
 CPU_GROUP_TIMING = ("lazy", "eager", "off")
 STRATEGIES = ("auto", "all", "local", "split")
+#: The default deadline for a group's members to meet at its creation. Creating a communicator
+#: takes seconds to a few minutes at thousands of ranks (NCCL's unique-id exchange and bootstrap
+#: ring, gloo's full mesh over the store); a peer that has not arrived after five minutes is
+#: not coming, and the job should fail then — not after the 30-minute collective timeout.
+DEFAULT_CREATION_TIMEOUT_S = 300.0
 #: ~31 years: beyond this datetime.timedelta (what torch takes) overflows
 MAX_TIMEOUT_S = 1e9
 
@@ -85,6 +91,7 @@ class Config:
     parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
     backend: str = "auto"
     timeout_s: float = 1800.0
+    creation_timeout_s: Optional[float] = None
     groups: str = "eager"
     cpu_groups: str = "lazy"
     strategy: str = "auto"
@@ -95,6 +102,14 @@ class Config:
 
     def topology(self, world_size: int) -> Topology:
         return self.parallel.topology(world_size, source=self.source)
+
+    @property
+    def creation_deadline_s(self) -> float:
+        """How long the members of a group wait for each other to create it: ``creation_timeout_s``,
+        else the smaller of :data:`DEFAULT_CREATION_TIMEOUT_S` and ``timeout_s``."""
+        if self.creation_timeout_s is not None:
+            return self.creation_timeout_s
+        return min(DEFAULT_CREATION_TIMEOUT_S, self.timeout_s)
 
 
 ConfigLike = Union[Config, Mapping[str, Any], str, "os.PathLike[str]"]
@@ -177,12 +192,13 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
             if value not in choices:
                 raise ConfigError(f"{where}{key}: {value!r} is not allowed; allowed: {allowed(choices)}")
             kwargs[key] = value
-    if "timeout_s" in data:
-        value = data["timeout_s"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
-            raise ConfigError(f"{where}timeout_s must be a positive number of seconds up to "
-                              f"{MAX_TIMEOUT_S:g}, got {value!r}")
-        kwargs["timeout_s"] = float(value)
+    for key in ("timeout_s", "creation_timeout_s"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigError(f"{where}{key} must be a positive number of seconds up to "
+                                  f"{MAX_TIMEOUT_S:g}, got {value!r}")
+            kwargs[key] = float(value)
     kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
     kwargs["plugins"] = _plugins(data.get("plugins"), where)
     kwargs["nccl_options"] = validate_nccl_options(data.get("nccl_options"), where)

@@ -92,9 +92,11 @@ class ParallelContext:
             world_size, rank = launch.world_size, launch.rank
         topology = cfg.topology(world_size)
         initializers = self._make_initializers(cfg, topology)
+        init_store = None
         if not dist.is_initialized():
             assert launch is not None
-            init_distributed(launch, cfg.backend, cfg.timeout_s, store=self._rendezvous_store(launch, cfg))
+            init_store = self._rendezvous_store(launch, cfg)
+            init_distributed(launch, cfg.backend, cfg.timeout_s, store=init_store)
             self._owns_default_group = True
         try:  # from here on, a failure rolls everything back
             self.launch = launch
@@ -102,7 +104,9 @@ class ParallelContext:
             device_backend = resolve_device_backend(cfg.backend)
             self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
                                         cfg.timeout_s, nccl_options=options_by_mode(
-                                            cfg.nccl_options, initializers, mode_identity))
+                                            cfg.nccl_options, initializers, mode_identity),
+                                        store=creation_store(device_backend, init_store, rank),
+                                        creation_timeout_s=cfg.creation_deadline_s)
             check_lazy_creation(cfg.groups, self.backend.strategy,
                                 creation_is_world_collective(device_backend))
             keys: Dict[Hashable, str] = {}
@@ -400,6 +404,20 @@ class ParallelContext:
 
     def __repr__(self) -> str:
         return f"<ParallelContext {'uninitialized' if self.topology is None else self.topology.describe()}>"
+
+
+def creation_store(device_backend: str, init_store: Any, rank: int) -> Any:
+    """The store where members meet before creating a group (:class:`pgroups.backend.CreationRendezvous`),
+    under a prefix no earlier context used: the init's own prefix when this context started
+    torch.distributed, else a per-context generation on the default store (every rank counts its
+    own contexts, so the counts agree). None under the fake backend (no peers to meet)."""
+    if device_backend == "fake":
+        return None
+    if init_store is not None:
+        return dist.PrefixStore("creation", init_store)
+    store = dist.distributed_c10d._get_default_store()  # private (torch 2.13): started by the user
+    generation = store.add(f"pgroups/contexts/rank{rank}", 1)
+    return dist.PrefixStore(f"pgroups/context{generation}/creation", store)
 
 
 def _check_launch_matches(launch: LaunchInfo, rank: int, world_size: int) -> None:

@@ -220,7 +220,10 @@ def test_absent_peer_is_a_group_timeout_naming_mode_and_ranks(tmp_path):
         message = outcome.value["message"]
         assert message is not None, f"rank {rank} built its groups without rank 3"
         assert f"mode {mode!r} with ranks {ranks}" in message, message
-        assert f"timed out after {TIMEOUT_S:g}s on rank {rank}" in message
+        assert f"timed out after {TIMEOUT_S:g}s (creation_timeout_s) on rank {rank}" in message
+        # who stood at the creation and who never came: rank 2 waits in its tensor group for 3
+        absent = {0: 2, 1: 3, 2: 3}[rank]
+        assert f"ranks [{rank}] entered, ranks [{absent}] never did" in message, message
         # it waited the configured timeout (no upper bound: the test's own timeout rules out a hang)
         assert outcome.value["elapsed"] >= TIMEOUT_S - 0.5
         assert outcome.value["initialized"] is False
