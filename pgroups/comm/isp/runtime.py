@@ -63,13 +63,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import ParallelContext
-from ..errors import ModeNotInitializedError
-from ..modes import ModeLike, mode_name
-from .groups import GroupInfo, comm_errors, resolve_group
-from .pool import BufferPool, PoolStats
-from .raw import all_gather_single, reduce_scatter_single
-from .sizes import Sizes, even_split_sizes, offsets_of
+from ...context import ParallelContext
+from ...errors import ModeNotInitializedError
+from ...modes import ModeLike, mode_name
+from ..groups import GroupInfo, comm_errors, resolve_group
+from ..pool import BufferPool, PoolStats
+from ..raw import all_gather_single, reduce_scatter_single
+from ..sizes import Sizes, even_split_sizes, offsets_of
 
 __all__ = ["WeightParallel", "WeightParallelSchedulerHook", "prefetch_blocks"]
 
