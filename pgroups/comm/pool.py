@@ -25,7 +25,8 @@ class PoolStats:
     ``allocations``: buffers created; ``reuses``: acquires served from a free list;
     ``buffers`` / ``bytes_held``: buffers the pool owns now (in use or free);
     ``in_use_bytes``: acquired and not yet released; ``peak_in_use_bytes``: the most ever in use
-    at once; ``peak_in_use_by_tag``: the same per tag (e.g. ``"weight"`` vs ``"grad"``).
+    at once; ``peak_in_use_by_tag``: the same per tag (e.g. ``"weight"`` vs ``"grad"``);
+    ``in_use_by_tag``: bytes in use now per tag.
     """
 
     allocations: int
@@ -35,10 +36,15 @@ class PoolStats:
     in_use_bytes: int
     peak_in_use_bytes: int
     peak_in_use_by_tag: Tuple[Tuple[str, int], ...]
+    in_use_by_tag: Tuple[Tuple[str, int], ...] = ()
 
     def peak_for(self, tag: str) -> int:
         """Peak bytes in use under ``tag`` (0 if never used)."""
         return dict(self.peak_in_use_by_tag).get(tag, 0)
+
+    def in_use_for(self, tag: str) -> int:
+        """Bytes in use now under ``tag``."""
+        return dict(self.in_use_by_tag).get(tag, 0)
 
 
 class BufferPool:
@@ -111,7 +117,7 @@ class BufferPool:
         held = self._held if self.enabled else self._in_use_bytes
         buffers = self._buffers if self.enabled else len(self._in_use)
         return PoolStats(self._allocations, self._reuses, buffers, held, self._in_use_bytes, self._peak,
-                         tuple(sorted(self._peak_by_tag.items())))
+                         tuple(sorted(self._peak_by_tag.items())), tuple(sorted(self._in_use_by_tag.items())))
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -10,22 +10,27 @@ just in time, its gradient reduce-scattered back — driven by module hooks, so 
         wp.finish_grads()                                     # wait, all-reduce, average
         opt.step(); opt.zero_grad()
 
-What happens, per block ``i`` of ``blocks`` (``N`` blocks, prefetch depth ``d``):
+What happens, per block ``i`` of ``blocks`` (``N`` blocks, prefetch depth ``d``); every
+decision is :class:`~.schedule.IspSchedule`'s (pure, with the memory bound in its docstring),
+this module only carries them out:
 
 - **forward**: before block ``i`` runs, its weights are all-gathered (already in flight when
   block ``i - 1`` prefetched them) and blocks ``i + 1 .. i + d`` start gathering; after it
-  runs, its full weights are released. After the last block (with autograd recording) its
-  gather for the backward pass starts at once, overlapping the head and the loss.
+  runs, its full weights are released — except the last block's, kept for the backward pass
+  that a plain loop runs next (under a pipeline scheduler, its ``before_backward`` gathers it).
 - **backward**: when the gradient reaches block ``i``'s output, its weights are gathered
   again (usually already prefetched) and blocks ``i - 1 .. i - d`` start gathering. Each
   linear computes its input gradient and its full weight gradient, whose **reduce-scatter**
   over the weight group starts at once, asynchronously; the block's full weights are released
-  when its last linear's backward has run. So at most ``1 + d`` blocks' full weights are alive,
-  and reduce-scatters of at most ``2 + d`` blocks are in flight (older ones are waited for).
+  when the last linear that recorded in *that* forward (that micro-batch) has run its backward.
+  So at most ``1 + d`` blocks' full weights are alive whatever the interleaving of
+  micro-batches (1F1B, two forwards then two backwards), and reduce-scatters of at most
+  ``1 + d`` block backwards are in flight (older ones are waited for).
 - **finish_grads()** (or the optimizer hook of :meth:`WeightParallel.attach_optimizer`):
-  waits for every reduce-scatter, accumulates the shards' gradients, all-reduces them over
-  ``data_mode`` (``weight_data``) if asked, all-reduces the gradients of every parameter that
-  is *not* sharded (embedding, norms, head) over the weight and data groups, and averages.
+  waits for every reduce-scatter, all-reduces the shards' gradients over ``data_mode``
+  (``weight_data``) if asked, all-reduces the gradients of every parameter that is *not*
+  sharded (embedding, norms, head) over the weight and data groups, and averages
+  (:mod:`.grads`).
 
 Linear layers keep their class and names; their ``weight`` / ``bias`` become this rank's
 shard (rows ``tensor_split`` along dim 0, uneven sizes allowed) and their ``forward`` uses the
@@ -36,9 +41,11 @@ their gradients are all-reduced by :meth:`~WeightParallel.finish_grads`.
 
 Gradient semantics: each rank's loss is the mean over its own tokens (as with DDP); the
 gradients are averaged over the ``weight`` × ``weight_data`` ranks (``average=False``: summed).
-``reduce_dtype=torch.float32`` reduces and accumulates the gradients of bf16/fp16 weights in
-fp32 (InternEvo's fp32 gradient accumulation), kept in ``param.main_grad`` until
-``finish_grads`` writes ``param.grad``.
+``reduce_dtype=torch.float32`` with bf16/fp16 parameters accumulates and reduces the gradient
+of *every* parameter in fp32 in ``param.main_grad`` (sharded and replicated; InternEvo's fp32
+gradients); an optimizer built on :meth:`WeightParallel.master_parameters` (fp32 masters)
+steps on those fp32 gradients, one on the parameters themselves gets ``param.grad`` rounded
+to their dtype.
 
 Buffers come from a :class:`~pgroups.comm.pool.BufferPool` keyed by the parameter's place in
 its block (``"attn.wq.weight"``), so blocks of one structure share buffers and from step 2 on
@@ -56,7 +63,7 @@ and releases nothing.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -68,73 +75,28 @@ from ...errors import ModeNotInitializedError
 from ...modes import ModeLike, mode_name
 from ..groups import GroupInfo, comm_errors, resolve_group
 from ..pool import BufferPool, PoolStats
-from ..raw import all_gather_single, reduce_scatter_single
-from ..sizes import Sizes, even_split_sizes, offsets_of
+from ..raw import all_gather_single
+from ..sizes import even_split_sizes, offsets_of
+from .grads import GradReducer
+from .schedule import COMPLETE, GATHER, Action, IspSchedule
+from .sharded import Sharded, ShardedLinear
 
-__all__ = ["WeightParallel", "WeightParallelSchedulerHook", "prefetch_blocks"]
+__all__ = ["WeightParallel", "WeightParallelSchedulerHook"]
 
 
-# ---- pure decisions ------------------------------------------------------------------------------
 def _in_backward() -> bool:
     """Whether this code runs inside an autograd backward pass (activation recomputation)."""
     return torch._C._current_graph_task_id() != -1
 
 
-def prefetch_blocks(index: int, depth: int, num_blocks: int, forward: bool) -> Tuple[int, ...]:
-    """The blocks to start gathering when block ``index`` starts: the next ``depth`` blocks in
-    the direction of the pass (forward: ``index + 1 ..``, backward: ``index - 1 ..``), within
-    ``0 .. num_blocks - 1``."""
-    step = 1 if forward else -1
-    candidates = (index + step * k for k in range(1, depth + 1))
-    return tuple(j for j in candidates if 0 <= j < num_blocks)
-
-
-# ---- one sharded parameter ----------------------------------------------------------------------
-class _Sharded:
-    """A parameter sharded along dim 0: its full shape, the rows per rank, its pool key."""
-
-    def __init__(self, name: str, key: str, param: nn.Parameter, full_shape: Tuple[int, ...], sizes: Sizes,
-                 block: int) -> None:
-        self.name, self.key, self.param, self.full_shape, self.sizes, self.block = \
-            name, key, param, full_shape, sizes, block
-        self.row_numel = 1
-        for size in full_shape[1:]:
-            self.row_numel *= size
-        self.max_rows = max(sizes)
-        self.even = len(set(sizes)) == 1
-
-    def full_numel(self) -> int:
-        return self.full_shape[0] * self.row_numel
-
-    def pieces(self) -> List[Tuple[int, int, int]]:
-        """``(rank, offset in the flat full tensor, element count)`` of every rank's rows."""
-        return [(rank, start * self.row_numel, rows * self.row_numel)
-                for rank, (rows, start) in enumerate(zip(self.sizes, offsets_of(self.sizes)))]
-
-
-class _Linear:
-    """A sharded nn.Linear: its module, its block, and its weight / bias shards."""
-
-    def __init__(self, module: nn.Linear, block: int, weight: _Sharded, bias: Optional[_Sharded]) -> None:
-        self.module, self.block, self.weight, self.bias = module, block, weight, bias
-
-
 class _Gather:
     """One parameter's all-gather in flight (or done): buffers, work, and the full tensor."""
 
-    def __init__(self, sharded: _Sharded, version: int, work: Optional[dist.Work], recv: torch.Tensor,
+    def __init__(self, sharded: Sharded, version: int, work: Optional[dist.Work], recv: torch.Tensor,
                  send: Optional[torch.Tensor]) -> None:
         self.sharded, self.version, self.work, self.recv, self.send = sharded, version, work, recv, send
         self.full: Optional[torch.Tensor] = None
         self.full_buffer: Optional[torch.Tensor] = None
-
-
-class _Reduce:
-    """One parameter's gradient reduce-scatter in flight."""
-
-    def __init__(self, sharded: _Sharded, work: Optional[dist.Work], send: torch.Tensor, recv: torch.Tensor,
-                 dtype: torch.dtype) -> None:
-        self.sharded, self.work, self.send, self.recv, self.dtype = sharded, work, send, recv, dtype
 
 
 # ---- autograd ----------------------------------------------------------------------------------------
@@ -159,9 +121,9 @@ class _ShardedLinearFn(torch.autograd.Function):
     to the runtime's reduce-scatter; the shards get no gradient from autograd itself."""
 
     @staticmethod
-    def forward(ctx, x, weight_shard, bias_shard, runtime, linear):
+    def forward(ctx, x, weight_shard, bias_shard, runtime, linear, token):
         weight, bias = runtime._full_params(linear)
-        ctx.runtime, ctx.linear = runtime, linear
+        ctx.runtime, ctx.linear, ctx.token = runtime, linear, token
         ctx.save_for_backward(x)
         return F.linear(x, weight, bias)
 
@@ -177,8 +139,9 @@ class _ShardedLinearFn(torch.autograd.Function):
                 grad_2d.t(), x.reshape(-1, x.shape[-1]), out=out))
         if linear.bias is not None and ctx.needs_input_grad[2]:
             runtime._reduce_grad(linear.bias, lambda out=None: torch.sum(grad_2d, dim=0, out=out))
-        runtime._linear_backward_done(linear.block)
-        return grad_x, None, None, None, None
+        if ctx.token is not None:
+            runtime._apply(runtime.schedule.linear_backward_done(ctx.token))
+        return grad_x, None, None, None, None, None
 
 
 # ---- the runtime -----------------------------------------------------------------------------------
@@ -198,6 +161,8 @@ class WeightParallel:
     ``reduce_dtype``: dtype of gradient reduction and accumulation (None: the parameter's).
     ``average``: average gradients over the weight × data ranks (False: sum).
     ``sync_replicated``: all-reduce the gradients of parameters that are not sharded.
+    With ``reduce_dtype`` unlike the parameters' dtype, build the optimizer on
+    :meth:`master_parameters` to step on fp32 gradients (see :mod:`.grads`).
 
     ``pool`` / :meth:`stats`: the buffer pool and its counters; ``comm_counts``: calls and
     bytes of this rank's collectives (all-gather outputs, reduce-scatter inputs, all-reduce
@@ -226,16 +191,17 @@ class WeightParallel:
         self.comm_counts: Dict[str, int] = {"all_gather_calls": 0, "all_gather_bytes": 0,
                                             "reduce_scatter_calls": 0, "reduce_scatter_bytes": 0,
                                             "all_reduce_calls": 0, "all_reduce_bytes": 0}
-        self._linears: List[_Linear] = []
-        self._by_block: List[List[_Sharded]] = [[] for _ in self.blocks]
+        self._linears: List[ShardedLinear] = []
+        self._by_block: List[List[Sharded]] = [[] for _ in self.blocks]
         self._gathered: Dict[int, List[_Gather]] = {}
-        self._reducing: Dict[int, _Reduce] = {}                 # id(param) -> reduce-scatter in flight
-        self._main_grads: Dict[int, torch.Tensor] = {}
-        self._pending_backward = [0] * len(self.blocks)          # linear backward calls still to come
+        self.schedule = IspSchedule([len(self.blocks)], prefetch_depth, overlap=self.overlap)
+        self.grads = GradReducer(self.info, self.data_info, self.pool, reduce_dtype, average, self.overlap,
+                                 self._launch, self.comm_counts)
         self._grads_finished = True
         self._hooks: List[Any] = []
         self._shard_blocks()
         self._sharded_ids = {id(s.param) for sharded in self._by_block for s in sharded}
+        self.grads.hook_replicated([p for _, p in self.replicated_parameters()] if sync_replicated else [])
         self._register_hooks()
 
     # ---- setup ----------------------------------------------------------------------------
@@ -271,18 +237,18 @@ class WeightParallel:
             weight = self._shard_param(module, "weight", names[id(module)], prefix + "weight", index)
             bias = (self._shard_param(module, "bias", names[id(module)], prefix + "bias", index)
                     if module.bias is not None else None)
-            linear = _Linear(module, index, weight, bias)
+            linear = ShardedLinear(module, index, weight, bias)
             self._linears.append(linear)
             module.forward = functools.partial(self._linear_forward, linear)
 
-    def _shard_param(self, module: nn.Module, attr: str, module_name: str, key: str, block: int) -> _Sharded:
+    def _shard_param(self, module: nn.Module, attr: str, module_name: str, key: str, block: int) -> Sharded:
         full: nn.Parameter = getattr(module, attr)
         sizes = even_split_sizes(full.shape[0], self.info.size)
         start = offsets_of(sizes)[self.info.rank]
         shard = nn.Parameter(full.detach().narrow(0, start, sizes[self.info.rank]).clone(),
                              requires_grad=full.requires_grad)
         setattr(module, attr, shard)
-        sharded = _Sharded(f"{module_name}.{attr}" if module_name else attr, key, shard, tuple(full.shape),
+        sharded = Sharded(f"{module_name}.{attr}" if module_name else attr, key, shard, tuple(full.shape),
                            sizes, block)
         self._by_block[block].append(sharded)
         return sharded
@@ -293,10 +259,12 @@ class WeightParallel:
             self._hooks.append(block.register_forward_hook(functools.partial(self._after_block_forward, index)))
 
     def remove_hooks(self) -> None:
-        """Remove the block hooks (the linears stay sharded and gather on demand)."""
+        """Remove the block hooks and the gradient hooks of replicated parameters (the linears
+        stay sharded and gather on demand)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self.grads.remove_hooks()
 
     # ---- queries ----------------------------------------------------------------------------
     def sharded_parameters(self) -> List[Tuple[str, nn.Parameter]]:
@@ -322,17 +290,22 @@ class WeightParallel:
         return sum(s.max_rows * self.info.size * s.row_numel * s.param.element_size() for s in self._by_block[index])
 
     # ---- gathers -----------------------------------------------------------------------------
+    def _apply(self, actions: List[Action]) -> None:
+        """Carry out the schedule's decisions, in order."""
+        for action in actions:
+            if action.kind == GATHER:
+                self._start_gather(action.target)
+            elif action.kind == COMPLETE:
+                self.grads.complete(action.target)
+            else:
+                self._release_block(action.target)
+
     def _start_gather(self, index: int) -> None:
-        """Start block ``index``'s all-gathers unless they are in flight or done with the
-        shards as they are now (an optimizer step since then makes them stale)."""
-        current = self._gathered.get(index)
-        if current is not None:
-            if all(g.version == g.sharded.param._version for g in current):
-                return
-            self._release_block(index)
+        """Start block ``index``'s all-gathers (the schedule gathers a block only when its
+        weights are not live)."""
         self._gathered[index] = [self._gather_param(s, async_op=self.overlap) for s in self._by_block[index]]
 
-    def _gather_param(self, sharded: _Sharded, async_op: bool) -> _Gather:
+    def _gather_param(self, sharded: Sharded, async_op: bool) -> _Gather:
         info, shard = self.info, sharded.param.detach()
         row_bytes = sharded.row_numel * shard.element_size()
         piece_bytes = sharded.max_rows * row_bytes
@@ -386,8 +359,15 @@ class WeightParallel:
         return gather.full
 
     def _wait_block(self, index: int) -> List[_Gather]:
-        self._start_gather(index)
+        """Block ``index``'s landed gathers, gathered now if the schedule has not (a linear run
+        outside its block's hooks) or gathered again if an optimizer step changed the shards
+        since (stale)."""
+        self._apply(self.schedule.need(index))
         gathers = self._gathered[index]
+        if any(g.version != g.sharded.param._version for g in gathers):
+            self._release_block(index)
+            self._start_gather(index)
+            gathers = self._gathered[index]
         for gather in gathers:
             self._wait_gather(gather)
         return gathers
@@ -401,11 +381,7 @@ class WeightParallel:
                 if buffer is not None:
                     self.pool.release(buffer)
 
-    def _release_all(self) -> None:
-        for index in list(self._gathered):
-            self._release_block(index)
-
-    def _gather_now(self, sharded: _Sharded) -> torch.Tensor:
+    def _gather_now(self, sharded: Sharded) -> torch.Tensor:
         gather = self._gather_param(sharded, async_op=False)
         full = self._wait_gather(gather).clone()
         for buffer in (gather.send, gather.recv, gather.full_buffer):
@@ -413,117 +389,56 @@ class WeightParallel:
                 self.pool.release(buffer)
         return full
 
-    def _full_params(self, linear: _Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _full_params(self, linear: ShardedLinear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         gathers = {id(g.sharded): g for g in self._wait_block(linear.block)}
         weight = gathers[id(linear.weight)].full
         bias = gathers[id(linear.bias)].full if linear.bias is not None else None
         return weight, bias
 
     # ---- hooks ------------------------------------------------------------------------------------
-    def _linear_forward(self, linear: _Linear, x: torch.Tensor) -> torch.Tensor:
+    def _linear_forward(self, linear: ShardedLinear, x: torch.Tensor) -> torch.Tensor:
         bias = linear.bias.param if linear.bias is not None else None
         records = torch.is_grad_enabled() and not _in_backward() and (
             x.requires_grad or linear.weight.param.requires_grad or (bias is not None and bias.requires_grad))
+        token = None
         if records:
-            self._pending_backward[linear.block] += 1
+            token = self.schedule.record_linear(linear.block)
             self._grads_finished = False
-        return _ShardedLinearFn.apply(x, linear.weight.param, bias, self, linear)
+        return _ShardedLinearFn.apply(x, linear.weight.param, bias, self, linear, token)
 
     def _before_block_forward(self, index: int, module: nn.Module, args: Any) -> None:
-        self._wait_block(index)
-        if self.overlap and not _in_backward():  # a recompute in backward prefetches backward-wise
-            for ahead in prefetch_blocks(index, self.prefetch_depth, len(self.blocks), forward=True):
-                self._start_gather(ahead)
+        recompute = _in_backward()  # activation recomputation inside the block's own backward
+        self._apply(self.schedule.forward_begin(index, torch.is_grad_enabled() and not recompute, recompute))
+        self._wait_block(index)  # the block runs with its weights landed; the next ones stay in flight
 
     def _after_block_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> Any:
         if _in_backward():  # activation recompute: its backward follows at once and needs the weights
+            self._apply(self.schedule.forward_end(index, False, recompute=True))
             return None
-        self._release_block(index)
-        if not torch.is_grad_enabled():  # no_grad / inference: nothing is registered for backward
+        recording = torch.is_grad_enabled()
+        self._apply(self.schedule.forward_end(index, recording))
+        if not recording:  # no_grad / inference: nothing is registered for backward
             return None
-        wrapped = _wrap_outputs(output, lambda tensors: _BackwardEntry.apply(self, index, *tensors))
-        if wrapped is not None and self.overlap and index == len(self.blocks) - 1:
-            self._start_gather(index)  # the backward pass needs it first: gather under head and loss
-        return wrapped
+        return _wrap_outputs(output, lambda tensors: _BackwardEntry.apply(self, index, *tensors))
 
     def _before_block_backward(self, index: int) -> None:
-        # bound the gradients in flight: blocks more than prefetch_depth behind must have landed
-        for key, reduce in list(self._reducing.items()):
-            if reduce.sharded.block > index + self.prefetch_depth:
-                self._complete_reduce(key)
-        self._start_gather(index)
-        if self.overlap:
-            for ahead in prefetch_blocks(index, self.prefetch_depth, len(self.blocks), forward=False):
-                self._start_gather(ahead)
-
-    def _linear_backward_done(self, index: int) -> None:
-        self._pending_backward[index] -= 1
-        if self._pending_backward[index] <= 0:
-            self._pending_backward[index] = 0
-            self._release_block(index)
+        self._apply(self.schedule.backward_begin(index))
 
     # ---- gradients ------------------------------------------------------------------------------------
-    def _reduce_grad(self, sharded: _Sharded, compute: Callable[..., torch.Tensor]) -> None:
-        """Reduce-scatter the full gradient that ``compute(out=None)`` returns (or writes into
-        ``out``) over the weight group, into ``sharded``'s gradient; asynchronous with overlap."""
-        self._complete_reduce(id(sharded.param))  # one in flight per parameter (gradient accumulation)
-        info, param = self.info, sharded.param
-        dtype = self.reduce_dtype or param.dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        piece_numel = sharded.max_rows * sharded.row_numel
-        send = self.pool.acquire((sharded.key, "reduce-send"), piece_numel * info.size * itemsize, param.device,
-                                 "grad", zero=not sharded.even)
-        send_view = send.view(dtype)
-        if sharded.even and dtype == param.dtype:  # the matmul writes straight into the buffer
-            compute(out=send_view.view(sharded.full_shape))
-        else:
-            grad = compute()
-            if sharded.even:
-                send_view.copy_(grad.reshape(-1))
-            else:  # rank r's rows at r * max_rows; the padding rows were zeroed once
-                padded = send_view.view(info.size, piece_numel)
-                flat = grad.reshape(-1)
-                for rank, full_offset, count in sharded.pieces():
-                    padded[rank].narrow(0, 0, count).copy_(flat.narrow(0, full_offset, count))
-        recv = self.pool.acquire((sharded.key, "reduce"), piece_numel * itemsize, param.device, "grad")
-        work = self._launch("reduce_scatter", f"gradient reduce-scatter of {sharded.name}", send, recv,
-                            lambda: reduce_scatter_single(recv.view(dtype), send_view, op=dist.ReduceOp.SUM,
-                                                          group=info.group, async_op=self.overlap))
-        self._reducing[id(param)] = _Reduce(sharded, work if self.overlap else None, send, recv, dtype)
+    def _reduce_grad(self, sharded: Sharded, compute: Callable[..., torch.Tensor]) -> None:
+        """Reduce-scatter the full gradient ``compute`` gives over the weight group (see
+        :meth:`.grads.GradReducer.start`); without overlap it completes at once."""
+        key = id(sharded.param)
+        self._apply(self.schedule.before_reduce(key))
+        self.grads.start(key, sharded, compute)
         self._grads_finished = False
         if not self.overlap:
-            self._complete_reduce(id(param))
-
-    def _complete_reduce(self, key: int) -> None:
-        reduce = self._reducing.pop(key, None)
-        if reduce is None:
-            return
-        sharded = reduce.sharded
-        if reduce.work is not None:
-            with comm_errors(self.info, f"gradient reduce-scatter of {sharded.name}"):
-                reduce.work.wait()
-        rows = sharded.sizes[self.info.rank]
-        shard_grad = reduce.recv.view(reduce.dtype).narrow(0, 0, rows * sharded.row_numel).view(
-            (rows,) + sharded.full_shape[1:])
-        param = sharded.param
-        if reduce.dtype != param.dtype:
-            main = self._main_grads.get(id(param))
-            if main is None:
-                main = self._main_grads[id(param)] = torch.zeros_like(shard_grad)
-                param.main_grad = main  # Megatron's name for the fp32 accumulator
-            main.add_(shard_grad)
-        elif param.grad is None:
-            param.grad = shard_grad.clone()
-        else:
-            param.grad.add_(shard_grad)
-        self.pool.release(reduce.send)
-        self.pool.release(reduce.recv)
+            self._apply(self.schedule.wait_reduces())
 
     def wait_grads(self) -> None:
         """Wait for every gradient reduce-scatter in flight and accumulate it into the shards'
         gradients (no all-reduce, no averaging): what a scheduler calls after each micro-batch."""
-        for key in list(self._reducing):
-            self._complete_reduce(key)
+        self._apply(self.schedule.wait_reduces())
 
     def finish_grads(self) -> None:
         """Make every gradient ready for the optimizer; call once per optimizer step, after the
@@ -531,78 +446,42 @@ class WeightParallel:
 
         Waits for the reduce-scatters, releases every gathered block, all-reduces the shards'
         gradients over ``data_mode``, all-reduces the replicated parameters' gradients over the
-        weight and data groups (missing ones count as zero), and averages. A second call with
-        no backward in between does nothing.
+        weight and data groups (missing ones count as zero), and averages (:mod:`.grads`). A
+        second call with no backward in between does nothing.
         """
-        self.wait_grads()
-        self._release_all()
-        self._pending_backward = [0] * len(self.blocks)
+        self._apply(self.schedule.finish())
         if self._grads_finished:
             return
-        data = [self.data_info] if self.data_info is not None and self.data_info.size > 1 else []
-        scale = 1.0 / (self.info.size * (self.data_info.size if self.data_info is not None else 1)) \
-            if self.average else 1.0
         sharded = [s.param for blocks in self._by_block for s in blocks if s.param.requires_grad]
-        accumulators = [self._grad_of(p) for p in sharded]
-        self._all_reduce(accumulators, data, scale)
-        for param, accumulator in zip(sharded, accumulators):
-            if id(param) in self._main_grads:
-                converted = accumulator.to(param.dtype)
-                param.grad = converted if param.grad is None else param.grad.add_(converted)
-                accumulator.zero_()
-        if self.sync_replicated:
-            replicated = [p for _, p in self.replicated_parameters() if p.requires_grad]
-            self._all_reduce([self._grad_of(p) for p in replicated], [self.info] + data, scale)
+        replicated = [p for _, p in self.replicated_parameters() if p.requires_grad] if self.sync_replicated else []
+        self.grads.finish(sharded, replicated)
         self._grads_finished = True
 
-    def _grad_of(self, param: nn.Parameter) -> torch.Tensor:
-        main = self._main_grads.get(id(param))
-        if main is not None:
-            return main
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        return param.grad
+    def master_parameters(self) -> List[nn.Parameter]:
+        """What to build the optimizer on for fp32 steps: for every parameter of the model
+        (``model.parameters()`` order), an fp32 master copy when ``reduce_dtype`` differs from
+        its dtype, else the parameter itself. :meth:`finish_grads` gives the masters the fp32
+        gradients (``master.grad = param.main_grad``); :meth:`attach_optimizer`'s post-step hook
+        (or :meth:`copy_masters`) writes the stepped masters back into the parameters."""
+        return self.grads.master_parameters(list(self.model.parameters()))
 
-    def _all_reduce(self, tensors: Sequence[torch.Tensor], groups: Sequence[GroupInfo], scale: float) -> None:
-        """Sum ``tensors`` over each of ``groups`` in turn, then multiply by ``scale``: one
-        flat buffer per dtype (and device), one all-reduce per group."""
-        by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
-        for tensor in tensors:
-            by_kind.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-        for (dtype, device), members in by_kind.items():
-            if not groups:
-                if scale != 1.0:
-                    for tensor in members:
-                        tensor.mul_(scale)
-                continue
-            numel = sum(t.numel() for t in members)
-            itemsize = members[0].element_size()
-            buffer = self.pool.acquire(("all-reduce", str(dtype), len(groups)), numel * itemsize, device, "grad")
-            flat = buffer.view(dtype)
-            offset = 0
-            for tensor in members:
-                flat.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
-                offset += tensor.numel()
-            for info in groups:
-                self.comm_counts["all_reduce_calls"] += 1
-                self.comm_counts["all_reduce_bytes"] += buffer.numel()
-                with comm_errors(info, "gradient all-reduce"):
-                    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=info.group)
-            if scale != 1.0:
-                flat.mul_(scale)
-            offset = 0
-            for tensor in members:
-                tensor.copy_(flat.narrow(0, offset, tensor.numel()).view_as(tensor))
-                offset += tensor.numel()
-            self.pool.release(buffer)
+    def copy_masters(self) -> None:
+        """Write the fp32 masters into the model's parameters (after ``optimizer.step()``)."""
+        self.grads.copy_masters(list(self.model.parameters()))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Call :meth:`finish_grads` before every ``optimizer.step()`` (a step pre-hook); returns
-        the hook handle. Calling ``finish_grads`` yourself as well is harmless (it runs once)."""
+        """Call :meth:`finish_grads` before every ``optimizer.step()`` (a step pre-hook) and,
+        when the optimizer holds :meth:`master_parameters`, :meth:`copy_masters` after it;
+        returns the pre-hook's handle. Calling ``finish_grads`` yourself as well is harmless
+        (it runs once)."""
+        optimizer.register_step_post_hook(lambda *_: self.copy_masters())
         return optimizer.register_step_pre_hook(lambda *_: self.finish_grads())
 
     def scheduler_hook(self) -> "WeightParallelSchedulerHook":
-        """Hooks for a pipeline scheduler (InternEvo's ``SchedulerHook`` interface)."""
+        """Hooks for a pipeline scheduler (InternEvo's ``SchedulerHook`` interface). From now
+        on the scheduler announces each backward (``before_backward``), so the last block's
+        weights are no longer kept after a forward for a backward that may come later."""
+        self.schedule.lookahead = False
         return WeightParallelSchedulerHook(self)
 
     def __repr__(self) -> str:
@@ -657,8 +536,8 @@ class WeightParallelSchedulerHook:
         pass
 
     def before_backward(self, scheduler: Any, outputs: Any, outputs_grad: Any) -> None:
-        if self.runtime.overlap:
-            self.runtime._start_gather(len(self.runtime.blocks) - 1)
+        runtime = self.runtime
+        runtime._apply(runtime.schedule.expect_backward(len(runtime.blocks) - 1))
 
     def after_backward(self, scheduler: Any, inputs_grad: Any) -> None:
         self.runtime.wait_grads()
