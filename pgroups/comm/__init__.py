@@ -8,7 +8,8 @@
   all-to-all (:func:`seq_to_head` / :func:`head_to_seq`), with autograd;
 - :mod:`.weights` — asynchronous weight all-gather whose backward reduce-scatters;
 - :mod:`.isp` — :class:`WeightParallel`, the ISP weight-parallel runtime (prefetching weight
-  all-gathers, asynchronous gradient reduce-scatters, driven by module hooks);
+  all-gathers, asynchronous gradient reduce-scatters, driven by module hooks; its decisions in
+  the pure :class:`~.isp.schedule.IspSchedule`);
 - :mod:`.pool` — :class:`BufferPool`, the reusable communication buffers and their counters;
 - :mod:`.ulysses` — :class:`UlyssesAttention`, sequence-parallel attention (GQA included).
 
