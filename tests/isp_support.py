@@ -7,11 +7,12 @@ from typing import List
 from pgroups import ParallelContext
 
 
-def isp_context(weight: int, tensor: int = 1, timeout_s: float = 60.0) -> ParallelContext:
-    """A context over the current (gloo) world with ``weight`` × ``weight_data`` groups and a
-    ``tensor`` (sequence) group, on every rank."""
+def isp_context(weight: int, tensor: int = 1, timeout_s: float = 60.0, pipeline: int = 1) -> ParallelContext:
+    """A context over the current (gloo) world with ``weight`` × ``weight_data`` groups (within
+    each of ``pipeline`` stages) and a ``tensor`` (sequence) group, on every rank."""
     return ParallelContext().init_from_config(
-        {"parallel": {"tensor": tensor, "weight": weight}, "backend": "gloo", "timeout_s": timeout_s})
+        {"parallel": {"tensor": tensor, "weight": weight, "pipeline": pipeline}, "backend": "gloo",
+         "timeout_s": timeout_s})
 
 
 def sequence_slice(ctx: ParallelContext) -> List[int]:
