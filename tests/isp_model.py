@@ -7,7 +7,7 @@ that holds a slice of the sequence rotate by the global positions.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import torch
@@ -132,3 +132,25 @@ def batch(seed: int, cfg: TinyConfig, samples: int, seq: int):
 
 def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def train_unsharded(cfg: TinyConfig, steps: int, batch_of: Callable[[int], Tuple[torch.Tensor, torch.Tensor]],
+                    micro_rows: Sequence[List[int]], divide: int, lr: float
+                    ) -> Tuple[List[float], Dict[str, torch.Tensor]]:
+    """The single-process reference: ``steps`` AdamW steps (weight decay 0.1) of the unsharded
+    model (seed 7); each step's batch is ``batch_of(step)``, its micro-batches the rows in
+    ``micro_rows``, each loss divided by ``divide``. Returns the losses and the final state."""
+    model = TinyLlama(cfg, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    losses = []
+    for step in range(steps):
+        tokens, targets = batch_of(step)
+        total = 0.0
+        for rows in micro_rows:
+            loss = loss_of(model(tokens[rows]), targets[rows]) / divide
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import run_ranks
-from isp_model import TinyConfig, TinyLlama, batch, loss_of
+from isp_model import TinyConfig, TinyLlama, batch, loss_of, train_unsharded
 from test_reshard_collectives import Expect
 
 CFG = TinyConfig(layers=8)      # ffn 38, dim 24: every sharded dim even over a weight group of 2
@@ -79,21 +79,8 @@ def one_f_one_b(stage: int) -> List[tuple]:
 
 
 def train_reference():
-    model = TinyLlama(CFG, seed=7)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    positions = torch.arange(SEQ)
-    losses = []
-    for step in range(STEPS):
-        tokens, targets = batch(3000 + step, CFG, 2 * MICRO, SEQ)
-        total = 0.0
-        for sample in range(2 * MICRO):
-            loss = loss_of(model(tokens[[sample]], positions), targets[[sample]]) / (2 * MICRO)
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return train_unsharded(CFG, STEPS, lambda step: batch(3000 + step, CFG, 2 * MICRO, SEQ),
+                           [[sample] for sample in range(2 * MICRO)], 2 * MICRO, LR)
 
 
 def pipeline_worker() -> Dict[str, str]:

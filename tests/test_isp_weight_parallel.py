@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_ranks, run_ranks_outcomes
-from isp_model import TinyConfig, TinyLlama, batch, local_attention, loss_of
+from isp_model import TinyConfig, TinyLlama, batch, local_attention, loss_of, train_unsharded
 from isp_support import isp_context, sequence_slice
 from test_reshard_collectives import Expect, assert_ok, run_checks
 
@@ -47,21 +47,8 @@ def micro_samples(dp: int, accum: int, micro: int) -> List[int]:
 
 
 def train_reference(cfg: TinyConfig, dp: int, accum: int):
-    model = TinyLlama(cfg, seed=7)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
-    for step in range(STEPS):
-        tokens, targets = global_batch(step, cfg, dp)
-        total = 0.0
-        for micro in range(accum):
-            rows = micro_samples(dp, accum, micro)
-            loss = loss_of(model(tokens[rows]), targets[rows]) / accum
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return train_unsharded(cfg, STEPS, lambda step: global_batch(step, cfg, dp),
+                           [micro_samples(dp, accum, micro) for micro in range(accum)], accum, LR)
 
 
 def train_isp(ctx, cfg: TinyConfig, *, accum: int = 1, ulysses: bool = False, scheduler: bool = False,
