@@ -18,8 +18,9 @@ import json
 import os
 import sys
 from importlib import resources
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
+from . import creation
 from .config import Config, load_config
 from .context import import_plugins, make_initializers
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
@@ -137,11 +138,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     import_plugins(config)
     if args.world_size is not None:
-        offline_layout(config, args.world_size)
-        print(f"{args.config}: ok ({config.topology(args.world_size).describe()})")
+        topology = config.topology(args.world_size)
+        initializers = make_initializers(default_registry, config, topology)
+        checked = check_creation(config, topology, initializers)
+        print(f"{args.config}: ok ({topology.describe()}); group creation checked for every rank "
+              f"under strategy {', '.join(checked)}: no rank waits for a peer that never comes")
     else:
-        print(f"{args.config}: ok")
+        print(f"{args.config}: ok (not checked without -n WORLD_SIZE: the layout, the groups of "
+              "user modes, and the group-creation schedule)")
     return EXIT_OK
+
+
+#: Above this world, ``validate`` leaves the ``all`` strategy out: it models one call per group
+#: per rank (O(world * groups)); pgroups never picks ``all`` on its own where it can split.
+ALL_STRATEGY_CHECK_LIMIT = 2048
+
+
+def check_creation(config: Config, topology: Topology, initializers: Dict[str, Any]) -> List[str]:
+    """Run :mod:`pgroups.creation`'s checker over every rank for each strategy ``config`` can
+    resolve to (``auto``: local on gloo, split on a device-bound NCCL group, all without
+    ``split_group``); return the strategies checked. Raises ConfigError naming the step (mode)
+    that would deadlock."""
+    world = topology.world_size
+    strategies = [config.strategy] if config.strategy != "auto" else ["local", "split", "all"]
+    checked = []
+    for strategy in strategies:
+        if strategy == "all" and config.strategy == "auto" and world > ALL_STRATEGY_CHECK_LIMIT:
+            continue
+        steps = creation.config_steps(initializers, topology, strategy, cpu_twins=config.cpu_groups != "off")
+        device = [s for s in steps if s.label.endswith("/device")]
+        cpu = [s for s in steps if s.label.endswith("/cpu")]
+        # eager steps: every rank walks them in order; lazy ones: members request them in mode order
+        eager = (device if config.groups == "eager" else []) + (cpu if config.cpu_groups == "eager" else [])
+        lazy = (device if config.groups == "lazy" else []) + (cpu if config.cpu_groups == "lazy" else [])
+        calls = {r: creation.eager_schedule(eager, world, r) + creation.lazy_schedule(lazy, r) for r in range(world)}
+        deadlock = creation.find_deadlock(calls, world)
+        if deadlock is not None:
+            where = f"{config.source}: " if config.source else ""
+            raise ConfigError(f"{where}mode {deadlock.label.split('/')[0]!r} under strategy {strategy!r}: "
+                              f"{deadlock.message()}")
+        checked.append(strategy)
+    return checked
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -76,9 +76,12 @@ class Step:
     label: str
     groups: Tuple[Group, ...]
     strategy: str
+    _by_rank: Dict[int, Group] = attrs.field(init=False, eq=False, repr=False, factory=dict)
 
     def group_of(self, rank: int) -> Optional[Group]:
-        return next((g for g in self.groups if rank in g), None)
+        if not self._by_rank and self.groups:
+            self._by_rank.update((r, g) for g in self.groups for r in g)
+        return self._by_rank.get(rank)
 
 
 @attrs.frozen
@@ -151,9 +154,9 @@ def eager_schedule(steps: Sequence[Step], world_size: int, rank: int, padding: b
             fresh = tuple(g for g in step.groups if (kind, g) not in cache)
             registers = mine is not None and mine in fresh
             cache.update((kind, g) for g in fresh)
-            calls.append(Call(step.label, ALL, (step.label, step.groups), mine or (), None, groups=fresh))
+            calls.append(Call(step.label, ALL, (step.label, ALL), mine or (), None, groups=fresh))
         elif step.strategy == SPLIT:
-            calls.append(Call(step.label, SPLIT, (step.label, step.groups), mine or (), None))
+            calls.append(Call(step.label, SPLIT, (step.label, SPLIT), mine or (), None))
         else:
             raise ValueError(f"unknown creation strategy {step.strategy!r}")
         if padding and not registers:
@@ -275,14 +278,14 @@ def _describe_stuck(calls_by_rank: Mapping[int, Sequence[Call]], position: Mappi
 
 def context_steps(mode_groups: Mapping[str, Sequence[Sequence[int]]], world_size: int, strategy: str,
                   shares: Optional[Mapping[str, Optional[str]]] = None, cpu_twins: bool = False,
-                  world_cpu_group: bool = False) -> List[Step]:
+                  world_cpu_twin: bool = False) -> List[Step]:
     """The steps of an eager build, as :class:`pgroups.context.ParallelContext` makes them: the
-    device groups of every mode in order, then (``cpu_twins``) the CPU twins of every mode —
-    members-only ``local`` under the ``split`` strategy — then (``world_cpu_group``) nothing
-    more: the world's CPU twin is a mode of its own in ``mode_groups`` when needed.
+    device groups of every mode in order, then (``cpu_twins``: twins built eagerly) the CPU twins
+    of every mode — members-only ``local`` under the ``split`` strategy.
 
-    ``shares`` maps a mode to an earlier mode with identical groups (no call), as the context's
-    layout keys decide; a mode whose one group is the whole world uses the world group.
+    ``shares`` maps a mode to an earlier mode with identical groups (no call); a mode whose one
+    group is the whole world uses the world group (no call), except for CPU twins when
+    ``world_cpu_twin`` (the default group has no gloo backend to serve as the world's twin).
     """
     shares = shares or {}
     steps = []
@@ -290,9 +293,10 @@ def context_steps(mode_groups: Mapping[str, Sequence[Sequence[int]]], world_size
     for kind, how in kinds:
         for mode, groups in mode_groups.items():
             sorted_groups = tuple(tuple(sorted(g)) for g in groups)
+            whole_world = len(sorted_groups) == 1 and len(sorted_groups[0]) == world_size
             if shares.get(mode):
                 how_here = SHARED
-            elif len(sorted_groups) == 1 and len(sorted_groups[0]) == world_size and not (kind == "cpu" and world_cpu_group):
+            elif whole_world and not (kind == "cpu" and world_cpu_twin):
                 how_here = WORLD
             else:
                 how_here = how
@@ -304,3 +308,43 @@ def check_steps(steps: Sequence[Step], world_size: int, padding: bool = True) ->
     """Run the checker over an eager build of ``steps`` at ``world_size``."""
     calls = {r: eager_schedule(steps, world_size, r, padding) for r in range(world_size)}
     return find_deadlock(calls, world_size)
+
+
+def config_steps(initializers: Mapping[str, "object"], topology: "object", strategy: str,
+                 cpu_twins: bool = False, world_cpu_twin: bool = False) -> List[Step]:
+    """The eager steps of a context built from ``initializers`` (mode → initializer, in creation
+    order, as :func:`pgroups.context.make_initializers` returns them) on ``topology``: modes with
+    one layout key share the first one's communicators, as the context decides.
+
+    ``world_cpu_twin``: the world's CPU group is a group of its own (the default group has no
+    gloo backend), so a mode whose one group is the world still creates its CPU twin.
+    """
+    mode_groups = {}
+    shares: Dict[str, Optional[str]] = {}
+    first_of_key: Dict[Hashable, str] = {}
+    for name, init in initializers.items():
+        mode_groups[name] = init.rank_groups(topology)  # type: ignore[attr-defined]
+        key = init.layout_key(topology)  # type: ignore[attr-defined]
+        if key is not None:
+            first = first_of_key.setdefault(key, name)
+            shares[name] = first if first != name else None
+    return context_steps(mode_groups, topology.world_size, strategy, shares,  # type: ignore[attr-defined]
+                         cpu_twins, world_cpu_twin)
+
+
+def host_steps(ranks_per_host: Sequence[int], strategy: str) -> List[Step]:
+    """The steps the network test adds for hosts holding ``ranks_per_host`` ranks each (in rank
+    order): intra-host groups, then inter-host rails (the j-th rank of every host), each kind
+    without its one-rank groups and left out when none remains (``nettest.groups.build_catalog``)."""
+    intra, start = [], 0
+    for count in ranks_per_host:
+        intra.append(tuple(range(start, start + count)))
+        start += count
+    depth = max(ranks_per_host, default=0)
+    inter = [tuple(host[j] for host in intra if j < len(host)) for j in range(depth)]
+    steps = []
+    for kind, groups in (("nettest-intra-node", intra), ("nettest-inter-node", inter)):
+        kept = tuple(g for g in groups if len(g) > 1)
+        if kept:
+            steps.append(Step(f"{kind}/device", kept, WORLD if kept == (tuple(range(start)),) else strategy))
+    return steps
