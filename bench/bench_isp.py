@@ -1,4 +1,4 @@
-"""ISP weight parallelism on local gloo ranks: step time with overlap on / off against no weight
+"""ISP weight parallelism on local gloo ranks: step time with overlap on / off against FSDP2 and no weight
 parallelism (DDP), bytes moved against the analytic count, and full-weight memory.
 
     python bench/bench_isp.py                      # world 4, weight 4, a ~14 MiB fp32 llama-like model
@@ -8,6 +8,9 @@ Methods, in one run on the same ranks and data (median of ``--steps`` timed step
 ``--warmup`` untimed ones, slowest rank; methods interleaved step by step):
 - ``WeightParallel, overlap on``: prefetching gathers, asynchronous reduce-scatters;
 - ``WeightParallel, overlap off``: every collective waited for at once;
+- ``FSDP2``: torch's ``fully_shard`` on every block and on the root (embedding, norm, head
+  sharded too), its defaults (reshard after forward, implicit backward prefetch): what a user
+  would pick for sharded weights;
 - ``no weight parallelism (DDP)``: the unsharded model under torch DDP (bucketed, overlapped
   gradient all-reduce): the baseline.
 
@@ -15,11 +18,17 @@ Per step and rank it reports the bytes of the weight all-gathers' outputs and of
 reduce-scatters' inputs against the analytic count (2 all-gathers + 1 reduce-scatter of every
 sharded tensor, less one all-gather of the last block with overlap: its weights are kept from
 its forward for its backward), the pool's peak full-weight bytes against the unsharded model's
-block weights, and the pool's allocations after warm-up (0 expected).
+block weights, and the pool's allocations after warm-up (0 expected). For FSDP2 the bytes are
+counted by wrapping ``torch.distributed``'s ``all_gather_single`` / ``reduce_scatter_single`` /
+``all_reduce`` (what its collectives call) during its steps, and its full-weight bytes are the
+storages of the blocks' unsharded parameters, sampled at every block's forward (as its MLP
+starts) and at every block's backward (its ``w2``): a sampled lower bound (an all-gather still
+in flight, a prefetched block, holds a buffer not counted there), where the pool's is exact.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -44,6 +53,51 @@ def _slowest(seconds: float) -> float:
     return float(value)
 
 
+class Fsdp2Probe:
+    """Bytes FSDP2's collectives move (all-gather outputs, reduce-scatter inputs, all-reduce
+    buffers) while :meth:`counting`, and the blocks' unsharded parameter bytes sampled inside
+    every block's forward and backward."""
+
+    # collective -> (counter, position and keyword of the tensor whose bytes count)
+    NAMES = {"all_gather_single": ("all_gather_bytes", 0, "output_tensor"),
+             "reduce_scatter_single": ("reduce_scatter_bytes", 1, "input"),
+             "all_reduce": ("all_reduce_bytes", 0, "tensor")}
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.comm_counts = {key: 0 for key, _, _ in self.NAMES.values()}
+        self.peak_weight = 0
+        self._groups = [block._get_fsdp_state()._fsdp_param_group for block in model.layers]
+        for block in model.layers:
+            block.mlp.register_forward_pre_hook(lambda *_: self._sample())
+            block.mlp.w2.register_full_backward_hook(lambda *_: self._sample())
+
+    def _sample(self) -> None:
+        held = sum(output.untyped_storage().nbytes() for group in self._groups for param in group.fsdp_params
+                   for output in param.all_gather_outputs)
+        self.peak_weight = max(self.peak_weight, held)
+
+    @contextlib.contextmanager
+    def counting(self):
+        originals = {name: getattr(dist, name) for name in self.NAMES}
+
+        def counted(name):
+            key, position, keyword = self.NAMES[name]
+
+            def call(*args, **kwargs):
+                tensor = args[position] if len(args) > position else kwargs[keyword]
+                self.comm_counts[key] += tensor.numel() * tensor.element_size()
+                return originals[name](*args, **kwargs)
+            return call
+
+        for name in self.NAMES:
+            setattr(dist, name, counted(name))
+        try:
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(dist, name, original)
+
+
 def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: int) -> Dict[str, Any]:
     from isp_support import isp_context
     from pgroups.comm import WeightParallel
@@ -61,24 +115,36 @@ def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: in
         wp.attach_optimizer(opt)
         return model, opt, wp
 
+    def make_fsdp2():
+        from torch.distributed.fsdp import fully_shard
+
+        model = TinyLlama(cfg, seed=1)
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4), Fsdp2Probe(model)
+
     ddp_model = torch.nn.parallel.DistributedDataParallel(TinyLlama(cfg, seed=1))
     ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=1e-4)
     methods = {"WeightParallel, overlap on": make_wp(True), "WeightParallel, overlap off": make_wp(False),
-               "no weight parallelism (DDP)": (ddp_model, ddp_opt, None)}
+               "FSDP2": make_fsdp2(), "no weight parallelism (DDP)": (ddp_model, ddp_opt, None)}
     times: Dict[str, List[float]] = {name: [] for name in methods}
     counts_before: Dict[str, Dict[str, int]] = {}
     allocations_before: Dict[str, int] = {}
     for step in range(warmup + steps):
         if step == warmup:
-            for name, (_, _, wp) in methods.items():
-                if wp is not None:
-                    counts_before[name] = dict(wp.comm_counts)
-                    allocations_before[name] = wp.stats().allocations
-        for name, (model, opt, _) in methods.items():
+            for name, (_, _, meter) in methods.items():
+                if meter is not None:
+                    counts_before[name] = dict(meter.comm_counts)
+                if isinstance(meter, WeightParallel):
+                    allocations_before[name] = meter.stats().allocations
+        for name, (model, opt, meter) in methods.items():
             dist.barrier()
+            counting = meter.counting() if isinstance(meter, Fsdp2Probe) else contextlib.nullcontext()
             started = time.perf_counter()
-            loss_of(model(tokens), targets).backward()
-            opt.step()
+            with counting:
+                loss_of(model(tokens), targets).backward()
+                opt.step()
             opt.zero_grad()
             elapsed = _slowest(time.perf_counter() - started)
             if step >= warmup:
@@ -87,17 +153,23 @@ def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: in
     block_weight_bytes = sum(p.numel() * p.element_size() for block in unsharded.layers
                              for m in block.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in unsharded.parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in unsharded.layers.parameters())
     result: Dict[str, Any] = {"world": world, "model_bytes": model_bytes, "block_weight_bytes": block_weight_bytes,
-                              "rows": {}}
-    for name, (model, _, wp) in methods.items():
+                              "block_bytes": block_bytes, "rows": {}}
+    for name, (model, _, meter) in methods.items():
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: DTensors
         row: Dict[str, Any] = {"ms": statistics.median(times[name]) * 1e3,
-                               "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-        if wp is not None:
-            counts = wp.comm_counts
-            row["gathered"] = (counts["all_gather_bytes"] - counts_before[name]["all_gather_bytes"]) / steps
-            row["reduced"] = (counts["reduce_scatter_bytes"] - counts_before[name]["reduce_scatter_bytes"]) / steps
-            row["peak_weight"] = wp.stats().peak_for("weight")
-            row["steady_allocations"] = wp.stats().allocations - allocations_before[name]
+                               "param_bytes": sum(p.numel() * p.element_size() for p in local)}
+        if meter is not None:
+            counts = meter.comm_counts
+            for key, column in (("all_gather_bytes", "gathered"), ("reduce_scatter_bytes", "reduced"),
+                                ("all_reduce_bytes", "all_reduced")):
+                row[column] = (counts[key] - counts_before[name][key]) / steps
+        if isinstance(meter, Fsdp2Probe):
+            row["peak_weight"] = meter.peak_weight
+        elif meter is not None:
+            row["peak_weight"] = meter.stats().peak_for("weight")
+            row["steady_allocations"] = meter.stats().allocations - allocations_before[name]
         result["rows"][name] = row
     ctx.destroy()
     dist.destroy_process_group()
@@ -126,32 +198,40 @@ def main(argv: List[str] = None) -> int:
         return 1
     r = outcomes[0].value
     last_block = r["block_weight_bytes"] // args.layers  # every block has the same linears
-    analytic_gathers = {"WeightParallel, overlap on": 2 * r["block_weight_bytes"] - last_block,
-                        "WeightParallel, overlap off": 2 * r["block_weight_bytes"]}
-    analytic_reduce = r["block_weight_bytes"]
+    root = r["model_bytes"] - r["block_bytes"]             # embedding, final norm, head
+    # analytic bytes per step and rank: (gathered, reduce-scattered, unsharded full weights)
+    analytic = {"WeightParallel, overlap on": (2 * r["block_weight_bytes"] - last_block, r["block_weight_bytes"],
+                                               r["block_weight_bytes"]),
+                "WeightParallel, overlap off": (2 * r["block_weight_bytes"], r["block_weight_bytes"],
+                                                r["block_weight_bytes"]),
+                "FSDP2": (2 * r["block_bytes"] + root, r["model_bytes"], r["block_bytes"])}
     base = r["rows"]["no weight parallelism (DDP)"]
     print(f"world {r['world']} gloo (weight {r['world']}), {os.cpu_count()} CPU cores, model "
           f"{r['model_bytes'] / MiB:.1f} MiB fp32 ({args.layers} blocks, dim {args.dim}, ffn {args.ffn}; "
           f"{r['block_weight_bytes'] / MiB:.1f} MiB in block linears), {args.samples} x {args.seq} tokens per rank; "
           f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank\n")
     print("| method | step ms | vs DDP | gathered MiB/step (analytic) | reduce-scattered MiB/step (analytic) "
-          "| peak full-weight MiB (unsharded) | params MiB/rank | pool allocations after warm-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| all-reduced MiB/step | peak full-weight MiB (unsharded) | params MiB/rank "
+          "| pool allocations after warm-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in r["rows"].items():
-        if "gathered" in row:
-            comm = (f"{row['gathered'] / MiB:.2f} ({analytic_gathers[name] / MiB:.2f}) | {row['reduced'] / MiB:.2f} "
-                    f"({analytic_reduce / MiB:.2f}) | {row['peak_weight'] / MiB:.2f} "
-                    f"({r['block_weight_bytes'] / MiB:.2f})")
-            allocations = str(row["steady_allocations"])
+        if name in analytic:
+            gathered, reduced, full = analytic[name]
+            comm = (f"{row['gathered'] / MiB:.2f} ({gathered / MiB:.2f}) | {row['reduced'] / MiB:.2f} "
+                    f"({reduced / MiB:.2f}) | {row['all_reduced'] / MiB:.2f} | {row['peak_weight'] / MiB:.2f} "
+                    f"({full / MiB:.2f})")
         else:
-            comm, allocations = "– | – | (all weights resident)", "–"
+            comm = "– | – | (gradient buckets, not counted) | (all weights resident)"
+        allocations = str(row.get("steady_allocations", "–"))
         print(f"| {name} | {row['ms']:.1f} | {row['ms'] / base['ms']:.2f}x | {comm} | "
               f"{row['param_bytes'] / MiB:.2f} | {allocations} |")
     on, off = r["rows"]["WeightParallel, overlap on"], r["rows"]["WeightParallel, overlap off"]
-    analytic_on = analytic_gathers["WeightParallel, overlap on"]
-    print(f"\noverlap on / off: {on['ms'] / off['ms']:.2f}x; gathered / analytic: {on['gathered'] / analytic_on:.3f}; "
-          f"reduce-scattered / analytic: {on['reduced'] / analytic_reduce:.3f}; peak full weights / unsharded: "
-          f"{on['peak_weight'] / r['block_weight_bytes']:.2f}")
+    fsdp = r["rows"]["FSDP2"]
+    print(f"\noverlap on / off: {on['ms'] / off['ms']:.2f}x; WeightParallel (overlap on) / FSDP2: "
+          f"{on['ms'] / fsdp['ms']:.2f}x; gathered / analytic: "
+          f"{on['gathered'] / analytic['WeightParallel, overlap on'][0]:.3f}; "
+          f"reduce-scattered / analytic: {on['reduced'] / r['block_weight_bytes']:.3f}; peak full weights / "
+          f"unsharded: {on['peak_weight'] / r['block_weight_bytes']:.2f}")
     return 0
 
 
