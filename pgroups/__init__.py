@@ -14,6 +14,10 @@ from .launch import LaunchInfo
 from .modes import ParallelMode
 from .topology import Topology
 
+from .initializer import alias_checkout_initializers
+
+alias_checkout_initializers()  # a plain checkout on PYTHONPATH: initializers/ is pgroups.initializers
+
 __version__ = "0.1.0"
 
 #: The convenience global context (the only module-level mutable state in the package).

@@ -228,6 +228,31 @@ class InitializerRegistry:
 _BUILTINS: Dict[str, Type[ProcessGroupInitializer]] = {}
 
 
+def alias_checkout_initializers() -> None:
+    """Make ``pgroups.initializers`` importable from a plain checkout (``PYTHONPATH=<checkout>``).
+
+    An install maps the repository's top-level ``initializers/`` folder to ``pgroups.initializers``
+    (pyproject's ``package-dir``); a checkout on ``sys.path`` has no such mapping, so the folder
+    beside the ``pgroups`` package is loaded under that name. Does nothing when the package can be
+    found (installed, editable or not) or the folder is absent.
+    """
+    if BUILTIN_PACKAGE in sys.modules or importlib.util.find_spec(BUILTIN_PACKAGE) is not None:
+        return
+    folder = Path(__file__).resolve().parent.parent / "initializers"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(BUILTIN_PACKAGE, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BUILTIN_PACKAGE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[BUILTIN_PACKAGE]
+        raise
+    setattr(sys.modules["pgroups"], "initializers", module)  # as an import of the sub-package would
+
+
 def builtin_initializer(mode: ModeLike) -> Callable[[InitT], InitT]:
     """Class decorator for the package's own special initializers: every registry starts with them."""
 

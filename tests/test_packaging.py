@@ -127,3 +127,42 @@ def test_setup_refuses_a_python_that_cannot_run_the_package(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("pgroups setup: error: no Python >= 3.10 found ("), lines
         assert found in lines[0]
         assert not (tmp_path / ".venv").exists()
+
+
+PLAIN_CHECKOUT_SCRIPT = """
+import sys
+import pgroups, pgroups.initializers
+from pgroups import ParallelContext, load_config
+from pgroups.context import make_initializers
+from pgroups.initializer import default_registry
+from pgroups.modes import BUILTIN_MODE_NAMES
+assert pgroups.__file__.startswith(sys.argv[1]) and pgroups.initializers.__file__.startswith(sys.argv[1])
+modes = [m for m in BUILTIN_MODE_NAMES if m not in ("global", "weight", "weight_data")]
+cfg = load_config({"parallel": {"tensor": 2, "pipeline": 2, "context": 2, "expert": 2,
+                                "order": "tp-cp-ep-dp-pp", "modes": modes}})
+topology = cfg.topology(32)
+built = {name: init.rank_groups(topology) for name, init in make_initializers(default_registry, cfg, topology).items()}
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=32)
+ctx = ParallelContext().init_from_config(cfg)
+print(len(built), ctx.get_ranks_in_group("tensor"))
+"""
+
+
+def test_a_plain_checkout_builds_every_builtin_mode(tmp_path):
+    """PYTHONPATH=<checkout> on a node without an install: no site (no editable finder), a copy
+    of the tracked files, and only the dependencies' own folders on the path."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if name.startswith(("pgroups/", "initializers/")):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, tmp_path / name)
+    import attrs, numpy, torch, yaml  # noqa: E401 — where the dependencies live
+    deps = {str(Path(m.__file__).resolve().parents[1]) for m in (attrs, numpy, torch, yaml)}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sorted(deps)]))
+    result = subprocess.run([sys.executable, "-S", "-c", PLAIN_CHECKOUT_SCRIPT, str(tmp_path)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, ranks = result.stdout.split(maxsplit=1)
+    assert int(count) > 10 and ranks.strip() == "[4, 5]"
