@@ -27,7 +27,7 @@ local rank is its position in the list).
 from __future__ import annotations
 
 import math
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import attrs
 
@@ -96,6 +96,13 @@ class Topology:
     weight_mesh: Mesh = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        # A Topology is valid whoever builds it: the same checks as create(), and the sizes given
+        # must be the ones they derive (a 12-rank layout cannot claim a 16-rank world).
+        sizes = validated_sizes(self.world_size, self.tensor, self.pipeline, self.data, self.zero1, self.nettest,
+                                self.order, context=self.context, expert=self.expert,
+                                expert_tensor=self.expert_tensor, weight=self.weight,
+                                virtual_pipeline=self.virtual_pipeline, expert_layout=self.expert_layout)
+        object.__setattr__(self, "order", sizes["order"])
         if self.expert_tensor is None:
             object.__setattr__(self, "expert_tensor", self.tensor)
         dense_axes = tuple(a for a in self.order if a != "ep") + (() if "cp" in self.order else ("cp",))
@@ -142,78 +149,10 @@ class Topology:
         when ``weight`` is set). Raises ConfigError naming the key, the value and the
         arithmetic that failed.
         """
-        where = f"{source}: " if source else ""
-        for key, value in (("world_size", world_size), ("parallel.tensor", tensor),
-                           ("parallel.pipeline", pipeline), ("parallel.nettest", nettest),
-                           ("parallel.context", context), ("parallel.expert", expert),
-                           ("parallel.virtual_pipeline", virtual_pipeline)):
-            _require_positive_int(key, value, where)
-        for key, value in (("parallel.expert_tensor", expert_tensor), ("parallel.weight", weight)):
-            if value is not None:
-                _require_positive_int(key, value, where)
-        if expert_layout not in EXPERT_LAYOUTS:
-            raise ConfigError(f"{where}parallel.expert_layout: {expert_layout!r} is not allowed; "
-                              f"allowed: {allowed(EXPERT_LAYOUTS)}")
-        try:
-            axes = parse_order(order) if isinstance(order, str) else parse_order("-".join(order))
-        except ConfigError as exc:
-            raise ConfigError(f"{where}{exc}") from None
-        order_text = "-".join(axes)
-        if context > 1 and "cp" not in axes:
-            raise ConfigError(f"{where}parallel.order {order_text!r} has no cp but context({context}) > 1; "
-                              f"put cp in the order, e.g. {_insert(axes, 'cp', after='tp')!r}")
-        if expert > 1 and "ep" not in axes and expert_layout == "megatron":
-            raise ConfigError(
-                f"{where}parallel.order {order_text!r} has no ep but expert({expert}) > 1; Megatron-Core's "
-                f"expert mesh follows the order: put ep in it, e.g. {_insert(axes, 'ep', before='dp')!r} "
-                "(its default is 'tp-cp-ep-dp-pp'), or set parallel.expert_layout: internevo")
-
-        named = [f"tensor({tensor})"] + ([f"context({context})"] if context > 1 else []) + [f"pipeline({pipeline})"]
-        model = tensor * context * pipeline
-        if world_size % model:
-            raise ConfigError(f"{where}world_size({world_size}) is not divisible by "
-                              f"{' * '.join(named)} = {model}")
-        implied = world_size // model
-        if data is None:
-            data = implied
-        else:
-            _require_positive_int("parallel.data", data, where)
-            if data != implied:
-                raise ConfigError(
-                    f"{where}parallel.data: {' * '.join(named)} * data({data}) "
-                    f"= {model * data} != world_size({world_size}); data must be {implied} "
-                    "or left out (or auto)")
-        stage = tensor * context * data
-        stage_text = "*".join([f"tensor({tensor})"] + ([f"context({context})"] if context > 1 else [])
-                              + [f"data({data})"]) + f"={stage} ranks per stage"
-        if expert_tensor is None:
-            expert_tensor = tensor
-        if stage % (expert_tensor * expert):
-            key = "expert" if expert > 1 else "expert_tensor"
-            raise ConfigError(f"{where}parallel.{key}: {stage_text} are not divisible by "
-                              f"expert_tensor({expert_tensor})*expert({expert})")
-        expert_data = stage // (expert_tensor * expert)
-        problem = _megatron_expert_problem(expert_layout, pipeline, axes, tensor, context, data, expert_tensor,
-                                           expert, expert_data)
-        if problem and (expert > 1 or expert_tensor != tensor):  # unused, it fails on request only
-            raise ConfigError(f"{where}{problem}")
-        if weight is not None and stage % weight:
-            raise ConfigError(f"{where}parallel.weight: {stage_text} are not divisible by weight({weight})")
-        check_virtual_pipeline(virtual_pipeline, pipeline, where)
-        shard, shard_text = ((stage // weight, f"weight_data({stage // weight})") if weight is not None else
-                             (data * context, f"data({data})*context({context})={data * context}"
-                              if context > 1 else f"data({data})"))
-        if zero1 is None:
-            zero1 = shard
-        else:
-            _require_positive_int("parallel.zero1", zero1, where)
-            if shard % zero1:
-                raise ConfigError(
-                    f"{where}parallel.zero1({zero1}) must divide {shard_text}; "
-                    f"allowed: {', '.join(str(d) for d in _divisors(shard))}")
-        return cls(world_size, tensor, pipeline, data, zero1, nettest, axes, context=context, expert=expert,
-                   expert_tensor=expert_tensor, weight=weight, virtual_pipeline=virtual_pipeline,
-                   expert_layout=expert_layout)
+        sizes = validated_sizes(world_size, tensor, pipeline, data, zero1, nettest, order, source, context=context,
+                                expert=expert, expert_tensor=expert_tensor, weight=weight,
+                                virtual_pipeline=virtual_pipeline, expert_layout=expert_layout)
+        return cls(**sizes)
 
     # ---- sizes ----------------------------------------------------------------------------
     @property
@@ -235,18 +174,6 @@ class Topology:
     def isp_enabled(self) -> bool:
         """InternEvo ISP: ``parallel.weight`` is set (zero1 then shards weight_data groups)."""
         return self.weight is not None
-
-    @property
-    def tensor_enabled(self) -> bool:
-        return self.tensor > 1
-
-    @property
-    def pipeline_enabled(self) -> bool:
-        return self.pipeline > 1
-
-    @property
-    def data_enabled(self) -> bool:
-        return self.data > 1
 
     @property
     def context_enabled(self) -> bool:
@@ -502,6 +429,87 @@ def _insert(axes: Tuple[str, ...], axis: str, after: Optional[str] = None, befor
     out.insert(index, axis)
     return "-".join(out)
 
+
+
+def validated_sizes(world_size: int, tensor: int, pipeline: int, data: Optional[int], zero1: Optional[int],
+                    nettest: int, order: Union[str, Sequence[str]], source: Optional[str] = None, *,
+                    context: int = 1, expert: int = 1, expert_tensor: Optional[int] = None,
+                    weight: Optional[int] = None, virtual_pipeline: int = 1,
+                    expert_layout: str = "megatron") -> Dict[str, Any]:
+    """Check a layout's sizes against ``world_size`` (see :meth:`Topology.create`) and return the
+    Topology constructor's arguments with the derived ones filled in. Pure; raises ConfigError."""
+    where = f"{source}: " if source else ""
+    for key, value in (("world_size", world_size), ("parallel.tensor", tensor),
+                       ("parallel.pipeline", pipeline), ("parallel.nettest", nettest),
+                       ("parallel.context", context), ("parallel.expert", expert),
+                       ("parallel.virtual_pipeline", virtual_pipeline)):
+        _require_positive_int(key, value, where)
+    for key, value in (("parallel.expert_tensor", expert_tensor), ("parallel.weight", weight)):
+        if value is not None:
+            _require_positive_int(key, value, where)
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ConfigError(f"{where}parallel.expert_layout: {expert_layout!r} is not allowed; "
+                          f"allowed: {allowed(EXPERT_LAYOUTS)}")
+    try:
+        axes = parse_order(order) if isinstance(order, str) else parse_order("-".join(order))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    order_text = "-".join(axes)
+    if context > 1 and "cp" not in axes:
+        raise ConfigError(f"{where}parallel.order {order_text!r} has no cp but context({context}) > 1; "
+                          f"put cp in the order, e.g. {_insert(axes, 'cp', after='tp')!r}")
+    if expert > 1 and "ep" not in axes and expert_layout == "megatron":
+        raise ConfigError(
+            f"{where}parallel.order {order_text!r} has no ep but expert({expert}) > 1; Megatron-Core's "
+            f"expert mesh follows the order: put ep in it, e.g. {_insert(axes, 'ep', before='dp')!r} "
+            "(its default is 'tp-cp-ep-dp-pp'), or set parallel.expert_layout: internevo")
+
+    named = [f"tensor({tensor})"] + ([f"context({context})"] if context > 1 else []) + [f"pipeline({pipeline})"]
+    model = tensor * context * pipeline
+    if world_size % model:
+        raise ConfigError(f"{where}world_size({world_size}) is not divisible by "
+                          f"{' * '.join(named)} = {model}")
+    implied = world_size // model
+    if data is None:
+        data = implied
+    else:
+        _require_positive_int("parallel.data", data, where)
+        if data != implied:
+            raise ConfigError(
+                f"{where}parallel.data: {' * '.join(named)} * data({data}) "
+                f"= {model * data} != world_size({world_size}); data must be {implied} "
+                "or left out (or auto)")
+    stage = tensor * context * data
+    stage_text = "*".join([f"tensor({tensor})"] + ([f"context({context})"] if context > 1 else [])
+                          + [f"data({data})"]) + f"={stage} ranks per stage"
+    if expert_tensor is None:
+        expert_tensor = tensor
+    if stage % (expert_tensor * expert):
+        key = "expert" if expert > 1 else "expert_tensor"
+        raise ConfigError(f"{where}parallel.{key}: {stage_text} are not divisible by "
+                          f"expert_tensor({expert_tensor})*expert({expert})")
+    expert_data = stage // (expert_tensor * expert)
+    problem = _megatron_expert_problem(expert_layout, pipeline, axes, tensor, context, data, expert_tensor,
+                                       expert, expert_data)
+    if problem and (expert > 1 or expert_tensor != tensor):  # unused, it fails on request only
+        raise ConfigError(f"{where}{problem}")
+    if weight is not None and stage % weight:
+        raise ConfigError(f"{where}parallel.weight: {stage_text} are not divisible by weight({weight})")
+    check_virtual_pipeline(virtual_pipeline, pipeline, where)
+    shard, shard_text = ((stage // weight, f"weight_data({stage // weight})") if weight is not None else
+                         (data * context, f"data({data})*context({context})={data * context}"
+                          if context > 1 else f"data({data})"))
+    if zero1 is None:
+        zero1 = shard
+    else:
+        _require_positive_int("parallel.zero1", zero1, where)
+        if shard % zero1:
+            raise ConfigError(
+                f"{where}parallel.zero1({zero1}) must divide {shard_text}; "
+                f"allowed: {', '.join(str(d) for d in _divisors(shard))}")
+    return dict(world_size=world_size, tensor=tensor, pipeline=pipeline, data=data, zero1=zero1,
+                nettest=nettest, order=axes, context=context, expert=expert, expert_tensor=expert_tensor,
+                weight=weight, virtual_pipeline=virtual_pipeline, expert_layout=expert_layout)
 
 def _require_positive_int(key: str, value: object, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

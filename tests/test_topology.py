@@ -440,3 +440,13 @@ def test_combination_names_are_order_free_and_alias_megatrons_expert_names():
     assert topology.groups("tp-ep") == topology.groups("etp-ep") == topology.groups("ep-tp")
     assert topology.groups("tp") == topology.groups("tensor")
     assert topology.groups("dp-ep") == topology.groups("edp-ep")
+
+
+def test_a_topology_built_directly_is_validated_like_create():
+    """Topology(...) cannot hold sizes that create() would refuse: a 12-rank layout claiming a
+    16-rank world fails at construction with create()'s message, not later as a rank range."""
+    with pytest.raises(ConfigError, match=r"tensor\(2\) \* pipeline\(2\) \* data\(3\) = 12 != world_size\(16\)"):
+        Topology(16, 2, 2, 3, 1, 32, ("tp", "pp", "dp"))
+    with pytest.raises(ConfigError, match=r"zero1\(3\) must divide data\(4\)"):
+        Topology(16, 2, 2, 4, 3, 32, ("tp", "pp", "dp"))
+    assert Topology(16, 2, 2, 4, 2, 32, ("tp", "pp", "dp")) == Topology.create(16, 2, 2, zero1=2)
