@@ -45,6 +45,21 @@ ProcessGroup = dist.ProcessGroup
 GroupKey = Tuple[str, Tuple[int, ...], Optional[Hashable]]
 
 
+#: NCCL groups are created with this much more than ``timeout_s``, so that every wait pgroups makes
+#: in Python (``wait_within`` at ``timeout_s``) ends with GroupTimeoutError before the group's own
+#: watchdog fires — which, with torch's default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, tears the
+#: process down. gloo has no watchdog: its groups keep ``timeout_s``.
+NCCL_WATCHDOG_MARGIN_S = 60.0
+
+
+def communicator_timeout(backend: str, timeout: datetime.timedelta) -> datetime.timedelta:
+    """The timeout a group of ``backend`` is created with for pgroups' Python deadline ``timeout``:
+    ``timeout + NCCL_WATCHDOG_MARGIN_S`` for NCCL, ``timeout`` otherwise (pure)."""
+    if "nccl" in str(backend).lower():
+        return timeout + datetime.timedelta(seconds=NCCL_WATCHDOG_MARGIN_S)
+    return timeout
+
+
 def default_backend_name() -> str:
     """The backend string of the default group (e.g. ``"gloo"``, ``"nccl"``, ``"fake"``)."""
     return str(dist.get_backend()).lower()
@@ -173,7 +188,7 @@ class GroupBackend:
         if backend != "nccl" or not options:
             return None
         built = nccl_process_group_options(options)
-        built._timeout = self.timeout  # torch warns when the options' timeout differs from new_group's
+        built._timeout = communicator_timeout(backend, self.timeout)  # torch warns when it differs from new_group's
         return built
 
     def device_for_tensors(self) -> torch.device:
@@ -267,7 +282,7 @@ class GroupBackend:
 
     def _new_group(self, ranks: Sequence[int], backend: str, mode: str, local: bool) -> Optional[ProcessGroup]:
         self.calls += 1
-        group = dist.new_group(list(ranks), timeout=self.timeout, backend=backend,
+        group = dist.new_group(list(ranks), timeout=communicator_timeout(backend, self.timeout), backend=backend,
                                pg_options=self._pg_options(mode, backend),
                                use_local_synchronization=local, group_desc=f"pgroups:{mode}")
         if group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER:
@@ -299,7 +314,7 @@ class GroupBackend:
                      groups: List[List[int]], mode: str) -> Optional[ProcessGroup]:
         # split_group is collective over the default group: one call per mode on every rank.
         self.calls += 1
-        group = dist.split_group(split_ranks=[list(g) for g in groups], timeout=self.timeout,
+        group = dist.split_group(split_ranks=[list(g) for g in groups], timeout=communicator_timeout(backend, self.timeout),
                                  pg_options=self._pg_options(mode, backend), group_desc=f"pgroups:{mode}")
         if group is not None:
             self._created.append(group)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from . import exports, virtual_pipeline
 from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_strategy,
-                      creation_is_world_collective, resolve_device_backend, timeouts_named)
+                      creation_is_world_collective, resolve_device_backend)
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
 from .initializer import import_plugins as _import_plugins
@@ -378,11 +378,10 @@ class ParallelContext:
             device = self.backend.device_for_tensors() if off else None
             world = self.topology.world_size
             timeout_s = self.backend.timeout.total_seconds()
-            with timeouts_named(lambda exc: (
-                    f"gathering every rank's hostname over the world group (ranks {format_ranks(range(world))}) "
-                    f"timed out after {timeout_s:g}s on rank {self._rank}: a peer never entered "
-                    "(is every rank calling get_hostnames()? across hosts, set GLOO_SOCKET_IFNAME)")):
-                self._hostnames = gather_hostnames(group, device=device)
+            self._hostnames = gather_hostnames(group, device=device, timeout=self.backend.timeout, describe=lambda exc: (
+                f"gathering every rank's hostname over the world group (ranks {format_ranks(range(world))}) "
+                f"timed out after {timeout_s:g}s on rank {self._rank}: a peer never entered "
+                "(is every rank calling get_hostnames()? across hosts, set GLOO_SOCKET_IFNAME)"))
         return list(self._hostnames)
 
     def describe(self) -> str:

@@ -193,6 +193,8 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
     import torch
     import torch.distributed as dist
 
+    from .backend import NCCL_WATCHDOG_MARGIN_S  # NCCL's watchdog fires after pgroups' own waits
+
     if dist.is_initialized():
         return
     use_nccl = device_backend in ("auto", "nccl") and torch.cuda.is_available()
@@ -210,7 +212,8 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
         dist.init_process_group(
             backend="cpu:gloo,cuda:nccl" if use_nccl else "gloo",
             rank=info.rank, world_size=info.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+            timeout=datetime.timedelta(seconds=timeout_s + (NCCL_WATCHDOG_MARGIN_S if use_nccl else 0.0)),
+            **kwargs)
     except (RuntimeError, dist.DistError) as exc:
         raise _rendezvous_error(info, exc) from exc
 

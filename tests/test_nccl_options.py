@@ -132,7 +132,7 @@ def test_nccl_groups_get_their_modes_options(recorded_calls):
             device = [c for c in tensor_calls if c.get("backend") != "gloo"]
             assert device and all(vars(c["pg_options"].config) == {"max_ctas": 8, "net_name": "IB"}
                                   for c in device), strategy
-            assert all(c["pg_options"]._timeout == datetime.timedelta(seconds=30) for c in device)
+            assert all(c["pg_options"]._timeout == datetime.timedelta(seconds=30 + backend_module.NCCL_WATCHDOG_MARGIN_S) for c in device)
             assert all(c["pg_options"] is None for c in data_calls), strategy
             twins = [c for c in tensor_calls if c.get("backend") == "gloo"]
             assert twins and all(c["pg_options"] is None for c in twins), strategy  # gloo takes no NCCL options
@@ -185,3 +185,23 @@ def test_options_follow_the_mode_under_any_spelling():
         with pytest.raises(ConfigError, match=r"nccl_options.tp: mode 'tensor' already has options"):
             ParallelContext().init_from_config({"parallel": {"tensor": 2},
                                                 "nccl_options": {"tensor": {"max_ctas": 4}, "tp": {"max_ctas": 8}}})
+
+
+def test_nccl_groups_outlive_pgroups_own_deadline(recorded_calls):
+    """Every Python-side wait ends at timeout_s (wait_within); NCCL's watchdog, which tears the
+    process down, must fire later: NCCL groups (and their options) get timeout_s plus the margin,
+    gloo groups (CPU twins, placeholders) exactly timeout_s."""
+    margin = datetime.timedelta(seconds=backend_module.NCCL_WATCHDOG_MARGIN_S)
+    with fake_world(8, 3):
+        for strategy in ("local", "all", "split"):
+            recorded_calls.clear()
+            backend = GroupBackend("nccl", strategy, 30.0, nccl_options={"tensor": {"max_ctas": 8}})
+            backend.build("tensor", [2, 3], lambda: [[0, 1], [2, 3], [4, 5], [6, 7]])
+            backend.build("tensor", [2, 3], lambda: [[0, 1], [2, 3], [4, 5], [6, 7]], cpu=True)
+            device = [c for c in recorded_calls if c.get("backend") != "gloo"]
+            cpu = [c for c in recorded_calls if c.get("backend") == "gloo"]
+            assert device and cpu, strategy
+            assert all(c["timeout"] == datetime.timedelta(seconds=30) + margin for c in device), strategy
+            assert all(c["pg_options"]._timeout == datetime.timedelta(seconds=30) + margin for c in device)
+            assert all(c["timeout"] == datetime.timedelta(seconds=30) for c in cpu), strategy
+    assert backend_module.NCCL_WATCHDOG_MARGIN_S > 0
