@@ -72,17 +72,12 @@ from . import convert
 from .convert import region as _region
 from .convert import scale_box as _scale_box
 from .layout import ParallelLayout, local_shapes
-from .wire import (ALIGN, REFUSED, Chunk, Message, Piece, Round, Shapes, agreement_digest, box_shape,
-                   first_disagreement, may_post, messages, needs_recv_buffer, rounds, slices)
+from .wire import (ALIGN, DEFAULT_BUCKET_BYTES, DEFAULT_RING, MAX_OPS_IN_FLIGHT, REFUSED, Chunk, Message, Piece,
+                   Round, Shapes, agreement_digest, box_shape, first_disagreement, may_post, messages,
+                   needs_recv_buffer, rounds, slices)
 from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
-DEFAULT_BUCKET_BYTES = 64 << 20
-#: buffers per ring (send, and receive when streaming) when ``max_staging_bytes`` is not given
-DEFAULT_RING = 2
-#: operations a rank keeps posted at once (across steps): enough that the wire never waits for
-#: the loop, few enough that a gloo rank does not open every peer's transfer at once
-MAX_OPS_IN_FLIGHT = 16
 #: weights of the position-sensitive checksum cycle with this period (a prime)
 _CHECKSUM_PERIOD = 65521
 _CHECKSUM_CHUNK = 1 << 22

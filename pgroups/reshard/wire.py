@@ -30,6 +30,13 @@ PACK_BELOW_BYTES = 1 << 20
 ALIGN = 16
 #: the digest a rank contributes when its own checks failed
 REFUSED = 0
+#: the largest message (chunk) when the executor is not told otherwise
+DEFAULT_BUCKET_BYTES = 64 << 20
+#: buffers per ring (send, and receive when streaming) when ``max_staging_bytes`` is not given
+DEFAULT_RING = 2
+#: operations a rank keeps posted at once (across steps): enough that the wire never waits for
+#: the loop, few enough that a gloo rank does not open every peer's transfer at once
+MAX_OPS_IN_FLIGHT = 16
 
 
 # ---- plan agreement (pure) ------------------------------------------------------------------------
