@@ -308,6 +308,39 @@ def check_fp32_grads(expect: Expect, ctx) -> None:
                 "a parameter is not its stepped master rounded to bf16")
 
 
+def check_weight_one_is_plain_data_parallel(expect: Expect, ctx) -> None:
+    """Off is a no-op: with a weight group of 1 and a data group of 2 (pairs, where an fp32 sum
+    of two terms cannot depend on order), 3 AdamW steps give bit for bit the losses and
+    parameters of the unwrapped model trained with a plain gradient all-reduce over the pair."""
+    from pgroups.comm import WeightParallel
+
+    expect.true(ctx.get_world_size("weight") == 1 and ctx.get_world_size("weight_data") == 2,
+                "the layout must have weight 1 and weight_data 2")
+    model, plain = TinyLlama(UNEVEN, seed=7), TinyLlama(UNEVEN, seed=7)
+    wp = WeightParallel(model, blocks=model.layers, ctx=ctx)
+    opt, plain_opt = (torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.1) for m in (model, plain))
+    wp.attach_optimizer(opt)
+    pair = ctx.get_group("weight_data")
+    rows = [2 * dist.get_rank(), 2 * dist.get_rank() + 1]
+    for step in range(STEPS):
+        tokens, targets = global_batch(step, UNEVEN, 4)
+        loss = loss_of(model(tokens[rows]), targets[rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        plain_loss = loss_of(plain(tokens[rows]), targets[rows])
+        plain_loss.backward()
+        for param in plain.parameters():
+            dist.all_reduce(param.grad, group=pair)
+            param.grad.div_(2)
+        plain_opt.step()
+        plain_opt.zero_grad()
+        expect.true(torch.equal(loss, plain_loss), f"step {step + 1}: loss {loss.item()!r} != {plain_loss.item()!r}")
+    for (name, got), (_, want) in zip(model.named_parameters(), plain.named_parameters()):
+        expect.true(torch.equal(got, want), f"{name} differs from plain data parallelism by "
+                                            f"{float((got - want).abs().max()):.3g}")
+
+
 def check_ulysses(expect: Expect, ctx, mode: str, heads: int, kv_heads: int, seq_sizes) -> None:
     """UlyssesAttention on a sequence slice equals causal GQA attention over the whole sequence,
     forward and backward (every rank's loss covers its own slice; gradients cross both
@@ -361,7 +394,7 @@ def check_errors(expect: Expect, ctx) -> None:
 
 
 # ---- the worker --------------------------------------------------------------------------------------
-def _checks(weight4, weight2, ulysses) -> Dict[str, Callable[[Expect], None]]:
+def _checks(weight4, weight2, ulysses, weight1, stages) -> Dict[str, Callable[[Expect], None]]:
     layouts = {"weight4": (weight4, 4, {}), "weight2x2": (weight2, 2, {}),
                "ulysses": (ulysses, 4, {"ulysses": True})}
     checks: Dict[str, Callable[[Expect], None]] = {}
@@ -376,6 +409,10 @@ def _checks(weight4, weight2, ulysses) -> Dict[str, Callable[[Expect], None]]:
         e, weight4, UNEVEN, 4, accum=2, scheduler=True, prefetch_depth=2)
     checks["equiv/weight2x2/two-forwards-then-two-backwards"] = lambda e: check_equivalence(
         e, weight2, UNEVEN, 2, accum=2, forwards_first=True)
+    # weight groups [0, 2] and [1, 3] (within pipeline stages), the shards' data group the pipe
+    # groups [0, 1] and [2, 3]: another set of ranks per group than weight2x2's, same result
+    checks["equiv/permuted-weight-groups"] = lambda e: check_equivalence(e, stages, UNEVEN, 2, data_mode="pipe")
+    checks["weight1-is-plain-data-parallel"] = lambda e: check_weight_one_is_plain_data_parallel(e, weight1)
     checks["equiv/ulysses/activation-checkpointing"] = lambda e: check_equivalence(
         e, ulysses, ULYSSES, 4, ulysses=True, checkpoint=True)
     checks["ulysses/tensor2-kv1-repeated"] = lambda e: check_ulysses(e, ulysses, "tensor", 4, 1, (4, 4))
@@ -395,7 +432,8 @@ def _checks(weight4, weight2, ulysses) -> Dict[str, Callable[[Expect], None]]:
 def isp_worker() -> Dict[str, str]:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    contexts = [isp_context(4), isp_context(2), isp_context(4, tensor=2)]
+    contexts = [isp_context(4), isp_context(2), isp_context(4, tensor=2), isp_context(1, pipeline=2),
+                isp_context(2, pipeline=2)]
     try:
         return run_checks(_checks(*contexts))
     finally:
@@ -426,6 +464,8 @@ def test_training_equals_a_single_process_run(results, layout, variant):
     pytest.param("equiv/ulysses/activation-checkpointing", id="activation-checkpointed-blocks-train-the-same"),
     pytest.param("equiv/weight2x2/two-forwards-then-two-backwards",
                  id="two-forwards-then-two-backwards-train-the-same"),
+    pytest.param("equiv/permuted-weight-groups", id="weight-groups-of-other-ranks-train-the-same"),
+    pytest.param("weight1-is-plain-data-parallel", id="weight-1-is-bit-identical-to-plain-data-parallelism"),
     pytest.param("ulysses/", id="ulysses-attention-equals-full-gqa-attention-forward-and-backward"),
     pytest.param("memory/", id="at-most-1-plus-prefetch-depth-blocks-alive-and-no-steady-state-allocation"),
     pytest.param("no_grad", id="no-grad-forward-registers-nothing-for-backward"),
