@@ -8,6 +8,8 @@ Methods, in one run on the same ranks and data (median of ``--steps`` timed step
 ``--warmup`` untimed ones, slowest rank; methods interleaved step by step):
 - ``WeightParallel, overlap on``: prefetching gathers, asynchronous reduce-scatters;
 - ``WeightParallel, overlap off``: every collective waited for at once;
+- ``WeightParallel, embedding + head sharded``: overlap on, the embedding and the head passed as
+  blocks of their own (their tables sharded by rows and gathered like the linears);
 - ``FSDP2``: torch's ``fully_shard`` on every block and on the root (embedding, norm, head
   sharded too), its defaults (reshard after forward, implicit backward prefetch): what a user
   would pick for sharded weights;
@@ -45,6 +47,7 @@ from isp_model import TinyConfig, TinyLlama, batch, loss_of  # noqa: E402  (the 
 from pgroups.spawn import run_local  # noqa: E402
 
 MiB = 1 << 20
+ENDS = "WeightParallel, embedding + head sharded"
 
 
 def _slowest(seconds: float) -> float:
@@ -108,9 +111,10 @@ def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: in
     ctx = isp_context(world, timeout_s=300)
     tokens, targets = batch(dist.get_rank(), cfg, samples, seq)
 
-    def make_wp(overlap: bool):
+    def make_wp(overlap: bool, ends: bool = False):
         model = TinyLlama(cfg, seed=1)
-        wp = WeightParallel(model, blocks=model.layers, overlap=overlap, ctx=ctx)
+        blocks = [model.embed, *model.layers, model.head] if ends else model.layers
+        wp = WeightParallel(model, blocks=blocks, overlap=overlap, ctx=ctx)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         wp.attach_optimizer(opt)
         return model, opt, wp
@@ -127,7 +131,8 @@ def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: in
     ddp_model = torch.nn.parallel.DistributedDataParallel(TinyLlama(cfg, seed=1))
     ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=1e-4)
     methods = {"WeightParallel, overlap on": make_wp(True), "WeightParallel, overlap off": make_wp(False),
-               "FSDP2": make_fsdp2(), "no weight parallelism (DDP)": (ddp_model, ddp_opt, None)}
+               ENDS: make_wp(True, ends=True), "FSDP2": make_fsdp2(),
+               "no weight parallelism (DDP)": (ddp_model, ddp_opt, None)}
     times: Dict[str, List[float]] = {name: [] for name in methods}
     counts_before: Dict[str, Dict[str, int]] = {}
     allocations_before: Dict[str, int] = {}
@@ -154,8 +159,9 @@ def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: in
                              for m in block.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in unsharded.parameters())
     block_bytes = sum(p.numel() * p.element_size() for p in unsharded.layers.parameters())
+    table_bytes = sum(p.numel() * p.element_size() for p in (unsharded.embed.weight, unsharded.head.weight))
     result: Dict[str, Any] = {"world": world, "model_bytes": model_bytes, "block_weight_bytes": block_weight_bytes,
-                              "block_bytes": block_bytes, "rows": {}}
+                              "block_bytes": block_bytes, "table_bytes": table_bytes, "rows": {}}
     for name, (model, _, meter) in methods.items():
         local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: DTensors
         row: Dict[str, Any] = {"ms": statistics.median(times[name]) * 1e3,
@@ -205,6 +211,9 @@ def main(argv: List[str] = None) -> int:
                 "WeightParallel, overlap off": (2 * r["block_weight_bytes"], r["block_weight_bytes"],
                                                 r["block_weight_bytes"]),
                 "FSDP2": (2 * r["block_bytes"] + root, r["model_bytes"], r["block_bytes"])}
+    tables = r["table_bytes"]  # the embedding's and the head's: sharded blocks of their own in ENDS
+    analytic[ENDS] = (2 * (r["block_weight_bytes"] + tables) - tables // 2, r["block_weight_bytes"] + tables,
+                      r["block_weight_bytes"] + tables)
     base = r["rows"]["no weight parallelism (DDP)"]
     print(f"world {r['world']} gloo (weight {r['world']}), {os.cpu_count()} CPU cores, model "
           f"{r['model_bytes'] / MiB:.1f} MiB fp32 ({args.layers} blocks, dim {args.dim}, ffn {args.ffn}; "

@@ -25,6 +25,7 @@ class TinyConfig:
     ffn: int = 38          # not divisible by 4: uneven shards over a weight group of 4
     layers: int = 3
     qkv_bias: bool = True
+    tie: bool = False      # the head uses the embedding's table
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +111,8 @@ class TinyLlama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, attn_core) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+        if cfg.tie:
+            self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if positions is None:

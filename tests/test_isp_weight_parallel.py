@@ -32,6 +32,7 @@ CLOSE = dict(rtol=1e-5, atol=1e-6)
 UNEVEN = TinyConfig()                                  # ffn 38: uneven shards over 4 ranks
 EVEN = TinyConfig(ffn=40, layers=4)                    # every dim divisible by 4
 ULYSSES = TinyConfig(kv_heads=1)                       # 1 KV head < tensor 2: KV heads repeated
+TIED = TinyConfig(vocab=30, tie=True)                  # vocab 30: uneven rows over 4 (and even over 2)
 
 
 # ---- the two training loops -------------------------------------------------------------------------
@@ -52,16 +53,17 @@ def train_reference(cfg: TinyConfig, dp: int, accum: int):
 
 
 def train_isp(ctx, cfg: TinyConfig, *, accum: int = 1, ulysses: bool = False, scheduler: bool = False,
-              checkpoint: bool = False, forwards_first: bool = False, **options):
+              checkpoint: bool = False, forwards_first: bool = False, ends: bool = False, **options):
     """Train with WeightParallel; returns losses (averaged over the world), the full state
     dict, and the pool stats and communication counters after each step. ``forwards_first``:
-    every micro-batch's forward, then their backwards in the same order (F F B B)."""
+    every micro-batch's forward, then their backwards in the same order (F F B B). ``ends``: the
+    embedding and the head are blocks too (sharded, gathered like the linears)."""
     from pgroups.comm import UlyssesAttention, WeightParallel
 
     core = UlyssesAttention(local_attention, "tensor", ctx=ctx) if ulysses else None
     model = TinyLlama(cfg, seed=7, attn_core=core, checkpoint=checkpoint)
     options.setdefault("ctx", ctx)
-    wp = WeightParallel(model, blocks=model.layers, **options)
+    wp = WeightParallel(model, blocks=blocks_of(model, ends), **options)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     wp.attach_optimizer(opt)
     hook = wp.scheduler_hook() if scheduler else None
@@ -102,19 +104,29 @@ def train_isp(ctx, cfg: TinyConfig, *, accum: int = 1, ulysses: bool = False, sc
     return losses, wp.full_state_dict(), stats, counts, wp
 
 
-def padded_full_bytes(cfg: TinyConfig, weight: int) -> int:
-    """Analytic bytes of every sharded tensor gathered once: rows rounded up to a multiple of
-    the weight group size (the padding of uneven shards), times the row size, fp32."""
-    model = TinyLlama(cfg)
-    total = 0
-    for block in model.layers:
+def blocks_of(model: TinyLlama, ends: bool) -> List[torch.nn.Module]:
+    return [model.embed, *model.layers, model.head] if ends else list(model.layers)
+
+
+def padded_block_bytes(cfg: TinyConfig, weight: int, ends: bool = False) -> List[int]:
+    """Analytic bytes of each block's sharded tensors gathered once: rows rounded up to a
+    multiple of the weight group size (the padding of uneven shards), times the row size, fp32
+    (a tied table counts in each block that uses it)."""
+    totals = []
+    for block in blocks_of(TinyLlama(cfg), ends):
+        total = 0
         for module in block.modules():
-            if isinstance(module, torch.nn.Linear):
-                for tensor in (module.weight, module.bias):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                for tensor in (module.weight, getattr(module, "bias", None)):
                     if tensor is not None:
                         rows = -(-tensor.shape[0] // weight) * weight
                         total += rows * (tensor.numel() // tensor.shape[0]) * 4
-    return total
+        totals.append(total)
+    return totals
+
+
+def padded_full_bytes(cfg: TinyConfig, weight: int) -> int:
+    return sum(padded_block_bytes(cfg, weight))
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -134,11 +146,12 @@ def check_equivalence(expect: Expect, ctx, cfg: TinyConfig, weight: int, *, accu
                                                   for a, b in zip(counts, counts[1:])]
     reduced = [counts[0]["reduce_scatter_bytes"]] + [b["reduce_scatter_bytes"] - a["reduce_scatter_bytes"]
                                                      for a, b in zip(counts, counts[1:])]
-    analytic = padded_full_bytes(cfg, weight)
+    per_block = padded_block_bytes(cfg, weight, options.get("ends", False))
+    analytic = sum(per_block)
     # a plain loop keeps the last block's weights from its forward for its backward (one gather
     # saved per micro-batch); without overlap or under a scheduler (which announces the
     # backward) every block is gathered twice; forwards first: only the last forward's is used
-    kept = 0 if not options.get("overlap", True) or options.get("scheduler") else analytic // cfg.layers
+    kept = 0 if not options.get("overlap", True) or options.get("scheduler") else per_block[-1]
     kept *= 1 if options.get("forwards_first") else accum
     expect.true(gathered == [2 * accum * analytic - kept] * STEPS, f"gathered bytes per step {gathered}, "
                 f"analytic 2 x {accum} x {analytic} - {kept}")
@@ -341,6 +354,24 @@ def check_weight_one_is_plain_data_parallel(expect: Expect, ctx) -> None:
                                             f"{float((got - want).abs().max()):.3g}")
 
 
+def check_end_shards(expect: Expect, ctx) -> None:
+    """Embedding and head as blocks: each rank holds ceil(rows / 4) rows of each table, tied or
+    not (the tied table once), and the model's parameter bytes drop accordingly."""
+    from pgroups.comm import WeightParallel
+
+    for cfg in (TinyConfig(vocab=30), TinyConfig(vocab=30, tie=True)):
+        model = TinyLlama(cfg, seed=7)
+        WeightParallel(model, blocks=blocks_of(model, True), ctx=ctx)
+        rows = [len(r) for r in torch.tensor_split(torch.arange(cfg.vocab), 4)][dist.get_rank()]
+        expect.true(tuple(model.embed.weight.shape) == (rows, cfg.dim), f"embedding shard {model.embed.weight.shape}")
+        expect.true(tuple(model.head.weight.shape) == (rows, cfg.dim), f"head shard {model.head.weight.shape}")
+        expect.true((model.head.weight is model.embed.weight) == cfg.tie, "tying changed")
+        want = sum(len(torch.tensor_split(torch.arange(p.shape[0]), 4)[dist.get_rank()]) * (p.numel() // p.shape[0]) * 4
+                   for n, p in TinyLlama(cfg, seed=7).named_parameters() if "norm" not in n)  # tied: listed once
+        got = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" not in n)
+        expect.true(got == want, f"{cfg}: this rank holds {got} B of sharded parameters, its rows make {want} B")
+
+
 def check_ulysses(expect: Expect, ctx, mode: str, heads: int, kv_heads: int, seq_sizes) -> None:
     """UlyssesAttention on a sequence slice equals causal GQA attention over the whole sequence,
     forward and backward (every rank's loss covers its own slice; gradients cross both
@@ -413,6 +444,10 @@ def _checks(weight4, weight2, ulysses, weight1, stages) -> Dict[str, Callable[[E
     # groups [0, 1] and [2, 3]: another set of ranks per group than weight2x2's, same result
     checks["equiv/permuted-weight-groups"] = lambda e: check_equivalence(e, stages, UNEVEN, 2, data_mode="pipe")
     checks["weight1-is-plain-data-parallel"] = lambda e: check_weight_one_is_plain_data_parallel(e, weight1)
+    checks["equiv/embedding-and-head-sharded"] = lambda e: check_equivalence(e, weight4, UNEVEN, 4, ends=True)
+    checks["equiv/tied-embedding-and-head-sharded"] = lambda e: check_equivalence(e, weight2, TIED, 2, ends=True,
+                                                                                accum=2)
+    checks["embedding-and-head-parameter-bytes"] = lambda e: check_end_shards(e, weight4)
     checks["equiv/ulysses/activation-checkpointing"] = lambda e: check_equivalence(
         e, ulysses, ULYSSES, 4, ulysses=True, checkpoint=True)
     checks["ulysses/tensor2-kv1-repeated"] = lambda e: check_ulysses(e, ulysses, "tensor", 4, 1, (4, 4))
@@ -466,6 +501,9 @@ def test_training_equals_a_single_process_run(results, layout, variant):
                  id="two-forwards-then-two-backwards-train-the-same"),
     pytest.param("equiv/permuted-weight-groups", id="weight-groups-of-other-ranks-train-the-same"),
     pytest.param("weight1-is-plain-data-parallel", id="weight-1-is-bit-identical-to-plain-data-parallelism"),
+    pytest.param("equiv/embedding-and-head-sharded", id="sharded-embedding-and-head-train-the-same"),
+    pytest.param("equiv/tied-embedding-and-head-sharded", id="sharded-tied-embedding-and-head-train-the-same"),
+    pytest.param("embedding-and-head-parameter-bytes", id="embedding-and-head-hold-one-weight-th-of-their-rows"),
     pytest.param("ulysses/", id="ulysses-attention-equals-full-gqa-attention-forward-and-backward"),
     pytest.param("memory/", id="at-most-1-plus-prefetch-depth-blocks-alive-and-no-steady-state-allocation"),
     pytest.param("no_grad", id="no-grad-forward-registers-nothing-for-backward"),

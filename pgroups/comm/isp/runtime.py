@@ -35,9 +35,14 @@ this module only carries them out:
 Linear layers keep their class and names; their ``weight`` / ``bias`` become this rank's
 shard (rows ``tensor_split`` along dim 0, uneven sizes allowed) and their ``forward`` uses the
 gathered weight through an autograd function that saves no full weight (backward gathers it
-again, as InternEvo does). The embedding and the head stay replicated (InternEvo shards them
-on the hidden dim and gathers outputs; replicated is simpler and exact), and so do norms;
-their gradients are all-reduced by :meth:`~WeightParallel.finish_grads`.
+again, as InternEvo does). ``nn.Embedding`` modules inside blocks are sharded the same way
+(rows of the table, i.e. the vocabulary; gathered before use, the gradient built with
+``index_add`` and reduce-scattered): pass the embedding and the head as blocks of their own
+(``blocks=[model.embed, *model.layers, model.head]``) to shard them, a tied table included
+(sharded once, gathered by each block that uses it, its two gradients accumulated). InternEvo
+splits them on the hidden dim and gathers *outputs* instead; that layout is not implemented.
+Otherwise they stay replicated, as norms do, and their gradients are all-reduced by
+:meth:`~WeightParallel.finish_grads`.
 
 Gradient semantics: each rank's loss is the mean over its own tokens (as with DDP); the
 gradients are averaged over the ``weight`` × ``weight_data`` ranks (``average=False``: summed).
@@ -144,6 +149,45 @@ class _ShardedLinearFn(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _ShardedEmbeddingFn(torch.autograd.Function):
+    """``F.embedding`` with the gathered full table; saves only the indices. Backward scatters
+    the output gradient into a full-table gradient (``index_add``, the padding row left zero)
+    and hands it to the runtime's reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight_shard, runtime, embedding, token):
+        weight, _ = runtime._full_params(embedding)
+        module = embedding.module
+        ctx.runtime, ctx.embedding, ctx.token = runtime, embedding, token
+        ctx.save_for_backward(tokens)
+        return F.embedding(tokens, weight, module.padding_idx, module.max_norm, module.norm_type,
+                           module.scale_grad_by_freq, module.sparse)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (tokens,) = ctx.saved_tensors
+        runtime, embedding = ctx.runtime, ctx.embedding
+        sharded, module = embedding.weight, embedding.module
+        if module.scale_grad_by_freq or module.sparse or module.max_norm is not None:
+            raise NotImplementedError("WeightParallel shards nn.Embedding without scale_grad_by_freq, sparse "
+                                      "or max_norm")
+        flat_tokens = tokens.reshape(-1)
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        if module.padding_idx is not None:
+            flat_grad = flat_grad.masked_fill((flat_tokens == module.padding_idx)[:, None], 0)
+
+        def compute(out=None):
+            full = out if out is not None else torch.empty(sharded.full_shape, dtype=grad_out.dtype,
+                                                           device=grad_out.device)
+            return full.zero_().index_add_(0, flat_tokens, flat_grad)
+
+        if ctx.needs_input_grad[1]:
+            runtime._reduce_grad(sharded, compute)
+        if ctx.token is not None:
+            runtime._apply(runtime.schedule.linear_backward_done(ctx.token))
+        return None, None, None, None, None
+
+
 # ---- the runtime -----------------------------------------------------------------------------------
 class WeightParallel:
     """Shard the linear layers of ``blocks`` over ``mode``'s group and run them (see the module
@@ -151,8 +195,8 @@ class WeightParallel:
 
     ``model``: the whole model (its other parameters are the replicated ones whose gradients
     :meth:`finish_grads` all-reduces). ``blocks``: the transformer blocks, in execution order
-    (an ``nn.ModuleList`` or a sequence of modules inside ``model``); every ``nn.Linear``
-    inside them is sharded. ``mode``: the weight-parallel mode (or a ProcessGroup).
+    (an ``nn.ModuleList`` or a sequence of modules inside ``model``); every ``nn.Linear`` and
+    ``nn.Embedding`` inside them is sharded. ``mode``: the weight-parallel mode (or a ProcessGroup).
     ``data_mode``: the mode over which the weight shards are replicated (their gradients are
     all-reduced over it); None leaves that to the user's optimizer (ZeRO). ``overlap``:
     prefetch gathers and run reduce-scatters asynchronously (False: every collective waits at
@@ -200,7 +244,11 @@ class WeightParallel:
         self._grads_finished = True
         self._hooks: List[Any] = []
         self._shard_blocks()
-        self._sharded_ids = {id(s.param) for sharded in self._by_block for s in sharded}
+        self._first_sharded: Dict[int, Sharded] = {}  # id(shard) -> its first use, in block order
+        for sharded in self._by_block:
+            for entry in sharded:
+                self._first_sharded.setdefault(id(entry.param), entry)
+        self._sharded_ids = set(self._first_sharded)
         self.grads.hook_replicated([p for _, p in self.replicated_parameters()] if sync_replicated else [])
         self._register_hooks()
 
@@ -225,31 +273,41 @@ class WeightParallel:
             if id(block) not in names:
                 raise ValueError(f"block {index} ({type(block).__name__}) is not a submodule of the model")
             for rel_name, module in block.named_modules():
-                if not isinstance(module, nn.Linear):
+                if not isinstance(module, (nn.Linear, nn.Embedding)):
                     continue
                 if id(module) in owner:
-                    raise ValueError(f"linear {names[id(module)]!r} is in block {owner[id(module)]} and block "
-                                     f"{index}; each sharded linear must belong to one block")
+                    kind = "linear" if isinstance(module, nn.Linear) else "embedding"
+                    raise ValueError(f"{kind} {names[id(module)]!r} is in block {owner[id(module)]} and block "
+                                     f"{index}; each sharded module must belong to one block")
                 owner[id(module)] = index
                 found.append((index, rel_name, module))
+        shards: Dict[int, Sharded] = {}  # id(full parameter) -> its shard: a tied weight is sharded once
         for index, rel_name, module in found:
             prefix = f"{rel_name}." if rel_name else ""
-            weight = self._shard_param(module, "weight", names[id(module)], prefix + "weight", index)
-            bias = (self._shard_param(module, "bias", names[id(module)], prefix + "bias", index)
-                    if module.bias is not None else None)
+            weight = self._shard_param(module, "weight", names[id(module)], prefix + "weight", index, shards)
+            bias = getattr(module, "bias", None)
+            bias = (self._shard_param(module, "bias", names[id(module)], prefix + "bias", index, shards)
+                    if bias is not None else None)
             linear = ShardedLinear(module, index, weight, bias)
             self._linears.append(linear)
-            module.forward = functools.partial(self._linear_forward, linear)
+            forward = self._linear_forward if isinstance(module, nn.Linear) else self._embedding_forward
+            module.forward = functools.partial(forward, linear)
 
-    def _shard_param(self, module: nn.Module, attr: str, module_name: str, key: str, block: int) -> Sharded:
+    def _shard_param(self, module: nn.Module, attr: str, module_name: str, key: str, block: int,
+                     shards: Dict[int, Sharded]) -> Sharded:
         full: nn.Parameter = getattr(module, attr)
-        sizes = even_split_sizes(full.shape[0], self.info.size)
-        start = offsets_of(sizes)[self.info.rank]
-        shard = nn.Parameter(full.detach().narrow(0, start, sizes[self.info.rank]).clone(),
-                             requires_grad=full.requires_grad)
+        first = shards.get(id(full))
+        if first is None:
+            sizes = even_split_sizes(full.shape[0], self.info.size)
+            start = offsets_of(sizes)[self.info.rank]
+            shard = nn.Parameter(full.detach().narrow(0, start, sizes[self.info.rank]).clone(),
+                                 requires_grad=full.requires_grad)
+            name, shape = (f"{module_name}.{attr}" if module_name else attr), tuple(full.shape)
+        else:  # tied (an embedding and its head): the same shard, gathered by each block that uses it
+            shard, sizes, name, shape = first.param, first.sizes, first.name, first.full_shape
         setattr(module, attr, shard)
-        sharded = Sharded(f"{module_name}.{attr}" if module_name else attr, key, shard, tuple(full.shape),
-                           sizes, block)
+        sharded = Sharded(name, key, shard, shape, sizes, block)
+        shards.setdefault(id(full), sharded)
         self._by_block[block].append(sharded)
         return sharded
 
@@ -268,8 +326,9 @@ class WeightParallel:
 
     # ---- queries ----------------------------------------------------------------------------
     def sharded_parameters(self) -> List[Tuple[str, nn.Parameter]]:
-        """``(qualified name, shard)`` of every sharded parameter, in block order."""
-        return [(s.name, s.param) for sharded in self._by_block for s in sharded]
+        """``(qualified name, shard)`` of every sharded parameter, in block order (a tied one
+        once, under its first name)."""
+        return [(s.name, s.param) for s in self._first_sharded.values()]
 
     def replicated_parameters(self) -> List[Tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of every parameter of the model that is not sharded."""
@@ -278,7 +337,9 @@ class WeightParallel:
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The model's state dict with every shard replaced by the full tensor (gathered now,
         synchronously; a collective over the weight group, so every rank must call it)."""
-        full = {s.name: self._gather_now(s) for sharded in self._by_block for s in sharded}
+        gathered = {key: self._gather_now(sharded) for key, sharded in self._first_sharded.items()}
+        full = {name: gathered[id(param)] for name, param in self.model.named_parameters(remove_duplicate=False)
+                if id(param) in gathered}  # a tied table under each of its names
         return {name: full.get(name, value.detach()) for name, value in self.model.state_dict().items()}
 
     def stats(self) -> PoolStats:
@@ -406,6 +467,14 @@ class WeightParallel:
             self._grads_finished = False
         return _ShardedLinearFn.apply(x, linear.weight.param, bias, self, linear, token)
 
+    def _embedding_forward(self, embedding: ShardedLinear, tokens: torch.Tensor) -> torch.Tensor:
+        weight = embedding.weight.param
+        token = None
+        if torch.is_grad_enabled() and not _in_backward() and weight.requires_grad:
+            token = self.schedule.record_linear(embedding.block)
+            self._grads_finished = False
+        return _ShardedEmbeddingFn.apply(tokens, weight, self, embedding, token)
+
     def _before_block_forward(self, index: int, module: nn.Module, args: Any) -> None:
         recompute = _in_backward()  # activation recomputation inside the block's own backward
         self._apply(self.schedule.forward_begin(index, torch.is_grad_enabled() and not recompute, recompute))
@@ -452,7 +521,7 @@ class WeightParallel:
         self._apply(self.schedule.finish())
         if self._grads_finished:
             return
-        sharded = [s.param for blocks in self._by_block for s in blocks if s.param.requires_grad]
+        sharded = [param for _, param in self.sharded_parameters() if param.requires_grad]
         replicated = [p for _, p in self.replicated_parameters() if p.requires_grad] if self.sync_replicated else []
         self.grads.finish(sharded, replicated)
         self._grads_finished = True
