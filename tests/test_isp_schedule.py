@@ -187,6 +187,7 @@ def test_golden_actions_of_a_three_block_step():
     assert s.forward_begin(2, True) == []
     t2 = s.record_linear(2)
     assert s.forward_end(2, True) == []                       # kept for the backward
+    assert s.live == {2}                                      # at the switch: exactly 1 block
     assert s.backward_begin(2) == [Action("gather", 1)]
     assert s.before_reduce("w2") == []
     assert s.linear_backward_done(t2) == [Action("release", 2)]

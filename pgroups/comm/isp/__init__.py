@@ -2,8 +2,10 @@
 
 - :mod:`.schedule` — the gather / release / reduce-scatter decisions, a pure state machine
   (:class:`IspSchedule`) with the memory bound in its docstring;
-- :mod:`.runtime` — :class:`WeightParallel`: sharding, module hooks, the autograd function,
-  the all-gathers; a thin driver of the schedule;
+- :mod:`.runtime` — :class:`WeightParallel`: sharding, module hooks, the all-gathers; a thin
+  driver of the schedule;
+- :mod:`.autograd` — the sharded linear / embedding functions and the backward announcement;
+- :mod:`.sharded` — what is known of one sharded parameter and module (values);
 - :mod:`.grads` — gradient reduce-scatters, accumulation (fp32 with ``reduce_dtype``) and the
   all-reduces of ``finish_grads``.
 """

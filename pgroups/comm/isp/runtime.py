@@ -72,7 +72,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ...context import ParallelContext
@@ -82,16 +81,12 @@ from ..groups import GroupInfo, comm_errors, resolve_group
 from ..pool import BufferPool, PoolStats
 from ..raw import all_gather_single
 from ..sizes import even_split_sizes, offsets_of
+from .autograd import BackwardEntry, ShardedEmbeddingFn, ShardedLinearFn, in_backward, wrap_outputs
 from .grads import GradReducer
 from .schedule import COMPLETE, GATHER, Action, IspSchedule
 from .sharded import Sharded, ShardedLinear
 
 __all__ = ["WeightParallel", "WeightParallelSchedulerHook"]
-
-
-def _in_backward() -> bool:
-    """Whether this code runs inside an autograd backward pass (activation recomputation)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class _Gather:
@@ -102,90 +97,6 @@ class _Gather:
         self.sharded, self.version, self.work, self.recv, self.send = sharded, version, work, recv, send
         self.full: Optional[torch.Tensor] = None
         self.full_buffer: Optional[torch.Tensor] = None
-
-
-# ---- autograd ----------------------------------------------------------------------------------------
-class _BackwardEntry(torch.autograd.Function):
-    """Identity on a block's outputs; its backward tells the runtime that block ``index``'s
-    backward pass begins (gather it, prefetch the blocks before it)."""
-
-    @staticmethod
-    def forward(ctx, runtime, index, *tensors):
-        ctx.runtime, ctx.index = runtime, index
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.runtime._before_block_backward(ctx.index)
-        return (None, None) + grads
-
-
-class _ShardedLinearFn(torch.autograd.Function):
-    """``F.linear`` with the gathered full weight; saves only the input. Backward gathers the
-    weight again, computes the input gradient, and hands the full weight (and bias) gradient
-    to the runtime's reduce-scatter; the shards get no gradient from autograd itself."""
-
-    @staticmethod
-    def forward(ctx, x, weight_shard, bias_shard, runtime, linear, token):
-        weight, bias = runtime._full_params(linear)
-        ctx.runtime, ctx.linear, ctx.token = runtime, linear, token
-        ctx.save_for_backward(x)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        runtime, linear = ctx.runtime, ctx.linear
-        weight, _ = runtime._full_params(linear)
-        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[1]:
-            runtime._reduce_grad(linear.weight, lambda out=None: torch.mm(
-                grad_2d.t(), x.reshape(-1, x.shape[-1]), out=out))
-        if linear.bias is not None and ctx.needs_input_grad[2]:
-            runtime._reduce_grad(linear.bias, lambda out=None: torch.sum(grad_2d, dim=0, out=out))
-        if ctx.token is not None:
-            runtime._apply(runtime.schedule.linear_backward_done(ctx.token))
-        return grad_x, None, None, None, None, None
-
-
-class _ShardedEmbeddingFn(torch.autograd.Function):
-    """``F.embedding`` with the gathered full table; saves only the indices. Backward scatters
-    the output gradient into a full-table gradient (``index_add``, the padding row left zero)
-    and hands it to the runtime's reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, tokens, weight_shard, runtime, embedding, token):
-        weight, _ = runtime._full_params(embedding)
-        module = embedding.module
-        ctx.runtime, ctx.embedding, ctx.token = runtime, embedding, token
-        ctx.save_for_backward(tokens)
-        return F.embedding(tokens, weight, module.padding_idx, module.max_norm, module.norm_type,
-                           module.scale_grad_by_freq, module.sparse)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (tokens,) = ctx.saved_tensors
-        runtime, embedding = ctx.runtime, ctx.embedding
-        sharded, module = embedding.weight, embedding.module
-        if module.scale_grad_by_freq or module.sparse or module.max_norm is not None:
-            raise NotImplementedError("WeightParallel shards nn.Embedding without scale_grad_by_freq, sparse "
-                                      "or max_norm")
-        flat_tokens = tokens.reshape(-1)
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if module.padding_idx is not None:
-            flat_grad = flat_grad.masked_fill((flat_tokens == module.padding_idx)[:, None], 0)
-
-        def compute(out=None):
-            full = out if out is not None else torch.empty(sharded.full_shape, dtype=grad_out.dtype,
-                                                           device=grad_out.device)
-            return full.zero_().index_add_(0, flat_tokens, flat_grad)
-
-        if ctx.needs_input_grad[1]:
-            runtime._reduce_grad(sharded, compute)
-        if ctx.token is not None:
-            runtime._apply(runtime.schedule.linear_backward_done(ctx.token))
-        return None, None, None, None, None
 
 
 # ---- the runtime -----------------------------------------------------------------------------------
@@ -459,36 +370,36 @@ class WeightParallel:
     # ---- hooks ------------------------------------------------------------------------------------
     def _linear_forward(self, linear: ShardedLinear, x: torch.Tensor) -> torch.Tensor:
         bias = linear.bias.param if linear.bias is not None else None
-        records = torch.is_grad_enabled() and not _in_backward() and (
+        records = torch.is_grad_enabled() and not in_backward() and (
             x.requires_grad or linear.weight.param.requires_grad or (bias is not None and bias.requires_grad))
         token = None
         if records:
             token = self.schedule.record_linear(linear.block)
             self._grads_finished = False
-        return _ShardedLinearFn.apply(x, linear.weight.param, bias, self, linear, token)
+        return ShardedLinearFn.apply(x, linear.weight.param, bias, self, linear, token)
 
     def _embedding_forward(self, embedding: ShardedLinear, tokens: torch.Tensor) -> torch.Tensor:
         weight = embedding.weight.param
         token = None
-        if torch.is_grad_enabled() and not _in_backward() and weight.requires_grad:
+        if torch.is_grad_enabled() and not in_backward() and weight.requires_grad:
             token = self.schedule.record_linear(embedding.block)
             self._grads_finished = False
-        return _ShardedEmbeddingFn.apply(tokens, weight, self, embedding, token)
+        return ShardedEmbeddingFn.apply(tokens, weight, self, embedding, token)
 
     def _before_block_forward(self, index: int, module: nn.Module, args: Any) -> None:
-        recompute = _in_backward()  # activation recomputation inside the block's own backward
+        recompute = in_backward()  # activation recomputation inside the block's own backward
         self._apply(self.schedule.forward_begin(index, torch.is_grad_enabled() and not recompute, recompute))
         self._wait_block(index)  # the block runs with its weights landed; the next ones stay in flight
 
     def _after_block_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> Any:
-        if _in_backward():  # activation recompute: its backward follows at once and needs the weights
+        if in_backward():  # activation recompute: its backward follows at once and needs the weights
             self._apply(self.schedule.forward_end(index, False, recompute=True))
             return None
         recording = torch.is_grad_enabled()
         self._apply(self.schedule.forward_end(index, recording))
         if not recording:  # no_grad / inference: nothing is registered for backward
             return None
-        return _wrap_outputs(output, lambda tensors: _BackwardEntry.apply(self, index, *tensors))
+        return wrap_outputs(output, lambda tensors: BackwardEntry.apply(self, index, *tensors))
 
     def _before_block_backward(self, index: int) -> None:
         self._apply(self.schedule.backward_begin(index))
@@ -558,23 +469,6 @@ class WeightParallel:
         return (f"<WeightParallel {len(self.blocks)} blocks, {params} sharded parameters over {self.info.label}, "
                 f"overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
                 f"{'on' if self.pool.enabled else 'off'}>")
-
-
-def _wrap_outputs(output: Any, wrap: Callable[[List[torch.Tensor]], Tuple[torch.Tensor, ...]]) -> Any:
-    """Pass the tensors of ``output`` (a tensor, or a tuple / list holding tensors) that need a
-    gradient through ``wrap``; the structure is kept. Returns None (no change) when none do."""
-    if isinstance(output, torch.Tensor):
-        return wrap([output])[0] if output.requires_grad else None
-    if isinstance(output, (tuple, list)):
-        positions = [i for i, item in enumerate(output) if isinstance(item, torch.Tensor) and item.requires_grad]
-        if not positions:
-            return None
-        wrapped = wrap([output[i] for i in positions])
-        items = list(output)
-        for i, tensor in zip(positions, wrapped):
-            items[i] = tensor
-        return type(output)(items) if isinstance(output, list) else tuple(items)
-    return None
 
 
 class WeightParallelSchedulerHook:
