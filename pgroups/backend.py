@@ -320,6 +320,15 @@ class GroupBackend:
             self._created.append(group)
         return group
 
+    def destroy_group(self, group: ProcessGroup) -> None:
+        """Destroy one group this backend created (a model's release); the world group is kept."""
+        if group is self.world_group():
+            return
+        with contextlib.suppress(RuntimeError, ValueError):
+            dist.destroy_process_group(group)
+        self._created = [g for g in self._created if g is not group]
+        self._cache = {key: g for key, g in self._cache.items() if g is not group}
+
     def destroy(self) -> None:
         """Destroy every group this backend created (not the default group)."""
         for group in reversed(self._created):

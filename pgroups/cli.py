@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional
 
 from . import creation
 from .config import Config, load_config
-from .context import import_plugins, make_initializers
+from .context import import_plugins, make_initializers, plan_models
+from .models import unknown_model
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
 from .initializer import default_registry
 from .modes import COMBINATION_HELP, is_builtin, mode_identity
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--mode", help="show only this mode: a built one, a built-in mode or an axis "
                                      "combination such as tp-cp (built or not)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--model", help="a config with models: show only this model")
     show.set_defaults(func=cmd_show)
 
     validate = sub.add_parser("validate", help="check a config (and a world size) without running")
@@ -77,11 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def offline_layout(config: Config, world_size: int) -> Dict[str, List[List[int]]]:
     """Every built mode's groups for ``world_size``, computed without processes (a context's
-    modes, in its creation order)."""
+    modes, in its creation order). For a config with models: every model's, as ``model.mode``."""
     import_plugins(config)
+    if config.models:
+        return {f"{model}.{mode}": groups for model, (_, layout) in model_layouts(config, world_size).items()
+                for mode, groups in layout.items()}
     topology = config.topology(world_size)
     initializers = make_initializers(default_registry, config, topology)
     return {name: init.rank_groups(topology) for name, init in initializers.items()}
+
+
+def model_layouts(config: Config, world_size: int) -> Dict[str, Any]:
+    """``{model: (global ranks, {mode: groups in global ranks})}`` for a config with models."""
+    return {name: (ranks, {mode: init.rank_groups(topology) for mode, init in inits.items()})
+            for name, (ranks, topology, inits, _) in plan_models(default_registry, config, world_size).items()}
 
 
 def one_mode_layout(config: Config, world_size: int, mode: str) -> Dict[str, List[List[int]]]:
@@ -112,9 +123,11 @@ def describe_meshes(topology: Topology) -> Dict[str, Dict[str, object]]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    topology = config.topology(args.world_size)
     if args.rank is not None and not 0 <= args.rank < args.world_size:
         raise UsageError(f"--rank {args.rank} is outside 0..{args.world_size - 1} (world size {args.world_size})")
+    if config.models or args.model is not None:
+        return show_models(config, args)
+    topology = config.topology(args.world_size)
     if args.mode is not None:
         layout = one_mode_layout(config, args.world_size, args.mode)
     else:
@@ -126,18 +139,57 @@ def cmd_show(args: argparse.Namespace) -> int:
                           "meshes": describe_meshes(topology), "modes": layout}))
         return EXIT_OK
     print(topology.describe())
+    print_layout(layout)
+    return EXIT_OK
+
+
+def show_models(config: Config, args: argparse.Namespace) -> int:
+    """``pgroups show`` for a config with models: each model's ranks and groups (global ranks)."""
+    if not config.models:
+        raise UsageError(f"--model {args.model!r}: {args.config} has no models: (one layout over the world)")
+    import_plugins(config)
+    if args.model is not None and args.model not in config.models:
+        raise UsageError(str(unknown_model(args.model, config.models)))
+    layouts = model_layouts(config, args.world_size)
+    names = [args.model] if args.model is not None else list(layouts)
+    shown = {}
+    for name in names:
+        ranks, layout = layouts[name]
+        if args.mode is not None:
+            if args.mode not in layout:
+                raise UsageError(f"--mode {args.mode!r} is not built by model {name!r}"
+                                 f"{did_you_mean(args.mode, layout)}; its modes: {allowed(layout)}")
+            layout = {args.mode: layout[args.mode]}
+        if args.rank is not None:
+            layout = {m: [g for g in groups if args.rank in g] for m, groups in layout.items()}
+        shown[name] = {"ranks": list(ranks), "describe": config.models[name].topology(args.world_size).describe(),
+                       "modes": layout}
+    if args.json:
+        print(json.dumps({"world_size": args.world_size, "models": shown}))
+        return EXIT_OK
+    for name, model in shown.items():
+        print(f"model {name}: ranks {format_ranks(model['ranks'], compact=True)}; {model['describe']}")
+        print_layout(model["modes"])
+    return EXIT_OK
+
+
+def print_layout(layout: Dict[str, List[List[int]]]) -> None:
     width = max([10] + [len(m) for m in layout])
     for mode, groups in layout.items():
         shown = groups if len(groups) <= 16 else groups[:16]
         more = f" … ({len(groups)} groups)" if len(groups) > 16 else ""
         print(f"{mode:<{width}} {' '.join(format_ranks(g, compact=True) for g in shown)}{more}")
-    return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     import_plugins(config)
-    if args.world_size is not None:
+    if args.world_size is not None and config.models:
+        checked = check_models_creation(config, args.world_size)
+        print(f"{args.config}: ok ({len(config.models)} models on world {args.world_size}: "
+              f"{', '.join(config.models)}); group creation checked for every rank under strategy "
+              f"{', '.join(checked)}: no rank waits for a peer that never comes")
+    elif args.world_size is not None:
         topology = config.topology(args.world_size)
         initializers = make_initializers(default_registry, config, topology)
         checked = check_creation(config, topology, initializers)
@@ -147,6 +199,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.config}: ok (not checked without -n WORLD_SIZE: the layout, the groups of "
               "user modes, and the group-creation schedule)")
     return EXIT_OK
+
+
+def check_models_creation(config: Config, world_size: int) -> List[str]:
+    """The checker over a config with models (eager device groups): each model's steps walked by
+    its ranks under ``local`` (the members agree on their count when they meet), by every rank
+    where creation is world-collective. Returns the strategies checked; ConfigError naming the
+    model and mode that would deadlock."""
+    plans = plan_models(default_registry, config, world_size)
+    strategies = [config.strategy] if config.strategy != "auto" else ["local", "split", "all"]
+    checked = []
+    for strategy in strategies:
+        if strategy == "all" and config.strategy == "auto" and world_size > ALL_STRATEGY_CHECK_LIMIT:
+            continue
+        steps: List[creation.Step] = []
+        first_of_key: Dict[Any, str] = {}  # identical groups share a communicator across models
+        for name, (ranks, topology, inits, _) in plans.items():
+            groups, shares = {}, {}
+            for mode, init in inits.items():
+                groups[mode] = init.rank_groups(topology)
+                key = init.layout_key(topology)
+                if key is not None:
+                    first = first_of_key.setdefault(key, f"{name}:{mode}")
+                    shares[mode] = first if first != f"{name}:{mode}" else None
+            model_steps = creation.context_steps(groups, world_size, strategy, shares,
+                                                 cpu_twins=config.cpu_groups == "eager")
+            steps += creation.placed_steps(name, model_steps, ranks)
+        deadlock = creation.check_steps(steps, world_size, agree=True)
+        if deadlock is not None:
+            where = f"{config.source}: " if config.source else ""
+            raise ConfigError(f"{where}{deadlock.label.split('/')[0]!r} under strategy {strategy!r}: "
+                              f"{deadlock.message()}")
+        checked.append(strategy)
+    return checked
 
 
 #: Above this world, ``validate`` leaves the ``all`` strategy out: it models one call per group
@@ -182,14 +267,15 @@ def check_creation(config: Config, topology: Topology, initializers: Dict[str, A
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .selfcheck import format_summary, selfcheck_worker
+    from .selfcheck import format_summary, merge_results, selfcheck_worker
     from .spawn import run_local
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     path = args.config or default_config_path()
     config = load_config(path)
-    config.topology(args.nproc)  # validate before starting anything
+    if not config.models:
+        config.topology(args.nproc)  # validate before starting anything
     offline_layout(config, args.nproc)
     outcomes = run_local(args.nproc, selfcheck_worker, (path,), timeout_s=args.timeout)
     failed = [o for o in outcomes if not o.ok]
@@ -198,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for o in failed[:8]:
             print(f"pgroups run: rank {o.rank}: {o.error}", file=sys.stderr)
         return EXIT_TIMEOUT if timed_out else EXIT_FAILED
-    result = outcomes[0].value
+    result = merge_results([o.value for o in outcomes])
     print(format_summary(result, args.nproc))
     bad = sum(f["device_failures"] + f["cpu_failures"] for f in result["modes"].values())
     return EXIT_OK if bad == 0 else EXIT_FAILED

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import attrs
 import yaml
@@ -42,6 +42,7 @@ import yaml
 from .errors import ConfigError, allowed, did_you_mean
 from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, axis_mode, is_builtin
 from .nccl_options import validate_nccl_options
+from .ranks import format_ranks, parse_ranks
 from .topology import DEFAULT_ORDER, EXPERT_LAYOUTS, Topology, check_virtual_pipeline, parse_order
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -98,6 +99,7 @@ class Config:
     extra_modes: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     plugins: Tuple[str, ...] = ()
     nccl_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    models: Mapping[str, "ModelConfig"] = attrs.field(factory=dict)
     source: Optional[str] = attrs.field(default=None, eq=False)
 
     def topology(self, world_size: int) -> Topology:
@@ -149,7 +151,103 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
         raise ConfigError(f"{where}the config must be a mapping of keys such as 'parallel:', "
                           f"got {type(data).__name__}")
     _reject_unknown(data, _TOP_KEYS, "", where)
-    par = data.get("parallel")
+    if data.get("models") is not None and data.get("parallel") is not None:
+        raise ConfigError(f"{where}give either parallel: (one model over the whole world) or models: "
+                          "(each with its own parallel: and ranks:), not both")
+    parallel = parallel_config(data.get("parallel"), where)
+    kwargs: Dict[str, Any] = {"parallel": parallel, "source": source}
+    for key, choices in (("backend", BACKENDS), ("groups", GROUP_TIMING),
+                         ("cpu_groups", CPU_GROUP_TIMING), ("strategy", STRATEGIES)):
+        if key in data:
+            value = data[key]
+            if key == "cpu_groups" and value is False:  # YAML 1.1 reads a bare `off` as false
+                value = "off"
+            if value not in choices:
+                raise ConfigError(f"{where}{key}: {value!r} is not allowed; allowed: {allowed(choices)}")
+            kwargs[key] = value
+    for key in ("timeout_s", "creation_timeout_s"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigError(f"{where}{key} must be a positive number of seconds up to "
+                                  f"{MAX_TIMEOUT_S:g}, got {value!r}")
+            kwargs[key] = float(value)
+    kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
+    kwargs["plugins"] = _plugins(data.get("plugins"), where)
+    kwargs["nccl_options"] = validate_nccl_options(data.get("nccl_options"), where)
+    kwargs["models"] = _models(data.get("models"), where)
+    return Config(**kwargs)
+
+
+@attrs.frozen
+class ModelConfig:
+    """One named model of a several-model config: its own ``parallel:`` layout, the global ranks it
+    runs on (``ranks: 0-15``; None: the whole world), and its own ``nccl_options:``."""
+
+    name: str
+    parallel: ParallelConfig
+    ranks: Optional[Tuple[int, ...]] = None
+    nccl_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    def placement(self, world_size: int, where: str = "") -> Tuple[int, ...]:
+        """The model's global ranks in ``world_size`` (sorted). Raises ConfigError naming the model
+        for ranks outside the world."""
+        if self.ranks is None:
+            return tuple(range(world_size))
+        outside = [r for r in self.ranks if not 0 <= r < world_size]
+        if outside:
+            raise ConfigError(f"{where}models.{self.name}.ranks: rank {outside[0]} is outside the world "
+                              f"0..{world_size - 1} (world_size {world_size})")
+        return self.ranks
+
+    def topology(self, world_size: int, source: Optional[str] = None) -> Topology:
+        """The model's layout over its own ranks (model-local numbering 0..n-1). ConfigError names
+        the model and the arithmetic that failed."""
+        where = f"{source}: " if source else ""
+        ranks = self.placement(world_size, where)
+        return self.parallel.topology(len(ranks), source=f"{source or '<config>'}: models.{self.name} "
+                                                         f"(ranks {format_ranks(ranks, limit=8)})")
+
+
+_MODEL_KEYS = ("parallel", "ranks", "nccl_options")
+
+
+def _models(value: Any, where: str) -> Dict[str, ModelConfig]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{where}models must be a mapping of model names to {{parallel: ..., ranks: ...}}, "
+                          f"got {value!r}")
+    models = {}
+    for name, block in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where}models: {name!r} is not a valid model name (letters, digits, _)")
+        block = {} if block is None else block
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"{where}models.{name} must be a mapping of {allowed(_MODEL_KEYS)}, got {block!r}")
+        _reject_unknown(block, _MODEL_KEYS, f"models.{name}.", where)
+        ranks = None
+        if block.get("ranks") is not None:
+            ranks = tuple(sorted(parse_ranks(block["ranks"], f"{where}models.{name}.ranks")))
+            if len(set(ranks)) != len(ranks):
+                raise ConfigError(f"{where}models.{name}.ranks: rank {_first_repeat(ranks)} is listed twice")
+        models[name] = ModelConfig(name, parallel_config(block.get("parallel"), f"{where}models.{name}: "), ranks,
+                                   validate_nccl_options(block.get("nccl_options"), f"{where}models.{name}: "))
+    return models
+
+
+def _first_repeat(ranks: Sequence[int]) -> int:
+    seen = set()
+    for rank in ranks:
+        if rank in seen:
+            return rank
+        seen.add(rank)
+    raise ValueError("no repeat")
+
+
+
+def parallel_config(par: Any, where: str = "") -> ParallelConfig:
+    """Validate one ``parallel:`` block (a mapping, or None for the defaults). Raises ConfigError."""
     if par is None:  # "parallel:" with nothing under it
         par = {}
     if not isinstance(par, Mapping):
@@ -182,27 +280,7 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
             raise ConfigError(f"{where}parallel.zero1({zero1}) must divide {what}")
     check_virtual_pipeline(parallel.virtual_pipeline, parallel.pipeline, where)
 
-    kwargs: Dict[str, Any] = {"parallel": parallel, "source": source}
-    for key, choices in (("backend", BACKENDS), ("groups", GROUP_TIMING),
-                         ("cpu_groups", CPU_GROUP_TIMING), ("strategy", STRATEGIES)):
-        if key in data:
-            value = data[key]
-            if key == "cpu_groups" and value is False:  # YAML 1.1 reads a bare `off` as false
-                value = "off"
-            if value not in choices:
-                raise ConfigError(f"{where}{key}: {value!r} is not allowed; allowed: {allowed(choices)}")
-            kwargs[key] = value
-    for key in ("timeout_s", "creation_timeout_s"):
-        if key in data:
-            value = data[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
-                raise ConfigError(f"{where}{key} must be a positive number of seconds up to "
-                                  f"{MAX_TIMEOUT_S:g}, got {value!r}")
-            kwargs[key] = float(value)
-    kwargs["extra_modes"] = _extra_modes(data.get("extra_modes"), where)
-    kwargs["plugins"] = _plugins(data.get("plugins"), where)
-    kwargs["nccl_options"] = validate_nccl_options(data.get("nccl_options"), where)
-    return Config(**kwargs)
+    return parallel
 
 
 def read_yaml(obj: Union[str, "os.PathLike[str]"], what: str = "config",

@@ -23,6 +23,7 @@ from .initializer import import_plugins as _import_plugins
 from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupInitializer, check_group_of,
                           check_groups, checked_initializer_call, default_registry, describe_initializer)
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
+from .models import PlacedInitializer, check_models, model_as_config, unknown_model
 from .modes import ModeLike, ParallelMode, is_builtin, mode_identity, mode_name
 from .nccl_options import options_by_mode
 from .ranks import format_ranks
@@ -40,16 +41,35 @@ class ModeState:
     mode: str
     initializer: ProcessGroupInitializer
     ranks: Optional[List[int]]            # this rank's group, sorted; None if in none
-    shares_with: Optional[str] = None     # an earlier mode with identical groups
+    owner: "ParallelContext"              # the context (or model) that holds this mode
+    source: Optional["ModeState"] = None  # an earlier mode (of any model) with identical groups
     group: Optional[ProcessGroup] = None
     cpu_group: Optional[ProcessGroup] = None
     built: bool = False
     cpu_built: bool = False
+    released: bool = False
     all_groups: Optional[RankGroups] = None  # cached by the all/split strategies
+
+    @property
+    def shares_with(self) -> Optional[str]:
+        """The mode whose communicators this one reuses (``model.mode`` across models), or None."""
+        if self.source is None:
+            return None
+        same = self.source.owner is self.owner
+        return self.source.mode if same else f"{self.source.owner.model_name}.{self.source.mode}"
+
+    @property
+    def backend_name(self) -> str:
+        """The name the backend knows this mode by: ``mode``, or ``model:mode`` in a model."""
+        model = self.owner.model_name
+        return self.mode if model is None else f"{model}:{self.mode}"
 
 
 class ParallelContext:
     """Process groups by parallel mode. See the package README for the full query list."""
+
+    #: The model this context answers for (None: the whole job). See :meth:`model`.
+    model_name: Optional[str] = None
 
     def __init__(self, registry: Optional[InitializerRegistry] = None) -> None:
         self.registry = registry or default_registry
@@ -68,6 +88,7 @@ class ParallelContext:
         self._modes: Dict[str, ModeState] = {}
         self._owns_default_group = False
         self._hostnames: Optional[List[str]] = None
+        self._models: Dict[str, "ModelContext"] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     def init_from_config(self, config: ConfigLike, launch: Optional[LaunchInfo] = None) -> "ParallelContext":
@@ -90,8 +111,14 @@ class ParallelContext:
         else:
             launch = launch or from_environment()
             world_size, rank = launch.world_size, launch.rank
-        topology = cfg.topology(world_size)
-        initializers = self._make_initializers(cfg, topology)
+        if cfg.models:  # the job's own modes: the world; each model's layout on its ranks
+            topology = Topology.create(world_size)
+            initializers = {ParallelMode.GLOBAL.value: self.registry.create(ParallelMode.GLOBAL)}
+            model_plans = plan_models(self.registry, cfg, world_size)
+        else:
+            topology = cfg.topology(world_size)
+            initializers = self._make_initializers(cfg, topology)
+            model_plans = {}
         init_store = None
         if not dist.is_initialized():
             assert launch is not None
@@ -102,29 +129,23 @@ class ParallelContext:
             self.launch = launch
             self.config, self.topology, self._rank = cfg, topology, rank
             device_backend = resolve_device_backend(cfg.backend)
+            options = options_by_mode(cfg.nccl_options, initializers, mode_identity)
+            for name, (_, _, model_inits, model_options) in model_plans.items():
+                options.update({f"{name}:{mode}": value for mode, value in model_options.items()})
             self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
-                                        cfg.timeout_s, nccl_options=options_by_mode(
-                                            cfg.nccl_options, initializers, mode_identity),
+                                        cfg.timeout_s, nccl_options=options,
                                         store=creation_store(device_backend, init_store, rank),
                                         creation_timeout_s=cfg.creation_deadline_s)
             check_lazy_creation(cfg.groups, self.backend.strategy,
                                 creation_is_world_collective(device_backend))
-            keys: Dict[Hashable, str] = {}
-            for name, init in initializers.items():
-                key = init.layout_key(topology)
-                state = ModeState(name, init, own_group(init, topology, rank))
-                if key is not None:  # identical groups share a communicator unless options differ
-                    key = (key, self.backend.options_key(name))
-                    first = keys.setdefault(key, name)
-                    state.shares_with = first if first != name else None
-                self._modes[name] = state
-            if cfg.groups == "eager":
-                for name in self._modes:
-                    self._device_group(name)
-            if cfg.cpu_groups == "eager":
-                for name in self._modes:
-                    self._cpu_group(name)
-            elif cfg.cpu_groups == "lazy" and self.backend.world_cpu_group_needs_creation():
+            layouts: Dict[Hashable, ModeState] = {}  # identical groups share a communicator, across models too
+            self._register_modes(initializers, layouts)
+            for name, (ranks, model_topology, model_inits, _) in model_plans.items():
+                self._models[name] = ModelContext(self, name, ranks, model_topology)
+                self._models[name]._register_modes(model_inits, layouts)
+            for ctx in [self, *self._models.values()]:
+                ctx._build_eager()
+            if cfg.cpu_groups == "lazy" and self.backend.world_cpu_group_needs_creation():
                 # The world's CPU group needs every rank; later callers (hostnames, CPU-tensor
                 # exchanges) may be a subset, so it is built now, while every rank is here.
                 self._cpu_group(ParallelMode.GLOBAL.value)
@@ -132,6 +153,35 @@ class ParallelContext:
             self.destroy()  # never leave a half-built context behind: a retry starts clean
             raise
         return self
+
+    def _register_modes(self, initializers: Dict[str, ProcessGroupInitializer],
+                        layouts: Dict[Hashable, ModeState]) -> None:
+        """Add a ModeState per mode; a mode whose layout key (and NCCL options) equals an earlier
+        mode's — of this context or another model — reuses that mode's communicators."""
+        for name, init in initializers.items():
+            state = ModeState(name, init, own_group(init, self.topology, self._rank), owner=self)
+            key = init.layout_key(self.topology)
+            if key is not None:
+                key = (key, self.backend.options_key(state.backend_name))
+                first = layouts.setdefault(key, state)
+                state.source = first if first is not state else None
+            self._modes[name] = state
+
+    def _takes_part(self) -> bool:
+        """Whether this rank enters this context's creation steps: always for the job; for a
+        model, its ranks — and every rank where creation is collective over the world."""
+        return True
+
+    def _build_eager(self) -> None:
+        """Create the groups the config builds at init, in mode order (collective: see backend)."""
+        if not self._takes_part():
+            return
+        if self.config.groups == "eager":
+            for name in self._modes:
+                self._device_group(name)
+        if self.config.cpu_groups == "eager":
+            for name in self._modes:
+                self._cpu_group(name)
 
     def _rendezvous_store(self, launch: LaunchInfo, cfg: Config) -> Any:
         if self._store is None or self._store[0] != launch:
@@ -177,6 +227,10 @@ class ParallelContext:
             for state in self._modes.values():
                 if mode_identity(state.mode) == identity:
                     return state
+            if self._models:
+                raise ModeNotInitializedError(
+                    f"mode {name!r}: this config has several models ({allowed(self._models)}); ask one, "
+                    f"e.g. gpc.model({next(iter(self._models))!r}).get_group({name!r})") from None
             raise ModeNotInitializedError(
                 f"mode {name!r} was not built{did_you_mean(name, self._modes)}; built modes: "
                 f"{allowed(self._modes)} (add your own under extra_modes:)") from None
@@ -186,6 +240,20 @@ class ParallelContext:
         if state.ranks is None:
             raise ModeNotInitializedError(f"rank {self._rank} is not a member of any {state.mode!r} group")
         return state
+
+    # ---- models ---------------------------------------------------------------------------
+    def model(self, name: str) -> "ModelContext":
+        """The context of the config's model ``name`` (``models:``): every query of this class, for
+        that model's layout, in global ranks. ConfigError with a did-you-mean for an unknown name."""
+        self._require()
+        if name not in self._models:
+            raise unknown_model(name, self._models)
+        return self._models[name]
+
+    @property
+    def model_names(self) -> List[str]:
+        """The config's models, in config order (empty for a single-layout config)."""
+        return list(self._models)
 
     # ---- groups ---------------------------------------------------------------------------
     def get_group(self, mode: ModeLike) -> ProcessGroup:
@@ -206,12 +274,21 @@ class ParallelContext:
     def _device_group(self, name: str) -> Optional[ProcessGroup]:
         state = self._modes[name]
         if not state.built:
-            if state.shares_with is not None:
-                state.group = self._device_group(state.shares_with)
+            self._check_rebuild(state)
+            if state.source is not None:
+                state.group = state.source.owner._device_group(state.source.mode)
             else:
-                state.group = self.backend.build(name, state.ranks, self._lister(state))
+                state.group = self.backend.build(state.backend_name, state.ranks, self._lister(state))
             state.built = True
         return state.group
+
+    def _check_rebuild(self, state: ModeState) -> None:
+        """A released mode is rebuilt on request only where its members can create it alone."""
+        if state.released and self.backend.strategy != "local":
+            raise ModeNotInitializedError(
+                f"mode {state.mode!r} of model {self.model_name!r} was released, and creating groups here "
+                f"is collective over the world (strategy {self.backend.strategy!r}): call "
+                f"gpc.model({self.model_name!r}).rebuild() on every rank first")
 
     def _cpu_group(self, name: str, lazy: bool = False) -> Optional[ProcessGroup]:
         """``lazy``: requested after init, by the members only — so created members-only."""
@@ -219,12 +296,12 @@ class ParallelContext:
         if not state.cpu_built:
             if not self.backend.cpu_twin_needed:
                 state.cpu_group = self._device_group(name)
-            elif state.shares_with is not None:
-                state.cpu_group = self._cpu_group(state.shares_with, lazy)
+            elif state.source is not None:
+                state.cpu_group = state.source.owner._cpu_group(state.source.mode, lazy)
             else:
                 self._device_group(name)  # device first: members create twins in one order
-                state.cpu_group = self.backend.build(name, state.ranks, self._lister(state), cpu=True,
-                                                     strategy="local" if lazy else None)
+                state.cpu_group = self.backend.build(state.backend_name, state.ranks, self._lister(state),
+                                                     cpu=True, strategy="local" if lazy else None)
             state.cpu_built = True
         return state.cpu_group
 
@@ -241,6 +318,16 @@ class ParallelContext:
         """This process's rank in the world."""
         self._require()
         return self._rank
+
+    def topology_rank(self) -> int:
+        """This rank in the topology's own numbering: the global rank for the job; for a model,
+        its position among the model's ranks."""
+        self._require()
+        return self._rank
+
+    def to_job_ranks(self, ranks: Sequence[int]) -> List[int]:
+        """Ranks in the topology's numbering → global ranks (the identity for the job)."""
+        return list(ranks)
 
     def get_local_rank(self, mode: ModeLike) -> int:
         """This rank's position in its sorted ``mode`` group."""
@@ -351,7 +438,8 @@ class ParallelContext:
             pass
         key = self.topology.layout_key(name)  # UnknownModeError / ConfigError for a bad name
         for built, state in self._modes.items():
-            if state.initializer.layout_key(self.topology) == key:
+            init = state.initializer
+            if (init.inner if isinstance(init, PlacedInitializer) else init).layout_key(self.topology) == key:
                 return built
         raise ModeNotInitializedError(
             f"mode {name!r} was not built and no built mode has its groups; list it under "
@@ -472,7 +560,7 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
 
 def own_group(init: ProcessGroupInitializer, topology: Topology, rank: int) -> Optional[List[int]]:
     """``rank``'s group of ``init``'s mode; a user initializer's answer is checked (ConfigError)."""
-    if isinstance(init, BuiltinInitializer):
+    if isinstance(init, (BuiltinInitializer, PlacedInitializer)):  # placed: checks its inner one
         return init.group_of(topology, rank)
     group = checked_initializer_call(init, f"finding rank {rank}'s group", lambda: init.group_of(topology, rank))
     return check_group_of(group, rank, topology.world_size, describe_initializer(init))
@@ -487,3 +575,90 @@ def import_plugins(cfg: Config) -> None:
     base = Path(cfg.source).parent if cfg.source and Path(cfg.source).exists() else Path.cwd()
     _import_plugins(cfg.plugins, base, cfg.source)
 
+
+
+def plan_models(registry: InitializerRegistry, cfg: Config, world_size: int) -> Dict[str, Tuple[Any, ...]]:
+    """``{model: (global ranks, topology, placed initializers, nccl options by mode)}`` for every
+    model of ``cfg``, validated before any communication (ConfigError naming the model)."""
+    plans = {}
+    for name, (ranks, topology) in check_models(cfg, world_size).items():
+        model_cfg = model_as_config(cfg, cfg.models[name])
+        try:
+            inits = make_initializers(registry, model_cfg, topology)
+        except ConfigError as exc:
+            raise ConfigError(f"models.{name}: {exc}") from None
+        placed = {mode: PlacedInitializer(init, ranks) for mode, init in inits.items()}
+        plans[name] = (ranks, topology, placed, options_by_mode(model_cfg.nccl_options, inits, mode_identity))
+    return plans
+
+
+class ModelContext(ParallelContext):
+    """One model of a several-model config: its layout on its ranks, queried like the job's
+    context (``gpc.model("rollout").get_group("tensor")``), in global ranks. Shares the job's
+    backend; its ``topology`` numbers the model's ranks 0..n-1. A rank outside the model gets
+    ModeNotInitializedError naming the model and its ranks."""
+
+    def __init__(self, job: ParallelContext, name: str, ranks: Tuple[int, ...], topology: Topology) -> None:
+        super().__init__(job.registry)
+        self.job, self.model_name, self.ranks = job, name, tuple(ranks)
+        self.config, self.topology, self.backend = job.config, topology, job.backend
+        self.launch, self._rank = job.launch, job._rank
+
+    def is_in_model(self) -> bool:
+        """Whether this rank is one of the model's ranks."""
+        return self._rank in self.ranks
+
+    def _takes_part(self) -> bool:
+        return self.is_in_model() or self.backend.strategy != "local"
+
+    def _state(self, mode: ModeLike) -> ModeState:
+        if not self.is_in_model() and self.topology is not None:
+            raise ModeNotInitializedError(
+                f"rank {self._rank} is not in model {self.model_name!r} (ranks {format_ranks(self.ranks, limit=8)}): "
+                f"it has no {mode_name(mode)!r} group of that model")
+        return super()._state(mode)
+
+    def topology_rank(self) -> int:
+        if not self.is_in_model():
+            raise ModeNotInitializedError(f"rank {self._rank} is not in model {self.model_name!r} "
+                                          f"(ranks {format_ranks(self.ranks, limit=8)})")
+        return self.ranks.index(self._rank)
+
+    def to_job_ranks(self, ranks: Sequence[int]) -> List[int]:
+        return [self.ranks[r] for r in ranks]
+
+    def release(self) -> List[str]:
+        """Destroy the communicators only this model uses (a communicator another model or the
+        job shares stays); return the modes released. A later query re-creates a mode at the
+        usual per-rank cost — by its members alone under members-only creation; where creation
+        is collective over the world, every rank calls :meth:`rebuild` first. Collective over
+        nobody: each rank releases its own handles (call it on every rank of the model)."""
+        if not self._takes_part():
+            return []
+        kept = {id(g) for ctx in [self.job, *self.job._models.values()] if ctx is not self
+                for st in ctx._modes.values() for g in (st.group, st.cpu_group) if g is not None}
+        kept.add(id(self.backend.world_group()))
+        released = []
+        for state in self._modes.values():
+            for group in {id(g): g for g in (state.group, state.cpu_group) if g is not None}.values():
+                if id(group) not in kept:
+                    self.backend.destroy_group(group)
+            if state.built or state.cpu_built:
+                released.append(state.mode)
+            state.group = state.cpu_group = None
+            state.built = state.cpu_built = False
+            state.released = True
+        return released
+
+    def rebuild(self) -> None:
+        """Re-create the groups the config builds at init (collective like init: every rank of the
+        world where creation is world-collective, else the model's ranks)."""
+        for state in self._modes.values():
+            state.released = False
+        self._build_eager()
+
+    def destroy(self) -> None:
+        raise RuntimeError(f"model {self.model_name!r} is destroyed with its job: call gpc.destroy()")
+
+    def __repr__(self) -> str:
+        return f"<ModelContext {self.model_name!r} ranks {format_ranks(self.ranks, limit=8)}: {self.topology.describe()}>"

@@ -76,6 +76,8 @@ class Step:
     label: str
     groups: Tuple[Group, ...]
     strategy: str
+    #: the ranks that walk this step under members-only creation (a model's ranks); None: all
+    participants: Optional[frozenset] = None
     _by_rank: Dict[int, Group] = attrs.field(init=False, eq=False, repr=False, factory=dict)
 
     def group_of(self, rank: int) -> Optional[Group]:
@@ -131,24 +133,30 @@ class Deadlock:
 
 # ---- schedules ------------------------------------------------------------------------------
 
-def eager_schedule(steps: Sequence[Step], world_size: int, rank: int, padding: bool = True) -> List[Call]:
+def eager_schedule(steps: Sequence[Step], world_size: int, rank: int, padding: bool = True,
+                   agree: bool = False) -> List[Call]:
     """The calls ``rank`` makes when every rank walks ``steps`` in order (an eager build).
 
     ``padding`` is pgroups' rule (a placeholder where the rank registers nothing in a step that
     makes calls); ``padding=False`` models creation without it (the deadlock of issue 15).
     The ``all`` strategy's communicator cache (identical rank lists of earlier steps reused)
-    is modelled as :class:`pgroups.backend.GroupBackend` keeps it.
+    is modelled as :class:`pgroups.backend.GroupBackend` keeps it. A ``local`` step with
+    ``participants`` (a model's ranks) is skipped by every other rank; members of its groups
+    then agree on their count before naming when ``agree`` (the creation rendezvous, which
+    real backends always run).
     """
     calls: List[Call] = []
     cache: Set[Tuple[str, Group]] = set()
     for step in steps:
         if step.strategy in (WORLD, SHARED):
             continue
+        if step.strategy == LOCAL and step.participants is not None and rank not in step.participants:
+            continue
         mine = step.group_of(rank)
         registers = mine is not None
         if step.strategy == LOCAL:
             if mine is not None:
-                calls.append(Call(step.label, LOCAL, (step.label, mine), mine, mine))
+                calls.append(Call(step.label, LOCAL, (step.label, mine), mine, mine, agree=agree))
         elif step.strategy == ALL:
             kind = step.label.rsplit("/", 1)[-1]
             fresh = tuple(g for g in step.groups if (kind, g) not in cache)
@@ -304,9 +312,10 @@ def context_steps(mode_groups: Mapping[str, Sequence[Sequence[int]]], world_size
     return steps
 
 
-def check_steps(steps: Sequence[Step], world_size: int, padding: bool = True) -> Optional[Deadlock]:
+def check_steps(steps: Sequence[Step], world_size: int, padding: bool = True,
+                agree: bool = False) -> Optional[Deadlock]:
     """Run the checker over an eager build of ``steps`` at ``world_size``."""
-    calls = {r: eager_schedule(steps, world_size, r, padding) for r in range(world_size)}
+    calls = {r: eager_schedule(steps, world_size, r, padding, agree) for r in range(world_size)}
     return find_deadlock(calls, world_size)
 
 
@@ -330,6 +339,13 @@ def config_steps(initializers: Mapping[str, "object"], topology: "object", strat
             shares[name] = first if first != name else None
     return context_steps(mode_groups, topology.world_size, strategy, shares,  # type: ignore[attr-defined]
                          cpu_twins, world_cpu_twin)
+
+
+def placed_steps(label_prefix: str, steps: Sequence[Step], ranks: Sequence[int]) -> List[Step]:
+    """A model's steps (groups already in global ranks) walked by its ``ranks`` only under
+    members-only creation; labels prefixed ``model:``."""
+    members = frozenset(ranks)
+    return [attrs.evolve(s, label=f"{label_prefix}:{s.label}", participants=members) for s in steps]
 
 
 def host_steps(ranks_per_host: Sequence[int], strategy: str) -> List[Step]:

@@ -113,19 +113,19 @@ def device_mesh(ctx: "ParallelContext", dims: Union[str, Sequence[str]],
     if not names or len(set(names)) != len(names):
         raise ValueError(f"device_mesh needs one or more distinct dimension names, got {names!r}")
     mesh, axes = dim_axes(ctx.topology, names)
-    ranks = mesh_ranks(mesh, ctx.get_global_rank(), axes)
+    rank = ctx.topology_rank()  # the rank in the layout's own numbering (a model's ranks are 0..n-1)
+    local_ranks = torch.tensor(mesh_ranks(mesh, rank, axes), dtype=torch.long)
+    ranks = torch.tensor(ctx.to_job_ranks(range(ctx.topology.world_size)), dtype=torch.int)[local_ranks]
     modes = [ctx.find_mode(name) for name in names]
-    rank = ctx.get_global_rank()
     for name, mode, dims_axes in zip(names, modes, axes):
-        if ctx.get_ranks_in_group(mode) != mesh.group_of(rank, dims_axes):  # e.g. pp of two meshes
+        if ctx.get_ranks_in_group(mode) != ctx.to_job_ranks(mesh.group_of(rank, dims_axes)):  # e.g. pp of two meshes
             raise ValueError(f"dimension {name!r}: mode {mode!r}'s groups are not the {mesh.name} "
                              f"mesh's groups along {'-'.join(dims_axes)}")
     if device_type is None:
         device_type = "cuda" if ctx.backend.device_backend == "nccl" else "cpu"
     twins = device_type == "cpu" and ctx.backend.device_backend == "nccl"
     groups = [(ctx.get_cpu_group if twins else ctx.get_group)(mode) for mode in modes]
-    return DeviceMesh.from_group(groups, device_type, mesh=torch.tensor(ranks, dtype=torch.int),
-                                 mesh_dim_names=names)
+    return DeviceMesh.from_group(groups, device_type, mesh=ranks, mesh_dim_names=names)
 
 
 # ---- Megatron-Core -------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ with the total count.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .errors import ConfigError
 
 #: A consecutive run longer than this is written as ``[first..last]``.
 RUN_MIN = 5
@@ -25,3 +27,26 @@ def format_ranks(ranks: Optional[Sequence[int]], limit: int = 16, compact: bool 
     if len(ranks) <= limit:
         return "[" + sep.join(map(str, ranks)) + "]"
     return "[" + sep.join(map(str, ranks[:limit])) + f"{sep}…] ({len(ranks)} ranks)"
+
+
+def parse_ranks(value: Any, key: str = "ranks") -> Tuple[int, ...]:
+    """``"0-3,8-11"`` / ``[0, 1, 2]`` / ``5`` → a tuple of ranks, as configs write them. ``key``
+    (with any file prefix) names the value in the ConfigError raised for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    if isinstance(value, str):
+        ranks: List[int] = []
+        for part in value.replace(" ", "").split(","):
+            bounds = part.split("-")
+            if len(bounds) == 1 and bounds[0].isdigit():
+                ranks.append(int(bounds[0]))
+            elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+                ranks.extend(range(int(bounds[0]), int(bounds[1]) + 1))
+            else:
+                raise ConfigError(f"{key}: bad range {part!r} in {value!r} "
+                                  "(expected N or N-M with N <= M, comma separated)")
+        return tuple(ranks)
+    raise ConfigError(f"{key} must be a range string such as '4-7' or '0-3,8-11' or a "
+                      f"list of ranks, got {value!r}")

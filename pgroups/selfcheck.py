@@ -7,7 +7,7 @@ over the world, and rank 0 returns the summary.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,13 +63,35 @@ def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
     ctx.init_from_config(config)
     init_s = time.perf_counter() - start
     try:
-        summary = check_groups(ctx)
+        rank = ctx.get_global_rank()
+        if ctx.model_names:  # each model is checked by its ranks; its first rank reports it
+            summary = {}
+            for name in ctx.model_names:
+                model = ctx.model(name)
+                if model.is_in_model():
+                    checked = check_groups(model)
+                    if rank == model.ranks[0]:
+                        summary.update({f"{name}.{mode}": figures for mode, figures in checked.items()})
+            layout = "models " + ", ".join(f"{n} ({ctx.model(n).topology.describe()})" for n in ctx.model_names)
+        else:
+            summary, layout = check_groups(ctx), ctx.topology.describe()
         result = {"modes": summary, "init_s": init_s, "calls": ctx.backend.calls,
                   "backend": ctx.backend.device_backend, "strategy": ctx.backend.strategy,
-                  "layout": ctx.topology.describe()}
-        return result if ctx.get_global_rank() == 0 else None
+                  "layout": layout}
+        return result if rank == 0 or summary and ctx.model_names else None
     finally:
         ctx.destroy()
+
+
+def merge_results(values: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """One summary from the ranks' results: rank 0's, with every model's modes (each reported by
+    its model's first rank) in rank order."""
+    result = dict(values[0] or next(v for v in values if v))
+    result["modes"] = {}
+    for value in values:
+        if value:
+            result["modes"].update(value["modes"])
+    return result
 
 
 def format_summary(result: Dict[str, Any], world_size: int) -> str:

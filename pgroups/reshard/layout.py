@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
+from ..ranks import parse_ranks as parse_rank_list
 from ..config import Config, config_from_dict, read_yaml
 from ..errors import ConfigError, allowed, did_you_mean
 from ..topology import Topology
@@ -361,25 +362,8 @@ def empty_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
 
 # ---- YAML --------------------------------------------------------------------------------------
 def parse_ranks(value: Any, where: str = "") -> Tuple[int, ...]:
-    """``"0-3,8-11"`` / ``[0, 1, 2]`` / ``5`` → a tuple of ranks. Raises ConfigError."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return tuple(value)
-    if isinstance(value, str):
-        ranks: List[int] = []
-        for part in value.replace(" ", "").split(","):
-            bounds = part.split("-")
-            if len(bounds) == 1 and bounds[0].isdigit():
-                ranks.append(int(bounds[0]))
-            elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
-                ranks.extend(range(int(bounds[0]), int(bounds[1]) + 1))
-            else:
-                raise ConfigError(f"{where}placement.ranks: bad range {part!r} in {value!r} "
-                                  "(expected N or N-M with N <= M, comma separated)")
-        return tuple(ranks)
-    raise ConfigError(f"{where}placement.ranks must be a range string such as '4-7' or '0-3,8-11' or a "
-                      f"list of ranks, got {value!r}")
+    """``"0-3,8-11"`` / ``[0, 1, 2]`` / ``5`` → a tuple of ranks (:func:`pgroups.ranks.parse_ranks`)."""
+    return parse_rank_list(value, f"{where}placement.ranks")
 
 
 def format_ranks(ranks: Sequence[int]) -> str:
