@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from importlib import resources
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import creation
 from .config import Config, load_config
@@ -207,11 +207,8 @@ def check_models_creation(config: Config, world_size: int) -> List[str]:
     where creation is world-collective. Returns the strategies checked; ConfigError naming the
     model and mode that would deadlock."""
     plans = plan_models(default_registry, config, world_size)
-    strategies = [config.strategy] if config.strategy != "auto" else ["local", "split", "all"]
-    checked = []
-    for strategy in strategies:
-        if strategy == "all" and config.strategy == "auto" and world_size > ALL_STRATEGY_CHECK_LIMIT:
-            continue
+
+    def deadlock_under(strategy: str) -> Optional[creation.Deadlock]:
         steps: List[creation.Step] = []
         first_of_key: Dict[Any, str] = {}  # identical groups share a communicator across models
         for name, (ranks, topology, inits, _) in plans.items():
@@ -225,13 +222,9 @@ def check_models_creation(config: Config, world_size: int) -> List[str]:
             model_steps = creation.context_steps(groups, world_size, strategy, shares,
                                                  cpu_twins=config.cpu_groups == "eager")
             steps += creation.placed_steps(name, model_steps, ranks)
-        deadlock = creation.check_steps(steps, world_size, agree=True)
-        if deadlock is not None:
-            where = f"{config.source}: " if config.source else ""
-            raise ConfigError(f"{where}{deadlock.label.split('/')[0]!r} under strategy {strategy!r}: "
-                              f"{deadlock.message()}")
-        checked.append(strategy)
-    return checked
+        return creation.check_steps(steps, world_size, agree=True)
+
+    return checked_strategies(config, world_size, deadlock_under)
 
 
 #: Above this world, ``validate`` leaves the ``all`` strategy out: it models one call per group
@@ -241,15 +234,11 @@ ALL_STRATEGY_CHECK_LIMIT = 2048
 
 def check_creation(config: Config, topology: Topology, initializers: Dict[str, Any]) -> List[str]:
     """Run :mod:`pgroups.creation`'s checker over every rank for each strategy ``config`` can
-    resolve to (``auto``: local on gloo, split on a device-bound NCCL group, all without
-    ``split_group``); return the strategies checked. Raises ConfigError naming the step (mode)
-    that would deadlock."""
+    resolve to; return the strategies checked. Raises ConfigError naming the step (mode) that
+    would deadlock."""
     world = topology.world_size
-    strategies = [config.strategy] if config.strategy != "auto" else ["local", "split", "all"]
-    checked = []
-    for strategy in strategies:
-        if strategy == "all" and config.strategy == "auto" and world > ALL_STRATEGY_CHECK_LIMIT:
-            continue
+
+    def deadlock_under(strategy: str) -> Optional[creation.Deadlock]:
         steps = creation.config_steps(initializers, topology, strategy, cpu_twins=config.cpu_groups != "off")
         device = [s for s in steps if s.label.endswith("/device")]
         cpu = [s for s in steps if s.label.endswith("/cpu")]
@@ -257,7 +246,22 @@ def check_creation(config: Config, topology: Topology, initializers: Dict[str, A
         eager = (device if config.groups == "eager" else []) + (cpu if config.cpu_groups == "eager" else [])
         lazy = (device if config.groups == "lazy" else []) + (cpu if config.cpu_groups == "lazy" else [])
         calls = {r: creation.eager_schedule(eager, world, r) + creation.lazy_schedule(lazy, r) for r in range(world)}
-        deadlock = creation.find_deadlock(calls, world)
+        return creation.find_deadlock(calls, world)
+
+    return checked_strategies(config, world, deadlock_under)
+
+
+def checked_strategies(config: Config, world_size: int,
+                       deadlock_under: Callable[[str], Optional[creation.Deadlock]]) -> List[str]:
+    """Run ``deadlock_under`` for each strategy ``config`` can resolve to (``auto``: local on
+    gloo, split on a device-bound NCCL group, all without ``split_group`` — left out above
+    ALL_STRATEGY_CHECK_LIMIT); return those checked. ConfigError naming the step on a deadlock."""
+    strategies = [config.strategy] if config.strategy != "auto" else ["local", "split", "all"]
+    checked = []
+    for strategy in strategies:
+        if strategy == "all" and config.strategy == "auto" and world_size > ALL_STRATEGY_CHECK_LIMIT:
+            continue
+        deadlock = deadlock_under(strategy)
         if deadlock is not None:
             where = f"{config.source}: " if config.source else ""
             raise ConfigError(f"{where}mode {deadlock.label.split('/')[0]!r} under strategy {strategy!r}: "
