@@ -417,6 +417,12 @@ class ParallelContext:
         self._require()
         return exports.megatron_groups(self, fields)
 
+    def megatron_groups_by_model(self, fields: Optional[Sequence[str]] = None) -> Dict[str, "exports.MegatronGroups"]:
+        """Megatron-Core MIMO style: ``{model: its Megatron group collection}`` for every model of
+        the config this rank belongs to, each built from the context's own communicators."""
+        self._require()
+        return {name: model.megatron_groups(fields) for name, model in self._models.items() if model.is_in_model()}
+
     def get_initializer(self, mode: ModeLike) -> ProcessGroupInitializer:
         """The initializer that says which ranks form ``mode``'s groups."""
         return self._state(mode).initializer

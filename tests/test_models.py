@@ -101,6 +101,19 @@ def test_the_context_answers_in_global_ranks_on_the_fake_backend():
                 ctx.destroy()
 
 
+def test_megatron_groups_by_model_reuse_each_models_communicators():
+    with fake_world(24, 5):
+        ctx = ParallelContext().init_from_config(RLHF)
+        try:
+            collections = ctx.megatron_groups_by_model(("tp", "pp", "mp"))
+            assert set(collections) == {"actor", "rollout"}  # rank 5 is not in the reward model
+            for name, groups in collections.items():
+                assert groups.tp is ctx.model(name).get_group("tensor")
+                assert groups.pp is ctx.model(name).get_group("pipe")
+        finally:
+            ctx.destroy()
+
+
 def test_identical_groups_share_one_communicator_across_models():
     with fake_world(24, 5):
         ctx = ParallelContext().init_from_config(RLHF)
@@ -143,22 +156,32 @@ def test_overlapping_models_need_the_count_agreement():
     assert creation.check_steps(steps, 24, agree=True) is None
 
 
-# ---- real gloo processes ---------------------------------------------------------------------
+# ---- real gloo processes: one world of 12 for every model scenario -----------------------------
 
-GLOO_MODELS = {"models": {"actor": {"parallel": {"tensor": 2, "pipeline": 2}, "ranks": "0-3"},
-                          "rollout": {"parallel": {"tensor": 2}, "ranks": "0-3"},
-                          "reward": {"parallel": {"tensor": 2, "order": "tp-dp-pp"}, "ranks": "4-7"},
-                          "critic": {"parallel": {"pipeline": 2, "modes": ["embedding"]}, "ranks": "2-5"}},
+GLOO_MODELS = {"models": {"actor": {"parallel": {"tensor": 4, "pipeline": 2}, "ranks": "0-7"},
+                          "rollout": {"parallel": {"tensor": 2}, "ranks": "0-7"},            # colocated
+                          "reward": {"parallel": {"tensor": 4}, "ranks": "8-11"},           # disjoint
+                          "critic": {"parallel": {"pipeline": 2, "modes": ["embedding"]}, "ranks": "6-9"}},  # overlapping
                "backend": "gloo", "timeout_s": 60}
+HEADS, KV_HEADS = 8, 2
 
 
-def models_worker(config: Dict[str, Any]) -> Dict[str, Any]:
-    ctx = ParallelContext().init_from_config(config)
-    rank = ctx.get_global_rank()
+def model_ranks(name: str) -> range:
+    first, last = GLOO_MODELS["models"][name]["ranks"].split("-")
+    return range(int(first), int(last) + 1)
+
+
+def models_worker() -> Dict[str, Any]:
+    """Every model's groups all-reduce; outside ranks get the error; the colocated models share a
+    communicator; the actor's release / rebuild; then a weight sync by model name (below)."""
+    from pgroups import gpc
+
+    gpc.init_from_config(GLOO_MODELS)
+    rank = gpc.get_global_rank()
     out: Dict[str, Any] = {"failures": {}, "outside": []}
     try:
-        for name in ctx.model_names:
-            model = ctx.model(name)
+        for name in gpc.model_names:
+            model = gpc.model(name)
             if not model.is_in_model():
                 try:
                     model.get_group("tensor")
@@ -166,35 +189,78 @@ def models_worker(config: Dict[str, Any]) -> Dict[str, Any]:
                     out["outside"].append(str(exc))
                 continue
             out["failures"][name] = sum(f["device_failures"] + f["cpu_failures"] for f in check_groups(model).values())
-        if rank < 4:  # colocated: the identical group is one object
-            out["same_global"] = ctx.model("rollout").get_group("global") is ctx.model("actor").get_group("global")
-            actor_tensor = ctx.model("actor").get_group("tensor")
-            released = ctx.model("actor").release()
-            out["released"] = released
-            # the shared communicator survived the actor's release; the actor's own ones did not
-            out["shared_alive"] = ctx.model("rollout").get_group("global") is not None
-            rebuilt = ctx.model("actor").get_group("tensor")
-            out["rebuilt_new"] = rebuilt is not actor_tensor
-            out["after_rebuild"] = sum(f["device_failures"] for f in check_groups(ctx.model("actor")).values())
+        if rank < 8:  # colocated: the identical group is one object
+            out["same_global"] = gpc.model("rollout").get_group("global") is gpc.model("actor").get_group("global")
+            actor_tensor = gpc.model("actor").get_group("tensor")
+            out["released"] = gpc.model("actor").release()
+            out["shared_alive"] = gpc.model("rollout").get_group("global") is not None
+            out["rebuilt_new"] = gpc.model("actor").get_group("tensor") is not actor_tensor
+            out["after_rebuild"] = sum(f["device_failures"] for f in check_groups(gpc.model("actor")).values())
+        out["sync"] = sync_by_name(gpc, rank)
     finally:
-        ctx.destroy()
+        gpc.destroy()
+    return out
+
+
+def sync_by_name(gpc, rank: int) -> Dict[str, list]:
+    """Sync one layer from the actor (TP4 x PP2) to the colocated rollout (TP2) and to the disjoint
+    reward model (TP4); each destination runs the layer tensor-parallel over its *own* tensor
+    group (partial outputs all-reduced there) and returns the output."""
+    import torch
+
+    from pgroups.reshard import ParallelLayout, cut_shards, empty_shards, execute_plan, plan_share
+    from reshard_compute import canonical, rms, sharded_attention, sharded_mlp
+    from test_reshard_functional import FFN, HEAD_DIM, HIDDEN, one_layer
+
+    model, full, names = one_layer("interleaved", HEADS, KV_HEADS, canonical(5, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN))
+    specs = {t.name: t for t in model.tensors}
+    actor = gpc.model("actor")
+    src = ParallelLayout.create(actor.topology, actor.ranks)
+    x = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for name in ("rollout", "reward"):
+        target = gpc.model(name)
+        dst = ParallelLayout.create(target.topology, target.ranks)
+        mine = empty_shards(dst, model, rank, fill=float("nan"))
+        execute_plan(plan_share(src, dst, model, rank, gpc.get_hostnames()),
+                     cut_shards(src, model, rank, full.__getitem__), mine, timeout_s=60)
+        if not target.is_in_model():
+            continue
+        tensor = target.get_group("tensor")
+        size, position = target.get_world_size("tensor"), target.get_local_rank("tensor")
+        attn = sharded_attention(rms(x, mine["input_norm"]), mine, specs, names, size, position, HEADS, KV_HEADS)
+        dist.all_reduce(attn, group=tensor)
+        h = x + attn
+        mlp = sharded_mlp(rms(h, mine["post_norm"]), mine, names)
+        dist.all_reduce(mlp, group=tensor)
+        out[name] = (h + mlp).tolist()
     return out
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(300)
-def test_models_on_eight_gloo_ranks_build_share_release_and_rebuild():
-    results = run_ranks(8, models_worker, GLOO_MODELS, timeout_s=280)
+@pytest.mark.timeout(480)
+def test_models_on_twelve_gloo_ranks():
+    import torch
+
+    from reshard_compute import canonical, relative_error
+    from test_reshard_functional import FFN, HEAD_DIM, HIDDEN, reference_layer
+
+    results = run_ranks(12, models_worker, timeout_s=460, env={"OMP_NUM_THREADS": "1"})
     for rank, out in enumerate(results):
-        assert all(v == 0 for v in out["failures"].values()), (rank, out)
-        expected_models = {n for n, m in GLOO_MODELS["models"].items()
-                           if rank in range(int(m["ranks"].split("-")[0]), int(m["ranks"].split("-")[1]) + 1)}
-        assert set(out["failures"]) == expected_models, rank
-        assert len(out["outside"]) == 4 - len(expected_models)
+        expected = {name for name in GLOO_MODELS["models"] if rank in model_ranks(name)}
+        assert set(out["failures"]) == expected and all(v == 0 for v in out["failures"].values()), (rank, out)
+        assert len(out["outside"]) == 4 - len(expected)
         assert all("is not in model" in message for message in out["outside"])
-    for out in results[:4]:
+    for out in results[:8]:
         assert out["same_global"] and out["shared_alive"] and out["rebuilt_new"]
         assert "tensor" in out["released"] and out["after_rebuild"] == 0
+    # resharding by model name: each destination computes the unsharded layer with its own groups
+    w = canonical(5, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN)
+    want = reference_layer(torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(2)), w, HEADS, KV_HEADS)
+    for rank, out in enumerate(results):
+        assert set(out["sync"]) == ({"rollout"} if rank < 8 else {"reward"}), rank
+        for got in out["sync"].values():
+            assert relative_error(torch.tensor(got), want) < 1e-5, rank
 
 
 # ---- config and CLI ---------------------------------------------------------------------------------
@@ -228,3 +294,15 @@ def test_cli_show_and_validate_models(tmp_path, capsys):
     assert "models.reward.ranks: rank 20 is outside the world" in capsys.readouterr().err
     assert cli.main(["validate", str(path), "-n", "24"]) == 0
     assert "3 models on world 24" in capsys.readouterr().out
+
+
+def test_reshard_plan_cli_by_model_name(tmp_path, capsys):
+    path = tmp_path / "rlhf.yaml"
+    path.write_text("models:\n  actor: {parallel: {tensor: 4, pipeline: 2}, ranks: 0-15}\n"
+                    "  rollout: {parallel: {tensor: 2}, ranks: 0-15}\n")
+    assert cli.main(["reshard-plan", str(path), "--src", "actor", "--dst", "rollout", "-n", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "src: tensor 4 x pipeline 2 x data 2" in out and "dst: tensor 2 x pipeline 1 x data 8" in out
+    assert cli.main(["reshard-plan", str(path), "--src", "actor", "--dst", "rolout", "-n", "16"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "did you mean 'rollout'" in err

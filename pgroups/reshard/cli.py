@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..errors import ConfigError, allowed
-from .layout import load_layout
+from .layout import load_layout, model_layout
 from .names import conversion_report, load_name_map, sub_block_model
 from .planner import _fmt_bytes, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
@@ -34,8 +34,11 @@ from .spec import ModelSpec, llama_like, load_model_spec
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reshard-plan", help="plan moving a model between two layouts, offline")
-    parser.add_argument("src", help="source layout: a pgroups config, optionally with placement:")
-    parser.add_argument("dst", help="destination layout: a pgroups config, optionally with placement:")
+    parser.add_argument("src", help="source layout: a pgroups config, optionally with placement: "
+                                    "(with --src/--dst: a config with models:)")
+    parser.add_argument("dst", nargs="?", help="destination layout: a pgroups config, optionally with placement:")
+    parser.add_argument("--src", dest="src_model", metavar="MODEL", help="plan from this model of the config's models:")
+    parser.add_argument("--dst", dest="dst_model", metavar="MODEL", help="plan to this model of the config's models:")
     parser.add_argument("--world-size", "-n", type=int, required=True, help="ranks in the whole job")
     parser.add_argument("--model", help="model spec YAML (default: Llama-3-8B shapes, bf16)")
     hosts = parser.add_mutually_exclusive_group()
@@ -115,11 +118,23 @@ def _hosts(args: argparse.Namespace) -> Optional[List[str]]:
     return None
 
 
+def _layouts(args: argparse.Namespace):
+    """(source, destination) layouts: two config files, or two models of one config."""
+    if args.src_model is None and args.dst_model is None:
+        if args.dst is None:
+            raise ConfigError("give a destination layout (SRC.yaml DST.yaml), or two models of one config "
+                              "(CONFIG --src MODEL --dst MODEL)")
+        return load_layout(args.src, args.world_size), load_layout(args.dst, args.world_size)
+    if args.src_model is None or args.dst_model is None or args.dst is not None:
+        raise ConfigError("--src MODEL and --dst MODEL go together, with one config (CONFIG --src actor --dst rollout)")
+    return (model_layout(args.src, args.world_size, args.src_model),
+            model_layout(args.src, args.world_size, args.dst_model))
+
+
 def cmd_reshard_plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be a positive integer, got {args.world_size}")
-    src = load_layout(args.src, args.world_size)
-    dst = load_layout(args.dst, args.world_size)
+    src, dst = _layouts(args)
     model = load_model_spec(args.model) if args.model else llama_like(name="llama-3-8b-shapes")
     model, conversions = _conversions(args, model)
     dtypes = convert.resolve_dst_dtypes(model, _dst_dtypes(args.dst_dtype, model))

@@ -379,6 +379,22 @@ def format_ranks(ranks: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def model_layout(config: Union[str, "os.PathLike[str]", Mapping[str, Any], Config], world_size: int,
+                 model: str) -> ParallelLayout:
+    """The layout of ``model`` in a config with ``models:``: its topology placed on its ranks (what
+    ``ParallelLayout.create(gpc.model(model).topology, gpc.model(model).ranks)`` gives at run time).
+    ConfigError for an unknown model (with a did-you-mean) or a bad placement."""
+    from ..config import load_config
+    from ..models import unknown_model
+
+    cfg = load_config(config)
+    if model not in cfg.models:
+        raise unknown_model(model, cfg.models)
+    where = f"{cfg.source}: " if cfg.source else ""
+    spec = cfg.models[model]
+    return ParallelLayout.create(spec.topology(world_size, cfg.source), spec.placement(world_size, where))
+
+
 def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_size: int,
                 name: Optional[str] = None) -> ParallelLayout:
     """A layout from a pgroups config (path, YAML string or mapping) with optional ``placement:``.
