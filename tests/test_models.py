@@ -306,3 +306,16 @@ def test_reshard_plan_cli_by_model_name(tmp_path, capsys):
     assert cli.main(["reshard-plan", str(path), "--src", "actor", "--dst", "rolout", "-n", "16"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "did you mean 'rollout'" in err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_pgroups_run_checks_every_model(tmp_path, capsys):
+    path = tmp_path / "two.yaml"
+    path.write_text("models:\n  trainer: {parallel: {tensor: 2}, ranks: 0-3}\n"
+                    "  server: {parallel: {tensor: 2}, ranks: 2-5}\nbackend: gloo\n")
+    assert cli.main(["run", str(path), "--nproc", "6", "--timeout", "220"]) == 0
+    out = capsys.readouterr().out
+    for name in ("trainer", "server"):  # each reported by its model's first rank, merged
+        assert f"{name}.tensor " in out and f"{name}.global " in out
+    assert "all groups passed" in out and "FAIL" not in out
