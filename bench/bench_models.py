@@ -22,7 +22,8 @@ from typing import Dict, List, Tuple
 import torch.distributed as dist
 
 from pgroups.config import load_config
-from pgroups.context import ParallelContext, plan_models
+from pgroups.context import ParallelContext
+from pgroups.model_context import plan_models
 from pgroups.initializer import default_registry
 
 

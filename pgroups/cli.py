@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import creation
 from .config import Config, load_config
-from .context import import_plugins, make_initializers, plan_models
+from .context import import_plugins, make_initializers
+from .model_context import plan_models
 from .models import unknown_model
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
 from .initializer import default_registry

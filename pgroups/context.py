@@ -19,11 +19,12 @@ from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_st
                       creation_is_world_collective, resolve_device_backend)
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
+from .handle import GroupHandle
 from .initializer import import_plugins as _import_plugins
 from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupInitializer, check_group_of,
                           check_groups, checked_initializer_call, default_registry, describe_initializer)
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
-from .models import PlacedInitializer, check_models, model_as_config, unknown_model
+from .models import PlacedInitializer, unknown_model
 from .modes import ModeLike, ParallelMode, is_builtin, mode_identity, mode_name
 from .nccl_options import options_by_mode
 from .ranks import format_ranks
@@ -114,6 +115,8 @@ class ParallelContext:
         if cfg.models:  # the job's own modes: the world; each model's layout on its ranks
             topology = Topology.create(world_size)
             initializers = {ParallelMode.GLOBAL.value: self.registry.create(ParallelMode.GLOBAL)}
+            from .model_context import plan_models
+
             model_plans = plan_models(self.registry, cfg, world_size)
         else:
             topology = cfg.topology(world_size)
@@ -140,6 +143,8 @@ class ParallelContext:
                                 creation_is_world_collective(device_backend))
             layouts: Dict[Hashable, ModeState] = {}  # identical groups share a communicator, across models too
             self._register_modes(initializers, layouts)
+            if model_plans:
+                from .model_context import ModelContext
             for name, (ranks, model_topology, model_inits, _) in model_plans.items():
                 self._models[name] = ModelContext(self, name, ranks, model_topology)
                 self._models[name]._register_modes(model_inits, layouts)
@@ -313,6 +318,17 @@ class ParallelContext:
             return state.all_groups
         return all_groups
 
+    def group(self, mode: ModeLike) -> GroupHandle:
+        """One immutable handle on this rank's ``mode`` group: device group, CPU group, ranks,
+        this rank's position, size, device, label (:class:`pgroups.handle.GroupHandle`). Creates
+        what is still lazy, like get_group / get_cpu_group (collective over the group's members)."""
+        state = self._member_state(mode)
+        twins_off = self.config.cpu_groups == "off" and self.backend.cpu_twin_needed
+        return GroupHandle(state.mode, self._device_group(state.mode),
+                           None if twins_off else self._cpu_group(state.mode, lazy=True),
+                           tuple(state.ranks), state.ranks.index(self._rank), self.backend.device_for_tensors(),
+                           self.model_name)
+
     # ---- ranks ------------------------------------------------------------------------------
     def get_global_rank(self) -> int:
         """This process's rank in the world."""
@@ -333,6 +349,12 @@ class ParallelContext:
         """This rank's position in its sorted ``mode`` group."""
         state = self._member_state(mode)
         return state.ranks.index(self._rank)
+
+    def get_group_rank(self, mode: ModeLike) -> int:
+        """This rank's position in its sorted ``mode`` group — torch's name for it
+        (``dist.get_group_rank``); :meth:`get_local_rank` is the InternEvo name, kept as an alias.
+        Not ``LaunchInfo.local_rank``, which is the rank on the node."""
+        return self.get_local_rank(mode)
 
     def get_world_size(self, mode: ModeLike) -> int:
         """The size of this rank's ``mode`` group."""
@@ -582,89 +604,3 @@ def import_plugins(cfg: Config) -> None:
     _import_plugins(cfg.plugins, base, cfg.source)
 
 
-
-def plan_models(registry: InitializerRegistry, cfg: Config, world_size: int) -> Dict[str, Tuple[Any, ...]]:
-    """``{model: (global ranks, topology, placed initializers, nccl options by mode)}`` for every
-    model of ``cfg``, validated before any communication (ConfigError naming the model)."""
-    plans = {}
-    for name, (ranks, topology) in check_models(cfg, world_size).items():
-        model_cfg = model_as_config(cfg, cfg.models[name])
-        try:
-            inits = make_initializers(registry, model_cfg, topology)
-        except ConfigError as exc:
-            raise ConfigError(f"models.{name}: {exc}") from None
-        placed = {mode: PlacedInitializer(init, ranks) for mode, init in inits.items()}
-        plans[name] = (ranks, topology, placed, options_by_mode(model_cfg.nccl_options, inits, mode_identity))
-    return plans
-
-
-class ModelContext(ParallelContext):
-    """One model of a several-model config: its layout on its ranks, queried like the job's
-    context (``gpc.model("rollout").get_group("tensor")``), in global ranks. Shares the job's
-    backend; its ``topology`` numbers the model's ranks 0..n-1. A rank outside the model gets
-    ModeNotInitializedError naming the model and its ranks."""
-
-    def __init__(self, job: ParallelContext, name: str, ranks: Tuple[int, ...], topology: Topology) -> None:
-        super().__init__(job.registry)
-        self.job, self.model_name, self.ranks = job, name, tuple(ranks)
-        self.config, self.topology, self.backend = job.config, topology, job.backend
-        self.launch, self._rank = job.launch, job._rank
-
-    def is_in_model(self) -> bool:
-        """Whether this rank is one of the model's ranks."""
-        return self._rank in self.ranks
-
-    def _takes_part(self) -> bool:
-        return self.is_in_model() or self.backend.strategy != "local"
-
-    def _state(self, mode: ModeLike) -> ModeState:
-        if not self.is_in_model() and self.topology is not None:
-            raise ModeNotInitializedError(
-                f"rank {self._rank} is not in model {self.model_name!r} (ranks {format_ranks(self.ranks, limit=8)}): "
-                f"it has no {mode_name(mode)!r} group of that model")
-        return super()._state(mode)
-
-    def topology_rank(self) -> int:
-        if not self.is_in_model():
-            raise ModeNotInitializedError(f"rank {self._rank} is not in model {self.model_name!r} "
-                                          f"(ranks {format_ranks(self.ranks, limit=8)})")
-        return self.ranks.index(self._rank)
-
-    def to_job_ranks(self, ranks: Sequence[int]) -> List[int]:
-        return [self.ranks[r] for r in ranks]
-
-    def release(self) -> List[str]:
-        """Destroy the communicators only this model uses (a communicator another model or the
-        job shares stays); return the modes released. A later query re-creates a mode at the
-        usual per-rank cost — by its members alone under members-only creation; where creation
-        is collective over the world, every rank calls :meth:`rebuild` first. Collective over
-        nobody: each rank releases its own handles (call it on every rank of the model)."""
-        if not self._takes_part():
-            return []
-        kept = {id(g) for ctx in [self.job, *self.job._models.values()] if ctx is not self
-                for st in ctx._modes.values() for g in (st.group, st.cpu_group) if g is not None}
-        kept.add(id(self.backend.world_group()))
-        released = []
-        for state in self._modes.values():
-            for group in {id(g): g for g in (state.group, state.cpu_group) if g is not None}.values():
-                if id(group) not in kept:
-                    self.backend.destroy_group(group)
-            if state.built or state.cpu_built:
-                released.append(state.mode)
-            state.group = state.cpu_group = None
-            state.built = state.cpu_built = False
-            state.released = True
-        return released
-
-    def rebuild(self) -> None:
-        """Re-create the groups the config builds at init (collective like init: every rank of the
-        world where creation is world-collective, else the model's ranks)."""
-        for state in self._modes.values():
-            state.released = False
-        self._build_eager()
-
-    def destroy(self) -> None:
-        raise RuntimeError(f"model {self.model_name!r} is destroyed with its job: call gpc.destroy()")
-
-    def __repr__(self) -> str:
-        return f"<ModelContext {self.model_name!r} ranks {format_ranks(self.ranks, limit=8)}: {self.topology.describe()}>"

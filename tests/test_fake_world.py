@@ -229,3 +229,23 @@ def test_million_rank_world_n_axis_modes_without_listing_it(no_world_listing):
             assert ctx.get_group("expert_tensor") is ctx.get_group("tensor")  # etp defaults to tensor
         finally:
             ctx.destroy()
+
+
+def test_a_group_handle_answers_the_five_queries_at_once():
+    """ctx.group(mode): the device group, CPU group, sorted ranks, this rank's position, size,
+    device and a label — the same answers as the separate queries."""
+    from pgroups import ParallelContext
+
+    with fake_world(16, 6):
+        ctx = ParallelContext().init_from_config({"parallel": {"tensor": 2, "pipeline": 2}})
+        try:
+            handle = ctx.group("data")
+            assert handle.group is ctx.get_group("data") and handle.cpu_group is ctx.get_cpu_group("data")
+            assert list(handle.ranks) == ctx.get_ranks_in_group("data") == [2, 6, 10, 14]
+            assert handle.rank == ctx.get_group_rank("data") == ctx.get_local_rank("data") == 1
+            assert handle.size == ctx.get_world_size("data") == 4 and str(handle.device) == "cpu"
+            assert handle.label == "mode 'data' (ranks [2, 6, 10, 14])"
+            with pytest.raises(AttributeError):
+                handle.rank = 0  # immutable
+        finally:
+            ctx.destroy()

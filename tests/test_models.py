@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgroups import ConfigError, ModeNotInitializedError, ParallelContext, cli, creation, load_config
-from pgroups.context import plan_models
+from pgroups.model_context import plan_models
 from pgroups.initializer import default_registry
 from pgroups.selfcheck import check_groups
 
