@@ -8,10 +8,12 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from .ranks import ranks_by_host  # noqa: F401 — pure, lives with the rank-list helpers
 
 HOSTNAME_ENV = "PGROUPS_HOSTNAME"
 MAX_HOSTNAME_BYTES = 255
@@ -50,11 +52,3 @@ def gather_hostnames(group: Optional[dist.ProcessGroup] = None,
                     describe or (lambda exc: f"gathering hostnames timed out after {timeout.total_seconds():g}s"),
                     group)
     return [bytes(t[1:1 + int(t[0])].tolist()).decode("utf-8", "replace") for t in (e.cpu() for e in everyone)]
-
-
-def ranks_by_host(hostnames: List[str]) -> Dict[str, List[int]]:
-    """``{host: [ranks]}`` in order of first appearance (pure)."""
-    hosts: Dict[str, List[int]] = {}
-    for rank, host in enumerate(hostnames):
-        hosts.setdefault(host, []).append(rank)
-    return hosts

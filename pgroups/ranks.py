@@ -6,7 +6,7 @@ with the total count.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError
 
@@ -50,3 +50,11 @@ def parse_ranks(value: Any, key: str = "ranks") -> Tuple[int, ...]:
         return tuple(ranks)
     raise ConfigError(f"{key} must be a range string such as '4-7' or '0-3,8-11' or a "
                       f"list of ranks, got {value!r}")
+
+
+def ranks_by_host(hostnames: List[str]) -> Dict[str, List[int]]:
+    """``{host: [ranks]}`` in order of first appearance (pure)."""
+    hosts: Dict[str, List[int]] = {}
+    for rank, host in enumerate(hostnames):
+        hosts.setdefault(host, []).append(rank)
+    return hosts

@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
-from ..hosts import ranks_by_host
+from ..ranks import ranks_by_host
 
 INTRA_NODE = "intra-node"
 INTER_NODE = "inter-node"
