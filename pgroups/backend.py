@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import nccl_options as nccl
+from . import torch_private
 from .errors import ConfigError, GroupTimeoutError, LaunchError
 from .ranks import format_ranks
 
@@ -128,7 +129,7 @@ def creation_is_world_collective(device_backend: str) -> bool:
     """
     if device_backend != "nccl":
         return False
-    return getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None) is not None
+    return torch_private.default_group_bound_device() is not None
 
 
 def check_lazy_creation(groups: str, strategy: str, world_collective: bool) -> None:
@@ -235,8 +236,8 @@ class GroupBackend:
             meeting = list(range(dist.get_world_size())) if strategy != "local" else my_ranks
             if self._meeting is not None and meeting is not None:
                 what = f"the {'cpu' if cpu else 'device'} group of mode {mode!r}"
-                held = self._meeting.meet(f"{step}/{meeting[0]}", what, meeting, dist.get_rank(), groups_held())
-                while groups_held() < held:  # agree with the peers that hold more groups
+                held = self._meeting.meet(f"{step}/{meeting[0]}", what, meeting, dist.get_rank(), torch_private.groups_held())
+                while torch_private.groups_held() < held:  # agree with the peers that hold more groups
                     self._placeholder()
             if strategy == "all":
                 group = self._build_all(backend, my_ranks, all_groups(), mode, cpu)
@@ -338,12 +339,6 @@ class GroupBackend:
                 pass  # already gone with the default group
         self._created.clear()
         self._cache.clear()
-
-
-def groups_held() -> int:
-    """How many process groups this process holds — what torch 2.13 hashes into a members-only
-    or split group's name (``len(_world.pg_names)``, private; checked against torch 2.13)."""
-    return len(dist.distributed_c10d._world.pg_names)
 
 
 class CreationRendezvous:

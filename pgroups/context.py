@@ -14,7 +14,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 import attrs
 import torch.distributed as dist
 
-from . import exports, virtual_pipeline
+from . import exports, torch_private, virtual_pipeline
 from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_strategy,
                       creation_is_world_collective, resolve_device_backend)
 from .config import Config, ConfigLike, load_config
@@ -530,7 +530,7 @@ def creation_store(device_backend: str, init_store: Any, rank: int) -> Any:
         return None
     if init_store is not None:
         return dist.PrefixStore("creation", init_store)
-    store = dist.distributed_c10d._get_default_store()  # private (torch 2.13): started by the user
+    store = torch_private.default_store()  # the user started torch.distributed
     generation = store.add(f"pgroups/contexts/rank{rank}", 1)
     return dist.PrefixStore(f"pgroups/context{generation}/creation", store)
 

@@ -77,3 +77,22 @@ def test_the_pure_core_reaches_no_torch_distributed_and_no_subsystem(name):
 def test_the_checker_sees_an_import_chain():
     """The closure follows chains: the context reaches torch.distributed through the backend."""
     assert "!torch.distributed" in closure("context") and "backend" in closure("context")
+
+
+#: Private torch APIs still used outside pgroups/torch_private.py, each to be moved behind it
+#: (issue 16): the nettest runner's store and abort, ISP's autograd-graph and version checks.
+NOT_YET_BEHIND_THE_COMPAT_MODULE = {"nettest/runner.py", "comm/isp/autograd.py", "comm/isp/runtime.py"}
+
+
+def test_private_torch_apis_live_behind_one_module():
+    private = ("distributed_c10d._", "torch._C._", "._version")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative == "torch_private.py" or relative in NOT_YET_BEHIND_THE_COMPAT_MODULE:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(marker in code for marker in private) and "``" not in code:
+                offenders.append(f"{relative}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
