@@ -316,10 +316,12 @@ def bench_worker(size_mb: int, reps: int, bucket_mb: int) -> Dict[str, Any]:
     for r in (resharder, small_buckets, streaming, quantizing):
         r.release()
     fp8_dst.clear()
+    gpc_hosts = gpc.get_hostnames()
     bandwidth = _bandwidths(gpc, rank, world, 64 * MiB, reps)
     transport = _p2p_vs_broadcast(gpc, rank, 64 * MiB, reps)
     gpc.destroy()
     return {"rows": rows, "same": same, "staging": dict(zip(staging, most_staging.tolist())),
+            "hosts": list(gpc_hosts),
             "bandwidth": bandwidth, "transport": transport,
             "model_bytes": model.nbytes, "tensors": len(model.tensors), "plan_seconds": plan_seconds,
             "steps": plan.num_steps, "lower_bound_max": max(r.lower_bound_bytes for r in plan.receivers),
@@ -367,7 +369,31 @@ def main(argv: List[str] = None) -> int:
     t = r["transport"]
     print(f"transport, 64 MiB, GB/s per receiver: 1->1 p2p {t['1->1 p2p']:.2f} vs broadcast "
           f"{t['1->1 broadcast']:.2f}; 1->3 p2p {t['1->3 p2p']:.2f} vs broadcast {t['1->3 broadcast']:.2f}")
+    _print_simulated(r, args)
     return 0 if r["same"] else 1
+
+
+def _print_simulated(r: Dict[str, Any], args: argparse.Namespace) -> None:
+    """The simulator (:mod:`pgroups.reshard.plan`) on this run's plan, next to the measured times:
+    gloo semantics, one host, every rank's intra-host port at the pairwise send/recv busbw
+    measured in this run (all pairs at once), no latency."""
+    from pgroups.reshard.plan import Network, rank_rounds, simulate
+
+    world = args.nproc
+    plan = plan_reshard(ParallelLayout.create(Topology.create(world, 4, 2), stages="balanced"),
+                        ParallelLayout.create(Topology.create(world, 2, 1)), synthetic_model(args.size_mb), r["hosts"])
+    busbw = r["bandwidth"]["sendrecv"] * 1e9
+    net = Network(ranks_per_host=world, nics_per_host=1, intra_bw=busbw)
+    rows = {"reshard": simulate(rank_rounds(plan, args.bucket_mb * MiB), net, "gloo"),
+            "same messages, bare send/recv (ceiling)": simulate(rank_rounds(plan, 1 << 62), net, "gloo",
+                                                                limit=1 << 30)}
+    print(f"\nsimulated (pgroups.reshard.plan, gloo semantics, one host, intra-host port {busbw / 1e9:.2f} GB/s per "
+          f"rank each way = this run's pairwise busbw, latency 0): lower bound {rows['reshard'].lower_bound_s:.3f} s")
+    print("| method | simulated s | measured s | measured / simulated |")
+    print("|---|---:|---:|---:|")
+    for label, result in rows.items():
+        measured = r["rows"][label]["seconds"]
+        print(f"| {label} | {result.makespan_s:.3f} | {measured:.3f} | {measured / result.makespan_s:.2f} |")
 
 
 if __name__ == "__main__":

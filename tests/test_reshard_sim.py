@@ -65,6 +65,8 @@ def test_two_messages_share_a_nic_only_when_affinity_puts_their_ranks_on_it(sema
         assert result.lower_bound_s == pytest.approx(expected, rel=1e-12)
         if shared:   # one NIC out busy the whole time, at full rate
             assert result.utilisation(("nic_out", 0, 0)) == pytest.approx(1.0)
+        # per host: bytes out through its NICs, bytes in
+        assert result.host_nic_bytes() == {0: (128 * MB, 0), 1: (0, 64 * MB), 2: (0, 64 * MB)}
     # local rank 2 is on NIC 1 of 4 (ranks 0-1 on NIC 0, 2-3 on NIC 1): no sharing
     other = merge(one_message(0, 8, 64 * MB, step=8), one_message(2, 16, 64 * MB, step=18))
     assert simulate(other, Network(nics_per_host=4, nic_bw=10 * GB), semantics).makespan_s == \

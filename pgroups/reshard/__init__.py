@@ -17,6 +17,9 @@
   into the model's layouts (``fuse_shards``); or either conversion inside the transfer
   (``sub_block_model`` / ``sub_block_views``);
 - :mod:`.executor`: batched point-to-point execution with staging, timeouts and checksums;
+- :mod:`.plan`: the schedule without processes — every rank's rounds as the executor posts them, a
+  network model (hosts, NICs with rank affinity, intra-host ports, latency), its lower bound, and a
+  discrete-event simulation of the sync (``simulate``: makespan, NIC utilisation);
 - :mod:`.collectives`: the old import path of :mod:`pgroups.comm` (activation collectives with
   autograd: Ulysses all-to-all, gather / split / reduce-scatter along a dim, async weight all-gather);
 - :mod:`.verl`: the verl pattern — micro-data-parallel batches and inference-shard weight gathers;
