@@ -30,8 +30,10 @@ the slowest rank's time) against the pairwise send/recv busbw measured on the sa
 same run, the way ``pgroups nettest`` measures pairs (its own ``Bench.measure_pair``: bidirectional
 ``batch_isend_irecv`` on the world group, every pair of a round at once — here rank r with
 r xor world/2 —, each operation waited and timed, best repetition's mean; busbw = bytes / time);
-the all_reduce busbw; and the point-to-point vs broadcast measurement behind the executor's
-transport choice.
+the all_reduce busbw; the point-to-point vs broadcast measurement behind the executor's
+transport choice; and the simulator's time (:mod:`pgroups.reshard.plan`) for the same plan and
+for its bare messages, on one host whose ranks' ports run at the pairwise busbw measured here,
+with the measured / simulated factor.
 """
 from __future__ import annotations
 
@@ -385,8 +387,9 @@ def _print_simulated(r: Dict[str, Any], args: argparse.Namespace) -> None:
     busbw = r["bandwidth"]["sendrecv"] * 1e9
     net = Network(ranks_per_host=world, nics_per_host=1, intra_bw=busbw)
     rows = {"reshard": simulate(rank_rounds(plan, args.bucket_mb * MiB), net, "gloo"),
-            "same messages, bare send/recv (ceiling)": simulate(rank_rounds(plan, 1 << 62), net, "gloo",
-                                                                limit=1 << 30)}
+            # bare: every message posted at once, from and into preallocated buffers (no rings)
+            "same messages, bare send/recv (ceiling)": simulate(rank_rounds(plan, 1 << 62), net, "gloo", limit=1 << 40,
+                                                                send_ring=1 << 40, recv_ring=1 << 40)}
     print(f"\nsimulated (pgroups.reshard.plan, gloo semantics, one host, intra-host port {busbw / 1e9:.2f} GB/s per "
           f"rank each way = this run's pairwise busbw, latency 0): lower bound {rows['reshard'].lower_bound_s:.3f} s")
     print("| method | simulated s | measured s | measured / simulated |")

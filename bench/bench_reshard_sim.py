@@ -19,7 +19,9 @@ has O(world x layers) transfers). The bound and the makespan are both reported f
 actually simulated. Network: ``--ranks-per-host`` ranks (8) per host, ``--nics`` NICs per host
 of ``--nic-gbit`` Gb/s each way, rank-to-NIC affinity in contiguous blocks, intra-host ports of
 ``--intra-gbs`` GB/s per rank each way, ``--latency-us`` per message; 64 MiB buckets, atomic
-staging, the executor's in-flight limit and rings. Columns: makespan and lower bound (the busiest
+staging, the executor's in-flight limit and rings (``--all-at-once``: a what-if with every
+operation posted at once — no limit, unbounded rings; under ``gloo`` semantics every message then
+moves as soon as both ends are posted, i.e. at once). Columns: makespan and lower bound (the busiest
 NIC port's bytes / its bandwidth, or the intra-host one's), their ratio, how many of the NICs that
 could carry bytes did (out / in), the busiest NIC's utilisation and the mean over NICs that
 carried bytes, per-host NIC bytes max/mean (out, in), point-to-point messages, and the seconds
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--intra-gbs", type=float, default=450.0)
     parser.add_argument("--latency-us", type=float, default=5.0)
     parser.add_argument("--bucket-mb", type=int, default=64)
+    parser.add_argument("--all-at-once", action="store_true",
+                        help="what-if: every operation posted at once (no in-flight limit, unbounded rings)")
     args = parser.parse_args()
     network = Network(ranks_per_host=args.ranks_per_host, nics_per_host=args.nics, nic_bw=args.nic_gbit / 8 * 1e9,
                       intra_bw=args.intra_gbs * 1e9, latency_s=args.latency_us * 1e-6)
@@ -122,8 +126,10 @@ def main() -> None:
             plan_s = time.perf_counter() - started
             for semantics in args.semantics:
                 started = time.perf_counter()
-                result = simulate(schedule, network, semantics)
-                print(row(name, world, result, network, plan_s, time.perf_counter() - started), flush=True)
+                unbounded = dict(limit=1 << 40, send_ring=1 << 40, recv_ring=1 << 40) if args.all_at_once else {}
+                result = simulate(schedule, network, semantics, **unbounded)
+                label = f"{name} (all at once)" if args.all_at_once else name
+                print(row(label, world, result, network, plan_s, time.perf_counter() - started), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
