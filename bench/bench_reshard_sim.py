@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgroups.reshard import ModelSpec, ParallelLayout, llama_like, plan_reshard  # noqa: E402
 from pgroups.reshard.plan import Network, SimResult, rank_rounds, simulate  # noqa: E402
+from pgroups.reshard.plan.network import max_over_mean  # noqa: E402
 from pgroups.topology import Topology  # noqa: E402
 
 MiB = 1 << 20
@@ -80,13 +81,11 @@ def row(name: str, world: int, result: SimResult, network: Network, plan_s: floa
     used_out = sum(1 for p in util if p[0] == "nic_out")
     used_in = len(util) - used_out
     per_host = result.host_nic_bytes()
-    outs = [b[0] for b in per_host.values() if b[0]] or [0]
-    ins = [b[1] for b in per_host.values() if b[1]] or [0]
     nics = hosts * network.nics_per_host
     return (f"| {name} | {world} | {result.semantics} | {result.makespan_s:.3f} | {result.bound.nic_s:.3f} "
             f"| {result.bound.intra_s:.3f} | {result.ratio:.2f} | {used_out}/{nics} out, {used_in}/{nics} in "
             f"| {max(util.values(), default=0):.2f} / {statistics.mean(util.values()) if util else 0:.2f} "
-            f"| {max(outs) / statistics.mean(outs):.2f}, {max(ins) / statistics.mean(ins):.2f} "
+            f"| {max_over_mean(b[0] for b in per_host.values()):.2f}, {max_over_mean(b[1] for b in per_host.values()):.2f} "
             f"| {result.messages:,} | {plan_s:.0f} + {sim_s:.0f} |")
 
 

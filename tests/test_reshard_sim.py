@@ -5,11 +5,14 @@ schedule it runs is the executor's own (every rank's rounds equal its Resharder'
 real plans and networks no simulated sync beats the lower bound, and a single transfer meets it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgroups.cli import main
 from pgroups.errors import ConfigError
 from pgroups.reshard import Resharder, plan_reshard
 from pgroups.reshard.plan import Network, SimChunk, lower_bound, rank_rounds, simulate
@@ -184,3 +187,32 @@ def test_a_single_transfer_meets_the_lower_bound(src, dst, nbytes, nics, nic_bw,
     expected = nbytes / (nic_bw if src // 8 != dst // 8 else intra_bw)
     assert result.lower_bound_s == pytest.approx(expected, rel=1e-12)
     assert result.makespan_s == pytest.approx(expected, rel=1e-9)
+
+
+# ---- bytes between hosts in `pgroups reshard-plan` -------------------------------------------------------
+@pytest.mark.parametrize("per_host", [2, 4])
+def test_reshard_plan_reports_bytes_between_hosts(capsys, per_host):
+    args = ["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+            "--world-size", "16", "--ranks-per-host", str(per_host), "--model", "config_examples/reshard_model.yaml"]
+    assert main(args + ["--json", "--transfers"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # re-derived from the transfer list: rank r is on host r // per_host
+    out, inc = {}, {}
+    for t in data["transfers"]:
+        a, b = t["src"] // per_host, t["dst"] // per_host
+        if a != b:
+            out[f"host{a}"] = out.get(f"host{a}", 0) + t["bytes"]
+            inc[f"host{b}"] = inc.get(f"host{b}", 0) + t["bytes"]
+    traffic = data["host_bytes"]
+    assert out and inc, "this layout pair moves bytes between hosts"
+    assert {h: v[0] for h, v in traffic["hosts"].items() if v[0]} == out
+    assert {h: v[1] for h, v in traffic["hosts"].items() if v[1]} == inc
+    assert traffic["out_max_over_mean"] == pytest.approx(max(out.values()) / (sum(out.values()) / len(out)))
+    assert traffic["in_max_over_mean"] == pytest.approx(max(inc.values()) / (sum(inc.values()) / len(inc)))
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert (f"per host out max/mean {traffic['out_max_over_mean']:.2f}, in max/mean "
+            f"{traffic['in_max_over_mean']:.2f}") in text
+    # hosts unknown: no such report
+    assert main(args[:5] + args[7:] + ["--json"]) == 0
+    assert "host_bytes" not in json.loads(capsys.readouterr().out)

@@ -7,7 +7,8 @@ as torchrun places them) or ``--hostfile FILE`` (one host name per rank, in rank
 ``--rank R`` reports only rank R's share (what it sends, receives, copies; fast at any world
 size, as each rank computes it at run time). The plan hash is the one every rank agrees on.
 The report lists routed experts (each side's expert mesh, the experts each rank owns), vocabulary
-padding, dtypes, bytes per rank against the lower bound, and steps. ``--dst-dtype D`` converts
+padding, dtypes, bytes per rank against the lower bound, steps, and with hosts known the bytes each
+host sends to and receives from other hosts (max/mean over hosts). ``--dst-dtype D`` converts
 every floating tensor at the sender (``fp8``: tensors of >= 2 dims, with float32 scales) and
 adds the bytes on the wire in the destination dtypes. ``--src-names MAP`` says the source shards
 are separate tensors under a name map (``llama`` or a YAML), ``--dst-names MAP`` that the
@@ -20,14 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError, allowed
 from .layout import load_layout, model_layout
 from .names import conversion_report, load_name_map, sub_block_model
-from .planner import _fmt_bytes, describe_plan, describe_share, plan_reshard, plan_share
+from .plan.network import host_bytes, max_over_mean
+from .planner import Plan, _fmt_bytes, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
 from .spec import ModelSpec, llama_like, load_model_spec
 
@@ -147,9 +149,13 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
         else:
             print("\n".join([describe_share(share, dtypes), *_describe_conversions(conversions)]))
         return 0 if share.report is None or share.report.ratio == 1.0 else 1
-    plan = plan_reshard(src, dst, model, _hosts(args))
+    hosts = _hosts(args)
+    plan = plan_reshard(src, dst, model, hosts)
+    traffic = _host_traffic(plan, hosts)
     if args.json:
         result = {"world_size": args.world_size, **plan.summary(dtypes), "names": conversions}
+        if traffic is not None:
+            result["host_bytes"] = traffic
         if args.transfers:
             result["transfers"] = [
                 {"tensor": t.tensor, "src": t.src, "dst": t.dst, "step": t.step, "bytes": t.nbytes,
@@ -157,5 +163,21 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
                  "dst_local": [list(b) for b in t.dst_box]} for t in plan.transfers]
         print(json.dumps(result))
     else:
-        print("\n".join([describe_plan(plan, dst_dtypes=dtypes), *_describe_conversions(conversions)]))
+        lines = [describe_plan(plan, dst_dtypes=dtypes), *_describe_conversions(conversions)]
+        if traffic is not None:
+            lines.append(f"bytes between hosts (source dtypes): {len(traffic['hosts'])} hosts; per host out max/mean "
+                         f"{traffic['out_max_over_mean']:.2f}, in max/mean {traffic['in_max_over_mean']:.2f} "
+                         "(over the hosts that send / receive any)")
+        print("\n".join(lines))
     return 0 if plan.max_ratio == 1.0 else 1
+
+
+def _host_traffic(plan: Plan, hosts: Optional[List[str]]) -> Optional[Dict[str, Any]]:
+    """Per host, the network bytes its ranks send to / receive from other hosts, and max/mean of
+    each over the hosts with any (None when hosts are unknown)."""
+    if hosts is None:
+        return None
+    per_host = host_bytes(((t.src, t.dst, t.nbytes) for t in plan.transfers if not t.is_local), hosts)
+    return {"hosts": {h: list(v) for h, v in sorted(per_host.items())},
+            "out_max_over_mean": max_over_mean(v[0] for v in per_host.values()),
+            "in_max_over_mean": max_over_mean(v[1] for v in per_host.values())}

@@ -26,7 +26,7 @@ message alone takes exactly ``latency_s + nbytes / (smallest capacity on its pat
 """
 from __future__ import annotations
 
-from typing import Dict, Hashable, Iterable, Optional, Tuple
+from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import attrs
 
@@ -115,3 +115,22 @@ def lower_bound(network: Network, messages: Iterable[Tuple[int, int, int]]) -> B
     nic = max((b / network.capacity(p) for p, b in port_bytes.items() if p[0] in NIC_PORTS), default=0.0)
     intra = max((b / network.capacity(p) for p, b in port_bytes.items() if p[0] not in NIC_PORTS), default=0.0)
     return Bound(nic, intra, port_bytes)
+
+
+def host_bytes(messages: Iterable[Tuple[int, int, int]], hosts: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """``{host: (bytes its ranks send to other hosts, bytes they receive from other hosts)}`` of
+    ``messages`` — ``(src, dst, nbytes)`` —, ``hosts[r]`` naming rank r's host; hosts that neither
+    send nor receive between hosts are left out."""
+    out: Dict[str, List[int]] = {}
+    for src, dst, nbytes in messages:
+        a, b = hosts[src], hosts[dst]
+        if a != b:
+            out.setdefault(a, [0, 0])[0] += nbytes
+            out.setdefault(b, [0, 0])[1] += nbytes
+    return {h: (v[0], v[1]) for h, v in out.items()}
+
+
+def max_over_mean(values: Iterable[int]) -> float:
+    """max / mean of the non-zero ``values`` (1.0 when there are none)."""
+    nonzero = [v for v in values if v]
+    return max(nonzero) * len(nonzero) / sum(nonzero) if nonzero else 1.0
