@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import attrs
 
-from .launch import free_port
 
 #: grace period for peers after one rank failed (they are usually stuck in a collective)
 FAILURE_GRACE_S = 5.0
@@ -73,15 +72,17 @@ def _limit_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Callable[..., Any],
+def _child(rank: int, nproc: int, port_box: Any, env: Mapping[str, str], target: Callable[..., Any],
            args: Sequence[Any], results: "mp.Queue", parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     os.environ.update(env)
     _limit_threads()
     try:
+        if "MASTER_PORT" not in env:  # rank 0 keeps its store server alive through the target
+            server = _rendezvous_port(rank, port_box, parent_pid)  # noqa: F841
         value = target(*args)
         results.put((rank, value, None, None))
     except BaseException as exc:  # reported to the parent, which decides the exit code
@@ -90,6 +91,35 @@ def _child(rank: int, nproc: int, port: int, env: Mapping[str, str], target: Cal
             message += "\n" + traceback.format_exc()
         results.put((rank, None, message, type(exc).__name__))
         raise SystemExit(1)
+
+
+#: How long ranks other than 0 wait for rank 0 to publish the store's port.
+PORT_WAIT_S = 120.0
+
+
+def _rendezvous_port(rank: int, port_box: Any, parent_pid: int) -> Any:
+    """Set MASTER_PORT without a pick-then-bind race: rank 0 binds port 0 for the rendezvous
+    store (a multi-tenant TCPStore server, which the job's own ``create_store`` on rank 0 then
+    shares) and publishes the port the kernel gave it; the others wait for it. Returns rank 0's
+    server (keep it alive), None elsewhere. Raises TimeoutError if rank 0 never publishes."""
+    if rank == 0:
+        import datetime
+
+        import torch.distributed as dist
+
+        server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=PORT_WAIT_S),
+                               multi_tenant=True, wait_for_workers=False)
+        port_box.value = server.port
+        os.environ["MASTER_PORT"] = str(server.port)
+        return server
+    deadline = time.monotonic() + PORT_WAIT_S
+    while port_box.value == 0:
+        if time.monotonic() > deadline or os.getppid() != parent_pid:
+            raise TimeoutError(f"rank {rank}: rank 0 did not publish the rendezvous store's port "
+                               f"within {PORT_WAIT_S:g}s")
+        time.sleep(0.01)
+    os.environ["MASTER_PORT"] = str(port_box.value)
+    return None
 
 
 def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
@@ -107,7 +137,7 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     ctx = mp.get_context("spawn")
     results: "mp.Queue" = ctx.Queue()
-    port = free_port()
+    port_box = ctx.Value("i", 0)  # rank 0 publishes the port its store bound (no pick-then-bind race)
     procs: List[Any] = []
     try:
         for rank in range(nproc):
@@ -115,7 +145,7 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
             if env_per_rank is not None:
                 child_env.update(env_per_rank(rank))
             proc = ctx.Process(target=_child, daemon=False,
-                               args=(rank, nproc, port, child_env, target, tuple(args), results, os.getpid()))
+                               args=(rank, nproc, port_box, child_env, target, tuple(args), results, os.getpid()))
             proc.start()
             procs.append(proc)
         return _collect(procs, results, nproc, timeout_s, failure_grace_s)
