@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from pgroups.nettest import metrics
-from pgroups.nettest.runner import launch, make_buffers
+from pgroups.nettest.bench import launch, make_buffers
 from pgroups.spawn import run_local
 
 

@@ -196,7 +196,8 @@ def _bandwidths(gpc, rank: int, world: int, nbytes: int, reps: int) -> Dict[str,
     pair round (rank r with r xor world/2, all pairs at once): median and slowest pair."""
     from pgroups.nettest import diagnosis, metrics
     from pgroups.nettest.faults import ActiveFaults
-    from pgroups.nettest.runner import Bench, Coordinator
+    from pgroups.nettest.bench import Bench
+    from pgroups.nettest.control import Coordinator
 
     data = torch.ones(nbytes // 4, dtype=torch.float32)
     ar = statistics.median(_timed(lambda: dist.all_reduce(data)) for _ in range(reps))

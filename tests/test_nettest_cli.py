@@ -197,7 +197,7 @@ def test_a_rank_that_never_starts_gives_exit_3_naming_it_and_its_host(tmp_path, 
 def test_store_keys_are_per_run_and_deleted_at_the_end():
     import torch.distributed as dist
 
-    from pgroups.nettest.runner import Coordinator
+    from pgroups.nettest.control import Coordinator
 
     store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=__import__("datetime").timedelta(seconds=10))
     before = store.num_keys()

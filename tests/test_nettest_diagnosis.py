@@ -231,8 +231,23 @@ def test_a_slow_host_slows_only_traffic_that_leaves_it_and_a_slow_rank_everythin
     assert slept == [0.007, 0.003, 0.003]
 
 
+def test_a_fault_given_as_a_rate_sleeps_the_message_bytes_over_the_rate(monkeypatch):
+    # the emulation of a shaped link: 2 MiB at 0.001 GB/s is 2.097152 s; small messages stay fast
+    slept = []
+    monkeypatch.setattr("pgroups.nettest.faults.time.sleep", slept.append)
+    host = ActiveFaults.for_rank(parse_faults("slow:host=n2,gbps=0.001"), 5, "n2")
+    host.inside_timed_region(crosses_hosts=False, size_bytes=2 * 2**20)   # inside its host: not slowed
+    host.inside_timed_region(crosses_hosts=True, size_bytes=2 * 2**20)
+    host.inside_timed_region(crosses_hosts=True, size_bytes=8)
+    rank = ActiveFaults.for_rank(parse_faults("slow:rank=5,gbps=0.5"), 5, "n2")
+    rank.inside_timed_region(crosses_hosts=False, size_bytes=10**9)
+    assert slept == pytest.approx([2 * 2**20 / 1e6, 8 / 1e6, 2.0])
+
+
 @pytest.mark.parametrize("spec, message", [("melt:rank=1", "unknown fault 'melt'"),
                                            ("slow:rank=x", "rank and after must be integers"),
+                                           ("slow:host=a,gbps=0", "gbps must be above 0"),
+                                           ("slow:host=a,gbps=fast", "sleep_ms and gbps numbers"),
                                            ("slow:sleep_ms=5", "name exactly one of rank=R or host=H"),
                                            ("slow:rank=1,host=a", "name exactly one"),
                                            ("slow:rank=1,speed=2", "bad option 'speed=2'")])

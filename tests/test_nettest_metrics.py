@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pgroups.nettest import metrics
-from pgroups.nettest.runner import count_wrong, corrupt_tensor, make_buffers
+from pgroups.nettest.bench import count_wrong, corrupt_tensor, make_buffers
 
 
 # ---- bus bandwidth factors (nccl-tests PERFORMANCE.md) -------------------------------------

@@ -11,6 +11,10 @@ Set ``PGROUPS_NETTEST_FAULT`` (never in production) to one or more ``;``-separat
                                 the timed region of every operation that crosses hosts (its
                                 group or pair holds ranks of another host); traffic between
                                 node7's own ranks is not slowed, as with a slow NIC or link
+    slow:host=node7,gbps=0.001  the same, but the sleep is the operation's bytes / 0.001 GB/s
+                                (2 MiB: 2.1 s), as on a link shaped to that rate: small
+                                messages stay fast, large ones take seconds (gbps also works
+                                with rank=R)
     never-start:host=node7      every rank of node7 exits before joining the default group:
                                 torchrun started there, its ranks died before the test began
 
@@ -43,6 +47,7 @@ class Fault:
     host: Optional[str] = None
     sleep_ms: float = DEFAULT_SLEEP_MS
     after: int = 0
+    gbps: Optional[float] = None     # slow: sleep bytes / gbps instead of sleep_ms
 
     def applies_to(self, rank: int, host: str) -> bool:
         return self.rank == rank or (self.host is not None and self.host == host)
@@ -70,8 +75,9 @@ def _parse_one(part: str) -> Fault:
             continue
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or key not in ("rank", "host", "sleep_ms", "after"):
-            raise ValueError(f"{where}: bad option {item.strip()!r}; allowed: rank=R, host=H, sleep_ms=MS, after=N")
+        if not sep or key not in ("rank", "host", "sleep_ms", "after", "gbps"):
+            raise ValueError(f"{where}: bad option {item.strip()!r}; allowed: rank=R, host=H, sleep_ms=MS, "
+                             f"after=N, gbps=G")
         values[key] = value
     if ("rank" in values) == ("host" in values):
         raise ValueError(f"{where}: name exactly one of rank=R or host=H")
@@ -79,11 +85,14 @@ def _parse_one(part: str) -> Fault:
         rank = int(values["rank"]) if "rank" in values else None
         sleep_ms = float(values.get("sleep_ms", DEFAULT_SLEEP_MS))
         after = int(values.get("after", 0))
+        gbps = float(values["gbps"]) if "gbps" in values else None
     except ValueError:
-        raise ValueError(f"{where}: rank and after must be integers and sleep_ms a number") from None
+        raise ValueError(f"{where}: rank and after must be integers, sleep_ms and gbps numbers") from None
     if rank is not None and rank < 0 or sleep_ms < 0 or after < 0:
         raise ValueError(f"{where}: rank, after and sleep_ms must not be negative")
-    return Fault(kind, rank, values.get("host"), sleep_ms, after)
+    if gbps is not None and not gbps > 0:
+        raise ValueError(f"{where}: gbps must be above 0")
+    return Fault(kind, rank, values.get("host"), sleep_ms, after, gbps)
 
 
 @attrs.define
@@ -92,6 +101,8 @@ class ActiveFaults:
 
     sleep_s: float = 0.0             # every timed operation (a slow rank)
     host_sleep_s: float = 0.0        # timed operations that cross hosts (a slow host's network)
+    seconds_per_byte: float = 0.0    # every timed operation, per byte (a slow rank at a rate)
+    host_seconds_per_byte: float = 0.0  # crossing timed operations, per byte (a slow link at a rate)
     corrupt: bool = False
     absent: bool = False
     die_after: Optional[int] = None   # timed operations before the rank dies (None: never)
@@ -102,22 +113,28 @@ class ActiveFaults:
     def for_rank(cls, faults: Sequence[Fault], rank: int, host: str) -> "ActiveFaults":
         mine = [f for f in faults if f.applies_to(rank, host)]
         dies = [f.after for f in mine if f.kind == "die"]
-        slow = [f for f in mine if f.kind == "slow"]
+        slow = [f for f in mine if f.kind == "slow" and f.gbps is None]
+        rated = [f for f in mine if f.kind == "slow" and f.gbps is not None]
         return cls(sleep_s=sum(f.sleep_ms for f in slow if f.rank is not None) / 1000.0,
                    host_sleep_s=sum(f.sleep_ms for f in slow if f.rank is None) / 1000.0,
+                   seconds_per_byte=sum(1 / (f.gbps * 1e9) for f in rated if f.rank is not None),
+                   host_seconds_per_byte=sum(1 / (f.gbps * 1e9) for f in rated if f.rank is None),
                    corrupt=any(f.kind == "corrupt" for f in mine),
                    absent=any(f.kind == "absent" for f in mine),
                    die_after=min(dies) if dies else None,
                    never_starts=any(f.kind == "never-start" for f in mine))
 
-    def inside_timed_region(self, crosses_hosts: bool = True) -> None:
+    def inside_timed_region(self, crosses_hosts: bool = True, size_bytes: int = 0) -> None:
         """Called before every timed operation: the injected slowness, or death.
-        ``crosses_hosts``: the operation's group or pair holds ranks of another host."""
+        ``crosses_hosts``: the operation's group or pair holds ranks of another host;
+        ``size_bytes``: its message size (for the faults given as a rate)."""
         if self.die_after is not None:
             if self.operations >= self.die_after:
                 os._exit(DIE_EXIT_CODE)
             self.operations += 1
-        pause = self.sleep_s + (self.host_sleep_s if crosses_hosts else 0.0)
+        pause = self.sleep_s + size_bytes * self.seconds_per_byte
+        if crosses_hosts:
+            pause += self.host_sleep_s + size_bytes * self.host_seconds_per_byte
         if pause:
             time.sleep(pause)
 

@@ -1,0 +1,338 @@
+"""The control plane of ``pgroups nettest``: the rendezvous store of the default group (no
+collective at all). Ranks post their figures and where they are, wait for each other between
+steps, and raise the *abort* flag when a group hangs — every other rank sees it within a second
+and stops. A rank that stops making progress while idle (no heartbeat for ``--timeout``) is
+named too. Every store call is bounded (:class:`_GuardedStore`): a store whose host vanished is
+reported as gone, never waited for.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch.distributed as dist
+
+from ..errors import GroupTimeoutError
+
+STORE_PREFIX = "pgroups-nettest/"
+BEAT_INTERVAL_S = 1.0
+POLL_MAX_S = 0.05
+CHECK_INTERVAL_S = 0.5
+ALIVE_WINDOW_S = 2.5   # after an abort: how long the rank that raised it watches who still answers
+LEAVE_WAIT_S = 2.0     # ... and how long the store's host waits for the other hosts' ranks to leave
+STORE_CALL_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone
+GONE_POLL_S = 0.2           # how often a waiting store call looks whether another found the store gone
+
+
+class NettestTimeoutError(GroupTimeoutError):
+    """A group under test (or a rank between steps) did not answer within ``--timeout``.
+
+    ``report`` is the JSON-able hang report (group id, ranks, hosts, what, who never entered).
+    """
+
+    def __init__(self, message: str, report: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
+
+
+
+class StoreGoneError(NettestTimeoutError):
+    """The rendezvous store stopped answering: its host (or the process that held it) is gone."""
+
+
+def store_address() -> str:
+    """``HOST:PORT`` of the rendezvous store, as the launcher gave it (``?`` if unknown)."""
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+class _StoreHealth:
+    """Shared by every guarded view of one store: set once a call finds the store gone, after
+    which every call (on any thread) fails at once instead of waiting its own deadline."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.cause = ""
+
+    def mark_gone(self, cause: str) -> None:
+        if not self.gone.is_set():
+            self.cause = cause
+            self.gone.set()
+
+
+class _GuardedStore:
+    """The run's store. Every call runs on one daemon thread and is given STORE_CALL_TIMEOUT_S:
+    a store whose host vanished silently never answers (no reset, the TCP call would block for
+    minutes), so a call that does not return in time — or that fails — raises StoreGoneError
+    (one line, never a traceback) and marks the store gone for every other call (``health``,
+    shared by the views of one store): the liveness thread, which calls it every second, finds
+    out within STORE_CALL_TIMEOUT_S of the store's death whatever the main thread is doing. A
+    call left hanging keeps the thread; later calls fail at once, which is right: the store is
+    gone."""
+
+    def __init__(self, store: dist.Store, call_timeout_s: float, health: Optional[_StoreHealth] = None) -> None:
+        self._store = store
+        self._timeout_s = call_timeout_s
+        self.health = health or _StoreHealth()
+        self._calls: "queue.Queue[Tuple[Callable[[], Any], Dict[str, Any], threading.Event]]" = queue.Queue()
+        threading.Thread(target=self._serve, name="pgroups-nettest-store", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            call, box, done = self._calls.get()
+            try:
+                box["value"] = call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
+
+    def check_gone(self) -> None:
+        """Raise StoreGoneError if some call found the store gone."""
+        if self.health.gone.is_set():
+            raise store_gone(self.health.cause)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._store, name)
+
+        def guarded(*args: Any) -> Any:
+            self.check_gone()
+            box: Dict[str, Any] = {}
+            done = threading.Event()
+            self._calls.put((lambda: method(*args), box, done))
+            deadline = time.monotonic() + self._timeout_s
+            while not done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
+                self.check_gone()
+                if time.monotonic() >= deadline:
+                    self.health.mark_gone(f"no answer for {self._timeout_s:g}s")
+                    self.check_gone()
+            error = box.get("error")
+            if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
+                self.health.mark_gone(first_words(str(error)) or type(error).__name__)
+                self.check_gone()
+            if error is not None:
+                raise error
+            return box.get("value")
+        return guarded
+
+
+def store_gone(cause: str) -> "StoreGoneError":
+    message = f"the rendezvous store at {store_address()} is gone ({cause})"
+    return StoreGoneError(message, {"message": message, "kind": "store-gone", "store": store_address()})
+
+
+class Coordinator:
+    """Barriers, figure exchange, plans, heartbeats and the abort flag, through the store.
+
+    Keys live under ``pgroups-nettest/run<N>/`` (N counts the runs on this store, so a second
+    run never reads the first one's keys) and are deleted when the run ends (:meth:`close`);
+    only the run counter stays.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
+                 hostnames: Sequence[str]) -> None:
+        call_timeout = STORE_CALL_TIMEOUT_S
+        root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store), call_timeout)
+        self.run_id = (int(root.add("runs", 1)) - 1) // world_size
+        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store), call_timeout,
+                                   root.health)
+        self.rank, self.world_size = rank, world_size
+        self.timeout_s = timeout_s
+        self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
+        self.hostnames = list(hostnames)
+        self._last_beat = 0.0
+        self._steps: List[str] = []
+        self._plans: List[str] = []
+
+    @classmethod
+    def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
+        store = dist.distributed_c10d._get_default_store()
+        return cls(store, dist.get_rank(), dist.get_world_size(), timeout_s, hostnames)
+
+    def host(self, rank: int) -> str:
+        return self.hostnames[rank] if rank < len(self.hostnames) else "?"
+
+    # where each rank is, for hang reports
+    def position(self, where: str) -> None:
+        self.store.set(f"pos/{self.rank}", where)
+
+    def positions(self, ranks: Sequence[int]) -> Dict[int, str]:
+        found = {}
+        for rank in ranks:
+            key = f"pos/{rank}"
+            found[rank] = self.store.get(key).decode() if self.store.check([key]) else "start-up"
+        return found
+
+    def beat(self) -> None:
+        """Heartbeat (at most once a second; cheap to call often) and abort check. Rank 0 calls
+        it while it thinks, so that the waiting ranks do not take its silence for a hang."""
+        now = time.monotonic()
+        if now - self._last_beat >= BEAT_INTERVAL_S:
+            self._last_beat = now
+            self.store.add("beat", 1)
+            self.check_abort()
+
+    def check_abort(self) -> None:
+        if self.store.check(["abort"]):
+            report = json.loads(self.store.get("abort").decode())
+            raise NettestTimeoutError(report.get("message", "another rank aborted the test"), report)
+
+    def abort(self, report: Dict[str, Any]) -> bool:
+        """Raise the abort flag with ``report``; True if this rank was the first to raise it."""
+        payload = json.dumps(report)
+        current = self.store.compare_set("abort", "", payload)
+        return (current.decode() if isinstance(current, bytes) else current) == payload
+
+    def exchange(self, step: str, payload: Any) -> Optional[List[Any]]:
+        """Post ``payload`` for ``step`` and wait for every rank; rank 0 gets every payload."""
+        self._steps.append(step)
+        self.store.set(f"{step}/data/{self.rank}", json.dumps(payload))
+        self.store.add(f"{step}/arrived", 1)
+        self._wait(lambda: int(self.store.add(f"{step}/arrived", 0)) >= self.world_size,
+                   lambda: f"{step}/arrived", step,
+                   lambda: [r for r in range(self.world_size) if not self.store.check([f"{step}/data/{r}"])])
+        if self.rank != 0:
+            return None
+        keys = [f"{step}/data/{r}" for r in range(self.world_size)]
+        values = self.store.multi_get(keys)
+        return [json.loads(v.decode() if isinstance(v, bytes) else v) for v in values]
+
+    def publish(self, key: str, value: Any) -> None:
+        self._plans.append(key)
+        self.store.set(f"plan/{key}", json.dumps(value))
+
+    def fetch(self, key: str) -> Any:
+        self._wait(lambda: self.store.check([f"plan/{key}"]), None, f"the plan {key!r} from rank 0", lambda: [0])
+        return json.loads(self.store.get(f"plan/{key}").decode())
+
+    def close(self) -> None:
+        """The run is over on every rank: each deletes its own keys, rank 0 the shared ones
+        once everyone has left (bounded wait)."""
+        self.stop_liveness()
+        for step in self._steps:
+            self.store.delete_key(f"{step}/data/{self.rank}")
+        for key in (f"pos/{self.rank}", f"alive/{self.rank}"):
+            self.store.delete_key(key)
+        self.store.add("left", 1)
+        if self.rank != 0:
+            return
+        deadline = time.monotonic() + self.stall_s
+        while int(self.store.add("left", 0)) < self.world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for key in ([f"{s}/arrived" for s in self._steps] + [f"plan/{k}" for k in self._plans]
+                    + ["beat", "abort", "left"]):
+            self.store.delete_key(key)
+
+    # -- the end of an aborted run ----------------------------------------------------------
+    def start_liveness(self) -> None:
+        """A daemon thread that counts ``alive/<rank>`` up every second, whatever the main
+        thread does (waiting inside an operation, thinking): after an abort, the ranks whose
+        counter stopped are the ones that stopped answering."""
+        self._alive_stop = threading.Event()
+
+        def beat_forever() -> None:
+            while not self._alive_stop.is_set():
+                try:
+                    self.store.add(f"alive/{self.rank}", 1)
+                except StoreGoneError:
+                    return
+                self._alive_stop.wait(BEAT_INTERVAL_S)
+
+        threading.Thread(target=beat_forever, name="pgroups-nettest-alive", daemon=True).start()
+
+    def stop_liveness(self) -> None:
+        stop = getattr(self, "_alive_stop", None)
+        if stop is not None:
+            stop.set()
+
+    def silent_ranks(self, window_s: float) -> List[int]:
+        """The ranks whose liveness counter did not move during ``window_s`` seconds."""
+        keys = [f"alive/{r}" for r in range(self.world_size)]
+        first = [int(self.store.add(k, 0)) for k in keys]
+        time.sleep(window_s)
+        return [r for r, k in enumerate(keys) if int(self.store.add(k, 0)) == first[r]]
+
+    def conclude_abort(self, report: Dict[str, Any]) -> Dict[str, Any]:
+        """Every surviving rank calls this after an abort. The rank that raised the flag asks
+        who still answers (liveness counters over ALIVE_WINDOW_S) and publishes the final
+        report naming the ranks that do not — dead, or their host gone — so a rank that
+        vanished inside an operation is named, not the whole group; the others wait for that
+        report. Returns the final report (the abort report if none came)."""
+        if report.get("detected_by") == self.rank:
+            silent = self.silent_ranks(ALIVE_WINDOW_S)
+            final = dict(report, missing=silent, missing_hosts=sorted({self.host(r) for r in silent}))
+            if silent:
+                final["message"] = (f"{report.get('message', 'aborted')}; no answer from "
+                                    f"{ranks_and_hosts(silent, self.hostnames)}")
+            self.store.set("final", json.dumps(final))
+            return final
+        deadline = time.monotonic() + ALIVE_WINDOW_S + 3.0
+        while time.monotonic() < deadline:
+            if self.store.check(["final"]):
+                return json.loads(self.store.get("final").decode())
+            time.sleep(0.05)
+        return report
+
+    def leave_after_abort(self, final: Dict[str, Any]) -> None:
+        """Ranks on the store's host (rank 0's) leave last: when they exit, a launcher such as
+        torchrun may stop the store with them. Bounded by LEAVE_WAIT_S."""
+        self.store.add("aborted-left", 1)
+        store_host = self.host(0)
+        if self.host(self.rank) != store_host:
+            return
+        missing = set(final.get("missing", []))
+        others = sum(1 for r in range(self.world_size) if self.host(r) != store_host and r not in missing)
+        mine = sum(1 for r in range(self.world_size) if self.host(r) == store_host and r not in missing)
+        deadline = time.monotonic() + LEAVE_WAIT_S
+        while int(self.store.add("aborted-left", 0)) < others + mine and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _wait(self, done: Callable[[], bool], counter: Optional[Callable[[], str]], what: str,
+              missing: Callable[[], List[int]]) -> None:
+        """Poll ``done`` (backing off to a poll interval that grows with the world, so the
+        store is not flooded); every CHECK_INTERVAL_S look at the abort flag and for a stall."""
+        poll_max = min(0.5, POLL_MAX_S * max(1.0, self.world_size / 64))
+        delay, last_marker, last_change, last_check = 0.001, None, time.monotonic(), 0.0
+        while not done():
+            now = time.monotonic()
+            if now - last_check >= CHECK_INTERVAL_S:
+                last_check = now
+                self.check_abort()
+                marker = (int(self.store.add("beat", 0)), int(self.store.add(counter(), 0)) if counter else 0)
+                if marker != last_marker:
+                    last_marker, last_change = marker, now
+                elif now - last_change > self.stall_s:
+                    self._stalled(what, missing())
+            time.sleep(delay)
+            delay = min(delay * 2, poll_max)
+
+    def _stalled(self, what: str, missing: List[int]) -> None:
+        where = self.positions(missing)
+        shown = ", ".join(f"rank {r} (host {self.host(r)}, last at {where[r]})" for r in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        message = (f"no progress for {self.stall_s:.0f}s waiting for {what}: {shown}{more} "
+                   f"did not arrive (hung or dead?)")
+        report = {"message": message, "kind": "stall", "step": what, "ranks": missing,
+                  "hosts": sorted({self.host(r) for r in missing}), "detected_by": self.rank}
+        self.abort(report)
+        self.check_abort()
+        raise NettestTimeoutError(message, report)
+
+
+def first_words(text: str, limit: int = 160) -> str:
+    """The first line of an error, cut to ``limit`` characters (torch's are long)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def short_ranks(ranks: Sequence[int]) -> str:
+    ranks = sorted(ranks)
+    return "[" + ", ".join(map(str, ranks[:16])) + (f", … ({len(ranks)} ranks)" if len(ranks) > 16 else "") + "]"
+
+
+def ranks_and_hosts(ranks: Sequence[int], hostnames: Sequence[str]) -> str:
+    """``ranks [3, 4] (hosts hostB)``, shortened for long lists."""
+    hosts = sorted({hostnames[r] if r < len(hostnames) else "?" for r in ranks})
+    return f"ranks {short_ranks(ranks)} (hosts {', '.join(hosts[:8])}{' …' if len(hosts) > 8 else ''})"
