@@ -147,6 +147,30 @@ def test_with_two_hosts_a_slow_link_is_not_blamed_on_one_end():
     assert "with two hosts only it cannot be blamed on one end" in culprit.reason
 
 
+SOCKET_CROSSING = {(3, 4): 0.3, (0, 7): 0.3}   # local ring pairs between ranks 0-3 and 4-7
+
+
+@pytest.mark.parametrize("hosts", [2, 4, 16])
+def test_a_topology_slower_on_every_host_is_healthy(hosts):
+    # PCIe hosts whose socket-crossing pairs run at 0.3x of the others, the same on every host:
+    # each intra-host pair is judged against the same local pair on the other hosts
+    names = host_names(hosts, RANKS_PER_HOST)
+    for seed in range(20):
+        net = SyntheticNetwork(names, seed=seed, local_pair_factor=dict(SOCKET_CROSSING))
+        scan = run_scan(LinkScan(names, TWO_HOST_RULE if hosts == 2 else Rule()), net.measure)
+        assert scan.culprits() == [], (seed, [c.reason for c in scan.culprits()])
+
+
+def test_with_a_uniform_topology_a_slow_rank_is_still_named_and_only_it():
+    names = host_names(4, RANKS_PER_HOST)
+    for seed in range(20):
+        net = SyntheticNetwork(names, seed=seed, local_pair_factor=dict(SOCKET_CROSSING))
+        net.rank_factor[8 + 4] = 0.1   # host 1's local rank 4, at one end of a crossing pair
+        scan = run_scan(LinkScan(names, Rule()), net.measure)
+        assert [(c.kind, c.ranks) for c in scan.culprits()] == [("rank", (12,))], \
+            (seed, [c.reason for c in scan.culprits()])
+
+
 def test_a_slow_rank_is_named_as_the_rank_not_its_host():
     names = host_names(4, 4)
     net = SyntheticNetwork(names, seed=5, transient_p=0.0)

@@ -77,12 +77,18 @@ class _GuardedStore:
         self._store = store
         self._timeout_s = call_timeout_s
         self.health = health or _StoreHealth()
-        self._calls: "queue.Queue[Tuple[Callable[[], Any], Dict[str, Any], threading.Event]]" = queue.Queue()
-        threading.Thread(target=self._serve, name="pgroups-nettest-store", daemon=True).start()
+        self._calls: "queue.SimpleQueue[Optional[Tuple[Callable[[], Any], Dict[str, Any], threading.Event]]]" = \
+            queue.SimpleQueue()
+        self._hung = False   # a call never returned: the thread is left to it
+        self._thread = threading.Thread(target=self._serve, name="pgroups-nettest-store", daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         while True:
-            call, box, done = self._calls.get()
+            job = self._calls.get()
+            if job is None:
+                return
+            call, box, done = job
             try:
                 box["value"] = call()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -104,10 +110,10 @@ class _GuardedStore:
             self._calls.put((lambda: method(*args), box, done))
             deadline = time.monotonic() + self._timeout_s
             while not done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
-                self.check_gone()
                 if time.monotonic() >= deadline:
+                    self._hung = True
                     self.health.mark_gone(f"no answer for {self._timeout_s:g}s")
-                    self.check_gone()
+                self.check_gone()
             error = box.get("error")
             if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
                 self.health.mark_gone(first_words(str(error)) or type(error).__name__)
@@ -116,6 +122,13 @@ class _GuardedStore:
                 raise error
             return box.get("value")
         return guarded
+
+    def close(self, join_s: float = 1.0) -> None:
+        """End the call thread and join it (bounded); a thread left inside a call that never
+        returned (the store is gone) is not waited for."""
+        self._calls.put(None)
+        if not self._hung:
+            self._thread.join(join_s)
 
 
 def store_gone(cause: str) -> "StoreGoneError":
@@ -126,18 +139,25 @@ def store_gone(cause: str) -> "StoreGoneError":
 class Coordinator:
     """Barriers, figure exchange, plans, heartbeats and the abort flag, through the store.
 
-    Keys live under ``pgroups-nettest/run<N>/`` (N counts the runs on this store, so a second
-    run never reads the first one's keys) and are deleted when the run ends (:meth:`close`);
-    only the run counter stays.
+    Keys live under ``pgroups-nettest/run<N>/``, where N counts this rank's runs on this store
+    (a counter per rank: one shared counter divided by the world size gave a rank the previous
+    run's N as soon as one rank of an earlier run never counted itself), so a second run never
+    reads the first one's keys. They are deleted when the run ends (:meth:`close`) and after an
+    abort (:meth:`close_after_abort`); only the run counters stay. :meth:`shutdown` joins the
+    threads (call it on every exit path).
     """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
                  hostnames: Sequence[str]) -> None:
         call_timeout = STORE_CALL_TIMEOUT_S
         root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store), call_timeout)
-        self.run_id = (int(root.add("runs", 1)) - 1) // world_size
+        try:
+            self.run_id = int(root.add(f"runs/{rank}", 1)) - 1
+        finally:
+            root.close()
         self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store), call_timeout,
                                    root.health)
+        self._alive_thread: Optional[threading.Thread] = None
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
         self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
@@ -211,19 +231,44 @@ class Coordinator:
         """The run is over on every rank: each deletes its own keys, rank 0 the shared ones
         once everyone has left (bounded wait)."""
         self.stop_liveness()
-        for step in self._steps:
-            self.store.delete_key(f"{step}/data/{self.rank}")
-        for key in (f"pos/{self.rank}", f"alive/{self.rank}"):
-            self.store.delete_key(key)
+        self._delete_own_keys()
         self.store.add("left", 1)
         if self.rank != 0:
             return
         deadline = time.monotonic() + self.stall_s
         while int(self.store.add("left", 0)) < self.world_size and time.monotonic() < deadline:
             time.sleep(0.01)
-        for key in ([f"{s}/arrived" for s in self._steps] + [f"plan/{k}" for k in self._plans]
-                    + ["beat", "abort", "left"]):
+        self._delete_shared_keys()
+
+    def close_after_abort(self, final: Dict[str, Any]) -> None:
+        """After an aborted run (once :meth:`leave_after_abort` returned): each rank deletes its
+        own keys; the lowest surviving rank on the store's host — which leaves last — the
+        shared ones."""
+        self.stop_liveness()
+        self._delete_own_keys()
+        missing = set(final.get("missing", []))
+        store_host = self.host(0)
+        survivors = [r for r in range(self.world_size) if self.host(r) == store_host and r not in missing]
+        if survivors and survivors[0] == self.rank:
+            self._delete_shared_keys()
+
+    def _delete_own_keys(self) -> None:
+        for step in self._steps:
+            self.store.delete_key(f"{step}/data/{self.rank}")
+        for key in (f"pos/{self.rank}", f"alive/{self.rank}"):
             self.store.delete_key(key)
+
+    def _delete_shared_keys(self) -> None:
+        for key in ([f"{s}/arrived" for s in self._steps] + [f"plan/{k}" for k in self._plans]
+                    + ["beat", "abort", "left", "final", "aborted-left"]):
+            self.store.delete_key(key)
+
+    def shutdown(self) -> None:
+        """Stop and join this coordinator's threads (liveness, store calls); bounded."""
+        self.stop_liveness()
+        if self._alive_thread is not None:
+            self._alive_thread.join(BEAT_INTERVAL_S)
+        self.store.close()
 
     # -- the end of an aborted run ----------------------------------------------------------
     def start_liveness(self) -> None:
@@ -240,7 +285,8 @@ class Coordinator:
                     return
                 self._alive_stop.wait(BEAT_INTERVAL_S)
 
-        threading.Thread(target=beat_forever, name="pgroups-nettest-alive", daemon=True).start()
+        self._alive_thread = threading.Thread(target=beat_forever, name="pgroups-nettest-alive", daemon=True)
+        self._alive_thread.start()
 
     def stop_liveness(self) -> None:
         stop = getattr(self, "_alive_stop", None)

@@ -18,7 +18,9 @@ themselves; never mixed): the reference is the median of the measurements within
 ``slow_factor`` of the best one (noise only ever slows a link, so the best ones are healthy
 even when most links touch a slow host), and a measurement is slow when it is worse than that
 reference by the rule of :func:`.diagnosis.deviation` (bandwidth at the large size or
-time at the small one), or below the optional absolute floor.
+time at the small one), or below the optional absolute floor. An intra-host pair is judged
+against the same local pair on the other hosts (:func:`.judging.normalize_local_pairs`), so
+a topology whose socket-crossing pairs are slower on every host is healthy.
 
 **Naming.** A node (a host, or a rank) is *proven healthy* once one of its measurements was
 not slow. A node none of whose measurements is fine and that was slow with three distinct
@@ -44,7 +46,9 @@ from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 import attrs
 
-from .diagnosis import PeerStats, Rule, deviation
+from .diagnosis import Rule
+from .judging import Reference, judge_all, normalize_local_pairs
+from .verdict import Culprit, settle, split_line
 
 INTER, INTRA = "inter-host", "intra-host"
 DEFAULT_BASE_ROUNDS = 3      # round-robin rounds before the adaptive ones (each host meets 3 partners)
@@ -55,6 +59,7 @@ MIN_PARTNERS_TO_NAME = 3     # distinct proven-healthy partners a node must be s
 MIN_SLOW_TO_NAME_LINK = 3    # times a link must be slow (and never fine) to be named: twice re-tested
 
 Node = object  # a host name (inter-host class) or a rank (rails, intra-host class)
+SCALED = " (figures scaled to the same local pair's best on any host)"
 
 
 # ---- what is measured ------------------------------------------------------------------------
@@ -114,20 +119,6 @@ class Edge(NamedTuple):
         return self.b if self.a == node else self.a
 
 
-@attrs.frozen
-class Culprit:
-    """What the scan names: ``kind`` host | link | rank | rank-link (two ranks of one host) |
-    rail (two ranks of two hosts) | host-inside | corrupting."""
-
-    kind: str
-    hosts: Tuple[str, ...]
-    ranks: Tuple[int, ...]
-    reason: str
-
-    def to_json(self) -> Dict[str, object]:
-        return {"kind": self.kind, "hosts": list(self.hosts), "ranks": list(self.ranks), "reason": self.reason}
-
-
 # ---- schedules ------------------------------------------------------------------------------
 def circle_round(count: int, index: int) -> List[Tuple[int, int]]:
     """Round ``index`` of the round-robin (circle method) over ``count`` items: disjoint pairs of
@@ -171,65 +162,6 @@ def ring_rounds(count: int) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
             rounds.append([(min(a, b), max(a, b))])
             busy.append({a, b})
     return tuple(tuple(r) for r in rounds)
-
-
-# ---- judging --------------------------------------------------------------------------------
-@attrs.frozen
-class Reference:
-    """The healthy figures of one class: busbw and latency of the healthy-looking measurements."""
-
-    busbw: PeerStats
-    latency: PeerStats
-
-    @property
-    def busbw_median(self) -> float:
-        return self.busbw.median
-
-    @property
-    def latency_median(self) -> float:
-        return self.latency.median
-
-
-def reference_of(busbw: Sequence[float], latency: Sequence[float], rule: Rule) -> Reference:
-    """The healthy cluster of a class: the values within ``slow_factor`` of the best one."""
-    best_bw = max(busbw, default=0.0)
-    best_lat = min(latency, default=0.0)
-    return Reference(PeerStats.of([v for v in busbw if v * rule.slow_factor > best_bw]),
-                     PeerStats.of([v for v in latency if v < best_lat * rule.slow_factor]))
-
-
-def judge(busbw: float, latency_us: float, reference: Reference, rule: Rule) -> Optional[str]:
-    """Why a measurement is slow against ``reference`` (None if it is not)."""
-    reasons = []
-    dev = deviation(busbw, reference.busbw, True, rule)
-    if dev is not None:
-        reasons.append(f"{busbw:.3g} GB/s vs median {dev.reference:.3g} GB/s of {reference.busbw.count} healthy links")
-    dev = deviation(latency_us, reference.latency, False, rule)
-    if dev is not None:
-        reasons.append(f"{latency_us:.0f} us vs median {dev.reference:.0f} us of {reference.latency.count} healthy links")
-    if rule.min_busbw_gbps is not None and busbw < rule.min_busbw_gbps:
-        reasons.append(f"{busbw:.3g} GB/s below --min-busbw {rule.min_busbw_gbps:g} GB/s")
-    return "; ".join(reasons) or None
-
-
-def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {}
-              ) -> Tuple[List[Edge], Reference]:
-    """Judge every measurement of one class against the class's healthy reference — or, in a
-    round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the
-    same time and so under the same load), against those controls. Returns the judged
-    measurements and the class-wide reference (for the report)."""
-    reference = reference_of([e.busbw_gbps for e in raw], [e.latency_us for e in raw], rule)
-    in_round: Dict[int, List[Edge]] = {}
-    for e in raw:
-        if (e.a, e.b) in controls.get(e.round, ()):
-            in_round.setdefault(e.round, []).append(e)
-    per_round = {rnd: reference_of([e.busbw_gbps for e in es], [e.latency_us for e in es], rule)
-                 for rnd, es in in_round.items()}
-    judged = []
-    for e in raw:
-        why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule)
-        judged.append(e._replace(slow=True, why=why) if why else e)
-    return judged, reference
 
 
 # ---- naming (one class of nodes) ---------------------------------------------------------------
@@ -327,7 +259,9 @@ class LinkScan:
         self.tick = tick
         self.hosts: List[str] = list(dict.fromkeys(self.hostnames))
         self.ranks_of: Dict[str, List[int]] = {h: [] for h in self.hosts}
+        self._local: Dict[int, int] = {}   # rank -> its position among its host's ranks
         for rank, host in enumerate(self.hostnames):
+            self._local[rank] = len(self.ranks_of[host])
             self.ranks_of[host].append(rank)
         self.samples: List[PairSample] = []
         self.rounds: List[ScanRound] = []
@@ -480,8 +414,12 @@ class LinkScan:
             self.tick()
         if INTRA not in self._cache:
             ranks_on = {h: len(r) for h, r in self.ranks_of.items()}
-            edges, ref = judge_all([edge(s.round, s.a, s.b, s.busbw_gbps, s.latency_us)
-                                    for s in self.samples if s.kind == INTRA], self.rule, self._control_pairs)
+            raw = [edge(s.round, s.a, s.b, s.busbw_gbps, s.latency_us) for s in self.samples if s.kind == INTRA]
+            scaled = normalize_local_pairs(raw, lambda e: (self._local[e.a], self._local[e.b]),
+                                           lambda e: self.hostnames[e.a], len(self.hosts))
+            judged, ref = judge_all(scaled, self.rule, self._control_pairs)
+            edges = [r._replace(slow=j.slow, why=j.why + (SCALED if j.why and x != r else ""))
+                     for r, x, j in zip(raw, scaled, judged)]   # raw figures, judged scaled
             self._cache[INTRA] = {"intra_edges": edges, "intra_reference": ref,
                                   "intra": find_culprits(edges, lambda r: ranks_on[self.hostnames[r]])}
             self.tick()
@@ -520,13 +458,22 @@ class LinkScan:
         link_ref: Reference = f["link_reference"]
         out: List[Culprit] = []
         two_hosts = len(self.hosts) == 2
-        for host, es in sorted(hosts.named_nodes.items()):
+        settled = settle(f["links"], hosts, self.hosts, self.rule.slow_factor, self.rule.min_busbw_gbps)
+        if settled.split:
+            out.append(Culprit("split", tuple(h for nodes, _ in settled.split for h in nodes), (),
+                               split_line(settled.split, len(self.hosts), self.rule.min_busbw_gbps)))
+        for host, es in sorted({**hosts.named_nodes, **settled.named_nodes}.items()):
             partners = sorted({e.partner(host) for e in es})
             value = statistics.median(e.busbw_gbps for e in es)
             out.append(Culprit("host", (host,), tuple(self.ranks_of[host]),
                                f"{host}: slow with every partner ({value:.3g} GB/s vs median "
                                f"{link_ref.busbw_median:.3g} GB/s on {link_ref.busbw.count} other links; "
                                f"partners {', '.join(partners)})"))
+        for (a, b), es in sorted(settled.unresolved_links.items()):
+            value = statistics.median(e.busbw_gbps for e in es)
+            out.append(Culprit("unresolved", (a, b), (), f"link {a} <-> {b}: slow every time measured ({value:.3g} "
+                               f"GB/s in {len(es)} tests vs median {link_ref.busbw_median:.3g} GB/s); the scan "
+                               f"ran out of rounds to tell whether {a}, {b} or the link is at fault"))
         for (a, b), es in sorted(hosts.named_links.items()):
             value = statistics.median(e.busbw_gbps for e in es)
             tail = ("; with two hosts only it cannot be blamed on one end" if two_hosts else

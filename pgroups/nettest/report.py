@@ -106,7 +106,8 @@ def format_group_summary(report: Dict[str, Any]) -> str:
 
 
 CULPRIT_LABELS = {"host": "SLOW HOST", "link": "SLOW LINK", "rank": "SLOW RANK", "rank-link": "SLOW RANK PAIR",
-                  "rail": "SLOW RAIL", "host-inside": "SLOW INSIDE HOST", "corrupting": "CORRUPTING RANK"}
+                  "rail": "SLOW RAIL", "host-inside": "SLOW INSIDE HOST", "corrupting": "CORRUPTING RANK",
+                  "split": "SPEED CLASSES", "unresolved": "SLOW, UNRESOLVED"}
 MATRIX_MAX_HOSTS = 16
 
 

@@ -34,7 +34,7 @@ from ..backend import is_timeout
 from ..errors import ConfigError, GroupTimeoutError, LaunchError, ModeNotInitializedError
 from ..hosts import local_hostname
 from ..launch import from_environment
-from . import diagnosis, metrics, startup
+from . import diagnosis, metrics, startup, verdict
 from .bench import Bench, GroupFailure
 from .control import Coordinator, NettestTimeoutError, StoreGoneError, first_words, short_ranks, store_gone
 from .diagnosis import Measurement, Rule
@@ -47,7 +47,6 @@ RETEST_REPEATS = 3
 PAIR_MAX_BYTES = 8 * 1024 * 1024  # pair tests stop here: enough to compare pairs, and quick
 NCCL_TIMEOUT_MARGIN_S = 60.0  # NCCL groups time out this much after the tool's own deadline
 CLOSE_WAIT_S = 2.0
-RANK_CULPRITS = ("rank", "corrupting", "rank-link", "rail")  # culprits that name ranks, not hosts
 
 
 @attrs.frozen
@@ -346,34 +345,12 @@ class RankRun:
             self._hang("global", list(range(self.world_size)), where, "all_reduce", 4, exc)
 
     def _finish(self) -> Dict[str, Any]:
-        confirmed = self._confirmed
-        verdicts: Dict[str, List[str]] = {}
-        for f in confirmed:
-            label = "wrong" if f.metric == "wrong" else "slow"
-            verdicts.setdefault(f.group_id, [])
-            if label not in verdicts[f.group_id]:
-                verdicts[f.group_id].append(label)
-        slow = sorted(g for g, v in verdicts.items() if "slow" in v)
-        wrong = sorted(g for g, v in verdicts.items() if "wrong" in v)
-        culprits = self._culprits
-        suspects = [{"rank": r, "host": self.hostnames[r], "reason": c.reason}
-                    for c in culprits if c.kind in RANK_CULPRITS for r in c.ranks]
-        healthy = not verdicts and not culprits
-        self.report.update({
-            "options": self.options.to_json(), "rule": self.options.rule.to_json(),
-            "verdicts": {g.id: ",".join(verdicts.get(g.id, ["ok"])) for g in self.catalog},
-            "culprits": [c.to_json() for c in culprits],
-            "suspects": suspects,
-            "summary": {"groups_tested": len(self.catalog), "slow": slow, "wrong": wrong,
-                        "transient": sorted({f["group_id"] for f in self.report.get("transient", [])}),
-                        "slow_hosts": sorted({c.hosts[0] for c in culprits if c.kind in ("host", "host-inside")}),
-                        "slow_links": sorted([list(c.hosts) for c in culprits if c.kind == "link"]),
-                        "suspect_ranks": sorted({s["rank"] for s in suspects}),
-                        "suspect_hosts": sorted({h for c in culprits for h in c.hosts}),
-                        "healthy": healthy},
-            "status": "healthy" if healthy else "unhealthy",
-            "exit_code": 0 if healthy else 1,
-            "elapsed_s": time.perf_counter() - self.started})
+        self.report.update(verdict.summarize(
+            [g.id for g in self.catalog], [(f.group_id, f.metric) for f in self._confirmed],
+            self._culprits, (self.report.get("links") or {}).get("matrix", {}), self.hostnames,
+            [f["group_id"] for f in self.report.get("transient", [])]))
+        self.report.update({"options": self.options.to_json(), "rule": self.options.rule.to_json(),
+                            "elapsed_s": time.perf_counter() - self.started})
         return self.report
 
 
@@ -499,6 +476,7 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
         progress.done()
         if run is not None:
             run.bench.close()
+            run.coordinator.shutdown()
         _close_context(ctx, hung)
 
 
@@ -584,6 +562,7 @@ def _conclude(run: RankRun, exc: NettestTimeoutError) -> NettestTimeoutError:
     if not store_gone:
         try:
             coordinator.leave_after_abort(report)
+            coordinator.close_after_abort(report)
         except StoreGoneError:
             pass
     error_type = StoreGoneError if store_gone else NettestTimeoutError

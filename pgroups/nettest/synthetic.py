@@ -1,7 +1,8 @@
 """A synthetic network (pure), to test and benchmark the link scan at any scale without processes.
 
 Every host has a bandwidth factor (its NIC: slows its inter-host links), every host pair a link
-factor, every rank a factor (a slow process slows everything it does: bandwidth and latency,
+factor, every pair of *local* ranks a topology factor (the same on every host: PCIe pairs that
+cross the CPU socket), every rank a factor (a slow process slows everything it does: bandwidth and latency,
 inside its host and across). A measurement is the base figure times the smallest factor on
 its way, times lognormal noise; now and then a *transient* hiccup (a descheduled process)
 makes one measurement several times slower. Used by ``tests/test_nettest_linkscan.py`` and
@@ -34,6 +35,7 @@ class SyntheticNetwork:
     host_factor: Dict[str, float] = attrs.Factory(dict)
     link_factor: Dict[Tuple[str, str], float] = attrs.Factory(dict)
     rank_factor: Dict[int, float] = attrs.Factory(dict)
+    local_pair_factor: Dict[Tuple[int, int], float] = attrs.Factory(dict)   # (local i < local j) -> factor
     _rng: random.Random = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -59,10 +61,15 @@ class SyntheticNetwork:
                            self.link_factor.get((min(ha, hb), max(ha, hb)), 1.0))
                 bw, lat = self.inter_gbps, self.inter_latency_us
             else:
-                bw_f, bw, lat = rank_f, self.intra_gbps, self.intra_latency_us
+                local = tuple(sorted((self._local(a), self._local(b))))
+                bw_f, bw, lat = min(rank_f, self.local_pair_factor.get(local, 1.0)), self.intra_gbps, self.intra_latency_us
             out.append(PairSample(round_.index, round_.kind, a, b, bw * bw_f / self._noise(),
                                   lat / rank_f * self._noise()))
         return out
+
+    def _local(self, rank: int) -> int:
+        """The rank's position among its host's ranks (hosts are contiguous blocks)."""
+        return rank - self.hostnames.index(self.hostnames[rank])
 
 
 def host_names(hosts: int, ranks_per_host: int) -> List[str]:

@@ -1,0 +1,112 @@
+"""Judging link measurements (pure): the healthy reference of a class and whether one
+measurement is slow against it; intra-host pairs scaled to the same local pair on the other
+hosts. Used by the link scan (:mod:`.linkscan`)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+
+from .diagnosis import PeerStats, Rule, deviation
+
+Node = object  # a host name (inter-host class) or a rank (rails, intra-host class)
+Edge = object  # linkscan.Edge: round, a, b, busbw_gbps, latency_us, slow, why (a NamedTuple)
+
+
+@attrs.frozen
+class Reference:
+    """The healthy figures of one class: busbw and latency of the healthy-looking measurements."""
+
+    busbw: PeerStats
+    latency: PeerStats
+
+    @property
+    def busbw_median(self) -> float:
+        return self.busbw.median
+
+    @property
+    def latency_median(self) -> float:
+        return self.latency.median
+
+
+def reference_of(busbw: Sequence[float], latency: Sequence[float], rule: Rule) -> Reference:
+    """The healthy cluster of a class: the values within ``slow_factor`` of the best one."""
+    best_bw = max(busbw, default=0.0)
+    best_lat = min(latency, default=0.0)
+    return Reference(PeerStats.of([v for v in busbw if v * rule.slow_factor > best_bw]),
+                     PeerStats.of([v for v in latency if v < best_lat * rule.slow_factor]))
+
+
+def judge(busbw: float, latency_us: float, reference: Reference, rule: Rule) -> Optional[str]:
+    """Why a measurement is slow against ``reference`` (None if it is not)."""
+    reasons = []
+    dev = deviation(busbw, reference.busbw, True, rule)
+    if dev is not None:
+        reasons.append(f"{busbw:.3g} GB/s vs median {dev.reference:.3g} GB/s of {reference.busbw.count} healthy links")
+    dev = deviation(latency_us, reference.latency, False, rule)
+    if dev is not None:
+        reasons.append(f"{latency_us:.0f} us vs median {dev.reference:.0f} us of {reference.latency.count} healthy links")
+    if rule.min_busbw_gbps is not None and busbw < rule.min_busbw_gbps:
+        reasons.append(f"{busbw:.3g} GB/s below --min-busbw {rule.min_busbw_gbps:g} GB/s")
+    return "; ".join(reasons) or None
+
+
+def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {}
+              ) -> Tuple[List[Edge], Reference]:
+    """Judge every measurement of one class against the class's healthy reference — or, in a
+    round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the
+    same time and so under the same load), against those controls. Returns the judged
+    measurements and the class-wide reference (for the report)."""
+    reference = reference_of([e.busbw_gbps for e in raw], [e.latency_us for e in raw], rule)
+    in_round: Dict[int, List[Edge]] = {}
+    for e in raw:
+        if (e.a, e.b) in controls.get(e.round, ()):
+            in_round.setdefault(e.round, []).append(e)
+    per_round = {rnd: reference_of([e.busbw_gbps for e in es], [e.latency_us for e in es], rule)
+                 for rnd, es in in_round.items()}
+    judged = []
+    for e in raw:
+        why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule)
+        judged.append(e._replace(slow=True, why=why) if why else e)
+    return judged, reference
+
+
+MIN_HOSTS_FOR_PROFILE = 3   # a local pair's best figure counts when measured on this many hosts (or all)
+
+
+def normalize_local_pairs(raw: Sequence[Edge], local_pair: Callable[[Edge], Hashable],
+                          host_of: Callable[[Edge], Hashable], host_count: int) -> List[Edge]:
+    """Intra-host measurements scaled so that each *local pair* (the same two local ranks on
+    every host) is judged against itself on the other hosts, not against the best pair of
+    any host: a topology in which some pairs are slower on every host (PCIe machines whose
+    socket-crossing pairs run at 0.3x) is healthy, one host's pair slower than the same pair
+    elsewhere is not. Each measurement of a local pair measured on two hosts or more is
+    multiplied by (best busbw of the class / best busbw of its local pair), and its latency
+    by (best latency of the class / best latency of its local pair) — the best, as noise only
+    ever slows. Only local pairs measured on MIN_HOSTS_FOR_PROFILE hosts or more, or on all
+    ``host_count`` hosts, are scaled (the ring pairs every host measures): a pair measured on a
+    few hosts only (an adaptive re-pair of suspects) could have a faulty host as its best, so it
+    is judged as it is."""
+    if not raw:
+        return []
+    best_bw = max(e.busbw_gbps for e in raw)
+    best_lat = min(e.latency_us for e in raw)
+    pair_bw: Dict[Hashable, float] = {}
+    pair_lat: Dict[Hashable, float] = {}
+    hosts: Dict[Hashable, set] = {}
+    for e in raw:
+        key = local_pair(e)
+        pair_bw[key] = max(pair_bw.get(key, 0.0), e.busbw_gbps)
+        pair_lat[key] = min(pair_lat.get(key, float("inf")), e.latency_us)
+        hosts.setdefault(key, set()).add(host_of(e))
+    out = []
+    for e in raw:
+        key = local_pair(e)
+        seen_on = len(hosts[key])
+        if (seen_on < 2 or seen_on < min(MIN_HOSTS_FOR_PROFILE, host_count)
+                or not pair_bw[key] > 0 or not pair_lat[key] > 0):
+            out.append(e)
+            continue
+        out.append(e._replace(busbw_gbps=e.busbw_gbps * best_bw / pair_bw[key],
+                              latency_us=e.latency_us * best_lat / pair_lat[key]))
+    return out
