@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import queue
-import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -17,7 +15,7 @@ import torch.distributed as dist
 
 from ..comm.raw import all_gather_single, reduce_scatter_single
 from . import metrics
-from .control import CHECK_INTERVAL_S, NettestTimeoutError, first_words
+from .control import CHECK_INTERVAL_S, CallThread, NettestTimeoutError, first_words
 from .faults import ActiveFaults
 
 FOLLOWUP_MIN_ITERS = 20
@@ -169,62 +167,6 @@ def failures_named(phase: str) -> Iterator[None]:
         raise GroupFailure(first_words(str(exc)) or type(exc).__name__, phase) from exc
 
 
-class _Pending:
-    """One submitted wait: ``done`` is set when every work finished; ``error`` what it raised."""
-
-    def __init__(self, works: Sequence[Any]) -> None:
-        self.works = works
-        self.done = threading.Event()
-        self.error: Optional[BaseException] = None
-
-
-class Waiter:
-    """A daemon thread that blocks in ``work.wait()`` so that the main thread can wait for an
-    operation on an Event and look at the abort flag between polls.
-
-    Why not ``work.wait(slice)`` in a loop: on gloo an expired ``wait(timeout)`` aborts the
-    operation itself, so a slow but healthy transfer would be killed. Why not polling
-    ``is_completed()``: gloo's send/recv works report completion only once waited for. The
-    thread's ``wait()`` has no deadline of its own: the group's timeout (``--timeout`` for the
-    groups the tool builds) ends a hung operation there, the caller's deadline here.
-    A waiter left blocked behind a hung operation is *abandoned* (the caller takes a new one);
-    :meth:`close` ends and joins a waiter that is not.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: "queue.SimpleQueue[Optional[_Pending]]" = queue.SimpleQueue()
-        self.abandoned = False
-        self._thread = threading.Thread(target=self._serve, name="pgroups-nettest-wait", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            pending = self._jobs.get()
-            if pending is None:
-                return
-            try:
-                for work in pending.works:
-                    work.wait()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                pending.error = exc
-            pending.done.set()
-
-    def submit(self, works: Sequence[Any]) -> _Pending:
-        pending = _Pending(works)
-        self._jobs.put(pending)
-        return pending
-
-    def close(self, join_s: float = 1.0) -> None:
-        """End the thread and join it (bounded); an abandoned one is left to its operation."""
-        self._jobs.put(None)
-        if not self.abandoned:
-            self._thread.join(join_s)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-
 class Bench:
     """Times and verifies operations on this rank (one instance per run; :meth:`close` it).
 
@@ -239,7 +181,7 @@ class Bench:
         self.faults = faults
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.warmup, self.iters = warmup, iters
-        self._waiter: Optional[Waiter] = None
+        self._waiter: Optional[CallThread] = None
 
     def close(self) -> None:
         """Stop and join the waiter thread (one left behind a hung operation is not waited for)."""
@@ -257,14 +199,19 @@ class Bench:
         return works
 
     def wait(self, works: Sequence[Any]) -> None:
-        """Wait for ``works``; only --timeout ends them. On gloo the wait is done by the
-        :class:`Waiter` thread while this one polls it every CHECK_INTERVAL_S and looks at the
-        abort flag and the store's health in between: a rank stuck with a dead peer leaves as
-        soon as another rank raised the alarm or the store is found gone (NettestTimeoutError /
-        StoreGoneError), and a slow operation is never cut short. A finished operation wakes
-        this thread at once. Raises TimeoutError at the deadline, or what the operation raised.
-        NCCL's ``wait(timeout)`` has other semantics (it makes the stream wait; the watchdog
-        enforces the timeout): one wait there."""
+        """Wait for ``works``; only --timeout ends them. On gloo ``work.wait()`` runs on a waiter
+        thread (a :class:`.control.CallThread`) while this one polls it every CHECK_INTERVAL_S
+        and looks at the abort flag and the store's health in between: a rank stuck with a dead
+        peer leaves as soon as another rank raised the alarm or the store is found gone
+        (NettestTimeoutError / StoreGoneError), and a finished operation wakes this thread at
+        once (about 0.1 ms per operation). Not ``work.wait(slice)`` in a loop: on gloo an
+        expired ``wait(timeout)`` aborts the operation itself, so a slow but healthy transfer
+        was killed; not polling ``is_completed()``: gloo's send/recv works report completion
+        only once waited for. The thread's wait has no deadline of its own (the groups' timeout,
+        --timeout, ends a hung operation there); at this deadline the waiter is left to it
+        (a new one serves the next wait). Raises TimeoutError at the deadline, or what the
+        operation raised. NCCL's ``wait(timeout)`` has other semantics (it makes the stream
+        wait; the watchdog enforces the timeout): one wait there."""
         if self.device.type == "cuda":
             for work in works:
                 work.wait(self.timeout)
@@ -272,10 +219,10 @@ class Bench:
         if not works:
             return
         if self._waiter is None:
-            self._waiter = Waiter()
+            self._waiter = CallThread("pgroups-nettest-wait")
         timeout_s = self.timeout.total_seconds()
         deadline = time.monotonic() + timeout_s
-        pending = self._waiter.submit(works)
+        pending = self._waiter.submit(lambda: [work.wait() for work in works])
         while not pending.done.wait(max(0.0, min(CHECK_INTERVAL_S, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 self._abandon_waiter()
@@ -289,8 +236,9 @@ class Bench:
             raise pending.error
 
     def _abandon_waiter(self) -> None:
+        """Leave the waiter thread to the operation it is blocked in; the next wait takes a new one."""
         if self._waiter is not None:
-            self._waiter.abandoned = True
+            self._waiter.stuck = True
             self._waiter.close()
             self._waiter = None
 

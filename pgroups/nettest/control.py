@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -63,6 +63,51 @@ class _StoreHealth:
             self.gone.set()
 
 
+class Pending:
+    """One call submitted to a :class:`CallThread`: ``done`` is set when it returned;
+    ``value`` what it returned, ``error`` what it raised."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+
+
+class CallThread:
+    """A daemon thread that runs submitted calls in order, so that the caller can wait for one
+    on an Event — with a deadline, and looking at other things in between — instead of being
+    blocked inside it. A caller that gives up on a call that never returns sets ``stuck``: the
+    thread is left to it; :meth:`close` ends and joins (bounded) a thread that is not stuck."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: "queue.SimpleQueue[Optional[Pending]]" = queue.SimpleQueue()
+        self.stuck = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            pending = self._calls.get()
+            if pending is None:
+                return
+            try:
+                pending.value = pending.call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                pending.error = exc
+            pending.done.set()
+
+    def submit(self, call: Callable[[], Any]) -> Pending:
+        pending = Pending(call)
+        self._calls.put(pending)
+        return pending
+
+    def close(self, join_s: float = 1.0) -> None:
+        self._calls.put(None)
+        if not self.stuck:
+            self._thread.join(join_s)
+
+
 class _GuardedStore:
     """The run's store. Every call runs on one daemon thread and is given STORE_CALL_TIMEOUT_S:
     a store whose host vanished silently never answers (no reset, the TCP call would block for
@@ -77,23 +122,7 @@ class _GuardedStore:
         self._store = store
         self._timeout_s = call_timeout_s
         self.health = health or _StoreHealth()
-        self._calls: "queue.SimpleQueue[Optional[Tuple[Callable[[], Any], Dict[str, Any], threading.Event]]]" = \
-            queue.SimpleQueue()
-        self._hung = False   # a call never returned: the thread is left to it
-        self._thread = threading.Thread(target=self._serve, name="pgroups-nettest-store", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            job = self._calls.get()
-            if job is None:
-                return
-            call, box, done = job
-            try:
-                box["value"] = call()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-            done.set()
+        self._thread = CallThread("pgroups-nettest-store")
 
     def check_gone(self) -> None:
         """Raise StoreGoneError if some call found the store gone."""
@@ -105,30 +134,26 @@ class _GuardedStore:
 
         def guarded(*args: Any) -> Any:
             self.check_gone()
-            box: Dict[str, Any] = {}
-            done = threading.Event()
-            self._calls.put((lambda: method(*args), box, done))
+            pending = self._thread.submit(lambda: method(*args))
             deadline = time.monotonic() + self._timeout_s
-            while not done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
+            while not pending.done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
-                    self._hung = True
+                    self._thread.stuck = True
                     self.health.mark_gone(f"no answer for {self._timeout_s:g}s")
                 self.check_gone()
-            error = box.get("error")
+            error = pending.error
             if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
                 self.health.mark_gone(first_words(str(error)) or type(error).__name__)
                 self.check_gone()
             if error is not None:
                 raise error
-            return box.get("value")
+            return pending.value
         return guarded
 
     def close(self, join_s: float = 1.0) -> None:
         """End the call thread and join it (bounded); a thread left inside a call that never
         returned (the store is gone) is not waited for."""
-        self._calls.put(None)
-        if not self._hung:
-            self._thread.join(join_s)
+        self._thread.close(join_s)
 
 
 def store_gone(cause: str) -> "StoreGoneError":
