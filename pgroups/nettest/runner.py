@@ -1,15 +1,16 @@
-"""What every rank runs: warm-up, the size sweep, device-synchronized timing, data verification,
-per-operation timeouts, and the follow-up tests that rank 0 plans.
+"""What every rank runs: the steps (sweep, re-test, link scan, verdict) and the failure path.
 
-Two planes:
+Two planes, each in its own module:
 
-- the **data plane** is the collectives under test, on the groups under test (NCCL device
-  groups on GPUs, gloo on CPU). Every operation is issued with ``async_op=True`` and waited
-  with ``--timeout``: a peer that never enters makes ``wait`` fail instead of hanging;
-- the **control plane** is the rendezvous store of the default group (no collective at all):
-  ranks post their figures and where they are, wait for each other between steps, and raise
-  the *abort* flag when a group hangs — every other rank sees it within a second and stops.
-  A rank that stops making progress while idle (no heartbeat for ``--timeout``) is named too.
+- the **data plane** (:mod:`.bench`) is the collectives under test, on the groups under test
+  (NCCL device groups on GPUs, gloo on CPU). ``Bench.run`` issues every operation and waits
+  for it inside the failure handling; only ``--timeout`` ends an operation, and a peer that
+  never enters (or is found dead when an operation is issued) fails it instead of hanging;
+- the **control plane** (:mod:`.control`) is the rendezvous store of the default group (no
+  collective at all): ranks post their figures and where they are, wait for each other
+  between steps, and raise the *abort* flag when a group hangs — every other rank sees it
+  within a second and stops. A rank that stops making progress while idle (no heartbeat for
+  ``--timeout``) is named too.
 
 Steps, the same on every rank: one *sweep* per wave of disjoint groups; rank 0 then diagnoses
 and publishes a *re-test* plan (flagged groups and some healthy peers, each measured alone,
