@@ -267,14 +267,19 @@ class Coordinator:
 
     def close_after_abort(self, final: Dict[str, Any]) -> None:
         """After an aborted run (once :meth:`leave_after_abort` returned): each rank deletes its
-        own keys; the lowest surviving rank on the store's host — which leaves last — the
-        shared ones."""
+        own keys; the lowest surviving rank on the store's host — which leaves last — deletes
+        the shared ones (the abort flag, the final report) if every surviving rank has left,
+        never earlier: a rank that has not yet seen the flag would otherwise time out on its
+        own and tell another story. A rank alive but absent (it never answered the abort)
+        leaves them in place."""
         self.stop_liveness()
         self._delete_own_keys()
         missing = set(final.get("missing", []))
         store_host = self.host(0)
-        survivors = [r for r in range(self.world_size) if self.host(r) == store_host and r not in missing]
-        if survivors and survivors[0] == self.rank:
+        on_store_host = [r for r in range(self.world_size) if self.host(r) == store_host and r not in missing]
+        survivors = self.world_size - len(missing)
+        if (on_store_host and on_store_host[0] == self.rank
+                and int(self.store.add("aborted-left", 0)) >= survivors):
             self._delete_shared_keys()
 
     def _delete_own_keys(self) -> None:

@@ -55,8 +55,9 @@ def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[T
               ) -> Tuple[List[Edge], Reference]:
     """Judge every measurement of one class against the class's healthy reference — or, in a
     round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the
-    same time and so under the same load), against those controls. Returns the judged
-    measurements and the class-wide reference (for the report)."""
+    same time and so under the same load), against those controls, unless the controls
+    themselves are slower than the class by ``slow_factor`` (their link is faulty). Returns
+    the judged measurements and the class-wide reference (for the report)."""
     reference = reference_of([e.busbw_gbps for e in raw], [e.latency_us for e in raw], rule)
     in_round: Dict[int, List[Edge]] = {}
     for e in raw:
@@ -64,6 +65,10 @@ def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[T
             in_round.setdefault(e.round, []).append(e)
     per_round = {rnd: reference_of([e.busbw_gbps for e in es], [e.latency_us for e in es], rule)
                  for rnd, es in in_round.items()}
+    # controls slower than the class by the factor ran over a faulty link themselves (both
+    # ends proven healthy elsewhere): they are no reference, the class's healthy figures are
+    per_round = {rnd: ref for rnd, ref in per_round.items()
+                 if ref.busbw_median * rule.slow_factor >= reference.busbw_median}
     judged = []
     for e in raw:
         why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule)
@@ -71,11 +76,11 @@ def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[T
     return judged, reference
 
 
-MIN_HOSTS_FOR_PROFILE = 3   # a local pair's best figure counts when measured on this many hosts (or all)
+MIN_HOSTS_FOR_PROFILE = 3   # a local pair's best figure counts when measured on this many hosts
 
 
 def normalize_local_pairs(raw: Sequence[Edge], local_pair: Callable[[Edge], Hashable],
-                          host_of: Callable[[Edge], Hashable], host_count: int) -> List[Edge]:
+                          host_of: Callable[[Edge], Hashable]) -> List[Edge]:
     """Intra-host measurements scaled so that each *local pair* (the same two local ranks on
     every host) is judged against itself on the other hosts, not against the best pair of
     any host: a topology in which some pairs are slower on every host (PCIe machines whose
@@ -83,10 +88,11 @@ def normalize_local_pairs(raw: Sequence[Edge], local_pair: Callable[[Edge], Hash
     elsewhere is not. Each measurement of a local pair measured on two hosts or more is
     multiplied by (best busbw of the class / best busbw of its local pair), and its latency
     by (best latency of the class / best latency of its local pair) — the best, as noise only
-    ever slows. Only local pairs measured on MIN_HOSTS_FOR_PROFILE hosts or more, or on all
-    ``host_count`` hosts, are scaled (the ring pairs every host measures): a pair measured on a
-    few hosts only (an adaptive re-pair of suspects) could have a faulty host as its best, so it
-    is judged as it is."""
+    ever slows. Only local pairs measured on MIN_HOSTS_FOR_PROFILE hosts or more are scaled
+    (the ring pairs every host measures, with three hosts or more): a pair measured on two
+    hosts only (any pair of a two-host job, or an adaptive re-pair of suspects) may be slow on
+    both by a fault on each — a slow rank at one end on one host, at the other end on the
+    other — as much as by the topology, so it is judged as it is."""
     if not raw:
         return []
     best_bw = max(e.busbw_gbps for e in raw)
@@ -103,8 +109,7 @@ def normalize_local_pairs(raw: Sequence[Edge], local_pair: Callable[[Edge], Hash
     for e in raw:
         key = local_pair(e)
         seen_on = len(hosts[key])
-        if (seen_on < 2 or seen_on < min(MIN_HOSTS_FOR_PROFILE, host_count)
-                or not pair_bw[key] > 0 or not pair_lat[key] > 0):
+        if seen_on < MIN_HOSTS_FOR_PROFILE or not pair_bw[key] > 0 or not pair_lat[key] > 0:
             out.append(e)
             continue
         out.append(e._replace(busbw_gbps=e.busbw_gbps * best_bw / pair_bw[key],

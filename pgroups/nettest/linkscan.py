@@ -19,8 +19,9 @@ themselves; never mixed): the reference is the median of the measurements within
 even when most links touch a slow host), and a measurement is slow when it is worse than that
 reference by the rule of :func:`.diagnosis.deviation` (bandwidth at the large size or
 time at the small one), or below the optional absolute floor. An intra-host pair is judged
-against the same local pair on the other hosts (:func:`.judging.normalize_local_pairs`), so
-a topology whose socket-crossing pairs are slower on every host is healthy.
+against the same local pair on the other hosts (:func:`.judging.normalize_local_pairs`, with
+three hosts or more), so a topology whose socket-crossing pairs are slower on every host is
+healthy.
 
 **Naming.** A node (a host, or a rank) is *proven healthy* once one of its measurements was
 not slow. A node none of whose measurements is fine and that was slow with three distinct
@@ -416,7 +417,7 @@ class LinkScan:
             ranks_on = {h: len(r) for h, r in self.ranks_of.items()}
             raw = [edge(s.round, s.a, s.b, s.busbw_gbps, s.latency_us) for s in self.samples if s.kind == INTRA]
             scaled = normalize_local_pairs(raw, lambda e: (self._local[e.a], self._local[e.b]),
-                                           lambda e: self.hostnames[e.a], len(self.hosts))
+                                           lambda e: self.hostnames[e.a])
             judged, ref = judge_all(scaled, self.rule, self._control_pairs)
             edges = [r._replace(slow=j.slow, why=j.why + (SCALED if j.why and x != r else ""))
                      for r, x, j in zip(raw, scaled, judged)]   # raw figures, judged scaled
@@ -462,7 +463,10 @@ class LinkScan:
         if settled.split:
             out.append(Culprit("split", tuple(h for nodes, _ in settled.split for h in nodes), (),
                                split_line(settled.split, len(self.hosts), self.rule.min_busbw_gbps)))
-        for host, es in sorted({**hosts.named_nodes, **settled.named_nodes}.items()):
+        # a split: the host-level reference is not proven, so no host or link is blamed
+        named_hosts = {} if settled.split else {**hosts.named_nodes, **settled.named_nodes}
+        named_links = {} if settled.split else hosts.named_links
+        for host, es in sorted(named_hosts.items()):
             partners = sorted({e.partner(host) for e in es})
             value = statistics.median(e.busbw_gbps for e in es)
             out.append(Culprit("host", (host,), tuple(self.ranks_of[host]),
@@ -474,7 +478,7 @@ class LinkScan:
             out.append(Culprit("unresolved", (a, b), (), f"link {a} <-> {b}: slow every time measured ({value:.3g} "
                                f"GB/s in {len(es)} tests vs median {link_ref.busbw_median:.3g} GB/s); the scan "
                                f"ran out of rounds to tell whether {a}, {b} or the link is at fault"))
-        for (a, b), es in sorted(hosts.named_links.items()):
+        for (a, b), es in sorted(named_links.items()):
             value = statistics.median(e.busbw_gbps for e in es)
             tail = ("; with two hosts only it cannot be blamed on one end" if two_hosts else
                     "; both hosts are fast with other partners")
