@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pgroups"
 #: pure decisions, testable without processes at full scale.
 PURE_CORE = ["mesh", "topology", "modes", "config", "initializer", "ranks", "errors", "creation", "models",
              "nccl_options", "virtual_pipeline", "reshard.plan.sim", "reshard.plan.network",
-             "reshard.plan.schedule", "nettest.diagnosis"]
+             "reshard.plan.schedule", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging"]
 SUBSYSTEMS = ("comm", "reshard", "nettest")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch.distributed as dist
 
 from ..errors import GroupTimeoutError
+from ..torch_private import default_store
 
 STORE_PREFIX = "pgroups-nettest/"
 BEAT_INTERVAL_S = 1.0
@@ -193,7 +194,7 @@ class Coordinator:
 
     @classmethod
     def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
-        store = dist.distributed_c10d._get_default_store()
+        store = default_store()
         return cls(store, dist.get_rank(), dist.get_world_size(), timeout_s, hostnames)
 
     def host(self, rank: int) -> str:
