@@ -25,7 +25,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-SLOW_TBF = ["rate", "200mbit", "burst", "64kb", "latency", "200ms"]
+
+def _tbf(rate: str) -> List[str]:
+    """A token bucket at ``rate`` (``200mbit``: about 50x slower than the bridge here)."""
+    return ["rate", rate, "burst", "64kb", "latency", "200ms"]
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -98,20 +101,22 @@ class EmulatedCluster:
             self._in(self.switch, "ip", "link", "set", outside, "up")
 
     # -- faults -------------------------------------------------------------------------------
-    def slow_host(self, i: int) -> None:
-        """tbf on both directions of host ``i``'s link."""
-        self._in(self.ns(i), "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *SLOW_TBF)
-        self._in(self.switch, "tc", "qdisc", "add", "dev", f"{self.id}p{i}", "root", "tbf", *SLOW_TBF)
+    def slow_host(self, i: int, rate: str = "200mbit") -> None:
+        """tbf at ``rate`` on both directions of host ``i``'s link."""
+        shaped = _tbf(rate)
+        self._in(self.ns(i), "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *shaped)
+        self._in(self.switch, "tc", "qdisc", "add", "dev", f"{self.id}p{i}", "root", "tbf", *shaped)
 
-    def slow_link(self, i: int, j: int) -> None:
-        """tbf on the traffic between hosts ``i`` and ``j`` only (each side, towards the other)."""
+    def slow_link(self, i: int, j: int, rate: str = "200mbit") -> None:
+        """tbf at ``rate`` on the traffic between hosts ``i`` and ``j`` only (each side, towards
+        the other)."""
         for me, peer in ((i, j), (j, i)):
             ns = self.ns(me)
             self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10")
             for classid in ("1:10", "1:20"):
                 self._in(ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", classid,
                          "htb", "rate", "100gbit", "quantum", "60000")
-            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "tbf", *SLOW_TBF)
+            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "tbf", *_tbf(rate))
             self._in(ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1",
                      "u32", "match", "ip", "dst", f"{self.address(peer)}/32", "flowid", "1:20")
 

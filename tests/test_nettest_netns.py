@@ -130,6 +130,34 @@ def test_a_slow_link_between_two_of_four_hosts_is_named_as_the_link(tmp_path):
 
 
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_two_slow_hosts_of_four_give_the_one_line_speed_class_split_and_exit_1(tmp_path):
+    # The fast class is the one link between the two healthy hosts: without --min-busbw it is
+    # not proven to be the healthy rate, so nobody is blamed, and one line says so (before:
+    # five of six links slow, no culprit, HEALTHY, exit 0).
+    codes, report, _ = run_cluster(tmp_path, 4, fault=lambda c: (c.slow_host(1), c.slow_host(3)))
+    assert codes == {0: 1, 1: 1, 2: 1, 3: 1}, (codes, report and report.get("culprits"))
+    [split] = report["culprits"]
+    assert split["kind"] == "split", report["culprits"]
+    assert split["reason"].startswith(f"hosts split into two speed classes: {{{host(0)}, {host(2)}}} at ")
+    assert f", {{{host(1)}, {host(3)}}} at " in split["reason"]
+    assert report["summary"]["healthy"] is False and len(report["summary"]["flagged_links"]) == 5
+
+
+SECONDS_RATE = "8mbit"   # 2 MiB in about 2.1 s: one operation on the link takes seconds
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
+def test_a_link_so_slow_that_one_operation_takes_seconds_is_measured_and_named(tmp_path):
+    # Before: waits sliced into 1 s pieces aborted these operations (gloo), exit 3 everywhere.
+    codes, report, _ = run_cluster(tmp_path, 4, fault=lambda c: c.slow_link(1, 3, SECONDS_RATE), extra=["-e", "2M"])
+    assert codes == {0: 1, 1: 1, 2: 1, 3: 1}, (codes, report and report.get("timeout"))
+    named = {(c["kind"], tuple(c["hosts"])) for c in report["culprits"]}
+    assert named == {("link", (host(1), host(3)))}, report["culprits"]
+    cell = report["links"]["matrix"][host(1)][host(3)]
+    assert all(cell["slow"]) and max(cell["busbw_gbps"]) < 0.0015   # 8 Mbit/s = 0.001 GB/s
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_a_host_killed_mid_sweep_gives_exit_3_everywhere_within_the_bound(tmp_path):
     path = tmp_path / "net.json"
     cluster = EmulatedCluster(3)
