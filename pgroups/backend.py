@@ -231,7 +231,6 @@ class GroupBackend:
         label = f"{mode}/{'cpu' if cpu else 'device'}"
         step = f"{label}#{self._steps.get(label, 0)}"
         self._steps[label] = self._steps.get(label, 0) + 1
-        created = len(self._created)
         with timeouts_named(describe):
             meeting = list(range(dist.get_world_size())) if strategy != "local" else my_ranks
             if self._meeting is not None and meeting is not None:
@@ -239,6 +238,7 @@ class GroupBackend:
                 held = self._meeting.meet(f"{step}/{meeting[0]}", what, meeting, dist.get_rank(), torch_private.groups_held())
                 while torch_private.groups_held() < held:  # agree with the peers that hold more groups
                     self._placeholder()
+            created = len(self._created)  # after the agreement: what this step itself registers
             if strategy == "all":
                 group = self._build_all(backend, my_ranks, all_groups(), mode, cpu)
             elif strategy == "split":
@@ -248,13 +248,6 @@ class GroupBackend:
         if len(self._created) == created:  # registered nothing in this step: keep in step
             self._placeholder()
         return group
-
-    @property
-    def registered(self) -> int:
-        """How many groups this backend has made torch register on this rank (placeholders
-        included): what torch's members-only group names count, beyond the groups the process
-        held before (see :mod:`pgroups.creation`)."""
-        return len(self._created)
 
     def _placeholder(self) -> None:
         """Register a one-rank group, so that this rank holds as many groups as its peers after
