@@ -56,7 +56,7 @@ def test_an_operation_that_takes_seconds_completes_and_the_slow_host_is_named(tm
     matrix = report["links"]["matrix"]
     for other in (sim_host(0), sim_host(1)):
         for busbw in matrix[sim_host(2)][other]["busbw_gbps"]:
-            assert MIB2 / (2 * slept_s) / 1e9 <= busbw <= MIB2 / slept_s / 1e9, (other, busbw)
+            assert MIB2 / (2 * slept_s) / 1e9 <= busbw <= 1.01 * MIB2 / slept_s / 1e9, (other, busbw)
     assert matrix[sim_host(0)][sim_host(1)]["slow"] == [False]
     # ...and so were the groups that cross into it: one operation of over two seconds each
     crossing = [m for m in report["measurements"] if m["group"].startswith("inter-node")]
