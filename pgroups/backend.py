@@ -10,8 +10,8 @@ It never decides layouts: callers hand it rank lists (from initializers). It own
 - a dedupe cache, so identical rank lists across modes share one communicator;
 - per-mode NCCL options (``nccl_options:`` in the config) passed as ``ProcessGroupNCCL.Options``
   to the NCCL groups of that mode (modes with different options never share a communicator);
-- timeouts (a peer that never enters raises GroupTimeoutError naming the mode and ranks), and
-  :func:`wait_within`, which waits for a collective with a deadline on every backend;
+- creation timeouts (a peer that never enters raises GroupTimeoutError naming the mode and
+  ranks); how long waits last, and the NCCL watchdog margin, are :mod:`pgroups.deadlines`;
 - destruction.
 
 Contract of lazy creation (``groups: lazy`` or a CPU twin made on first request): creating a
@@ -32,33 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import nccl_options as nccl
 from . import torch_private
+from .deadlines import communicator_timeout, is_timeout, timeouts_named
 from .errors import ConfigError, GroupTimeoutError, LaunchError
 from .ranks import format_ranks
 
 ProcessGroup = dist.ProcessGroup
 GroupKey = Tuple[str, Tuple[int, ...], Optional[Hashable]]
-
-
-#: NCCL groups are created with this much more than ``timeout_s``, so that every wait pgroups makes
-#: in Python (``wait_within`` at ``timeout_s``) ends with GroupTimeoutError before the group's own
-#: watchdog fires — which, with torch's default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, tears the
-#: process down. gloo has no watchdog: its groups keep ``timeout_s``.
-NCCL_WATCHDOG_MARGIN_S = 60.0
-
-
-def communicator_timeout(backend: str, timeout: datetime.timedelta) -> datetime.timedelta:
-    """The timeout a group of ``backend`` is created with for pgroups' Python deadline ``timeout``:
-    ``timeout + NCCL_WATCHDOG_MARGIN_S`` for NCCL, ``timeout`` otherwise (pure)."""
-    if "nccl" in str(backend).lower():
-        return timeout + datetime.timedelta(seconds=NCCL_WATCHDOG_MARGIN_S)
-    return timeout
 
 
 def default_backend_name() -> str:
@@ -401,48 +387,3 @@ def nccl_process_group_options(options: nccl.NcclOptions, options_class: Optiona
     for key, value in nccl.config_fields(options).items():
         setattr(built.config, key, value)
     return built
-
-
-def wait_within(work: "dist.Work", timeout: datetime.timedelta, describe: Callable[[BaseException], str],
-                group: Optional[ProcessGroup] = None) -> None:
-    """Wait for an async collective (``async_op=True``) at most ``timeout``; a peer that never
-    joins raises GroupTimeoutError(describe(exc)) — on NCCL too, where a plain call returns as
-    soon as the kernel is enqueued.
-
-    gloo: ``Work.wait(timeout)`` raises when the deadline passes. NCCL (torch 2.13,
-    ProcessGroupNCCL.hpp, ``WorkNCCL::wait``): with a timeout it blocks the CPU until the kernel
-    completes or the deadline passes, then throws; the stuck communicator of ``group`` is then
-    aborted (``ProcessGroup.abort()``), so the watchdog does not also tear the process down for
-    that work later, and the group cannot be used again (destroy the context). This NCCL path is
-    written from torch's source and is exercised only by tests/gpu (not run here).
-    """
-    try:
-        with timeouts_named(describe):
-            work.wait(timeout)
-    except GroupTimeoutError:
-        if group is not None and "nccl" in str(dist.get_backend(group)).lower():
-            with contextlib.suppress(RuntimeError, dist.DistError):
-                group.abort()
-        raise
-
-
-def is_timeout(exc: BaseException) -> bool:
-    """True if ``exc`` (from torch.distributed or its store) reports a timeout."""
-    text = str(exc).lower()
-    return (isinstance(exc, (TimeoutError, getattr(dist, "DistStoreError", TimeoutError)))
-            or "timeout" in text or "timed out" in text)
-
-
-@contextlib.contextmanager
-def timeouts_named(describe: Callable[[BaseException], str]) -> Iterator[None]:
-    """Re-raise a torch.distributed timeout inside the block as GroupTimeoutError(describe(exc)),
-    so that a hung peer is reported by group and ranks; other errors pass through unchanged."""
-    try:
-        yield
-    except GroupTimeoutError:
-        raise
-    except (RuntimeError, dist.DistError) as exc:
-        if is_timeout(exc):
-            raise GroupTimeoutError(describe(exc)) from exc
-        raise
-

@@ -33,7 +33,7 @@ def gather_hostnames(group: Optional[dist.ProcessGroup] = None,
     Collective over ``group``. The tensors live on ``device`` (default: CPU, for a gloo group;
     pass the GPU for an NCCL group). Exchanges fixed-size byte tensors, so it needs no numpy
     (torch's ``*_object`` collectives do). With ``timeout`` it waits through
-    :func:`pgroups.backend.wait_within` — on NCCL too, where a plain call returns when the kernel
+    :func:`pgroups.deadlines.wait_within` — on NCCL too, where a plain call returns when the kernel
     is enqueued — and a peer that never joins raises GroupTimeoutError(``describe(exc)``).
     """
     name = local_hostname().encode("utf-8")[:MAX_HOSTNAME_BYTES]
@@ -46,7 +46,7 @@ def gather_hostnames(group: Optional[dist.ProcessGroup] = None,
     if timeout is None:
         dist.all_gather(everyone, mine, group=group)
     else:
-        from .backend import wait_within
+        from .deadlines import wait_within
 
         wait_within(dist.all_gather(everyone, mine, group=group, async_op=True), timeout,
                     describe or (lambda exc: f"gathering hostnames timed out after {timeout.total_seconds():g}s"),

@@ -193,7 +193,7 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
     import torch
     import torch.distributed as dist
 
-    from .backend import NCCL_WATCHDOG_MARGIN_S  # NCCL's watchdog fires after pgroups' own waits
+    from .deadlines import communicator_timeout, seconds  # NCCL's watchdog fires after pgroups' own waits
 
     if dist.is_initialized():
         return
@@ -212,7 +212,7 @@ def init_distributed(info: LaunchInfo, device_backend: str = "auto", timeout_s: 
         dist.init_process_group(
             backend="cpu:gloo,cuda:nccl" if use_nccl else "gloo",
             rank=info.rank, world_size=info.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s + (NCCL_WATCHDOG_MARGIN_S if use_nccl else 0.0)),
+            timeout=communicator_timeout("nccl" if use_nccl else "gloo", seconds(timeout_s)),
             **kwargs)
     except (RuntimeError, dist.DistError) as exc:
         raise _rendezvous_error(info, exc) from exc

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .backend import wait_within
+from .deadlines import wait_within
 from .config import ConfigLike
 from .context import ParallelContext
 from .ranks import format_ranks

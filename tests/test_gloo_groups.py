@@ -282,7 +282,7 @@ def wait_within_worker(signals: str) -> Any:
     (60 s): the 3 s deadline that raises is wait_within's."""
     import datetime
 
-    from pgroups.backend import wait_within
+    from pgroups.deadlines import wait_within
 
     ctx = ParallelContext().init_from_config({"parallel": {"tensor": 1}, "timeout_s": 60, "backend": "gloo"})
     try:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pgroups import ConfigError, LaunchError, ParallelContext, load_config
 from pgroups import backend as backend_module
+from pgroups import deadlines
 from pgroups.backend import GroupBackend, nccl_process_group_options
 
 from conftest import fake_world
@@ -132,7 +133,7 @@ def test_nccl_groups_get_their_modes_options(recorded_calls):
             device = [c for c in tensor_calls if c.get("backend") != "gloo"]
             assert device and all(vars(c["pg_options"].config) == {"max_ctas": 8, "net_name": "IB"}
                                   for c in device), strategy
-            assert all(c["pg_options"]._timeout == datetime.timedelta(seconds=30 + backend_module.NCCL_WATCHDOG_MARGIN_S) for c in device)
+            assert all(c["pg_options"]._timeout == datetime.timedelta(seconds=30 + deadlines.NCCL_WATCHDOG_MARGIN_S) for c in device)
             assert all(c["pg_options"] is None for c in data_calls), strategy
             twins = [c for c in tensor_calls if c.get("backend") == "gloo"]
             assert twins and all(c["pg_options"] is None for c in twins), strategy  # gloo takes no NCCL options
@@ -191,7 +192,7 @@ def test_nccl_groups_outlive_pgroups_own_deadline(recorded_calls):
     """Every Python-side wait ends at timeout_s (wait_within); NCCL's watchdog, which tears the
     process down, must fire later: NCCL groups (and their options) get timeout_s plus the margin,
     gloo groups (CPU twins, placeholders) exactly timeout_s."""
-    margin = datetime.timedelta(seconds=backend_module.NCCL_WATCHDOG_MARGIN_S)
+    margin = datetime.timedelta(seconds=deadlines.NCCL_WATCHDOG_MARGIN_S)
     with fake_world(8, 3):
         for strategy in ("local", "all", "split"):
             recorded_calls.clear()
@@ -204,4 +205,4 @@ def test_nccl_groups_outlive_pgroups_own_deadline(recorded_calls):
             assert all(c["timeout"] == datetime.timedelta(seconds=30) + margin for c in device), strategy
             assert all(c["pg_options"]._timeout == datetime.timedelta(seconds=30) + margin for c in device)
             assert all(c["timeout"] == datetime.timedelta(seconds=30) for c in cpu), strategy
-    assert backend_module.NCCL_WATCHDOG_MARGIN_S > 0
+    assert deadlines.NCCL_WATCHDOG_MARGIN_S > 0

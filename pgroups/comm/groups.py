@@ -14,7 +14,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from ..backend import timeouts_named
+from ..deadlines import is_peer_lost, timeouts_named
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError
 from ..modes import ModeLike, ParallelMode, mode_name
@@ -68,17 +68,6 @@ def _device_for(backend_name: str, cpu: bool) -> torch.device:
     if not cpu and "nccl" in backend_name and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-#: texts of torch / gloo / NCCL errors that mean a peer of the group is gone (its process died)
-PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
-                     "connection refused", "remote process exited", "ncclremoteerror")
-
-
-def is_peer_lost(exc: BaseException) -> bool:
-    """Whether a collective failed because a peer's process went away (not a usage error)."""
-    text = str(exc).lower()
-    return any(marker in text for marker in PEER_LOST_MARKERS)
 
 
 @contextlib.contextmanager

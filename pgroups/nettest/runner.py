@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..config import load_config
 from ..context import ParallelContext
-from ..backend import is_timeout
+from ..deadlines import is_timeout
 from ..errors import ConfigError, GroupTimeoutError, LaunchError, ModeNotInitializedError
 from ..hosts import local_hostname
 from ..launch import from_environment
@@ -46,7 +46,6 @@ from .groups import HOST_KINDS, GroupUnderTest, build_catalog, duplicate_kinds, 
 
 RETEST_REPEATS = 3
 PAIR_MAX_BYTES = 8 * 1024 * 1024  # pair tests stop here: enough to compare pairs, and quick
-NCCL_TIMEOUT_MARGIN_S = 60.0  # NCCL groups time out this much after the tool's own deadline
 CLOSE_WAIT_S = 2.0
 
 
@@ -437,12 +436,11 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     aborted first after a hang (destroying one with a hung operation would wait for it).
     """
     config = load_config(options.config)
-    # gloo: the groups' own timeout is --timeout too, so a hung operation fails by itself at
-    # about the moment our wait gives up and no thread is left blocked at exit. NCCL: later
-    # than our deadline, so that the tool, not NCCL's watchdog, reports the hang.
-    nccl = config.backend == "nccl" or (config.backend == "auto" and torch.cuda.is_available())
-    group_timeout = options.timeout_s + (NCCL_TIMEOUT_MARGIN_S if nccl else 0.0)
-    config = attrs.evolve(config, timeout_s=group_timeout)
+    # The groups' deadline is --timeout: gloo groups time out with it (a hung operation fails by
+    # itself at about the moment our wait gives up, and no thread is left blocked at exit); NCCL
+    # communicators get pgroups.deadlines' watchdog margin on top, so that the tool, not NCCL's
+    # watchdog, reports the hang.
+    config = attrs.evolve(config, timeout_s=options.timeout_s)
     board = _startup_board(options) if not dist.is_initialized() else None
     faults = parse_faults(os.environ.get(FAULT_ENV))
     ActiveFaults.for_rank(faults, _env_rank(), local_hostname()).never_start()

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm.raw import all_gather_single
-from ..backend import is_timeout
+from ..deadlines import is_timeout
 from ..errors import GroupTimeoutError, ReshardError
 from ..modes import ParallelMode
 from . import convert

@@ -69,7 +69,7 @@ def lazy_cpu_twin_from_members() -> Any:
 def hung_peer(signals: str) -> Any:
     """Rank 1 never joins rank 0's all_reduce on their tensor group; rank 0 waits 5 s (the groups'
     watchdog timeout is 120 s) and must get GroupTimeoutError, not a hang or a torn-down process."""
-    from pgroups.backend import wait_within
+    from pgroups.deadlines import wait_within
 
     ctx = ParallelContext().init_from_config(CONFIG)
     rank = ctx.get_global_rank()
