@@ -10,6 +10,8 @@ views, also on the gloo executor): equal bit for bit to Megatron-Core's TP shard
 give them (re-derived here), at the lower bound, and the layer computes on them for TP 1-8."""
 from __future__ import annotations
 
+import json
+
 import attrs
 import pytest
 import torch
@@ -294,3 +296,100 @@ def test_megatron_interleaved_to_vllm_fused_qkv_inside_the_transfer(heads, kv_he
                 assert all(torch.equal(got[n], t) for n, t in expected.items()), f"TP {dst_tp}: rank {k}"
         got = sharded_layer(x, fused, vllm_model, names, dst, heads, kv_heads)
         assert relative_error(got, want) < 1e-5, f"interleaved TP {kv_heads} -> [q;k;v] TP {dst_tp}"
+
+
+# ---- a map is one-to-one; YAML names the roles of fused parts -------------------------------------------------
+@pytest.mark.parametrize("tensors, first, second, new", [
+    ({"layers.{layer}.input_norm.weight": "norm", "layers.{layer}.post_norm.weight": "norm"},
+     "'layers.0.input_norm.weight'", "'layers.0.post_norm.weight'", "norm"),
+    ({"embed.weight": "norm.weight"}, "'embed.weight'", "'norm.weight'", "norm.weight"),   # onto an unmapped name
+    ({"layers.{layer}.attn.qkv.weight": {"q": "x", "k": "x", "v": "v"}},
+     "'layers.0.attn.qkv.weight' (role q)", "'layers.0.attn.qkv.weight' (role k)", "x"),
+])
+def test_a_map_sending_two_sources_to_one_name_is_refused_naming_both(tensors, first, second, new):
+    model = llama_like(hidden=8, layers=1, heads=2, kv_heads=1, ffn=4, vocab=6, dtype="float32")
+    names = load_name_map({"name": "clash", "tensors": tensors})
+    lay = layout(1)
+    shards = cut_shards(lay, model, 0, lambda n: torch.zeros(model[n].shape))
+    message = (f"name map 'clash' sends both {first} and {second} to '{new}'").replace("(", r"\(").replace(")", r"\)")
+    for call in (lambda: convert_shards(shards, model, lay, 0, names), lambda: separate_model(model, names),
+                 lambda: fuse_shards(shards, model, lay, 0, names)):
+        with pytest.raises(ConfigError, match=message):
+            call()
+    if not isinstance(next(iter(tensors.values())), str):
+        with pytest.raises(ConfigError, match=message):
+            sub_block_model(model, names)
+    # every tensor in, every tensor out, when the names are distinct
+    fine = load_name_map({"tensors": {"layers.{layer}.input_norm.weight": "n1", "layers.{layer}.post_norm.weight": "n2"}})
+    assert len(convert_shards(shards, model, lay, 0, fine)) == len(shards) == len(model.tensors)
+
+
+MEGATRON_YAML = """
+name: megatron-in-yaml
+num_layers: 2
+dtype: float32
+tensors:
+  - {name: embed.weight, shape: [40, 32], tp_dim: 0, layer: embedding}
+  - {name: "layers.{layer}.input_norm.weight", shape: [32]}
+  - name: "layers.{layer}.attn.qkv.weight"
+    shape: [48, 32]                      # 8 q heads + 2 k + 2 v heads of 4
+    tp_dim: 0
+    fused: {qkv_interleaved: {heads: 8, kv_heads: 2, head_dim: 4}}
+  - name: "layers.{layer}.attn.o.weight"
+    shape: [32, 32]
+    tp_dim: 1
+    fused: {heads: {heads: 8, kv_heads: 2, head_dim: 4}}
+  - {name: "layers.{layer}.post_norm.weight", shape: [32]}
+  - name: "layers.{layer}.mlp.gate_up.weight"
+    shape: [48, 32]
+    tp_dim: 0
+    fused: {parts: {sizes: [24, 24], names: [gate, up]}}
+  - {name: "layers.{layer}.mlp.down.weight", shape: [32, 24], tp_dim: 1}
+  - {name: norm.weight, shape: [32], layer: head}
+  - {name: lm_head.weight, shape: [40, 32], tp_dim: 0, layer: head}
+"""
+
+
+def test_the_llama_map_converts_a_megatron_model_declared_in_yaml():
+    from pgroups.reshard import load_model_spec
+    model = load_model_spec(MEGATRON_YAML)
+    assert [b.name for b in model["layers.0.mlp.gate_up.weight"].blocks] == ["gate", "up"]
+    w = {"q": torch.randn(32, 32), "k": torch.randn(8, 32), "v": torch.randn(8, 32), "gate": torch.randn(24, 32),
+         "up": torch.randn(24, 32)}
+    for tp_size in (1, 2):
+        for k, mega in enumerate(megatron_shards({**w, "o": torch.randn(32, 32), "down": torch.randn(32, 24)},
+                                                 8, 2, "interleaved", tp_size)):
+            lay = layout(tp_size)
+            shards = cut_shards(lay, model, k, lambda n: torch.randn(model[n].shape))
+            shards["layers.1.attn.qkv.weight"], shards["layers.1.mlp.gate_up.weight"] = mega["qkv"], mega["gate_up"]
+            hf = convert_shards(shards, model, lay, k, LLAMA)
+            p = "model.layers.1."
+            # Hugging Face's separate tensors, cut as the row chunks a TP rank of a separate layout holds
+            for name, full in ((p + "self_attn.q_proj.weight", w["q"]), (p + "self_attn.k_proj.weight", w["k"]),
+                               (p + "self_attn.v_proj.weight", w["v"]), (p + "mlp.gate_proj.weight", w["gate"]),
+                               (p + "mlp.up_proj.weight", w["up"])):
+                assert torch.equal(hf[name], full.chunk(tp_size)[k]), (tp_size, k, name)
+            assert len(hf) == len(shards) + 3 * 2     # qkv → 3 and gate_up → 2 in each of 2 layers
+
+
+@pytest.mark.parametrize("parts, message", [
+    ("{sizes: [2, 2], names: [gate]}", r"fused.parts.names must be 2 distinct names, one per size"),
+    ("{sizes: [2, 2], names: [gate, gate]}", r"fused.parts.names must be 2 distinct names"),
+    ("{sizes: [2, 2], name: [gate, up]}", r"fused.parts.name: unknown key \(did you mean 'names'\?\)"),
+])
+def test_bad_part_names_raise_one_clear_config_error(parts, message):
+    from pgroups.reshard import load_model_spec
+    with pytest.raises(ConfigError, match=message):
+        load_model_spec(f"tensors: [{{name: a, shape: [4], layer: 0, tp_dim: 0, fused: {{parts: {parts}}}}}]")
+
+
+def test_the_shipped_model_example_converts_under_the_llama_map(capsys):
+    from pgroups.cli import main
+    args = ["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+            "--world-size", "16", "--model", "config_examples/reshard_model.yaml"]
+    for side in ("--src-names", "--dst-names"):
+        assert main(args + [side, "llama", "--json"]) == 0, capsys.readouterr().err
+        data = json.loads(capsys.readouterr().out)
+        names = data["names"][side[2:5]]
+        # 4 layers x (qkv, gate_up) split by role; every tensor but lm_head (same name in HF) renamed
+        assert names["fused"] == 8 and names["renamed"] == 3 + 5 * 4 - 1 and data["ratio"] == 1.0

@@ -654,7 +654,7 @@ def test_cli_reshard_plan_reports_experts_padding_dtypes_and_fusing(capsys, tmp_
 @pytest.mark.parametrize("extra, message", [
     (["--dst-dtype", "fp9"], r"--dst-dtype 'fp9' is not known; allowed: .*'fp8'"),
     (["--src-names", "missing.yaml"], r"missing.yaml: cannot read name map"),
-    (["--dst-names", "{tensors: {'layers.{layer}.attn.qkv.weight': {q: q}}}"],
+    (["--dst-names", "{tensors: {'layers.{layer}.attn.qkv.weight': {q: 'q.{layer}'}}}"],
      r"has sub-block roles k, q, v but the map names q; to fuse, name every role"),
 ])
 def test_cli_reshard_plan_bad_conversion_options_exit_2_with_one_line(capsys, extra, message):
@@ -664,3 +664,35 @@ def test_cli_reshard_plan_bad_conversion_options_exit_2_with_one_line(capsys, ex
     assert main(args + extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_cli_agreement_hash_covers_destination_dtypes_and_is_what_the_resharder_compares(capsys):
+    import types
+    from pgroups.reshard import Resharder
+    args = ["reshard-plan", "config_examples/reshard_train.yaml", "config_examples/reshard_infer.yaml",
+            "--world-size", "16", "--model", "config_examples/reshard_model.yaml", "--json"]
+    runs = {}
+    for name, extra in (("none", []), ("bf16", ["--dst-dtype", "bf16"]), ("fp16", ["--dst-dtype", "fp16"]),
+                        ("fp8", ["--dst-dtype", "fp8"]), ("fp8 bucket", ["--dst-dtype", "fp8", "--bucket-bytes", "4096"]),
+                        ("fp8 verify", ["--dst-dtype", "fp8", "--verify"]), ("fp8 rank 3", ["--dst-dtype", "fp8", "--rank", "3"])):
+        assert main(args + extra) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    assert len({r["plan_hash"] for r in runs.values()}) == 1       # the plan itself does not depend on them
+    hashes = {name: r["agreement_hash"] for name, r in runs.items()}
+    assert hashes["none"] == hashes["bf16"]                         # the model is bf16: nothing is converted
+    assert len({hashes[n] for n in ("none", "fp16", "fp8", "fp8 bucket", "fp8 verify")}) == 5
+    assert hashes["fp8 rank 3"] == hashes["fp8"]
+    # the number a Resharder's ranks compare (its errors print it) for the same options
+    model = load_model_spec("config_examples/reshard_model.yaml")
+    plan = plan_reshard(load_layout("config_examples/reshard_train.yaml", 16),
+                        load_layout("config_examples/reshard_infer.yaml", 16), model)
+    fp8 = {t.name: torch.float8_e4m3fn for t in model.tensors if len(t.shape) >= 2}
+    context = types.SimpleNamespace(get_global_rank=lambda: 0, config=None)
+    for name, kwargs in (("none", {}), ("fp8", {"dst_dtypes": fp8}), ("fp8 bucket", {"dst_dtypes": fp8, "bucket_bytes": 4096}),
+                         ("fp8 verify", {"dst_dtypes": fp8, "verify": True})):
+        digest = Resharder(plan, context=context, **kwargs).digest
+        assert f"{digest & (2 ** 64 - 1):016x}" == hashes[name], name
+    assert main(args[:-1] + ["--dst-dtype", "fp8"]) == 0
+    assert f"agreement hash {hashes['fp8']}" in capsys.readouterr().out
+    assert main(args + ["--bucket-bytes", "0"]) == 2
+    assert "--bucket-bytes must be a positive integer, got 0" in capsys.readouterr().err

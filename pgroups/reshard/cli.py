@@ -5,7 +5,11 @@ SRC and DST are pgroups configs with an optional ``placement:`` section (see
 Hosts are unknown offline unless given: ``--ranks-per-host K`` (K consecutive ranks per host,
 as torchrun places them) or ``--hostfile FILE`` (one host name per rank, in rank order).
 ``--rank R`` reports only rank R's share (what it sends, receives, copies; fast at any world
-size, as each rank computes it at run time). The plan hash is the one every rank agrees on.
+size, as each rank computes it at run time). Two hashes are printed: the plan hash (layouts, model,
+hosts: what the plan is a function of) and the agreement hash — the plan hash with the options
+both ends of a message share (destination dtypes, ``bucket_bytes`` and ``verify``, at the
+``Resharder``'s defaults unless ``--bucket-bytes`` / ``--verify`` say otherwise): the number the
+ranks of a ``Resharder`` compare before any byte moves, and the one its errors name.
 The report lists routed experts (each side's expert mesh, the experts each rank owns), vocabulary
 padding, dtypes, bytes per rank against the lower bound, steps, and with hosts known the bytes each
 host sends to and receives from other hosts (max/mean over hosts). ``--dst-dtype D`` converts
@@ -31,6 +35,7 @@ from .names import conversion_report, load_name_map, sub_block_model
 from .plan.network import host_bytes, max_over_mean
 from .planner import Plan, _fmt_bytes, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
+from .wire import DEFAULT_BUCKET_BYTES, agreement_digest
 from .spec import ModelSpec, llama_like, load_model_spec
 
 
@@ -55,6 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                             "YAML): fused locally before the transfer")
     parser.add_argument("--dst-names", help="the destination splits / renames under this name map after the "
                                             "transfer")
+    parser.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES,
+                        help=f"the Resharder's bucket_bytes, for the agreement hash (default {DEFAULT_BUCKET_BYTES})")
+    parser.add_argument("--verify", action="store_true", help="the Resharder runs with verify=True (agreement hash)")
     parser.set_defaults(func=cmd_reshard_plan)
 
 
@@ -136,6 +144,8 @@ def _layouts(args: argparse.Namespace):
 def cmd_reshard_plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be a positive integer, got {args.world_size}")
+    if args.bucket_bytes < 1:
+        raise ConfigError(f"--bucket-bytes must be a positive integer, got {args.bucket_bytes}")
     src, dst = _layouts(args)
     model = load_model_spec(args.model) if args.model else llama_like(name="llama-3-8b-shapes")
     model, conversions = _conversions(args, model)
@@ -144,16 +154,20 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
         if not 0 <= args.rank < args.world_size:
             raise ConfigError(f"--rank {args.rank} is outside the job's ranks 0..{args.world_size - 1}")
         share = plan_share(src, dst, model, args.rank, _hosts(args))
+        agreement = _agreement(args, share, model, dtypes)
         if args.json:
-            print(json.dumps({"world_size": args.world_size, **share.summary(dtypes), "names": conversions}))
+            print(json.dumps({"world_size": args.world_size, **share.summary(dtypes), **agreement,
+                              "names": conversions}))
         else:
-            print("\n".join([describe_share(share, dtypes), *_describe_conversions(conversions)]))
+            print("\n".join([describe_share(share, dtypes), _describe_agreement(agreement),
+                             *_describe_conversions(conversions)]))
         return 0 if share.report is None or share.report.ratio == 1.0 else 1
     hosts = _hosts(args)
     plan = plan_reshard(src, dst, model, hosts)
     traffic = _host_traffic(plan, hosts)
+    agreement = _agreement(args, plan, model, dtypes)
     if args.json:
-        result = {"world_size": args.world_size, **plan.summary(dtypes), "names": conversions}
+        result = {"world_size": args.world_size, **plan.summary(dtypes), **agreement, "names": conversions}
         if traffic is not None:
             result["host_bytes"] = traffic
         if args.transfers:
@@ -163,7 +177,8 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
                  "dst_local": [list(b) for b in t.dst_box]} for t in plan.transfers]
         print(json.dumps(result))
     else:
-        lines = [describe_plan(plan, dst_dtypes=dtypes), *_describe_conversions(conversions)]
+        lines = [describe_plan(plan, dst_dtypes=dtypes), _describe_agreement(agreement),
+                 *_describe_conversions(conversions)]
         if traffic is not None:
             lines.append(f"bytes between hosts (source dtypes): {len(traffic['hosts'])} hosts; per host out max/mean "
                          f"{traffic['out_max_over_mean']:.2f}, in max/mean {traffic['in_max_over_mean']:.2f} "
@@ -181,3 +196,20 @@ def _host_traffic(plan: Plan, hosts: Optional[List[str]]) -> Optional[Dict[str, 
     return {"hosts": {h: list(v) for h, v in sorted(per_host.items())},
             "out_max_over_mean": max_over_mean(v[0] for v in per_host.values()),
             "in_max_over_mean": max_over_mean(v[1] for v in per_host.values())}
+
+
+def _agreement(args: argparse.Namespace, plan: Any, model: ModelSpec, dtypes: Dict[str, torch.dtype]) -> Dict[str, Any]:
+    """The hash a Resharder's ranks compare for this plan (``plan`` or a share: one digest) with
+    these destination dtypes, ``--bucket-bytes`` and ``--verify``, and those options."""
+    converted = convert.converted_dtypes(model, dtypes)
+    digest = agreement_digest(plan, args.bucket_bytes, converted, args.verify)
+    return {"agreement_hash": f"{digest & (2 ** 64 - 1):016x}",
+            "agreement": {"bucket_bytes": args.bucket_bytes, "verify": args.verify,
+                          "converted_tensors": len(converted)}}
+
+
+def _describe_agreement(agreement: Dict[str, Any]) -> str:
+    a = agreement["agreement"]
+    return (f"agreement hash {agreement['agreement_hash']} (the plan hash with {a['converted_tensors']} tensors "
+            f"converted at the sender, bucket_bytes {a['bucket_bytes']}, verify {'on' if a['verify'] else 'off'}: "
+            "what a Resharder's ranks compare before any byte moves)")

@@ -80,6 +80,12 @@ def resolve_dst_dtypes(model, dst_dtypes: Optional[Mapping[str, torch.dtype]]) -
     return result
 
 
+def converted_dtypes(model, dst_dtypes: Mapping[str, torch.dtype]) -> Dict[str, torch.dtype]:
+    """``{tensor name: destination dtype}`` of the tensors of ``model`` whose destination dtype
+    (from :func:`resolve_dst_dtypes`) differs from their own: what the sender converts."""
+    return {name: dtype for name, dtype in dst_dtypes.items() if dtype != model[name].dtype}
+
+
 def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, dims: Sequence[int]) -> Tuple[int, int]:
     """``(payload bytes, total bytes)`` of a region of ``shape`` on the wire in ``dst_dtype``: the
     values in the destination dtype, then (fp8) the float32 scales, 4-byte aligned."""

@@ -201,7 +201,7 @@ class Resharder:
             timeout_s = context.config.timeout_s if context.config is not None else 1800.0
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.dst_dtypes = convert.resolve_dst_dtypes(plan.model, dst_dtypes)
-        self._converted = {n: d for n, d in self.dst_dtypes.items() if d != plan.model[n].dtype}
+        self._converted = convert.converted_dtypes(plan.model, self.dst_dtypes)
         self.digest = agreement_digest(plan, bucket_bytes, self._converted, verify)
         self.sends, self.recvs, copies = plan.transfers_of(self.rank)
         self.fills = plan.fills_of(self.rank)   # vocabulary padding: zero-filled here, never sent

@@ -123,6 +123,22 @@ def load_name_map(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]]) -> Nam
     return NameMap(tuple(rules), str(data.get("name", "names")))
 
 
+def check_one_to_one(model: ModelSpec, names: NameMap) -> None:
+    """ConfigError naming both sources when ``names`` gives two tensors of ``model`` (or two roles
+    of one fused tensor, or a renamed tensor and one it leaves alone) the same new name: one of
+    them would be lost."""
+    sources: Dict[str, str] = {}
+    for spec in model.tensors:
+        target = names.target(spec.name)
+        pairs = [(target, repr(spec.name))] if isinstance(target, str) else [
+            (new, f"{spec.name!r} (role {role})") for role, new in target.items()]
+        for new, source in pairs:
+            if new in sources:
+                raise ConfigError(f"name map {names.name!r} sends both {sources[new]} and {source} to {new!r}; "
+                                  "every new name must come from one tensor (or one role of a fused tensor)")
+            sources[new] = source
+
+
 def block_role(block: Block) -> str:
     """A sub-block's role: its name, without the group number for attention heads (``q3`` → ``q``)."""
     return block.name.rstrip("0123456789") if block.heads is not None else block.name
@@ -154,7 +170,8 @@ def convert_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout:
                    names: NameMap) -> Dict[str, torch.Tensor]:
     """``rank``'s shards (in ``model``'s names and fused layouts, on ``layout``) under the names of
     ``names``, fused tensors split by role. Raises ConfigError naming a tensor whose map asks for a
-    role it has no sub-block of."""
+    role it has no sub-block of, or two tensors sent to one name (:func:`check_one_to_one`)."""
+    check_one_to_one(model, names)
     result: Dict[str, torch.Tensor] = {}
     for spec, tp, tp_size, _, _ in held_tensors(layout, model, rank):
         target = names.target(spec.name)
@@ -188,7 +205,9 @@ def separate_model(model: ModelSpec, names: NameMap) -> ModelSpec:
     role's sub-blocks in block order (separate q / k / v in head order, gate and up), split over
     TP by the same rule — so a rank's separate shards hold exactly the rows of its fused shard.
     This is the layout a Hugging Face checkpoint (TP 1) or a vLLM-style separate layout has.
-    Raises ConfigError if a map names only some roles of a fused tensor."""
+    Raises ConfigError if a map names only some roles of a fused tensor, or sends two tensors to
+    one name."""
+    check_one_to_one(model, names)
     specs: List[TensorSpec] = []
     for spec in model.tensors:
         target = names.target(spec.name)
@@ -211,7 +230,9 @@ def fuse_shards(shards: Mapping[str, torch.Tensor], model: ModelSpec, layout: Pa
     renamed. The inverse of :func:`convert_shards`.
 
     Raises ConfigError naming the tensor when a separate shard is missing, or does not have the
-    rows this rank's fused shard takes from it (a shard of another layout or TP rank)."""
+    rows this rank's fused shard takes from it (a shard of another layout or TP rank), or when
+    the map sends two tensors to one name."""
+    check_one_to_one(model, names)
     result: Dict[str, torch.Tensor] = {}
 
     def get(name: str, fused: str) -> torch.Tensor:
@@ -294,7 +315,8 @@ def _sub_blocks(spec: TensorSpec) -> List[Tuple[str, str, Block, int]]:
 def _converted(model: ModelSpec, names: NameMap) -> Dict[str, Mapping[str, str]]:
     """``{fused tensor: {role: separate name}}`` of the tensors ``names`` splits by role; ConfigError
     if one cannot be converted in the transfer (its split dim is not dim 0: views would not be
-    contiguous)."""
+    contiguous), or if it sends two tensors to one name."""
+    check_one_to_one(model, names)
     out = {}
     for spec in model.tensors:
         target = names.target(spec.name)

@@ -489,6 +489,7 @@ _MODEL_KEYS = ("name", "num_layers", "dtype", "tensors", "synthetic")
 _FUSED_KINDS = ("qkv", "qkv_interleaved", "heads", "parts")
 _HEADS_KEYS = ("heads", "kv_heads", "head_dim")
 _EXPERTS_KEYS = ("num", "dim", "index")
+_PARTS_KEYS = ("sizes", "unit", "names")
 LAYER_PLACEHOLDER = "{layer}"
 EXPERT_PLACEHOLDER = "{expert}"
 
@@ -508,7 +509,7 @@ def load_model_spec(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], sour
           - name: "layers.{layer}.mlp.gate_up.weight"
             shape: [256, 64]
             tp_dim: 0
-            fused: {parts: [128, 128]}
+            fused: {parts: {sizes: [128, 128], names: [gate, up]}}   # roles a name map splits by
           - {name: "layers.{layer}.mlp.down.weight", shape: [64, 128], tp_dim: 1}
           - {name: norm.weight, shape: [64], layer: head}
           - {name: lm_head.weight, shape: [1000, 64], tp_dim: 0, layer: head}
@@ -624,18 +625,29 @@ def _fused_blocks(value: Any, at: str) -> Optional[Tuple[Block, ...]]:
         except ConfigError as exc:
             raise ConfigError(f"{at}{exc}") from None
     if kind == "parts":
-        if isinstance(options, Mapping):
-            sizes, unit = options.get("sizes"), options.get("unit", 1)
-        else:
-            sizes, unit = options, 1
-        if not isinstance(sizes, list) or not sizes or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
-            raise ConfigError(f"{at}fused.parts must be a list of positive sizes, got {sizes!r}")
-        if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
-            raise ConfigError(f"{at}fused.parts.unit must be a positive integer, got {unit!r}")
-        return parts_blocks(sizes, unit)
+        return _parts_blocks(options, at)
     raise ConfigError(f"{at}fused: unknown layout {kind!r}{did_you_mean(str(kind), _FUSED_KINDS)}; "
                       f"allowed: {allowed(_FUSED_KINDS)}")
+
+
+def _parts_blocks(options: Any, at: str) -> Tuple[Block, ...]:
+    """``fused: {parts: [sizes]}`` or ``{parts: {sizes: [...], unit: U, names: [...]}}``: the part
+    names are the roles a name map splits by (default ``part0``, ``part1``, …)."""
+    if isinstance(options, Mapping):
+        _reject_unknown(options, _PARTS_KEYS, "fused.parts.", at)
+        sizes, unit, names = options.get("sizes"), options.get("unit", 1), options.get("names", ())
+    else:
+        sizes, unit, names = options, 1, ()
+    if not isinstance(sizes, list) or not sizes or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ConfigError(f"{at}fused.parts must be a list of positive sizes, got {sizes!r}")
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+        raise ConfigError(f"{at}fused.parts.unit must be a positive integer, got {unit!r}")
+    if names and (not isinstance(names, list) or len(names) != len(sizes) or len(set(names)) != len(names)
+                  or not all(isinstance(n, str) and n for n in names)):
+        raise ConfigError(f"{at}fused.parts.names must be {len(sizes)} distinct names, one per size "
+                          f"(e.g. [gate, up]), got {names!r}")
+    return parts_blocks(sizes, unit, names)
 
 
 def _reject_unknown(data: Mapping[str, Any], known: Tuple[str, ...], prefix: str, where: str) -> None:
