@@ -220,7 +220,7 @@ class GroupBackend:
         with timeouts_named(describe):
             meeting = list(range(dist.get_world_size())) if strategy != "local" else my_ranks
             if self._meeting is not None and meeting is not None:
-                what = f"the {'cpu' if cpu else 'device'} group of mode {mode!r}"
+                what = f"creating the {'cpu' if cpu else 'device'} group of mode {mode!r}"
                 held = self._meeting.meet(f"{step}/{meeting[0]}", what, meeting, dist.get_rank(), torch_private.groups_held())
                 while torch_private.groups_held() < held:  # agree with the peers that hold more groups
                     self._placeholder()
@@ -309,6 +309,22 @@ class GroupBackend:
         self._created = [g for g in self._created if g is not group]
         self._cache = {key: g for key, g in self._cache.items() if g is not group}
 
+    def settle(self, rank: int, world_size: int) -> Optional[str]:
+        """Meet every rank of the world through the store before a teardown, at most the creation
+        deadline: a rank that destroys its groups while a peer is still inside a collective with it
+        closes gloo connections under the peer (seen as "terminate called without an active
+        exception" in the README's ISP loop, 3 runs of 8 without a barrier). Returns None, or the
+        one-line reason when some ranks never arrived (the caller destroys anyway). Nothing to do
+        under the fake backend or in a world of one."""
+        if self._meeting is None or world_size == 1:
+            return None
+        try:
+            self._meeting.meet("teardown", "meeting before the teardown", list(range(world_size)), rank, 0,
+                               hint="did they exit, or fail, without calling destroy()?")
+        except GroupTimeoutError as exc:
+            return str(exc)
+        return None
+
     def destroy(self) -> None:
         """Destroy every group this backend created (not the default group)."""
         for group in reversed(self._created):
@@ -318,6 +334,10 @@ class GroupBackend:
                 pass  # already gone with the default group
         self._created.clear()
         self._cache.clear()
+
+
+CREATION_HINT = ("are they running and requesting the same modes? across hosts, set GLOO_SOCKET_IFNAME / "
+                 "NCCL_SOCKET_IFNAME")
 
 
 class CreationRendezvous:
@@ -339,10 +359,12 @@ class CreationRendezvous:
         self.store = store
         self.timeout = datetime.timedelta(seconds=timeout_s)
 
-    def meet(self, step: str, what: str, members: Sequence[int], rank: int, held: int) -> int:
+    def meet(self, step: str, what: str, members: Sequence[int], rank: int, held: int,
+             hint: str = CREATION_HINT) -> int:
         """Arrive at ``step`` (a key every member derives alike) with ``held`` groups; return the
         largest count among ``members`` once all arrived. Raises GroupTimeoutError naming
-        ``what`` is being created, the ranks that arrived and the ones that did not."""
+        ``what`` the members meet for (e.g. "creating mode 'tensor'"), the ranks that arrived and
+        the ones that did not, and ``hint``."""
         store = self.store
         store.set(f"{step}/held/{rank}", str(held))
         if store.add(f"{step}/arrived", 1) == len(members):
@@ -356,11 +378,9 @@ class CreationRendezvous:
             entered = [m for m in members if self._arrived(f"{step}/held/{m}")]
             missing = [m for m in members if m not in entered]
             raise GroupTimeoutError(
-                f"creating {what} with ranks {format_ranks(members)} timed out after "
+                f"{what} with ranks {format_ranks(members)} timed out after "
                 f"{self.timeout.total_seconds():g}s (creation_timeout_s) on rank {rank}: ranks "
-                f"{format_ranks(entered)} entered, ranks {format_ranks(missing)} never did (are they "
-                "running and requesting the same modes? across hosts, set GLOO_SOCKET_IFNAME / "
-                "NCCL_SOCKET_IFNAME)") from exc
+                f"{format_ranks(entered)} entered, ranks {format_ranks(missing)} never did ({hint})") from exc
         return int(store.get(f"{step}/most"))
 
     def _arrived(self, key: str) -> bool:

@@ -155,7 +155,7 @@ class ParallelContext:
                 # exchanges) may be a subset, so it is built now, while every rank is here.
                 self._cpu_group(ParallelMode.GLOBAL.value)
         except BaseException:
-            self.destroy()  # never leave a half-built context behind: a retry starts clean
+            self.destroy(sync=False)  # never leave a half-built context behind: a retry starts clean
             raise
         return self
 
@@ -199,8 +199,19 @@ class ParallelContext:
     def _make_initializers(self, cfg: Config, topology: Topology) -> Dict[str, ProcessGroupInitializer]:
         return make_initializers(self.registry, cfg, topology)
 
-    def destroy(self) -> None:
-        """Destroy every group (and the default group if this context started it). Idempotent."""
+    def destroy(self, sync: bool = True) -> None:
+        """Destroy every group (and the default group if this context started it). Idempotent.
+
+        Safe right after collectives: with ``sync`` (default) every rank of the job first meets
+        the others through the store (at most the creation deadline, ``creation_timeout_s``), so
+        no rank closes its connections while a peer is still inside a collective with it. A peer
+        that never arrives gives a warning naming it, and the teardown goes on. Pass
+        ``sync=False`` after a failure (a dead or hung peer), where waiting would only delay.
+        """
+        if sync and self.backend is not None and self.topology is not None:
+            reason = self.backend.settle(self._rank, dist.get_world_size() if dist.is_initialized() else 1)
+            if reason is not None:
+                warnings.warn(f"destroy(): {reason}; destroying anyway", RuntimeWarning, stacklevel=2)
         if self.backend is not None:
             self.backend.destroy()
         if self._owns_default_group and dist.is_initialized():

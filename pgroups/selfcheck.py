@@ -62,6 +62,7 @@ def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
     start = time.perf_counter()
     ctx.init_from_config(config)
     init_s = time.perf_counter() - start
+    checked_all = False
     try:
         rank = ctx.get_global_rank()
         if ctx.model_names:  # each model is checked by its ranks; its first rank reports it
@@ -78,9 +79,10 @@ def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
         result = {"modes": summary, "init_s": init_s, "calls": ctx.backend.calls,
                   "backend": ctx.backend.device_backend, "strategy": ctx.backend.strategy,
                   "layout": layout}
+        checked_all = True
         return result if rank == 0 or summary and ctx.model_names else None
     finally:
-        ctx.destroy()
+        ctx.destroy(sync=checked_all)  # after a failure a peer may be gone: no meeting
 
 
 def merge_results(values: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:

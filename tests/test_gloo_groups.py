@@ -307,3 +307,40 @@ def test_wait_within_turns_a_missing_peer_into_a_group_timeout(tmp_path):
     outcomes = run_ranks_outcomes(2, wait_within_worker, str(tmp_path), timeout_s=80)
     assert outcomes[0].ok, outcomes[0].error
     assert outcomes[0].value == "all_reduce over the world: rank 1 missing"
+
+
+def teardown_worker() -> Any:
+    """destroy() right after a collective: every rank leaves destroy() only after the last rank
+    entered it (rank 3 arrives 1 s late). Then a second context whose rank 3 never calls
+    destroy(): the others warn, naming it, after the 2 s creation deadline, and tear down anyway.
+    Clock readings are CLOCK_MONOTONIC, one clock for every process of this machine."""
+    import warnings
+
+    config = {"parallel": {"tensor": 2}, "backend": "gloo", "timeout_s": 30, "creation_timeout_s": 2}
+    ctx = ParallelContext().init_from_config(config)
+    rank = ctx.get_global_rank()
+    dist.all_reduce(torch.ones(1), group=ctx.get_group("tensor"))
+    if rank == 3:
+        time.sleep(1.0)
+    entered = time.monotonic()
+    ctx.destroy()
+    left = time.monotonic()
+    ctx.init_from_config(config)
+    if rank == 3:
+        return {"entered": entered, "left": left, "warnings": []}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctx.destroy()
+    return {"entered": entered, "left": left, "warnings": [str(w.message) for w in caught]}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_destroy_right_after_a_collective_waits_for_every_rank_and_names_one_that_never_comes():
+    results = run_ranks(4, teardown_worker, timeout_s=80)
+    last_entry = max(r["entered"] for r in results)
+    assert all(r["left"] >= last_entry for r in results), results
+    for rank, result in enumerate(results[:3]):
+        assert len(result["warnings"]) == 1, (rank, result)
+        assert "ranks [0, 1, 2] entered, ranks [3] never did (did they exit" in result["warnings"][0], result["warnings"]
+        assert "meeting before the teardown" in result["warnings"][0]

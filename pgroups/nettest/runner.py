@@ -586,6 +586,6 @@ def _close_context(ctx: ParallelContext, hung: bool) -> None:
 
 def _destroy_quietly(ctx: ParallelContext) -> None:
     try:
-        ctx.destroy()
+        ctx.destroy(sync=False)
     except Exception:  # noqa: BLE001 - tearing down after a hang: nothing left to report
         pass
