@@ -33,7 +33,7 @@ from ..errors import ConfigError, allowed
 from .layout import load_layout, model_layout
 from .names import conversion_report, load_name_map, sub_block_model
 from .plan.network import host_bytes, max_over_mean
-from .planner import Plan, _fmt_bytes, describe_plan, describe_share, plan_reshard, plan_share
+from .planner import Plan, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
 from .wire import DEFAULT_BUCKET_BYTES, agreement_digest
 from .spec import ModelSpec, llama_like, load_model_spec
