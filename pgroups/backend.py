@@ -313,7 +313,7 @@ class GroupBackend:
         """Meet every rank of the world through the store before a teardown, at most the creation
         deadline: a rank that destroys its groups while a peer is still inside a collective with it
         closes gloo connections under the peer (seen as "terminate called without an active
-        exception" in the README's ISP loop, 3 runs of 8 without a barrier). Returns None, or the
+        exception" in docs/isp.md's training loop, 3 runs of 8 without a barrier). Returns None, or the
         one-line reason when some ranks never arrived (the caller destroys anyway). Nothing to do
         under the fake backend or in a world of one."""
         if self._meeting is None or world_size == 1:

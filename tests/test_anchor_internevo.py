@@ -109,7 +109,7 @@ def test_internevo_docstring_examples():
 def test_the_two_expert_layouts_agree_when_pp_is_last_and_ep_before_dp(tp, cp, dp, data):
     """Megatron's default order (tp-cp-ep-dp-pp) puts each stage's ranks together with etp
     fastest then ep: there the two layouts are the same groups. They differ when pipeline is
-    not the slowest axis or ep comes after dp (see the README)."""
+    not the slowest axis or ep comes after dp (see docs/layout.md)."""
     pp = data.draw(st.integers(1, 3))
     stage = tp * cp * dp
     ep = data.draw(st.sampled_from([d for d in range(1, stage + 1) if stage % d == 0]))

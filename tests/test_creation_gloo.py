@@ -30,7 +30,7 @@ SCENARIOS: List[Dict[str, Any]] = [
     {"parallel": {"pipeline": 4, "modes": ["embedding", "tp-pp", "dp-pp"], "order": "tp-dp-pp"}},
     # lazy device groups: members request them on first use (see the worker)
     {"parallel": {"pipeline": 3, "modes": ["embedding", "dp-pp"]}, "groups": "lazy"},
-    # user modes over part of the world, the README's "each rank in at most one group"
+    # user modes over part of the world, docs/groups.md's "each rank in at most one group"
     {"parallel": {"tensor": 2}, "extra_modes": {"part_a": {"groups": [[0, 1]]}, "part_b": {"groups": [[0, 2]]},
                                                  "part_c": {"groups": [[1, 2, 5], [7, 11]]}}},
 ]

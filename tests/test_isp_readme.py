@@ -1,4 +1,4 @@
-"""The README's ISP training loop runs as written: extracted and launched with torchrun on 4
+"""The ISP training loop of docs/isp.md runs as written: extracted and launched with torchrun on 4
 gloo ranks."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from pgroups.launch import free_port
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "docs" / "isp.md"
 
 
 def readme_script() -> str:
@@ -29,7 +30,7 @@ def test_readme_training_loop_runs_as_written(tmp_path):
     script = tmp_path / "isp_train.py"
     script.write_text(readme_script())
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(README.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # a fixed single-node launch on a free port: no rendezvous service to share with other jobs'
     # torchrun on this machine (a --standalone run failed once under load, cause not recorded)
     launch = ["--nnodes", "1", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),

@@ -260,7 +260,7 @@ def check_no_grad(expect: Expect, ctx) -> None:
 
 
 FP32_MICRO = 4
-BF16_GRAD_RTOL = 1e-2   # relative (norm) distance of bf16-computed gradients from fp32 ones: see README
+BF16_GRAD_RTOL = 1e-2   # relative (norm) distance of bf16-computed gradients from fp32 ones: see docs/isp.md
 
 
 def check_fp32_grads(expect: Expect, ctx) -> None:

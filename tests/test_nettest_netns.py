@@ -5,7 +5,7 @@ where namespaces cannot be made (not root, no ``ip netns``).
 What the user relies on is asserted: each host's exit code, the host or link named, the
 missing ranks and hosts, the report. Sizes stay small (up to 4 MiB): a host behind a
 200 Mbit/s token bucket is ~50x slower than the bridge here, far beyond any noise. The
-10-run false-alarm figures are in the README (``bench/bench_nettest.py --netns-healthy 10``);
+10-run false-alarm figures are in docs/benchmarks.md (``bench/bench_nettest.py --netns-healthy 10``);
 here one healthy run per size keeps the suite short.
 """
 from __future__ import annotations

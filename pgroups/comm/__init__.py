@@ -24,7 +24,7 @@ Every rank of the group must call the same function in the same order, and every
 run the backward pass (the backward is a collective too). A peer that never arrives raises
 :class:`~pgroups.errors.GroupTimeoutError` naming the group and its ranks after the group's
 timeout, and so does a peer whose process died (at once, when the transport reports it); that
-is gloo's behaviour, for NCCL see the README. Gathers and all-to-alls move raw bytes, so any
+is gloo's behaviour, for NCCL see docs/isp.md. Gathers and all-to-alls move raw bytes, so any
 dtype works; reduce-scatter sums in the tensor's own dtype.
 """
 from .activations import (TensorOrTensors, all_to_all, gather_along, head_to_seq, reduce_scatter_along,

@@ -1,6 +1,6 @@
 """Output: nccl-tests-like tables, the summary, ``--json``, ``--plot`` and rank 0's progress line.
 
-Everything here reads the report dict that rank 0 builds (JSON-able, documented in the README:
+Everything here reads the report dict that rank 0 builds (JSON-able, documented in docs/nettest.md:
 ``groups``, ``measurements``, ``findings``, ``retest``, ``confirmed``, ``transient``, ``links``,
 ``culprits``, ``suspects``, ``verdicts``, ``summary``, ``status``, ``exit_code``, and on a
 hang ``timeout``).
