@@ -1,13 +1,16 @@
 """The private torch APIs pgroups relies on, in one place: each with the torch version it was
 checked against, what it is for, and the fallback where one exists.
 
-Checked against torch 2.13.0 (``torch/distributed/distributed_c10d.py``). A torch that moves one
+Checked against torch 2.13.0 (``torch/distributed/distributed_c10d.py``, ``torch/_C/__init__.pyi``,
+``torch/_tensor.py``). A torch that moves one
 of them fails here, with the name of what moved, rather than deep inside group creation.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
 CHECKED_AGAINST = "2.13.0"
@@ -38,3 +41,29 @@ def groups_held() -> int:
     """How many process groups this process holds — ``len(_world.pg_names)``, which torch hashes
     into a members-only or split group's name (``_hash_ranks_to_str``). No fallback."""
     return len(_c10d()._world.pg_names)
+
+
+def autograd_backward_running() -> bool:
+    """Whether the calling code runs inside an autograd backward pass — ``torch._C.
+    _current_graph_task_id() != -1`` (the engine's current graph task; -1 outside one). ISP
+    uses it to tell an activation recomputation (a block's forward re-run inside its own
+    backward) from a forward. torch 2.13 has no public equivalent. No fallback: raises
+    RuntimeError naming it (guessing "not in backward" would record a recomputation as a new
+    forward and hold its weights)."""
+    getter = getattr(torch._C, "_current_graph_task_id", None)
+    if getter is None:
+        raise RuntimeError(f"torch._C._current_graph_task_id is gone (checked against torch {CHECKED_AGAINST}); "
+                           "pgroups' WeightParallel cannot tell activation recomputation from a forward")
+    return getter() != -1
+
+
+_ALWAYS_NEW = itertools.count(-1, -1)  # negative: never a real version
+
+
+def tensor_version(tensor: Any) -> int:
+    """The in-place version counter of ``tensor`` (``tensor._version``: bumped by every in-place
+    change, an optimizer step included). ISP compares it to know whether a gathered full weight
+    is stale. Fallback when the attribute is gone: a number never returned before, so every
+    comparison says "changed" — still correct, at the cost of one all-gather more per use."""
+    version = getattr(tensor, "_version", None)
+    return next(_ALWAYS_NEW) if version is None else int(version)

@@ -82,8 +82,8 @@ def test_the_checker_sees_an_import_chain():
 
 
 #: Private torch APIs still used outside pgroups/torch_private.py, each to be moved behind it
-#: (issue 16): the nettest runner's store and abort, ISP's autograd-graph and version checks.
-NOT_YET_BEHIND_THE_COMPAT_MODULE = {"nettest/runner.py", "comm/isp/autograd.py", "comm/isp/runtime.py"}
+#: (issue 16): the nettest runner's abort.
+NOT_YET_BEHIND_THE_COMPAT_MODULE = {"nettest/runner.py"}
 
 
 def test_private_torch_apis_live_behind_one_module():

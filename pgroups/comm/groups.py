@@ -17,10 +17,11 @@ import torch.distributed as dist
 from ..deadlines import is_peer_lost, timeouts_named
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError
+from ..handle import GroupHandle
 from ..modes import ModeLike, ParallelMode, mode_name
 from ..ranks import format_ranks
 
-GroupLike = Union[ModeLike, dist.ProcessGroup]
+GroupLike = Union[ModeLike, dist.ProcessGroup, GroupHandle]
 
 
 @attrs.frozen(eq=False)
@@ -36,12 +37,15 @@ class GroupInfo:
 
 
 def resolve_group(mode: GroupLike, ctx: Optional[ParallelContext] = None, cpu: bool = False) -> GroupInfo:
-    """Resolve ``mode`` (ParallelMode, mode name, or ProcessGroup) to a :class:`GroupInfo`.
+    """Resolve ``mode`` (ParallelMode, mode name, GroupHandle, or ProcessGroup) to a :class:`GroupInfo`.
 
     Modes are looked up in ``ctx`` (default ``pgroups.gpc``); ``cpu=True`` takes the mode's CPU
     (gloo) twin. Raises ModeNotInitializedError for a mode not built (or a rank outside it),
     ValueError for a process group this rank is not a member of.
     """
+    if isinstance(mode, GroupHandle):
+        return GroupInfo(mode.cpu_group if cpu else mode.group, mode.size, mode.rank, mode.label,
+                         torch.device("cpu") if cpu else mode.device)
     if isinstance(mode, dist.ProcessGroup):
         rank = dist.get_rank(mode)
         ranks = dist.get_process_group_ranks(mode)
@@ -62,6 +66,21 @@ def resolve_group(mode: GroupLike, ctx: Optional[ParallelContext] = None, cpu: b
     backend_name = "gloo" if cpu or ctx.backend is None else ctx.backend.device_backend
     return GroupInfo(group, len(ranks), ctx.get_local_rank(name), f"mode {name!r} (ranks {format_ranks(ranks)})",
                      _device_for(backend_name, cpu))
+
+
+def group_handle(mode: GroupLike, ctx: Optional[ParallelContext] = None) -> Union[GroupHandle, dist.ProcessGroup]:
+    """The :class:`~pgroups.handle.GroupHandle` of a named mode (``ctx.group(mode)``, ``ctx``
+    default ``pgroups.gpc``); a handle or a ProcessGroup is returned as given. Raises
+    ModeNotInitializedError for a mode not built, TypeError for anything else."""
+    if isinstance(mode, (GroupHandle, dist.ProcessGroup)):
+        return mode
+    if not isinstance(mode, (str, ParallelMode)):
+        raise TypeError(f"mode must be a ParallelMode, a mode name, a GroupHandle or a ProcessGroup, got {mode!r}")
+    if ctx is None:
+        import pgroups  # the package's context, looked up at call time
+
+        ctx = pgroups.gpc
+    return ctx.group(mode)
 
 
 def _device_for(backend_name: str, cpu: bool) -> torch.device:

@@ -9,12 +9,14 @@ from typing import Any, Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ...torch_private import autograd_backward_running
+
 __all__ = ["BackwardEntry", "ShardedEmbeddingFn", "ShardedLinearFn", "in_backward", "wrap_outputs"]
 
 
 def in_backward() -> bool:
     """Whether this code runs inside an autograd backward pass (activation recomputation)."""
-    return torch._C._current_graph_task_id() != -1
+    return autograd_backward_running()
 
 
 class BackwardEntry(torch.autograd.Function):

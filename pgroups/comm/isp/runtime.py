@@ -76,8 +76,9 @@ from torch import nn
 
 from ...context import ParallelContext
 from ...errors import ModeNotInitializedError
-from ...modes import ModeLike, mode_name
-from ..groups import GroupInfo, comm_errors, resolve_group
+from ...modes import mode_name
+from ...torch_private import tensor_version
+from ..groups import GroupInfo, GroupLike, comm_errors, group_handle, resolve_group
 from ..pool import BufferPool, PoolStats
 from ..raw import all_gather_single
 from ..sizes import even_split_sizes, offsets_of
@@ -107,7 +108,9 @@ class WeightParallel:
     ``model``: the whole model (its other parameters are the replicated ones whose gradients
     :meth:`finish_grads` all-reduces). ``blocks``: the transformer blocks, in execution order
     (an ``nn.ModuleList`` or a sequence of modules inside ``model``); every ``nn.Linear`` and
-    ``nn.Embedding`` inside them is sharded. ``mode``: the weight-parallel mode (or a ProcessGroup).
+    ``nn.Embedding`` inside them is sharded. ``mode``: the weight-parallel mode — a name, looked
+    up once as ``ctx.group(mode)`` (:class:`~pgroups.handle.GroupHandle`: group, ranks,
+    position, device, label), a handle itself, or a ProcessGroup.
     ``data_mode``: the mode over which the weight shards are replicated (their gradients are
     all-reduced over it); None leaves that to the user's optimizer (ZeRO). ``overlap``:
     prefetch gathers and run reduce-scatters asynchronously (False: every collective waits at
@@ -128,8 +131,8 @@ class WeightParallel:
     ModeNotInitializedError for a mode the context lacks.
     """
 
-    def __init__(self, model: nn.Module, blocks: Iterable[nn.Module], mode: ModeLike = "weight", *,
-                 data_mode: Optional[ModeLike] = "weight_data", overlap: bool = True, memory_pool: bool = True,
+    def __init__(self, model: nn.Module, blocks: Iterable[nn.Module], mode: GroupLike = "weight", *,
+                 data_mode: Optional[GroupLike] = "weight_data", overlap: bool = True, memory_pool: bool = True,
                  prefetch_depth: int = 1, reduce_dtype: Optional[torch.dtype] = None, average: bool = True,
                  sync_replicated: bool = True, ctx: Optional[ParallelContext] = None) -> None:
         if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
@@ -138,7 +141,8 @@ class WeightParallel:
         self.blocks: List[nn.Module] = list(blocks)
         if not self.blocks:
             raise ValueError("WeightParallel needs at least one block (blocks=model.layers, for example)")
-        self.info = resolve_group(mode, ctx)
+        self.handle = group_handle(mode, ctx)  # a GroupHandle (or the ProcessGroup given)
+        self.info = resolve_group(self.handle)
         self.data_info = self._resolve_data(data_mode, ctx)
         self.overlap, self.prefetch_depth = bool(overlap), prefetch_depth
         self.reduce_dtype, self.average, self.sync_replicated = reduce_dtype, average, sync_replicated
@@ -165,11 +169,11 @@ class WeightParallel:
 
     # ---- setup ----------------------------------------------------------------------------
     @staticmethod
-    def _resolve_data(data_mode: Optional[ModeLike], ctx: Optional[ParallelContext]) -> Optional[GroupInfo]:
+    def _resolve_data(data_mode: Optional[GroupLike], ctx: Optional[ParallelContext]) -> Optional[GroupInfo]:
         if data_mode is None:
             return None
         try:
-            return resolve_group(data_mode, ctx)
+            return resolve_group(group_handle(data_mode, ctx))
         except ModeNotInitializedError as exc:
             raise ModeNotInitializedError(
                 f"{exc}; WeightParallel all-reduces weight-shard gradients over data_mode="
@@ -291,7 +295,7 @@ class WeightParallel:
         recv = self.pool.acquire((sharded.key, "gather"), piece_bytes * info.size, shard.device, "weight")
         work = self._launch("all_gather", f"weight all-gather of {sharded.name}", payload, recv,
                             lambda: all_gather_single(recv, payload, group=info.group, async_op=async_op))
-        return _Gather(sharded, sharded.param._version, work if async_op else None, recv, send)
+        return _Gather(sharded, tensor_version(sharded.param), work if async_op else None, recv, send)
 
     def _launch(self, kind: str, what: str, send: torch.Tensor, recv: torch.Tensor,
                 collective: Callable[[], Optional[dist.Work]]) -> Optional[dist.Work]:
@@ -336,7 +340,7 @@ class WeightParallel:
         since (stale)."""
         self._apply(self.schedule.need(index))
         gathers = self._gathered[index]
-        if any(g.version != g.sharded.param._version for g in gathers):
+        if any(g.version != tensor_version(g.sharded.param) for g in gathers):
             self._release_block(index)
             self._start_gather(index)
             gathers = self._gathered[index]
