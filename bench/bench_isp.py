@@ -3,6 +3,7 @@ parallelism (DDP), bytes moved against the analytic count, and full-weight memor
 
     python bench/bench_isp.py                      # world 4, weight 4, a ~14 MiB fp32 llama-like model
     python bench/bench_isp.py --steps 8 --layers 6
+    python bench/bench_isp.py --vocab 1002         # uneven table rows: 1/weight plus padding
 
 Methods, in one run on the same ranks and data (median of ``--steps`` timed steps after
 ``--warmup`` untimed ones, slowest rank; methods interleaved step by step):
@@ -20,7 +21,9 @@ Per step and rank it reports the bytes of the weight all-gathers' outputs and of
 reduce-scatters' inputs against the analytic count (2 all-gathers + 1 reduce-scatter of every
 sharded tensor, less one all-gather of the last block with overlap: its weights are kept from
 its forward for its backward), the pool's peak full-weight bytes against the unsharded model's
-block weights, and the pool's allocations after warm-up (0 expected). For FSDP2 the bytes are
+block weights, the bytes of the embedding and head tables on rank 0 (the largest shard:
+``tensor_split`` gives the first ranks the extra rows) against the unsharded tables, and the
+pool's allocations after warm-up (0 expected). For FSDP2 the bytes are
 counted by wrapping ``torch.distributed``'s ``all_gather_single`` / ``reduce_scatter_single`` /
 ``all_reduce`` (what its collectives call) during its steps, and its full-weight bytes are the
 storages of the blocks' unsharded parameters, sampled at every block's forward (as its MLP
@@ -164,8 +167,11 @@ def bench_worker(cfg: TinyConfig, seq: int, samples: int, warmup: int, steps: in
                               "block_bytes": block_bytes, "table_bytes": table_bytes, "rows": {}}
     for name, (model, _, meter) in methods.items():
         local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: DTensors
+        core = model.module if hasattr(model, "module") else model  # DDP wraps
+        tables = {id(p): p.to_local() if hasattr(p, "to_local") else p for p in (core.embed.weight, core.head.weight)}
         row: Dict[str, Any] = {"ms": statistics.median(times[name]) * 1e3,
-                               "param_bytes": sum(p.numel() * p.element_size() for p in local)}
+                               "param_bytes": sum(p.numel() * p.element_size() for p in local),
+                               "table_bytes": sum(p.numel() * p.element_size() for p in tables.values())}
         if meter is not None:
             counts = meter.comm_counts
             for key, column in (("all_gather_bytes", "gathered"), ("reduce_scatter_bytes", "reduced"),
@@ -190,10 +196,11 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--samples", type=int, default=2, help="samples per rank per step")
+    parser.add_argument("--vocab", type=int, default=1000, help="vocabulary (rows of the embedding and head)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
-    cfg = TinyConfig(vocab=1000, dim=args.dim, heads=8, kv_heads=2, ffn=args.ffn, layers=args.layers,
+    cfg = TinyConfig(vocab=args.vocab, dim=args.dim, heads=8, kv_heads=2, ffn=args.ffn, layers=args.layers,
                      qkv_bias=False)
     outcomes = run_local(args.nproc, bench_worker, (cfg, args.seq, args.samples, args.warmup, args.steps),
                          timeout_s=1800, env={"OMP_NUM_THREADS": "1"})
@@ -216,13 +223,14 @@ def main(argv: List[str] = None) -> int:
                       r["block_weight_bytes"] + tables)
     base = r["rows"]["no weight parallelism (DDP)"]
     print(f"world {r['world']} gloo (weight {r['world']}), {os.cpu_count()} CPU cores, model "
-          f"{r['model_bytes'] / MiB:.1f} MiB fp32 ({args.layers} blocks, dim {args.dim}, ffn {args.ffn}; "
+          f"{r['model_bytes'] / MiB:.1f} MiB fp32 ({args.layers} blocks, dim {args.dim}, ffn {args.ffn}, "
+          f"vocabulary {args.vocab}; "
           f"{r['block_weight_bytes'] / MiB:.1f} MiB in block linears), {args.samples} x {args.seq} tokens per rank; "
           f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank\n")
     print("| method | step ms | vs DDP | gathered MiB/step (analytic) | reduce-scattered MiB/step (analytic) "
           "| all-reduced MiB/step | peak full-weight MiB (unsharded) | params MiB/rank "
-          "| pool allocations after warm-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| embedding + head KiB on rank 0 (of unsharded) | pool allocations after warm-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in r["rows"].items():
         if name in analytic:
             gathered, reduced, full = analytic[name]
@@ -233,7 +241,8 @@ def main(argv: List[str] = None) -> int:
             comm = "– | – | (gradient buckets, not counted) | (all weights resident)"
         allocations = str(row.get("steady_allocations", "–"))
         print(f"| {name} | {row['ms']:.1f} | {row['ms'] / base['ms']:.2f}x | {comm} | "
-              f"{row['param_bytes'] / MiB:.2f} | {allocations} |")
+              f"{row['param_bytes'] / MiB:.2f} | {row['table_bytes'] / 1024:.1f} "
+              f"({row['table_bytes'] / r['table_bytes']:.4f}) | {allocations} |")
     on, off = r["rows"]["WeightParallel, overlap on"], r["rows"]["WeightParallel, overlap off"]
     fsdp = r["rows"]["FSDP2"]
     print(f"\noverlap on / off: {on['ms'] / off['ms']:.2f}x; WeightParallel (overlap on) / FSDP2: "
@@ -241,6 +250,10 @@ def main(argv: List[str] = None) -> int:
           f"{on['gathered'] / analytic['WeightParallel, overlap on'][0]:.3f}; "
           f"reduce-scattered / analytic: {on['reduced'] / r['block_weight_bytes']:.3f}; peak full weights / "
           f"unsharded: {on['peak_weight'] / r['block_weight_bytes']:.2f}")
+    rows_on_rank0 = -(-args.vocab // r["world"])  # tensor_split: the first ranks hold the extra row
+    print(f"embedding + head sharded by rows: rank 0 holds {rows_on_rank0} of {args.vocab} rows of each table, "
+          f"{rows_on_rank0 / args.vocab:.4f} (1/{r['world']} = {1 / r['world']:.4f}, + padding "
+          f"{rows_on_rank0 * r['world'] - args.vocab} rows); measured {r['rows'][ENDS]['table_bytes'] / r['table_bytes']:.4f}")
     return 0
 
 

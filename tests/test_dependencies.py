@@ -21,7 +21,8 @@ PURE_CORE = ["mesh", "topology", "modes", "config", "initializer", "ranks", "err
              "nccl_options", "virtual_pipeline", "reshard.plan.sim", "reshard.plan.network",
              "reshard.plan.schedule", "reshard.planner", "reshard.plan.types", "reshard.plan.geometry",
              "reshard.plan.rule", "reshard.plan.assembly", "reshard.plan.digest", "reshard.plan.report",
-             "reshard.spec.model", "reshard.spec.from_yaml", "reshard.spec.from_module", "reshard.spec.synthetic", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging"]
+             "reshard.spec.model", "reshard.spec.from_yaml", "reshard.spec.from_module", "reshard.spec.synthetic",
+             "comm.isp.schedule", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging"]
 SUBSYSTEMS = ("comm", "reshard", "nettest")
 
 

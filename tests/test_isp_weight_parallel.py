@@ -263,7 +263,7 @@ FP32_MICRO = 4
 BF16_GRAD_RTOL = 1e-2   # relative (norm) distance of bf16-computed gradients from fp32 ones: see docs/isp.md
 
 
-def check_fp32_grads(expect: Expect, ctx) -> None:
+def check_fp32_grads(expect: Expect, ctx, ends: bool = False) -> None:
     """A bf16 model with reduce_dtype=float32 and its optimizer on master_parameters(): every
     parameter (sharded linears, embedding, norms, head) accumulates its 4 micro-batches and is
     reduced in fp32. Its main_grad equals — to fp32 summation order — the per-micro-batch
@@ -272,13 +272,16 @@ def check_fp32_grads(expect: Expect, ctx) -> None:
     BF16_GRAD_RTOL (relative norm) of the fp32 model's (per parameter this says nothing: the
     key biases' exact gradient is 0, softmax ignores a per-query constant); the optimizer holds
     fp32 parameters with fp32 gradients; after its
-    step every bf16 parameter is its master rounded to bf16."""
+    step every bf16 parameter is its master rounded to bf16. ``ends``: the embedding and head
+    are sharded blocks too (their gradients reduce-scattered in fp32, not all-reduced); the
+    sharded embedding accumulates a token's occurrences in fp32, more exactly than torch's bf16
+    embedding backward, so its reference is the bf16 model's output gradients added up in fp64."""
     from pgroups.comm import WeightParallel
 
     rank = dist.get_rank()
     tokens, targets = batch(2000, EVEN, 4 * FP32_MICRO, SEQ)
     model = TinyLlama(EVEN, seed=7).to(torch.bfloat16)
-    wp = WeightParallel(model, blocks=model.layers, reduce_dtype=torch.float32, ctx=ctx)
+    wp = WeightParallel(model, blocks=blocks_of(model, ends), reduce_dtype=torch.float32, ctx=ctx)
     opt = torch.optim.AdamW(wp.master_parameters(), lr=LR)
     wp.attach_optimizer(opt)
     for micro in range(FP32_MICRO):
@@ -289,12 +292,18 @@ def check_fp32_grads(expect: Expect, ctx) -> None:
     summed: Dict[str, torch.Tensor] = {}
     fp32 = TinyLlama(EVEN, seed=7)
     bf16 = TinyLlama(EVEN, seed=7).to(torch.bfloat16)
+    captured: List[torch.Tensor] = []
+    bf16.embed.register_forward_hook(lambda module, args, out: out.register_hook(captured.append) and None)
+    exact_embed = torch.zeros(bf16.embed.weight.shape, dtype=torch.float64)
     for sample in range(4 * FP32_MICRO):
         bf16.zero_grad()
         (loss_of(bf16(tokens[[sample]]), targets[[sample]]) / FP32_MICRO).backward()
         for name, param in bf16.named_parameters():
             summed[name] = summed.get(name, 0) + param.grad.float() / 4
+        exact_embed.index_add_(0, tokens[sample], captured.pop().reshape(-1, EVEN.dim).double() / 4)
         (loss_of(fp32(tokens[[sample]]), targets[[sample]]) / (4 * FP32_MICRO)).backward()
+    if ends:
+        summed["embed.weight"] = exact_embed.float()
     fp32_grads = {name: p.grad for name, p in fp32.named_parameters()}
     sharded = dict(wp.sharded_parameters())
     errors, norms = [], []
@@ -412,11 +421,22 @@ def check_errors(expect: Expect, ctx) -> None:
         (lambda: build(lambda m: [m.layers, m.layers[1]]), ValueError,
          "linear 'layers.1.attn.wq' is in block 0 and block 1"),
         (lambda: build(lambda m: m.layers, data_mode="sequence"), ModeNotInitializedError, "data_mode=None"),
+        (lambda: WeightParallel(model := TinyLlama(UNEVEN), blocks=model.layers, chunks=[model.layers], ctx=ctx),
+         ValueError, "exactly one of them"),
+        (lambda: WeightParallel(TinyLlama(UNEVEN), ctx=ctx), ValueError, "exactly one of them"),
+        (lambda: WeightParallel(model := TinyLlama(UNEVEN), chunks=[model.layers[:2], []], ctx=ctx), ValueError,
+         "blocks per chunk: [2, 0]"),
+        (lambda: build(lambda m: m.layers)[0].switch_model_chunk(1), ValueError,
+         "model chunk must be one of 0..0 (blocks per chunk: [3]), got 1"),
     ]
     for call, error, message in cases:
         with pytest.raises(error) as info:
             call()
         expect.true(message in str(info.value), f"{message!r} not in {str(info.value)!r}")
+    model = TinyLlama(UNEVEN)  # a GroupHandle names the same group as its mode
+    by_handle = WeightParallel(model, blocks=model.layers, mode=ctx.group("weight"), ctx=ctx)
+    expect.true(by_handle.info.label == ctx.group("weight").label and by_handle.info.size == 4,
+                f"WeightParallel on ctx.group('weight') runs over {by_handle.info.label}")
     model = TinyLlama(UNEVEN)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     with pytest.raises(ValueError):
@@ -460,6 +480,7 @@ def _checks(weight4, weight2, ulysses, weight1, stages) -> Dict[str, Callable[[E
         e, weight4, micro=2)
     checks["no_grad"] = lambda e: check_no_grad(e, weight4)
     checks["fp32_grads"] = lambda e: check_fp32_grads(e, weight4)
+    checks["fp32_grads/embedding-and-head-sharded"] = lambda e: check_fp32_grads(e, weight4, ends=True)
     checks["errors"] = lambda e: check_errors(e, weight4)
     return checks
 

@@ -65,8 +65,8 @@ class ShardedLinearFn(torch.autograd.Function):
 
 class ShardedEmbeddingFn(torch.autograd.Function):
     """``F.embedding`` with the gathered full table; saves only the indices. Backward scatters
-    the output gradient into a full-table gradient (``index_add``, the padding row left zero)
-    and hands it to the runtime's reduce-scatter."""
+    the output gradient into a full-table gradient (``index_add`` accumulated in fp32 or wider,
+    the padding row left zero) and hands it to the runtime's reduce-scatter."""
 
     @staticmethod
     def forward(ctx, tokens, weight_shard, runtime, embedding, token):
@@ -90,10 +90,16 @@ class ShardedEmbeddingFn(torch.autograd.Function):
         if module.padding_idx is not None:
             flat_grad = flat_grad.masked_fill((flat_tokens == module.padding_idx)[:, None], 0)
 
+        # accumulate in fp32 at least: a token that recurs in the batch adds its gradients up
+        # without a bf16 rounding per occurrence (one rounding at most, into a bf16 ``out``)
+        accumulate = torch.promote_types(grad_out.dtype, torch.float32)
+
         def compute(out=None):
-            full = out if out is not None else torch.empty(sharded.full_shape, dtype=grad_out.dtype,
-                                                           device=grad_out.device)
-            return full.zero_().index_add_(0, flat_tokens, flat_grad)
+            if out is not None and out.dtype == accumulate:
+                return out.zero_().index_add_(0, flat_tokens, flat_grad.to(accumulate))
+            full = torch.zeros(sharded.full_shape, dtype=accumulate, device=grad_out.device)
+            full.index_add_(0, flat_tokens, flat_grad.to(accumulate))
+            return out.copy_(full) if out is not None else full
 
         if ctx.needs_input_grad[1]:
             runtime._reduce_grad(sharded, compute)

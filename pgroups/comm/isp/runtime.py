@@ -10,12 +10,16 @@ just in time, its gradient reduce-scattered back — driven by module hooks, so 
         wp.finish_grads()                                     # wait, all-reduce, average
         opt.step(); opt.zero_grad()
 
+Interleaved pipeline schedules: ``chunks=[chunk0.layers, chunk1.layers]`` instead of
+``blocks=`` (one block list per model chunk of this rank); prefetching stays within a chunk,
+and the scheduler names the chunk it runs next with :meth:`WeightParallel.switch_model_chunk`.
+
 What happens, per block ``i`` of ``blocks`` (``N`` blocks, prefetch depth ``d``); every
 decision is :class:`~.schedule.IspSchedule`'s (pure, with the memory bound in its docstring),
 this module only carries them out:
 
 - **forward**: before block ``i`` runs, its weights are all-gathered (already in flight when
-  block ``i - 1`` prefetched them) and blocks ``i + 1 .. i + d`` start gathering; after it
+  block ``i - 1`` prefetched them) and blocks ``i + 1 .. i + d`` (of its chunk) start gathering; after it
   runs, its full weights are released — except the last block's, kept for the backward pass
   that a plain loop runs next (under a pipeline scheduler, its ``before_backward`` gathers it).
 - **backward**: when the gradient reaches block ``i``'s output, its weights are gathered
@@ -40,8 +44,9 @@ again, as InternEvo does). ``nn.Embedding`` modules inside blocks are sharded th
 ``index_add`` and reduce-scattered): pass the embedding and the head as blocks of their own
 (``blocks=[model.embed, *model.layers, model.head]``) to shard them, a tied table included
 (sharded once, gathered by each block that uses it, its two gradients accumulated). InternEvo
-splits them on the hidden dim and gathers *outputs* instead; that layout is not implemented.
-Otherwise they stay replicated, as norms do, and their gradients are all-reduced by
+gathers the whole table too, split on the hidden dim (its embedding by default) or on the rows
+(its head, and its embedding with ``vocab_parallel``): the same bytes stored and moved; rows
+keep each shard contiguous and give a tied table one layout (the README says more). Otherwise they stay replicated, as norms do, and their gradients are all-reduced by
 :meth:`~WeightParallel.finish_grads`.
 
 Gradient semantics: each rank's loss is the mean over its own tokens (as with DDP); the
@@ -68,7 +73,7 @@ and releases nothing.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -108,7 +113,10 @@ class WeightParallel:
     ``model``: the whole model (its other parameters are the replicated ones whose gradients
     :meth:`finish_grads` all-reduces). ``blocks``: the transformer blocks, in execution order
     (an ``nn.ModuleList`` or a sequence of modules inside ``model``); every ``nn.Linear`` and
-    ``nn.Embedding`` inside them is sharded. ``mode``: the weight-parallel mode — a name, looked
+    ``nn.Embedding`` inside them is sharded. ``chunks`` (instead of ``blocks``): one block list
+    per model chunk this rank holds under an interleaved pipeline schedule (virtual stages), in
+    chunk order; prefetching stays inside a chunk, and a scheduler names the chunk it runs next
+    with :meth:`switch_model_chunk`. ``mode``: the weight-parallel mode — a name, looked
     up once as ``ctx.group(mode)`` (:class:`~pgroups.handle.GroupHandle`: group, ranks,
     position, device, label), a handle itself, or a ProcessGroup.
     ``data_mode``: the mode over which the weight shards are replicated (their gradients are
@@ -126,21 +134,24 @@ class WeightParallel:
     bytes of this rank's collectives (all-gather outputs, reduce-scatter inputs, all-reduce
     buffers), for benchmarks and tests.
 
-    Raises ValueError for empty blocks, blocks outside ``model``, a bad prefetch depth, or a
-    linear that appears in two blocks (before changing the model);
+    Raises ValueError for empty blocks or chunks, both or neither of them, blocks outside
+    ``model``, a bad prefetch depth, or a linear that appears in two blocks (before changing
+    the model);
     ModeNotInitializedError for a mode the context lacks.
     """
 
-    def __init__(self, model: nn.Module, blocks: Iterable[nn.Module], mode: GroupLike = "weight", *,
+    def __init__(self, model: nn.Module, blocks: Optional[Iterable[nn.Module]] = None, mode: GroupLike = "weight", *,
+                 chunks: Optional[Sequence[Iterable[nn.Module]]] = None,
                  data_mode: Optional[GroupLike] = "weight_data", overlap: bool = True, memory_pool: bool = True,
                  prefetch_depth: int = 1, reduce_dtype: Optional[torch.dtype] = None, average: bool = True,
                  sync_replicated: bool = True, ctx: Optional[ParallelContext] = None) -> None:
         if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
             raise ValueError(f"prefetch_depth must be an integer >= 1 (blocks gathered ahead), got {prefetch_depth!r}")
         self.model = model
-        self.blocks: List[nn.Module] = list(blocks)
-        if not self.blocks:
-            raise ValueError("WeightParallel needs at least one block (blocks=model.layers, for example)")
+        chunk_lists = self._chunk_lists(blocks, chunks)
+        self.chunk_sizes = [len(chunk) for chunk in chunk_lists]
+        self.blocks: List[nn.Module] = [block for chunk in chunk_lists for block in chunk]
+        self.current_chunk = 0
         self.handle = group_handle(mode, ctx)  # a GroupHandle (or the ProcessGroup given)
         self.info = resolve_group(self.handle)
         self.data_info = self._resolve_data(data_mode, ctx)
@@ -153,7 +164,7 @@ class WeightParallel:
         self._linears: List[ShardedLinear] = []
         self._by_block: List[List[Sharded]] = [[] for _ in self.blocks]
         self._gathered: Dict[int, List[_Gather]] = {}
-        self.schedule = IspSchedule([len(self.blocks)], prefetch_depth, overlap=self.overlap)
+        self.schedule = IspSchedule(self.chunk_sizes, prefetch_depth, overlap=self.overlap)
         self.grads = GradReducer(self.info, self.data_info, self.pool, reduce_dtype, average, self.overlap,
                                  self._launch, self.comm_counts)
         self._grads_finished = True
@@ -168,6 +179,19 @@ class WeightParallel:
         self._register_hooks()
 
     # ---- setup ----------------------------------------------------------------------------
+    @staticmethod
+    def _chunk_lists(blocks: Optional[Iterable[nn.Module]],
+                     chunks: Optional[Sequence[Iterable[nn.Module]]]) -> List[List[nn.Module]]:
+        if (blocks is None) == (chunks is None):
+            raise ValueError("give WeightParallel blocks= (the transformer blocks, one model chunk) or chunks= (one "
+                             "block list per model chunk of an interleaved pipeline), exactly one of them")
+        lists = [list(blocks)] if chunks is None else [list(chunk) for chunk in chunks]
+        if not lists or not all(lists):
+            what = "blocks" if chunks is None else f"chunks (blocks per chunk: {[len(c) for c in lists]})"
+            raise ValueError(f"WeightParallel needs at least one block in each chunk, got empty {what} "
+                             "(blocks=model.layers, for example)")
+        return lists
+
     @staticmethod
     def _resolve_data(data_mode: Optional[GroupLike], ctx: Optional[ParallelContext]) -> Optional[GroupInfo]:
         if data_mode is None:
@@ -461,6 +485,20 @@ class WeightParallel:
         optimizer.register_step_post_hook(lambda *_: self.copy_masters())
         return optimizer.register_step_pre_hook(lambda *_: self.finish_grads())
 
+    def switch_model_chunk(self, chunk: int) -> None:
+        """The model chunk (virtual pipeline stage, an index into ``chunks``) whose forward or
+        backward a scheduler runs next: ``before_backward`` of the scheduler hook gathers the
+        last block of *this* chunk. InternEvo's ``switch_current_model_chunk``. Raises ValueError
+        for a chunk that does not exist."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < len(self.chunk_sizes):
+            raise ValueError(f"model chunk must be one of 0..{len(self.chunk_sizes) - 1} "
+                             f"(blocks per chunk: {self.chunk_sizes}), got {chunk!r}")
+        self.current_chunk = chunk
+
+    def last_block_of_chunk(self, chunk: int) -> int:
+        """Index (into ``blocks``) of model chunk ``chunk``'s last block: where its backward starts."""
+        return sum(self.chunk_sizes[:chunk + 1]) - 1
+
     def scheduler_hook(self) -> "WeightParallelSchedulerHook":
         """Hooks for a pipeline scheduler (InternEvo's ``SchedulerHook`` interface). From now
         on the scheduler announces each backward (``before_backward``), so the last block's
@@ -470,7 +508,8 @@ class WeightParallel:
 
     def __repr__(self) -> str:
         params = sum(len(b) for b in self._by_block)
-        return (f"<WeightParallel {len(self.blocks)} blocks, {params} sharded parameters over {self.info.label}, "
+        chunks = f" in {len(self.chunk_sizes)} chunks" if len(self.chunk_sizes) > 1 else ""
+        return (f"<WeightParallel {len(self.blocks)} blocks{chunks}, {params} sharded parameters over {self.info.label}, "
                 f"overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
                 f"{'on' if self.pool.enabled else 'off'}>")
 
@@ -484,11 +523,17 @@ class WeightParallelSchedulerHook:
     knows: ``before_backward`` starts the last block's gather for a backward pass that runs
     later than its forward (1F1B), and ``after_backward`` completes the micro-batch's
     reduce-scatters (:meth:`WeightParallel.wait_grads`), so in-flight gradient buffers never
-    pile up across micro-batches. ``finish_grads`` stays the optimizer's (attach it).
+    pile up across micro-batches. ``finish_grads`` stays the optimizer's (attach it). An
+    interleaved scheduler calls :meth:`switch_model_chunk` before each chunk's forward and
+    backward (InternEvo reads ``gpc.virtual_pipeline_parallel_rank`` there instead).
     """
 
     def __init__(self, runtime: WeightParallel) -> None:
         self.runtime = runtime
+
+    def switch_model_chunk(self, chunk: int) -> None:
+        """:meth:`WeightParallel.switch_model_chunk`."""
+        self.runtime.switch_model_chunk(chunk)
 
     def before_forward(self, scheduler: Any, inputs: Any) -> None:  # noqa: D102 - interface
         pass
@@ -504,7 +549,7 @@ class WeightParallelSchedulerHook:
 
     def before_backward(self, scheduler: Any, outputs: Any, outputs_grad: Any) -> None:
         runtime = self.runtime
-        runtime._apply(runtime.schedule.expect_backward(len(runtime.blocks) - 1))
+        runtime._apply(runtime.schedule.expect_backward(runtime.last_block_of_chunk(runtime.current_chunk)))
 
     def after_backward(self, scheduler: Any, inputs_grad: Any) -> None:
         self.runtime.wait_grads()
