@@ -20,7 +20,7 @@ import sys
 from importlib import resources
 from typing import Any, Callable, Dict, List, Optional
 
-from . import creation
+from . import creation, nccl_options
 from .config import Config, load_config
 from .context import import_plugins, make_initializers
 from .model_context import plan_models
@@ -28,6 +28,7 @@ from .models import unknown_model
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
 from .initializer import default_registry
 from .modes import COMBINATION_HELP, is_builtin, mode_identity
+from .nccl_options import options_by_mode
 from .ranks import format_ranks
 from .topology import Topology
 
@@ -211,17 +212,11 @@ def check_models_creation(config: Config, world_size: int) -> List[str]:
 
     def deadlock_under(strategy: str) -> Optional[creation.Deadlock]:
         steps: List[creation.Step] = []
-        first_of_key: Dict[Any, str] = {}  # identical groups share a communicator across models
-        for name, (ranks, topology, inits, _) in plans.items():
-            groups, shares = {}, {}
-            for mode, init in inits.items():
-                groups[mode] = init.rank_groups(topology)
-                key = init.layout_key(topology)
-                if key is not None:
-                    first = first_of_key.setdefault(key, f"{name}:{mode}")
-                    shares[mode] = first if first != f"{name}:{mode}" else None
-            model_steps = creation.context_steps(groups, world_size, strategy, shares,
-                                                 cpu_twins=config.cpu_groups == "eager")
+        owners: Dict[Any, object] = {}  # identical groups share a communicator across models
+        for name, (ranks, topology, inits, options) in plans.items():
+            model_steps = creation.config_steps(inits, topology, strategy, cpu_twins=config.cpu_groups == "eager",
+                                                options={m: nccl_options.options_key(o) for m, o in options.items()},
+                                                owners=owners, label=name, world_size=world_size)
             steps += creation.placed_steps(name, model_steps, ranks)
         return creation.check_steps(steps, world_size, agree=True)
 
@@ -240,7 +235,9 @@ def check_creation(config: Config, topology: Topology, initializers: Dict[str, A
     world = topology.world_size
 
     def deadlock_under(strategy: str) -> Optional[creation.Deadlock]:
-        steps = creation.config_steps(initializers, topology, strategy, cpu_twins=config.cpu_groups != "off")
+        options = options_by_mode(config.nccl_options, initializers, mode_identity)
+        steps = creation.config_steps(initializers, topology, strategy, cpu_twins=config.cpu_groups != "off",
+                                      options={m: nccl_options.options_key(o) for m, o in options.items()})
         device = [s for s in steps if s.label.endswith("/device")]
         cpu = [s for s in steps if s.label.endswith("/cpu")]
         # eager steps: every rank walks them in order; lazy ones: members request them in mode order

@@ -19,6 +19,7 @@ from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_st
                       creation_is_world_collective, resolve_device_backend)
 from .config import Config, ConfigLike, load_config
 from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
+from .creation import shared_owner, sharing_key
 from .handle import GroupHandle
 from .initializer import import_plugins as _import_plugins
 from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupInitializer, check_group_of,
@@ -165,11 +166,8 @@ class ParallelContext:
         mode's — of this context or another model — reuses that mode's communicators."""
         for name, init in initializers.items():
             state = ModeState(name, init, own_group(init, self.topology, self._rank), owner=self)
-            key = init.layout_key(self.topology)
-            if key is not None:
-                key = (key, self.backend.options_key(state.backend_name))
-                first = layouts.setdefault(key, state)
-                state.source = first if first is not state else None
+            key = sharing_key(init.layout_key(self.topology), self.backend.options_key(state.backend_name))
+            state.source = shared_owner(layouts, key, state)
             self._modes[name] = state
 
     def _takes_part(self) -> bool:

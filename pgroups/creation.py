@@ -319,26 +319,50 @@ def check_steps(steps: Sequence[Step], world_size: int, padding: bool = True,
     return find_deadlock(calls, world_size)
 
 
+def sharing_key(layout_key: Optional[Hashable], options_key: Optional[Hashable] = None) -> Optional[Hashable]:
+    """What two modes (of one context or of several models) must agree on to share one
+    communicator: identical groups (the initializers' layout key; None: never shared) and the
+    same NCCL options (``options_key``: :func:`pgroups.nccl_options.options_key`, None without)."""
+    return None if layout_key is None else (layout_key, options_key)
+
+
+def shared_owner(owners: Dict[Hashable, object], key: Optional[Hashable], candidate: object) -> Optional[object]:
+    """The communicator-sharing rule, for the context and for this module's checker alike: the
+    first mode registered under ``key`` owns the communicator, every later mode with that key
+    reuses it. Registers ``candidate`` when it is the first; returns the earlier owner, or None
+    when ``candidate`` makes its own (``key`` None never shares)."""
+    if key is None:
+        return None
+    first = owners.setdefault(key, candidate)
+    return None if first is candidate else first
+
+
 def config_steps(initializers: Mapping[str, "object"], topology: "object", strategy: str,
-                 cpu_twins: bool = False, world_cpu_twin: bool = False) -> List[Step]:
+                 cpu_twins: bool = False, world_cpu_twin: bool = False,
+                 options: Optional[Mapping[str, Optional[Hashable]]] = None,
+                 owners: Optional[Dict[Hashable, object]] = None, label: str = "",
+                 world_size: Optional[int] = None) -> List[Step]:
     """The eager steps of a context built from ``initializers`` (mode → initializer, in creation
     order, as :func:`pgroups.context.make_initializers` returns them) on ``topology``: modes with
-    one layout key share the first one's communicators, as the context decides.
+    one :func:`sharing_key` share the first one's communicators (:func:`shared_owner`), as the
+    context decides. ``options``: each mode's NCCL options key; ``owners`` / ``label``: the
+    sharing record across several models (each model's modes registered as ``label:mode``);
+    ``world_size``: the job's, when ``topology`` is one model's (its groups span the world only
+    when the model does).
 
     ``world_cpu_twin``: the world's CPU group is a group of its own (the default group has no
     gloo backend), so a mode whose one group is the world still creates its CPU twin.
     """
     mode_groups = {}
     shares: Dict[str, Optional[str]] = {}
-    first_of_key: Dict[Hashable, str] = {}
+    owners = {} if owners is None else owners
     for name, init in initializers.items():
         mode_groups[name] = init.rank_groups(topology)  # type: ignore[attr-defined]
-        key = init.layout_key(topology)  # type: ignore[attr-defined]
-        if key is not None:
-            first = first_of_key.setdefault(key, name)
-            shares[name] = first if first != name else None
-    return context_steps(mode_groups, topology.world_size, strategy, shares,  # type: ignore[attr-defined]
-                         cpu_twins, world_cpu_twin)
+        key = sharing_key(init.layout_key(topology), (options or {}).get(name))  # type: ignore[attr-defined]
+        owner = shared_owner(owners, key, f"{label}:{name}" if label else name)
+        shares[name] = None if owner is None else str(owner)
+    world = topology.world_size if world_size is None else world_size  # type: ignore[attr-defined]
+    return context_steps(mode_groups, world, strategy, shares, cpu_twins, world_cpu_twin)
 
 
 def placed_steps(label_prefix: str, steps: Sequence[Step], ranks: Sequence[int]) -> List[Step]:
