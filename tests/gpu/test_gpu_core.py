@@ -2,7 +2,8 @@
 device and CPU group, lazy creation, a hung peer, the network test and a reshard.
 
 Runs as written on any machine with 2–8 visible GPUs (one process per GPU, the largest even
-count up to 8); skipped elsewhere with one reason (see conftest.py). None of it has run on the
+count up to 8); skipped elsewhere with one reason (see conftest.py; what one GPU can show is in
+the ``test_one_gpu_*`` files). None of it has run on the
 machine this package was written on (no GPU there): each test asserts what torch 2.13's source
 says NCCL does.
 """
@@ -24,6 +25,7 @@ from conftest import run_ranks, run_ranks_outcomes
 
 from .conftest import visible_gpus
 
+pytestmark = pytest.mark.gpus(2)
 NPROC = max(2, min(visible_gpus(), 8) // 2 * 2)  # even, so tensor 2 fits
 CONFIG = {"parallel": {"tensor": 2, "nettest": 2}, "timeout_s": 120}
 

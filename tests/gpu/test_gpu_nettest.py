@@ -1,5 +1,5 @@
 """``pgroups nettest`` on NCCL: the times are the transfers' (not their launch), and a healthy run
-exits 0 with its link scan. Skipped (one reason) with fewer than 2 visible GPUs; it has not run
+exits 0 with its link scan. Needs 2 GPUs (skipped with one reason otherwise: conftest.py); it has not run
 on the CPU machine this project is developed on."""
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pgroups import cli
 
 from conftest import run_ranks_outcomes
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason=f"needs 2 CUDA GPUs for NCCL; {torch.cuda.device_count()} visible")]
+pytestmark = pytest.mark.gpus(2)
 
 # No link between two GPUs moves 64 MiB faster than this; a time taken at the launch of the
 # operation (before NCCL's stream ran it) gives figures far above it.

@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pgroups.reshard import Resharder, cut_shards, plan_reshard, reshard
 from pgroups.reshard.convert import scale_name
@@ -23,9 +22,6 @@ from pgroups.spawn import run_local
 from test_reshard_executor import layout, reference, same_bytes, sentinel_shards, tiny_model
 from test_reshard_pipeline import fp8_reference, smooth_full
 
-GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-NEEDS = pytest.mark.skipif(GPUS < 2 or not dist.is_nccl_available(),
-                           reason=f"needs >= 2 CUDA GPUs and NCCL; this machine has {GPUS} visible")
 
 CASES = [
     {"src": (2, 1), "dst": (1, 2)},
@@ -89,8 +85,7 @@ def nccl_worker(cases: List[Dict[str, Any]]) -> List[Tuple[int, str]]:
     return problems
 
 
-@NEEDS
-@pytest.mark.gpu
+@pytest.mark.gpus(2)
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_reshard_on_nccl_is_bit_exact_and_converts():

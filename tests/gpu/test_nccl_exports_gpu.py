@@ -1,5 +1,5 @@
 """NCCL on real GPUs: per-mode NCCL options reach the communicator, and a DeviceMesh over
-pgroups' NCCL groups runs DTensor. Skipped (one reason) with fewer than 2 visible GPUs; it has not
+pgroups' NCCL groups runs DTensor. Needs 2 GPUs (skipped with one reason otherwise: conftest.py); it has not
 run on the CPU machine this project is developed on."""
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pgroups import ParallelContext
 
 from conftest import run_ranks
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason=f"needs 2 CUDA GPUs for NCCL; {torch.cuda.device_count()} visible")]
+pytestmark = pytest.mark.gpus(2)
 
 
 def nccl_worker() -> Dict[str, Any]:
