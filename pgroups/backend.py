@@ -47,6 +47,15 @@ ProcessGroup = dist.ProcessGroup
 GroupKey = Tuple[str, Tuple[int, ...], Optional[Hashable]]
 
 
+def tensor_device(backend_name: str, cpu: bool = False) -> torch.device:
+    """Where the tensors of a collective live: this rank's current GPU for a device group of an
+    NCCL backend (``backend_name`` as torch names it: ``"nccl"``, ``"cpu:gloo,cuda:nccl"``), the
+    CPU for gloo, fake and every CPU twin (``cpu=True``). The one place pgroups decides it."""
+    if not cpu and "nccl" in str(backend_name).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def default_backend_name() -> str:
     """The backend string of the default group (e.g. ``"gloo"``, ``"nccl"``, ``"fake"``)."""
     return str(dist.get_backend()).lower()
@@ -180,9 +189,7 @@ class GroupBackend:
 
     def device_for_tensors(self) -> torch.device:
         """Where tensors for this backend's device groups live: this rank's GPU under NCCL."""
-        if self.device_backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return tensor_device(self.device_backend)
 
     def world_cpu_group_needs_creation(self) -> bool:
         """Whether the world's CPU group is a group of its own (one creation, by every rank),

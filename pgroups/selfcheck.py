@@ -25,7 +25,7 @@ def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
     ``cpu_failures`` (ranks whose sum was wrong, over the world), ``shares`` (mode whose
     communicator it reuses, or None). Collective over the world.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if ctx.backend.device_backend == "nccl" else torch.device("cpu")
+    device = ctx.backend.device_for_tensors()
     modes = [m for m in ctx.modes]
     wrong = torch.zeros(2 * len(modes), dtype=torch.int64)
     for i, mode in enumerate(modes):

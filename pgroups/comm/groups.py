@@ -14,6 +14,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from ..backend import tensor_device
 from ..deadlines import is_peer_lost, timeouts_named
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError
@@ -53,7 +54,7 @@ def resolve_group(mode: GroupLike, ctx: Optional[ParallelContext] = None, cpu: b
             raise ValueError(f"this rank ({dist.get_rank()}) is not a member of the process group "
                              f"of ranks {format_ranks(ranks)}")
         return GroupInfo(mode, len(ranks), rank, f"group of ranks {format_ranks(ranks)}",
-                         _device_for(str(dist.get_backend(mode)).lower(), cpu))
+                         tensor_device(str(dist.get_backend(mode)).lower(), cpu))
     if not isinstance(mode, (str, ParallelMode)):
         raise TypeError(f"mode must be a ParallelMode, a mode name or a ProcessGroup, got {mode!r}")
     if ctx is None:
@@ -65,7 +66,7 @@ def resolve_group(mode: GroupLike, ctx: Optional[ParallelContext] = None, cpu: b
     ranks = ctx.get_ranks_in_group(name)
     backend_name = "gloo" if cpu or ctx.backend is None else ctx.backend.device_backend
     return GroupInfo(group, len(ranks), ctx.get_local_rank(name), f"mode {name!r} (ranks {format_ranks(ranks)})",
-                     _device_for(backend_name, cpu))
+                     tensor_device(backend_name, cpu))
 
 
 def group_handle(mode: GroupLike, ctx: Optional[ParallelContext] = None) -> Union[GroupHandle, dist.ProcessGroup]:
@@ -81,12 +82,6 @@ def group_handle(mode: GroupLike, ctx: Optional[ParallelContext] = None) -> Unio
 
         ctx = pgroups.gpc
     return ctx.group(mode)
-
-
-def _device_for(backend_name: str, cpu: bool) -> torch.device:
-    if not cpu and "nccl" in backend_name and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager
