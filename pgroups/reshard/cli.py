@@ -13,8 +13,11 @@ ranks of a ``Resharder`` compare before any byte moves, and the one its errors n
 The report lists routed experts (each side's expert mesh, the experts each rank owns), vocabulary
 padding, dtypes, bytes per rank against the lower bound, steps, and with hosts known the bytes each
 host sends to and receives from other hosts (max/mean over hosts). ``--dst-dtype D`` converts
-every floating tensor at the sender (``fp8``: tensors of >= 2 dims, with float32 scales) and
-adds the bytes on the wire in the destination dtypes. ``--src-names MAP`` says the source shards
+every floating tensor at the sender (``fp8``: tensors of >= 2 dims, with float32 scales per row;
+``fp8-block``: the >= 2-D tensors of the transformer layers, with a float32 scale per 128 x 128
+block, as DeepSeek-V3's and Qwen3's FP8 checkpoints store them — embedding and head keep their
+dtype; a layout pair whose shards would split a block is refused, exit 2) and adds the bytes on
+the wire in the destination dtypes. ``--src-names MAP`` says the source shards
 are separate tensors under a name map (``llama`` or a YAML), ``--dst-names MAP`` that the
 destination wants them so: the plan is then the sub-block reshard that converts inside the
 transfer (:func:`~pgroups.reshard.names.sub_block_model`), and its hash is that plan's.
@@ -35,7 +38,7 @@ from .names import conversion_report, load_name_map, sub_block_model
 from .plan.network import host_bytes, max_over_mean
 from .planner import Plan, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
-from .wire import DEFAULT_BUCKET_BYTES, agreement_digest
+from .wire import DEFAULT_BUCKET_BYTES, Shapes, agreement_digest, block_cut_problem
 from .spec import ModelSpec, llama_like, load_model_spec
 
 
@@ -69,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 #: ``--dst-dtype`` values
 DST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
               "fp32": torch.float32, "float32": torch.float32, "fp8": torch.float8_e4m3fn,
-              "float8_e4m3fn": torch.float8_e4m3fn}
+              "float8_e4m3fn": torch.float8_e4m3fn, "fp8-block": torch.float8_e4m3fn}
 
 
 def _dst_dtypes(value: Optional[str], model: ModelSpec) -> Optional[Dict[str, torch.dtype]]:
@@ -79,6 +82,9 @@ def _dst_dtypes(value: Optional[str], model: ModelSpec) -> Optional[Dict[str, to
     if value not in DST_DTYPES:
         raise ConfigError(f"--dst-dtype {value!r} is not known; allowed: {allowed(DST_DTYPES)}")
     dtype = DST_DTYPES[value]
+    if value == "fp8-block":
+        return {t.name: dtype for t in model.tensors
+                if t.dtype.is_floating_point and len(t.shape) >= 2 and isinstance(t.layer, int)}
     return {t.name: dtype for t in model.tensors
             if t.dtype.is_floating_point and (len(t.shape) >= 2 or not convert.is_scaled(dtype))}
 
@@ -150,24 +156,27 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
     model = load_model_spec(args.model) if args.model else llama_like(name="llama-3-8b-shapes")
     model, conversions = _conversions(args, model)
     dtypes = convert.resolve_dst_dtypes(model, _dst_dtypes(args.dst_dtype, model))
+    scales = "block" if args.dst_dtype == "fp8-block" else "row"
     if args.rank is not None:
         if not 0 <= args.rank < args.world_size:
             raise ConfigError(f"--rank {args.rank} is outside the job's ranks 0..{args.world_size - 1}")
         share = plan_share(src, dst, model, args.rank, _hosts(args))
-        agreement = _agreement(args, share, model, dtypes)
+        _check_blocks(share, share.transfers, dtypes, scales)
+        agreement = _agreement(args, share, model, dtypes, scales)
         if args.json:
-            print(json.dumps({"world_size": args.world_size, **share.summary(dtypes), **agreement,
+            print(json.dumps({"world_size": args.world_size, **share.summary(dtypes, scales), **agreement,
                               "names": conversions}))
         else:
-            print("\n".join([describe_share(share, dtypes), _describe_agreement(agreement),
+            print("\n".join([describe_share(share, dtypes, scales), _describe_agreement(agreement),
                              *_describe_conversions(conversions)]))
         return 0 if share.report is None or share.report.ratio == 1.0 else 1
     hosts = _hosts(args)
     plan = plan_reshard(src, dst, model, hosts)
+    _check_blocks(plan, plan.transfers, dtypes, scales)
     traffic = _host_traffic(plan, hosts)
-    agreement = _agreement(args, plan, model, dtypes)
+    agreement = _agreement(args, plan, model, dtypes, scales)
     if args.json:
-        result = {"world_size": args.world_size, **plan.summary(dtypes), **agreement, "names": conversions}
+        result = {"world_size": args.world_size, **plan.summary(dtypes, scales), **agreement, "names": conversions}
         if traffic is not None:
             result["host_bytes"] = traffic
         if args.transfers:
@@ -177,7 +186,7 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
                  "dst_local": [list(b) for b in t.dst_box]} for t in plan.transfers]
         print(json.dumps(result))
     else:
-        lines = [describe_plan(plan, dst_dtypes=dtypes), _describe_agreement(agreement),
+        lines = [describe_plan(plan, dst_dtypes=dtypes, fp8_scales=scales), _describe_agreement(agreement),
                  *_describe_conversions(conversions)]
         if traffic is not None:
             lines.append(f"bytes between hosts (source dtypes): {len(traffic['hosts'])} hosts; per host out max/mean "
@@ -198,11 +207,20 @@ def _host_traffic(plan: Plan, hosts: Optional[List[str]]) -> Optional[Dict[str, 
             "in_max_over_mean": max_over_mean(v[1] for v in per_host.values())}
 
 
-def _agreement(args: argparse.Namespace, plan: Any, model: ModelSpec, dtypes: Dict[str, torch.dtype]) -> Dict[str, Any]:
+def _check_blocks(plan: Any, transfers: Any, dtypes: Dict[str, torch.dtype], scales: str) -> None:
+    """ConfigError when block-scaled fp8 would split a block (a transfer not on block edges)."""
+    if scales == "block":
+        problem = block_cut_problem(transfers, Shapes(plan, scales), dtypes)
+        if problem is not None:
+            raise ConfigError(f"--dst-dtype fp8-block: {problem}")
+
+
+def _agreement(args: argparse.Namespace, plan: Any, model: ModelSpec, dtypes: Dict[str, torch.dtype],
+               scales: str) -> Dict[str, Any]:
     """The hash a Resharder's ranks compare for this plan (``plan`` or a share: one digest) with
-    these destination dtypes, ``--bucket-bytes`` and ``--verify``, and those options."""
+    these destination dtypes and fp8 scales, ``--bucket-bytes`` and ``--verify``, and those options."""
     converted = convert.converted_dtypes(model, dtypes)
-    digest = agreement_digest(plan, args.bucket_bytes, converted, args.verify)
+    digest = agreement_digest(plan, args.bucket_bytes, converted, args.verify, scales)
     return {"agreement_hash": f"{digest & (2 ** 64 - 1):016x}",
             "agreement": {"bucket_bytes": args.bucket_bytes, "verify": args.verify,
                           "converted_tensors": len(converted)}}

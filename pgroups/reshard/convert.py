@@ -17,12 +17,25 @@ with
     scale = amax / 448   (1.0 where amax is 0)       q = clamp(w.float() / scale, -448, 448) → e4m3
 
 fp8 needs a tensor of at least 2 dims (a norm or bias would get one scale per value).
+
+**Block-scaled fp8** (``fp8_scales="block"``: the format of DeepSeek-V3's and Qwen3's FP8
+checkpoints, which SGLang and vLLM load). One float32 scale per 128 x 128 block of the last two
+dims of the destination's *local* shard (per index of any leading dim, e.g. per expert of a
+grouped ``[E, out, in]`` weight); edge blocks are partial. The destination holds it as
+``"<name>_scale_inv"`` (:func:`scale_name`), shaped ``[..., ceil(out / 128), ceil(in / 128)]``,
+and ``w[i, j] ≈ q[i, j].float() * scale_inv[i // 128, j // 128]``, with ``scale_inv`` = the
+block's amax / 448 (1.0 where it is 0) and q as above. Where every shard starts at a multiple of
+128 (what those loaders require of a TP shard), the local blocks are the checkpoint's global
+ones. A sender quantizes only whole blocks: every transfer of such a tensor must start at a
+multiple of 128 on the destination (:func:`block_cut_problem`), which the plan's cuts give
+whenever the shards of both layouts do.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
+import attrs
 import torch
 
 from ..errors import ReshardError
@@ -38,26 +51,110 @@ BLOCK_ELEMENTS = 1 << 18
 EXTREMA_ITEMSIZE = 8
 
 
-def scale_name(name: str) -> str:
-    """The destination state's name of the fp8 scale of tensor ``name``."""
-    return name + SCALE_SUFFIX
+#: ``fp8_scales`` values: one scale per index of the dims a transfer may cut, or per 128 x 128 block
+SCALE_FORMATS = ("row", "block")
+#: the block edge of block-scaled fp8
+FP8_BLOCK = 128
+BLOCK_SCALE_SUFFIX = "_scale_inv"
+
+
+@attrs.frozen
+class ScaleLayout:
+    """Where the fp8 scales of a tensor of ``ndim`` dims sit: one per index of ``dims``, and with
+    ``block`` > 0 one per ``block`` x ``block`` block of the last two dims (1 on every other dim)."""
+
+    dims: Tuple[int, ...]
+    block: int = 0
+    ndim: int = 0
+
+    def __contains__(self, dim: object) -> bool:
+        """Whether ``dim`` has one scale per index."""
+        return dim in self.dims
+
+    @property
+    def blocked(self) -> Tuple[int, ...]:
+        return (self.ndim - 2, self.ndim - 1) if self.block else ()
+
+    def shape(self, shape: Sequence[int]) -> Tuple[int, ...]:
+        return tuple(n if d in self.dims else -(-n // self.block) if d in self.blocked else 1
+                     for d, n in enumerate(shape))
+
+    def box(self, box: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
+        """The box of a region's scales (the region starts at a multiple of ``block`` on the
+        blocked dims: :func:`block_cut_problem`)."""
+        return tuple(span if d in self.dims else (span[0] // self.block, -(-span[1] // self.block))
+                     if d in self.blocked else (0, 1) for d, span in enumerate(box))
+
+
+Scales = Union[ScaleLayout, Sequence[int]]
+
+
+def _layout(scales: Scales) -> ScaleLayout:
+    return scales if isinstance(scales, ScaleLayout) else ScaleLayout(tuple(scales))
+
+
+def scale_name(name: str, scales: Optional[Scales] = None) -> str:
+    """The destination state's name of the fp8 scale of tensor ``name``: ``"<name>_scale"``, or
+    ``"<name>_scale_inv"`` when ``scales`` is block-scaled."""
+    block = scales is not None and _layout(scales).block
+    return name + (BLOCK_SCALE_SUFFIX if block else SCALE_SUFFIX)
 
 
 def is_scaled(dtype: torch.dtype) -> bool:
     return dtype in FP8_MAX
 
 
-def scale_dims(spec) -> Tuple[int, ...]:
-    """The dims a transfer of ``spec`` may cut (one scale per index of them): its axis, and the
-    expert dim of a grouped expert weight."""
+def scale_dims(spec, fp8_scales: str = "row") -> ScaleLayout:
+    """Where the fp8 scales of ``spec`` sit. ``"row"``: per index of the dims a transfer may cut —
+    its axis, and the expert dim of a grouped expert weight; ``"block"``: per 128 x 128 block of
+    the last two dims, per index of the leading ones."""
+    if fp8_scales == "block":
+        ndim = len(spec.shape)
+        return ScaleLayout(tuple(range(max(ndim - 2, 0))), FP8_BLOCK, ndim)
     experts = getattr(spec, "experts", None)
     dims = {spec.axis} | ({experts.dim} if experts is not None and experts.dim is not None else set())
-    return tuple(sorted(dims))
+    return ScaleLayout(tuple(sorted(dims)), 0, len(spec.shape))
 
 
-def scale_shape(shape: Sequence[int], dims: Sequence[int]) -> Tuple[int, ...]:
-    """The scale's shape for a region of ``shape`` scaled per index of ``dims``: 1 elsewhere."""
-    return tuple(n if dim in dims else 1 for dim, n in enumerate(shape))
+def check_scale_format(fp8_scales: str) -> str:
+    """``fp8_scales`` if it is known; ReshardError naming the allowed values."""
+    if fp8_scales not in SCALE_FORMATS:
+        raise ReshardError(f"fp8_scales {fp8_scales!r} is not known; allowed: {', '.join(map(repr, SCALE_FORMATS))}")
+    return fp8_scales
+
+
+def format_mismatch(name: str, scales: ScaleLayout, tensors: Mapping[str, torch.Tensor]) -> str:
+    """One line on the fp8 scale tensor of ``name`` the wire format needs, naming the other
+    format's scale tensor when ``tensors`` holds it (the destination stores another format)."""
+    want = ("block-scaled fp8 (float32 '{}', one scale per {} x {} block)".format(scale_name(name, scales), scales.block,
+                                                                                   scales.block)
+            if scales.block else f"fp8 with per-row scales (float32 '{scale_name(name)}')")
+    other = scale_name(name, None if scales.block else ScaleLayout((), FP8_BLOCK, scales.ndim))
+    if other in tensors:
+        return (f"the destination holds {other!r}, another fp8 storage format, but the plan's wire format is {want}: "
+                "the destination's storage format and the wire format differ (fp8_scales must match on every rank)")
+    return f"the plan's wire format for {name!r} is {want}; pass it (Resharder.destination_shards() makes them)"
+
+
+def scale_shape(shape: Sequence[int], scales: Scales) -> Tuple[int, ...]:
+    """The scale's shape for a region of ``shape``: per index of the scaled dims (and per block
+    of the blocked ones), 1 elsewhere."""
+    return _layout(scales).shape(shape)
+
+
+def block_cut_problem(name: str, dst_box: Sequence[Tuple[int, int]], dst_shape: Sequence[int],
+                      scales: ScaleLayout) -> Optional[str]:
+    """Why a transfer landing on ``dst_box`` of a destination shard of ``dst_shape`` would split a
+    block of a block-scaled tensor (None when it does not): on each blocked dim it must start at a
+    multiple of the block and end at one or at the shard's end."""
+    for d in scales.blocked:
+        start, stop = dst_box[d]
+        if start % scales.block or (stop % scales.block and stop != dst_shape[d]):
+            return (f"tensor {name!r}: a transfer brings rows [{start}, {stop}) of dim {d} of a destination shard of "
+                    f"shape {tuple(dst_shape)}, which splits a {scales.block} x {scales.block} block: block-scaled fp8 "
+                    f"needs every block of a destination shard held whole by one source shard (shards of both layouts "
+                    f"starting at multiples of {scales.block}); use fp8_scales='row' for this layout pair")
+    return None
 
 
 def resolve_dst_dtypes(model, dst_dtypes: Optional[Mapping[str, torch.dtype]]) -> Dict[str, torch.dtype]:
@@ -86,7 +183,7 @@ def converted_dtypes(model, dst_dtypes: Mapping[str, torch.dtype]) -> Dict[str, 
     return {name: dtype for name, dtype in dst_dtypes.items() if dtype != model[name].dtype}
 
 
-def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, dims: Sequence[int]) -> Tuple[int, int]:
+def wire_layout(shape: Sequence[int], dst_dtype: torch.dtype, dims: Scales) -> Tuple[int, int]:
     """``(payload bytes, total bytes)`` of a region of ``shape`` on the wire in ``dst_dtype``: the
     values in the destination dtype, then (fp8) the float32 scales, 4-byte aligned."""
     payload = math.prod(shape) * dst_dtype.itemsize
@@ -116,9 +213,9 @@ def region(tensor: torch.Tensor, box: Sequence[Tuple[int, int]]) -> torch.Tensor
     return tensor
 
 
-def scale_box(box: Sequence[Tuple[int, int]], dims: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
-    """The box of a region's scales in the scale tensor (1 on every dim but ``dims``)."""
-    return tuple(span if dim in dims else (0, 1) for dim, span in enumerate(box))
+def scale_box(box: Sequence[Tuple[int, int]], dims: Scales) -> Tuple[Tuple[int, int], ...]:
+    """The box of a region's scales in the scale tensor (see :meth:`ScaleLayout.box`)."""
+    return _layout(dims).box(box)
 
 
 def blocks(shape: Sequence[int], limit: int) -> Iterator[Tuple[Tuple[int, int], ...]]:
@@ -149,7 +246,7 @@ class Quantizer:
     def __init__(self, scratch: torch.Tensor, extrema: torch.Tensor, mask: torch.Tensor) -> None:
         self.scratch, self.extrema, self.mask = scratch, extrema, mask
 
-    def quantize(self, source: torch.Tensor, dims: Sequence[int], q_out: torch.Tensor,
+    def quantize(self, source: torch.Tensor, dims: Scales, q_out: torch.Tensor,
                  scale_out: torch.Tensor) -> None:
         """Write ``source`` as fp8 into ``q_out`` (same shape) and its scales into ``scale_out``
         (float32, :func:`scale_shape` of the region). See the module docstring for the rule.
@@ -157,6 +254,11 @@ class Quantizer:
         The amax is taken in the source dtype (max, min and negation are exact, so it equals the
         float32 amax); then, block by block, the values are copied to float32, divided by their
         scale, clamped and cast: the same float32 arithmetic as ``w.float() / scale``."""
+        layout = _layout(dims)
+        if layout.block:
+            self._quantize_blocks(source, layout.block, q_out, scale_out)
+            return
+        dims = layout.dims
         limit = FP8_MAX[q_out.dtype]
         others = [d for d in range(source.dim()) if d not in dims]
         keep = scale_shape(source.shape, dims)
@@ -179,3 +281,44 @@ class Quantizer:
             values.div_(region(scale_out, scale_box(box, dims)))
             values.clamp_(-limit, limit)
             region(q_out, box).copy_(values)
+
+    def _quantize_blocks(self, source: torch.Tensor, block: int, q_out: torch.Tensor, scale_out: torch.Tensor) -> None:
+        """Block-scaled: for each band of ``block`` rows of the last two dims (per leading index),
+        runs of whole blocks that fit the scratch are copied to float32, their amax taken per
+        block, divided by their scale, clamped and cast — the arithmetic of the per-row rule."""
+        limit = FP8_MAX[q_out.dtype]
+        rows, cols = source.shape[-2:]
+        width = max(1, self.scratch.numel() // (block * block)) * block   # columns per pass: whole blocks
+        flat, q_flat, s_flat = _three_d(source), _three_d(q_out), _three_d(scale_out)
+        for lead in range(flat.shape[0]):
+            for r0 in range(0, rows, block):
+                r1 = min(rows, r0 + block)
+                for c0 in range(0, cols, width):
+                    c1 = min(cols, c0 + width)
+                    full, edge = (c1 - c0) // block, (c1 - c0) % block
+                    for a, b, n, w in ((c0, c0 + full * block, full, block), (c0 + full * block, c1, 1, edge)):
+                        if b <= a:
+                            continue
+                        values = self.scratch[:(r1 - r0) * (b - a)].view(r1 - r0, n, w)
+                        values.copy_(flat[lead, r0:r1, a:b].unflatten(1, (n, w)))
+                        scale = s_flat[lead, r0 // block, a // block:a // block + n]
+                        extrema = self.extrema[:2 * n]
+                        torch.amax(values, dim=(0, 2), out=extrema[:n])
+                        torch.amin(values, dim=(0, 2), out=extrema[n:])
+                        extrema[n:].neg_()
+                        torch.maximum(extrema[:n], extrema[n:], out=scale)
+                        scale.div_(limit)
+                        mask = self.mask[:n]
+                        torch.eq(scale, 0, out=mask)
+                        scale.masked_fill_(mask, 1.0)
+                        values.div_(scale.view(1, n, 1))
+                        values.clamp_(-limit, limit)
+                        q_flat[lead, r0:r1, a:b].copy_(values.flatten(1))
+
+
+def _three_d(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``[leading, rows, cols]`` (a view for 2-D and 3-D tensors, the ones with
+    block-scaled weights)."""
+    if tensor.dim() == 2:
+        return tensor.unsqueeze(0)
+    return tensor if tensor.dim() == 3 else tensor.flatten(0, -3)

@@ -73,8 +73,8 @@ from .convert import region as _region
 from .convert import scale_box as _scale_box
 from .layout import ParallelLayout, local_shapes
 from .wire import (ALIGN, DEFAULT_BUCKET_BYTES, DEFAULT_RING, MAX_OPS_IN_FLIGHT, REFUSED, Chunk, Message, Piece,
-                   Round, Shapes, agreement_digest, box_shape, first_disagreement, may_post, messages,
-                   needs_recv_buffer, rounds, slices)
+                   Round, Shapes, agreement_digest, block_cut_problem, box_shape, first_disagreement, may_post,
+                   messages, needs_recv_buffer, rounds, slice_align, slices)
 from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
@@ -189,7 +189,7 @@ class Resharder:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: Optional[float] = None,
                  verify: bool = False, keep_buffers: bool = True, atomic: bool = True,
                  max_staging_bytes: Optional[int] = None,
-                 dst_dtypes: Optional[Mapping[str, torch.dtype]] = None) -> None:
+                 dst_dtypes: Optional[Mapping[str, torch.dtype]] = None, fp8_scales: str = "row") -> None:
         if context is None:
             from .. import gpc as context
         if bucket_bytes < 1:
@@ -202,20 +202,23 @@ class Resharder:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.dst_dtypes = convert.resolve_dst_dtypes(plan.model, dst_dtypes)
         self._converted = convert.converted_dtypes(plan.model, self.dst_dtypes)
-        self.digest = agreement_digest(plan, bucket_bytes, self._converted, verify)
+        self.fp8_scales = convert.check_scale_format(fp8_scales)
+        self.digest = agreement_digest(plan, bucket_bytes, self._converted, verify, fp8_scales)
         self.sends, self.recvs, copies = plan.transfers_of(self.rank)
         self.fills = plan.fills_of(self.rank)   # vocabulary padding: zero-filled here, never sent
-        shapes = Shapes(plan)
+        shapes = self._shapes = Shapes(plan, fp8_scales)
+        self.scale_layouts = {spec.name: shapes.scale_dims(spec.name) for spec in plan.model.tensors}
         self.send_messages = messages(self.sends, lambda t: t.dst, shapes, self.dst_dtypes, bucket_bytes)
         self.recv_messages = messages(self.recvs, lambda t: t.src, shapes, self.dst_dtypes, bucket_bytes)
         self.copies = [part for t in copies for part in slices(
             t, self.dst_dtypes[t.tensor], shapes.dtype(t.tensor).itemsize, bucket_bytes,
-            self.dst_dtypes[t.tensor] == shapes.dtype(t.tensor))]
+            self.dst_dtypes[t.tensor] == shapes.dtype(t.tensor), slice_align(t, shapes, self.dst_dtypes))]
         self.steps = sorted(set(self.send_messages) | set(self.recv_messages))
         self.rounds = rounds(self.send_messages, self.recv_messages, verify)
         self._sizes = self._buffer_sizes()
         self.max_staging_bytes = max_staging_bytes
-        self._budget_problem = self._check_budget(max_staging_bytes)
+        self._budget_problem = self._check_budget(max_staging_bytes) or block_cut_problem(
+            list(self.sends) + list(self.recvs) + list(copies), shapes, self.dst_dtypes)
         self._buffers = _Buffers()
 
     # ---- sizes and budget -----------------------------------------------------------------------
@@ -229,7 +232,7 @@ class Resharder:
                    for m in self.send_messages.values() for p in m.pieces]
         scratch += [convert.scratch_elements(box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
         scaled = [p.transfer for m in self.send_messages.values() for p in m.pieces] + list(self.copies)
-        scales = [math.prod(convert.scale_shape(box_shape(t.src_box), convert.scale_dims(self.plan.model[t.tensor])))
+        scales = [math.prod(convert.scale_shape(box_shape(t.src_box), self.scale_layouts[t.tensor]))
                   for t in scaled if convert.is_scaled(self.dst_dtypes[t.tensor])]
         staging = sum(-(-m.size // ALIGN) * ALIGN for m in self.recv_messages.values())
         return {"send": max(packed, default=0), "recv": max(received, default=0), "staging": staging,
@@ -275,14 +278,15 @@ class Resharder:
 
     def destination_shards(self, device: Any = "cpu") -> Dict[str, torch.Tensor]:
         """Fresh (uninitialised) destination tensors of this rank, in the destination dtypes,
-        with the fp8 scale tensors (``"<name>_scale"``)."""
+        with the fp8 scale tensors (``"<name>_scale"``, or ``"<name>_scale_inv"`` block-scaled)."""
         shards = {}
         for name, shape in local_shapes(self.plan.dst, self.plan.model, self.rank).items():
             dtype = self.dst_dtypes[name]
             shards[name] = torch.empty(shape, dtype=dtype, device=device)
             if convert.is_scaled(dtype):
-                shards[convert.scale_name(name)] = torch.empty(
-                    convert.scale_shape(shape, convert.scale_dims(self.plan.model[name])), dtype=convert.SCALE_DTYPE,
+                scales = self.scale_layouts[name]
+                shards[convert.scale_name(name, scales)] = torch.empty(
+                    convert.scale_shape(shape, scales), dtype=convert.SCALE_DTYPE,
                     device=device)
         return shards
 
@@ -303,7 +307,7 @@ class Resharder:
         problem, device = None, None
         try:
             device = _check_tensors(self.plan, self.rank, src_tensors, dst_tensors, self.dst_dtypes,
-                                    self._default_device())
+                                    self._default_device(), self.scale_layouts)
             problem = self._budget_problem
         except ReshardError as exc:
             problem = exc
@@ -381,7 +385,7 @@ class _Run:
                  group: Any, device: torch.device, progress: Optional[Progress]) -> None:
         self.owner, self.src, self.dst, self.group, self.device = owner, src, dst, group, device
         self.progress = progress
-        self.scale_dims = {spec.name: convert.scale_dims(spec) for spec in owner.plan.model.tensors}
+        self.scale_dims = owner.scale_layouts
         buffers, sizes = owner._buffers, owner._sizes
         self.send_slots = [buffers.get(f"send{i}", sizes["send"], device) for i in range(owner.send_ring)] \
             if sizes["send"] else []
@@ -576,7 +580,8 @@ class _Run:
         target.copy_(wire[:piece.payload].view(target.dtype).view(target.shape))
         if convert.is_scaled(target.dtype):
             start = -(-piece.payload // 4) * 4
-            scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, self.scale_dims[t.tensor]))
+            dims = self.scale_dims[t.tensor]
+            scale = _region(self.dst[convert.scale_name(t.tensor, dims)], _scale_box(t.dst_box, dims))
             scale.copy_(wire[start:piece.nbytes].view(convert.SCALE_DTYPE).view(scale.shape))
         self.unpacked += piece.nbytes
 
@@ -593,13 +598,13 @@ class _Run:
             target.zero_()
             if convert.is_scaled(target.dtype):
                 dims = self.scale_dims[fill.tensor]
-                _region(self.dst[convert.scale_name(fill.tensor)], _scale_box(fill.dst_box, dims)).fill_(1)
+                _region(self.dst[convert.scale_name(fill.tensor, dims)], _scale_box(fill.dst_box, dims)).fill_(1)
         for t in self.owner.copies:
             target = _region(self.dst[t.tensor], t.dst_box)
             source = _region(self.src[t.tensor], t.src_box)
             if convert.is_scaled(target.dtype):
                 dims = self.scale_dims[t.tensor]
-                scale = _region(self.dst[convert.scale_name(t.tensor)], _scale_box(t.dst_box, dims))
+                scale = _region(self.dst[convert.scale_name(t.tensor, dims)], _scale_box(t.dst_box, dims))
                 self.quantizer.quantize(source, dims, target, scale)
             else:
                 target.copy_(source)
@@ -663,7 +668,7 @@ def reshard(src_layout: ParallelLayout, dst_layout: ParallelLayout, model: Model
 # ---- helpers -------------------------------------------------------------------------------------------
 def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor],
                    dst_tensors: Mapping[str, torch.Tensor], dst_dtypes: Mapping[str, torch.dtype],
-                   default: torch.device) -> torch.device:
+                   default: torch.device, scale_layouts: Mapping[str, convert.ScaleLayout]) -> torch.device:
     """Every shard this rank holds in each layout is given with the right shape and dtype (the
     destination's in its destination dtype, with its fp8 scale), on one device (returned;
     ``default`` if the rank has none)."""
@@ -676,16 +681,17 @@ def _check_tensors(plan: Plan, rank: int, src_tensors: Mapping[str, torch.Tensor
             dtype = dst_dtypes[name] if side == "destination" else model[name].dtype
             wanted = [(name, shape, dtype)]
             if side == "destination" and convert.is_scaled(dtype):
-                wanted.append((convert.scale_name(name), convert.scale_shape(shape, convert.scale_dims(model[name])),
-                               convert.SCALE_DTYPE))
+                scales = scale_layouts[name]
+                wanted.append((convert.scale_name(name, scales), convert.scale_shape(shape, scales), convert.SCALE_DTYPE))
             for key, want_shape, want_dtype in wanted:
                 tensor = tensors.get(key)
                 where = (f"rank {rank}: {side} tensor {key!r} (tp {coords['tp']} of {layout.topology.tensor}, "
                          f"stage {coords['pp']})")
+                if tensor is None and key != name:
+                    raise ReshardError(f"{where} is missing: {convert.format_mismatch(name, scale_layouts[name], tensors)}")
                 if tensor is None:
                     raise ReshardError(f"{where} is missing; this rank must pass every tensor of its stage "
-                                       f"({len(expected)} tensors" + (", with the fp8 scales" if key != name else "")
-                                       + ")")
+                                       f"({len(expected)} tensors)")
                 if tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
                     raise ReshardError(f"{where} has shape {tuple(tensor.shape)} {tensor.dtype}; the layout "
                                        f"gives {tuple(want_shape)} {want_dtype}")

@@ -40,11 +40,16 @@ MAX_OPS_IN_FLIGHT = 16
 
 
 # ---- plan agreement (pure) ------------------------------------------------------------------------
-def agreement_digest(plan: Any, bucket_bytes: int, dst_dtypes: Mapping[str, torch.dtype], verify: bool) -> int:
+def agreement_digest(plan: Any, bucket_bytes: int, dst_dtypes: Mapping[str, torch.dtype], verify: bool,
+                     fp8_scales: str = "row") -> int:
     """The int64 the ranks compare: the plan's digest (``plan.digest()``, a hash of everything the
-    plan is a function of) and the options that shape the wire."""
+    plan is a function of) and the options that shape the wire (the fp8 scale format only where a
+    tensor is converted to fp8)."""
     h = hashlib.blake2b(plan.digest().to_bytes(8, "little", signed=True), digest_size=8)
-    h.update(repr((bucket_bytes, sorted((n, str(d)) for n, d in dst_dtypes.items()), verify)).encode())
+    options: Tuple = (bucket_bytes, sorted((n, str(d)) for n, d in dst_dtypes.items()), verify)
+    if any(convert.is_scaled(d) for d in dst_dtypes.values()) and fp8_scales != "row":
+        options += (fp8_scales,)
+    h.update(repr(options).encode())
     value = int.from_bytes(h.digest(), "little", signed=True)
     return value if value != REFUSED else 1
 
@@ -66,7 +71,7 @@ def first_disagreement(digests: Sequence[int], ranks: Sequence[int]) -> Optional
     odd = next(r for r, d in zip(ranks, digests) if d != reference)
     return (f"rank {odd} has plan hash {digests[ranks.index(odd)] & (2 ** 64 - 1):016x} but {len(holders)} rank(s) "
             f"(rank {holders[0]} first) have {reference & (2 ** 64 - 1):016x}: every rank must run the same plan "
-            "with the same bucket_bytes, dst_dtypes and verify")
+            "with the same bucket_bytes, dst_dtypes, fp8_scales and verify")
 
 
 # ---- message layout (pure) ------------------------------------------------------------------------
@@ -203,9 +208,11 @@ def narrow_box(box: Box, axis: int, start: int, stop: int) -> Box:
 
 
 def slices(transfer: Transfer, dst_dtype: torch.dtype, src_itemsize: int, bucket_bytes: int,
-            whole: bool) -> List[Transfer]:
+            whole: bool, align: int = 1) -> List[Transfer]:
     """``transfer`` whole, or cut along its axis into slices of at most ``bucket_bytes`` of work
-    (the larger of source, wire and, for fp8, float32 scratch bytes per element)."""
+    (the larger of source, wire and, for fp8, float32 scratch bytes per element), each a multiple
+    of ``align`` rows (a block of block-scaled fp8 stays in one slice; a slice may then exceed
+    ``bucket_bytes``)."""
     shape = box_shape(transfer.src_box)
     if whole or not shape:
         return [transfer]
@@ -213,6 +220,7 @@ def slices(transfer: Transfer, dst_dtype: torch.dtype, src_itemsize: int, bucket
     per_row = math.prod(shape) // max(rows, 1)
     work = max(src_itemsize, dst_dtype.itemsize, 4 if convert.is_scaled(dst_dtype) else 0)
     step = max(1, bucket_bytes // max(1, per_row * work))
+    step = -(-step // align) * align
     if step >= rows:
         return [transfer]
     out = []
@@ -223,6 +231,14 @@ def slices(transfer: Transfer, dst_dtype: torch.dtype, src_itemsize: int, bucket
                                 dst_box=narrow_box(transfer.dst_box, transfer.axis, lo, hi),
                                 nbytes=transfer.nbytes // rows * (hi - lo)))
     return out
+
+
+def slice_align(transfer: Transfer, plan_shapes: "Shapes", dst_dtypes: Mapping[str, torch.dtype]) -> int:
+    """Rows a slice of ``transfer`` must be a multiple of: the block of a block-scaled fp8 tensor
+    blocked on its axis, else 1."""
+    scales = plan_shapes.scale_dims(transfer.tensor)
+    scaled = convert.is_scaled(dst_dtypes[transfer.tensor])
+    return scales.block if scaled and transfer.axis in scales.blocked else 1
 
 
 def chunks_of(step: int, peer: int, pieces: Sequence[Piece], size: int, bucket_bytes: int) -> Tuple[Chunk, ...]:
@@ -270,9 +286,10 @@ def messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int], 
             plain = dtype == src_dtype
             whole = plain and contiguous(t.src_box, plan_shapes.src(t.src, t.tensor)) and contiguous(
                 t.dst_box, plan_shapes.dst(t.dst, t.tensor))
-            for part in slices(t, dtype, src_dtype.itemsize, bucket_bytes, whole):
+            scales = plan_shapes.scale_dims(t.tensor)
+            for part in slices(t, dtype, src_dtype.itemsize, bucket_bytes, whole, slice_align(t, plan_shapes, dst_dtypes)):
                 shape = box_shape(part.src_box)
-                payload, nbytes = convert.wire_layout(shape, dtype, plan_shapes.scale_dims(t.tensor))
+                payload, nbytes = convert.wire_layout(shape, dtype, scales)
                 offset = -(-offset // ALIGN) * ALIGN
                 pieces.append(Piece(part, offset, payload, nbytes, whole))
                 offset += nbytes
@@ -283,12 +300,12 @@ def messages(transfers: Sequence[Transfer], peer_of: Callable[[Transfer], int], 
 class Shapes:
     """Local shard shapes of every rank in each layout (cached), and source dtypes."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, fp8_scales: str = "row") -> None:
         self.plan = plan
         self._src: Dict[int, Dict[str, Tuple[int, ...]]] = {}
         self._dst: Dict[int, Dict[str, Tuple[int, ...]]] = {}
         self._dtypes = {spec.name: spec.dtype for spec in plan.model.tensors}
-        self._scale_dims = {spec.name: convert.scale_dims(spec) for spec in plan.model.tensors}
+        self._scale_dims = {spec.name: convert.scale_dims(spec, fp8_scales) for spec in plan.model.tensors}
 
     def src(self, rank: int, name: str) -> Tuple[int, ...]:
         if rank not in self._src:
@@ -303,5 +320,18 @@ class Shapes:
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
 
-    def scale_dims(self, name: str) -> Tuple[int, ...]:
+    def scale_dims(self, name: str) -> convert.ScaleLayout:
         return self._scale_dims[name]
+
+
+def block_cut_problem(transfers: Sequence[Transfer], plan_shapes: Shapes,
+                      dst_dtypes: Mapping[str, torch.dtype]) -> Optional[str]:
+    """Why one of ``transfers`` (a rank's receives, sends and copies) would split a block of a
+    block-scaled fp8 tensor (:func:`.convert.block_cut_problem`), naming the ranks; None if none does."""
+    for t in transfers:
+        scales = plan_shapes.scale_dims(t.tensor)
+        if scales.block and convert.is_scaled(dst_dtypes[t.tensor]):
+            problem = convert.block_cut_problem(t.tensor, t.dst_box, plan_shapes.dst(t.dst, t.tensor), scales)
+            if problem is not None:
+                return f"rank {t.src} -> rank {t.dst}: {problem}"
+    return None

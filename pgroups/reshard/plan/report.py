@@ -64,9 +64,10 @@ def dtype_counts(tensors: Sequence[TensorSpec], dtypes: Optional[Mapping[str, An
     return counts
 
 
-def wire_bytes(model: ModelSpec, transfers: Sequence[Transfer], dst_dtypes: Optional[Mapping[str, Any]]) -> Dict[int, int]:
+def wire_bytes(model: ModelSpec, transfers: Sequence[Transfer], dst_dtypes: Optional[Mapping[str, Any]],
+               fp8_scales: str = "row") -> Dict[int, int]:
     """``{receiver: bytes on the wire}`` with each tensor converted to ``dst_dtypes`` at the sender
-    (fp8: the values, then float32 scales; see :mod:`.convert`)."""
+    (fp8: the values, then float32 scales in format ``fp8_scales``; see :mod:`.convert`)."""
     from .. import convert   # the executor's own accounting of converted bytes
 
     out: Dict[int, int] = {}
@@ -76,7 +77,7 @@ def wire_bytes(model: ModelSpec, transfers: Sequence[Transfer], dst_dtypes: Opti
             nbytes = t.nbytes
         else:
             shape = [b - a for a, b in t.src_box] or [1]
-            nbytes = convert.wire_layout(shape, dtype, convert.scale_dims(model[t.tensor]))[1]
+            nbytes = convert.wire_layout(shape, dtype, convert.scale_dims(model[t.tensor], fp8_scales))[1]
         out[t.dst] = out.get(t.dst, 0) + nbytes
     return out
 
@@ -104,16 +105,18 @@ def _describe_context(s: Dict[str, Any], dtypes: Dict[str, int]) -> List[str]:
                      "padding rows are never sent, destination padding is zero-filled")
     model_dtypes = ", ".join(f"{n} x{c}" for n, c in dtypes.items())
     dst_dtypes = ", ".join(f"{n} x{c}" for n, c in s["dst_dtypes"].items())
-    fp8 = "; fp8 with float32 scales" if "float8" in dst_dtypes else ""
+    blocks = " per 128 x 128 block" if s.get("fp8_scales") == "block" else " per row"
+    fp8 = f"; fp8 with float32 scales{blocks}" if "float8" in dst_dtypes else ""
     lines.append(f"dtypes: source {model_dtypes}; destination {dst_dtypes}"
                  + ("" if model_dtypes == dst_dtypes else f" (converted at the sender{fp8})"))
     return lines
 
 
-def describe_plan(plan: Plan, rank_limit: int = 16, dst_dtypes: Optional[Mapping[str, Any]] = None) -> str:
+def describe_plan(plan: Plan, rank_limit: int = 16, dst_dtypes: Optional[Mapping[str, Any]] = None,
+                  fp8_scales: str = "row") -> str:
     """A readable report: summary lines, then one line per destination rank (first ``rank_limit``);
-    ``dst_dtypes`` as in :meth:`Plan.summary`."""
-    s = plan.summary(dst_dtypes)
+    ``dst_dtypes``, ``fp8_scales`` as in :meth:`Plan.summary`."""
+    s = plan.summary(dst_dtypes, fp8_scales)
     load = s["sender_load"]
     experts = s["model"]["expert_tensors"]
     lines = [
@@ -151,9 +154,9 @@ def describe_plan(plan: Plan, rank_limit: int = 16, dst_dtypes: Optional[Mapping
     return "\n".join(lines)
 
 
-def describe_share(share: PlanShare, dst_dtypes: Optional[Mapping[str, Any]] = None) -> str:
-    """A readable report of one rank's share (``dst_dtypes`` as in :meth:`Plan.summary`)."""
-    s = share.summary(dst_dtypes)
+def describe_share(share: PlanShare, dst_dtypes: Optional[Mapping[str, Any]] = None, fp8_scales: str = "row") -> str:
+    """A readable report of one rank's share (``dst_dtypes``, ``fp8_scales`` as in :meth:`Plan.summary`)."""
+    s = share.summary(dst_dtypes, fp8_scales)
     mine = s["experts"]
     owns = ([f"routed experts: this rank owns {_range(mine['src']) or 'none'} in the source, "
              f"{_range(mine['dst']) or 'none'} in the destination (of every MoE layer)"]

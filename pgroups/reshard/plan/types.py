@@ -139,8 +139,8 @@ class PlanShare:
                                "each rank computes its own share with plan_share(..., rank)")
         return list(self.sends), list(self.recvs), list(self.copies)
 
-    def summary(self, dst_dtypes: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """A JSON-ready summary of this rank's share (``dst_dtypes``: see :meth:`Plan.summary`)."""
+    def summary(self, dst_dtypes: Optional[Mapping[str, Any]] = None, fp8_scales: str = "row") -> Dict[str, Any]:
+        """A JSON-ready summary of this rank's share (``dst_dtypes``, ``fp8_scales``: see :meth:`Plan.summary`)."""
         r = self.report
         return {
             "rank": self.rank, "plan_hash": f"{self.digest() & (2 ** 64 - 1):016x}",
@@ -149,8 +149,9 @@ class PlanShare:
                         "dst": list(owned_experts(self.dst, self.model, self.rank) or ())},
             "vocab_padding": vocab_report(self.src, self.dst, self.model),
             "dst_dtypes": dtype_counts(self.model.tensors, dst_dtypes),
-            "wire_received_bytes": sum(wire_bytes(self.model, self.recvs, dst_dtypes).values()),
-            "wire_sent_bytes": sum(wire_bytes(self.model, self.sends, dst_dtypes).values()),
+            "fp8_scales": fp8_scales,
+            "wire_received_bytes": sum(wire_bytes(self.model, self.recvs, dst_dtypes, fp8_scales).values()),
+            "wire_sent_bytes": sum(wire_bytes(self.model, self.sends, dst_dtypes, fp8_scales).values()),
             "sends": len(self.sends), "sent_bytes": self.sent_bytes,
             "receives": len(self.recvs), "received_bytes": self.received_bytes,
             "local_copies": len(self.copies), "local_copy_bytes": sum(t.nbytes for t in self.copies),
@@ -250,10 +251,11 @@ class Plan:
         """The plan's 64-bit hash (a signed int64): :func:`plan_digest` of its inputs."""
         return plan_digest(self.src, self.dst, self.model, self.hosts)
 
-    def summary(self, dst_dtypes: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    def summary(self, dst_dtypes: Optional[Mapping[str, Any]] = None, fp8_scales: str = "row") -> Dict[str, Any]:
         """A JSON-ready summary (no per-transfer list). ``dst_dtypes`` (``{tensor: dtype}``, as the
-        executor takes them) adds the bytes each receiver gets on the wire in those dtypes."""
-        wire = wire_bytes(self.model, [t for t in self.transfers if not t.is_local], dst_dtypes)
+        executor takes them) adds the bytes each receiver gets on the wire in those dtypes, fp8 scales
+        in format ``fp8_scales`` (``"row"`` or ``"block"``: see :mod:`pgroups.reshard.convert`)."""
+        wire = wire_bytes(self.model, [t for t in self.transfers if not t.is_local], dst_dtypes, fp8_scales)
         return {
             "model": {"name": self.model.name, "tensors": len(self.model.tensors), "bytes": self.model.nbytes,
                       "expert_tensors": sum(1 for t in self.model.tensors if t.is_expert),
@@ -262,7 +264,7 @@ class Plan:
             "plan_hash": f"{self.digest() & (2 ** 64 - 1):016x}",
             "experts": expert_report(self.src, self.dst, self.model),
             "vocab_padding": vocab_report(self.src, self.dst, self.model),
-            "dst_dtypes": dtype_counts(self.model.tensors, dst_dtypes),
+            "dst_dtypes": dtype_counts(self.model.tensors, dst_dtypes), "fp8_scales": fp8_scales,
             "received_bytes": self.received_bytes, "lower_bound_bytes": self.lower_bound_bytes,
             "wire_received_bytes": sum(wire.values()),
             "ratio": self.ratio, "max_rank_ratio": self.max_ratio,
