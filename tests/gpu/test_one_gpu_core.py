@@ -32,21 +32,13 @@ from pgroups import ConfigError, GroupTimeoutError, LaunchError, ParallelContext
 from pgroups.deadlines import NCCL_WATCHDOG_MARGIN_S, classify, wait_within
 from pgroups.spawn import run_local
 
+from .cuda_support import CUDA, communicator, sleep_cycles_per_second, timeout_of
+
 pytestmark = [pytest.mark.gpus(1), pytest.mark.multiprocess]
 
 TIMEOUT_S = 30.0
 #: a mode with NCCL options always gets a communicator of its own (never the world group)
 OPTIONS = {"tensor": {"max_ctas": 4, "min_ctas": 2}}
-CUDA = torch.device("cuda", 0)
-
-
-def communicator(group: Any) -> Any:
-    """The NCCL backend of ``group`` (its options hold the communicator's timeout and config)."""
-    return group._get_backend(CUDA)
-
-
-def timeout_of(group: Any) -> float:
-    return communicator(group).options._timeout.total_seconds()
 
 
 def all_reduce_within(group: Any, timeout_s: float) -> list:
@@ -214,18 +206,6 @@ def test_nccl_communicators_carry_the_watchdog_margin_over_timeout_s(world_of_on
 
 
 # ---- a collective stalled behind a GPU kernel (its own process: the communicator is aborted) -----
-
-def sleep_cycles_per_second() -> float:
-    """How many ``torch.cuda._sleep`` cycles the GPU spins per second (timed with CUDA events)."""
-    cycles = 100_000_000
-    for _ in range(2):  # the first launch pays for loading the kernel
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-    return cycles / (start.elapsed_time(end) / 1e3)
-
 
 def stalled_collective(deadline_s: float, stall_s: float) -> Dict[str, Any]:
     """All-reduce over the tensor mode's own communicator while the current stream is busy for
