@@ -19,14 +19,16 @@ direction), and the runtime's ``scheduler_hook()`` is called around every micro-
 scheduler hook and every block's forward and backward, the pool's full-weight bytes in use
 (what the runtime holds, counted by the pool, not by the schedule) are at most 1 + d blocks of
 the rank's blocks, equal the schedule's live set, and reach 1 + d (d = 1: 2 blocks; the old
-bookkeeping held all 4 of a stage through its first backward); and every block is gathered
+bookkeeping held all 4 of a stage through its first backward); between passes, where a
+forward and a backward switch, exactly 0 (after any pass, before a forward) and 1 (before a
+backward: the chunk's last block, announced by ``before_backward``); and every block is gathered
 exactly twice per micro-batch (its forward, its backward: no gather wasted on a block announced
 for a backward that another chunk runs).
 """
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -159,7 +161,7 @@ def train_pipeline(expect: Expect, ctx, chunks: int, reference) -> None:
     block_bytes = wp.block_full_bytes(0)
     seen: List[int] = []
 
-    def check(where: str) -> None:
+    def check(where: str, exactly: Optional[int] = None) -> None:
         held = wp.stats().in_use_for("weight")
         expect.true(held % block_bytes == 0, f"{where}: {held} B is not whole blocks of {block_bytes} B")
         blocks = held // block_bytes
@@ -167,6 +169,7 @@ def train_pipeline(expect: Expect, ctx, chunks: int, reference) -> None:
         expect.true(blocks <= 1 + DEPTH, f"{where}: {blocks} blocks' full weights held > 1 + {DEPTH}")
         expect.true(blocks == len(wp.schedule.live), f"{where}: pool holds {blocks} blocks, the schedule "
                                                      f"says {sorted(wp.schedule.live)}")
+        expect.true(exactly is None or blocks == exactly, f"{where}: {blocks} blocks held, not {exactly}")
 
     for index, block in enumerate(wp.blocks):
         block.register_forward_pre_hook(lambda *_, i=index: check(f"forward of block {i}"))
@@ -184,7 +187,7 @@ def train_pipeline(expect: Expect, ctx, chunks: int, reference) -> None:
             hook.switch_model_chunk(c)
             if kind == "F":
                 hook.before_forward(None, None)
-                check(f"before forward {m} of chunk {c}")
+                check(f"before forward {m} of chunk {c}", exactly=0)
                 if chunk.first:
                     x = tokens[sample]
                 else:
@@ -201,10 +204,10 @@ def train_pipeline(expect: Expect, ctx, chunks: int, reference) -> None:
                     sends.append((dist.isend(send, peer, tag=tag(virtual + 1, 0)), send))
                 outputs[c, m] = out
                 hook.after_forward(None, None)
-                check(f"after forward {m} of chunk {c}")
+                check(f"after forward {m} of chunk {c}", exactly=0)
             else:
                 hook.before_backward(None, None, None)
-                check(f"before backward {m} of chunk {c}")
+                check(f"before backward {m} of chunk {c}", exactly=1)
                 if chunk.last:
                     outputs.pop((c, m)).backward()
                 else:
@@ -215,7 +218,7 @@ def train_pipeline(expect: Expect, ctx, chunks: int, reference) -> None:
                     send = inputs.pop((c, m)).grad.contiguous()
                     sends.append((dist.isend(send, peer, tag=tag(virtual - 1, 1)), send))
                 hook.after_backward(None, None)
-                check(f"after backward {m} of chunk {c}")
+                check(f"after backward {m} of chunk {c}", exactly=0)
         for work, _ in sends:
             work.wait()
         opt.step()
