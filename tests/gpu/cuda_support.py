@@ -1,9 +1,11 @@
 """Helpers of the one-GPU tests: the device, a communicator's options, a GPU stall of known length."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from pgroups.spawn import run_local
 
 CUDA = torch.device("cuda", 0)
 
@@ -28,3 +30,11 @@ def sleep_cycles_per_second() -> float:
         end.record()
         end.synchronize()
     return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def one_rank(target: Callable[..., Any], *args: Any, timeout_s: float = 240.0) -> Any:
+    """Run ``target(*args)`` as the one rank of a spawned world (its own process, so CUDA and
+    NCCL start fresh); fail the test with the rank's error, else return its value."""
+    outcome = run_local(1, target, args, timeout_s=timeout_s)[0]
+    assert outcome.ok, outcome.error
+    return outcome.value

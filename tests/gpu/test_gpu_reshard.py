@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from pgroups.reshard import Resharder, cut_shards, plan_reshard, reshard
-from pgroups.reshard.convert import scale_name
 from pgroups.spawn import run_local
 from test_reshard_executor import layout, reference, same_bytes, sentinel_shards, tiny_model
-from test_reshard_pipeline import fp8_reference, smooth_full
+from test_reshard_pipeline import smooth_full
+
+from .test_one_gpu_reshard import converted_as_documented
 
 
 CASES = [
@@ -73,13 +74,7 @@ def nccl_worker(cases: List[Dict[str, Any]]) -> List[Tuple[int, str]]:
         if resharder.buffer_allocations != allocations:
             problems.append((100, f"rank {rank}: sync {sync} allocated buffers"))
         for name, shard in cut_shards(dst, model, rank, lambda n: smooth_full(model, n, sync)).items():
-            dtype = dtypes.get(name, shard.dtype)
-            if dtype == torch.float8_e4m3fn:
-                q, scale = fp8_reference(shard, model[name].axis)
-                ok = same_bytes(out[name].cpu(), q) and same_bytes(out[scale_name(name)].cpu(), scale)
-            else:
-                ok = same_bytes(out[name].cpu(), shard.to(dtype))
-            if not ok:
+            if not converted_as_documented(out, model, name, shard, dtypes.get(name, shard.dtype)):
                 problems.append((100, f"rank {rank}: sync {sync} converted {name} differs"))
     gpc.destroy()
     return problems

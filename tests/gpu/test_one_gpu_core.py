@@ -30,9 +30,7 @@ import torch.distributed as dist
 
 from pgroups import ConfigError, GroupTimeoutError, LaunchError, ParallelContext
 from pgroups.deadlines import NCCL_WATCHDOG_MARGIN_S, classify, wait_within
-from pgroups.spawn import run_local
-
-from .cuda_support import CUDA, communicator, sleep_cycles_per_second, timeout_of
+from .cuda_support import CUDA, communicator, one_rank, sleep_cycles_per_second, timeout_of
 
 pytestmark = [pytest.mark.gpus(1), pytest.mark.multiprocess]
 
@@ -119,8 +117,19 @@ def local_on_a_default_group_without_device() -> Dict[str, Any]:
         dist.destroy_process_group()
 
 
+def hostnames_without_cpu_groups() -> Dict[str, Any]:
+    """``cpu_groups: off``: get_hostnames() exchanges over the NCCL world group (CUDA tensors,
+    waited for with wait_within)."""
+    ctx = ParallelContext().init_from_config({"parallel": {}, "timeout_s": TIMEOUT_S, "cpu_groups": "off"})
+    try:
+        return {"device": str(ctx.backend.device_for_tensors()), "hosts": ctx.get_hostnames()}
+    finally:
+        ctx.destroy()
+
+
 SCENARIOS: Dict[str, Callable[[], Any]] = {
     "init": init_on_one_gpu,
+    "hosts:cpu_groups_off": hostnames_without_cpu_groups,
     **{f"create:{s}": create_with(s) for s in ("auto", "split", "all")},
     "refuse:local": refused({"strategy": "local"}),
     "refuse:lazy": refused({"groups": "lazy"}),
@@ -145,9 +154,7 @@ def run_scenarios() -> Dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def world_of_one() -> Dict[str, Any]:
-    outcome = run_local(1, run_scenarios, timeout_s=300)[0]
-    assert outcome.ok, outcome.error
-    return outcome.value
+    return one_rank(run_scenarios, timeout_s=300)
 
 
 def ok(results: Dict[str, Any], name: str) -> Any:
@@ -166,6 +173,13 @@ def test_init_binds_the_default_group_to_the_gpu_and_every_mode_all_reduces(worl
     assert result["modes"] >= 5 and result["failures"] == 0
     assert result["calls"] == 0  # at world 1 every mode without options is the default group itself
     assert len(result["hosts"]) == 1  # one rank, one host name
+
+
+@pytest.mark.timeout(360)
+def test_hostnames_are_exchanged_on_the_gpu_when_cpu_groups_are_off(world_of_one):
+    result = ok(world_of_one, "hosts:cpu_groups_off")
+    assert result["device"] == "cuda:0"
+    assert result["hosts"] == ok(world_of_one, "init")["hosts"]  # the same name the gloo exchange gave
 
 
 @pytest.mark.timeout(360)
@@ -245,9 +259,7 @@ def stalled_collective(deadline_s: float, stall_s: float) -> Dict[str, Any]:
 @pytest.mark.timeout(300)
 def test_a_stalled_collective_ends_at_the_python_deadline_and_the_process_survives():
     deadline_s, stall_s = 3.0, 10.0
-    outcome = run_local(1, stalled_collective, (deadline_s, stall_s), timeout_s=240)[0]
-    assert outcome.ok, outcome.error
-    result = outcome.value
+    result = one_rank(stalled_collective, deadline_s, stall_s)
     assert result["communicator_timeout_s"] == deadline_s + NCCL_WATCHDOG_MARGIN_S
     assert result["error"] == "tensor all_reduce stalled: timeout", result
     assert deadline_s <= result["waited_s"] < deadline_s + 5, result  # the Python deadline, not the stall

@@ -16,9 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from pgroups.spawn import run_local
-
-from .cuda_support import CUDA
+from .cuda_support import CUDA, one_rank
 
 pytestmark = [pytest.mark.gpus(1), pytest.mark.multiprocess]
 
@@ -79,9 +77,7 @@ def isp_on_one_gpu() -> Dict[str, Any]:
 
 @pytest.mark.timeout(300)
 def test_isp_at_weight_1_on_cuda_trains_like_the_unsharded_model():
-    outcome = run_local(1, isp_on_one_gpu, timeout_s=240)[0]
-    assert outcome.ok, outcome.error
-    result = outcome.value
+    result = one_rank(isp_on_one_gpu)
     assert result["backend"] == "nccl" and result["devices"] == ["cuda:0"]
     isp_losses, reference_losses = result["losses"]
     assert isp_losses[-1] < isp_losses[0]  # it trains

@@ -15,9 +15,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
-from pgroups.spawn import run_local
-
-from .cuda_support import CUDA, sleep_cycles_per_second
+from .cuda_support import CUDA, one_rank, sleep_cycles_per_second
 
 pytestmark = [pytest.mark.gpus(1), pytest.mark.multiprocess]
 
@@ -78,9 +76,7 @@ def bench_on_one_gpu() -> Dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def measured() -> Dict[str, Any]:
-    outcome = run_local(1, bench_on_one_gpu, timeout_s=240)[0]
-    assert outcome.ok, outcome.error
-    return outcome.value
+    return one_rank(bench_on_one_gpu)
 
 
 @pytest.mark.timeout(300)

@@ -15,21 +15,33 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from pgroups.spawn import run_local
-
-from .cuda_support import CUDA
+from .cuda_support import CUDA, one_rank
 
 pytestmark = [pytest.mark.gpus(1), pytest.mark.multiprocess]
 
 SYNCS = 3
 
 
+def converted_as_documented(out: Dict[str, torch.Tensor], model: Any, name: str, shard: torch.Tensor,
+                            dtype: torch.dtype) -> bool:
+    """Whether destination ``out[name]`` (on any device) holds ``shard`` (the source values, on
+    the CPU) converted to ``dtype`` byte for byte: a cast, or for fp8 the documented rule's values
+    and scales (``tests/test_reshard_pipeline.py::fp8_reference``)."""
+    from pgroups.reshard.convert import scale_name
+    from test_reshard_executor import same_bytes
+    from test_reshard_pipeline import fp8_reference
+
+    if dtype == torch.float8_e4m3fn:
+        q, scale = fp8_reference(shard, model[name].axis)
+        return same_bytes(out[name].cpu(), q) and same_bytes(out[scale_name(name)].cpu(), scale)
+    return same_bytes(out[name].cpu(), shard.to(dtype))
+
+
 def reshard_on_one_gpu() -> Dict[str, Any]:
     from pgroups import ParallelContext
     from pgroups.reshard import Resharder, cut_shards, plan_reshard
-    from pgroups.reshard.convert import scale_name
-    from test_reshard_executor import layout, same_bytes, tiny_model
-    from test_reshard_pipeline import fp8_reference, smooth_full
+    from test_reshard_executor import layout, tiny_model
+    from test_reshard_pipeline import smooth_full
 
     ctx = ParallelContext().init_from_config({"parallel": {}, "timeout_s": 60})
     model, problems, figures = tiny_model(), [], {}
@@ -49,14 +61,8 @@ def reshard_on_one_gpu() -> Dict[str, Any]:
                 allocations.append(resharder.buffer_allocations)
                 figures[(atomic, sync)] = (stats.bytes_copied, stats.bytes_received, stats.bytes_sent)
                 for name, shard in cut_shards(dst, model, 0, full.__getitem__).items():
-                    dtype = dtypes.get(name, shard.dtype)
-                    if dtype == torch.float8_e4m3fn:
-                        q, scale = fp8_reference(shard, model[name].axis)
-                        good = same_bytes(out[name].cpu(), q) and same_bytes(out[scale_name(name)].cpu(), scale)
-                    else:
-                        good = same_bytes(out[name].cpu(), shard.to(dtype))
-                    if not good:
-                        problems.append(f"atomic={atomic} sync {sync}: {name} ({dtype}) differs")
+                    if not converted_as_documented(out, model, name, shard, dtypes.get(name, shard.dtype)):
+                        problems.append(f"atomic={atomic} sync {sync}: {name} differs")
             if len(set(allocations)) != 1:
                 problems.append(f"atomic={atomic}: buffer allocations per sync {allocations}")
         figures["converted"] = sorted(str(d) for d in set(dtypes.values()))
@@ -67,9 +73,7 @@ def reshard_on_one_gpu() -> Dict[str, Any]:
 
 @pytest.mark.timeout(300)
 def test_casts_and_fp8_quantization_on_cuda_are_bit_exact_and_repeated_syncs_allocate_nothing():
-    outcome = run_local(1, reshard_on_one_gpu, timeout_s=240)[0]
-    assert outcome.ok, outcome.error
-    result = outcome.value
+    result = one_rank(reshard_on_one_gpu)
     assert result["problems"] == [], result["problems"][:20]
     assert result["figures"]["converted"] == ["torch.float16", "torch.float8_e4m3fn"]
     for atomic in (True, False):
