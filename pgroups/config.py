@@ -39,7 +39,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import attrs
 import yaml
 
-from .errors import ConfigError, allowed, did_you_mean
+from .errors import ConfigError, allowed, did_you_mean, reject_unknown_keys
 from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, axis_mode, is_builtin
 from .nccl_options import validate_nccl_options
 from .ranks import format_ranks, parse_ranks
@@ -150,7 +150,7 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}the config must be a mapping of keys such as 'parallel:', "
                           f"got {type(data).__name__}")
-    _reject_unknown(data, _TOP_KEYS, "", where)
+    reject_unknown_keys(data, _TOP_KEYS, "", where)
     if data.get("models") is not None and data.get("parallel") is not None:
         raise ConfigError(f"{where}give either parallel: (one model over the whole world) or models: "
                           "(each with its own parallel: and ranks:), not both")
@@ -225,7 +225,7 @@ def _models(value: Any, where: str) -> Dict[str, ModelConfig]:
         block = {} if block is None else block
         if not isinstance(block, Mapping):
             raise ConfigError(f"{where}models.{name} must be a mapping of {allowed(_MODEL_KEYS)}, got {block!r}")
-        _reject_unknown(block, _MODEL_KEYS, f"models.{name}.", where)
+        reject_unknown_keys(block, _MODEL_KEYS, f"models.{name}.", where)
         ranks = None
         if block.get("ranks") is not None:
             ranks = tuple(sorted(parse_ranks(block["ranks"], f"{where}models.{name}.ranks")))
@@ -252,7 +252,7 @@ def parallel_config(par: Any, where: str = "") -> ParallelConfig:
         par = {}
     if not isinstance(par, Mapping):
         raise ConfigError(f"{where}parallel must be a mapping of {allowed(_PARALLEL_KEYS)}, got {par!r}")
-    _reject_unknown(par, _PARALLEL_KEYS, "parallel.", where)
+    reject_unknown_keys(par, _PARALLEL_KEYS, "parallel.", where)
     par = dict(par)
     if par.get("data") == "auto":
         par["data"] = None
@@ -348,13 +348,6 @@ def _parse_yaml(text: str, source: str) -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: malformed YAML{at}: {problem}") from None
-
-
-def _reject_unknown(data: Mapping[str, Any], known: Tuple[str, ...], prefix: str, where: str) -> None:
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{where}{prefix}{key}: unknown key{did_you_mean(str(key), known)}; "
-                              f"allowed: {allowed(known)}")
 
 
 def _positive_int(data: Mapping[str, Any], key: str, where: str) -> None:

@@ -5,7 +5,7 @@ Every message names what was involved (key, mode, group, ranks) and what is allo
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 
 class PGroupsError(Exception):
@@ -60,3 +60,12 @@ def allowed(choices: Iterable[str]) -> str:
     """Format a list of allowed values for a message: ``'a', 'b', 'c'``."""
     return ", ".join(repr(c) for c in sorted(choices))
 
+
+def reject_unknown_keys(data: "Mapping[str, Any]", known: "Sequence[str]", prefix: str = "", where: str = "") -> None:
+    """Raise ConfigError for the first key of ``data`` not in ``known``, one line naming it (with
+    ``where`` — the file — and ``prefix`` — its path, e.g. ``"parallel."``), a did-you-mean and
+    the allowed keys. The one unknown-key rule of every YAML pgroups reads."""
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}{prefix}{key}: unknown key{did_you_mean(str(key), known)}; "
+                              f"allowed: {allowed(known)}")

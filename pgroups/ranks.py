@@ -29,6 +29,20 @@ def format_ranks(ranks: Optional[Sequence[int]], limit: int = 16, compact: bool 
     return "[" + sep.join(map(str, ranks[:limit])) + f"{sep}…] ({len(ranks)} ranks)"
 
 
+def format_rank_spec(ranks: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 8, 9]`` → ``"0-3,8-9"``: ranks as configs write them (the inverse of
+    :func:`parse_ranks` for a sorted list). :func:`format_ranks` writes them for messages."""
+    parts, i = [], 0
+    ranks = list(ranks)
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        parts.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
 def parse_ranks(value: Any, key: str = "ranks") -> Tuple[int, ...]:
     """``"0-3,8-11"`` / ``[0, 1, 2]`` / ``5`` → a tuple of ranks, as configs write them. ``key``
     (with any file prefix) names the value in the ConfigError raised for anything else."""

@@ -4,10 +4,16 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, List, Optional
 
+import hypothesis
 import pytest
 import torch.distributed as dist
 
 from pgroups.spawn import RankOutcome, run_local
+
+# Property tests check what holds, not how fast: on a shared 2-core machine with other work running
+# one example can take seconds, and hypothesis' default 200 ms deadline would fail a correct case.
+hypothesis.settings.register_profile("pgroups", deadline=None, print_blob=True)
+hypothesis.settings.load_profile("pgroups")
 
 
 def run_ranks(nproc: int, target: Callable[..., Any], *args: Any, timeout_s: float = 120.0,

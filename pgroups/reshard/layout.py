@@ -35,9 +35,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
+from ..ranks import format_rank_spec
 from ..ranks import parse_ranks as parse_rank_list
 from ..config import Config, config_from_dict, read_yaml
-from ..errors import ConfigError, allowed, did_you_mean
+from ..errors import ConfigError, allowed, did_you_mean, reject_unknown_keys
 from ..topology import Topology
 from .spec import EMBEDDING, HEAD, TIED, LayerRef, ModelSpec, TensorSpec, balanced_share
 
@@ -300,7 +301,7 @@ class ParallelLayout:
             experts += f", vocab padded to a multiple of {self.vocab_multiple} x tensor"
         context = f" x context {t.context}" if t.context > 1 else ""
         return (f"tensor {t.tensor}{context} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
-                f"on ranks {format_ranks(self.ranks)}, stages {stages}{experts}")
+                f"on ranks {format_rank_spec(self.ranks)}, stages {stages}{experts}")
 
 
 # ---- shards of a layout -------------------------------------------------------------------------
@@ -366,19 +367,6 @@ def parse_ranks(value: Any, where: str = "") -> Tuple[int, ...]:
     return parse_rank_list(value, f"{where}placement.ranks")
 
 
-def format_ranks(ranks: Sequence[int]) -> str:
-    """``[0,1,2,3,8,9]`` → ``"0-3,8-9"``."""
-    parts, i = [], 0
-    ranks = list(ranks)
-    while i < len(ranks):
-        j = i
-        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
-            j += 1
-        parts.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
 def model_layout(config: Union[str, "os.PathLike[str]", Mapping[str, Any], Config], world_size: int,
                  model: str) -> ParallelLayout:
     """The layout of ``model`` in a config with ``models:``: its topology placed on its ranks (what
@@ -414,10 +402,7 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
     placement = data.pop("placement", None) or {}
     if not isinstance(placement, Mapping):
         raise ConfigError(f"{where}placement must be a mapping with {allowed(_PLACEMENT_KEYS)}, got {placement!r}")
-    for key in placement:
-        if key not in _PLACEMENT_KEYS:
-            raise ConfigError(f"{where}placement.{key}: unknown key{did_you_mean(str(key), _PLACEMENT_KEYS)}; "
-                              f"allowed: {allowed(_PLACEMENT_KEYS)}")
+    reject_unknown_keys(placement, _PLACEMENT_KEYS, "placement.", where)
     for key, parallel_key in _PLACEMENT_ALIASES.items():
         if key in placement:
             parallel = data.get("parallel")

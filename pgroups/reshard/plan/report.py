@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..layout import ParallelLayout, format_ranks
+from ...ranks import format_rank_spec
+from ..layout import ParallelLayout
 from ..spec import ModelSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def describe_plan(plan: Plan, rank_limit: int = 16, dst_dtypes: Optional[Mapping
                      f"{fmt_bytes(r.received_bytes):>10} {fmt_bytes(r.lower_bound_bytes):>10} "
                      f"{r.ratio:>6.3f}" + (f" {fmt_bytes(row['wire_received']):>10}" if converted else "")
                      + (f" {_range(row['experts']):>8}" if experts else "")
-                     + f"  {format_ranks(r.senders) or '-'}")
+                     + f"  {format_rank_spec(r.senders) or '-'}")
     if len(plan.receivers) > rank_limit:
         lines.append(f"   … {len(plan.receivers) - rank_limit} more destination ranks (--json lists all)")
     return "\n".join(lines)
@@ -194,7 +195,7 @@ def _peers(ranks: Sequence[int], limit: int = 16) -> str:
     if not ranks:
         return "no rank"
     more = f" … ({len(ranks)} ranks)" if len(ranks) > limit else ""
-    return f"rank{'s' if len(ranks) > 1 else ''} {format_ranks(ranks[:limit])}{more}"
+    return f"rank{'s' if len(ranks) > 1 else ''} {format_rank_spec(ranks[:limit])}{more}"
 
 
 def fmt_bytes(n: float) -> str:

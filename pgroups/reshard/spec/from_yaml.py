@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
 from ...config import read_yaml
-from ...errors import ConfigError, allowed, did_you_mean
+from ...errors import ConfigError, allowed, did_you_mean, reject_unknown_keys
 from .model import (Block, Experts, LayerRef, ModelSpec, TensorSpec, head_blocks, parts_blocks, qkv_blocks,
                     qkv_interleaved_blocks)
 from .synthetic import llama_like
@@ -58,7 +58,7 @@ def model_spec_from_dict(data: Any, source: str = "<model spec>") -> ModelSpec:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}a model spec must be a mapping with 'tensors:' (or 'synthetic:'), "
                           f"got {type(data).__name__}")
-    _reject_unknown(data, _MODEL_KEYS, "", where)
+    reject_unknown_keys(data, _MODEL_KEYS, "", where)
     name = str(data.get("name", Path(source).stem if source.endswith((".yaml", ".yml")) else "model"))
     if "synthetic" in data:
         if "tensors" in data:
@@ -79,7 +79,7 @@ def model_spec_from_dict(data: Any, source: str = "<model spec>") -> ModelSpec:
     for index, entry in enumerate(tensors_data):
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where}tensors[{index}] must be a mapping with name and shape, got {entry!r}")
-        _reject_unknown(entry, _TENSOR_KEYS, f"tensors[{index}].", where)
+        reject_unknown_keys(entry, _TENSOR_KEYS, f"tensors[{index}].", where)
         for key in ("name", "shape"):
             if key not in entry:
                 raise ConfigError(f"{where}tensors[{index}]: missing {key!r}")
@@ -121,7 +121,7 @@ def _expert_entries(value: Any, raw_name: str, at: str) -> List[Tuple[str, Optio
     if not isinstance(value, Mapping) or "num" not in value:
         raise ConfigError(f"{at}experts must be a mapping with 'num' and one of 'dim' / 'index' (or {{expert}} "
                           f"in the name), got {value!r}")
-    _reject_unknown(value, _EXPERTS_KEYS, "experts.", at)
+    reject_unknown_keys(value, _EXPERTS_KEYS, "experts.", at)
     num = value["num"]
     if EXPERT_PLACEHOLDER in raw_name:
         if "dim" in value or "index" in value:
@@ -162,7 +162,7 @@ def _parts_blocks(options: Any, at: str) -> Tuple[Block, ...]:
     """``fused: {parts: [sizes]}`` or ``{parts: {sizes: [...], unit: U, names: [...]}}``: the part
     names are the roles a name map splits by (default ``part0``, ``part1``, …)."""
     if isinstance(options, Mapping):
-        _reject_unknown(options, _PARTS_KEYS, "fused.parts.", at)
+        reject_unknown_keys(options, _PARTS_KEYS, "fused.parts.", at)
         sizes, unit, names = options.get("sizes"), options.get("unit", 1), options.get("names", ())
     else:
         sizes, unit, names = options, 1, ()
@@ -178,7 +178,7 @@ def _parts_blocks(options: Any, at: str) -> Tuple[Block, ...]:
     return parts_blocks(sizes, unit, names)
 
 
-def _reject_unknown(data: Mapping[str, Any], known: Tuple[str, ...], prefix: str, where: str) -> None:
+def reject_unknown_keys(data: Mapping[str, Any], known: Tuple[str, ...], prefix: str, where: str) -> None:
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}{prefix}{key}: unknown key{did_you_mean(str(key), known)}; "
