@@ -3,7 +3,13 @@
 - ``pgroups show CONFIG --world-size N [--rank R] [--mode M] [--json]``: the layout, offline
   (every built mode, or one mode — any built-in or axis combination such as ``tp-cp``).
 - ``pgroups validate CONFIG [--world-size N]``: exit 0, or exit 2 with one line on stderr.
-- ``pgroups run [--nproc N] [CONFIG]``: the main job on this machine (local gloo processes).
+- ``pgroups run [--nproc N] [CONFIG]``: pgroups' self-check on this machine (local gloo
+  processes build every group and all-reduce over each).
+- ``pgroups launch --nproc N SCRIPT [ARGS]``: your own script in N local processes, with
+  torchrun's environment; the exit code is the worst rank's.
+- ``pgroups --version``.
+
+Commands that run longer than a few seconds print progress lines on stderr; ``-q`` silences them.
 
 Exit codes: 0 success, 1 a check failed, 2 usage or config error, 3 timeout. The errors pgroups
 raises on purpose (:class:`~pgroups.errors.PGroupsError`: UsageError, ConfigError, LaunchError, …)
@@ -14,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
+import math
 import os
 import sys
+import time
 from importlib import resources
 from typing import Any, Callable, Dict, List, Optional
 
-from . import creation, nccl_options
+from . import __version__, creation, nccl_options
 from .config import Config, load_config
 from .context import import_plugins, make_initializers
 from .model_context import plan_models
@@ -29,6 +38,7 @@ from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, al
 from .initializer import default_registry
 from .modes import COMBINATION_HELP, is_builtin, mode_identity
 from .nccl_options import options_by_mode
+from .progress import AnyProgress, NullProgress, progress_for
 from .ranks import format_ranks
 from .topology import Topology
 
@@ -48,14 +58,50 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def positive_seconds(option: str, value: float) -> float:
+    """``value`` if it is a positive, finite number of seconds; else UsageError naming ``option``
+    (the one rule for every command's timeout)."""
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"{option} must be a positive number of seconds, got {value:g}")
+    return value
+
+
+def positive_count(option: str, value: int) -> int:
+    """``value`` if it is at least 1; else UsageError naming ``option``."""
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def version_text() -> str:
+    """``pgroups X (torch Y)``; torch's version read from its metadata, without importing it."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"pgroups {__version__} (torch {torch_version})"
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+
+
+CONFIG_HELP = "YAML config file (see config_examples/)"
+WORLD_HELP = "number of ranks of the job to lay out"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pgroups", description="Process-group topology manager for PyTorch.")
+    parser = _Parser(prog="pgroups", description="Process-group topology manager for PyTorch.",
+                     epilog="Exit codes: 0 success, 1 a check failed, 2 usage or config error, 3 timeout "
+                            "(launch: the worst rank's).")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print pgroups' and torch's versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     show = sub.add_parser("show", help="print the layout of every mode, offline")
-    show.add_argument("config", help="YAML config file")
-    show.add_argument("--world-size", "-n", type=int, required=True)
+    show.add_argument("config", help=CONFIG_HELP)
+    show.add_argument("--world-size", "-n", type=int, required=True, help=WORLD_HELP)
     show.add_argument("--rank", type=int, help="show only this rank's groups")
     show.add_argument("--mode", help="show only this mode: a built one, a built-in mode or an axis "
                                      "combination such as tp-cp (built or not)")
@@ -64,15 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     validate = sub.add_parser("validate", help="check a config (and a world size) without running")
-    validate.add_argument("config")
-    validate.add_argument("--world-size", "-n", type=int)
+    validate.add_argument("config", help=CONFIG_HELP)
+    validate.add_argument("--world-size", "-n", type=int,
+                          help=WORLD_HELP + "; with it the layout, user modes' groups and the "
+                               "group-creation schedule are checked too")
+    add_quiet(validate)
     validate.set_defaults(func=cmd_validate)
 
-    run = sub.add_parser("run", help="start local gloo processes, build and check every group")
+    run = sub.add_parser("run", help="pgroups' self-check: local gloo processes build every group and "
+                                     "all-reduce over each (not your script: see launch)")
     run.add_argument("config", nargs="?", help="YAML config (default: the bundled one)")
     run.add_argument("--nproc", type=int, default=8, help="number of local processes (default 8)")
-    run.add_argument("--timeout", type=float, default=300.0, help="seconds before the run is killed")
+    run.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds before the run is killed (positive; default 300)")
+    add_quiet(run)
     run.set_defaults(func=cmd_run)
+
+    launch = sub.add_parser("launch", help="run your own script in N local processes, as torchrun would",
+                            description="Run SCRIPT in N local processes with torchrun's environment "
+                                        "(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ...). "
+                                        "A rank that fails or Ctrl-C ends the others; the exit code is the "
+                                        "worst rank's.")
+    launch.add_argument("--nproc", type=int, required=True, help="number of local processes (ranks)")
+    launch.add_argument("--module", "-m", action="store_true", help="SCRIPT is a module: run python -m SCRIPT")
+    launch.add_argument("script", help="your Python script (a module name with -m)")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    launch.set_defaults(func=cmd_launch)
 
     for module in EXTENSIONS:
         importlib.import_module(module).add_parser(sub)
@@ -186,15 +249,16 @@ def print_layout(layout: Dict[str, List[List[int]]]) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     import_plugins(config)
+    progress = progress_for("pgroups validate", args.quiet, after_s=VALIDATE_QUIET_S)
     if args.world_size is not None and config.models:
-        checked = check_models_creation(config, args.world_size)
+        checked = check_models_creation(config, args.world_size, progress)
         print(f"{args.config}: ok ({len(config.models)} models on world {args.world_size}: "
               f"{', '.join(config.models)}); group creation checked for every rank under strategy "
               f"{', '.join(checked)}: no rank waits for a peer that never comes")
     elif args.world_size is not None:
         topology = config.topology(args.world_size)
         initializers = make_initializers(default_registry, config, topology)
-        checked = check_creation(config, topology, initializers)
+        checked = check_creation(config, topology, initializers, progress)
         print(f"{args.config}: ok ({topology.describe()}); group creation checked for every rank "
               f"under strategy {', '.join(checked)}: no rank waits for a peer that never comes")
     else:
@@ -203,7 +267,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def check_models_creation(config: Config, world_size: int) -> List[str]:
+def check_models_creation(config: Config, world_size: int, progress: AnyProgress = NullProgress()) -> List[str]:
     """The checker over a config with models (eager device groups): each model's steps walked by
     its ranks under ``local`` (the members agree on their count when they meet), by every rank
     where creation is world-collective. Returns the strategies checked; ConfigError naming the
@@ -220,15 +284,19 @@ def check_models_creation(config: Config, world_size: int) -> List[str]:
             steps += creation.placed_steps(name, model_steps, ranks)
         return creation.check_steps(steps, world_size, agree=True)
 
-    return checked_strategies(config, world_size, deadlock_under)
+    return checked_strategies(config, world_size, deadlock_under, progress)
 
+
+#: ``validate`` shows progress lines only once it has run this long (small worlds take milliseconds)
+VALIDATE_QUIET_S = 2.0
 
 #: Above this world, ``validate`` leaves the ``all`` strategy out: it models one call per group
 #: per rank (O(world * groups)); pgroups never picks ``all`` on its own where it can split.
 ALL_STRATEGY_CHECK_LIMIT = 2048
 
 
-def check_creation(config: Config, topology: Topology, initializers: Dict[str, Any]) -> List[str]:
+def check_creation(config: Config, topology: Topology, initializers: Dict[str, Any],
+                   progress: AnyProgress = NullProgress()) -> List[str]:
     """Run :mod:`pgroups.creation`'s checker over every rank for each strategy ``config`` can
     resolve to; return the strategies checked. Raises ConfigError naming the step (mode) that
     would deadlock."""
@@ -246,11 +314,12 @@ def check_creation(config: Config, topology: Topology, initializers: Dict[str, A
         calls = {r: creation.eager_schedule(eager, world, r) + creation.lazy_schedule(lazy, r) for r in range(world)}
         return creation.find_deadlock(calls, world)
 
-    return checked_strategies(config, world, deadlock_under)
+    return checked_strategies(config, world, deadlock_under, progress)
 
 
 def checked_strategies(config: Config, world_size: int,
-                       deadlock_under: Callable[[str], Optional[creation.Deadlock]]) -> List[str]:
+                       deadlock_under: Callable[[str], Optional[creation.Deadlock]],
+                       progress: AnyProgress = NullProgress()) -> List[str]:
     """Run ``deadlock_under`` for each strategy ``config`` can resolve to (``auto``: local on
     gloo, split on a device-bound NCCL group, all without ``split_group`` — left out above
     ALL_STRATEGY_CHECK_LIMIT); return those checked. ConfigError naming the step on a deadlock."""
@@ -259,6 +328,8 @@ def checked_strategies(config: Config, world_size: int,
     for strategy in strategies:
         if strategy == "all" and config.strategy == "auto" and world_size > ALL_STRATEGY_CHECK_LIMIT:
             continue
+        progress.update(f"checking group creation of world {world_size} under strategy {strategy!r} "
+                        f"({strategies.index(strategy) + 1}/{len(strategies)})", force=True)
         deadlock = deadlock_under(strategy)
         if deadlock is not None:
             where = f"{config.source}: " if config.source else ""
@@ -272,14 +343,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .selfcheck import format_summary, merge_results, selfcheck_worker
     from .spawn import run_local
 
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    started = time.monotonic()
+    positive_count("--nproc", args.nproc)
+    positive_seconds("--timeout", args.timeout)
     path = args.config or default_config_path()
     config = load_config(path)
     if not config.models:
         config.topology(args.nproc)  # validate before starting anything
     offline_layout(config, args.nproc)
-    outcomes = run_local(args.nproc, selfcheck_worker, (path,), timeout_s=args.timeout)
+    progress_for("pgroups run", args.quiet, started).update(
+        f"starting {args.nproc} local processes (each imports torch first)", force=True)
+    outcomes = run_local(args.nproc, selfcheck_worker, (path, None if args.quiet else started),
+                         timeout_s=args.timeout)
     failed = [o for o in outcomes if not o.ok]
     if failed:
         timed_out = any(o.timed_out or o.error_type in ("GroupTimeoutError", "TimeoutError") for o in failed)
@@ -290,6 +365,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_summary(result, args.nproc))
     bad = sum(f["device_failures"] + f["cpu_failures"] for f in result["modes"].values())
     return EXIT_OK if bad == 0 else EXIT_FAILED
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .spawn import launch_script
+
+    positive_count("--nproc", args.nproc)
+    if not args.module and not os.path.isfile(args.script):
+        raise UsageError(f"script {args.script!r} not found (give a Python file, or -m MODULE)")
+    command = [sys.executable, *(["-m"] if args.module else []), args.script, *args.script_args]
+    run = launch_script(args.nproc, command)
+    if run.signal_name is not None:
+        print(f"pgroups launch: {run.signal_name}: ended ranks {format_ranks(list(run.ended))}", file=sys.stderr)
+    elif run.failed_rank is not None:
+        ended = f"; ended ranks {format_ranks(list(run.ended))}" if run.ended else ""
+        print(f"pgroups launch: rank {run.failed_rank} exited with status {run.statuses[run.failed_rank]}"
+              f"{ended}; exit status {run.exit_code} (the worst of the ranks that ended on their own)",
+              file=sys.stderr)
+    return run.exit_code
 
 
 def main(argv: Optional[List[str]] = None) -> int:

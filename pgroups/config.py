@@ -150,7 +150,7 @@ def config_from_dict(data: Any, source: Optional[str] = None) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}the config must be a mapping of keys such as 'parallel:', "
                           f"got {type(data).__name__}")
-    reject_unknown_keys(data, _TOP_KEYS, "", where)
+    reject_unknown_keys(data, _TOP_KEYS, "", where, ("parallel", _PARALLEL_KEYS))
     if data.get("models") is not None and data.get("parallel") is not None:
         raise ConfigError(f"{where}give either parallel: (one model over the whole world) or models: "
                           "(each with its own parallel: and ranks:), not both")
@@ -225,7 +225,7 @@ def _models(value: Any, where: str) -> Dict[str, ModelConfig]:
         block = {} if block is None else block
         if not isinstance(block, Mapping):
             raise ConfigError(f"{where}models.{name} must be a mapping of {allowed(_MODEL_KEYS)}, got {block!r}")
-        reject_unknown_keys(block, _MODEL_KEYS, f"models.{name}.", where)
+        reject_unknown_keys(block, _MODEL_KEYS, f"models.{name}.", where, ("parallel", _PARALLEL_KEYS))
         ranks = None
         if block.get("ranks") is not None:
             ranks = tuple(sorted(parse_ranks(block["ranks"], f"{where}models.{name}.ranks")))

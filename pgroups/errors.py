@@ -5,7 +5,7 @@ Every message names what was involved (key, mode, group, ranks) and what is allo
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Tuple
 
 
 class PGroupsError(Exception):
@@ -61,11 +61,20 @@ def allowed(choices: Iterable[str]) -> str:
     return ", ".join(repr(c) for c in sorted(choices))
 
 
-def reject_unknown_keys(data: "Mapping[str, Any]", known: "Sequence[str]", prefix: str = "", where: str = "") -> None:
+def reject_unknown_keys(data: "Mapping[str, Any]", known: "Sequence[str]", prefix: str = "", where: str = "",
+                        nested: "Tuple[str, Sequence[str]]" = ("", ())) -> None:
     """Raise ConfigError for the first key of ``data`` not in ``known``, one line naming it (with
     ``where`` — the file — and ``prefix`` — its path, e.g. ``"parallel."``), a did-you-mean and
-    the allowed keys. The one unknown-key rule of every YAML pgroups reads."""
+    the allowed keys. The one unknown-key rule of every YAML pgroups reads.
+
+    ``nested = (block, its keys)``: a key that belongs inside that block (a top-level
+    ``nettest:``, or a near miss of one such as ``tensr``) is pointed there
+    (``did you mean 'parallel.nettest'?``) unless it is closer to one of ``known``."""
+    block, inner = nested
     for key in data:
         if key not in known:
-            raise ConfigError(f"{where}{prefix}{key}: unknown key{did_you_mean(str(key), known)}; "
-                              f"allowed: {allowed(known)}")
+            hint = did_you_mean(str(key), known)
+            inside = difflib.get_close_matches(str(key), list(inner), n=1, cutoff=0.8)
+            if inside and (inside[0] == key or not hint):
+                hint = f" (did you mean {prefix + block + '.' + inside[0]!r}? it belongs under {block}:)"
+            raise ConfigError(f"{where}{prefix}{key}: unknown key{hint}; allowed: {allowed(known)}")

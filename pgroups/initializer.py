@@ -126,11 +126,11 @@ class InitializerRegistry:
             raise RegistrationError(
                 f"mode {name!r} is already registered to pgroups' built-in "
                 f"{'mode' if name in BUILTIN_MODE_NAMES else 'axis combination'}; cannot register "
-                f"{cls.__module__}.{cls.__qualname__} (choose another name)")
+                f"{class_name(cls)} (choose another name)")
         if existing is not None and existing is not cls and not replace:
             raise RegistrationError(
-                f"mode {name!r} is already registered to {existing.__module__}.{existing.__qualname__}; "
-                f"cannot register {cls.__module__}.{cls.__qualname__} (pass replace=True to override)")
+                f"mode {name!r} is already registered to {class_name(existing)}; "
+                f"cannot register {class_name(cls)} (pass replace=True to override)")
         cls.mode = name
         self._classes[name] = cls
 
@@ -281,9 +281,25 @@ def register_initializer(mode: ModeLike, registry: Optional[InitializerRegistry]
 
 # ---- checking what user initializers return ----------------------------------------------------
 
+#: attribute set on a plugin module loaded from a file: the name users know it by (the file's stem)
+#: and the path the config gave, shown instead of the unique name it is imported under
+PLUGIN_SHOWN_AS = "__pgroups_plugin_shown_as__"
+
+
+def class_name(cls: type) -> str:
+    """``MODULE.CLASS``; a class from a plugin file is shown by the file's module name and the
+    path the config gave (``raising_plugin.Boom (plugins/raising_plugin.py)``), not by the unique
+    name it is imported under."""
+    shown = getattr(sys.modules.get(cls.__module__), PLUGIN_SHOWN_AS, None)
+    if shown is not None:
+        stem, path = shown
+        return f"{stem}.{cls.__qualname__} ({path})"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def describe_initializer(init: ProcessGroupInitializer) -> str:
-    cls = type(init)
-    return f"initializer {cls.__module__}.{cls.__qualname__} of mode {init.mode!r}"
+    """``initializer MODULE.CLASS of mode 'm'`` (the class as :func:`class_name` shows it)."""
+    return f"initializer {class_name(type(init))} of mode {init.mode!r}"
 
 
 def check_groups(groups: object, world_size: int, who: str) -> RankGroups:
@@ -379,6 +395,7 @@ def import_plugins(plugins: Sequence[str], base: Path, source: Optional[str] = N
                 if spec is None or not path.is_file():
                     raise FileNotFoundError(f"file {str(path)!r} not found")
                 module = importlib.util.module_from_spec(spec)
+                setattr(module, PLUGIN_SHOWN_AS, (path.stem, plugin))
                 sys.modules[name] = added_module = module
                 spec.loader.exec_module(module)
             else:

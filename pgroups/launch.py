@@ -30,6 +30,9 @@ class LaunchInfo:
     master_addr: str
     master_port: int
     source: str = "explicit"  # torchrun | slurm | explicit
+    #: the launcher already serves the rendezvous store at master_addr:master_port (torchrun's
+    #: agent, TORCHELASTIC_USE_AGENT_STORE=True): every rank connects as a client, none serves
+    agent_store: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -100,7 +103,15 @@ def _int_var(env: Mapping[str, str], name: str, source: str) -> int:
         raise LaunchError(f"{source}: environment variable {name}={env[name]!r} is not an integer") from None
 
 
+#: torchrun (torch/distributed/elastic/agent/server/local_elastic_agent.py) sets this to "True"
+#: when its agent serves the store at MASTER_ADDR:MASTER_PORT; torch's own ``env://`` rendezvous
+#: (torch/distributed/rendezvous.py, ``_create_c10d_store``) then makes every rank a client.
+AGENT_STORE_VAR = "TORCHELASTIC_USE_AGENT_STORE"
+
+
 def from_torchrun(env: Mapping[str, str]) -> LaunchInfo:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; ``agent_store`` from
+    TORCHELASTIC_USE_AGENT_STORE (exactly "True", as torch reads it)."""
     missing = [v for v in TORCHRUN_VARS if v not in env]
     if missing:
         raise LaunchError(f"torchrun environment incomplete: missing {', '.join(missing)}")
@@ -108,7 +119,7 @@ def from_torchrun(env: Mapping[str, str]) -> LaunchInfo:
         rank=_int_var(env, "RANK", "torchrun"), world_size=_int_var(env, "WORLD_SIZE", "torchrun"),
         local_rank=_int_var(env, "LOCAL_RANK", "torchrun") if "LOCAL_RANK" in env else 0,
         master_addr=env["MASTER_ADDR"], master_port=_int_var(env, "MASTER_PORT", "torchrun"),
-        source="torchrun")
+        source="torchrun", agent_store=env.get(AGENT_STORE_VAR) == str(True))
 
 
 def from_slurm(env: Mapping[str, str]) -> LaunchInfo:
@@ -148,12 +159,15 @@ def from_environment(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
         return from_slurm(env)
     raise LaunchError(
         "no launch environment found: set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun) "
-        "or run under SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST), or use "
-        "`pgroups run --nproc N CONFIG` to start local processes")
+        "or run under SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST); to run your script "
+        "in N local processes: `pgroups launch --nproc N your_script.py [args]` "
+        "(or `torchrun --nproc-per-node N your_script.py [args]`)")
 
 
 def create_store(info: LaunchInfo, timeout_s: float = 1800.0):
-    """The rendezvous TCP store of ``info`` (rank 0 serves it at master_addr:master_port).
+    """The rendezvous TCP store of ``info``: rank 0 serves it at master_addr:master_port, unless
+    the launcher already does (``info.agent_store``: torchrun's agent), where every rank is a
+    client of the launcher's store — so no second server tries to bind the same port.
 
     A context keeps it across destroy() so that a re-init in the same processes reuses the
     running server instead of racing its shutdown and restart on the same port.
@@ -164,6 +178,8 @@ def create_store(info: LaunchInfo, timeout_s: float = 1800.0):
     try:
         # wait_for_workers=False: the server must outlive a rank that never comes (the default
         # group's own rendezvous waits for the ranks, and the survivors may still need the store)
+        if info.agent_store:
+            return store_client(info.master_addr, info.master_port, timeout_s)
         return dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0,
                              timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=True,
                              wait_for_workers=False)

@@ -6,6 +6,7 @@ over the world, and rank 0 returns the summary.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, List, Optional
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from .deadlines import wait_within
 from .config import ConfigLike
 from .context import ParallelContext
+from .progress import NullProgress, Progress
 from .ranks import format_ranks
 
 
@@ -56,8 +58,14 @@ def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
     return summary
 
 
-def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
-    """One rank of ``pgroups run``: init from the environment, check, destroy. Rank 0 returns figures."""
+def selfcheck_worker(config: ConfigLike, progress_started: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """One rank of ``pgroups run``: init from the environment, check, destroy. Rank 0 returns
+    figures and, given ``progress_started`` (the command's start, a monotonic reading), prints
+    progress lines on stderr."""
+    shown = os.environ.get("RANK", "0") == "0" and progress_started is not None
+    progress = Progress("pgroups run", started=progress_started) if shown else NullProgress()
+    progress.update(f"rank 0: joining the rendezvous of {os.environ.get('WORLD_SIZE', '?')} ranks, "
+                    "building the groups", force=True)
     ctx = ParallelContext()
     start = time.perf_counter()
     ctx.init_from_config(config)
@@ -65,6 +73,7 @@ def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
     checked_all = False
     try:
         rank = ctx.get_global_rank()
+        progress.update(f"groups built in {init_s:.1f}s; all-reducing over each", force=True)
         if ctx.model_names:  # each model is checked by its ranks; its first rank reports it
             summary = {}
             for name in ctx.model_names:
@@ -80,6 +89,7 @@ def selfcheck_worker(config: ConfigLike) -> Optional[Dict[str, Any]]:
                   "backend": ctx.backend.device_backend, "strategy": ctx.backend.strategy,
                   "layout": layout}
         checked_all = True
+        progress.update("checked; destroying the groups", force=True)
         return result if rank == 0 or summary and ctx.model_names else None
     finally:
         ctx.destroy(sync=checked_all)  # after a failure a peer may be gone: no meeting

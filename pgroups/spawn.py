@@ -6,18 +6,25 @@ then runs ``target(*args)``; its return value comes back to the parent. Processe
 parent stop the rest; a run longer than ``timeout_s`` is killed and reported. No child outlives
 the call: any exit of the parent from it (an exception, Ctrl-C) kills and reaps them all, and on
 Linux a child also dies when the parent process is killed outright.
+
+:func:`launch_script` is the same launcher for a user's own script (``pgroups launch``): each rank
+is ``python script.py args`` with torchrun's environment, and the parent serves the rendezvous
+store as torchrun's agent does.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import queue
 import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
@@ -72,12 +79,23 @@ def _limit_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
+def rank_environment(rank: int, nproc: int, master_port: Optional[int] = None) -> Dict[str, str]:
+    """The variables torchrun gives local rank ``rank`` of a one-host job of ``nproc`` processes
+    (torch/distributed/elastic/agent/server/local_elastic_agent.py), the store on 127.0.0.1;
+    OMP_NUM_THREADS defaults to 1 as torchrun's does with several processes. Pure."""
+    env = {"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+           "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1",
+           "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if master_port is not None:
+        env["MASTER_PORT"] = str(master_port)
+    return env
+
+
 def _child(rank: int, nproc: int, port_box: Any, env: Mapping[str, str], target: Callable[..., Any],
            args: Sequence[Any], results: "mp.Queue", parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    os.environ.update(rank_environment(rank, nproc))
     os.environ.update(env)
     _limit_threads()
     try:
@@ -208,3 +226,144 @@ def _drained(results: "mp.Queue", outcomes: Dict[int, RankOutcome]) -> bool:
             return drained
         outcomes[rank] = RankOutcome(rank, value, error, error_type)
         drained = False
+
+
+# ---- a user's script: `pgroups launch --nproc N script.py [args]` -----------------------------------
+
+#: how long ranks get to exit after SIGTERM (a peer failed, Ctrl-C) before they are killed
+TERMINATE_GRACE_S = 5.0
+
+
+class _Stopped(Exception):
+    """The launcher itself got SIGINT or SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@attrs.frozen
+class ScriptRun:
+    """How a ``launch_script`` run ended.
+
+    ``exit_code``: 0 when every rank exited 0; else the worst status among the ranks that ended
+    on their own (a rank killed by signal N counts 128+N, as a shell reports it); 128+N when the
+    launcher got signal N (Ctrl-C: 130). ``failed_rank``: the first rank seen failing (None if
+    none did). ``ended``: the ranks the launcher stopped because another failed or it was
+    interrupted (their statuses do not count).
+    """
+
+    exit_code: int
+    statuses: Tuple[int, ...]
+    failed_rank: Optional[int] = None
+    ended: Tuple[int, ...] = ()
+    signal_name: Optional[str] = None
+
+
+def exit_status(returncode: int) -> int:
+    """A child's ``returncode`` as a shell reports it: the exit code, or 128+N for signal N. Pure."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def launch_script(nproc: int, command: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                  grace_s: float = TERMINATE_GRACE_S, poll_s: float = 0.05) -> ScriptRun:
+    """Run ``command`` (e.g. ``[sys.executable, "train.py", "--lr", "1e-3"]``) as ``nproc`` local
+    ranks with torchrun's variables (:func:`rank_environment`), ``env`` added.
+
+    This process serves the rendezvous store on a port the kernel picks and sets
+    TORCHELASTIC_USE_AGENT_STORE=True, as torchrun's agent does: ``init_process_group()`` (env://)
+    and pgroups both connect to it as clients. The first rank that exits non-zero ends the others
+    (SIGTERM, SIGKILL after ``grace_s``); so does SIGINT/SIGTERM to this process. No rank outlives
+    the call (on Linux not even a SIGKILL of this process). Returns a :class:`ScriptRun`.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    from .launch import AGENT_STORE_VAR
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, got {nproc}")
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=1800),
+                          wait_for_workers=False)
+    procs: List[subprocess.Popen] = []
+    try:
+        with _signals_raise():
+            try:
+                for rank in range(nproc):
+                    child_env = {**os.environ, **rank_environment(rank, nproc, store.port),
+                                 AGENT_STORE_VAR: "True", **(env or {})}
+                    procs.append(subprocess.Popen(list(command), env=child_env,
+                                                  preexec_fn=functools.partial(_die_with_parent, os.getpid())))
+                return _supervise(procs, grace_s, poll_s)
+            except (KeyboardInterrupt, _Stopped) as exc:
+                signum = exc.signum if isinstance(exc, _Stopped) else signal.SIGINT
+                ended = tuple(r for r, p in enumerate(procs) if p.poll() is None)
+                _terminate(procs, grace_s)
+                return ScriptRun(128 + int(signum), tuple(exit_status(p.wait()) for p in procs),
+                                 ended=ended, signal_name=signal.Signals(signum).name)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        del store
+
+
+def _supervise(procs: List[subprocess.Popen], grace_s: float, poll_s: float) -> ScriptRun:
+    statuses: List[Optional[int]] = [None] * len(procs)
+    failed_rank: Optional[int] = None
+    ended: Tuple[int, ...] = ()
+    kill_at: Optional[float] = None
+    while any(status is None for status in statuses):
+        for rank, proc in enumerate(procs):
+            if statuses[rank] is None and proc.poll() is not None:
+                statuses[rank] = exit_status(proc.returncode)
+                if statuses[rank] != 0 and failed_rank is None:
+                    failed_rank = rank
+                    # who is still running now is stopped by us; anyone who already exited counts
+                    for other, peer in enumerate(procs):
+                        if statuses[other] is None and peer.poll() is not None:
+                            statuses[other] = exit_status(peer.returncode)
+                    ended = tuple(r for r, status in enumerate(statuses) if status is None)
+                    for r in ended:
+                        procs[r].terminate()
+                    kill_at = time.monotonic() + grace_s
+        if kill_at is not None and time.monotonic() > kill_at:
+            for r in ended:
+                if procs[r].poll() is None:
+                    procs[r].kill()
+        time.sleep(poll_s)
+    final = tuple(int(s) for s in statuses if s is not None)
+    own = [status for rank, status in enumerate(final) if rank not in ended]
+    return ScriptRun(max(own, default=0), final, failed_rank, ended)
+
+
+def _terminate(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM every running rank, SIGKILL those still running after ``grace_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class _signals_raise:
+    """While active (main thread only), SIGTERM raises _Stopped like SIGINT raises KeyboardInterrupt."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

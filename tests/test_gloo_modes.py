@@ -68,15 +68,17 @@ def test_new_modes_build_and_all_reduce_on_eight_gloo_ranks():
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
-def test_pgroups_run_checks_modes_some_ranks_are_not_in(tmp_path, capsys):
+def test_pgroups_run_checks_modes_some_ranks_are_not_in(tmp_path, capfd):
     """``pgroups run`` over a layout with embedding on 4 stages: ranks 1 and 2 (middle stages)
-    hold no embedding group; every other mode is checked everywhere."""
+    hold no embedding group; every other mode is checked everywhere. ``-q``: no progress lines
+    (neither the command's nor rank 0's)."""
     from pgroups.cli import main
 
     path = tmp_path / "embedding.yaml"
     path.write_text("parallel: {pipeline: 4, weight: 1, modes: [embedding, tp-ep-pp]}\ntimeout_s: 60\n")
-    assert main(["run", str(path), "--nproc", "4", "--timeout", "150"]) == 0
-    out = capsys.readouterr().out
+    assert main(["run", str(path), "--nproc", "4", "--timeout", "150", "-q"]) == 0
+    out, err = capfd.readouterr()
+    assert "[pgroups run" not in err, err
     assert "all groups passed (11 modes, world 4)" in out
     row = next(line.split() for line in out.splitlines() if line.startswith("embedding "))
     assert row[1:5] == ["1", "2", "ok", "ok"]  # one group [0, 3] of 2 ranks

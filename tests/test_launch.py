@@ -25,6 +25,10 @@ SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
 def test_torchrun_environment():
     assert from_torchrun(TORCHRUN) == LaunchInfo(rank=3, world_size=8, local_rank=1, master_addr="node07",
                                                  master_port=29511, source="torchrun")
+    # torchrun's agent serves the store: every rank is a client (torch reads exactly "True")
+    assert from_torchrun(dict(TORCHRUN, TORCHELASTIC_USE_AGENT_STORE="True")).agent_store
+    assert not from_torchrun(dict(TORCHRUN, TORCHELASTIC_USE_AGENT_STORE="False")).agent_store
+    assert not from_torchrun(dict(TORCHRUN, TORCHELASTIC_USE_AGENT_STORE="1")).agent_store
     without_local = {k: v for k, v in TORCHRUN.items() if k != "LOCAL_RANK"}
     assert from_torchrun(without_local).local_rank == 0
 
@@ -147,7 +151,7 @@ def test_from_environment_prefers_torchrun_then_slurm():
     with pytest.raises(LaunchError) as info:
         from_environment({"PATH": "/bin"})
     message = str(info.value)
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "pgroups run"):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "pgroups launch"):
         assert name in message
 
 
@@ -159,7 +163,7 @@ def test_explicit_launch_info_is_validated():
 # ---- real one-rank worlds through each path --------------------------------------------------------
 
 def _clear_launch_env(monkeypatch):
-    for name in list(TORCHRUN) + list(SLURM) + ["SLURM_NODELIST", "SLURM_STEP_NODELIST"]:
+    for name in list(TORCHRUN) + list(SLURM) + ["SLURM_NODELIST", "SLURM_STEP_NODELIST", "TORCHELASTIC_USE_AGENT_STORE"]:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -209,8 +213,11 @@ def test_init_from_slurm_environment(monkeypatch):
 
 def test_no_launch_environment_fails_before_any_communication(monkeypatch):
     _clear_launch_env(monkeypatch)
-    with pytest.raises(LaunchError, match="no launch environment found"):
+    with pytest.raises(LaunchError, match="no launch environment found") as error:
         ParallelContext().init_from_config({})
+    # `python my_script.py`: the error says how to run one's own script locally
+    assert "`pgroups launch --nproc N your_script.py [args]`" in str(error.value)
+    assert "`torchrun --nproc-per-node N your_script.py [args]`" in str(error.value)
     assert not dist.is_initialized()
 
 
