@@ -138,7 +138,8 @@ def eager_schedule(steps: Sequence[Step], world_size: int, rank: int, padding: b
     """The calls ``rank`` makes when every rank walks ``steps`` in order (an eager build).
 
     ``padding`` is pgroups' rule (a placeholder where the rank registers nothing in a step that
-    makes calls); ``padding=False`` models creation without it (the deadlock of issue 15).
+    makes calls); ``padding=False`` models creation without it (which deadlocks: ``dp-pp`` after
+    ``embedding`` at pipeline 3, world 12).
     The ``all`` strategy's communicator cache (identical rank lists of earlier steps reused)
     is modelled as :class:`pgroups.backend.GroupBackend` keeps it. A ``local`` step with
     ``participants`` (a model's ranks) is skipped by every other rank; members of its groups

@@ -1,5 +1,5 @@
-"""Group creation with real gloo processes: the shapes issue 15 found hanging build every group
-and pass ``pgroups run``'s all-reduce checks — modes that cover some ranks (embedding at pipeline
+"""Group creation with real gloo processes: the shapes that hang without placeholder steps build
+every group and pass ``pgroups run``'s all-reduce checks — modes that cover some ranks (embedding at pipeline
 3 and 4 followed by other modes), user modes over a subset, lazy requests by members only, every
 strategy gloo has — and ``pgroups nettest`` on hosts with unequal rank counts.
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.multiprocess
 
 WORLD = 12
 SCENARIOS: List[Dict[str, Any]] = [
-    # the issue's config, under both strategies gloo can use
+    # dp-pp after embedding at pipeline 3 (hangs without placeholders), under both strategies gloo can use
     {"parallel": {"tensor": 2, "pipeline": 3, "modes": ["embedding", "dp-pp"]}, "strategy": "local"},
     {"parallel": {"tensor": 2, "pipeline": 3, "modes": ["embedding", "dp-pp"]}, "strategy": "all"},
     # embedding at pipeline 4 (the two middle stages hold none), then two more mixed modes

@@ -94,8 +94,8 @@ def model_steps(config: dict, world: int, registry: InitializerRegistry, strateg
                                  cpu_twins, world_cpu_twin)
 
 
-#: Configs of issue 15 and their neighbours: embedding at pipeline 3 and 4 before other modes,
-#: user modes that cover some ranks, and the classic symmetric ones.
+#: Configs that deadlock without the placeholders and their neighbours: embedding at pipeline 3
+#: and 4 before other modes, user modes that cover some ranks, and the classic symmetric ones.
 GROUND_TRUTH_CASES = [
     (12, {"parallel": {"tensor": 2, "pipeline": 3, "modes": ["embedding", "dp-pp"]}}, {}),
     (16, {"parallel": {"pipeline": 4, "modes": ["embedding", "tp-pp", "dp-pp"], "order": "tp-dp-pp"}}, {}),

@@ -82,8 +82,8 @@ def test_the_checker_sees_an_import_chain():
     assert "!torch.distributed" in closure("context") and "backend" in closure("context")
 
 
-#: Private torch APIs still used outside pgroups/torch_private.py, each to be moved behind it
-#: (issue 16): the nettest runner's abort.
+#: Private torch APIs still used outside pgroups/torch_private.py (each one moves behind it when
+#: its module is next changed): the nettest runner's abort.
 NOT_YET_BEHIND_THE_COMPAT_MODULE = {"nettest/runner.py"}
 
 

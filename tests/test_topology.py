@@ -24,7 +24,7 @@ def layout(topology: Topology) -> Dict[str, List[List[int]]]:
     return {m.value: default_registry.create(m).rank_groups(topology) for m in BUILTIN_MODES}
 
 
-# ---- golden tables (issue 2 / GUIDE) ------------------------------------------------------------
+# ---- golden tables (the layout facts of docs/GUIDE: world 16, tensor 2, pipeline 2) ------------------
 
 def test_golden_world16_tensor2_pipeline2_zero1_2_nettest8():
     topology = Topology.create(16, tensor=2, pipeline=2, zero1=2, nettest=8)
