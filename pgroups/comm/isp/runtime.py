@@ -19,8 +19,8 @@ decision is :class:`~.schedule.IspSchedule`'s (pure, with the memory bound in it
 this module only carries them out:
 
 - **forward**: before block ``i`` runs, its weights are all-gathered (already in flight when
-  block ``i - 1`` prefetched them) and blocks ``i + 1 .. i + d`` (of its chunk) start gathering; after it
-  runs, its full weights are released — except the last block's, kept for the backward pass
+  block ``i - 1`` prefetched them) and blocks ``i + 1 .. i + d`` of its chunk start
+  gathering; after it runs, its full weights are released — except the last block's, kept for the backward pass
   that a plain loop runs next (under a pipeline scheduler, its ``before_backward`` gathers it).
 - **backward**: when the gradient reaches block ``i``'s output, its weights are gathered
   again (usually already prefetched) and blocks ``i - 1 .. i - d`` start gathering. Each
@@ -46,7 +46,8 @@ again, as InternEvo does). ``nn.Embedding`` modules inside blocks are sharded th
 (sharded once, gathered by each block that uses it, its two gradients accumulated). InternEvo
 gathers the whole table too, split on the hidden dim (its embedding by default) or on the rows
 (its head, and its embedding with ``vocab_parallel``): the same bytes stored and moved; rows
-keep each shard contiguous and give a tied table one layout (the README says more). Otherwise they stay replicated, as norms do, and their gradients are all-reduced by
+keep each shard contiguous and give a tied table one layout (``docs/isp.md`` says more).
+Otherwise they stay replicated, as norms do, and their gradients are all-reduced by
 :meth:`~WeightParallel.finish_grads`.
 
 Gradient semantics: each rank's loss is the mean over its own tokens (as with DDP); the
@@ -509,8 +510,8 @@ class WeightParallel:
     def __repr__(self) -> str:
         params = sum(len(b) for b in self._by_block)
         chunks = f" in {len(self.chunk_sizes)} chunks" if len(self.chunk_sizes) > 1 else ""
-        return (f"<WeightParallel {len(self.blocks)} blocks{chunks}, {params} sharded parameters over {self.info.label}, "
-                f"overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
+        return (f"<WeightParallel {len(self.blocks)} blocks{chunks}, {params} sharded parameters over "
+                f"{self.info.label}, overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
                 f"{'on' if self.pool.enabled else 'off'}>")
 
 
