@@ -62,7 +62,7 @@ def positive_seconds(option: str, value: float) -> float:
     """``value`` if it is a positive, finite number of seconds; else UsageError naming ``option``
     (the one rule for every command's timeout)."""
     if not (value > 0 and math.isfinite(value)):
-        raise UsageError(f"{option} must be a positive number of seconds, got {value:g}")
+        raise UsageError(f"{option} must be positive, got {value:g} (a finite number of seconds)")
     return value
 
 

@@ -52,11 +52,21 @@ def nothing_starts(monkeypatch):
     monkeypatch.setattr(pgroups.spawn, "launch_script", refuse)
 
 
+@pytest.mark.parametrize("command", ["run", "nettest"])
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
-def test_run_refuses_a_timeout_that_is_not_a_positive_number_before_anything_starts(value, nothing_starts, capsys):
-    assert main(["run", "--nproc", "2", "--timeout", value]) == 2
+def test_a_timeout_that_is_not_a_positive_number_is_refused_alike_before_anything_starts(
+        command, value, nothing_starts, capsys):
+    """One rule (pgroups.cli.positive_seconds) for every command's --timeout."""
+    assert main([command, "--nproc", "2", "--timeout", value]) == 2
     err = capsys.readouterr().err
-    assert err == f"pgroups run: error: --timeout must be a positive number of seconds, got {float(value):g}\n"
+    assert err == (f"pgroups {command}: error: --timeout must be positive, got {float(value):g} "
+                   "(a finite number of seconds)\n")
+
+
+def test_nettest_max_time_follows_the_same_rule(nothing_starts, capsys):
+    assert main(["nettest", "--nproc", "2", "--max-time", "0"]) == 2
+    assert capsys.readouterr().err == ("pgroups nettest: error: --max-time must be positive, got 0 "
+                                       "(a finite number of seconds)\n")
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -109,11 +109,11 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-def test_a_failing_rank_ends_the_others_and_its_status_is_the_exit_code(tmp_path, capfd):
-    script = tmp_path / "waiter.py"
-    script.write_text(WAITER)
+def test_a_failing_rank_ends_the_others_and_its_status_is_the_exit_code(tmp_path, capfd, monkeypatch):
+    (tmp_path / "waiter.py").write_text(WAITER)
+    monkeypatch.chdir(tmp_path)    # -m: the module is found from the working directory, as python -m does
     started = time.monotonic()
-    assert main(["launch", "--nproc", "3", str(script), str(tmp_path), "1", "7"]) == 7
+    assert main(["launch", "--nproc", "3", "-m", "waiter", str(tmp_path), "1", "7"]) == 7
     elapsed = time.monotonic() - started
     err = capfd.readouterr().err
     assert "pgroups launch: rank 1 exited with status 7; ended ranks [0, 2]" in err, err

@@ -15,14 +15,15 @@ import os
 import sys
 from typing import List, Optional
 
-from ..cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, default_config_path, offline_layout
+from ..cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, default_config_path, offline_layout, positive_seconds
 from ..config import load_config
 from ..errors import ConfigError, PGroupsError, UsageError
 from ..hosts import HOSTNAME_ENV, local_hostname
 from . import metrics
 from .diagnosis import Rule
 from .faults import FAULT_ENV, parse_faults
-from .report import Progress, format_report, plotting_available, write_json, write_plot
+from ..progress import Progress
+from .report import format_report, plotting_available, write_json, write_plot
 from .runner import NettestOptions, NettestTimeoutError, RankResult, run_rank
 
 DEFAULT_ITERS = 5
@@ -92,8 +93,8 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must not be negative, got {args.warmup}")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be positive, got {args.timeout:g}")
+    positive_seconds("--timeout", args.timeout)
+    positive_seconds("--max-time", args.max_time)  # 0 would mean no limit at all to run_local
     min_bytes, max_bytes = metrics.parse_size(args.min_bytes), metrics.parse_size(args.max_bytes)
     metrics.size_sweep(min_bytes, max_bytes, args.step_factor)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -230,7 +231,7 @@ def local_worker(options: NettestOptions) -> RankResult:
     bury that line.
     """
     try:
-        return run_rank(options, Progress() if options.progress else None)
+        return run_rank(options, Progress("nettest") if options.progress else None)
     except NettestTimeoutError:
         sys.stderr.flush()
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -241,7 +242,7 @@ def local_worker(options: NettestOptions) -> RankResult:
 def _run_here(args: argparse.Namespace, options: NettestOptions) -> int:
     """This process is one rank of torchrun / SLURM: run, then rank 0 prints the report."""
     try:
-        result = run_rank(options, Progress() if options.progress else None)
+        result = run_rank(options, Progress("nettest") if options.progress else None)
     except NettestTimeoutError as exc:  # every surviving rank says the same one line
         print(f"pgroups nettest: timeout: {exc}", file=sys.stderr)
         sys.stdout.flush()

@@ -1,4 +1,5 @@
-"""Output: nccl-tests-like tables, the summary, ``--json``, ``--plot`` and rank 0's progress line.
+"""Output: nccl-tests-like tables, the summary, ``--json`` and ``--plot`` (rank 0's progress line is
+:class:`pgroups.progress.Progress`, shared with the other commands).
 
 Everything here reads the report dict that rank 0 builds (JSON-able, documented in docs/nettest.md:
 ``groups``, ``measurements``, ``findings``, ``retest``, ``confirmed``, ``transient``, ``links``,
@@ -11,44 +12,10 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
-import time
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..ranks import format_ranks
 from .metrics import format_size
-
-
-class Progress:
-    """Rank 0's progress display on ``stream`` (stderr): one rewritten line on a terminal,
-    else a line at most every ``interval_s`` seconds (so logs stay short)."""
-
-    def __init__(self, stream: Optional[TextIO] = None, interval_s: float = 5.0) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval_s = interval_s if not self.tty else 0.1
-        self.started = time.monotonic()
-        self._last = -1e9
-        self._width = 0
-
-    def update(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval_s:
-            return
-        self._last = now
-        line = f"[nettest {now - self.started:6.1f}s] {text}"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
