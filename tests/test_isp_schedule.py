@@ -146,8 +146,8 @@ def play(passes, segments=(5,), depth=1, linears=2, **kwargs) -> Player:
 
 
 def test_two_forwards_then_one_backward_keep_one_plus_depth_live():
-    """The issue's case: 1F1B warm-up (F F B). The old rule kept all 5 blocks during the first
-    backward; each block's backward now releases it."""
+    """1F1B warm-up (F F B). Counting recorded forwards per block, not per forward, kept all 5
+    blocks during the first backward; each block's backward now releases it."""
     for depth in (1, 2):
         player = play([("F", 0, 0), ("F", 1, 0), ("B", 0, 0)], depth=depth)
         assert player.max_live == 1 + depth
