@@ -5,7 +5,9 @@ plan delivers â€” partial o_proj / down_proj outputs summed over the TP group â€
 unsharded layer computed from canonical weights (fp32, 1e-5 relative), for TP 1-8 on each side,
 including TP sizes that divide neither head count, in the three QKV layouts (fused [Q;K;V],
 Megatron's interleaved per query group, separate q/k/v) and fused / separate gate-up. A TP size
-above the query heads is refused before any communication with ReshardError.
+above the query heads is refused before any communication with ReshardError. On 4 gloo ranks
+the executor moves TP 4 -> TP 3 and ISP weight 2 x 2 -> TP 3 (``tests/test_reshard_isp.py`` has
+the ISP sweep).
 """
 from __future__ import annotations
 
@@ -157,23 +159,29 @@ def e2e_worker(variant: str) -> Dict[str, list]:
     src = layout(E2E["src_tp"], vocab_multiple=E2E["src_vocab_multiple"])
     dst = layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"], vocab_multiple=E2E["dst_vocab_multiple"])
     rank = gpc.get_global_rank()
-    share = plan_share(src, dst, model, rank, gpc.get_hostnames())
-    mine = empty_shards(dst, model, rank, fill=float("nan"))
-    execute_plan(share, cut_shards(src, model, rank, full.__getitem__), mine, timeout_s=30)
+    result = {}
+    # then the same layer from ISP shards (weight 2 x weight_data 2: rows of dim 0, WeightParallel's)
+    isp = ParallelLayout.create(Topology.create(4, 1, 1, weight=2), isp=True)
+    for label, source, target in (("tp", src, dst), ("isp", isp, layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"]))):
+        share = plan_share(source, target, model, rank, gpc.get_hostnames())
+        mine = empty_shards(target, model, rank, fill=float("nan"))
+        execute_plan(share, cut_shards(source, model, rank, full.__getitem__), mine, timeout_s=30)
+        result[label] = {name: tensor.tolist() for name, tensor in mine.items()}
     gpc.destroy()
-    return {name: tensor.tolist() for name, tensor in mine.items()}
+    return result
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("variant", ["interleaved", "separate"])
 def test_gloo_reshard_tp4_to_tp3_computes_the_unsharded_layer(variant):
+    """TP 4 -> TP 3, and ISP weight 2 x 2 -> TP 3, with the executor on 4 gloo ranks."""
     outcomes = run_local(4, e2e_worker, (variant,), timeout_s=170, env={"OMP_NUM_THREADS": "1"})
     assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
     heads, kv_heads = E2E["heads"], E2E["kv_heads"]
     w = canonical(5, HIDDEN, heads, kv_heads, HEAD_DIM, FFN)
     model, full, names = one_layer(variant, heads, kv_heads, w)
-    shards = {o.rank: {name: torch.tensor(v) for name, v in o.value.items()} for o in outcomes}
+    shards = {o.rank: {name: torch.tensor(v) for name, v in o.value["tp"].items()} for o in outcomes}
     embed = full["embed"]
     assert torch.equal(shards[3]["embed"][:6], embed[24:]) and shards[3]["embed"].shape[0] == 12
     assert (shards[3]["embed"][6:] == 0).all(), "vocabulary padding rows are zero-filled"
@@ -182,3 +190,6 @@ def test_gloo_reshard_tp4_to_tp3_computes_the_unsharded_layer(variant):
     dst = layout(len(E2E["dst_ranks"]), ranks=E2E["dst_ranks"])
     got = sharded_layer(x, shards, model, names, dst, heads, kv_heads)
     assert relative_error(got, reference_layer(x, w, heads, kv_heads)) < 1e-5
+    from_isp = {o.rank: {name: torch.tensor(v) for name, v in o.value["isp"].items()} for o in outcomes}
+    got = sharded_layer(x, from_isp, model, names, dst, heads, kv_heads)
+    assert relative_error(got, reference_layer(x, w, heads, kv_heads)) < 1e-5, "from ISP shards"

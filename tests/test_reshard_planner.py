@@ -568,6 +568,9 @@ def _union_cases():
     hosts = [f"h{r // 4}" for r in range(16)]
     yield "dense tp4pp2 -> tp2 disjoint, hosts", layout(4, 2), layout(2, 1, 4, ranks=range(8, 16)), dense, hosts
     yield "dense pp3 -> tp3 colocated, no hosts", layout(1, 3, 4), layout(3, 1, 4), dense, None
+    yield ("dense ISP weight 3 x 2 -> tp4 partly colocated, hosts",
+           ParallelLayout.create(Topology.create(6, 1, 1, weight=3), isp=True), layout(4, 1, 1, ranks=range(4, 8)),
+           dense, hosts)
     yield ("moe ep2 cp2 -> ep4, padded vocab",
            ParallelLayout.create(Topology.create(8, 2, 2, order="tp-cp-ep-dp-pp", context=2, expert=2, expert_tensor=1)),
            ParallelLayout.create(Topology.create(8, 1, 1, order="tp-ep-dp-pp", expert=4), list(range(4, 12)),

@@ -38,7 +38,7 @@ from .names import conversion_report, load_name_map, sub_block_model
 from .plan.network import host_bytes, max_over_mean
 from .planner import Plan, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
-from .wire import DEFAULT_BUCKET_BYTES, Shapes, agreement_digest, block_cut_problem
+from .wire import DEFAULT_BUCKET_BYTES, Shapes, agreement_digest, scale_cut_problem
 from .spec import ModelSpec, llama_like, load_model_spec
 
 
@@ -161,7 +161,7 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
         if not 0 <= args.rank < args.world_size:
             raise ConfigError(f"--rank {args.rank} is outside the job's ranks 0..{args.world_size - 1}")
         share = plan_share(src, dst, model, args.rank, _hosts(args))
-        _check_blocks(share, share.transfers, dtypes, scales)
+        _check_scales(share, share.transfers, dtypes, scales, args.dst_dtype)
         agreement = _agreement(args, share, model, dtypes, scales)
         if args.json:
             print(json.dumps({"world_size": args.world_size, **share.summary(dtypes, scales), **agreement,
@@ -172,7 +172,7 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
         return 0 if share.report is None or share.report.ratio == 1.0 else 1
     hosts = _hosts(args)
     plan = plan_reshard(src, dst, model, hosts)
-    _check_blocks(plan, plan.transfers, dtypes, scales)
+    _check_scales(plan, plan.transfers, dtypes, scales, args.dst_dtype)
     traffic = _host_traffic(plan, hosts)
     agreement = _agreement(args, plan, model, dtypes, scales)
     if args.json:
@@ -207,12 +207,13 @@ def _host_traffic(plan: Plan, hosts: Optional[List[str]]) -> Optional[Dict[str, 
             "in_max_over_mean": max_over_mean(v[1] for v in per_host.values())}
 
 
-def _check_blocks(plan: Any, transfers: Any, dtypes: Dict[str, torch.dtype], scales: str) -> None:
-    """ConfigError when block-scaled fp8 would split a block (a transfer not on block edges)."""
-    if scales == "block":
-        problem = block_cut_problem(transfers, Shapes(plan, scales), dtypes)
+def _check_scales(plan: Any, transfers: Any, dtypes: Dict[str, torch.dtype], scales: str, option: str) -> None:
+    """ConfigError when an fp8 sender would not hold every value of a scale it computes (a
+    transfer splitting a block, or a row-parallel weight's rows from an ISP source)."""
+    if any(convert.is_scaled(d) for d in dtypes.values()):
+        problem = scale_cut_problem(transfers, Shapes(plan, scales), dtypes)
         if problem is not None:
-            raise ConfigError(f"--dst-dtype fp8-block: {problem}")
+            raise ConfigError(f"--dst-dtype {option}: {problem}")
 
 
 def _agreement(args: argparse.Namespace, plan: Any, model: ModelSpec, dtypes: Dict[str, torch.dtype],

@@ -27,7 +27,7 @@ and ``w[i, j] ≈ q[i, j].float() * scale_inv[i // 128, j // 128]``, with ``scal
 block's amax / 448 (1.0 where it is 0) and q as above. Where every shard starts at a multiple of
 128 (what those loaders require of a TP shard), the local blocks are the checkpoint's global
 ones. A sender quantizes only whole blocks: every transfer of such a tensor must start at a
-multiple of 128 on the destination (:func:`block_cut_problem`), which the plan's cuts give
+multiple of 128 on the destination (:func:`scale_cut_problem`), which the plan's cuts give
 whenever the shards of both layouts do.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ class ScaleLayout:
 
     def box(self, box: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
         """The box of a region's scales (the region starts at a multiple of ``block`` on the
-        blocked dims: :func:`block_cut_problem`)."""
+        blocked dims: :func:`scale_cut_problem`)."""
         return tuple(span if d in self.dims else (span[0] // self.block, -(-span[1] // self.block))
                      if d in self.blocked else (0, 1) for d, span in enumerate(box))
 
@@ -142,11 +142,13 @@ def scale_shape(shape: Sequence[int], scales: Scales) -> Tuple[int, ...]:
     return _layout(scales).shape(shape)
 
 
-def block_cut_problem(name: str, dst_box: Sequence[Tuple[int, int]], dst_shape: Sequence[int],
+def scale_cut_problem(name: str, dst_box: Sequence[Tuple[int, int]], dst_shape: Sequence[int],
                       scales: ScaleLayout) -> Optional[str]:
-    """Why a transfer landing on ``dst_box`` of a destination shard of ``dst_shape`` would split a
-    block of a block-scaled tensor (None when it does not): on each blocked dim it must start at a
-    multiple of the block and end at one or at the shard's end."""
+    """Why a transfer landing on ``dst_box`` of a destination shard of ``dst_shape`` would leave
+    its sender without every value of a scale it computes (None when it would not). Block-scaled:
+    on each blocked dim the transfer must start at a multiple of the block and end at one or at the
+    shard's end. Per row: it must span every dim the scale reduces over (a transfer from an ISP
+    source holding some rows of a row-parallel weight does not)."""
     for d in scales.blocked:
         start, stop = dst_box[d]
         if start % scales.block or (stop % scales.block and stop != dst_shape[d]):
@@ -154,6 +156,11 @@ def block_cut_problem(name: str, dst_box: Sequence[Tuple[int, int]], dst_shape: 
                     f"shape {tuple(dst_shape)}, which splits a {scales.block} x {scales.block} block: block-scaled fp8 "
                     f"needs every block of a destination shard held whole by one source shard (shards of both layouts "
                     f"starting at multiples of {scales.block}); use fp8_scales='row' for this layout pair")
+    for d, (start, stop) in enumerate(dst_box):
+        if not scales.block and d not in scales.dims and (start, stop) != (0, dst_shape[d]):
+            return (f"tensor {name!r}: a transfer brings rows [{start}, {stop}) of dim {d} of a destination shard of "
+                    f"shape {tuple(dst_shape)}, but an fp8 scale per index of dim(s) {list(scales.dims)} needs the "
+                    f"sender to hold all of dim {d}; use fp8_scales='block' (block-aligned shards) for this layout pair")
     return None
 
 

@@ -73,8 +73,8 @@ from .convert import region as _region
 from .convert import scale_box as _scale_box
 from .layout import ParallelLayout, local_shapes
 from .wire import (ALIGN, DEFAULT_BUCKET_BYTES, DEFAULT_RING, MAX_OPS_IN_FLIGHT, REFUSED, Chunk, Message, Piece,
-                   Round, Shapes, agreement_digest, block_cut_problem, box_shape, first_disagreement, may_post,
-                   messages, needs_recv_buffer, rounds, slice_align, slices)
+                   Round, Shapes, agreement_digest, box_shape, first_disagreement, may_post, messages,
+                   needs_recv_buffer, rounds, scale_cut_problem, slice_align, slices)
 from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
@@ -217,7 +217,7 @@ class Resharder:
         self.rounds = rounds(self.send_messages, self.recv_messages, verify)
         self._sizes = self._buffer_sizes()
         self.max_staging_bytes = max_staging_bytes
-        self._budget_problem = self._check_budget(max_staging_bytes) or block_cut_problem(
+        self._budget_problem = self._check_budget(max_staging_bytes) or scale_cut_problem(
             list(self.sends) + list(self.recvs) + list(copies), shapes, self.dst_dtypes)
         self._buffers = _Buffers()
 

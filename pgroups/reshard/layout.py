@@ -27,6 +27,7 @@ YAML: a pgroups config, with an optional ``placement:`` section::
       stages: balanced      # even (default) | balanced | [layers per stage]
       vocab_multiple: 128   # pad vocabularies as Megatron (default: unpadded, as HF / vLLM)
       # expert_parallel / expert_tensor: the same as parallel.expert / parallel.expert_tensor
+      # isp: true           # a source holding WeightParallel's (ISP) shards: needs parallel.weight
 """
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ from ..ranks import parse_ranks as parse_rank_list
 from ..config import Config, config_from_dict, read_yaml
 from ..errors import ConfigError, allowed, did_you_mean, reject_unknown_keys
 from ..topology import Topology
-from .spec import EMBEDDING, HEAD, TIED, LayerRef, ModelSpec, TensorSpec, balanced_share
+from .spec import EMBEDDING, HEAD, TIED, Block, LayerRef, ModelSpec, TensorSpec, balanced_share
 
 StagePolicy = Callable[[int, int, int, Sequence[int]], Sequence[int]]
 Stages = Union[str, Tuple[int, ...], StagePolicy]
 
-_PLACEMENT_KEYS = ("ranks", "stages", "expert_parallel", "expert_tensor", "vocab_multiple")
+_PLACEMENT_KEYS = ("ranks", "stages", "expert_parallel", "expert_tensor", "vocab_multiple", "isp")
 #: placement keys that are another name of a ``parallel:`` key
 _PLACEMENT_ALIASES = {"expert_parallel": "expert", "expert_tensor": "expert_tensor"}
 
@@ -122,6 +123,7 @@ class ParallelLayout:
     stages: Stages = "even"
     name: str = ""
     vocab_multiple: Optional[int] = None
+    isp: bool = False
     _index: Dict[int, int] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -130,7 +132,8 @@ class ParallelLayout:
     @classmethod
     def create(cls, topology: Topology, ranks: Optional[Sequence[int]] = None, stages: Stages = "even",
                name: str = "", expert_parallel: Optional[int] = None, expert_tensor: Optional[int] = None,
-               vocab_multiple: Optional[int] = None, expert_layout: Optional[str] = None) -> "ParallelLayout":
+               vocab_multiple: Optional[int] = None, expert_layout: Optional[str] = None,
+               isp: bool = False) -> "ParallelLayout":
         """Validate and build. ``ranks`` default to ``0..topology.world_size-1``. Routed experts
         are placed by ``topology``'s expert mesh (see the module docstring), so
         ``ParallelLayout.create(gpc.topology)`` places them as the context's expert groups are.
@@ -138,7 +141,11 @@ class ParallelLayout:
         the topology is rebuilt with ``expert`` / ``expert_tensor`` / ``expert_layout`` set so (the
         mesh a config with those keys gives, under the same validation). ``vocab_multiple`` pads
         vocabulary tensors as Megatron's ``make_vocab_size_divisible_by`` does (None: unpadded, as
-        HF / vLLM checkpoints).
+        HF / vLLM checkpoints). ``isp``: the weights are held as ``pgroups.comm``'s WeightParallel
+        (ISP) holds them — every tensor split by tensor parallelism is instead split along dim 0
+        (``out_features`` of a linear, the rows of an embedding) over the topology's ``weight``
+        group in ``torch.tensor_split`` pieces, fused sub-blocks and vocabulary padding ignored;
+        other tensors whole on every rank of a stage (:func:`isp_spec`). A source layout only.
 
         Raises ConfigError if the ranks are not distinct non-negative integers, one per layout
         rank, ``stages`` is not a known policy / a tuple of counts / a callable, or the expert
@@ -174,12 +181,16 @@ class ParallelLayout:
         elif not callable(stages):
             raise ConfigError(f"{where}stages must be a policy name, a list of layer counts or a callable, "
                               f"got {stages!r}")
-        return cls(topology, ranks, stages, name, vocab_multiple)
+        if isp and (not topology.isp_enabled or vocab_multiple is not None):
+            raise ConfigError(f"{where}isp: true needs weight parallelism (parallel.weight) and no vocab_multiple "
+                              "(WeightParallel shards hold their rows exactly, padding only in its buffers)")
+        return cls(topology, ranks, stages, name, vocab_multiple, bool(isp))
 
     @classmethod
     def from_config(cls, config: Config, world_size: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
                     stages: Stages = "even", name: str = "", expert_parallel: Optional[int] = None,
-                    expert_tensor: Optional[int] = None, vocab_multiple: Optional[int] = None) -> "ParallelLayout":
+                    expert_tensor: Optional[int] = None, vocab_multiple: Optional[int] = None,
+                    isp: bool = False) -> "ParallelLayout":
         """The layout of ``config.parallel`` on ``ranks`` (default: ranks 0..n-1 of a job of
         ``world_size``; ``data`` is derived from the number of ranks when the config leaves it out;
         experts placed by the config's ``expert`` / ``expert_tensor`` / ``expert_layout``)."""
@@ -187,7 +198,7 @@ class ParallelLayout:
         if size is None:
             raise ConfigError(f"{name or config.source or 'layout'}: give the world size or the placement ranks")
         return cls.create(config.topology(size), ranks, stages, name or config.source or "",
-                          expert_parallel, expert_tensor, vocab_multiple)
+                          expert_parallel, expert_tensor, vocab_multiple, isp=isp)
 
     @property
     def expert_parallel(self) -> int:
@@ -236,6 +247,8 @@ class ParallelLayout:
         t = self.topology
         if self._experts_on_expert_mesh(expert):
             return t.expert_tensor, t.expert, t.expert_data
+        if self.isp and not expert:
+            return t.weight, 1, t.weight_data
         return t.tensor, 1, t.data * t.context
 
     def mesh_coordinates(self, global_rank: int, expert: bool = False) -> Optional[Tuple[int, int, int, int]]:
@@ -252,6 +265,9 @@ class ParallelLayout:
         if self._experts_on_expert_mesh(expert):
             c = t.expert_mesh.coordinates(index)
             return c["etp"], c["ep"], c["edp"], c["pp"]
+        if self.isp and not expert:
+            c = t.weight_mesh.coordinates(index)
+            return c["wp"], 0, c["wdp"], c["pp"]
         c = t.dense.coordinates(index)
         return c["tp"], 0, c["dp"] + t.data * c["cp"], c["pp"]
 
@@ -260,6 +276,8 @@ class ParallelLayout:
         t = self.topology
         if self._experts_on_expert_mesh(expert):
             return self.ranks[t.expert_mesh.rank_at({"etp": tp, "ep": ep, "edp": replica, "pp": pp})]
+        if self.isp and not expert:
+            return self.ranks[t.weight_mesh.rank_at({"wp": tp, "wdp": replica, "pp": pp})]
         return self.ranks[t.dense.rank_at({"tp": tp, "pp": pp, "dp": replica % t.data, "cp": replica // t.data})]
 
     # ---- pipeline stages ------------------------------------------------------------------------
@@ -299,6 +317,8 @@ class ParallelLayout:
                    f"({t.expert_layout} layout)" if t.expert_enabled else "")
         if self.vocab_multiple:
             experts += f", vocab padded to a multiple of {self.vocab_multiple} x tensor"
+        if self.isp:
+            experts += f", ISP weights: split on dim 0 over weight {t.weight} x weight_data {t.weight_data}"
         context = f" x context {t.context}" if t.context > 1 else ""
         return (f"tensor {t.tensor}{context} x pipeline {t.pipeline} x data {t.data} (order {'-'.join(t.order)}) "
                 f"on ranks {format_rank_spec(self.ranks)}, stages {stages}{experts}")
@@ -328,8 +348,18 @@ def held_tensors(layout: ParallelLayout, model: ModelSpec,
         tp, ep, _, pp = mesh[spec.is_expert]
         tp_size, ep_size, _ = sizes[spec.is_expert]
         if pp in layer_stages(stages, spec.layer) and spec.held_by(ep_size, ep):
-            result.append((spec, tp, tp_size, ep, ep_size))
+            result.append((isp_spec(spec) if layout.isp else spec, tp, tp_size, ep, ep_size))
     return result
+
+
+def isp_spec(spec: TensorSpec) -> TensorSpec:
+    """How an ISP (weight-parallel) layout holds ``spec``: a tensor that tensor parallelism splits
+    is split along dim 0 in plain balanced pieces (``torch.tensor_split``, as ``pgroups.comm``'s
+    WeightParallel shards a linear's ``out_features`` or an embedding's rows), with no fused
+    sub-blocks and no vocabulary padding; a replicated one, or a routed expert, as it is."""
+    if spec.tp_dim is None or spec.is_expert:
+        return spec
+    return TensorSpec(spec.name, spec.shape, spec.dtype, 0, spec.layer, (Block(spec.shape[0]),), None, False)
 
 
 def local_shapes(layout: ParallelLayout, model: ModelSpec, global_rank: int) -> Dict[str, Tuple[int, ...]]:
@@ -422,4 +452,4 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
     if isinstance(stages, list):
         stages = tuple(stages)
     return ParallelLayout.from_config(config, world_size, ranks, stages, source,
-                                      vocab_multiple=placement.get("vocab_multiple"))
+                                      vocab_multiple=placement.get("vocab_multiple"), isp=placement.get("isp", False))

@@ -324,14 +324,16 @@ class Shapes:
         return self._scale_dims[name]
 
 
-def block_cut_problem(transfers: Sequence[Transfer], plan_shapes: Shapes,
+def scale_cut_problem(transfers: Sequence[Transfer], plan_shapes: Shapes,
                       dst_dtypes: Mapping[str, torch.dtype]) -> Optional[str]:
-    """Why one of ``transfers`` (a rank's receives, sends and copies) would split a block of a
-    block-scaled fp8 tensor (:func:`.convert.block_cut_problem`), naming the ranks; None if none does."""
+    """Why one of ``transfers`` (a rank's receives, sends and copies) would leave its sender without
+    every value of an fp8 scale it computes (:func:`.convert.scale_cut_problem`), naming the ranks;
+    None if none does."""
     for t in transfers:
-        scales = plan_shapes.scale_dims(t.tensor)
-        if scales.block and convert.is_scaled(dst_dtypes[t.tensor]):
-            problem = convert.block_cut_problem(t.tensor, t.dst_box, plan_shapes.dst(t.dst, t.tensor), scales)
+        dtype = dst_dtypes.get(t.tensor)
+        if dtype is not None and convert.is_scaled(dtype):
+            problem = convert.scale_cut_problem(t.tensor, t.dst_box, plan_shapes.dst(t.dst, t.tensor),
+                                                plan_shapes.scale_dims(t.tensor))
             if problem is not None:
                 return f"rank {t.src} -> rank {t.dst}: {problem}"
     return None

@@ -14,7 +14,8 @@ PLAN_RULE_VERSION = "pgroups-reshard-plan/3"
 def _layout_key(layout: ParallelLayout, model: ModelSpec) -> Tuple:
     t = layout.topology
     return (t.tensor, t.context, t.pipeline, t.data, tuple(t.order), layout.ranks, layout.layer_counts(model),
-            layout.mesh_sizes(True), t.expert_layout if t.expert_enabled else None, layout.vocab_multiple)
+            layout.mesh_sizes(True), t.expert_layout if t.expert_enabled else None, layout.vocab_multiple) + (
+                ("isp", t.weight) if layout.isp else ())
 
 
 def plan_digest(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec,

@@ -60,17 +60,20 @@ def merge_units(dst_pieces: Sequence[Piece], bounds: List[int], holders: List[Di
 @functools.lru_cache(maxsize=4096)
 def row_units(blocks: Tuple[Block, ...], axis_len: int, split: bool, vocab: bool,
                src_multiple: Optional[int], dst_multiple: Optional[int], src_tp_size: int,
-               dst_tp_size: int, dst_tp: int) -> Tuple[Unit, ...]:
+               dst_tp_size: int, dst_tp: int, src_plain: bool = False) -> Tuple[Unit, ...]:
     """The units of dst TP rank ``dst_tp``'s pieces along the split axis (cached: every layer's
-    tensor of one kind has the same answer)."""
+    tensor of one kind has the same answer). ``src_plain``: the source splits the axis in plain
+    balanced pieces (an ISP source), not by ``blocks``."""
     geometry = TensorSpec("", (axis_len,), None, 0, 0, blocks, None, vocab)   # type: ignore[arg-type]
+    plain = TensorSpec("", (axis_len,), None, 0, 0, (Block(axis_len),), None, False)   # type: ignore[arg-type]
 
-    def pieces(tp_size: int, tp: int, multiple: Optional[int]) -> Tuple[Piece, ...]:
+    def pieces(tp_size: int, tp: int, multiple: Optional[int], spec: TensorSpec = geometry) -> Tuple[Piece, ...]:
         if not split:
             return ((0, axis_len, 0),)
-        return geometry.pieces(tp_size, tp, multiple)
+        return spec.pieces(tp_size, tp, multiple)
 
-    src_pieces = [pieces(src_tp_size, tp, src_multiple) for tp in range(src_tp_size)]
+    src_pieces = [pieces(src_tp_size, tp, None, plain) if src_plain else pieces(src_tp_size, tp, src_multiple)
+                  for tp in range(src_tp_size)]
     dst_pieces = pieces(dst_tp_size, dst_tp, dst_multiple)
     bounds = sorted({p for ps in src_pieces + [dst_pieces] for a, b, _ in ps for p in (a, b)})
     return tuple(merge_units(dst_pieces, bounds, segment_holders(bounds, src_pieces)))
@@ -79,11 +82,13 @@ def row_units(blocks: Tuple[Block, ...], axis_len: int, split: bool, vocab: bool
 @attrs.frozen
 class Need:
     """One region a dst shard needs with one set of holders: an expert range (grouped weights
-    only), a row unit, and the EP rank of the source holders."""
+    only), a row unit, the EP rank of the source holders, and — from an ISP source, whose shards
+    split dim 0 while the destination splits another axis — the rows of dim 0 its holder has."""
 
     experts: Optional[Tuple[int, int, int, int]]    # (global start, global stop, dst local, src local)
     unit: Unit
     src_ep: int
+    rows: Optional[Tuple[int, int]] = None          # an ISP source's rows of dim 0 (another dim than the axis)
 
 
 def ep_overlaps(spec: TensorSpec, first: int, stop: int, ep_size: int) -> Iterator[Tuple[int, int, int, int]]:

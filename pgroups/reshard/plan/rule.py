@@ -9,8 +9,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ...errors import ConfigError, ReshardError
 from ..layout import ParallelLayout, layer_stages
-from ..spec import LayerRef, ModelSpec, TensorSpec
-from .geometry import Need, ep_overlaps, row_units
+from ..spec import LayerRef, ModelSpec, TensorSpec, balanced_share
+from .geometry import Need, Unit, ep_overlaps, row_units
 from .types import Box, Transfer, ZeroFill
 
 
@@ -24,6 +24,11 @@ class SenderRule:
             top = max(max(src.ranks), max(dst.ranks))
             if len(hosts) <= top:
                 raise ConfigError(f"hosts names {len(hosts)} ranks but the layouts use ranks up to {top}")
+        if dst.isp:
+            raise ConfigError(f"destination layout ({dst.describe()}): an ISP (isp: true) layout is a source only")
+        if src.isp and any(t.is_expert for t in model.tensors):
+            raise ConfigError(f"source layout ({src.describe()}): routed experts from an ISP layout are not "
+                              f"supported (model {model.name!r} has them)")
         self.src, self.dst, self.model, self.hosts = src, dst, model, hosts
         self.src_stage, self.dst_stage = src.stage_map(model), dst.stage_map(model)
         self.world = max(max(src.ranks), max(dst.ranks)) + 1
@@ -43,9 +48,17 @@ class SenderRule:
         expert = spec.is_expert
         src_tp_size, src_ep_size, _ = self.src.mesh_sizes(expert)
         dst_tp_size, dst_ep_size, _ = self.dst.mesh_sizes(expert)
+        isp = self.src.isp and not expert and spec.tp_dim is not None
+        if isp and spec.tp_dim != 0:   # ISP rows of dim 0 x the destination's pieces of its axis
+            pieces = spec.pieces(dst_tp_size, dst_tp, self.dst.vocab_multiple)
+            for r in range(src_tp_size):
+                a, b = balanced_share(spec.shape[0], src_tp_size, r)
+                for g0, g1, local in pieces if b > a else ():
+                    yield Need(None, Unit(g0, g1, local, ((r, g0),)), 0, (a, b))
+            return
         try:
             units = row_units(spec.blocks, spec.axis_len, spec.tp_dim is not None, spec.vocab,
-                               self.src.vocab_multiple, self.dst.vocab_multiple, src_tp_size, dst_tp_size, dst_tp)
+                              self.src.vocab_multiple, self.dst.vocab_multiple, src_tp_size, dst_tp_size, dst_tp, isp)
         except ReshardError as exc:
             raise ReshardError(f"tensor {spec.name!r}: {exc}") from None
         if spec.experts is None:
@@ -156,6 +169,9 @@ class SenderRule:
             axis = spec.tp_dim
             glob[axis] = (unit.start, unit.stop)
             at_src[axis], at_dst[axis] = (src_local, src_local + rows), (unit.dst_local, unit.dst_local + rows)
+        if need.rows is not None:   # an ISP source holds these rows of dim 0; the destination all of them
+            a, b = need.rows
+            glob[0], at_src[0], at_dst[0] = (a, b), (0, b - a), (a, b)
         nbytes = math.prod(b - a for a, b in glob) * spec.itemsize
         step = -1 if sender == receiver else (receiver + sender) % self.world
         return Transfer(spec.name, sender, receiver, spec.axis, tuple(glob), tuple(at_src), tuple(at_dst), nbytes, step)
@@ -349,6 +365,8 @@ def check_computable(src: ParallelLayout, dst: ParallelLayout, model: ModelSpec)
     seen = set()
     for spec in model.tensors:
         for side, layout in (("source", src), ("destination", dst)):
+            if layout.isp:
+                continue   # plain row pieces: no heads to split
             tp_size = layout.mesh_sizes(spec.is_expert)[0]
             key = (spec.blocks, tp_size)
             if key in seen:

@@ -23,8 +23,8 @@ class Transfer:
 
     ``global_box`` is the region of the full tensor; ``src_box`` / ``dst_box`` are the same
     region in the source / destination rank's local shard. They cover the full extent of every
-    dim but ``axis`` (the TP split dim, or 0 for a replicated tensor) and, for a grouped expert
-    weight, its expert dim; a 0-d tensor has empty boxes. ``step`` is the transfer step (-1 for
+    dim but ``axis`` (the TP split dim, or 0 for a replicated tensor), for a grouped expert
+    weight its expert dim, and from an ISP source (rows of dim 0 on each rank) dim 0; a 0-d tensor has empty boxes. ``step`` is the transfer step (-1 for
     local copies).
     """
 
