@@ -351,10 +351,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.models:
         config.topology(args.nproc)  # validate before starting anything
     offline_layout(config, args.nproc)
-    progress_for("pgroups run", args.quiet, started).update(
-        f"starting {args.nproc} local processes (each imports torch first)", force=True)
+    progress = progress_for("pgroups run", args.quiet, started)
+    progress.update(f"starting {args.nproc} local processes (each imports torch first)", force=True)
     outcomes = run_local(args.nproc, selfcheck_worker, (path, None if args.quiet else started),
-                         timeout_s=args.timeout)
+                         timeout_s=args.timeout, on_wait=lambda reported: progress.update(
+                             f"waiting: {reported} of {args.nproc} ranks finished (all are killed at "
+                             f"--timeout {args.timeout:g}s)"))
     failed = [o for o in outcomes if not o.ok]
     if failed:
         timed_out = any(o.timed_out or o.error_type in ("GroupTimeoutError", "TimeoutError") for o in failed)

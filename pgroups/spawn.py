@@ -143,13 +143,15 @@ def _rendezvous_port(rank: int, port_box: Any, parent_pid: int) -> Any:
 def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
               timeout_s: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
               env_per_rank: Optional[Callable[[int], Mapping[str, str]]] = None,
-              failure_grace_s: float = FAILURE_GRACE_S) -> List[RankOutcome]:
+              failure_grace_s: float = FAILURE_GRACE_S,
+              on_wait: Optional[Callable[[int], None]] = None) -> List[RankOutcome]:
     """Run ``target(*args)`` in ``nproc`` local processes; return one RankOutcome per rank.
 
     ``target`` must be importable (a module-level function). ``env`` is added to every child's
     environment, ``env_per_rank(rank)`` to one's. Never hangs: after ``timeout_s`` (or
     ``failure_grace_s`` after the first failure, for the others to report it) the remaining
-    children are killed.
+    children are killed. ``on_wait(ranks reported so far)`` is called while waiting, about five
+    times a second (a progress display throttles it).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
@@ -166,18 +168,21 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
                                args=(rank, nproc, port_box, child_env, target, tuple(args), results, os.getpid()))
             proc.start()
             procs.append(proc)
-        return _collect(procs, results, nproc, timeout_s, failure_grace_s)
+        return _collect(procs, results, nproc, timeout_s, failure_grace_s, on_wait)
     finally:  # any exit of the parent — an error, Ctrl-C — kills and reaps every child
         _kill_and_reap(procs)
         results.close()
 
 
 def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optional[float],
-             failure_grace_s: float = FAILURE_GRACE_S) -> List[RankOutcome]:
+             failure_grace_s: float = FAILURE_GRACE_S,
+             on_wait: Optional[Callable[[int], None]] = None) -> List[RankOutcome]:
     outcomes: Dict[int, RankOutcome] = {}
     deadline = time.monotonic() + timeout_s if timeout_s else None
     failed_at: Optional[float] = None
     while len(outcomes) < nproc:
+        if on_wait is not None:
+            on_wait(len(outcomes))
         now = time.monotonic()
         limits = [t for t in (deadline, failed_at + failure_grace_s if failed_at else None) if t]
         if limits and now >= min(limits):
