@@ -5,7 +5,9 @@ all_gather over the NCCL global group), the copies cut by ``bucket_bytes``, the 
 and the fp8 (e4m3) quantization with per-row scales all run on the GPU, and are checked
 byte for byte against a reference computed on the CPU by the documented rule
 (``tests/test_reshard_pipeline.py::fp8_reference``), in both receive modes, over repeated syncs
-of one kept Resharder that allocates nothing after its first. Wire packing (chunks sent to and
+of one kept Resharder that allocates nothing after its first; and block-scaled fp8 (128 x 128
+blocks, ``fp8_scales="block"``) on CUDA against the format's rule computed on the CPU
+(``tests/test_reshard_fp8_block.py::block_reference``). Wire packing (chunks sent to and
 unpacked from another rank) needs two ranks: ``test_gpu_reshard.py`` (2 GPUs).
 """
 from __future__ import annotations
@@ -80,3 +82,42 @@ def test_casts_and_fp8_quantization_on_cuda_are_bit_exact_and_repeated_syncs_all
         for sync in range(SYNCS):
             copied, received, sent = result["figures"][(atomic, sync)]
             assert copied > 0 and received == sent == 0  # world 1: every byte is a local copy
+
+
+def block_fp8_on_one_gpu() -> List[str]:
+    from pgroups import ParallelContext
+    from pgroups.reshard import Resharder, cut_shards, plan_reshard
+    from test_reshard_executor import layout, same_bytes
+    from test_reshard_fp8_block import block_model, block_reference, fp8_of
+    from test_reshard_pipeline import smooth_full
+
+    ctx = ParallelContext().init_from_config({"parallel": {}, "timeout_s": 60})
+    model, problems = block_model(), []
+    try:
+        src = dst = layout(1, 1, 1)
+        plan = plan_reshard(src, dst, model, ctx.get_hostnames())
+        fp8 = fp8_of(model)
+        for atomic in (True, False):
+            resharder = Resharder(plan, context=ctx, bucket_bytes=1 << 16, dst_dtypes=fp8, fp8_scales="block",
+                                  atomic=atomic)
+            out = resharder.destination_shards(CUDA)
+            for sync in range(2):
+                full = {s.name: smooth_full(model, s.name, sync) for s in model.tensors}
+                resharder.run({n: t.to(CUDA) for n, t in cut_shards(src, model, 0, full.__getitem__).items()}, out)
+                for name, shard in cut_shards(dst, model, 0, full.__getitem__).items():
+                    if name in fp8:
+                        q, scale = block_reference(shard)
+                        ok = same_bytes(out[name].cpu(), q) and same_bytes(out[name + "_scale_inv"].cpu(), scale)
+                    else:
+                        ok = same_bytes(out[name].cpu(), shard)
+                    if not ok:
+                        problems.append(f"atomic={atomic} sync {sync}: {name} differs")
+        return problems
+    finally:
+        ctx.destroy()
+
+
+@pytest.mark.timeout(300)
+def test_block_scaled_fp8_on_cuda_equals_the_format_rule():
+    problems = one_rank(block_fp8_on_one_gpu)
+    assert problems == [], problems[:20]
