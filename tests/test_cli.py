@@ -149,3 +149,14 @@ def test_progress_clock_is_shared_with_child_processes():
                                  capture_output=True, text=True, check=True).stdout)
     after = time.monotonic()
     assert before <= child <= after and math.isfinite(child)
+
+
+def test_a_rank_status_reads_as_a_shell_reports_it():
+    """``pgroups launch``'s exit code is the worst rank's status: a rank killed by signal N
+    counts 128+N (SIGKILL: 137, a segfault: 139), as bash's ``$?`` shows it."""
+    import signal
+
+    from pgroups.spawn import exit_status
+
+    assert [exit_status(code) for code in (0, 1, 7, 255)] == [0, 1, 7, 255]
+    assert exit_status(-signal.SIGKILL) == 137 and exit_status(-signal.SIGSEGV) == 139
