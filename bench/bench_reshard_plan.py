@@ -1,7 +1,7 @@
 """Plan cost: one rank's share of a reshard plan vs the whole plan, up to world 16,384.
 
 Every rank needs only what it sends and receives (``plan_share``); before, every rank planned
-the whole world (the issue measured 6.6 s at world 4096 with that global planner). Next to it,
+the whole world (6.6 s at world 4096 with that global planner, measured before the rework). Next to it,
 the whole plan (``plan_reshard``, what ``pgroups reshard-plan`` builds offline: every
 destination's receives, worked out once per tensor kind) up to ``--full-max``, with its
 transfer count and cost per transfer. Also timed: the 64-bit plan digest every rank computes
@@ -44,7 +44,7 @@ def main() -> None:
     model = model_200()
     print(f"model: {len(model.tensors)} tensors; training tp8 x pp4 → inference tp4, colocated, 8 ranks/host")
     print("baseline: the previous global planner built the whole plan on every rank, 6.6 s at world 4096 "
-          "(measured in the issue)")
+          "(measured before the rework)")
     print(f"{'world':>6} {'share median s':>15} {'share max s':>12} {'transfers/rank':>15} {'digest s':>9} "
           f"{'whole plan s':>13} {'whole transfers':>16} {'us/transfer':>12} {'whole / share':>14}")
     for world in args.worlds:
