@@ -249,7 +249,8 @@ def print_layout(layout: Dict[str, List[List[int]]]) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     import_plugins(config)
-    progress = progress_for("pgroups validate", args.quiet, after_s=VALIDATE_QUIET_S)
+    # small worlds are checked in milliseconds: lines only where the check takes seconds
+    progress = progress_for("pgroups validate", args.quiet or (args.world_size or 0) < VALIDATE_PROGRESS_WORLD)
     if args.world_size is not None and config.models:
         checked = check_models_creation(config, args.world_size, progress)
         print(f"{args.config}: ok ({len(config.models)} models on world {args.world_size}: "
@@ -287,8 +288,9 @@ def check_models_creation(config: Config, world_size: int, progress: AnyProgress
     return checked_strategies(config, world_size, deadlock_under, progress)
 
 
-#: ``validate`` shows progress lines only once it has run this long (small worlds take milliseconds)
-VALIDATE_QUIET_S = 2.0
+#: ``validate`` shows progress lines from this world size up (the creation check of 1,024 ranks
+#: takes seconds; below it, milliseconds): whether a line appears does not depend on the load
+VALIDATE_PROGRESS_WORLD = 1024
 
 #: Above this world, ``validate`` leaves the ``all`` strategy out: it models one call per group
 #: per rank (O(world * groups)); pgroups never picks ``all`` on its own where it can split.

@@ -4,9 +4,7 @@ One helper for every command: ``pgroups run``, ``pgroups validate``, ``pgroups n
 reads ``[LABEL  12.3s] what is happening``, the seconds counted from when the command started
 (``started``, a :func:`time.monotonic` reading: on Linux it is system-wide, so a child process
 continues its parent's clock). On a terminal it is one line rewritten in place; elsewhere (a log,
-a pipe) a new line at most every ``interval_s`` seconds, so logs stay short. A command that is
-usually quick passes ``after_s``: nothing is shown before it has run that long, so a quick run
-prints nothing.
+a pipe) a new line at most every ``interval_s`` seconds, so logs stay short.
 """
 from __future__ import annotations
 
@@ -19,9 +17,8 @@ class Progress:
     """A command's progress display on ``stream`` (default: stderr at the time of each write)."""
 
     def __init__(self, label: str = "pgroups", stream: Optional[TextIO] = None, interval_s: float = 5.0,
-                 started: Optional[float] = None, after_s: float = 0.0) -> None:
+                 started: Optional[float] = None) -> None:
         self.label = label
-        self.after_s = after_s
         self._stream = stream
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = interval_s if not self.tty else 0.1
@@ -34,10 +31,10 @@ class Progress:
         return self._stream if self._stream is not None else sys.stderr
 
     def update(self, text: str, force: bool = False) -> None:
-        """Show ``text`` — unless the command has run less than ``after_s``, or the last line is
-        younger than ``interval_s`` and not ``force`` (a phase change worth a line of its own)."""
+        """Show ``text`` — unless the last line is younger than ``interval_s`` and not ``force``
+        (a phase change worth a line of its own)."""
         now = time.monotonic()
-        if now - self.started < self.after_s or (now - self._last < self.interval_s and not force):
+        if now - self._last < self.interval_s and not force:
             return
         self._last = now
         line = f"[{self.label} {now - self.started:6.1f}s] {text}"
@@ -69,6 +66,6 @@ class NullProgress:
 AnyProgress = Union[Progress, NullProgress]
 
 
-def progress_for(label: str, quiet: bool, started: Optional[float] = None, after_s: float = 0.0) -> AnyProgress:
+def progress_for(label: str, quiet: bool, started: Optional[float] = None) -> AnyProgress:
     """The display a command uses: silent when ``quiet``, else lines on stderr labelled ``label``."""
-    return NullProgress() if quiet else Progress(label, started=started, after_s=after_s)
+    return NullProgress() if quiet else Progress(label, started=started)

@@ -109,13 +109,10 @@ def test_progress_lines_in_a_log_are_throttled_but_phase_changes_always_show():
     assert all(line.startswith("[pgroups demo ") and "s] " in line for line in lines)
 
 
-def test_progress_waits_after_s_before_its_first_line():
+def test_progress_counts_from_the_commands_start():
     stream = io.StringIO()
-    Progress("quick", stream=stream, after_s=3600.0).update("done already", force=True)
-    assert stream.getvalue() == ""
-    started_long_ago = time.monotonic() - 7200.0
-    Progress("slow", stream=stream, after_s=3600.0, started=started_long_ago).update("still going", force=True)
-    assert stream.getvalue().startswith("[slow 7200.")
+    Progress("slow", stream=stream, started=time.monotonic() - 7200.0).update("still going")
+    assert stream.getvalue().startswith("[slow 7200.") and stream.getvalue().endswith("s] still going\n")
 
 
 def test_quiet_gives_a_display_that_says_nothing():
@@ -128,7 +125,9 @@ def test_validate_of_a_large_world_shows_progress_unless_quiet(tmp_path, capsys,
 
     path = tmp_path / "job.yaml"
     path.write_text("parallel: {tensor: 2, pipeline: 2}\n")
-    monkeypatch.setattr(pgroups.cli, "VALIDATE_QUIET_S", 0.0)  # as if the world were large enough to take a while
+    assert main(["validate", str(path), "-n", "16"]) == 0
+    assert capsys.readouterr().err == ""                        # a small world: no lines
+    monkeypatch.setattr(pgroups.cli, "VALIDATE_PROGRESS_WORLD", 16)  # as if 16 ranks took seconds
     assert main(["validate", str(path), "-n", "16"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert [line.split("] ", 1)[1] for line in err] == [
