@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "worst rank's.")
     launch.add_argument("--nproc", type=int, required=True, help="number of local processes (ranks)")
     launch.add_argument("--module", "-m", action="store_true", help="SCRIPT is a module: run python -m SCRIPT")
-    launch.add_argument("script", help="your Python script (a module name with -m)")
+    launch.add_argument("script", nargs="?", help="your Python script (a module name with -m)")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     launch.set_defaults(func=cmd_launch)
 
@@ -375,6 +375,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .spawn import launch_script
 
     positive_count("--nproc", args.nproc)
+    if args.script is None:
+        raise UsageError("no script given: pgroups launch --nproc N SCRIPT [ARGS] (or -m MODULE [ARGS])")
     if not args.module and not os.path.isfile(args.script):
         raise UsageError(f"script {args.script!r} not found (give a Python file, or -m MODULE)")
     command = [sys.executable, *(["-m"] if args.module else []), args.script, *args.script_args]

@@ -72,6 +72,7 @@ def test_nettest_max_time_follows_the_same_rule(nothing_starts, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["launch", "--nproc", "0", "x.py"], "--nproc must be at least 1, got 0"),
     (["launch", "--nproc", "2", "no_such_script.py"], "script 'no_such_script.py' not found"),
+    (["launch", "--nproc", "2"], "no script given: pgroups launch --nproc N SCRIPT [ARGS]"),
     (["run", "--nproc", "-3"], "--nproc must be at least 1, got -3"),
 ])
 def test_launch_and_run_usage_errors_are_one_line_before_anything_starts(argv, needle, nothing_starts, capsys):
