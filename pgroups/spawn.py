@@ -14,7 +14,6 @@ store as torchrun's agent does.
 from __future__ import annotations
 
 import ctypes
-import functools
 import multiprocessing as mp
 import os
 import queue
@@ -291,6 +290,7 @@ def launch_script(nproc: int, command: Sequence[str], env: Optional[Mapping[str,
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=1800),
                           wait_for_workers=False)
+    preexec = _die_with_launcher(os.getpid())
     procs: List[subprocess.Popen] = []
     try:
         with _signals_raise():
@@ -298,8 +298,7 @@ def launch_script(nproc: int, command: Sequence[str], env: Optional[Mapping[str,
                 for rank in range(nproc):
                     child_env = {**os.environ, **rank_environment(rank, nproc, store.port),
                                  AGENT_STORE_VAR: "True", **(env or {})}
-                    procs.append(subprocess.Popen(list(command), env=child_env,
-                                                  preexec_fn=functools.partial(_die_with_parent, os.getpid())))
+                    procs.append(subprocess.Popen(list(command), env=child_env, preexec_fn=preexec))
                 return _supervise(procs, grace_s, poll_s)
             except (KeyboardInterrupt, _Stopped) as exc:
                 signum = exc.signum if isinstance(exc, _Stopped) else signal.SIGINT
@@ -313,6 +312,27 @@ def launch_script(nproc: int, command: Sequence[str], env: Optional[Mapping[str,
                 proc.kill()
             proc.wait()
         del store
+
+
+def _die_with_launcher(launcher_pid: int) -> Callable[[], None]:
+    """The function a script's process runs between fork and exec: on Linux, be killed when the
+    launcher dies (PR_SET_PDEATHSIG survives exec), and exit at once if it already has. libc is
+    loaded here, in the launcher, so the child between fork and exec makes two system calls and
+    nothing else (the launcher has threads: the store's)."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            libc = None
+
+    def preexec() -> None:
+        if libc is not None:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher_pid:
+            os._exit(1)
+
+    return preexec
 
 
 def _supervise(procs: List[subprocess.Popen], grace_s: float, poll_s: float) -> ScriptRun:

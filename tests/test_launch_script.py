@@ -124,7 +124,10 @@ def test_a_failing_rank_ends_the_others_and_its_status_is_the_exit_code(tmp_path
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-def test_ctrl_c_ends_every_rank_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, signum):
+    """Ctrl-C (SIGINT) or SIGTERM: the launcher ends its ranks, says so, exits 128+N (130, 143).
+    SIGKILL: no code of the launcher runs; the kernel ends the ranks (PR_SET_PDEATHSIG)."""
     script = tmp_path / "waiter.py"
     script.write_text(WAITER)
     launcher = subprocess.Popen([sys.executable, "-m", "pgroups", "launch", "--nproc", "2", str(script),
@@ -135,11 +138,18 @@ def test_ctrl_c_ends_every_rank_and_exits_130(tmp_path):
             assert time.monotonic() < deadline and launcher.poll() is None, "the ranks did not start"
             time.sleep(0.05)
         pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
-        launcher.send_signal(signal.SIGINT)                  # to the launcher only, not its ranks
+        launcher.send_signal(signum)                          # to the launcher only, not its ranks
         _, err = launcher.communicate(timeout=60)
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 130, err
-    assert "pgroups launch: SIGINT: ended ranks [0, 1]" in err, err
-    assert all(_gone(pid) for pid in pids)
+    if signum == signal.SIGKILL:
+        assert launcher.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a rank outlived its SIGKILLed launcher"
+            time.sleep(0.05)
+    else:
+        assert launcher.returncode == 128 + signum, err
+        assert f"pgroups launch: {signum.name}: ended ranks [0, 1]" in err, err
+        assert all(_gone(pid) for pid in pids)
