@@ -389,8 +389,7 @@ def _print_simulated(r: Dict[str, Any], args: argparse.Namespace) -> None:
     net = Network(ranks_per_host=world, nics_per_host=1, intra_bw=busbw)
     rows = {"reshard": simulate(rank_rounds(plan, args.bucket_mb * MiB), net, "gloo"),
             # bare: every message posted at once, from and into preallocated buffers (no rings)
-            "same messages, bare send/recv (ceiling)": simulate(rank_rounds(plan, 1 << 62), net, "gloo", limit=1 << 40,
-                                                                send_ring=1 << 40, recv_ring=1 << 40)}
+            "same messages, bare send/recv (ceiling)": simulate(rank_rounds(plan, 1 << 62), net, "gloo")}
     print(f"\nsimulated (pgroups.reshard.plan, gloo semantics, one host, intra-host port {busbw / 1e9:.2f} GB/s per "
           f"rank each way = this run's pairwise busbw, latency 0): lower bound {rows['reshard'].lower_bound_s:.3f} s")
     print("| method | simulated s | measured s | measured / simulated |")

@@ -17,7 +17,8 @@ from pgroups.errors import ConfigError
 from pgroups.reshard import Resharder, plan_reshard
 from pgroups.reshard.plan import Network, SimChunk, lower_bound, rank_rounds, simulate
 from pgroups.reshard.plan.schedule import describe_rounds
-from pgroups.reshard.wire import ALIGN, Round
+from pgroups.reshard.plan.scenarios import pairs
+from pgroups.reshard.wire import ALIGN, Round, batches
 from test_reshard_executor import layout, tiny_model
 from test_reshard_wire import SHAPES, _Context
 
@@ -25,11 +26,12 @@ GB = 1e9
 MB = 1 << 20
 
 
-def one_message(src: int, dst: int, nbytes: int, step: int = 1, chunks: int = 1):
-    """``{rank: rounds}`` of one message from ``src`` to ``dst`` in ``chunks`` equal chunks."""
+def one_message(src: int, dst: int, nbytes: int, step: int = 1, chunks: int = 1, direct: bool = True):
+    """``{rank: rounds}`` of one message from ``src`` to ``dst`` in ``chunks`` equal chunks
+    (``direct``: sent from the source tensor, else packed into a buffer region)."""
     size = nbytes // chunks
-    return {src: [Round(step, i, None, SimChunk(dst, size, True)) for i in range(chunks)],
-            dst: [Round(step, i, SimChunk(src, size, True), None) for i in range(chunks)]}
+    return {src: [Round(step, i, None, SimChunk(dst, size, direct)) for i in range(chunks)],
+            dst: [Round(step, i, SimChunk(src, size, direct), None) for i in range(chunks)]}
 
 
 def merge(*schedules):
@@ -76,31 +78,50 @@ def test_two_messages_share_a_nic_only_when_affinity_puts_their_ranks_on_it(sema
         pytest.approx(alone, rel=1e-12)
 
 
-def test_nccl_runs_a_ranks_rounds_in_order_gloo_concurrently():
+def test_nccl_runs_a_ranks_batches_in_order_and_a_batchs_operations_concurrently():
     # rank 0 first receives 4 units from rank 8 (step 8), then sends 1 unit to rank 16 (step 16).
-    # The two use different ports (NIC in / NIC out of rank 0), so gloo overlaps them: 4 units;
-    # NCCL's one stream starts the send only after the receive: 4 + 1 units.
+    # The two use different ports (NIC in / NIC out of rank 0). In one batch (the default: the
+    # whole sync one group) both move at once: 4 units. Cut per step (as with a progress
+    # callback), gloo still overlaps the two posted batches; NCCL's one stream starts the second
+    # batch only after the first: 4 + 1 units.
     unit = 32 * MB / (10 * GB)
     schedule = merge(one_message(8, 0, 4 * 32 * MB, step=8), one_message(0, 16, 32 * MB, step=16))
     net = Network(nic_bw=10 * GB)
-    assert simulate(schedule, net, "gloo").makespan_s == pytest.approx(4 * unit, rel=1e-12)
-    nccl = simulate(schedule, net, "nccl")
+    for semantics in ("nccl", "gloo"):
+        assert simulate(schedule, net, semantics).makespan_s == pytest.approx(4 * unit, rel=1e-12)
+    assert simulate(schedule, net, "gloo", per_step=True).makespan_s == pytest.approx(4 * unit, rel=1e-12)
+    nccl = simulate(schedule, net, "nccl", per_step=True)
     assert nccl.makespan_s == pytest.approx(5 * unit, rel=1e-12)
     assert nccl.finish_s[16] == pytest.approx(5 * unit, rel=1e-12)
     assert nccl.lower_bound_s == pytest.approx(4 * unit, rel=1e-12)
 
 
 def test_tiny_messages_are_latency_bound():
-    # one message of 4 one-byte chunks: NCCL runs them one after the other (4 latencies); gloo
-    # posts all 4 at once (each then moves at a quarter of the NIC): one latency
+    # rank 0 sends one packed byte to each of 4 other hosts (steps 8, 16, 24, 32). In one batch all
+    # 4 move at once (each at a quarter of the NIC): one latency. With a region of one chunk (a
+    # cap of 1 byte) every round is a batch: NCCL runs them one after the other (4 latencies);
+    # gloo keeps 2 batches in flight (two regions): 2 latencies; 4 with one region
     net = Network(nic_bw=1 * GB, latency_s=1e-3)
-    schedule = one_message(0, 8, 4, chunks=4)
-    assert simulate(schedule, net, "nccl").makespan_s == pytest.approx(4 * (1e-3 + 1 / GB), rel=1e-9)
-    gloo = simulate(schedule, net, "gloo")
-    assert gloo.makespan_s == pytest.approx(1e-3 + 4 / GB, rel=1e-9)
-    assert gloo.lower_bound_s == pytest.approx(4 / GB) and gloo.ratio > 1e5
-    # the in-flight limit caps gloo's overlap: 2 at a time → two latencies
-    assert simulate(schedule, net, "gloo", limit=2).makespan_s == pytest.approx(2 * (1e-3 + 2 / GB), rel=1e-9)
+    schedule = merge(*(one_message(0, 8 * k, 1, step=8 * k, direct=False) for k in range(1, 5)))
+    for semantics in ("nccl", "gloo"):
+        result = simulate(schedule, net, semantics)
+        assert result.makespan_s == pytest.approx(1e-3 + 4 / GB, rel=1e-9)
+        assert result.lower_bound_s == pytest.approx(4 / GB) and result.ratio > 1e5
+    assert simulate(schedule, net, "nccl", caps=(1, 1)).makespan_s == pytest.approx(4 * (1e-3 + 1 / GB), rel=1e-9)
+    assert simulate(schedule, net, "gloo", caps=(1, 1)).makespan_s == pytest.approx(2 * (1e-3 + 2 / GB), rel=1e-9)
+    assert simulate(schedule, net, "gloo", caps=(1, 1), regions=1).makespan_s == \
+        pytest.approx(4 * (1e-3 + 1 / GB), rel=1e-9)
+    # 17 bytes: two rounds a batch (the second at offset 16, aligned)
+    assert simulate(schedule, net, "nccl", caps=(17, 17)).makespan_s == pytest.approx(2 * (1e-3 + 2 / GB), rel=1e-9)
+
+
+def test_messages_between_one_pair_move_one_at_a_time():
+    # one message of 4 chunks in one batch: the pair's connection moves them in order, each
+    # paying the latency (4 latencies), where 4 peers in one batch pay one (above)
+    net = Network(nic_bw=1 * GB, latency_s=1e-3)
+    for semantics in ("nccl", "gloo"):
+        result = simulate(one_message(0, 8, 4, chunks=4), net, semantics)
+        assert result.makespan_s == pytest.approx(4 * (1e-3 + 1 / GB), rel=1e-9)
 
 
 def test_lower_bound_is_the_busiest_port():
@@ -140,29 +161,35 @@ def _random_plan(src, dst, spread):
 @settings(max_examples=15, deadline=None)
 @given(src=st.sampled_from(SHAPES), dst=st.sampled_from(SHAPES), spread=st.booleans(),
        bucket=st.sampled_from([64, 300, 1 << 20]), verify=st.booleans(),
-       fp8=st.booleans())
-def test_the_simulated_rounds_are_the_executors(src, dst, spread, bucket, verify, fp8):
+       fp8=st.booleans(), atomic=st.booleans(), budget=st.one_of(st.none(), st.integers(1 << 12, 1 << 16)))
+def test_the_simulated_rounds_and_batches_are_the_executors(src, dst, spread, bucket, verify, fp8, atomic, budget):
     plan = _random_plan(src, dst, spread)
     dtypes = {s.name: torch.float8_e4m3fn for s in plan.model.tensors
               if fp8 and s.dtype.is_floating_point and len(s.shape) >= 2}
     schedule = rank_rounds(plan, bucket, dtypes, verify)
     for rank in range(16):
-        executor = Resharder(plan, context=_Context(rank), bucket_bytes=bucket, verify=verify, dst_dtypes=dtypes)
+        executor = Resharder(plan, context=_Context(rank), bucket_bytes=bucket, verify=verify, dst_dtypes=dtypes,
+                             atomic=atomic, max_staging_bytes=budget)
         assert describe_rounds(schedule.get(rank, ())) == describe_rounds(executor.rounds)
+        # what the simulator posts (wire.batches with the caps the budget gives) is what the executor posts
+        for per_step in (False, True):
+            cut = batches(schedule.get(rank, ()), atomic, executor.batch_caps, per_step)
+            assert [(b.start, b.stop) for b in cut] == [(b.start, b.stop) for b in executor.batches(per_step)]
 
 
 @settings(max_examples=30, deadline=None)
 @given(src=st.sampled_from(SHAPES), dst=st.sampled_from(SHAPES), spread=st.booleans(),
        bucket=st.sampled_from([64, 300, 4096]), semantics=st.sampled_from(["nccl", "gloo"]),
-       atomic=st.booleans(), limit=st.integers(1, 16), rings=st.integers(1, 3),
+       atomic=st.booleans(), caps=st.one_of(st.none(), st.tuples(st.integers(0, 5000), st.integers(0, 5000))),
+       regions=st.integers(1, 2), per_step=st.booleans(),
        nics=st.sampled_from([1, 2, 4]), nic_bw=st.floats(1e3, 1e6), intra_bw=st.floats(1e3, 1e7),
        fabric=st.one_of(st.none(), st.floats(1e3, 1e7)))
-def test_no_simulated_sync_beats_the_lower_bound(src, dst, spread, bucket, semantics, atomic, limit, rings, nics,
+def test_no_simulated_sync_beats_the_lower_bound(src, dst, spread, bucket, semantics, atomic, caps, regions, per_step, nics,
                                                   nic_bw, intra_bw, fabric):
     plan = _random_plan(src, dst, spread)
     net = Network(ranks_per_host=4, nics_per_host=nics, nic_bw=nic_bw, intra_bw=intra_bw, host_fabric_bw=fabric)
-    result = simulate(rank_rounds(plan, bucket), net, semantics, atomic=atomic, limit=limit, send_ring=rings,
-                      recv_ring=rings)
+    result = simulate(rank_rounds(plan, bucket), net, semantics, atomic=atomic, caps=caps, regions=regions,
+                      per_step=per_step)
     assert result.makespan_s >= result.lower_bound_s * (1 - 1e-9)
     # every byte the plan sends over the network is on some rank's rounds, once (plus the
     # alignment gaps between the pieces packed in one chunk: under ALIGN per piece)
@@ -216,3 +243,35 @@ def test_reshard_plan_reports_bytes_between_hosts(capsys, per_host):
     # hosts unknown: no such report
     assert main(args[:5] + args[7:] + ["--json"]) == 0
     assert "host_bytes" not in json.loads(capsys.readouterr().out)
+
+
+# ---- the RLHF-shaped pairs: the executor's posting rule against the NIC bound ----------------------------
+@pytest.fixture(scope="module")
+def rlhf_schedules():
+    """Every pair of :mod:`pgroups.reshard.plan.scenarios` at 64 ranks (one decoder layer per
+    training stage: the peer pattern of the full model; 8 ranks per host), 256 MiB buckets."""
+    hosts = [f"node{r // 8}" for r in range(64)]
+    out = {}
+    for name, (make_model, src, dst) in pairs(64, layers_per_stage=1).items():
+        out[name] = rank_rounds(plan_reshard(src, dst, make_model(), hosts), 256 * MB)
+    return out
+
+
+def test_posted_as_the_executor_posts_every_rlhf_pair_is_within_1_1x_of_the_nic_bound(rlhf_schedules):
+    # 8 NICs x 400 Gb/s per host, 450 GB/s per rank inside a host, 5 us per message, NCCL
+    # semantics; the default posting rule (no max_staging_bytes): every rank's sync one group
+    net = Network(nic_bw=50 * GB, intra_bw=450 * GB, latency_s=5e-6)
+    for name, schedule in rlhf_schedules.items():
+        result = simulate(schedule, net, "nccl")
+        assert result.bound.nic_s > result.bound.intra_s, name    # the NICs are the bottleneck
+        assert result.makespan_s <= 1.1 * result.lower_bound_s, (name, result.ratio)
+        # the busiest host's NICs are evenly loaded: the NIC bound is the host bound
+        assert result.host_bound_s == pytest.approx(result.bound.nic_s, rel=0.01), name
+
+
+def test_posting_one_step_at_a_time_chains_the_waits(rlhf_schedules):
+    # the same rounds cut at every step (as with a progress callback): a rank's steps run one
+    # after another on its stream and each waits for its peer's earlier steps — far from the bound
+    net = Network(nic_bw=50 * GB, intra_bw=450 * GB, latency_s=5e-6)
+    ratios = {name: simulate(schedule, net, "nccl", per_step=True).ratio for name, schedule in rlhf_schedules.items()}
+    assert min(ratios.values()) > 1.5, ratios

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pgroups.reshard import Resharder, plan_reshard
 from pgroups.reshard.convert import resolve_dst_dtypes, scale_dims
-from pgroups.reshard.wire import ALIGN, Shapes, may_post, messages, needs_recv_buffer
+from pgroups.reshard.wire import ALIGN, Shapes, batches, may_post, messages
 from test_reshard_executor import layout, tiny_model
 
 SHAPES = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4), (3, 1)]
@@ -69,54 +69,52 @@ def test_both_ends_compute_the_same_messages_and_pieces_tile_transfers(src, dst,
                 assert count == sum(_rows(t.src_box, t.axis) for t in sends if t.step == step and t.tensor == name)
 
 
-# ---- posting ahead cannot deadlock ----------------------------------------------------------------------
-class _Rank:
-    def __init__(self, rounds, send_ring: int, recv_ring: int) -> None:
-        self.rounds, self.next = rounds, 0
-        self.flight: "collections.deque" = collections.deque()   # (kind, key, peer, buffer taken)
-        self.posted: set = set()
-        self.free = {"send": send_ring, "recv": recv_ring}
-
-
+# ---- posting batches cannot deadlock -------------------------------------------------------------------
 def _ops(current):
-    """The operations of a round: (kind, key, peer, needs a buffer: 'send' / 'recv' / None)."""
-    key = (current.step, current.index)
+    """The operations of a round: (kind, key, peer)."""
+    key = (current.step, current.index, current.checksum)
     out = []
     if current.recv is not None:
-        out.append(("recv", key, current.recv.peer, None if current.checksum else current.recv))
+        out.append(("recv", key, current.recv.peer))
     if current.send is not None:
-        out.append(("send", key, current.send.peer, None if current.checksum else current.send))
+        out.append(("send", key, current.send.peer))
     return out
 
 
-def simulate(per_rank, atomic: bool, limit: int, send_ring: int, recv_ring: int) -> bool:
-    """Every rank posts rounds while ``may_post`` allows and waits on its oldest operation, which
-    completes only once its peer posted the matching one and finished every operation ordered
-    before it (the stricter, NCCL-like rule: one stream per rank). True if everything completes."""
-    ranks = {r: _Rank(rounds, send_ring, recv_ring) for r, rounds in per_rank.items()}
-    progress = True
-    while progress:
-        progress = False
-        for me, st in ranks.items():
-            while st.next < len(st.rounds) and may_post(st.rounds[st.next], len(st.flight), st.free["send"],
-                                                        st.free["recv"], atomic, limit):
-                for kind, key, peer, chunk in _ops(st.rounds[st.next]):
-                    taken = chunk is not None and (not chunk.direct if kind == "send"
-                                                   else needs_recv_buffer(chunk, atomic))
-                    st.free[kind] -= taken
-                    st.flight.append((kind, key, peer, taken))
-                    st.posted.add((kind, key, peer))
-                st.next += 1
-                progress = True
-            if st.flight:
-                kind, key, peer, taken = st.flight[0]
-                other = ranks[peer]
-                matched = ("send" if kind == "recv" else "recv", key, me) in other.posted
-                if matched and (not other.flight or other.flight[0][1] >= key):
-                    st.flight.popleft()
-                    st.free[kind] += taken
-                    progress = True
-    return all(st.next == len(st.rounds) and not st.flight for st in ranks.values())
+def simulate(per_rank, atomic: bool, caps, per_step: bool) -> bool:
+    """Every rank cuts its rounds with ``batches`` and posts them while ``may_post`` allows; under
+    the strict NCCL-like rule a rank's batches run one at a time in order (a batch starts once its
+    previous one completed) and an operation completes once the peer's matching operation is in
+    a started batch; a batch completes when all its operations have. True if everything completes."""
+    cut = {r: batches(rounds, atomic, caps, per_step) for r, rounds in per_rank.items()}
+    posted = {r: 0 for r in per_rank}        # batches posted
+    current = {r: 0 for r in per_rank}       # the batch running on the rank's stream
+    regions = {r: 1 if len(b) == 1 else 2 for r, b in cut.items()}
+
+    def running(rank):
+        """The operations of the batch on the rank's stream (empty if it is not posted yet)."""
+        if current[rank] >= posted[rank]:
+            return set()
+        batch = cut[rank][current[rank]]
+        return {(kind, key, peer) for x in per_rank[rank][batch.start:batch.stop] for kind, key, peer in _ops(x)}
+
+    started = {r: set() for r in per_rank}   # operations of every batch that has started
+    moved = True
+    while moved:
+        moved = False
+        for me in per_rank:
+            while posted[me] < len(cut[me]) and may_post(cut[me][posted[me]], posted[me] - current[me], regions[me]):
+                regions[me] -= cut[me][posted[me]].needs_region
+                posted[me] += 1
+                moved = True
+            mine = running(me)
+            started[me] |= mine
+            if mine and all(("send" if kind == "recv" else "recv", key, me) in started[peer] | running(peer)
+                            for kind, key, peer in mine):
+                regions[me] += cut[me][current[me]].needs_region
+                current[me] += 1     # every operation's peer has it started: the batch completes
+                moved = True
+    return all(current[r] == len(cut[r]) for r in per_rank)
 
 
 class _Context:
@@ -131,13 +129,13 @@ class _Context:
 
 @settings(max_examples=40, deadline=None)
 @given(src=st.sampled_from(SHAPES), dst=st.sampled_from(SHAPES), bucket=st.sampled_from([64, 300, 1000]),
-       atomic=st.booleans(), verify=st.booleans(), limit=st.integers(1, 8), send_ring=st.integers(1, 3),
-       recv_ring=st.integers(1, 3))
-def test_posting_rounds_ahead_never_deadlocks(src, dst, bucket, atomic, verify, limit, send_ring, recv_ring):
+       atomic=st.booleans(), verify=st.booleans(), caps=st.one_of(st.none(), st.tuples(st.integers(0, 3000), st.integers(0, 3000))),
+       per_step=st.booleans())
+def test_posting_batches_never_deadlocks(src, dst, bucket, atomic, verify, caps, per_step):
     model = tiny_model()
     plan = plan_reshard(layout(4, *src, list(range(src[0] * src[1]))),
                         layout(4, *dst, list(range(4 - dst[0] * dst[1], 4))), model)
     per_rank = {r: Resharder(plan, context=_Context(r), bucket_bytes=bucket, verify=verify).rounds for r in range(4)}
     for r, rounds in per_rank.items():   # one order: by step, then chunk
         assert [(x.step, x.index) for x in rounds] == sorted((x.step, x.index) for x in rounds)
-    assert simulate(per_rank, atomic, limit, send_ring, recv_ring)
+    assert simulate(per_rank, atomic, caps, per_step)

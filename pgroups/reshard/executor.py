@@ -19,14 +19,18 @@ sends to at most one peer and receives from at most one; the bytes a pair exchan
 one message of pieces in the *destination* dtype, cut into chunks of at most ``bucket_bytes``
 (small pieces packed together, large contiguous ones sent straight from the source tensor).
 
-**Pipeline.** Each rank posts *rounds* (:func:`.wire.rounds`: chunk i of the message it receives
-and of the one it sends in a step, in (step, i) order — the same order on every rank) as far
-ahead as its buffers allow, across steps (at most ``MAX_OPS_IN_FLIGHT`` operations), and waits on
-its oldest operation: the wire never waits for the loop between chunks or steps, and since the
-globally first unfinished round always has both ends posted, posting ahead cannot deadlock.
-Copies only where needed: a contiguous, unconverted transfer is sent straight from the source
-tensor; packing — copy, cast, quantize — goes through a ring of send buffers, chunk k+1 packed
-while chunk k is on the wire. Two receive modes:
+**Posting.** Each rank cuts its *rounds* (:func:`.wire.rounds`: chunk i of the message it
+receives and of the one it sends in a step, in (step, i) order — the same order on every rank)
+into *batches* (:func:`.wire.batches`) and posts each batch as one ``batch_isend_irecv`` — under
+NCCL one group, whose operations with different peers move at once, as in NCCL's all-to-all. By
+default a rank's whole sync is one batch: every peer's messages move together, so each NIC
+stays busy until its own bytes are done (the simulated makespan of the RLHF-shaped pairs is the
+NIC lower bound, ``pgroups.reshard.plan``). With ``max_staging_bytes`` a batch buffers only what
+the budget allows and the next batch is packed while the previous one is on the wire (two
+buffer regions); a progress callback cuts the batches at steps. Any cut is deadlock-free (the
+globally first unfinished round has both of its ends' batches started). Copies only where
+needed: a contiguous, unconverted transfer is sent straight from the source tensor; packing —
+copy, cast, quantize — goes into a region's send buffer. Two receive modes:
 
 - ``atomic=True`` (default): every received byte lands in a staging buffer; destination tensors
   are written only after every step (and, with ``verify=True``, every checksum) succeeded on this
@@ -34,8 +38,8 @@ while chunk k is on the wire. Two receive modes:
   without progress), a checksum mismatch — raises naming the step and the peer ranks and leaves
   the destination untouched. Staging holds all the bytes the rank receives.
 - ``atomic=False`` (streaming): a contiguous, unconverted chunk is received straight into the
-  destination tensor (no copy at all); the others go to a ring of bucket buffers and are
-  unpacked while the next ones are on the wire, within ``max_staging_bytes``. On a failure the
+  destination tensor (no copy at all); the others go to a region's receive buffer and are
+  unpacked once their batch completed, within ``max_staging_bytes``. On a failure the
   destination may be partly written (the error says so), and a receive still posted then may
   write it later: retry on a fresh group.
 
@@ -72,9 +76,9 @@ from . import convert
 from .convert import region as _region
 from .convert import scale_box as _scale_box
 from .layout import ParallelLayout, local_shapes
-from .wire import (ALIGN, DEFAULT_BUCKET_BYTES, DEFAULT_RING, MAX_OPS_IN_FLIGHT, REFUSED, Chunk, Message, Piece,
-                   Round, Shapes, agreement_digest, box_shape, first_disagreement, may_post, messages,
-                   needs_recv_buffer, rounds, scale_cut_problem, slice_align, slices)
+from .wire import (ALIGN, BATCHES_IN_FLIGHT, DEFAULT_BUCKET_BYTES, REFUSED, Batch, Chunk, Piece, Round, Shapes,
+                   agreement_digest, aligned, batches, box_shape, first_disagreement, may_post, messages,
+                   needs_recv_buffer, round_needs, rounds, scale_cut_problem, slice_align, slices)
 from .planner import Box, Plan, PlanShare, plan_share
 from .spec import ModelSpec
 
@@ -181,8 +185,9 @@ class Resharder:
     :mod:`.convert` — an fp8 tensor also needs ``"<name>_scale"`` among the destination tensors,
     :meth:`destination_shards` makes them), ``verify`` (a checksum per message). Options each rank
     chooses: ``atomic`` (see the module docstring), ``max_staging_bytes`` (the bytes of buffers
-    this rank may hold; default: 2 send buffers, 2 receive buffers when streaming, all received
-    bytes when atomic), ``keep_buffers=False`` (free the buffers after each run).
+    this rank may hold; default: no limit — every packed send chunk, and when streaming every
+    buffered received chunk, in one region, plus all received bytes when atomic; a budget cuts
+    the sync into batches), ``keep_buffers=False`` (free the buffers after each run).
     """
 
     def __init__(self, plan: Plan, *, context: Any = None, group: Optional[dist.ProcessGroup] = None,
@@ -220,44 +225,57 @@ class Resharder:
         self._budget_problem = self._check_budget(max_staging_bytes) or scale_cut_problem(
             list(self.sends) + list(self.recvs) + list(copies), shapes, self.dst_dtypes)
         self._buffers = _Buffers()
+        self._batches: Dict[bool, Tuple[Batch, ...]] = {}
 
     # ---- sizes and budget -----------------------------------------------------------------------
     def _buffer_sizes(self) -> Dict[str, int]:
-        """Bytes of each kind of buffer this rank needs: the largest packed send chunk, the
-        largest packed receive chunk (direct ones land in the destination), all received bytes
-        (atomic staging), fp8 scratch elements."""
-        packed = [c.nbytes for m in self.send_messages.values() for c in m.chunks if not c.direct]
-        received = [c.nbytes for m in self.recv_messages.values() for c in m.chunks if not c.direct]
+        """Bytes of each kind of buffer this rank needs: the most buffer region one round takes
+        (:func:`.wire.round_needs`), all received bytes (atomic staging), fp8 scratch elements."""
+        needs = [round_needs(r, self.atomic) for r in self.rounds]
         scratch = [convert.scratch_elements(box_shape(p.transfer.src_box), self.dst_dtypes[p.transfer.tensor])
                    for m in self.send_messages.values() for p in m.pieces]
         scratch += [convert.scratch_elements(box_shape(t.src_box), self.dst_dtypes[t.tensor]) for t in self.copies]
         scaled = [p.transfer for m in self.send_messages.values() for p in m.pieces] + list(self.copies)
         scales = [math.prod(convert.scale_shape(box_shape(t.src_box), self.scale_layouts[t.tensor]))
                   for t in scaled if convert.is_scaled(self.dst_dtypes[t.tensor])]
-        staging = sum(-(-m.size // ALIGN) * ALIGN for m in self.recv_messages.values())
-        return {"send": max(packed, default=0), "recv": max(received, default=0), "staging": staging,
-                "scratch": max(scratch, default=0), "scales": max(scales, default=0)}
+        staging = sum(aligned(m.size) for m in self.recv_messages.values())
+        return {"send": max((n[0] for n in needs), default=0), "recv": max((n[1] for n in needs), default=0),
+                "staging": staging, "scratch": max(scratch, default=0),
+                "scales": max(scales, default=0)}
 
     def _check_budget(self, budget: Optional[int]) -> Optional[str]:
-        """Ring depths within ``budget`` (None: the defaults), or why it is too small."""
+        """The caps of a batch's send and receive bytes within ``budget`` (``self.batch_caps``;
+        None: no limit, the whole sync is one batch) and the buffer regions (``self.regions``:
+        two, so that a batch is packed while the previous one flies, or one where the budget
+        holds only one), or why the budget is too small: it must hold the fixed buffers
+        (scratch, atomic staging) and a region of the largest packed send and received chunk."""
         sizes = self._sizes
-        scratch = convert.scratch_bytes(sizes["scratch"], sizes["scales"])
-        self.send_ring = self.recv_ring = DEFAULT_RING
-        fixed = scratch + (sizes["staging"] if self.atomic else 0)
+        fixed = convert.scratch_bytes(sizes["scratch"], sizes["scales"]) + (sizes["staging"] if self.atomic else 0)
+        per_region = sizes["send"] + sizes["recv"]
+        self.batch_caps: Optional[Tuple[int, int]] = None
+        self.regions = BATCHES_IN_FLIGHT
         if budget is None:
             return None
-        per_ring = sizes["send"] + (0 if self.atomic else sizes["recv"])
-        if per_ring == 0:
+        if per_region == 0:
             return None if fixed <= budget else self._too_small(budget, fixed)
-        depth = (budget - fixed) // per_ring
-        if depth < 1:
-            return self._too_small(budget, fixed + per_ring)
-        self.send_ring = self.recv_ring = int(min(depth, 4))
-        return None
+        for regions in (BATCHES_IN_FLIGHT, 1):
+            scale = (budget - fixed) // regions // per_region
+            if scale >= 1:
+                self.regions, self.batch_caps = regions, (scale * sizes["send"], scale * sizes["recv"])
+                return None
+        return self._too_small(budget, fixed + per_region)
+
+    def batches(self, per_step: bool = False) -> Tuple[Batch, ...]:
+        """This rank's rounds cut into the batches it posts (:func:`.wire.batches` within
+        ``max_staging_bytes``; ``per_step``: none spans two steps, as with a progress callback)."""
+        found = self._batches.get(per_step)
+        if found is None:
+            found = self._batches[per_step] = batches(self.rounds, self.atomic, self.batch_caps, per_step)
+        return found
 
     def _too_small(self, budget: int, needed: int) -> str:
         what = ("atomic mode stages all received bytes" if self.atomic else "streaming needs one send and one "
-                "receive buffer") + (" plus fp8 scratch" if self._sizes["scratch"] else "")
+                "receive chunk in each of two buffer regions") + (" plus fp8 scratch" if self._sizes["scratch"] else "")
         return (f"rank {self.rank}: max_staging_bytes={budget} is too small: {what} = {needed} bytes "
                 f"(bucket_bytes {self.bucket_bytes}); raise it"
                 + (", or pass atomic=False" if self.atomic else ", or lower bucket_bytes"))
@@ -387,15 +405,14 @@ class _Run:
         self.progress = progress
         self.scale_dims = owner.scale_layouts
         buffers, sizes = owner._buffers, owner._sizes
-        self.send_slots = [buffers.get(f"send{i}", sizes["send"], device) for i in range(owner.send_ring)] \
-            if sizes["send"] else []
-        if owner.atomic:
-            self.staging = buffers.get("staging", sizes["staging"], device) if sizes["staging"] else None
-            self.recv_slots: List[torch.Tensor] = []
-        else:
-            self.staging = None
-            self.recv_slots = [buffers.get(f"recv{i}", sizes["recv"], device) for i in range(owner.recv_ring)] \
-                if sizes["recv"] else []
+        self.batches = owner.batches(progress is not None)
+        send = max((b.send_bytes for b in self.batches), default=0)
+        recv = max((b.recv_bytes for b in self.batches), default=0)
+        depth = 1 if len(self.batches) == 1 else owner.regions
+        # region i: (send buffer, receive buffer)
+        self.regions = [(buffers.get(f"region{i}.send", send, device), buffers.get(f"region{i}.recv", recv, device))
+                        for i in range(depth if send or recv else 0)]
+        self.staging = buffers.get("staging", sizes["staging"], device) if owner.atomic and sizes["staging"] else None
         self.quantizer = None
         if sizes["scratch"]:
             extrema = sizes["scales"] * convert.EXTREMA_ITEMSIZE // 2     # float32 elements
@@ -408,85 +425,95 @@ class _Run:
             self.staging_at[step] = offset
             offset += -(-owner.recv_messages[step].size // ALIGN) * ALIGN
         self.posted = self.verified = self.packed = self.unpacked = 0
-        # operations in flight, oldest first: (kind, chunk, work, slot); posted in round order,
-        # receives before sends within a round, so the deque is in the order of the waits
-        self._flight: Deque[Tuple[str, Chunk, Any, int]] = collections.deque()
-        self._free_send = list(range(len(self.send_slots)))
-        self._free_recv = list(range(len(self.recv_slots)))
+        # batches in flight, oldest first: (region index or -1, [(kind, chunk, work, data, buffered)])
+        # in posting order — rounds in order, receive before send within a round: the order of the waits
+        self._flight: Deque[Tuple[int, List[Tuple[str, Chunk, Any, torch.Tensor, bool]]]] = collections.deque()
+        self._free_regions = list(range(len(self.regions)))
         self._checksums: Dict[Tuple[str, int], torch.Tensor] = {}
 
     def in_flight_works(self) -> List[Any]:
-        return [item[2] for item in self._flight]
+        return [op[2] for _, ops in self._flight for op in ops]
 
     # ---- the loop --------------------------------------------------------------------------------
     def execute(self) -> None:
-        """Post rounds (:func:`.wire.rounds`: every step's chunks in one order on every rank) as
-        far ahead as the buffers and ``MAX_OPS_IN_FLIGHT`` allow — across steps, so the wire
-        never waits for this loop —, then wait on the oldest operation and recycle its buffer.
-        Streaming: local copies run while the first chunks fly; atomic: after the last wait,
-        then the staged bytes are committed."""
+        """Post batches (:meth:`Resharder.batches`: the rounds, in the one order every rank
+        shares, posted as groups) while :func:`.wire.may_post` allows — the next batch is packed
+        while the previous one is on the wire —, then wait on the oldest batch's operations in
+        order and recycle its region. Streaming: local copies run while the first batch flies;
+        atomic: after the last wait, then the staged bytes are committed."""
         owner = self.owner
-        rounds, upcoming, announced = owner.rounds, 0, None
+        upcoming, announced = 0, None
         copies_left = True
-        while upcoming < len(rounds) or self._flight:
-            while upcoming < len(rounds) and self._can_post(rounds[upcoming]):
-                current = rounds[upcoming]
-                if self.progress is not None and current.step != announced:
+        while upcoming < len(self.batches) or self._flight:
+            while upcoming < len(self.batches) and may_post(self.batches[upcoming], len(self._flight),
+                                                            len(self._free_regions)):
+                batch = self.batches[upcoming]
+                step = owner.rounds[batch.start].step
+                if self.progress is not None and step != announced:
                     if self._flight:
                         break     # progress(step) comes after every earlier operation completed
-                    self.progress(current.step)
-                announced = current.step
-                self._post(current)
+                    self.progress(step)
+                announced = step
+                self._post(batch)
                 upcoming += 1
             if copies_left and not owner.atomic:
                 self._local_copies()
                 copies_left = False
             if self._flight:
-                kind, chunk, work, slot = self._flight[0]
-                self._wait(work, chunk, kind)
+                region, ops = self._flight[0]
+                while ops:
+                    kind, chunk, work, data, buffered = ops[0]
+                    self._wait(work, chunk, kind)
+                    ops.pop(0)
+                    self._completed(kind, chunk, data, buffered)
                 self._flight.popleft()
-                self._completed(kind, chunk, slot)
+                if region >= 0:
+                    self._free_regions.append(region)
         if copies_left:
             self._local_copies()
         if owner.atomic:
             self._commit()
 
-    def _can_post(self, current: Round) -> bool:
-        return may_post(current, len(self._flight), len(self._free_send), len(self._free_recv), self.owner.atomic,
-                        MAX_OPS_IN_FLIGHT)
-
-    def _post(self, current: Round) -> None:
-        ops, items = [], []
-        if current.checksum:
-            self._post_checksums(current, ops, items)
-        else:
+    def _post(self, batch: Batch) -> None:
+        """Post ``batch`` as one ``batch_isend_irecv``: its packed send chunks packed into a free
+        region's send buffer, its buffered receives into its receive buffer (the layout of
+        :class:`.wire.Batch`)."""
+        region = self._free_regions.pop(0) if batch.needs_region else -1
+        send_at = recv_at = 0
+        ops: List[Any] = []
+        items: List[Tuple[str, Chunk, torch.Tensor, bool]] = []
+        for current in self.owner.rounds[batch.start:batch.stop]:
+            if current.checksum:
+                self._post_checksums(current, ops, items)
+                continue
             if current.recv is not None:
-                slot = self._free_recv.pop(0) if needs_recv_buffer(current.recv, self.owner.atomic) else -1
-                ops.append(dist.P2POp(dist.irecv, self._recv_target(current.recv, slot), current.recv.peer,
-                                      self.group))
-                items.append(("recv", current.recv, slot))
+                buffered = needs_recv_buffer(current.recv, self.owner.atomic)
+                target = self._recv_target(current.recv, self.regions[region][1][recv_at:] if buffered else None)
+                recv_at = aligned(recv_at + current.recv.nbytes) if buffered else recv_at
+                ops.append(dist.P2POp(dist.irecv, target, current.recv.peer, self.group))
+                items.append(("recv", current.recv, target, buffered))
             if current.send is not None:
-                slot = -1 if current.send.direct else self._free_send.pop(0)
-                ops.append(dist.P2POp(dist.isend, self._send_source(current.send, slot), current.send.peer,
-                                      self.group))
-                items.append(("send", current.send, slot))
+                packed = not current.send.direct
+                source = self._send_source(current.send, self.regions[region][0][send_at:] if packed else None)
+                send_at = aligned(send_at + current.send.nbytes) if packed else send_at
+                ops.append(dist.P2POp(dist.isend, source, current.send.peer, self.group))
+                items.append(("send", current.send, source, packed))
         try:
             works = dist.batch_isend_irecv(ops)
         except Exception as exc:
+            if region >= 0:
+                self._free_regions.append(region)
             raise self._error(exc, items[0][1], items[0][0]) from exc
         self.posted += len(ops)
         if len(works) != len(items):   # NCCL coalesces a batch into one work (torch's batch_isend_irecv)
             works = [works[-1]] * len(items)
-        self._flight.extend((kind, chunk, work, slot) for (kind, chunk, slot), work in zip(items, works))
+        self._flight.append((region, [(kind, chunk, work, data, buffered)
+                                      for (kind, chunk, data, buffered), work in zip(items, works)]))
 
-    def _completed(self, kind: str, chunk: Chunk, slot: int) -> None:
-        """The oldest operation finished: use what it received, free its buffer."""
+    def _completed(self, kind: str, chunk: Chunk, data: torch.Tensor, buffered: bool) -> None:
+        """An operation of the oldest batch finished: use what it received."""
         if kind == "recv":
-            self._received(chunk, slot)
-            if slot >= 0:
-                self._free_recv.append(slot)
-        elif kind == "send" and slot >= 0:
-            self._free_send.append(slot)
+            self._received(chunk, data, buffered)
         elif kind == "checksum.recv":
             self._check_sum(chunk.step)
 
@@ -516,15 +543,16 @@ class _Run:
         return ReshardError(f"{where} failed: {text}; {untouched}")
 
     # ---- sending ----------------------------------------------------------------------------------
-    def _send_source(self, chunk: Chunk, slot: int) -> torch.Tensor:
+    def _send_source(self, chunk: Chunk, buffer: Optional[torch.Tensor]) -> torch.Tensor:
         """The bytes of ``chunk`` to post: a view of the source tensor (direct: no copy), or
-        packed into send buffer ``slot``."""
+        packed into the start of ``buffer``."""
         if chunk.direct:
             piece = chunk.pieces[0]
             data = _flat_bytes(_region(self.src[piece.transfer.tensor], piece.transfer.src_box))
             data = data[chunk.lo - piece.offset:chunk.hi - piece.offset]
         else:
-            data = self.send_slots[slot][:chunk.nbytes]
+            assert buffer is not None
+            data = buffer[:chunk.nbytes]
             for piece in chunk.pieces:
                 self._encode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
                 self.packed += piece.nbytes
@@ -552,24 +580,23 @@ class _Run:
             values.copy_(region)
 
     # ---- receiving --------------------------------------------------------------------------------
-    def _recv_target(self, chunk: Chunk, slot: int) -> torch.Tensor:
+    def _recv_target(self, chunk: Chunk, buffer: Optional[torch.Tensor]) -> torch.Tensor:
         """Where ``chunk`` lands: the atomic staging; streaming, the destination region itself
-        (direct: no copy), else receive buffer ``slot``."""
+        (direct: no copy), else the start of ``buffer``."""
         if self.owner.atomic:
             start = self.staging_at[chunk.step] + chunk.lo
             return self.staging[start:start + chunk.nbytes]
-        if slot < 0:
+        if buffer is None:
             piece = chunk.pieces[0]
             target = _flat_bytes(_region(self.dst[piece.transfer.tensor], piece.transfer.dst_box))
             return target[chunk.lo - piece.offset:chunk.hi - piece.offset]
-        return self.recv_slots[slot][:chunk.nbytes]
+        return buffer[:chunk.nbytes]
 
-    def _received(self, chunk: Chunk, slot: int) -> None:
-        """A chunk arrived: checksum it (verify); from a receive buffer: unpack it."""
-        data = self._recv_target(chunk, slot)
+    def _received(self, chunk: Chunk, data: torch.Tensor, buffered: bool) -> None:
+        """A chunk arrived in ``data``: checksum it (verify); from a buffer region: unpack it."""
         if self.owner.verify:
             self._sum(("in", chunk.step), data, chunk.lo)
-        if slot >= 0:
+        if buffered:
             for piece in chunk.pieces:   # a packed chunk holds whole pieces (wire.chunks_of)
                 self._decode(piece, data[piece.offset - chunk.lo:piece.end - chunk.lo])
 
@@ -610,17 +637,18 @@ class _Run:
                 target.copy_(source)
 
     # ---- checksums --------------------------------------------------------------------------------
-    def _post_checksums(self, current: Round, ops: List[Any], items: List[Tuple[str, Chunk, int]]) -> None:
+    def _post_checksums(self, current: Round, ops: List[Any], items: List[Tuple[str, Chunk, torch.Tensor, bool]]) -> None:
         """The step's checksum exchange (posted after all its data): send the sum of what this
         rank sent; receive the peer's sum of what it sent (compared once it arrived)."""
         step = current.step
         if current.recv is not None:
             theirs = self._checksums[("theirs", step)] = torch.empty(2, dtype=torch.int64, device=self.device)
             ops.append(dist.P2POp(dist.irecv, theirs, current.recv.peer, self.group))
-            items.append(("checksum.recv", current.recv, -1))
+            items.append(("checksum.recv", current.recv, theirs, False))
         if current.send is not None:
-            ops.append(dist.P2POp(dist.isend, self._checksums[("out", step)], current.send.peer, self.group))
-            items.append(("checksum.send", current.send, -1))
+            ours = self._checksums[("out", step)]
+            ops.append(dist.P2POp(dist.isend, ours, current.send.peer, self.group))
+            items.append(("checksum.send", current.send, ours, False))
 
     def _check_sum(self, step: int) -> None:
         """Every chunk of ``step``'s message arrived (waited in order) and so did the sender's sum."""

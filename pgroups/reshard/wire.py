@@ -32,12 +32,9 @@ ALIGN = 16
 REFUSED = 0
 #: the largest message (chunk) when the executor is not told otherwise
 DEFAULT_BUCKET_BYTES = 64 << 20
-#: buffers per ring (send, and receive when streaming) when ``max_staging_bytes`` is not given
-DEFAULT_RING = 2
-#: operations a rank keeps posted at once (across steps): enough that the wire never waits for
-#: the loop, few enough that a gloo rank does not open every peer's transfer at once
-MAX_OPS_IN_FLIGHT = 16
-
+#: posted batches a rank keeps in flight when it cuts its rounds into several (two buffer regions:
+#: the next batch is packed while the previous one is on the wire)
+BATCHES_IN_FLIGHT = 2
 
 # ---- plan agreement (pure) ------------------------------------------------------------------------
 def agreement_digest(plan: Any, bucket_bytes: int, dst_dtypes: Mapping[str, torch.dtype], verify: bool,
@@ -163,25 +160,83 @@ def rounds(send_messages: Mapping[int, Message], recv_messages: Mapping[int, Mes
 
 
 def needs_recv_buffer(chunk: Chunk, atomic: bool) -> bool:
-    """Whether a received ``chunk`` takes a ring buffer: streaming, and not direct (atomic mode
-    receives into its staging; a direct chunk lands in the destination)."""
+    """Whether a received ``chunk`` takes room in a buffer region: streaming, and not direct
+    (atomic mode receives into its staging; a direct chunk lands in the destination)."""
     return not atomic and not chunk.direct
 
 
-def may_post(current: Round, in_flight: int, free_send: int, free_recv: int, atomic: bool, limit: int) -> bool:
-    """Whether a rank may post ``current`` now (pure): always with nothing in flight (every
-    buffer is free then); else while fewer than ``limit`` operations are in flight and the
-    buffers it needs are free — a send buffer for a packed send chunk, a receive buffer for a
-    chunk :func:`needs_recv_buffer`."""
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``ALIGN`` (where the next chunk starts in a region)."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def round_needs(current: Round, atomic: bool) -> Tuple[int, int]:
+    """``(send bytes, receive bytes)`` of buffer region that ``current`` takes: its send chunk if
+    packed, its received chunk if it :func:`needs_recv_buffer`; a checksum round none."""
+    if current.checksum:
+        return 0, 0
+    send = current.send.nbytes if current.send is not None and not current.send.direct else 0
+    recv = current.recv.nbytes if current.recv is not None and needs_recv_buffer(current.recv, atomic) else 0
+    return send, recv
+
+
+@attrs.frozen
+class Batch:
+    """Rounds ``[start, stop)`` of a rank, posted as one group (one ``batch_isend_irecv``: under
+    NCCL one group, whose operations with different peers move concurrently). Its packed send
+    chunks lie back to back in a region's send buffer (each at a multiple of ``ALIGN``),
+    ``send_bytes`` in all; its buffered receive chunks likewise in the region's receive buffer."""
+
+    start: int
+    stop: int
+    send_bytes: int
+    recv_bytes: int
+
+    @property
+    def needs_region(self) -> bool:
+        return self.send_bytes > 0 or self.recv_bytes > 0
+
+
+def _grow(used: int, nbytes: int) -> int:
+    return aligned(used) + nbytes if nbytes else used
+
+
+def batches(rounds_: Sequence[Round], atomic: bool, caps: Optional[Tuple[int, int]] = None,
+            cut_at_steps: bool = False) -> Tuple[Batch, ...]:
+    """The posting rule (pure): cut a rank's rounds, kept in their one global order, into
+    consecutive batches. A batch grows while its send and receive bytes stay within ``caps``
+    (None: no limit — every round in one batch, the rank's whole sync posted as one group); a
+    round that alone needs more gets a batch of its own; with ``cut_at_steps`` no batch spans two
+    steps.
+
+    Any cut is deadlock-free: with every rank's rounds in the one (step, index) order, the
+    globally first unfinished round has, on both of its ends, every earlier round finished — so
+    both ends' batches holding it are posted and started, and its operations move (the operations
+    of a started group progress independently; the group completes when all have)."""
+    out: List[Batch] = []
+    start, send, recv = 0, 0, 0
+    for i, current in enumerate(rounds_):
+        s, r = round_needs(current, atomic)
+        grown = _grow(send, s), _grow(recv, r)
+        if i > start and ((caps is not None and (grown[0] > caps[0] or grown[1] > caps[1]))
+                          or (cut_at_steps and current.step != rounds_[start].step)):
+            out.append(Batch(start, i, send, recv))
+            start, grown = i, (s, r)
+        send, recv = grown
+    if len(rounds_) > start:
+        out.append(Batch(start, len(rounds_), send, recv))
+    return tuple(out)
+
+
+def may_post(batch: Batch, in_flight: int, free_regions: int) -> bool:
+    """Whether a rank may post ``batch`` now (pure): always with nothing in flight (every region
+    is free then); else while fewer than ``BATCHES_IN_FLIGHT`` batches are in flight and, if it
+    needs a region, one is free."""
     if in_flight == 0:
         return True
-    if in_flight >= limit:
+    if in_flight >= BATCHES_IN_FLIGHT:
         return False
-    if current.checksum:
-        return True
-    if current.send is not None and not current.send.direct and free_send == 0:
-        return False
-    return current.recv is None or not needs_recv_buffer(current.recv, atomic) or free_recv > 0
+    return not batch.needs_region or free_regions > 0
 
 
 def box_shape(box: Box) -> Tuple[int, ...]:

@@ -4,7 +4,7 @@ The executor (:class:`~pgroups.reshard.executor.Resharder`) turns a rank's sends
 messages (:func:`.wire.messages`: one per step and peer, cut into chunks of at most
 ``bucket_bytes``) and the messages into rounds (:func:`.wire.rounds`). :func:`rank_rounds` runs the
 same two functions for every rank of a plan at once, keeping of each chunk only what the
-simulator and :func:`.wire.may_post` read — its peer, its bytes on the wire, whether it is
+simulator and :func:`.wire.batches` read — its peer, its bytes on the wire, whether it is
 *direct* (needs no send / receive buffer) — so that a world of 16,384 ranks fits in memory.
 
 Both ends of a message compute the same chunks (``tests/test_reshard_wire.py``), so the message
@@ -28,7 +28,7 @@ CHECKSUM_BYTES = 16
 @attrs.frozen
 class SimChunk:
     """What the schedule needs of a :class:`.wire.Chunk`: the peer (the other end, seen from the
-    rank holding it), the bytes on the wire, and ``direct`` (read by :func:`.wire.may_post`)."""
+    rank holding it), the bytes on the wire, and ``direct`` (read by :func:`.wire.round_needs`)."""
 
     peer: int
     nbytes: int

@@ -2,19 +2,27 @@
 processes, no torch.distributed).
 
 Input: every rank's rounds (:func:`.schedule.rank_rounds`: the executor's own messages and rounds)
-and the executor's posting rule, run as the executor runs it — each rank posts rounds while
-:func:`.wire.may_post` allows (``limit`` operations in flight, ``send_ring`` / ``recv_ring``
-buffers, ``atomic``), receive before send within a round, and waits on its *oldest* operation,
-then frees its buffer and posts again.
+and the executor's posting rule, run as the executor runs it — each rank cuts its rounds into
+batches with :func:`.wire.batches` (``atomic``; ``caps``: the send / receive bytes a batch may
+buffer, as ``max_staging_bytes`` sets them; ``per_step``: as with a progress callback), keeps
+``regions`` buffer regions (1 or 2), posts a batch (one
+group: every operation of its rounds, receive before send within a round) while
+:func:`.wire.may_post` allows, and waits on its *oldest* batch, then frees its region and posts
+again.
 
 Backend semantics (``semantics``):
 
 - ``"gloo"``: every posted operation is independent; a message starts once both of its ends are
   posted;
-- ``"nccl"``: a rank's operations run in order on one stream — a round (one
-  ``batch_isend_irecv``, coalesced into one work) starts only after the rank's previous round
-  completed, and its message starts once both ends' rounds have started; the CPU sees the round's
-  work complete when all of it is done (the executor waits with a timeout, which blocks).
+- ``"nccl"``: a rank's batches run in order on one stream — a batch (one ``batch_isend_irecv``,
+  one NCCL group, coalesced into one work) starts only after the rank's previous batch
+  completed; inside a started group the operations with different peers move concurrently
+  (NCCL's grouped point-to-point, as in its all-to-all); a message starts once both ends'
+  batches have started; the CPU sees the batch's work complete when all of it is done.
+
+Connections: the messages from one rank to another move one at a time, in the order they became
+ready (NCCL's operations with one peer run in order on that peer's connection; gloo's on one
+socket pair).
 
 Bandwidth: a message, ``latency_s`` after it starts, moves its bytes through the ports of its path
 (:meth:`.network.Network.ports`); every port divides its capacity equally among the messages
@@ -37,7 +45,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
-from ..wire import DEFAULT_RING, MAX_OPS_IN_FLIGHT, Round, may_post, needs_recv_buffer
+from ..wire import Batch, Round, batches, may_post
 from .network import NIC_PORTS, Bound, Network, Port, lower_bound
 from .schedule import message_list, round_bytes
 
@@ -75,6 +83,15 @@ class SimResult:
         """:meth:`utilisation` of every NIC port that carried bytes."""
         return {p: self.utilisation(p) for p in self.bound.port_bytes if p[0] in NIC_PORTS}
 
+    @property
+    def host_bound_s(self) -> float:
+        """The busiest host's NIC bytes (out or in) / (its NICs x ``nic_bw``): the bound of any
+        schedule moving the same bytes between the same hosts, however a host spreads them over
+        its NICs (never above the NIC bound)."""
+        per_host = self.host_nic_bytes().values()
+        busiest = max((max(b) for b in per_host), default=0)
+        return busiest / (self.network.nics_per_host * self.network.nic_bw)
+
     def host_nic_bytes(self) -> Dict[int, Tuple[int, int]]:
         """``{host: (bytes out through its NICs, bytes in)}`` for every host whose NICs carried bytes."""
         out: Dict[int, List[int]] = {}
@@ -85,12 +102,13 @@ class SimResult:
 
 
 class _Op:
-    """One posted operation of a rank: half of a message."""
+    """One posted operation of a rank: half of a message; ``batch``: the index of its batch."""
 
-    __slots__ = ("rank", "round", "key", "is_send", "slot", "done")
+    __slots__ = ("rank", "batch", "round", "key", "is_send", "done")
 
-    def __init__(self, rank: int, round_index: int, key: Tuple[int, ...], is_send: bool, slot: bool) -> None:
-        self.rank, self.round, self.key, self.is_send, self.slot, self.done = rank, round_index, key, is_send, slot, False
+    def __init__(self, rank: int, batch: int, round_index: int, key: Tuple[int, ...], is_send: bool) -> None:
+        self.rank, self.batch, self.round, self.key, self.is_send, self.done = \
+            rank, batch, round_index, key, is_send, False
 
 
 class _Flow:
@@ -103,38 +121,41 @@ class _Flow:
 
 
 class _Rank:
-    __slots__ = ("rounds", "next", "flight", "free_send", "free_recv", "stream", "left", "ops", "finish")
+    __slots__ = ("rounds", "batches", "next", "flight", "free_regions", "stream", "left", "ops", "finish")
 
-    def __init__(self, rounds: Sequence[Round], send_ring: int, recv_ring: int) -> None:
-        self.rounds, self.next, self.stream, self.finish = rounds, 0, 0, 0.0
-        self.flight: Deque[_Op] = collections.deque()
-        self.free_send, self.free_recv = send_ring, recv_ring
-        self.left: Dict[int, int] = {}         # round index → operations not yet done (posted rounds)
-        self.ops: Dict[int, List[_Op]] = {}    # round index → its operations (posted, not done)
+    def __init__(self, rounds: Sequence[Round], batches_: Sequence[Batch], regions: int) -> None:
+        self.rounds, self.batches, self.next, self.stream, self.finish = rounds, batches_, 0, 0, 0.0
+        self.flight: Deque[int] = collections.deque()   # posted batches, oldest first
+        self.free_regions = 1 if len(batches_) == 1 else regions
+        self.left: Dict[int, int] = {}         # batch index → operations not yet done (posted batches)
+        self.ops: Dict[int, List[_Op]] = {}    # batch index → its operations (posted, not done)
 
 
 def simulate(schedule: Mapping[int, Sequence[Round]], network: Network, semantics: str = "nccl", *,
-             atomic: bool = True, limit: int = MAX_OPS_IN_FLIGHT, send_ring: int = DEFAULT_RING,
-             recv_ring: int = DEFAULT_RING) -> SimResult:
+             atomic: bool = True, caps: Optional[Tuple[int, int]] = None, regions: int = 2,
+             per_step: bool = False) -> SimResult:
     """Run ``schedule`` (``{rank: rounds}``, from :func:`.schedule.rank_rounds`) on ``network``
     with the executor's posting rule; see the module docstring. Raises ValueError for unknown
     ``semantics`` or when the schedule cannot finish (a rank waits forever: the rounds of its
     peers do not match)."""
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-    return _Simulation(schedule, network, semantics == "nccl", atomic, limit, send_ring, recv_ring).run()
+    cut = {r: batches(rounds, atomic, caps, per_step) for r, rounds in schedule.items()}
+    return _Simulation(schedule, cut, network, semantics == "nccl", regions).run()
 
 
 class _Simulation:
-    def __init__(self, schedule: Mapping[int, Sequence[Round]], network: Network, in_order: bool, atomic: bool,
-                 limit: int, send_ring: int, recv_ring: int) -> None:
-        self.network, self.in_order, self.atomic, self.limit = network, in_order, atomic, limit
-        self.ranks = {r: _Rank(rounds, send_ring, recv_ring) for r, rounds in schedule.items()}
+    def __init__(self, schedule: Mapping[int, Sequence[Round]], cut: Mapping[int, Sequence[Batch]],
+                 network: Network, in_order: bool, regions: int) -> None:
+        self.network, self.in_order = network, in_order
+        self.ranks = {r: _Rank(rounds, cut[r], regions) for r, rounds in schedule.items()}
         self.schedule = schedule
         self.now = 0.0
         self.events: List[Tuple[float, int, int, Any, int]] = []   # (time, seq, kind, flow, version)
         self.seq = 0
         self.pending: Dict[Tuple[int, ...], _Op] = {}    # an op ready on one end, waiting for the other
+        # (sender, receiver) → messages waiting for the pair's one connection (present: it is busy)
+        self.connections: Dict[Tuple[int, int], Deque[Tuple[_Op, _Op]]] = {}
         self.port_ids: Dict[Port, int] = {}
         self.capacity: List[float] = []
         self.on_port: List[Dict[_Flow, None]] = []   # insertion-ordered: deterministic ties
@@ -155,10 +176,10 @@ class _Simulation:
                 self._activate(flow)
             else:
                 self._finish(flow)
-        stuck = [r for r, st in self.ranks.items() if st.next < len(st.rounds) or st.flight]
+        stuck = [r for r, st in self.ranks.items() if st.next < len(st.batches) or st.flight]
         if stuck:
             st = self.ranks[stuck[0]]
-            raise ValueError(f"schedule cannot finish: rank {stuck[0]} waits at round {st.next} of {len(st.rounds)} "
+            raise ValueError(f"schedule cannot finish: rank {stuck[0]} waits at batch {st.next} of {len(st.batches)} "
                              f"({len(stuck)} ranks stuck): the ranks' rounds do not match")
         finish = {r: st.finish for r, st in self.ranks.items()}
         bound = lower_bound(self.network, message_list(self.schedule))
@@ -171,55 +192,57 @@ class _Simulation:
 
     # ---- ranks: the executor's loop
     def _advance(self, rank: int) -> None:
-        """Post while ``may_post`` allows; pop completed operations at the head; repeat."""
+        """Post while ``may_post`` allows; pop the oldest batch once all of it is done; repeat."""
         st = self.ranks[rank]
-        rounds = st.rounds
         while True:
-            while st.next < len(rounds) and may_post(rounds[st.next], len(st.flight), st.free_send, st.free_recv,
-                                                     self.atomic, self.limit):
+            while st.next < len(st.batches) and may_post(st.batches[st.next], len(st.flight), st.free_regions):
                 self._post(rank, st, st.next)
                 st.next += 1
-            if st.flight and st.flight[0].done:
-                op = st.flight.popleft()
-                if op.slot:
-                    if op.is_send:
-                        st.free_send += 1
-                    else:
-                        st.free_recv += 1
+            if st.flight and not st.left.get(st.flight[0]):
+                index = st.flight.popleft()
+                st.left.pop(index, None)
+                st.free_regions += st.batches[index].needs_region
                 continue
             break
-        if st.next == len(rounds) and not st.flight:
+        if st.next == len(st.batches) and not st.flight:
             st.finish = self.now
 
     def _post(self, rank: int, st: _Rank, index: int) -> None:
-        current = st.rounds[index]
+        batch = st.batches[index]
+        st.free_regions -= batch.needs_region
         ops = []
-        if current.recv is not None:
-            slot = not current.checksum and needs_recv_buffer(current.recv, self.atomic)
-            st.free_recv -= slot
-            ops.append(_Op(rank, index, (current.recv.peer, rank, current.step, current.index, current.checksum),
-                           False, slot))
-        if current.send is not None:
-            slot = not current.checksum and not current.send.direct
-            st.free_send -= slot
-            ops.append(_Op(rank, index, (rank, current.send.peer, current.step, current.index, current.checksum),
-                           True, slot))
-        st.flight.extend(ops)
+        for i in range(batch.start, batch.stop):
+            current = st.rounds[i]
+            if current.recv is not None:
+                ops.append(_Op(rank, index, i, (current.recv.peer, rank, current.step, current.index, current.checksum),
+                               False))
+            if current.send is not None:
+                ops.append(_Op(rank, index, i, (rank, current.send.peer, current.step, current.index, current.checksum),
+                               True))
+        st.flight.append(index)
+        st.left[index] = len(ops)
         if self.in_order:
-            st.left[index] = len(ops)
             st.ops[index] = ops
         if not self.in_order or index == st.stream:
             for op in ops:
                 self._ready(op)
 
     def _ready(self, op: _Op) -> None:
-        """``op`` may move (posted; under NCCL, its round started): start its message if the other
+        """``op`` may move (posted; under NCCL, its batch started): start its message if the other
         end may too."""
         other = self.pending.pop(op.key, None)
         if other is None:
             self.pending[op.key] = op
             return
         send, recv = (op, other) if op.is_send else (other, op)
+        queue = self.connections.get((send.rank, recv.rank))
+        if queue is not None:      # the pair's connection is busy: after the messages before it
+            queue.append((send, recv))
+            return
+        self.connections[(send.rank, recv.rank)] = collections.deque()
+        self._start(send, recv)
+
+    def _start(self, send: _Op, recv: _Op) -> None:
         nbytes = round_bytes(self.ranks[send.rank].rounds[send.round])[1]
         flow = _Flow(self._path(send.rank, recv.rank), nbytes, (send, recv))
         self.flows += 1
@@ -229,18 +252,14 @@ class _Simulation:
             self._activate(flow)
 
     def _complete(self, op: _Op) -> None:
-        if not self.in_order:
-            op.done = True
-            return
+        op.done = True
         st = self.ranks[op.rank]
-        st.left[op.round] -= 1
-        if st.left[op.round]:
+        st.left[op.batch] -= 1
+        if st.left[op.batch] or not self.in_order:
             return
-        for done in st.ops.pop(op.round):   # the round's one work completed
-            done.done = True
-        del st.left[op.round]
-        st.stream = op.round + 1
-        for later in st.ops.get(st.stream, ()):   # the next round on the stream starts, if posted
+        del st.ops[op.batch]      # the batch's one work completed: the next batch on the stream starts
+        st.stream = op.batch + 1
+        for later in st.ops.get(st.stream, ()):
             self._ready(later)
 
     # ---- bandwidth
@@ -270,6 +289,11 @@ class _Simulation:
             del self.on_port[port][flow]
         self._rerate(flow.ports)
         send, recv = flow.ops
+        queue = self.connections[(send.rank, recv.rank)]
+        if queue:
+            self._start(*queue.popleft())
+        else:
+            del self.connections[(send.rank, recv.rank)]
         self._complete(send)
         self._complete(recv)
         self._advance(send.rank)
