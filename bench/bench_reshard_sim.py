@@ -23,6 +23,11 @@ its NICs) and the makespan over it, how many of the NICs that
 could carry bytes did (out / in), the busiest NIC's utilisation and the mean over NICs that
 carried bytes, per-host NIC bytes max/mean (out, in), point-to-point messages, and the seconds
 the plan and the simulation took on this machine.
+
+``--compare`` adds a table: resharding next to the naive syncs simulated on the same network and
+model (:mod:`pgroups.reshard.plan.baselines`: rank-0 broadcast — gather on rank 0, then a chain
+through every destination rank —, and all-gather within every source copy, then slice; both in
+their fluid limit, which favours them).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pgroups.reshard import plan_reshard  # noqa: E402
 from pgroups.reshard.plan import Network, SimResult, rank_rounds, simulate  # noqa: E402
 from pgroups.reshard.plan.network import max_over_mean  # noqa: E402
+from pgroups.reshard.plan.baselines import allgather_schedule, broadcast_schedule, model_bytes  # noqa: E402
 from pgroups.reshard.plan.scenarios import PAIRS, pairs  # noqa: E402
 
 MiB = 1 << 20
@@ -74,6 +80,9 @@ def main() -> None:
     parser.add_argument("--cap-mb", type=float, default=None,
                         help="a batch buffers at most this many MiB of packed sends and of received chunks")
     parser.add_argument("--per-step", action="store_true", help="one batch per step (as with a progress callback)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also simulate the naive syncs (rank-0 broadcast; all-gather, then slice) on the "
+                             "same network and print them next to resharding")
     args = parser.parse_args()
     network = Network(ranks_per_host=args.ranks_per_host, nics_per_host=args.nics, nic_bw=args.nic_gbit / 8 * 1e9,
                       intra_bw=args.intra_gbs * 1e9, latency_s=args.latency_us * 1e-6)
@@ -84,13 +93,15 @@ def main() -> None:
           "| host bound s | makespan / host bound | NICs carrying bytes | NIC utilisation max / mean | per-host NIC bytes max/mean (out, in) "
           "| messages | plan + sim s (this machine) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|")
+    compared = []
     for world in args.worlds:
         hosts = [f"node{r // args.ranks_per_host}" for r in range(world)]
         for name, (make_model, src, dst) in pairs(world, args.layers_per_stage).items():
             if name not in args.pairs:
                 continue
             started = time.perf_counter()
-            plan = plan_reshard(src, dst, make_model(), hosts)
+            model = make_model()
+            plan = plan_reshard(src, dst, model, hosts)
             schedule = rank_rounds(plan, args.bucket_mb * MiB)
             del plan
             plan_s = time.perf_counter() - started
@@ -101,6 +112,18 @@ def main() -> None:
                                   per_step=args.per_step)
                 label = name + (" (per step)" if args.per_step else "") + (f" (cap {args.cap_mb:g} MiB)" if cap else "")
                 print(row(label, world, result, network, plan_s, time.perf_counter() - started), flush=True)
+                if args.compare:
+                    naive = [simulate(make(src, dst, model), network, semantics, per_step=True)
+                             for make in (broadcast_schedule, allgather_schedule)]
+                    compared.append((label, world, semantics, model_bytes(model), result, naive))
+    if compared:
+        print("\n| pair | world | semantics | model GB | resharding s | NIC bound s | rank-0 broadcast s "
+              "| all-gather, then slice s | broadcast / resharding | all-gather / resharding |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, world, semantics, nbytes, result, (bcast, gather) in compared:
+            print(f"| {label} | {world} | {semantics} | {nbytes / 1e9:.2f} | {result.makespan_s:.3f} "
+                  f"| {result.lower_bound_s:.3f} | {bcast.makespan_s:.3f} | {gather.makespan_s:.3f} "
+                  f"| {bcast.makespan_s / result.makespan_s:.1f} | {gather.makespan_s / result.makespan_s:.1f} |")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

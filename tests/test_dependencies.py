@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pgroups"
 #: pure decisions, testable without processes at full scale.
 PURE_CORE = ["mesh", "topology", "modes", "config", "initializer", "ranks", "errors", "creation", "models",
              "nccl_options", "virtual_pipeline", "reshard.plan.sim", "reshard.plan.network",
-             "reshard.plan.schedule", "reshard.planner", "reshard.plan.types", "reshard.plan.geometry",
+             "reshard.plan.schedule", "reshard.plan.scenarios", "reshard.plan.baselines", "reshard.planner", "reshard.plan.types", "reshard.plan.geometry",
              "reshard.plan.rule", "reshard.plan.assembly", "reshard.plan.digest", "reshard.plan.report",
              "reshard.spec.model", "reshard.spec.from_yaml", "reshard.spec.from_module", "reshard.spec.synthetic",
              "comm.isp.schedule", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging"]

@@ -6,6 +6,7 @@ real plans and networks no simulated sync beats the lower bound, and a single tr
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -275,3 +276,29 @@ def test_posting_one_step_at_a_time_chains_the_waits(rlhf_schedules):
     net = Network(nic_bw=50 * GB, intra_bw=450 * GB, latency_s=5e-6)
     ratios = {name: simulate(schedule, net, "nccl", per_step=True).ratio for name, schedule in rlhf_schedules.items()}
     assert min(ratios.values()) > 1.5, ratios
+
+
+def test_the_naive_syncs_take_their_hand_computed_fluid_times():
+    # 64 ranks, 8 per host, dense tp8 x pp4 -> tp4: one source copy is ranks 0-31 (hosts 0-3).
+    # Rank-0 broadcast: the gather brings 24 of 32 even shares through rank 0's NIC (8 of them
+    # come from its own host), then the chain carries the whole model M across every host
+    # boundary: 0.75 M / B + M / B. All-gather: each copy's ring of 32 crosses a host boundary
+    # every 8 ranks, and each link carries M minus the receiver's share: (31/32) M / B.
+    from pgroups.reshard.layout import local_shapes
+    from pgroups.reshard.plan.baselines import allgather_schedule, broadcast_schedule, model_bytes
+
+    make_model, src, dst = pairs(64, layers_per_stage=1)["dense-tp4"]
+    model = make_model()
+    total, nic = model_bytes(model), 50 * GB
+    net = Network(nic_bw=nic, intra_bw=450 * GB)
+    share = total // 32
+    bcast = simulate(broadcast_schedule(src, dst, model), net, "nccl", per_step=True)
+    assert bcast.makespan_s == pytest.approx(24 * share / nic + total / nic, rel=1e-9)
+    gather = simulate(allgather_schedule(src, dst, model), net, "nccl", per_step=True)
+    assert gather.makespan_s == pytest.approx((total - share) / nic, rel=1e-9)
+    # disjoint: after its ring, source rank j sends rollout rank 32 + j its tp4 shard (a quarter)
+    make_model, src, dst = pairs(64, layers_per_stage=1)["dense-disjoint"]
+    disjoint = simulate(allgather_schedule(src, dst, model), net, "nccl", per_step=True)
+    quarter = max(sum(math.prod(shape) * 2 for shape in local_shapes(dst, model, rank).values())   # bf16
+                  for rank in dst.ranks)
+    assert disjoint.makespan_s == pytest.approx((total - share) / nic + quarter / nic, rel=1e-9)
