@@ -8,12 +8,18 @@ import hypothesis
 import pytest
 import torch.distributed as dist
 
+from pgroups import spawn
 from pgroups.spawn import RankOutcome, run_local
 
 # Property tests check what holds, not how fast: on a shared 2-core machine with other work running
 # one example can take seconds, and hypothesis' default 200 ms deadline would fail a correct case.
 hypothesis.settings.register_profile("pgroups", deadline=None, print_blob=True)
 hypothesis.settings.load_profile("pgroups")
+
+# Children of run_local are forked from a server that imported these once; each test module a
+# child unpickles its target from imports pytest, and the DeviceMesh tests DTensor (0.15 and
+# 0.55 CPU-seconds a child otherwise).
+spawn.PRELOAD = spawn.PRELOAD + ("pytest", "hypothesis", "torch.distributed.tensor")
 
 
 def run_ranks(nproc: int, target: Callable[..., Any], *args: Any, timeout_s: float = 120.0,
