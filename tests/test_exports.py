@@ -94,8 +94,8 @@ def test_mesh_ranks_reject_a_shared_axis():
 
 
 # ---- DeviceMesh and DTensor on real gloo processes -------------------------------------------------
-def dtensor_worker(config: dict, dims: Tuple[str, str, str], modes: Tuple[str, str, str],
-                   combined: Tuple[str, str], combined_mode: str) -> Dict[str, Any]:
+def dtensor_case(config: dict, dims: Tuple[str, str, str], modes: Tuple[str, str, str],
+                 combined: Tuple[str, str], combined_mode: str) -> Dict[str, Any]:
     """On one rank: a 3-D mesh over ``dims`` (whose groups are ``modes``' groups) and a 2-D mesh
     ``combined`` (outer dimension, then one dimension over the ``combined_mode`` groups)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -144,12 +144,23 @@ GLOO_CASES = {
 }
 
 
+def dtensor_worker(cases: Dict[str, tuple]) -> Dict[str, Dict[str, Any]]:
+    """Every case in turn in one world (each builds its own context and destroys it)."""
+    return {name: dtensor_case({**case[0], "timeout_s": 60}, *case[1:]) for name, case in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def dtensor_results() -> List[Dict[str, Dict[str, Any]]]:
+    """One world of 8 gloo ranks runs every case of GLOO_CASES (one spawn for all of them)."""
+    return run_ranks(8, dtensor_worker, GLOO_CASES, timeout_s=400)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("case", sorted(GLOO_CASES))
-def test_device_mesh_reuses_our_groups_and_dtensor_works(case):
-    config, dims, modes, combined, combined_mode = GLOO_CASES[case]
-    config = {**config, "timeout_s": 60}
-    for rank, out in enumerate(run_ranks(8, dtensor_worker, config, dims, modes, combined, combined_mode,
-                                         timeout_s=400)):
+def test_device_mesh_reuses_our_groups_and_dtensor_works(case, dtensor_results):
+    dims = GLOO_CASES[case][1]
+    for rank, out in enumerate(result[case] for result in dtensor_results):
         assert out["names"] == dims
         assert out["same_groups"] and out["sliced_same"] and out["combined_same"], rank
         assert out["local"] == out["mode_local"] and out["combined_local"], rank
