@@ -354,7 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.topology(args.nproc)  # validate before starting anything
     offline_layout(config, args.nproc)
     progress = progress_for("pgroups run", args.quiet, started)
-    progress.update(f"starting {args.nproc} local processes (each imports torch first)", force=True)
+    progress.update(f"starting {args.nproc} local processes", force=True)
     outcomes = run_local(args.nproc, selfcheck_worker, (path, None if args.quiet else started),
                          timeout_s=args.timeout, on_wait=lambda reported: progress.update(
                              f"waiting: {reported} of {args.nproc} ranks finished (all are killed at "
