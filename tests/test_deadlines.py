@@ -39,8 +39,6 @@ WAITERS = {
     ("nettest/control.py", "_GuardedStore.__getattr__.guarded"): THREAD,
     ("nettest/control.py", "Coordinator.start_liveness.beat_forever"): THREAD,
     ("nettest/startup.py", "StartupBoard._register_and_beat"): THREAD,
-    ("reshard/executor.py", "Resharder._agree"): "Work.wait(timeout) at the resharder's timeout (timeout_s)",
-    ("reshard/executor.py", "_Run._wait"): "Work.wait(timeout) at the resharder's timeout (timeout_s)",
 }
 
 

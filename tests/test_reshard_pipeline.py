@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pgroups.errors import GroupTimeoutError
 from pgroups.reshard import ReshardError, Resharder, cut_shards, empty_shards, execute_plan, llama_like, plan_reshard
 from pgroups.reshard.convert import resolve_dst_dtypes, scale_name
+from pgroups.reshard.executor import _Buffers
 from pgroups.reshard.wire import first_disagreement
 from pgroups.spawn import run_local
 from test_reshard_executor import SENTINEL, _init, layout, reference, same_bytes, sentinel_shards, tiny_model
@@ -335,3 +336,32 @@ def test_bad_conversions_and_budgets_raise_one_clear_line():
     with pytest.raises(ReshardError, match=r"max_staging_bytes=100 is too small: streaming needs one send"):
         execute_plan(plan, src, dst, context=_OneRankContext(), max_staging_bytes=100, atomic=False,
                      bucket_bytes=256)
+
+
+class _Work:
+    """A posted operation as _Buffers sees it."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def is_completed(self) -> bool:
+        return self.done
+
+
+def test_failed_runs_keep_buffers_only_while_their_operations_are_posted():
+    cpu = torch.device("cpu")
+    buffers = _Buffers()
+    for failure in range(5):   # five failures with nothing in flight, or only completed work: nothing kept
+        buffers.get("staging", 64, cpu)
+        buffers.drop([] if failure % 2 else [_Work(True), _Work(True)])
+        assert buffers.abandoned == []
+    staging = buffers.get("staging", 64, cpu)
+    late = _Work(False)
+    buffers.drop([_Work(True), late])      # a receive still posted: its buffers stay alive, never reused
+    assert len(buffers.abandoned) == 1
+    works, kept = buffers.abandoned[0]
+    assert works == [late] and kept["staging"] is staging
+    assert buffers.get("staging", 64, cpu) is not staging
+    late.done = True                       # once it completed, the next drop lets them go
+    buffers.drop()
+    assert buffers.abandoned == []

@@ -21,7 +21,7 @@ from .. import convert
 from ..planner import Plan, Transfer
 from ..wire import DEFAULT_BUCKET_BYTES, Round, Shapes, messages, rounds
 
-#: bytes of one checksum message (two int64, :func:`pgroups.reshard.executor._checksum`)
+#: bytes of one checksum message (two int64, :func:`pgroups.reshard.executor.checksum._checksum`)
 CHECKSUM_BYTES = 16
 
 
