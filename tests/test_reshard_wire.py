@@ -139,3 +139,19 @@ def test_posting_batches_never_deadlocks(src, dst, bucket, atomic, verify, caps,
     for r, rounds in per_rank.items():   # one order: by step, then chunk
         assert [(x.step, x.index) for x in rounds] == sorted((x.step, x.index) for x in rounds)
     assert simulate(per_rank, atomic, caps, per_step)
+
+
+def test_the_checker_sees_the_deadlock_of_rounds_out_of_the_one_order():
+    # a ring 0 -> 1 -> 2 -> 0 (steps 1, 2, 3) where rank 0 waits for its receive (step 3) before
+    # its send (step 1): every rank waits on the one before it; in the one order it completes
+    from pgroups.reshard.plan.schedule import SimChunk
+    from pgroups.reshard.wire import Round
+
+    def ring(first_rank_order):
+        send = lambda step, peer: Round(step, 0, None, SimChunk(peer, 8, True))  # noqa: E731
+        recv = lambda step, peer: Round(step, 0, SimChunk(peer, 8, True), None)  # noqa: E731
+        return {0: first_rank_order([send(1, 1), recv(3, 2)]), 1: [recv(1, 0), send(2, 2)],
+                2: [recv(2, 1), send(3, 0)]}
+
+    assert simulate(ring(list), atomic=True, caps=None, per_step=True)
+    assert not simulate(ring(lambda rounds: rounds[::-1]), atomic=True, caps=None, per_step=True)
