@@ -8,8 +8,8 @@ naive schemes, in the same run, on local gloo ranks.
 Methods (every one leaves each rank with its generation shard; results are checked equal):
 - ``reshard``: ``plan_reshard`` + a kept ``Resharder`` (atomic: everything staged, destination
   written at the end; buffers kept between syncs, as a trainer syncing every iteration would);
-- ``reshard, streaming``: the same with ``atomic=False``: a ring of two receive buffers, each
-  chunk unpacked while the next is on the wire, within ``max_staging_bytes`` = 4 buckets;
+- ``reshard, streaming``: the same with ``atomic=False`` within ``max_staging_bytes`` = 4 buckets:
+  batches whose packed chunks fit two buffer regions, each unpacked once its batch completed;
 - ``reshard, streaming, bf16 -> fp8``: streaming with every 2-D tensor quantized to fp8-e4m3 at
   the sender (not compared with the others' shards; its bytes are fp8 + scales);
 - ``reshard, 1 MiB buckets``: the atomic one with small buckets;
