@@ -1,16 +1,19 @@
 """The control plane's bookkeeping on a real TCPStore, in this one process (no data plane):
-per-rank run counters, keys deleted after a normal and after an aborted run, threads joined."""
+per-rank run counters, keys deleted after a normal and after an aborted run, threads joined,
+rank 0 reading the ranks' figures in slices, liveness on its own connection."""
 from __future__ import annotations
 
 import datetime
+import os
 import threading
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from pgroups.nettest.bench import Bench
-from pgroups.nettest.control import Coordinator, NettestTimeoutError
+from pgroups.nettest.control import SLICE_BYTES, Coordinator, NettestTimeoutError, second_client, slices
 from pgroups.nettest.faults import ActiveFaults
 
 
@@ -71,3 +74,69 @@ def test_a_finished_run_joins_the_coordinator_and_waiter_threads(store):
     finally:
         dist.destroy_process_group()
     assert nettest_threads() == before
+
+
+def test_slices_cover_every_rank_once_in_order_within_the_byte_budget():
+    # Reference from first principles: the ranges concatenate to range(world); their count is
+    # ceil(total / budget) bounded by [1, world]; with even payloads no slice exceeds the
+    # budget by more than one rank's payload.
+    for world in (1, 2, 7, 64, 1000, 16384):
+        for per_rank in (0, 1, 4096, 35000):
+            total = world * per_rank
+            got = slices(world, total, SLICE_BYTES)
+            assert [r for a, b in got for r in range(a, b)] == list(range(world))
+            assert len(got) == max(1, min(world, -(-total // SLICE_BYTES)))
+            assert all((b - a) * per_rank <= SLICE_BYTES + per_rank for a, b in got)
+
+
+def test_rank_0_reads_every_payload_in_slices_not_one_call(store, monkeypatch):
+    # Four ranks (threads, one client each) exchange payloads over 1 KB compressed (random hex); with a 1 KB slice
+    # budget rank 0 must read them in four multi_get calls, in rank order.
+    import pgroups.nettest.control as control
+
+    monkeypatch.setattr(control, "SLICE_BYTES", 1024)
+    world, got, multi_gets = 4, {}, []
+    real_multi_get = dist.PrefixStore.multi_get
+
+    def counting_multi_get(self, keys):
+        multi_gets.append(len(keys))
+        return real_multi_get(self, keys)
+
+    monkeypatch.setattr(dist.PrefixStore, "multi_get", counting_multi_get)
+
+    def rank_main(rank):
+        client = dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False)
+        coordinator = Coordinator(client, rank, world, 10.0, ["h"] * world)
+        try:
+            got[rank] = coordinator.exchange("sweep0", {"rank": rank, "noise": os.urandom(1200).hex()})
+            if rank == 0:   # as every step ends: rank 0 publishes, the others read (their figures stay till then)
+                coordinator.publish("verdict", {"exit_code": 0})
+            else:
+                coordinator.fetch("verdict")
+            coordinator.close()
+        finally:
+            coordinator.shutdown()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [p["rank"] for p in got[0]] == [0, 1, 2, 3]
+    assert all(got[r] is None for r in (1, 2, 3))
+    assert multi_gets == [1, 1, 1, 1]
+
+
+def test_liveness_beats_on_its_own_connection_while_the_main_one_is_busy(store):
+    # The main connection is held for 3 s (as by rank 0 reading a large world's figures); the
+    # liveness counter must keep moving meanwhile, so no one takes this rank for silent.
+    client = dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False)
+    coordinator = Coordinator(client, 0, 1, 10.0, ["h"], liveness_store=second_client(client))
+    try:
+        assert coordinator.liveness is not coordinator.store
+        coordinator.start_liveness()
+        busy = coordinator.store._thread.submit(lambda: time.sleep(3.0))
+        assert coordinator.silent_ranks(2.2) == []
+        busy.done.wait(5)
+    finally:
+        coordinator.shutdown()

@@ -8,11 +8,13 @@ reported as gone, never waited for.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -26,6 +28,8 @@ CHECK_INTERVAL_S = 0.5
 ALIVE_WINDOW_S = 2.5   # after an abort: how long the rank that raised it watches who still answers
 LEAVE_WAIT_S = 2.0     # ... and how long the store's host waits for the other hosts' ranks to leave
 STORE_CALL_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone
+SLICE_BYTES = 4 * 1024 * 1024     # rank 0 reads the ranks' figures in multi_get calls of about this size
+STORE_MIN_RATE = 1024 * 1024      # bytes/s a slow but alive store still serves: a slice's deadline grows by size/rate
 GONE_POLL_S = 0.2           # how often a waiting store call looks whether another found the store gone
 
 
@@ -124,6 +128,7 @@ class _GuardedStore:
         self._timeout_s = call_timeout_s
         self.health = health or _StoreHealth()
         self._thread = CallThread("pgroups-nettest-store")
+        self.calls = 0
 
     def check_gone(self) -> None:
         """Raise StoreGoneError if some call found the store gone."""
@@ -131,25 +136,31 @@ class _GuardedStore:
             raise store_gone(self.health.cause)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self._store, name)
-
         def guarded(*args: Any) -> Any:
-            self.check_gone()
-            pending = self._thread.submit(lambda: method(*args))
-            deadline = time.monotonic() + self._timeout_s
-            while not pending.done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
-                if time.monotonic() >= deadline:
-                    self._thread.stuck = True
-                    self.health.mark_gone(f"no answer for {self._timeout_s:g}s")
-                self.check_gone()
-            error = pending.error
-            if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
-                self.health.mark_gone(first_words(str(error)) or type(error).__name__)
-                self.check_gone()
-            if error is not None:
-                raise error
-            return pending.value
+            return self.call(name, *args)
         return guarded
+
+    def call(self, name: str, *args: Any, timeout_s: Optional[float] = None) -> Any:
+        """The store's method ``name`` on ``args``, given ``timeout_s`` (default: the store's
+        call timeout) before the store is declared gone."""
+        method = getattr(self._store, name)
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        self.check_gone()
+        self.calls += 1
+        pending = self._thread.submit(lambda: method(*args))
+        deadline = time.monotonic() + timeout_s
+        while not pending.done.wait(min(GONE_POLL_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                self._thread.stuck = True
+                self.health.mark_gone(f"no answer for {timeout_s:g}s")
+            self.check_gone()
+        error = pending.error
+        if isinstance(error, (RuntimeError, dist.DistError, ConnectionError)):
+            self.health.mark_gone(first_words(str(error)) or type(error).__name__)
+            self.check_gone()
+        if error is not None:
+            raise error
+        return pending.value
 
     def close(self, join_s: float = 1.0) -> None:
         """End the call thread and join it (bounded); a thread left inside a call that never
@@ -168,21 +179,31 @@ class Coordinator:
     Keys live under ``pgroups-nettest/run<N>/``, where N counts this rank's runs on this store
     (a counter per rank: one shared counter divided by the world size gave a rank the previous
     run's N as soon as one rank of an earlier run never counted itself), so a second run never
-    reads the first one's keys. They are deleted when the run ends (:meth:`close`) and after an
-    abort (:meth:`close_after_abort`); only the run counters stay. :meth:`shutdown` joins the
-    threads (call it on every exit path).
+    reads the first one's keys. They are deleted when the run ends (:meth:`close`), after an
+    abort (:meth:`close_after_abort`) and on any other exit (:meth:`shutdown` deletes this
+    rank's own); only the run counters stay. :meth:`shutdown` joins the threads (call it on
+    every exit path).
+
+    Two store connections per rank whatever the world size: ``store`` for the steps and
+    ``liveness`` (``liveness_store``: a second client of the same server, each with its own
+    call thread) for the liveness counter, so that a long call of the main thread (rank 0
+    reading every rank's figures) never delays a heartbeat into a false "stopped answering".
+    Without ``liveness_store`` (a store that is not a TCPStore) both share one connection.
     """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
-                 hostnames: Sequence[str]) -> None:
+                 hostnames: Sequence[str], liveness_store: Optional[dist.Store] = None) -> None:
         call_timeout = STORE_CALL_TIMEOUT_S
         root = _GuardedStore(dist.PrefixStore(STORE_PREFIX, store), call_timeout)
         try:
             self.run_id = int(root.add(f"runs/{rank}", 1)) - 1
         finally:
             root.close()
-        self.store = _GuardedStore(dist.PrefixStore(f"{STORE_PREFIX}run{self.run_id}/", store), call_timeout,
-                                   root.health)
+        prefix = f"{STORE_PREFIX}run{self.run_id}/"
+        self.store = _GuardedStore(dist.PrefixStore(prefix, store), call_timeout, root.health)
+        self.store.calls = root.calls
+        self.liveness = (_GuardedStore(dist.PrefixStore(prefix, liveness_store), call_timeout, root.health)
+                         if liveness_store is not None else self.store)
         self._alive_thread: Optional[threading.Thread] = None
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
@@ -191,11 +212,19 @@ class Coordinator:
         self._last_beat = 0.0
         self._steps: List[str] = []
         self._plans: List[str] = []
+        self._own_deleted = False
+        self.collect_s = 0.0   # rank 0: seconds spent reading the ranks' figures
 
     @classmethod
     def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
         store = default_store()
-        return cls(store, dist.get_rank(), dist.get_world_size(), timeout_s, hostnames)
+        return cls(store, dist.get_rank(), dist.get_world_size(), timeout_s, hostnames,
+                   liveness_store=second_client(store))
+
+    @property
+    def calls(self) -> int:
+        """Store calls this rank made so far (both connections)."""
+        return self.store.calls + (self.liveness.calls if self.liveness is not self.store else 0)
 
     def host(self, rank: int) -> str:
         return self.hostnames[rank] if rank < len(self.hostnames) else "?"
@@ -232,25 +261,40 @@ class Coordinator:
         return (current.decode() if isinstance(current, bytes) else current) == payload
 
     def exchange(self, step: str, payload: Any) -> Optional[List[Any]]:
-        """Post ``payload`` for ``step`` and wait for every rank; rank 0 gets every payload."""
+        """Post ``payload`` for ``step`` and wait for every rank; rank 0 gets every payload.
+
+        Four store calls per rank whatever the world size (set, two adds, then the wait's
+        polls). The payload travels as zlib-compressed JSON; rank 0 reads them in
+        :func:`slices` of about SLICE_BYTES, each call given STORE_CALL_TIMEOUT_S plus its
+        size at STORE_MIN_RATE (never one call for the whole world, whose size grows with
+        it), and beats between slices."""
         self._steps.append(step)
-        self.store.set(f"{step}/data/{self.rank}", json.dumps(payload))
+        blob = encode_payload(payload)
+        self.store.set(f"{step}/data/{self.rank}", blob)
+        self.store.add(f"{step}/bytes", len(blob))
         self.store.add(f"{step}/arrived", 1)
-        self._wait(lambda: int(self.store.add(f"{step}/arrived", 0)) >= self.world_size,
-                   lambda: f"{step}/arrived", step,
+        self._wait(lambda: _arrived(int(self.store.add(f"{step}/arrived", 0)), self.world_size), step,
                    lambda: [r for r in range(self.world_size) if not self.store.check([f"{step}/data/{r}"])])
         if self.rank != 0:
             return None
-        keys = [f"{step}/data/{r}" for r in range(self.world_size)]
-        values = self.store.multi_get(keys)
-        return [json.loads(v.decode() if isinstance(v, bytes) else v) for v in values]
+        started = time.perf_counter()
+        total = int(self.store.add(f"{step}/bytes", 0))
+        values: List[Any] = []
+        for first, last in slices(self.world_size, total, SLICE_BYTES):
+            expected = total * (last - first) / self.world_size
+            blobs = self.store.call("multi_get", [f"{step}/data/{r}" for r in range(first, last)],
+                                    timeout_s=STORE_CALL_TIMEOUT_S + expected / STORE_MIN_RATE)
+            values.extend(decode_payload(b) for b in blobs)
+            self.beat()
+        self.collect_s += time.perf_counter() - started
+        return values
 
     def publish(self, key: str, value: Any) -> None:
         self._plans.append(key)
         self.store.set(f"plan/{key}", json.dumps(value))
 
     def fetch(self, key: str) -> Any:
-        self._wait(lambda: self.store.check([f"plan/{key}"]), None, f"the plan {key!r} from rank 0", lambda: [0])
+        self._wait(lambda: (self.store.check([f"plan/{key}"]), 0), f"the plan {key!r} from rank 0", lambda: [0])
         return json.loads(self.store.get(f"plan/{key}").decode())
 
     def close(self) -> None:
@@ -284,22 +328,34 @@ class Coordinator:
             self._delete_shared_keys()
 
     def _delete_own_keys(self) -> None:
+        if self._own_deleted:
+            return
+        self._own_deleted = True
         for step in self._steps:
             self.store.delete_key(f"{step}/data/{self.rank}")
         for key in (f"pos/{self.rank}", f"alive/{self.rank}"):
             self.store.delete_key(key)
 
     def _delete_shared_keys(self) -> None:
-        for key in ([f"{s}/arrived" for s in self._steps] + [f"plan/{k}" for k in self._plans]
+        for key in ([f"{s}/{c}" for s in self._steps for c in ("arrived", "bytes")] + [f"plan/{k}" for k in self._plans]
                     + ["beat", "abort", "left", "final", "aborted-left"]):
             self.store.delete_key(key)
 
     def shutdown(self) -> None:
-        """Stop and join this coordinator's threads (liveness, store calls); bounded."""
+        """Stop and join this coordinator's threads (liveness, store calls; bounded), after
+        deleting this rank's own keys if neither close path did (an exit by an unexpected
+        error). The shared keys stay then: other ranks may still be reading them."""
         self.stop_liveness()
         if self._alive_thread is not None:
-            self._alive_thread.join(BEAT_INTERVAL_S)
+            self._alive_thread.join(BEAT_INTERVAL_S + STORE_CALL_TIMEOUT_S)
+        if not self.store.health.gone.is_set():
+            try:
+                self._delete_own_keys()
+            except StoreGoneError:
+                pass
         self.store.close()
+        if self.liveness is not self.store:
+            self.liveness.close()
 
     # -- the end of an aborted run ----------------------------------------------------------
     def start_liveness(self) -> None:
@@ -311,7 +367,7 @@ class Coordinator:
         def beat_forever() -> None:
             while not self._alive_stop.is_set():
                 try:
-                    self.store.add(f"alive/{self.rank}", 1)
+                    self.liveness.add(f"alive/{self.rank}", 1)
                 except StoreGoneError:
                     return
                 self._alive_stop.wait(BEAT_INTERVAL_S)
@@ -327,9 +383,9 @@ class Coordinator:
     def silent_ranks(self, window_s: float) -> List[int]:
         """The ranks whose liveness counter did not move during ``window_s`` seconds."""
         keys = [f"alive/{r}" for r in range(self.world_size)]
-        first = [int(self.store.add(k, 0)) for k in keys]
+        first = [int(self.liveness.add(k, 0)) for k in keys]
         time.sleep(window_s)
-        return [r for r, k in enumerate(keys) if int(self.store.add(k, 0)) == first[r]]
+        return [r for r, k in enumerate(keys) if int(self.liveness.add(k, 0)) == first[r]]
 
     def conclude_abort(self, report: Dict[str, Any]) -> Dict[str, Any]:
         """Every surviving rank calls this after an abort. The rank that raised the flag asks
@@ -366,18 +422,24 @@ class Coordinator:
         while int(self.store.add("aborted-left", 0)) < others + mine and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _wait(self, done: Callable[[], bool], counter: Optional[Callable[[], str]], what: str,
-              missing: Callable[[], List[int]]) -> None:
-        """Poll ``done`` (backing off to a poll interval that grows with the world, so the
-        store is not flooded); every CHECK_INTERVAL_S look at the abort flag and for a stall."""
+    def _wait(self, poll: Callable[[], Tuple[bool, int]], what: str, missing: Callable[[], List[int]]) -> None:
+        """Call ``poll`` — one store call that says (done?, a progress count such as how many
+        ranks arrived) — until done, backing off to a poll interval that grows with the world
+        (at most 0.5 s), so the store is not flooded; every CHECK_INTERVAL_S look at the abort
+        flag and the heartbeat (two calls): no progress and no heartbeat for ``stall_s`` is a
+        stall. Per rank and second of waiting: at most 2 + 2 / CHECK_INTERVAL_S calls, in any
+        world size."""
         poll_max = min(0.5, POLL_MAX_S * max(1.0, self.world_size / 64))
         delay, last_marker, last_change, last_check = 0.001, None, time.monotonic(), 0.0
-        while not done():
+        while True:
+            done, progress = poll()
+            if done:
+                return
             now = time.monotonic()
             if now - last_check >= CHECK_INTERVAL_S:
                 last_check = now
                 self.check_abort()
-                marker = (int(self.store.add("beat", 0)), int(self.store.add(counter(), 0)) if counter else 0)
+                marker = (int(self.store.add("beat", 0)), progress)
                 if marker != last_marker:
                     last_marker, last_change = marker, now
                 elif now - last_change > self.stall_s:
@@ -396,6 +458,44 @@ class Coordinator:
         self.abort(report)
         self.check_abort()
         raise NettestTimeoutError(message, report)
+
+
+def _arrived(count: int, world_size: int) -> Tuple[bool, int]:
+    return count >= world_size, count
+
+
+def encode_payload(payload: Any) -> bytes:
+    """What a rank posts: compact JSON, zlib-compressed (the per-size records of ``-c all``
+    shrink about fourfold: their keys repeat)."""
+    return zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
+
+
+def decode_payload(blob: Any) -> Any:
+    return json.loads(zlib.decompress(bytes(blob)).decode())
+
+
+def slices(world_size: int, total_bytes: int, slice_bytes: int) -> List[tuple]:
+    """``[(first, end), ...]``: consecutive rank ranges covering ``range(world_size)``, as
+    many as ``total_bytes`` of payload takes in slices of ``slice_bytes`` (at least one), as
+    even as can be. Pure."""
+    count = max(1, min(world_size, math.ceil(total_bytes / max(1, slice_bytes))))
+    bounds = [world_size * i // count for i in range(count + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def second_client(store: dist.Store) -> Optional[dist.Store]:
+    """A second client connection to the TCPStore under ``store``, with the same prefixes
+    (``Store.clone``), for the liveness thread; None when there is no TCPStore under it or
+    the clone fails (the caller then shares one connection)."""
+    inner = store
+    while isinstance(inner, dist.PrefixStore):
+        inner = inner.underlying_store
+    if not isinstance(inner, dist.TCPStore):
+        return None
+    try:
+        return store.clone()
+    except (RuntimeError, dist.DistError, OSError):
+        return None
 
 
 def first_words(text: str, limit: int = 160) -> str:
