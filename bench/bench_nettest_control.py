@@ -73,7 +73,8 @@ def rank_main(rank: int, world: int, host: str, port: int, start: Any, out: Dict
             coordinator.fetch("retest")
         coordinator.exchange("scan0", [{"pair": [rank, rank ^ 1], "times": [1e-3]}])
         if rank == 0:
-            out["collect_s"] = coordinator.collect_s
+            out["collect_s"], out["decode_s"] = coordinator.collect_s, coordinator.decode_s
+            out["baseline_s"] = baseline(world, client, records)
             silent_started = time.perf_counter()
             out["silent"] = coordinator.silent_ranks(ALIVE_WINDOW_S)
             out["silent_check_s"] = time.perf_counter() - silent_started
@@ -129,18 +130,18 @@ def one_world(world: int, server: dist.TCPStore, workers: int) -> Dict[str, Any]
     return result
 
 
-def baseline(world: int, server: dist.TCPStore) -> float:
-    """The previous collection: every rank's uncompressed JSON read in one multi_get. Seconds."""
-    rng = random.Random(0)
-    payload = json.dumps(sweep_records(0, rng))
-    keys = [f"baseline/{world}/{r}" for r in range(world)]
-    for key in keys:
-        server.set(key, payload)
+def baseline(world: int, client: dist.TCPStore, records: List[Dict[str, Any]]) -> float:
+    """The previous collection, timed in rank 0's process: ``world`` copies of its records as
+    plain JSON read in one multi_get and decoded. Seconds."""
+    payload = json.dumps(records)
+    keys = [f"baseline/{r}" for r in range(world)]
+    client.multi_set(keys, [payload] * world)
     begun = time.perf_counter()
-    server.multi_get(keys)
+    values = [json.loads(v) for v in client.multi_get(keys)]
     seconds = time.perf_counter() - begun
+    assert len(values) == world
     for key in keys:
-        server.delete_key(key)
+        client.delete_key(key)
     return seconds
 
 
@@ -156,7 +157,7 @@ def main() -> None:
           f"store call deadline {STORE_CALL_TIMEOUT_S:g} s; projection to {args.project} ranks; "
           f"{args.workers} processes")
     print("| ranks | conns/rank | calls/rank (median, max) | calls rank 0 | payload/rank (JSON -> sent) "
-          "| collect s | projected s | baseline 1 multi_get s | baseline projected s | silent | errors | keys left |")
+          "| collect s (decode) | projected s | baseline 1 multi_get s | baseline projected s | silent | errors | keys left |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for world in args.worlds:
         keys_before = server.num_keys()
@@ -164,10 +165,10 @@ def main() -> None:
         if "collect_s" not in r:
             print(f"| {world} | failed: {len(r['errors'])} ranks, e.g. {r['errors'][:2]} |")
             continue
-        base = baseline(world, server)
+        base = r["baseline_s"]
         scale = args.project / world
         print(f"| {world} | {r['connections']} | {r['calls_median']}, {r['calls_max']} | {r['calls0']} "
-              f"| {r['payload_json'] / 1024:.1f} KB -> {r['payload'] / 1024:.1f} KB | {r['collect_s']:.2f} "
+              f"| {r['payload_json'] / 1024:.1f} KB -> {r['payload'] / 1024:.1f} KB | {r['collect_s']:.2f} ({r['decode_s']:.2f}) "
               f"| {r['collect_s'] * scale:.1f} | {base:.2f} | {base * scale:.1f} | {len(r['silent'])} "
               f"| {len(r['errors'])} | {r['keys_left'] - keys_before - world} |", flush=True)
         print(f"  wall {r['wall_s']:.1f} s ({r['calls_per_s']:.0f} store calls/s), liveness check of every rank {r['silent_check_s']:.1f} s, "

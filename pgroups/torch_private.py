@@ -67,3 +67,13 @@ def tensor_version(tensor: Any) -> int:
     comparison says "changed" — still correct, at the cost of one all-gather more per use."""
     version = getattr(tensor, "_version", None)
     return next(_ALWAYS_NEW) if version is None else int(version)
+
+
+def abort_process_groups() -> None:
+    """Abort every process group's communicators (``_abort_process_group``), so that destroying
+    them does not wait for a hung NCCL operation. Best effort: a torch without it, or an abort
+    that fails, leaves the groups as they are."""
+    try:
+        _c10d()._abort_process_group()
+    except (RuntimeError, ValueError, AttributeError):
+        pass

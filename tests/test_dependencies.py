@@ -83,8 +83,8 @@ def test_the_checker_sees_an_import_chain():
 
 
 #: Private torch APIs still used outside pgroups/torch_private.py (each one moves behind it when
-#: its module is next changed): the nettest runner's abort.
-NOT_YET_BEHIND_THE_COMPAT_MODULE = {"nettest/runner.py"}
+#: its module is next changed): none left.
+NOT_YET_BEHIND_THE_COMPAT_MODULE: set = set()
 
 
 def test_private_torch_apis_live_behind_one_module():

@@ -58,9 +58,11 @@ def test_an_operation_that_takes_seconds_completes_and_the_slow_host_is_named(tm
         for busbw in matrix[sim_host(2)][other]["busbw_gbps"]:
             assert MIB2 / (2 * slept_s) / 1e9 <= busbw <= 1.01 * MIB2 / slept_s / 1e9, (other, busbw)
     assert matrix[sim_host(0)][sim_host(1)]["slow"] == [False]
-    # ...and so were the groups that cross into it: one operation of over two seconds each
+    # ...and so were the groups that cross into it: one operation of over two seconds each on
+    # the rank that slept (its peers start their clocks when they issue, which may be after
+    # it began sleeping: their times, and the mean, may be a little shorter)
     crossing = [m for m in report["measurements"] if m["group"].startswith("inter-node")]
-    assert crossing and all(m["time_us"] >= slept_s * 1e6 for m in crossing)
+    assert crossing and all(max(m["time_us_by_rank"].values()) >= slept_s * 1e6 for m in crossing)
     assert f"SLOW HOST: {sim_host(2)}" in out
 
 

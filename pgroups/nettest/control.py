@@ -213,7 +213,8 @@ class Coordinator:
         self._steps: List[str] = []
         self._plans: List[str] = []
         self._own_deleted = False
-        self.collect_s = 0.0   # rank 0: seconds spent reading the ranks' figures
+        self.collect_s = 0.0   # rank 0: seconds spent reading the ranks' figures ...
+        self.decode_s = 0.0    # ... of which decoding them
 
     @classmethod
     def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
@@ -284,7 +285,9 @@ class Coordinator:
             expected = total * (last - first) / self.world_size
             blobs = self.store.call("multi_get", [f"{step}/data/{r}" for r in range(first, last)],
                                     timeout_s=STORE_CALL_TIMEOUT_S + expected / STORE_MIN_RATE)
+            decoding = time.perf_counter()
             values.extend(decode_payload(b) for b in blobs)
+            self.decode_s += time.perf_counter() - decoding
             self.beat()
         self.collect_s += time.perf_counter() - started
         return values
