@@ -22,7 +22,8 @@ PURE_CORE = ["mesh", "topology", "modes", "config", "initializer", "ranks", "err
              "reshard.plan.schedule", "reshard.plan.scenarios", "reshard.plan.baselines", "reshard.planner", "reshard.plan.types", "reshard.plan.geometry",
              "reshard.plan.rule", "reshard.plan.assembly", "reshard.plan.digest", "reshard.plan.report",
              "reshard.spec.model", "reshard.spec.from_yaml", "reshard.spec.from_module", "reshard.spec.synthetic",
-             "comm.isp.schedule", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging"]
+             "comm.isp.schedule", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging",
+             "nettest.preflight"]
 SUBSYSTEMS = ("comm", "reshard", "nettest")
 
 

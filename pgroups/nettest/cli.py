@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import List, Optional
 
 from ..cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, default_config_path, offline_layout, positive_seconds
@@ -23,7 +24,7 @@ from . import metrics
 from .diagnosis import Rule
 from .faults import FAULT_ENV, parse_faults
 from ..progress import Progress
-from .report import format_report, plotting_available, write_json, write_plot
+from .report import format_report, plotting_available, write_json, write_plot, write_prometheus
 from .runner import NettestOptions, NettestTimeoutError, RankResult, run_rank
 
 DEFAULT_ITERS = 5
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report the sweep's findings as they are: no re-test, no pair tests")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the full report as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="draw busbw per group and pair (needs matplotlib)")
+    parser.add_argument("--prometheus", metavar="FILE.prom",
+                        help="write a node-exporter textfile-collector file: run timestamp, verdict, "
+                             "busbw per host link, verdict per host")
     parser.add_argument("--no-tables", dest="tables", action="store_false",
                         help="print only the per-group summary and the verdict, not the per-size tables")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
@@ -109,11 +113,27 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
                           "or leave out --plot")
     if args.simulate_hosts is not None and (args.nproc is None or not 1 <= args.simulate_hosts <= args.nproc):
         raise ValueError("--simulate-hosts H needs --nproc N with 1 <= H <= N")
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot), ("--prometheus", args.prometheus)):
+        check_output_path(flag, path)
     return NettestOptions(config=config, modes=modes, host_groups=args.host_groups,
                           collectives=metrics.parse_collectives(args.collectives), min_bytes=min_bytes,
                           max_bytes=max_bytes, step_factor=args.step_factor, iters=args.iters,
                           warmup=args.warmup, timeout_s=args.timeout, rule=rule, followup=args.followup,
                           progress=not args.quiet, json_path=args.json_path)
+
+
+def check_output_path(flag: str, path: Optional[str]) -> None:
+    """An output file must be writable before any process starts (ValueError naming it):
+    its folder exists and is writable, and it is not a folder itself. ``-`` and None pass."""
+    if path is None or path == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder; give a file path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")
 
 
 def cmd_nettest(args: argparse.Namespace) -> int:
@@ -130,6 +150,10 @@ def cmd_nettest(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.nproc is not None:
         return _run_local(args, options, load_config(config))
+    if world_size is not None:   # a layout that does not fit the launched world: exit 2 before anyone meets
+        loaded = load_config(config)
+        loaded.topology(world_size)
+        _check_modes(options, loaded, world_size)
     return _run_here(args, options)
 
 
@@ -261,6 +285,8 @@ def _emit(report: dict, args: argparse.Namespace) -> int:
         write_json(report, args.json_path)
     if args.plot:
         write_plot(report, args.plot)
+    if args.prometheus:
+        write_prometheus(report, args.prometheus, time.time())
     return int(report["exit_code"])
 
 

@@ -17,6 +17,13 @@ Set ``PGROUPS_NETTEST_FAULT`` (never in production) to one or more ``;``-separat
                                 with rank=R)
     never-start:host=node7      every rank of node7 exits before joining the default group:
                                 torchrun started there, its ranks died before the test began
+    slow-matmul:host=node7,sleep_ms=200   the pre-flight matmul of node7's ranks takes 200 ms
+                                more processor time (a compute-slow host; its network is
+                                untouched)
+    bad-checksum:rank=2         rank 2's pre-flight matmul result has one wrong element
+                                (silent data corruption)
+    drift:host=node7,var=NCCL_IB_HCA      node7's ranks report NCCL_IB_HCA=drifted (a host
+                                whose configuration differs from the others')
 
 A ``slow:rank=R`` fault slows every operation of rank R, inside its host too (a slow rank).
 
@@ -27,12 +34,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
 FAULT_ENV = "PGROUPS_NETTEST_FAULT"
-KINDS = ("slow", "corrupt", "absent", "die", "never-start")
+KINDS = ("slow", "corrupt", "absent", "die", "never-start", "slow-matmul", "bad-checksum", "drift")
+DRIFTED_VALUE = "drifted"
 DEFAULT_SLEEP_MS = 50.0
 ABSENT_SLEEP_S = 3600.0
 DIE_EXIT_CODE = 137  # what a killed process reports
@@ -48,6 +56,7 @@ class Fault:
     sleep_ms: float = DEFAULT_SLEEP_MS
     after: int = 0
     gbps: Optional[float] = None     # slow: sleep bytes / gbps instead of sleep_ms
+    var: Optional[str] = None        # drift: the environment variable that differs
 
     def applies_to(self, rank: int, host: str) -> bool:
         return self.rank == rank or (self.host is not None and self.host == host)
@@ -75,9 +84,9 @@ def _parse_one(part: str) -> Fault:
             continue
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or key not in ("rank", "host", "sleep_ms", "after", "gbps"):
+        if not sep or key not in ("rank", "host", "sleep_ms", "after", "gbps", "var"):
             raise ValueError(f"{where}: bad option {item.strip()!r}; allowed: rank=R, host=H, sleep_ms=MS, "
-                             f"after=N, gbps=G")
+                             f"after=N, gbps=G, var=NAME")
         values[key] = value
     if ("rank" in values) == ("host" in values):
         raise ValueError(f"{where}: name exactly one of rank=R or host=H")
@@ -92,7 +101,9 @@ def _parse_one(part: str) -> Fault:
         raise ValueError(f"{where}: rank, after and sleep_ms must not be negative")
     if gbps is not None and not gbps > 0:
         raise ValueError(f"{where}: gbps must be above 0")
-    return Fault(kind, rank, values.get("host"), sleep_ms, after, gbps)
+    if (kind == "drift") != ("var" in values):
+        raise ValueError(f"{where}: var=NAME goes with drift, and drift needs it")
+    return Fault(kind, rank, values.get("host"), sleep_ms, after, gbps, values.get("var"))
 
 
 @attrs.define
@@ -107,6 +118,9 @@ class ActiveFaults:
     absent: bool = False
     die_after: Optional[int] = None   # timed operations before the rank dies (None: never)
     never_starts: bool = False
+    matmul_sleep_s: float = 0.0      # the pre-flight matmul (a compute-slow rank or host)
+    bad_checksum: bool = False       # the pre-flight matmul's result is wrong
+    drifted: Tuple[str, ...] = ()    # environment variables reported as DRIFTED_VALUE
     operations: int = 0
 
     @classmethod
@@ -122,7 +136,10 @@ class ActiveFaults:
                    corrupt=any(f.kind == "corrupt" for f in mine),
                    absent=any(f.kind == "absent" for f in mine),
                    die_after=min(dies) if dies else None,
-                   never_starts=any(f.kind == "never-start" for f in mine))
+                   never_starts=any(f.kind == "never-start" for f in mine),
+                   matmul_sleep_s=sum(f.sleep_ms for f in mine if f.kind == "slow-matmul") / 1000.0,
+                   bad_checksum=any(f.kind == "bad-checksum" for f in mine),
+                   drifted=tuple(f.var for f in mine if f.kind == "drift" and f.var))
 
     def inside_timed_region(self, crosses_hosts: bool = True, size_bytes: int = 0) -> None:
         """Called before every timed operation: the injected slowness, or death.
@@ -137,6 +154,18 @@ class ActiveFaults:
             pause += self.host_sleep_s + size_bytes * self.host_seconds_per_byte
         if pause:
             time.sleep(pause)
+
+    def inside_matmul(self) -> None:
+        """Called inside each timed pre-flight matmul: the injected compute slowness — busy,
+        ``matmul_sleep_s`` of this process's CPU time, as a slow processor spends it."""
+        if self.matmul_sleep_s:
+            until = time.process_time() + self.matmul_sleep_s
+            while time.process_time() < until:
+                pass
+
+    def environment(self, environ: Mapping[str, str]) -> Dict[str, str]:
+        """``environ`` as this rank reports it: the drifted variables set to DRIFTED_VALUE."""
+        return {**environ, **{var: DRIFTED_VALUE for var in self.drifted}}
 
     def never_start(self) -> None:
         """The injected death before the start-up (called before the default group forms)."""

@@ -115,6 +115,8 @@ def format_summary(report: Dict[str, Any]) -> str:
                      f"{_hosts_text(g['hosts'])}: {finding['detail']}{again}")
     for culprit in report.get("culprits", []):
         lines.append(f"{CULPRIT_LABELS.get(culprit['kind'], culprit['kind'].upper())}: {culprit['reason']}")
+    for finding in (report.get("preflight") or {}).get("findings", []):
+        lines.append(f"PRE-FLIGHT: {finding['reason']}")
     links = report.get("links") or {}
     for note in links.get("transient", [])[:8]:
         lines.append(f"note: transient, not counted: {note}")
@@ -130,7 +132,8 @@ def format_summary(report: Dict[str, Any]) -> str:
         lines.append("note: no group of two or more ranks to test (start more ranks, or name --modes)")
     slow, wrong = summary.get("slow", []), summary.get("wrong", [])
     verdict = "HEALTHY" if summary.get("healthy") else "UNHEALTHY"
-    lines.append(f"pgroups nettest: {verdict} — {summary.get('groups_tested', 0)} groups tested, "
+    tested = summary.get("groups_tested", 0)
+    lines.append(f"pgroups nettest: {verdict} — {tested} group{'' if tested == 1 else 's'} tested, "
                  f"{len(slow)} slow, {len(wrong)} wrong; suspect ranks "
                  f"{summary.get('suspect_ranks') or '-'}, suspect hosts {summary.get('suspect_hosts') or '-'} "
                  f"(world {report.get('world_size')}, {report.get('backend')} on {report.get('device')}, "
@@ -157,6 +160,50 @@ def write_json(report: Dict[str, Any], path: str) -> None:
     temporary = f"{path}.{os.getpid()}.tmp"   # several ranks may write it (store gone): whole files only
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
+    os.replace(temporary, path)
+
+
+def prometheus_text(report: Dict[str, Any], timestamp: float) -> str:
+    """The report as a node-exporter textfile-collector file: the run's timestamp and verdict,
+    one busbw gauge per measured host link (its best measurement), one verdict gauge per host
+    (1 healthy, 0 named in ``abnormal_hosts``). Pure."""
+    def label(value: Any) -> str:
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+    lines = ["# HELP pgroups_nettest_last_run_timestamp_seconds When the last pgroups nettest run ended.",
+             "# TYPE pgroups_nettest_last_run_timestamp_seconds gauge",
+             f"pgroups_nettest_last_run_timestamp_seconds {timestamp:.3f}",
+             "# HELP pgroups_nettest_healthy 1 if the last run found nothing, else 0.",
+             "# TYPE pgroups_nettest_healthy gauge",
+             f"pgroups_nettest_healthy {1 if (report.get('summary') or {}).get('healthy') else 0}"]
+    matrix = (report.get("links") or {}).get("matrix", {})
+    best: Dict[Tuple[str, str], float] = {}
+    for a, row in matrix.items():
+        for b, cell in row.items():
+            if a != b and cell.get("busbw_gbps"):
+                pair = (min(a, b), max(a, b))
+                best[pair] = max(best.get(pair, 0.0), max(cell["busbw_gbps"]))
+    links = [(a, b, v) for (a, b), v in sorted(best.items())]
+    if links:
+        lines += ["# HELP pgroups_nettest_link_busbw_gbps Bus bandwidth of a host pair's link (best measurement).",
+                  "# TYPE pgroups_nettest_link_busbw_gbps gauge"]
+        lines += [f'pgroups_nettest_link_busbw_gbps{{host_a="{label(a)}",host_b="{label(b)}"}} {v:.6g}'
+                  for a, b, v in links]
+    abnormal = {entry["host"] for entry in report.get("abnormal_hosts", [])}
+    hosts = list(dict.fromkeys(report.get("hostnames", [])))
+    if hosts:
+        lines += ["# HELP pgroups_nettest_host_healthy 1 if the last run named nothing on this host, else 0.",
+                  "# TYPE pgroups_nettest_host_healthy gauge"]
+        lines += [f'pgroups_nettest_host_healthy{{host="{label(h)}"}} {0 if h in abnormal else 1}' for h in hosts]
+    return "\n".join(lines) + "\n"
+
+
+def write_prometheus(report: Dict[str, Any], path: str, timestamp: float) -> None:
+    """Write :func:`prometheus_text` to ``path`` whole (a temporary file renamed over it, so
+    the node exporter never reads half a file)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(prometheus_text(report, timestamp))
     os.replace(temporary, path)
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError, ModeNotInitializedError
-from . import diagnosis, metrics, verdict
+from . import diagnosis, metrics, preflight, probe, verdict
 from .bench import Bench, GroupFailure
 from .control import Coordinator, NettestTimeoutError, first_words
 from .diagnosis import Measurement
@@ -119,6 +119,9 @@ class RankRun:
                                      "step": "build-groups", "detected_by": self.rank,
                                      "cause": first_words(str(exc))})
         self.faults.stay_away()
+        checked = self._preflight()
+        if checked is not None:
+            self.partial.update(checked[1])
         sweep = self._sweep()
         decision = self._decide_retest(sweep) if self.rank == 0 else None
         if decision is not None:
@@ -132,11 +135,24 @@ class RankRun:
         links, culprits = self._run_link_scan()
         if links is not None:
             self.partial["links"] = links
-        report = self._finish(confirmed, culprits) if self.rank == 0 else None
+        report = self._finish(confirmed, culprits, checked[0] if checked else []) if self.rank == 0 else None
         shared = self._share("verdict", {"exit_code": report["exit_code"]} if report else None)
         self.exit_code = int(shared["exit_code"])
         self.coordinator.close()
         return report
+
+    def _preflight(self) -> Optional[Tuple[List[preflight.PreflightFinding], Dict[str, Any]]]:
+        """Every rank reports its facts and times the matmul (:mod:`.probe`); rank 0 returns
+        the findings and the report's ``preflight`` part (:func:`.preflight.judge`)."""
+        self.coordinator.position("pre-flight (facts, matmul)")
+        self.progress.update("pre-flight: configuration and matmul")
+        seconds, checksum = probe.timed_matmul(self.device, self.faults.inside_matmul, self.faults.bad_checksum)
+        record = {"facts": probe.facts(self.device, self.faults.environment(os.environ)),
+                  "matmul_s": seconds, "checksum": checksum}
+        collected = self.coordinator.exchange("preflight", record)
+        if collected is None:
+            return None
+        return preflight.judge(collected, self.hostnames, max(preflight.COMPUTE_SLOW_FACTOR, self.options.rule.slow_factor))
 
     def _sweep(self) -> List[Measurement]:
         """Every wave of disjoint groups in turn; rank 0 returns the measurements."""
@@ -291,12 +307,15 @@ class RankRun:
         except GroupFailure as exc:
             self._hang("global", list(range(self.world_size)), where, "all_reduce", 4, exc)
 
-    def _finish(self, confirmed: List[diagnosis.Finding], culprits: List[Culprit]) -> Dict[str, Any]:
+    def _finish(self, confirmed: List[diagnosis.Finding], culprits: List[Culprit],
+                checked: Sequence[preflight.PreflightFinding]) -> Dict[str, Any]:
         report = dict(self.partial)
         report.update(verdict.summarize(
             [g.id for g in self.catalog], [(f.group_id, f.metric) for f in confirmed],
             culprits, (report.get("links") or {}).get("matrix", {}), self.hostnames,
-            [f["group_id"] for f in report.get("transient", [])]))
+            [f["group_id"] for f in report.get("transient", [])], [f.reason for f in checked]))
+        hosts, ranks = preflight.abnormal(report["culprits"], checked, verdict.RANK_CULPRITS)
+        report.update(abnormal_hosts=hosts, abnormal_ranks=ranks)
         report.update({"options": self.options.to_json(), "rule": self.options.rule.to_json(),
                        "elapsed_s": time.perf_counter() - self.started})
         return report

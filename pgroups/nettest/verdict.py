@@ -152,11 +152,13 @@ def flagged_links(matrix: Mapping[str, Mapping[str, Mapping[str, object]]]) -> L
 
 def summarize(group_ids: Sequence[str], confirmed: Sequence[Tuple[str, str]], culprits: Sequence[Culprit],
               matrix: Mapping[str, Mapping[str, Mapping[str, object]]], hostnames: Sequence[str],
-              transient_groups: Iterable[str] = ()) -> Dict[str, object]:
+              transient_groups: Iterable[str] = (),
+              preflight: Sequence[str] = ()) -> Dict[str, object]:
     """The report's verdict part: ``verdicts`` per group, ``culprits``, ``suspects``,
     ``summary``, ``status``, ``exit_code`` — from the confirmed group findings (group id,
-    metric), the link scan's culprits and its host matrix. HEALTHY (exit 0) iff nothing is
-    flagged: every group ok, no culprit, no link of the matrix slow every time it was measured.
+    metric), the link scan's culprits, its host matrix and the pre-flight findings' reasons
+    (``preflight``). HEALTHY (exit 0) iff nothing is flagged: every group ok, no culprit, no
+    link of the matrix slow every time it was measured, no pre-flight finding.
     """
     labels: Dict[str, List[str]] = {}
     for group_id, metric in confirmed:
@@ -167,7 +169,7 @@ def summarize(group_ids: Sequence[str], confirmed: Sequence[Tuple[str, str]], cu
     suspects = [{"rank": r, "host": hostnames[r], "reason": c.reason}
                 for c in culprits if c.kind in RANK_CULPRITS for r in c.ranks]
     flagged = flagged_links(matrix)
-    is_healthy = not labels and not culprits and not flagged
+    is_healthy = not labels and not culprits and not flagged and not preflight
     return {
         "verdicts": {g: ",".join(labels.get(g, ["ok"])) for g in group_ids},
         "culprits": [c.to_json() for c in culprits],
@@ -181,6 +183,7 @@ def summarize(group_ids: Sequence[str], confirmed: Sequence[Tuple[str, str]], cu
                     "flagged_links": [list(k) for k in flagged],
                     "suspect_ranks": sorted({s["rank"] for s in suspects}),
                     "suspect_hosts": sorted({h for c in culprits for h in c.hosts}),
+                    "preflight": list(preflight),
                     "healthy": is_healthy},
         "status": "healthy" if is_healthy else "unhealthy",
         "exit_code": 0 if is_healthy else 1}
