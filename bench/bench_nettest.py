@@ -113,7 +113,7 @@ def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
     from pgroups.nettest import diagnosis
     from pgroups.nettest.groups import build_catalog
     from pgroups.nettest.linkscan import LinkScan, run_scan
-    from pgroups.nettest.synthetic import SyntheticNetwork, host_names
+    from pgroups.testing.nettest_network import SyntheticNetwork, host_names
 
     world = hosts * ranks_per_host
     names = host_names(hosts, ranks_per_host)

@@ -195,7 +195,7 @@ def _bandwidths(gpc, rank: int, world: int, nbytes: int, reps: int) -> Dict[str,
     """busbw of all_reduce, and the pairwise send/recv busbw as ``pgroups nettest`` measures a
     pair round (rank r with r xor world/2, all pairs at once): median and slowest pair."""
     from pgroups.nettest import diagnosis, metrics
-    from pgroups.nettest.faults import ActiveFaults
+    from pgroups.testing.nettest_faults import ActiveFaults
     from pgroups.nettest.bench import Bench
     from pgroups.nettest.control import Coordinator
 

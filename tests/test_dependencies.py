@@ -100,3 +100,31 @@ def test_private_torch_apis_live_behind_one_module():
             if any(marker in code for marker in private) and "``" not in code:
                 offenders.append(f"{relative}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_test_hooks_are_imported_only_by_the_hook_switch_and_only_inside_it():
+    """pgroups.testing (fault injection, the synthetic network) never loads in a plain run: no
+    product module imports it at module level, and the one that imports it at all —
+    nettest/hooks.py — does so inside the functions that run when PGROUPS_NETTEST_FAULT is set."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("testing/"):
+            continue
+        tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            depth = relative.count("/") + 1   # how many dots reach the package root
+            for name in names:
+                absolute = name if isinstance(node, ast.Import) or node.level == 0 else (
+                    "pgroups." + name if node.level == depth else f"~{name}")
+                if absolute.startswith("pgroups.testing") or (isinstance(node, ast.ImportFrom)
+                                                             and node.level == depth and name.startswith("testing")):
+                    found.append((relative, id(node) in top_level))
+    assert found and all(relative == "nettest/hooks.py" and not top for relative, top in found), found

@@ -18,7 +18,7 @@ import pytest
 from pgroups import cli
 from pgroups.hosts import local_hostname
 from pgroups.nettest import metrics
-from pgroups.nettest.faults import FAULT_ENV
+from pgroups.nettest.hooks import FAULT_ENV
 
 from conftest import run_ranks_outcomes
 

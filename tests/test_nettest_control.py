@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from pgroups.nettest.bench import Bench
 from pgroups.nettest.control import SLICE_BYTES, Coordinator, NettestTimeoutError, second_client, slices
-from pgroups.nettest.faults import ActiveFaults
+from pgroups.testing.nettest_faults import ActiveFaults
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from pgroups.nettest import diagnosis as dx
-from pgroups.nettest.faults import ActiveFaults, Fault, parse_faults
+from pgroups.testing.nettest_faults import ActiveFaults, Fault, parse_faults
 from pgroups.nettest.groups import (INTER_NODE, INTRA_NODE, GroupUnderTest, build_catalog, duplicate_kinds,
                                     group_of_rank, host_rank_groups, plan_waves)
 
@@ -221,7 +221,7 @@ def test_fault_specs_parse():
 
 def test_a_slow_host_slows_only_traffic_that_leaves_it_and_a_slow_rank_everything(monkeypatch):
     slept = []
-    monkeypatch.setattr("pgroups.nettest.faults.time.sleep", slept.append)
+    monkeypatch.setattr("pgroups.testing.nettest_faults.time.sleep", slept.append)
     host = ActiveFaults.for_rank(parse_faults("slow:host=n2,sleep_ms=7"), 5, "n2")
     host.inside_timed_region(crosses_hosts=False)
     host.inside_timed_region(crosses_hosts=True)
@@ -234,7 +234,7 @@ def test_a_slow_host_slows_only_traffic_that_leaves_it_and_a_slow_rank_everythin
 def test_a_fault_given_as_a_rate_sleeps_the_message_bytes_over_the_rate(monkeypatch):
     # the emulation of a shaped link: 2 MiB at 0.001 GB/s is 2.097152 s; small messages stay fast
     slept = []
-    monkeypatch.setattr("pgroups.nettest.faults.time.sleep", slept.append)
+    monkeypatch.setattr("pgroups.testing.nettest_faults.time.sleep", slept.append)
     host = ActiveFaults.for_rank(parse_faults("slow:host=n2,gbps=0.001"), 5, "n2")
     host.inside_timed_region(crosses_hosts=False, size_bytes=2 * 2**20)   # inside its host: not slowed
     host.inside_timed_region(crosses_hosts=True, size_bytes=2 * 2**20)

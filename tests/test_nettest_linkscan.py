@@ -1,6 +1,6 @@
 """The link scan (pure): schedules, and naming the slow host, link or rank on a synthetic network.
 
-The synthetic network (pgroups.nettest.synthetic) gives every host, host pair and rank a
+The synthetic network (pgroups.testing.nettest_network) gives every host, host pair and rank a
 bandwidth factor, with lognormal noise and rare transient hiccups. Faults are injected at
 random per seed and the expected culprits are derived from the injection alone: a slow host
 is named as the host (as the link when there are only two hosts), a slow link as the link, a
@@ -22,7 +22,7 @@ import pytest
 from pgroups.nettest.diagnosis import Rule
 from pgroups.nettest.linkscan import (INTER, INTRA, LinkScan, circle_round, ring_rounds, round_robin_length,
                                       run_scan)
-from pgroups.nettest.synthetic import SyntheticNetwork, host_names, ranks_of
+from pgroups.testing.nettest_network import SyntheticNetwork, host_names, ranks_of
 
 RANKS_PER_HOST = 8
 SEEDS = 200

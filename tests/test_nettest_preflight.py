@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pgroups import cli
 from pgroups.hosts import local_hostname
-from pgroups.nettest.faults import FAULT_ENV
+from pgroups.nettest.hooks import FAULT_ENV
 from pgroups.nettest.preflight import abnormal, compute_findings, drift_findings
 from pgroups.nettest.report import prometheus_text
 

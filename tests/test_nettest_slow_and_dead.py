@@ -20,7 +20,7 @@ import pytest
 
 from pgroups import cli
 from pgroups.hosts import local_hostname
-from pgroups.nettest.faults import FAULT_ENV
+from pgroups.nettest.hooks import FAULT_ENV
 from pgroups.spawn import run_local
 
 pytestmark = pytest.mark.multiprocess

@@ -1,6 +1,6 @@
 """The verdict of the link scan over random fault sets on the synthetic network (pure, no processes).
 
-The synthetic network (pgroups.nettest.synthetic: lognormal noise, rare transient hiccups) gets
+The synthetic network (pgroups.testing.nettest_network: lognormal noise, rare transient hiccups) gets
 faults drawn by hypothesis — k slow hosts for k up to half the hosts, slow links, slow ranks,
 mixed — at 2 to 1024 hosts x 8 ranks. What the scan must name is derived from the injection
 alone, never from the scan's output:
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from pgroups.nettest.diagnosis import Rule
 from pgroups.nettest.linkscan import LinkScan, circle_round, round_robin_length, run_scan
-from pgroups.nettest.synthetic import SyntheticNetwork, host_names, ranks_of
+from pgroups.testing.nettest_network import SyntheticNetwork, host_names, ranks_of
 from pgroups.nettest.verdict import summarize
 
 RANKS_PER_HOST = 8

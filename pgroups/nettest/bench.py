@@ -16,7 +16,6 @@ import torch.distributed as dist
 from ..comm.raw import all_gather_single, reduce_scatter_single
 from . import metrics
 from .control import CHECK_INTERVAL_S, CallThread, NettestTimeoutError, first_words
-from .faults import ActiveFaults
 
 FOLLOWUP_MIN_ITERS = 20
 FOLLOWUP_SMALL_BYTES = 1024 * 1024
@@ -174,7 +173,7 @@ class Bench:
     handling, so a peer found dead when an operation is issued ends like one found dead while
     it is waited for (GroupFailure)."""
 
-    def __init__(self, device: torch.device, coordinator: Any, faults: ActiveFaults,
+    def __init__(self, device: torch.device, coordinator: Any, faults: Any,
                  timeout_s: float, warmup: int, iters: int) -> None:
         self.device = device
         self.coordinator = coordinator

@@ -22,7 +22,7 @@ from ..errors import ConfigError, PGroupsError, UsageError
 from ..hosts import HOSTNAME_ENV, local_hostname
 from . import metrics
 from .diagnosis import Rule
-from .faults import FAULT_ENV, parse_faults
+from .hooks import check_fault_spec
 from ..progress import Progress
 from .report import format_report, plotting_available, write_json, write_plot, write_prometheus
 from .runner import NettestOptions, NettestTimeoutError, RankResult, run_rank
@@ -107,7 +107,7 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
     if "all" in modes and len(modes) > 1:
         raise ValueError("--modes: 'all' cannot be combined with other modes")
     rule = Rule(args.slow_factor, args.mad_k, args.min_busbw)
-    parse_faults(os.environ.get(FAULT_ENV))  # a bad test hook is a usage error, before anything starts
+    check_fault_spec()  # a bad test hook is a usage error, before anything starts
     if args.plot and not plotting_available():
         raise ConfigError("--plot needs matplotlib, which is not installed (pip install matplotlib), "
                           "or leave out --plot")

@@ -29,7 +29,7 @@ from . import metrics
 from .control import NettestTimeoutError
 from .diagnosis import Rule
 from .failure import close_context, conclude, failed_startup
-from .faults import FAULT_ENV, ActiveFaults, parse_faults
+from .hooks import faults_for_rank
 from .startup import StartupBoard
 from .steps import RankRun, select_modes
 
@@ -107,8 +107,7 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     # watchdog, reports the hang.
     config = attrs.evolve(config, timeout_s=options.timeout_s)
     board = _startup_board(options) if not dist.is_initialized() else None
-    faults = parse_faults(os.environ.get(FAULT_ENV))
-    ActiveFaults.for_rank(faults, _env_rank(), local_hostname()).never_start()
+    faults_for_rank(_env_rank(), local_hostname()).never_start()
     if board is not None:
         board.start()
     ctx = ParallelContext()

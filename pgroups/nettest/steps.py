@@ -26,7 +26,7 @@ from .bench import Bench, GroupFailure
 from .control import Coordinator, NettestTimeoutError, first_words
 from .diagnosis import Measurement
 from .failure import alarm, hang_report
-from .faults import FAULT_ENV, ActiveFaults, parse_faults
+from .hooks import faults_for_rank
 from .groups import HOST_KINDS, GroupUnderTest, build_catalog, duplicate_kinds, group_of_rank, plan_waves
 from .linkscan import Culprit, LinkScan, PairSample
 
@@ -70,8 +70,7 @@ class RankRun:
         self.hostnames = ctx.get_hostnames()
         self.coordinator = Coordinator.from_default_group(options.timeout_s, self.hostnames)
         self.coordinator.start_liveness()
-        self.faults = ActiveFaults.for_rank(parse_faults(os.environ.get(FAULT_ENV)), self.rank,
-                                            self.hostnames[self.rank])
+        self.faults = faults_for_rank(self.rank, self.hostnames[self.rank])
         self.device = ctx.backend.device_for_tensors()
         self.bench = Bench(self.device, self.coordinator, self.faults, options.timeout_s,
                            options.warmup, options.iters)

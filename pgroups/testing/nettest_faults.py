@@ -1,4 +1,6 @@
-"""Fault injection — a TEST-ONLY hook, so that the tool's own tests can prove it finds faults.
+"""Fault injection for ``pgroups nettest`` — a TEST-ONLY hook, so that the tool's own tests can
+prove it finds faults. Imported only when ``PGROUPS_NETTEST_FAULT`` is set
+(:func:`pgroups.nettest.hooks.faults_for_rank`) or by the tests.
 
 Set ``PGROUPS_NETTEST_FAULT`` (never in production) to one or more ``;``-separated faults::
 
@@ -38,7 +40,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
-FAULT_ENV = "PGROUPS_NETTEST_FAULT"
+from ..nettest.hooks import FAULT_ENV
+
+__all__ = ["FAULT_ENV", "ActiveFaults", "Fault", "parse_faults"]
 KINDS = ("slow", "corrupt", "absent", "die", "never-start", "slow-matmul", "bad-checksum", "drift")
 DRIFTED_VALUE = "drifted"
 DEFAULT_SLEEP_MS = 50.0

@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import attrs
 
-from .linkscan import INTER, PairSample, ScanRound
+from ..nettest.linkscan import INTER, PairSample, ScanRound
 
 
 @attrs.define
