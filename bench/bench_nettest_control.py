@@ -17,7 +17,9 @@ uncompressed JSON in one ``multi_get`` with one fixed 8 s deadline.
     python bench/bench_nettest_control.py --worlds 2048 --project 16384
 
 On this 2-core machine every rank's thread shares the GIL with the others: the times are an
-upper bound of what the store itself needs.
+upper bound of what the store itself needs. ``alone`` times rank 0's collection with nothing
+else of the benchmark running, in wall and in CPU seconds (client and store server share this
+process): on a machine shared with other work the CPU seconds are the figure that projects.
 """
 from __future__ import annotations
 
@@ -145,10 +147,44 @@ def baseline(world: int, client: dist.TCPStore, records: List[Dict[str, Any]]) -
     return seconds
 
 
+def alone(server: dist.TCPStore, count: int, project: int) -> None:
+    """Rank 0's collection with nothing else running: ``count`` payloads of one rank's -c all
+    records read in slices and decoded, as Coordinator.exchange does; projected to ``project``."""
+    from pgroups.nettest.control import SLICE_BYTES, decode_payload, slices
+
+    records = sweep_records(0, random.Random(0))
+    blob = encode_payload(records)
+    keys = [f"alone/{r}" for r in range(count)]
+    server.multi_set(keys, [blob] * count)
+    begun, cpu = time.perf_counter(), time.process_time()
+    store_s = 0.0
+    for first, last in slices(count, len(blob) * count, SLICE_BYTES):
+        got = time.perf_counter()
+        blobs = server.multi_get(keys[first:last])
+        store_s += time.perf_counter() - got
+        values = [decode_payload(b) for b in blobs]
+        assert len(values) == last - first
+    total, total_cpu = time.perf_counter() - begun, time.process_time() - cpu
+    plain = json.dumps(records)
+    server.multi_set(keys, [plain] * count)
+    begun, cpu = time.perf_counter(), time.process_time()
+    values = [json.loads(v) for v in server.multi_get(keys)]
+    baseline_s, baseline_cpu = time.perf_counter() - begun, time.process_time() - cpu
+    for key in keys:
+        server.delete_key(key)
+    scale = project / count
+    print(f"alone, {count} payloads (server in this process): sliced read + decode {total:.2f} s wall, "
+          f"{total_cpu:.2f} s CPU (store wait {store_s:.2f} s); projected to {project}: {total * scale:.1f} s wall, "
+          f"{total_cpu * scale:.1f} s CPU. Baseline, one multi_get of plain JSON + decode: {baseline_s:.2f} s wall, "
+          f"{baseline_cpu:.2f} s CPU; projected {baseline_s * scale:.1f} s wall, {baseline_cpu * scale:.1f} s CPU "
+          f"(load average {os.getloadavg()[0]:.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--project", type=int, default=16384)
+    parser.add_argument("--alone", type=int, default=2048, help="payloads for the collection timed alone")
     parser.add_argument("--workers", type=int, default=9, help="processes the emulated ranks are spread over")
     args = parser.parse_args()
     server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=60),
@@ -159,6 +195,7 @@ def main() -> None:
     print("| ranks | conns/rank | calls/rank (median, max) | calls rank 0 | payload/rank (JSON -> sent) "
           "| collect s (decode) | projected s | baseline 1 multi_get s | baseline projected s | silent | errors | keys left |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    alone(server, args.alone, args.project)
     for world in args.worlds:
         keys_before = server.num_keys()
         r = one_world(world, server, args.workers)

@@ -117,10 +117,10 @@ class RankRun:
             alarm(self.coordinator, {"message": f"building the groups under test: {exc}", "kind": "timeout",
                                      "step": "build-groups", "detected_by": self.rank,
                                      "cause": first_words(str(exc))})
-        self.faults.stay_away()
         checked = self._preflight()
         if checked is not None:
             self.partial.update(checked[1])
+        self.faults.stay_away()
         sweep = self._sweep()
         decision = self._decide_retest(sweep) if self.rank == 0 else None
         if decision is not None:
