@@ -23,26 +23,18 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
-import attrs
+from .verdict import Culprit
 
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_")
 UNSET = "(unset)"
 COMPUTE_SLOW_FACTOR = 1.5
 
 
-@attrs.frozen
-class PreflightFinding:
-    """``kind`` drift | compute-slow | corruption; whom it blames — ``hosts`` (a whole host) or
-    ``ranks`` (ranks of a host that is otherwise fine), never both, neither when nobody can be
-    blamed (a drift with no majority); ``reason``: the one line."""
-
-    kind: str
-    hosts: Tuple[str, ...]
-    ranks: Tuple[int, ...]
-    reason: str
-
-    def to_json(self) -> Dict[str, object]:
-        return {"kind": self.kind, "hosts": list(self.hosts), "ranks": list(self.ranks), "reason": self.reason}
+#: A pre-flight finding has the shape of the link scan's culprits (:class:`.verdict.Culprit`):
+#: ``kind`` drift | compute-slow | corruption; whom it blames — ``hosts`` (a whole host) or
+#: ``ranks`` (ranks of a host that is otherwise fine), never both, neither when nobody can be
+#: blamed (a drift with no majority); ``reason``: the one line.
+PreflightFinding = Culprit
 
 
 def flatten_facts(facts: Mapping[str, Any]) -> Dict[str, str]:

@@ -33,7 +33,9 @@ RANK_CULPRITS = ("rank", "corrupting", "rank-link", "rail")  # culprits that nam
 class Culprit:
     """What the scan names: ``kind`` host | link | rank | rank-link (two ranks of one host) |
     rail (two ranks of two hosts) | host-inside | corrupting | split (hosts in speed classes,
-    none proven healthy) | unresolved (slow every time measured, the rounds ran out)."""
+    none proven healthy) | unresolved (slow every time measured, the rounds ran out); the
+    pre-flight's findings have the same shape (:mod:`.preflight`: drift | compute-slow |
+    corruption)."""
 
     kind: str
     hosts: Tuple[str, ...]
