@@ -173,3 +173,22 @@ def test_an_output_path_in_a_missing_folder_exits_2_before_anything_starts(flag,
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and f"{flag} {missing}: the folder" in err and "does not exist" in err
+
+
+def test_a_layout_that_does_not_fit_the_torchrun_world_exits_2_before_any_rank_meets(capsys, monkeypatch):
+    # Under torchrun (RANK / WORLD_SIZE set): the layout is checked against WORLD_SIZE before
+    # the rank runs at all (no rendezvous, no abort), one line, exit 2.
+    import pgroups.nettest.cli as nettest_cli
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the rank started although its layout cannot fit the world")
+
+    monkeypatch.setattr(nettest_cli, "run_rank", must_not_run)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("MASTER_ADDR", "203.0.113.1")   # unreachable: any attempt to meet would hang
+    monkeypatch.setenv("MASTER_PORT", "9")
+    code = cli.main(["nettest", "config_examples/golden16.yaml", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "world_size(6) is not divisible by tensor(2) * pipeline(2) = 4" in err
