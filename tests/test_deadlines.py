@@ -22,6 +22,7 @@ GROUP_DEADLINE = ("a collective's Work without its own timeout: gloo ends it at 
                   "(timeout_s) and it runs inside comm_errors, which names the group; on NCCL it is "
                   "a stream wait, the communicator's watchdog (timeout_s + margin) ends a hang")
 THREAD = "a threading.Event / future of pgroups' own, not a communicator"
+CHILD = "a child process of pgroups' local launcher (Popen.wait: after kill, or bounded by the grace period)"
 
 #: (file relative to the package, enclosing qualname) -> why this wait obeys the rule
 WAITERS = {
@@ -36,9 +37,11 @@ WAITERS = {
     ("nettest/bench.py", "Bench.wait"): "nettest's --timeout, on a waiter thread polled between abort checks",
     ("nettest/bench.py", "Bench._timed"): "calls Bench.wait; the unbounded wait is inside a timed section "
                                           "whose operations Bench.wait already completed",
-    ("nettest/control.py", "_GuardedStore.__getattr__.guarded"): THREAD,
+    ("nettest/control.py", "_GuardedStore.call"): THREAD,
     ("nettest/control.py", "Coordinator.start_liveness.beat_forever"): THREAD,
     ("nettest/startup.py", "StartupBoard._register_and_beat"): THREAD,
+    ("spawn.py", "_terminate"): CHILD,
+    ("spawn.py", "launch_script"): CHILD,
 }
 
 
