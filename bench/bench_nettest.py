@@ -123,7 +123,7 @@ def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
     measurements = [diagnosis.Measurement(g.id, c, metrics.message_shape(c, size, g.size).size_bytes, g.size, 1,
                                           (1e-5 + size / 1e9) * rng.uniform(0.9, 1.2))
                     for g in catalog for c in metrics.COLLECTIVES for size in sizes]
-    rule = diagnosis.Rule()
+    rule = diagnosis.Thresholds()
 
     def timed(outliers_fn) -> float:
         original = diagnosis.outliers

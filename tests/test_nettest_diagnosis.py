@@ -68,7 +68,7 @@ def test_overlapping_groups_of_one_kind_go_to_separate_waves():
 
 
 # ---- the robust rule --------------------------------------------------------------------------
-RULE = dx.Rule()
+RULE = dx.Thresholds()
 
 
 def test_rule_flags_a_clear_outlier_and_reports_how_far():
@@ -105,9 +105,9 @@ def test_outliers_leave_one_out_so_an_outlier_does_not_drag_its_own_reference():
 
 def test_rule_thresholds_are_validated():
     with pytest.raises(ValueError, match="--slow-factor must be above 1"):
-        dx.Rule(slow_factor=1.0)
+        dx.Thresholds(slow_factor=1.0)
     with pytest.raises(ValueError, match="--mad-k must not be negative"):
-        dx.Rule(mad_k=-1)
+        dx.Thresholds(mad_k=-1)
 
 
 # ---- group findings ----------------------------------------------------------------------------
@@ -157,9 +157,9 @@ def test_absolute_floor_flags_even_a_lone_group():
     catalog = _catalog(1)
     sweep = [_m("nettest#0", "all_reduce", 8, 1e-4), _m("nettest#0", "all_reduce", 10 ** 9, 10.0)]
     # busbw = 1e9 B / 10 s * 1.5 = 0.15 GB/s
-    findings = dx.find_slow(catalog, sweep, dx.Rule(min_busbw_gbps=1.0))
+    findings = dx.find_slow(catalog, sweep, dx.Thresholds(min_busbw_gbps=1.0))
     assert [(f.group_id, f.metric) for f in findings] == [("nettest#0", "floor")]
-    assert dx.find_slow(catalog, sweep, dx.Rule(min_busbw_gbps=0.1)) == []
+    assert dx.find_slow(catalog, sweep, dx.Thresholds(min_busbw_gbps=0.1)) == []
 
 
 def test_find_wrong_reports_counts_and_sources():
@@ -261,7 +261,7 @@ def test_a_link_100x_slower_is_slow_even_when_healthy_links_spread_widely():
     # widely that 4 robust sigmas of the values themselves exceed their median (an absolute
     # MAD could flag no bandwidth at all); in log space the spread is a factor
     healthy = [1.74, 1.94, 1.65, 0.98, 0.995, 1.10, 1.57]
-    rule = dx.Rule()
+    rule = dx.Thresholds()
     values = sorted(healthy)
     median = values[3]
     absolute_margin = rule.mad_k * 1.4826 * sorted(abs(v - median) for v in values)[3]

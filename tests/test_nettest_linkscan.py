@@ -19,7 +19,7 @@ from typing import List, Set, Tuple
 
 import pytest
 
-from pgroups.nettest.diagnosis import Rule
+from pgroups.nettest.diagnosis import Thresholds
 from pgroups.nettest.linkscan import (INTER, INTRA, LinkScan, circle_round, ring_rounds, round_robin_length,
                                       run_scan)
 from pgroups.testing.nettest_network import SyntheticNetwork, host_names, ranks_of
@@ -28,7 +28,7 @@ RANKS_PER_HOST = 8
 SEEDS = 200
 # With two hosts there is no second link to compare with: only the absolute floor can call
 # the one link slow (healthy: 0.7 GB/s with 15% noise; faults: 5x-50x slower).
-TWO_HOST_RULE = Rule(min_busbw_gbps=0.25)
+TWO_HOST_RULE = Thresholds(min_busbw_gbps=0.25)
 
 Expected = Set[Tuple[str, Tuple[str, ...], Tuple[int, ...]]]
 
@@ -82,7 +82,7 @@ def inject(net: SyntheticNetwork, hosts: int, seed: int) -> Tuple[Expected, List
 @pytest.mark.parametrize("hosts", [2, 3, 4, 8, 64, 1024])
 def test_every_injected_fault_is_named_and_nothing_else(hosts):
     names = host_names(hosts, RANKS_PER_HOST)
-    rule = TWO_HOST_RULE if hosts == 2 else Rule()
+    rule = TWO_HOST_RULE if hosts == 2 else Thresholds()
     failures = []
     for seed in range(SEEDS):
         net = SyntheticNetwork(names, seed=seed)
@@ -158,7 +158,7 @@ def test_a_topology_slower_on_every_host_is_healthy(hosts):
     names = host_names(hosts, RANKS_PER_HOST)
     for seed in range(20):
         net = SyntheticNetwork(names, seed=seed, local_pair_factor=dict(SOCKET_CROSSING))
-        scan = run_scan(LinkScan(names, Rule()), net.measure)
+        scan = run_scan(LinkScan(names, Thresholds()), net.measure)
         assert scan.culprits() == [], (seed, [c.reason for c in scan.culprits()])
 
 
@@ -167,7 +167,7 @@ def test_with_a_uniform_topology_a_slow_rank_is_still_named_and_only_it():
     for seed in range(20):
         net = SyntheticNetwork(names, seed=seed, local_pair_factor=dict(SOCKET_CROSSING))
         net.rank_factor[8 + 4] = 0.1   # host 1's local rank 4, at one end of a crossing pair
-        scan = run_scan(LinkScan(names, Rule()), net.measure)
+        scan = run_scan(LinkScan(names, Thresholds()), net.measure)
         assert [(c.kind, c.ranks) for c in scan.culprits()] == [("rank", (12,))], \
             (seed, [c.reason for c in scan.culprits()])
 

@@ -7,7 +7,7 @@ alone, never from the scan's output:
 
 - a slow host is named as the host; a slow link as the link; a slow rank as the rank; with two
   hosts, a slow host or link is the one link (only the --min-busbw floor can call it slow);
-- when the healthy hosts are two among four (two slow hosts of four: the issue's case), the one
+- when the healthy hosts are two among four (two slow hosts of four), the one
   fast link cannot prove its rate healthy without a floor: the verdict is the one-line split
   into speed classes, the healthy two first — and with ``--min-busbw`` the two slow hosts are
   named;
@@ -28,15 +28,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pgroups.nettest.diagnosis import Rule
+from pgroups.nettest.diagnosis import Thresholds
 from pgroups.nettest.linkscan import LinkScan, circle_round, round_robin_length, run_scan
 from pgroups.testing.nettest_network import SyntheticNetwork, host_names, ranks_of
 from pgroups.nettest.verdict import summarize
 
 RANKS_PER_HOST = 8
 HOST_COUNTS = (2, 3, 4, 5, 8, 16, 64, 1024)
-TWO_HOST_RULE = Rule(min_busbw_gbps=0.25)   # healthy 0.7 GB/s +-15 %; faults 5x-50x slower
-FLOOR_RULE = Rule(min_busbw_gbps=0.25)
+TWO_HOST_RULE = Thresholds(min_busbw_gbps=0.25)   # healthy 0.7 GB/s +-15 %; faults 5x-50x slower
+FLOOR_RULE = Thresholds(min_busbw_gbps=0.25)
 # Faults 6.5x to 50x slower: beyond the 4x a class with fewer than three healthy links needs
 # (the factor doubles), times three sigmas of the 15 % noise. At 5x a slow host among three
 # was sometimes named as a link (one healthy link as reference, one noisy measurement under 4x).
@@ -65,13 +65,13 @@ class Faults:
     def healthy_hosts(self) -> List[str]:
         return [h for h in self.hosts if h not in self.slow_hosts]
 
-    def split_expected(self, rule: Rule) -> bool:
+    def split_expected(self, rule: Thresholds) -> bool:
         """Two healthy hosts among four or more, slow hosts beside them, no floor."""
         healthy = len(self.healthy_hosts)
         return (len(self.hosts) > 2 and bool(self.slow_hosts) and healthy < 3 and 2 * healthy <= len(self.hosts)
                 and rule.min_busbw_gbps is None)
 
-    def expected(self, rule: Rule) -> Named:
+    def expected(self, rule: Thresholds) -> Named:
         if len(self.hosts) == 2 and (self.slow_hosts or self.slow_links):
             named: Named = {("link", tuple(self.hosts), ())}
         elif self.split_expected(rule):
@@ -155,14 +155,14 @@ def flagged_anywhere(report: dict) -> List[str]:
     return found
 
 
-def scan_verdict(faults: Faults, rule: Rule) -> Tuple[LinkScan, dict]:
+def scan_verdict(faults: Faults, rule: Thresholds) -> Tuple[LinkScan, dict]:
     scan = run_scan(LinkScan(faults.names, rule), faults.network().measure)
     links = scan.to_json()
     report = {"links": links, **summarize([], [], scan.culprits(), links["matrix"], faults.names)}
     return scan, report
 
 
-def check(faults: Faults, rule: Rule) -> None:
+def check(faults: Faults, rule: Thresholds) -> None:
     scan, report = scan_verdict(faults, rule)
     flags = flagged_anywhere(report)
     assert report["summary"]["healthy"] == (not flags), (faults, flags)
@@ -181,14 +181,14 @@ def check(faults: Faults, rule: Rule) -> None:
         assert not splits, (faults, splits[0].reason)
 
 
-def rule_for(faults: Faults) -> Rule:
-    return TWO_HOST_RULE if len(faults.hosts) == 2 else Rule()
+def rule_for(faults: Faults) -> Thresholds:
+    return TWO_HOST_RULE if len(faults.hosts) == 2 else Thresholds()
 
 
 @pytest.mark.timeout(900)
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(fault_sets())
-@example(Faults(4, {"node0001": 1 / 60, "node0003": 1 / 60}, {}, {}, 0))   # the issue's two slow hosts of four
+@example(Faults(4, {"node0001": 1 / 60, "node0003": 1 / 60}, {}, {}, 0))   # two slow hosts of four
 def test_every_fault_is_named_nothing_else_and_healthy_iff_nothing_flagged(faults):
     check(faults, rule_for(faults))
 
@@ -198,13 +198,13 @@ def test_every_fault_is_named_nothing_else_and_healthy_iff_nothing_flagged(fault
 def test_k_slow_hosts_are_named_for_every_k_up_to_half_the_hosts(hosts):
     for k in range(1, hosts // 2 + 1):
         for seed in range(3):
-            check(_slow_hosts_only(hosts, k, seed), Rule())
+            check(_slow_hosts_only(hosts, k, seed), Thresholds())
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("k", [1, 2, 3, 16, 128, 511, 512])
 def test_k_slow_hosts_among_1024_are_named(k):
-    check(_slow_hosts_only(1024, k, seed=k), Rule())
+    check(_slow_hosts_only(1024, k, seed=k), Thresholds())
 
 
 def test_two_slow_hosts_of_four_are_named_when_a_floor_proves_the_fast_pair_healthy():
@@ -213,7 +213,7 @@ def test_two_slow_hosts_of_four_are_named_when_a_floor_proves_the_fast_pair_heal
 
 def test_two_slow_hosts_of_four_without_a_floor_give_the_one_line_split():
     faults = Faults(4, {"node0001": 0.013 / 0.7, "node0003": 0.013 / 0.7}, {}, {}, 3)
-    scan, report = scan_verdict(faults, Rule())
+    scan, report = scan_verdict(faults, Thresholds())
     assert report["exit_code"] == 1 and not report["summary"]["healthy"]
     [split] = report["culprits"]
     assert split["kind"] == "split"

@@ -21,7 +21,7 @@ from ..config import load_config
 from ..errors import ConfigError, PGroupsError, UsageError
 from ..hosts import HOSTNAME_ENV, local_hostname
 from . import metrics
-from .diagnosis import Rule
+from .diagnosis import Thresholds
 from .hooks import check_fault_spec
 from ..progress import Progress
 from .report import format_report, plotting_available, write_json, write_plot, write_prometheus
@@ -57,10 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds one operation may take before its group is declared hung "
                              f"(default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--min-busbw", type=float, help="absolute floor in GB/s for busbw at the largest size")
-    parser.add_argument("--slow-factor", type=float, default=Rule().slow_factor,
+    parser.add_argument("--slow-factor", type=float, default=Thresholds().slow_factor,
                         help="how many times worse than its peers' median a group must be (default 2; "
                              "doubled when it has fewer than 3 peers)")
-    parser.add_argument("--mad-k", type=float, default=Rule().mad_k,
+    parser.add_argument("--mad-k", type=float, default=Thresholds().mad_k,
                         help="and by how many robust standard deviations of its peers, in ratio (log) space: 1.4826 x MAD of log values (default 4)")
     parser.add_argument("--no-followup", dest="followup", action="store_false",
                         help="report the sweep's findings as they are: no re-test, no pair tests")
@@ -106,7 +106,7 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
         raise ValueError("--modes is empty: name modes (e.g. nettest,tensor) or 'all'")
     if "all" in modes and len(modes) > 1:
         raise ValueError("--modes: 'all' cannot be combined with other modes")
-    rule = Rule(args.slow_factor, args.mad_k, args.min_busbw)
+    rule = Thresholds(args.slow_factor, args.mad_k, args.min_busbw)
     check_fault_spec()  # a bad test hook is a usage error, before anything starts
     if args.plot and not plotting_available():
         raise ConfigError("--plot needs matplotlib, which is not installed (pip install matplotlib), "

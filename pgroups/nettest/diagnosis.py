@@ -48,7 +48,7 @@ TINY = 1e-30  # non-positive figures are clamped to this before taking logarithm
 
 
 @attrs.frozen
-class Rule:
+class Thresholds:
     """The thresholds of the diagnosis (see the module docstring)."""
 
     slow_factor: float = 2.0
@@ -187,7 +187,7 @@ def _log(value: float) -> float:
     return math.log(max(value, TINY))
 
 
-def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule) -> Optional[Deviation]:
+def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Thresholds) -> Optional[Deviation]:
     """The Deviation if ``value`` is worse than the peers described by ``peers`` by the rule.
 
     Judged in ratio space: worse means ``ratio`` (how many times worse than the peers' median)
@@ -216,7 +216,7 @@ def deviation(value: float, peers: PeerStats, higher_is_better: bool, rule: Rule
 
 
 def worse_than_peers(value: float, peers: Sequence[float], higher_is_better: bool,
-                     rule: Rule) -> Optional[Deviation]:
+                     rule: Thresholds) -> Optional[Deviation]:
     """The Deviation if ``value`` is worse than ``peers`` by the rule (see :func:`deviation`)."""
     return deviation(value, PeerStats.of(peers), higher_is_better, rule)
 
@@ -256,7 +256,7 @@ def _median_without(ranked: Sequence[float], skip: int) -> float:
     return at(m // 2) if m % 2 else (at(m // 2 - 1) + at(m // 2)) / 2
 
 
-def outliers(values: Mapping[str, float], higher_is_better: bool, rule: Rule) -> Dict[str, Deviation]:
+def outliers(values: Mapping[str, float], higher_is_better: bool, rule: Thresholds) -> Dict[str, Deviation]:
     """Leave-one-out: every key whose value is worse than the others' by the rule."""
     keys = list(values)
     stats = leave_one_out([values[k] for k in keys])
@@ -301,7 +301,7 @@ def comparison_classes(catalog: Sequence[GroupUnderTest]) -> Dict[Tuple[str, int
     return classes
 
 
-def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurement], rule: Rule,
+def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurement], rule: Thresholds,
               metrics_to_check: Sequence[str] = ("busbw", "latency", "floor"),
               tick: Callable[[], None] = lambda: None) -> List[Finding]:
     """Slow groups by the relative rule (busbw at the largest size, latency at the smallest
@@ -433,7 +433,7 @@ def plan_retest(findings: Sequence[Finding], catalog: Sequence[GroupUnderTest],
 
 
 def confirm(findings: Sequence[Finding], catalog: Sequence[GroupUnderTest], retest: Iterable[Measurement],
-            rule: Rule) -> Tuple[List[Finding], List[Finding]]:
+            rule: Thresholds) -> Tuple[List[Finding], List[Finding]]:
     """Split slow findings into (confirmed, transient) by the re-test figures.
 
     A finding is confirmed when the re-test flags the same group for the same collective,

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, 
 
 import attrs
 
-from .diagnosis import PeerStats, Rule, deviation
+from .diagnosis import PeerStats, Thresholds, deviation
 
 Node = object  # a host name (inter-host class) or a rank (rails, intra-host class)
 Edge = object  # linkscan.Edge: round, a, b, busbw_gbps, latency_us, slow, why (a NamedTuple)
@@ -29,7 +29,7 @@ class Reference:
         return self.latency.median
 
 
-def reference_of(busbw: Sequence[float], latency: Sequence[float], rule: Rule) -> Reference:
+def reference_of(busbw: Sequence[float], latency: Sequence[float], rule: Thresholds) -> Reference:
     """The healthy cluster of a class: the values within ``slow_factor`` of the best one."""
     best_bw = max(busbw, default=0.0)
     best_lat = min(latency, default=0.0)
@@ -37,7 +37,7 @@ def reference_of(busbw: Sequence[float], latency: Sequence[float], rule: Rule) -
                      PeerStats.of([v for v in latency if v < best_lat * rule.slow_factor]))
 
 
-def judge(busbw: float, latency_us: float, reference: Reference, rule: Rule) -> Optional[str]:
+def judge(busbw: float, latency_us: float, reference: Reference, rule: Thresholds) -> Optional[str]:
     """Why a measurement is slow against ``reference`` (None if it is not)."""
     reasons = []
     dev = deviation(busbw, reference.busbw, True, rule)
@@ -51,7 +51,7 @@ def judge(busbw: float, latency_us: float, reference: Reference, rule: Rule) -> 
     return "; ".join(reasons) or None
 
 
-def judge_all(raw: Sequence[Edge], rule: Rule, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {}
+def judge_all(raw: Sequence[Edge], rule: Thresholds, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {}
               ) -> Tuple[List[Edge], Reference]:
     """Judge every measurement of one class against the class's healthy reference — or, in a
     round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the

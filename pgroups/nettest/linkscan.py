@@ -47,7 +47,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 import attrs
 
-from .diagnosis import Rule
+from .diagnosis import Thresholds
 from .judging import Reference, judge_all, normalize_local_pairs
 from .verdict import Culprit, settle, split_line
 
@@ -252,7 +252,7 @@ class LinkScan:
     ``tick`` is called now and then during the decisions (rank 0's heartbeat).
     """
 
-    def __init__(self, hostnames: Sequence[str], rule: Rule = Rule(), base_rounds: int = DEFAULT_BASE_ROUNDS,
+    def __init__(self, hostnames: Sequence[str], rule: Thresholds = Thresholds(), base_rounds: int = DEFAULT_BASE_ROUNDS,
                  max_adaptive_rounds: int = MAX_ADAPTIVE_ROUNDS, intra: bool = True,
                  tick: Callable[[], None] = lambda: None) -> None:
         self.hostnames = list(hostnames)

@@ -27,7 +27,7 @@ from ..hosts import local_hostname
 from ..launch import from_environment
 from . import metrics
 from .control import NettestTimeoutError
-from .diagnosis import Rule
+from .diagnosis import Thresholds
 from .failure import close_context, conclude, failed_startup
 from .hooks import faults_for_rank
 from .startup import StartupBoard
@@ -51,7 +51,7 @@ class NettestOptions:
     iters: int = 5
     warmup: int = 1
     timeout_s: float = 60.0
-    rule: Rule = Rule()
+    rule: Thresholds = Thresholds()
     followup: bool = True
     progress: bool = True
     json_path: Optional[str] = None

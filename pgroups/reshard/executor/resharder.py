@@ -24,7 +24,7 @@ from ..wire import (BATCHES_IN_FLIGHT, DEFAULT_BUCKET_BYTES, REFUSED, Batch, Sha
                     slice_align, slices)
 from .agreement import agree
 from .buffers import _Buffers
-from .transfer import Progress, _Run
+from .transfer import StepCallback, _Run
 
 
 @attrs.frozen
@@ -202,7 +202,7 @@ class Resharder:
 
     # ---- one run -------------------------------------------------------------------------------------
     def run(self, src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
-            progress: Optional[Progress] = None) -> ReshardStats:
+            progress: Optional[StepCallback] = None) -> ReshardStats:
         """Move this rank's part of the plan: send from ``src_tensors`` (this rank's source
         shards, by tensor name), receive into ``dst_tensors`` (its destination shards, in the
         destination dtypes). ``progress(step)`` is called before each step this rank takes part in,
@@ -269,7 +269,7 @@ class Resharder:
 
 
 def execute_plan(plan: "Plan | PlanShare", src_tensors: Mapping[str, torch.Tensor], dst_tensors: Mapping[str, torch.Tensor],
-                 *, progress: Optional[Progress] = None, **options: Any) -> ReshardStats:
+                 *, progress: Optional[StepCallback] = None, **options: Any) -> ReshardStats:
     """Run ``plan`` once on this rank (a :class:`Resharder` that frees its buffers afterwards);
     ``options`` are Resharder's. Every rank of the group must call it with the same plan and
     shared options. See :meth:`Resharder.run` for the contract and the errors."""

@@ -14,14 +14,14 @@ from ..wire import Batch, Chunk, aligned, may_post, needs_recv_buffer
 from .checksum import _Checksums
 from .packing import _Packing
 
-Progress = Callable[[int], None]
+StepCallback = Callable[[int], None]
 
 
 class _Run(_Packing, _Checksums):
     """One execution of a Resharder's plan on this rank (the pipeline; see the module docstring)."""
 
     def __init__(self, owner: Any, src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor],
-                 group: Any, device: torch.device, progress: Optional[Progress]) -> None:
+                 group: Any, device: torch.device, progress: Optional[StepCallback]) -> None:
         self.owner, self.src, self.dst, self.group, self.device = owner, src, dst, group, device
         self.progress = progress
         self.scale_dims = owner.scale_layouts
