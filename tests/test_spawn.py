@@ -21,7 +21,8 @@ def sleeper(folder: str) -> None:
 
 
 PARENT = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises here even if our launcher ignores it
 sys.path.insert(0, {tests!r})
 from pgroups.spawn import run_local
 from test_spawn import sleeper
