@@ -99,6 +99,13 @@ WAITER = textwrap.dedent("""
 """)
 
 
+def _sigint_default() -> None:
+    """In the launcher's process before exec: Ctrl-C as in a terminal, even when this test runs
+    under a shell job that ignores SIGINT (``( … &)``: the ignored disposition is inherited, and
+    Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -131,7 +138,8 @@ def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, signum):
     script = tmp_path / "waiter.py"
     script.write_text(WAITER)
     launcher = subprocess.Popen([sys.executable, "-m", "pgroups", "launch", "--nproc", "2", str(script),
-                                 str(tmp_path), "-1", "0"], env=_clean_env(), stderr=subprocess.PIPE, text=True)
+                                 str(tmp_path), "-1", "0"], env=_clean_env(), stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_sigint_default)
     try:
         deadline = time.monotonic() + 90
         while len(list(tmp_path.glob("rank*.pid"))) < 2:   # both ranks are running
