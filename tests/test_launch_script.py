@@ -47,8 +47,14 @@ SECOND_STORE = "failed to bind"
 
 
 def _results(stdout: str):
-    return sorted((json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("RESULT ")),
-                  key=lambda r: int(r["env"]["RANK"]))
+    """Every rank's RESULT object. Two ranks share one stdout, so a line may hold both ranks'
+    writes back to back: each object is decoded where its marker starts, not line by line."""
+    decoder, found, at = json.JSONDecoder(), [], stdout.find("RESULT ")
+    while at >= 0:
+        value, end = decoder.raw_decode(stdout, at + len("RESULT "))
+        found.append(value)
+        at = stdout.find("RESULT ", end)
+    return sorted(found, key=lambda r: int(r["env"]["RANK"]))
 
 
 def _clean_env():

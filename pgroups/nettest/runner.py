@@ -25,6 +25,7 @@ from ..context import ParallelContext
 from ..errors import GroupTimeoutError, LaunchError
 from ..hosts import local_hostname
 from ..launch import from_environment
+from ..progress import NullProgress  # ranks other than 0 say nothing
 from . import metrics
 from .control import NettestTimeoutError
 from .diagnosis import Thresholds
@@ -65,16 +66,6 @@ class NettestOptions:
                 "collectives": list(self.collectives), "min_bytes": self.min_bytes,
                 "max_bytes": self.max_bytes, "step_factor": self.step_factor, "iters": self.iters,
                 "warmup": self.warmup, "timeout_s": self.timeout_s, "followup": self.followup}
-
-
-class NullProgress:
-    """The progress display of ranks other than 0: says nothing."""
-
-    def update(self, text: str) -> None:
-        pass
-
-    def done(self) -> None:
-        pass
 
 
 @attrs.frozen

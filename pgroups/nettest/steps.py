@@ -180,7 +180,9 @@ class RankRun:
             shapes = metrics.shapes_for_sweep(collective, self.options.sizes, group.size)
             for step, shape in enumerate(shapes):
                 where = f"sweep {index + 1}/{waves} {group.id} {collective} {metrics.format_size(shape.size_bytes)}"
-                self.progress.update(f"{where} [{step + 1}/{len(shapes)}]")
+                # a line of its own in a log when a wave's collective starts (logs get at most one
+                # line every few seconds otherwise, and a watcher waits for the sweep to start)
+                self.progress.update(f"{where} [{step + 1}/{len(shapes)}]", force=step == 0)
                 records.append(self._measure(group, collective, shape, where, repeats=1))
         return records
 
