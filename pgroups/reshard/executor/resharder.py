@@ -11,6 +11,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from ...backend import tensor_device
 from ...comm.raw import all_gather_single
 from ...deadlines import NCCL_WATCHDOG_MARGIN_S
 from ...errors import ReshardError
@@ -251,9 +252,7 @@ class Resharder:
                             run.verified, self.staging_bytes, self.buffer_allocations, run.packed, run.unpacked)
 
     def _default_device(self) -> torch.device:
-        if _on_nccl(self.context) and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return tensor_device("nccl" if _on_nccl(self.context) else "gloo")
 
     def _global_group(self, device: torch.device) -> Any:
         """The global group for tensors on ``device``, from the context's handle
