@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prometheus", metavar="FILE.prom",
                         help="write a node-exporter textfile-collector file: run timestamp, verdict, "
                              "busbw per host link, verdict per host")
+    parser.add_argument("--no-nccl-diagnostics", dest="nccl_diagnostics", action="store_false",
+                        help="on NCCL >= 2.31, do not run NCCL's own diagnostics (NCCL_RUN_DIAGNOSTICS) "
+                             "while the groups are created")
     parser.add_argument("--no-tables", dest="tables", action="store_false",
                         help="print only the per-group summary and the verdict, not the per-size tables")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
@@ -119,7 +122,8 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
                           collectives=metrics.parse_collectives(args.collectives), min_bytes=min_bytes,
                           max_bytes=max_bytes, step_factor=args.step_factor, iters=args.iters,
                           warmup=args.warmup, timeout_s=args.timeout, rule=rule, followup=args.followup,
-                          progress=not args.quiet, json_path=args.json_path)
+                          progress=not args.quiet, json_path=args.json_path,
+                          nccl_diagnostics=args.nccl_diagnostics)
 
 
 def check_output_path(flag: str, path: Optional[str]) -> None:

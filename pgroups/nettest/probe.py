@@ -22,7 +22,7 @@ def facts(device: torch.device, environ: Any = None) -> Dict[str, Any]:
     environ = os.environ if environ is None else environ
     cuda = device.type == "cuda"
     return {"torch": torch.__version__,
-            "nccl": _nccl_version() if cuda else "-",
+            "nccl": nccl_version() if cuda else "-",
             "cuda": torch.version.cuda or "-",
             "driver": _driver_version(),
             "gpu_model": torch.cuda.get_device_name(device) if cuda else "-",
@@ -74,7 +74,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _nccl_version() -> str:
+def nccl_version() -> str:
+    """The NCCL version torch was built with ("2.27.3"), "-" when torch has none."""
     try:
         version = torch.cuda.nccl.version()
     except (RuntimeError, AttributeError):

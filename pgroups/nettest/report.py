@@ -117,6 +117,11 @@ def format_summary(report: Dict[str, Any]) -> str:
         lines.append(f"{CULPRIT_LABELS.get(culprit['kind'], culprit['kind'].upper())}: {culprit['reason']}")
     for finding in (report.get("preflight") or {}).get("findings", []):
         lines.append(f"PRE-FLIGHT: {finding['reason']}")
+    diagnostics = report.get("nccl_diagnostics") or {}
+    for finding in diagnostics.get("findings", []):
+        lines.append(f"NCCL DIAGNOSTICS: {finding['reason']}")
+    for skipped in diagnostics.get("not_run", []):
+        lines.append(f"note: NCCL diagnostics not run on ranks {_ranks_text(skipped['ranks'])}: {skipped['reason']}")
     links = report.get("links") or {}
     for note in links.get("transient", [])[:8]:
         lines.append(f"note: transient, not counted: {note}")

@@ -26,7 +26,7 @@ from ..errors import GroupTimeoutError, LaunchError
 from ..hosts import local_hostname
 from ..launch import from_environment
 from ..progress import NullProgress  # ranks other than 0 say nothing
-from . import metrics
+from . import metrics, nccl_diagnostics, probe
 from .control import NettestTimeoutError
 from .diagnosis import Thresholds
 from .failure import close_context, conclude, failed_startup
@@ -56,6 +56,7 @@ class NettestOptions:
     followup: bool = True
     progress: bool = True
     json_path: Optional[str] = None
+    nccl_diagnostics: bool = True
 
     @property
     def sizes(self) -> List[int]:
@@ -65,7 +66,8 @@ class NettestOptions:
         return {"modes": list(self.modes), "host_groups": self.host_groups,
                 "collectives": list(self.collectives), "min_bytes": self.min_bytes,
                 "max_bytes": self.max_bytes, "step_factor": self.step_factor, "iters": self.iters,
-                "warmup": self.warmup, "timeout_s": self.timeout_s, "followup": self.followup}
+                "warmup": self.warmup, "timeout_s": self.timeout_s, "followup": self.followup,
+                "nccl_diagnostics": self.nccl_diagnostics}
 
 
 @attrs.frozen
@@ -101,6 +103,7 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
     faults_for_rank(_env_rank(), local_hostname()).never_start()
     if board is not None:
         board.start()
+    nccl_diag = _prepare_nccl_diagnostics(options, config)
     ctx = ParallelContext()
     run: Optional[RankRun] = None
     hung = False
@@ -110,7 +113,7 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
             ctx.init_from_config(config)
             if ctx.get_global_rank() == 0 and shown is not None:
                 progress = shown
-            run = RankRun(ctx, options, progress)
+            run = RankRun(ctx, options, progress, nccl_diag)
         except (LaunchError, GroupTimeoutError, RuntimeError) as exc:
             if board is None or isinstance(exc, NettestTimeoutError):
                 raise
@@ -128,10 +131,25 @@ def run_rank(options: NettestOptions, progress: Any = None) -> RankResult:
         raise conclude(run, exc) from None
     finally:
         progress.done()
+        if nccl_diag[1] is not None:
+            nccl_diag[1].stop()   # a run that ended early: put standard output back
         if run is not None:
             run.bench.close()
             run.coordinator.shutdown()
         close_context(ctx, hung)
+
+
+def _prepare_nccl_diagnostics(options: NettestOptions, config: Any
+                              ) -> Tuple[nccl_diagnostics.Decision, Optional[nccl_diagnostics.StdoutTee]]:
+    """Before the default group forms: decide whether NCCL's own diagnostics run on this rank
+    (:func:`.nccl_diagnostics.decide`; NCCL is expected when a GPU is visible and the config
+    does not ask for gloo), turn them on in this process's environment and start keeping the
+    ``NCCL DIAG`` lines of standard output."""
+    uses_nccl = torch.cuda.is_available() and config.backend != "gloo"
+    decision = nccl_diagnostics.decide(options.nccl_diagnostics, uses_nccl,
+                                       nccl_diagnostics.parse_version(probe.nccl_version()), os.environ)
+    nccl_diagnostics.prepare(decision, os.environ)
+    return decision, (nccl_diagnostics.StdoutTee().start() if decision.run else None)
 
 
 def _env_rank() -> int:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError, ModeNotInitializedError
-from . import diagnosis, metrics, preflight, probe, verdict
+from . import diagnosis, metrics, nccl_diagnostics, preflight, probe, verdict
 from .bench import Bench, GroupFailure
 from .control import Coordinator, NettestTimeoutError, first_words
 from .diagnosis import Measurement
@@ -63,8 +63,13 @@ class RetestDecision:
 class RankRun:
     """One rank's run: builds the groups, executes the steps, and (rank 0) the diagnosis."""
 
-    def __init__(self, ctx: ParallelContext, options: "NettestOptions", progress: Any) -> None:
+    def __init__(self, ctx: ParallelContext, options: "NettestOptions", progress: Any,
+                 nccl_diag: Optional[Tuple[nccl_diagnostics.Decision, Optional[nccl_diagnostics.StdoutTee]]] = None
+                 ) -> None:
+        """``nccl_diag``: this rank's decision on NCCL's own diagnostics and the tee that has
+        been keeping their report lines since before the default group formed (:mod:`.nccl_diagnostics`)."""
         self.ctx, self.options, self.progress = ctx, options, progress
+        self.nccl_diag = nccl_diag
         self.rank = ctx.get_global_rank()
         self.world_size = dist.get_world_size()
         self.hostnames = ctx.get_hostnames()
@@ -134,7 +139,12 @@ class RankRun:
         links, culprits = self._run_link_scan()
         if links is not None:
             self.partial["links"] = links
-        report = self._finish(confirmed, culprits, checked[0] if checked else []) if self.rank == 0 else None
+        findings = list(checked[0]) if checked else []
+        diagnosed = self._nccl_diagnostics()
+        if diagnosed is not None:
+            findings += diagnosed[0]
+            self.partial.update(diagnosed[1])
+        report = self._finish(confirmed, culprits, findings) if self.rank == 0 else None
         shared = self._share("verdict", {"exit_code": report["exit_code"]} if report else None)
         self.exit_code = int(shared["exit_code"])
         self.coordinator.close()
@@ -152,6 +162,23 @@ class RankRun:
         if collected is None:
             return None
         return preflight.judge(collected, self.hostnames, max(preflight.COMPUTE_SLOW_FACTOR, self.options.rule.slow_factor))
+
+    def _nccl_diagnostics(self) -> Optional[Tuple[List[preflight.PreflightFinding], Dict[str, Any]]]:
+        """On an NCCL job with ``--nccl-diagnostics`` (the default), every rank sends the ``NCCL
+        DIAG`` lines its communicators printed (or why it ran none); rank 0 returns the
+        findings and the report's part (:func:`.nccl_diagnostics.judge`). Whether the records
+        are exchanged depends only on the options and the device backend, the same on every
+        rank; the tee is stopped here in every case, so the rest of the run prints as usual."""
+        decision, tee = self.nccl_diag or (nccl_diagnostics.Decision(False, "not prepared"), None)
+        lines = tee.stop() if tee is not None else []
+        if not (self.options.nccl_diagnostics and self.ctx.backend.device_backend == "nccl"):
+            return None
+        self.coordinator.position("NCCL diagnostics (collecting the report lines)")
+        record = {"ran": decision.run and tee is not None, "reason": decision.reason, "lines": lines}
+        collected = self.coordinator.exchange("nccl-diagnostics", record)
+        if collected is None:
+            return None
+        return nccl_diagnostics.judge(collected, self.hostnames)
 
     def _sweep(self) -> List[Measurement]:
         """Every wave of disjoint groups in turn; rank 0 returns the measurements."""

@@ -39,3 +39,14 @@ def test_healthy_nccl_run_times_transfers_and_exits_0(tmp_path):
     for sample in report["links"]["samples"]:
         assert 0 < sample["busbw_gbps"] < PHYSICAL_BOUND_GBPS, sample
     assert report["culprits"] == []
+    # NCCL's own diagnostics (pgroups.nettest.nccl_diagnostics, written from NCCL 2.31's docs):
+    # on NCCL >= 2.31 both ranks ran them and each kept its communicators' "NCCL DIAG" report
+    # lines (two GPUs: a peer-to-peer edge to check); on older NCCL the reason names the version.
+    diagnostics = report["nccl_diagnostics"]
+    version = tuple(torch.cuda.nccl.version())
+    if version[:2] >= (2, 31):
+        assert diagnostics["ran_on"] == [0, 1], diagnostics
+        assert all(any("NCCL DIAG" in line for line in diagnostics["reports"][r]) for r in ("0", "1")), diagnostics
+        assert diagnostics["findings"] == [], diagnostics  # a healthy machine: no failed check
+    else:
+        assert diagnostics["ran_on"] == [] and "2.31 or newer" in diagnostics["not_run"][0]["reason"]
