@@ -6,6 +6,7 @@ time the creation (noisy: medians, and ratios within one run).
 
     python bench/bench_groups.py                 # fake backend at 1024/4096/16384, gloo at 4/8/16
     python bench/bench_groups.py --fake-only --worlds 1024 4096
+    python bench/bench_groups.py --markdown docs/benchmarks.md   # also rewrite its section there
 
 Two layouts on the fake backend: the classic one (tensor 8, pipeline 4) and an N-axis one
 (tensor 8, context 2, expert 8, pipeline 4, order tp-cp-ep-dp-pp, with *every* built-in mode
@@ -22,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch.distributed as dist
@@ -31,6 +33,8 @@ from pgroups.context import ParallelContext, make_initializers
 from pgroups.initializer import default_registry
 from pgroups.launch import from_environment, init_distributed
 from pgroups.modes import BUILTIN_MODE_NAMES
+
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
 CONFIG = {"parallel": {"tensor": 8, "pipeline": 4, "zero1": 4, "nettest": 32},
           "groups": "eager", "cpu_groups": "eager", "timeout_s": 300}
@@ -102,12 +106,13 @@ def gloo_worker(approach: str) -> Tuple[int, float]:
         dist.destroy_process_group()
 
 
-def table(rows: List[Dict[str, object]], title: str) -> str:
-    lines = [title, f"{'world':>6} {'approach':<9} {'calls/rank':>10} {'init s':>9} {'calls vs classic':>17} {'time vs classic':>16}"]
+COLUMNS = ["world", "approach", "calls/rank", "init s", "calls vs classic", "time vs classic"]
+
+
+def add_rows(table, rows: List[Dict[str, object]]) -> None:
     for row in rows:
-        lines.append(f"{row['world']:>6} {row['approach']:<9} {row['calls']:>10} {row['seconds']:>9.4f} "
-                     f"{row['calls_ratio']:>16.4f}x {row['time_ratio']:>15.3f}x")
-    return "\n".join(lines)
+        table.add(row["world"], row["approach"], row["calls"], f"{row['seconds']:.4f}", f"{row['calls_ratio']:.4f}x",
+                  f"{row['time_ratio']:.3f}x")
 
 
 def with_ratios(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -126,7 +131,11 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fake-only", action="store_true")
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
+    add_markdown_argument(parser)
     args = parser.parse_args(argv)
+    # the N-axis layout alone has a section of its own (it is run on its own, without gloo)
+    section = "groups-n-axis" if args.layouts == ["n-axis"] else "groups"
+    report = Report(section, argv, markdown_path(parser, args), script=Path(__file__).name)
 
     for name in args.layouts:
         config, what = LAYOUTS[name]
@@ -137,25 +146,24 @@ def main(argv: List[str] = None) -> int:
                            for rank in (0, world // 2 + 3)]
                 rows.append({"world": world, "approach": approach, "calls": max(c for c, _ in samples),
                              "seconds": statistics.median(t for _, t in samples)})
-        print(table(with_ratios(rows), f"fake backend, {name} layout ({what}; device + cpu twins; "
-                                       "max calls over ranks 0 and world/2+3, median time)"))
-        print()
-    if args.fake_only:
-        return 0
-    from pgroups.spawn import run_local
+        add_rows(report.table(f"fake backend, {name} layout ({what}; device + cpu twins; max calls over ranks 0 "
+                              "and world/2+3, median time)", COLUMNS, "rlrrrr"), with_ratios(rows))
+    if not args.fake_only:
+        from pgroups.spawn import run_local
 
-    rows = []
-    for world in args.gloo_worlds:
-        for approach in APPROACHES:
-            outcomes = run_local(world, gloo_worker, (approach,), timeout_s=600)
-            bad = [o for o in outcomes if not o.ok]
-            if bad:
-                print(f"world {world} {approach}: {bad[0].error}", file=sys.stderr)
-                return 1
-            rows.append({"world": world, "approach": approach, "calls": max(o.value[0] for o in outcomes),
-                         "seconds": statistics.median(o.value[1] for o in outcomes)})
-    print(table(with_ratios(rows), "real gloo processes on this machine (tensor 2, pipeline 2, nettest 4; "
-                                   "max calls over ranks, median time over ranks)"))
+        rows = []
+        for world in args.gloo_worlds:
+            for approach in APPROACHES:
+                outcomes = run_local(world, gloo_worker, (approach,), timeout_s=600)
+                bad = [o for o in outcomes if not o.ok]
+                if bad:
+                    print(f"world {world} {approach}: {bad[0].error}", file=sys.stderr)
+                    return 1
+                rows.append({"world": world, "approach": approach, "calls": max(o.value[0] for o in outcomes),
+                             "seconds": statistics.median(o.value[1] for o in outcomes)})
+        add_rows(report.table("real gloo processes on this machine (tensor 2, pipeline 2, nettest 4; max calls over "
+                              "ranks, median time over ranks)", COLUMNS, "rlrrrr"), with_ratios(rows))
+    report.finish()
     return 0
 
 

@@ -3,6 +3,7 @@ rank, ours against building each model's groups Megatron-style.
 
     python bench/bench_models.py                  # world 16384, ranks 0, 8191, 9000, 16383
     python bench/bench_models.py --world 4096
+    python bench/bench_models.py --markdown docs/models.md   # also rewrite its section there
 
 The config is RLHF-shaped: an actor tp8 x pp4 x dp on the first half of the world, its rollout
 engine tp4 x dp colocated on the same ranks, a reward model and a reference model tp8 x dp on a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch.distributed as dist
@@ -25,6 +27,8 @@ from pgroups.config import load_config
 from pgroups.context import ParallelContext
 from pgroups.model_context import plan_models
 from pgroups.initializer import default_registry
+
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
 
 def rlhf_config(world: int) -> dict:
@@ -82,18 +86,20 @@ def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
+    add_markdown_argument(parser)
     args = parser.parse_args(argv)
+    report = Report("models", argv, markdown_path(parser, args), script=Path(__file__).name)
     world = args.world
     ranks = [0, world // 2 - 1, world // 2 + world // 16, world - 1]
-    print(f"fake backend, world {world}: actor tp8 x pp4 and rollout tp4 on ranks 0-{world // 2 - 1}, "
-          f"reward and reference tp8 on a quarter each (device groups; median of {args.repeats})")
-    print(f"{'rank':>6} {'ours calls':>10} {'communicators':>13} {'ours s':>8} {'megatron calls':>14} "
-          f"{'megatron s':>10} {'calls ratio':>11} {'time ratio':>10}")
+    table = report.table(f"fake backend, world {world}: actor tp8 x pp4 and rollout tp4 on ranks 0-{world // 2 - 1}, "
+                         f"reward and reference tp8 on a quarter each (device groups; median of {args.repeats})",
+                         ["rank", "ours calls", "communicators", "ours s", "megatron calls", "megatron s",
+                          "calls ratio", "time ratio"], align="r" * 8)
     for rank in ranks:
         r = measure(world, rank, args.repeats)
-        print(f"{r['rank']:>6} {r['ours_calls']:>10} {r['communicators']:>13} {r['ours_s']:>8.4f} "
-              f"{r['base_calls']:>14} {r['base_s']:>10.4f} {r['ours_calls'] / r['base_calls']:>10.5f}x "
-              f"{r['ours_s'] / r['base_s']:>9.4f}x")
+        table.add(r["rank"], r["ours_calls"], r["communicators"], f"{r['ours_s']:.4f}", r["base_calls"],
+                  f"{r['base_s']:.4f}", f"{r['ours_calls'] / r['base_calls']:.5f}x", f"{r['ours_s'] / r['base_s']:.4f}x")
+    report.finish()
     return 0
 
 

@@ -18,6 +18,7 @@
     python bench/bench_nettest.py                       # the full table (several minutes here)
     python bench/bench_nettest.py --ranks 2 4 --size 16M --skip-default
     python bench/bench_nettest.py --scale               # the pure diagnosis at world 8192
+    python bench/bench_nettest.py --scale --markdown docs/benchmarks.md   # and rewrite its section there
     python bench/bench_nettest.py --default-only --repeats 3   # part 2 alone, medians of 3
 
 4. ``--netns-healthy N`` (root): the emulated cluster of tests/nettest_netns.py — N healthy
@@ -38,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,8 @@ import torch.distributed as dist
 from pgroups.nettest import metrics
 from pgroups.nettest.bench import launch, make_buffers
 from pgroups.spawn import run_local
+
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
 
 def bare_loop(collectives: List[str], size_bytes: int, warmup: int, iters: int) -> Dict[str, float]:
@@ -105,7 +109,7 @@ def quadratic_outliers(values, higher_is_better, rule):
     return found
 
 
-def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
+def scale(report: Report, hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
     """Part 3: the pure diagnosis at ``hosts`` x ``ranks_per_host``."""
     import random
     import statistics
@@ -140,18 +144,19 @@ def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
             diagnosis.outliers = original
 
     ours, base = timed(diagnosis.outliers), timed(quadratic_outliers)
-    print(f"group diagnosis, world {world} ({hosts} hosts x {ranks_per_host}), {len(catalog)} groups, "
-          f"{len(metrics.COLLECTIVES)} collectives x {len(sizes)} sizes = {len(measurements)} measurements; "
-          f"median of {repeats}")
-    print(f"{'approach':<34} {'seconds':>9} {'vs baseline':>12}")
-    print(f"{'quadratic leave-one-out (baseline)':<34} {base:>9.3f} {1.0:>11.2f}x")
-    print(f"{'sorted leave-one-out (pgroups)':<34} {ours:>9.3f} {ours / base:>11.3f}x")
-    print()
-    print(f"link scan, {hosts} hosts x {ranks_per_host} ranks, synthetic network (pure; measuring excluded)")
-    print(f"{'faults':<34} {'inter rounds':>12} {'intra rounds':>12} {'think s':>9}  named")
-    for label, faults in (("one slow host", {"host": ["node0513"]}),
-                          ("slow host, link, 2 ranks", {"host": ["node0100"], "link": [("node0000", "node0001")],
-                                                        "rank": [77, 4000]})):
+    table = report.table(f"group diagnosis, world {world} ({hosts} hosts x {ranks_per_host}), {len(catalog)} groups, "
+                         f"{len(metrics.COLLECTIVES)} collectives x {len(sizes)} sizes = {len(measurements)} "
+                         f"measurements; median of {repeats}", ["approach", "seconds", "vs baseline"])
+    table.add("quadratic leave-one-out (baseline)", base, "1.00x")
+    table.add("sorted leave-one-out (pgroups)", ours, f"{ours / base:.3f}x")
+    table = report.table(f"link scan, {hosts} hosts x {ranks_per_host} ranks, synthetic network (pure; measuring "
+                         "excluded)", ["faults", "inter rounds", "intra rounds", "think s", "named"], "lrrrl")
+
+    def host(index: int) -> str:  # the faults' hosts and ranks are chosen at 1024 hosts; smaller runs wrap them
+        return f"node{index % hosts:04d}"
+    for label, faults in (("one slow host", {"host": [host(513)]}),
+                          ("slow host, link, 2 ranks", {"host": [host(100)], "link": [(host(0), host(1))],
+                                                        "rank": [77 % world, 4000 % world]})):
         thinking = []
         for seed in range(repeats):
             net = SyntheticNetwork(names, seed=seed)
@@ -173,11 +178,12 @@ def scale(hosts: int = 1024, ranks_per_host: int = 8, repeats: int = 3) -> None:
             scan = run_scan(LinkScan(names), measure)
             culprits = scan.culprits()
             thinking.append(time.perf_counter() - start - spent[0])
-        print(f"{label:<34} {scan.inter_rounds():>12} {len(scan.rounds) - scan.inter_rounds():>12} "
-              f"{statistics.median(thinking):>9.3f}  {', '.join(f'{c.kind} {c.hosts[0]}' + (f' r{c.ranks[0]}' if c.kind == 'rank' else '') for c in culprits)}")
+        named = ", ".join(f"{c.kind} {c.hosts[0]}" + (f" r{c.ranks[0]}" if c.kind == "rank" else "") for c in culprits)
+        table.add(label, scan.inter_rounds(), len(scan.rounds) - scan.inter_rounds(), statistics.median(thinking),
+                  named)
 
 
-def netns(healthy_runs: int) -> None:
+def netns(report: Report, healthy_runs: int) -> None:
     """Part 4: runs on the emulated cluster (namespaces, bridge, tbf)."""
     import statistics
 
@@ -206,53 +212,65 @@ def netns(healthy_runs: int) -> None:
                 "rounds": (report.get("links") or {}).get("inter_rounds"), "wall": elapsed,
                 "tool": report.get("elapsed_s")}
 
-    print(f"emulated cluster, 2 ranks per host, -e 4M, --timeout 20; {os.cpu_count()} CPU cores")
-    print(f"{'case':<34} {'runs':>4} {'false alarms':>12} {'exit codes':>10} {'inter rounds':>12} "
-          f"{'tool s (median)':>15} {'wall s (median)':>15}")
+    table = report.table("emulated cluster, 2 ranks per host, -e 4M, --timeout 20",
+                         ["case", "runs", "false alarms", "exit codes", "inter rounds", "tool s (median)",
+                          "wall s (median)", "named"], "lrrrrrrl")
     for hosts in (3, 4):
         runs = [one(hosts) for _ in range(healthy_runs)]
         alarms = sum(1 for r in runs if r["named"] or r["codes"] != [0])
-        print(f"{f'healthy, {hosts} hosts':<34} {len(runs):>4} {alarms:>12} "
-              f"{','.join(sorted({str(c) for r in runs for c in r['codes']})):>10} "
-              f"{','.join(sorted({str(r['rounds']) for r in runs})):>12} "
-              f"{statistics.median(r['tool'] or 0 for r in runs):>15.1f} {statistics.median(r['wall'] for r in runs):>15.1f}")
+        table.add(f"healthy, {hosts} hosts", len(runs), alarms, ",".join(sorted({str(c) for r in runs for c in r["codes"]})),
+                  ",".join(sorted({str(r["rounds"]) for r in runs})),
+                  f"{statistics.median(r['tool'] or 0 for r in runs):.1f}", f"{statistics.median(r['wall'] for r in runs):.1f}",
+                  "")
     for label, hosts, fault in (("slow host C of 3 (tbf 200mbit)", 3, lambda c: c.slow_host(2)),
                                 ("slow host D of 4 (tbf 200mbit)", 4, lambda c: c.slow_host(3)),
                                 ("slow link B-D of 4 (tbf 200mbit)", 4, lambda c: c.slow_link(1, 3))):
         r = one(hosts, fault)
-        print(f"{label:<34} {1:>4} {'-':>12} {','.join(map(str, r['codes'])):>10} {str(r['rounds']):>12} "
-              f"{r['tool'] or 0:>15.1f} {r['wall']:>15.1f}   named: {'; '.join(r['named'])}")
+        table.add(label, 1, "-", ",".join(map(str, r["codes"])), str(r["rounds"]), f"{r['tool'] or 0:.1f}",
+                  f"{r['wall']:.1f}", "; ".join(r["named"]))
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--size", default="64M", help="message size for the busbw table (default 64M)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-default", action="store_true", help="skip the wall time of the default run")
-    parser.add_argument("--scale", action="store_true", help="only the pure diagnosis at 1024 hosts x 8 ranks")
+    parser.add_argument("--scale", action="store_true", help="only the pure diagnosis at --hosts x 8 ranks")
+    parser.add_argument("--hosts", type=int, default=1024, help="with --scale: hosts of 8 ranks (default 1024)")
     parser.add_argument("--default-only", action="store_true",
                         help="only the wall time of the default run beside its baseline (part 2)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --default-only: alternating runs of the default and its baseline (medians)")
     parser.add_argument("--netns-healthy", type=int, metavar="N",
                         help="only the emulated-cluster runs: N healthy runs at 3 and 4 hosts, then the faults")
-    args = parser.parse_args()
+    add_markdown_argument(parser)
+    args = parser.parse_args(argv)
+    markdown = markdown_path(parser, args)
+    # one section per part: each is run on its own
+    section = ("nettest-netns" if args.netns_healthy else "nettest-scale" if args.scale
+               else "nettest-default" if args.default_only else "nettest")
+    report = Report(section, argv, markdown, script=Path(__file__).name)
     if args.netns_healthy:
-        netns(args.netns_healthy)
-        return
-    if args.scale:
-        scale()
-        return
-    size_bytes = metrics.parse_size(args.size)
-    if args.default_only:
-        default_wall(args.repeats)
-        return
+        netns(report, args.netns_healthy)
+    elif args.scale:
+        scale(report, args.hosts)
+    elif args.default_only:
+        default_wall(report, args.repeats)
+    else:
+        busbw_table(report, args)
+        if not args.skip_default:
+            default_wall(report)
+    report.finish()
+    return 0
 
-    print(f"busbw (GB/s) at {metrics.format_size(size_bytes)}, gloo over loopback, {os.cpu_count()} CPU cores; "
-          f"tool = pgroups nettest, bare = torch.distributed loop (baseline); {args.iters} iterations")
-    print(f"{'collective':<15}" + "".join(f"{f'{n} ranks: tool / bare (ratio)':>34}" for n in args.ranks))
+
+def busbw_table(report: Report, args: argparse.Namespace) -> None:
+    """Part 1: busbw per collective, the tool beside a bare loop, at every world of ``--ranks``."""
+    size_bytes = metrics.parse_size(args.size)
+    report.note(f"busbw (GB/s) at {metrics.format_size(size_bytes)}, gloo over loopback; tool = pgroups nettest, "
+                f"bare = torch.distributed loop (baseline); {args.iters} iterations")
     table: Dict[int, Dict[str, tuple]] = {}
     for n in args.ranks:
         tool = tool_figures(n, args.size, args.warmup, args.iters)
@@ -264,17 +282,13 @@ def main() -> None:
         bare = {c: metrics.busbw(c, n, metrics.message_shape(c, size_bytes, n).size_bytes,
                                  sum(o.value[c] for o in outcomes) / n) for c in metrics.COLLECTIVES}
         table[n] = {c: (tool[c], bare[c]) for c in metrics.COLLECTIVES}
+    out = report.table("", ["collective"] + [f"{n} ranks: tool / bare (ratio)" for n in args.ranks])
     for c in metrics.COLLECTIVES:
-        cells = "".join(f"{f'{table[n][c][0]:.3f} / {table[n][c][1]:.3f} ({table[n][c][0] / table[n][c][1]:.2f})':>34}"
-                        for n in args.ranks)
-        print(f"{c:<15}{cells}")
-    if args.skip_default:
-        return
-    print()
-    default_wall()
+        out.add(c, *(f"{table[n][c][0]:.3f} / {table[n][c][1]:.3f} ({table[n][c][0] / table[n][c][1]:.2f})"
+                     for n in args.ranks))
 
 
-def default_wall(repeats: int = 1) -> None:
+def default_wall(report: Report, repeats: int = 1) -> None:
     """Part 2: the default run beside its baseline, alternating, in the same session; medians.
     From the run's JSON: the link scan's own seconds and rounds, and the tool's time from the
     groups being ready to the verdict."""
@@ -293,15 +307,13 @@ def default_wall(repeats: int = 1) -> None:
                          len(links.get("rounds", [])), report["exit_code"]))
     load_after = os.getloadavg()[0]
     med = [statistics.median(r[i] for r in rows) for i in range(5)]
-    print(f"default run, {repeats} alternating pair(s), medians; load average {load_before:.1f} before, "
-          f"{load_after:.1f} after, on {os.cpu_count()} CPU cores")
-    print(f"{'command':<40} {'wall (s)':>9}")
-    print(f"{'pgroups run --nproc 8 (baseline)':<40} {med[0]:>9.1f}")
-    print(f"{'pgroups nettest --nproc 8':<40} {med[1]:>9.1f}   ({med[1] / med[0]:.2f}x the baseline, "
-          f"+{med[1] - med[0]:.1f}s for the default sweep)")
-    print(f"  of which the tool from groups ready to verdict {med[2]:.1f}s; link scan {med[3]:.2f}s in "
-          f"{med[4]:.0f} rounds; exit codes {[r[5] for r in rows]}")
+    table = report.table(f"default run, {repeats} alternating pair(s), medians; load average {load_before:.1f} "
+                         f"before, {load_after:.1f} after", ["command", "wall (s)", "vs baseline"])
+    table.add("pgroups run --nproc 8 (baseline)", f"{med[0]:.1f}", "1.00x")
+    table.add("pgroups nettest --nproc 8", f"{med[1]:.1f}", f"{med[1] / med[0]:.2f}x")
+    report.note(f"+{med[1] - med[0]:.1f} s for the default sweep; of which the tool from groups ready to verdict "
+                f"{med[2]:.1f} s; link scan {med[3]:.2f} s in {med[4]:.0f} rounds; exit codes {[r[5] for r in rows]}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

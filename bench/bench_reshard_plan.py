@@ -12,7 +12,7 @@ training tensor 8 x pipeline 4 x data W/32 → inference tensor 4 x data W/4, co
 ranks per host. Shares are timed for ``--ranks`` spread over the world (first call of a
 process included: that is what a rank pays), median reported.
 
-    .venv/bin/python bench/bench_reshard_plan.py [--worlds 1024 4096 16384] [--full-max 4096]
+    .venv/bin/python bench/bench_reshard_plan.py [--worlds 1024 4096 16384] [--full-max 4096] [--markdown docs/benchmarks.md]
 """
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import Report, add_markdown_argument, markdown_path  # noqa: E402
 
 from pgroups.reshard import (ModelSpec, ParallelLayout, TensorSpec, llama_like, plan_digest,  # noqa: E402
                              plan_reshard, plan_share)
@@ -35,18 +38,20 @@ def model_200() -> ModelSpec:
     return ModelSpec.create(list(base.tensors) + extra, base.num_layers, "llama-3-8b-shapes+5")
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--full-max", type=int, default=4096, help="largest world to build the whole plan at")
     parser.add_argument("--ranks", type=int, default=7, help="ranks whose share is timed per world")
-    args = parser.parse_args()
+    add_markdown_argument(parser)
+    args = parser.parse_args(argv)
+    report = Report("reshard-plan", argv, markdown_path(parser, args), script=Path(__file__).name)
     model = model_200()
-    print(f"model: {len(model.tensors)} tensors; training tp8 x pp4 → inference tp4, colocated, 8 ranks/host")
-    print("baseline: the previous global planner built the whole plan on every rank, 6.6 s at world 4096 "
-          "(measured before the rework)")
-    print(f"{'world':>6} {'share median s':>15} {'share max s':>12} {'transfers/rank':>15} {'digest s':>9} "
-          f"{'whole plan s':>13} {'whole transfers':>16} {'us/transfer':>12} {'whole / share':>14}")
+    report.note(f"model: {len(model.tensors)} tensors; training tp8 x pp4 → inference tp4, colocated, 8 ranks/host; "
+                "baseline: the previous global planner built the whole plan on every rank, 6.6 s at world 4096 "
+                "(measured before the rework)")
+    table = report.table("", ["world", "share median s", "share max s", "transfers/rank", "digest s", "whole plan s",
+                              "whole transfers", "us/transfer", "whole / share"], stream=True)
     for world in args.worlds:
         src = ParallelLayout.create(Topology.create(world, 8, 4))
         dst = ParallelLayout.create(Topology.create(world, 4, 1))
@@ -66,13 +71,15 @@ def main() -> None:
             started = time.perf_counter()
             plan = plan_reshard(src, dst, model, hosts)
             whole_s = time.perf_counter() - started
-            whole, count = f"{whole_s:.2f}", str(len(plan.transfers))
+            whole, count = f"{whole_s:.2f}", f"{len(plan.transfers):,}"
             per = f"{whole_s / len(plan.transfers) * 1e6:.1f}"
             ratio = f"{whole_s / statistics.median(times):.0f}x"
             del plan
-        print(f"{world:>6} {statistics.median(times):>15.3f} {max(times):>12.3f} {int(statistics.median(counts)):>15} "
-              f"{digest_s:>9.3f} {whole:>13} {count:>16} {per:>12} {ratio:>14}")
+        table.add(world, statistics.median(times), max(times), int(statistics.median(counts)), digest_s,
+                  whole, count, per, ratio)
+    report.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

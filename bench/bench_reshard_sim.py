@@ -32,13 +32,15 @@ their fluid limit, which favours them).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import Report, add_markdown_argument, markdown_path  # noqa: E402  (bench/ is the script's directory)
 
 from pgroups.reshard import plan_reshard  # noqa: E402
 from pgroups.reshard.plan import Network, SimResult, rank_rounds, simulate  # noqa: E402
@@ -49,23 +51,31 @@ from pgroups.reshard.plan.scenarios import PAIRS, pairs  # noqa: E402
 MiB = 1 << 20
 
 
-def row(name: str, world: int, result: SimResult, network: Network, plan_s: float, sim_s: float) -> str:
+COLUMNS = ["pair", "world", "semantics", "makespan s", "NIC bound s", "intra bound s", "makespan / bound",
+           "host bound s", "makespan / host bound", "NICs carrying bytes", "NIC utilisation max / mean",
+           "per-host NIC bytes max/mean (out, in)", "messages", "plan + sim s (this machine)"]
+COMPARE_COLUMNS = ["pair", "world", "semantics", "model GB", "resharding s", "NIC bound s", "rank-0 broadcast s",
+                   "all-gather, then slice s", "broadcast / resharding", "all-gather / resharding"]
+
+
+def row(name: str, world: int, result: SimResult, network: Network, plan_s: float, sim_s: float) -> list:
+    """One row of the main table (:data:`COLUMNS`)."""
     hosts = world // network.ranks_per_host
     util = result.nic_utilisation()
     used_out = sum(1 for p in util if p[0] == "nic_out")
     used_in = len(util) - used_out
     per_host = result.host_nic_bytes()
     nics = hosts * network.nics_per_host
-    return (f"| {name} | {world} | {result.semantics} | {result.makespan_s:.3f} | {result.bound.nic_s:.3f} "
-            f"| {result.bound.intra_s:.3f} | {result.ratio:.2f} | {result.host_bound_s:.3f} "
-            f"| {result.makespan_s / result.host_bound_s if result.host_bound_s else 1.0:.2f} "
-            f"| {used_out}/{nics} out, {used_in}/{nics} in "
-            f"| {max(util.values(), default=0):.2f} / {statistics.mean(util.values()) if util else 0:.2f} "
-            f"| {max_over_mean(b[0] for b in per_host.values()):.2f}, {max_over_mean(b[1] for b in per_host.values()):.2f} "
-            f"| {result.messages:,} | {plan_s:.0f} + {sim_s:.0f} |")
+    return [name, world, result.semantics, f"{result.makespan_s:.3f}", f"{result.bound.nic_s:.3f}",
+            f"{result.bound.intra_s:.3f}", f"{result.ratio:.2f}", f"{result.host_bound_s:.3f}",
+            f"{result.makespan_s / result.host_bound_s if result.host_bound_s else 1.0:.2f}",
+            f"{used_out}/{nics} out, {used_in}/{nics} in",
+            f"{max(util.values(), default=0):.2f} / {statistics.mean(util.values()) if util else 0:.2f}",
+            f"{max_over_mean(b[0] for b in per_host.values()):.2f}, {max_over_mean(b[1] for b in per_host.values()):.2f}",
+            f"{result.messages:,}", f"{plan_s:.0f} + {sim_s:.0f}"]
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1024])
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=PAIRS)
@@ -83,16 +93,15 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also simulate the naive syncs (rank-0 broadcast; all-gather, then slice) on the "
                              "same network and print them next to resharding")
-    args = parser.parse_args()
+    add_markdown_argument(parser)
+    args = parser.parse_args(argv)
+    report = Report("reshard-sim", argv, markdown_path(parser, args), script=Path(__file__).name)
     network = Network(ranks_per_host=args.ranks_per_host, nics_per_host=args.nics, nic_bw=args.nic_gbit / 8 * 1e9,
                       intra_bw=args.intra_gbs * 1e9, latency_s=args.latency_us * 1e-6)
-    print(f"network: {args.ranks_per_host} ranks/host, {args.nics} NICs/host x {args.nic_gbit:g} Gb/s each way, "
-          f"intra-host {args.intra_gbs:g} GB/s per rank each way, {args.latency_us:g} us per message; "
-          f"{args.bucket_mb} MiB buckets, atomic staging; load average {os.getloadavg()[0]:.1f}")
-    print("| pair | world | semantics | makespan s | NIC bound s | intra bound s | makespan / bound "
-          "| host bound s | makespan / host bound | NICs carrying bytes | NIC utilisation max / mean | per-host NIC bytes max/mean (out, in) "
-          "| messages | plan + sim s (this machine) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|")
+    report.note(f"network: {args.ranks_per_host} ranks/host, {args.nics} NICs/host x {args.nic_gbit:g} Gb/s each way, "
+                f"intra-host {args.intra_gbs:g} GB/s per rank each way, {args.latency_us:g} us per message; "
+                f"{args.bucket_mb} MiB buckets, atomic staging")
+    table = report.table("", COLUMNS, "lrlrrrrrrlllrr", stream=True)
     compared = []
     for world in args.worlds:
         hosts = [f"node{r // args.ranks_per_host}" for r in range(world)]
@@ -111,21 +120,20 @@ def main() -> None:
                 result = simulate(schedule, network, semantics, caps=None if cap is None else (cap, cap),
                                   per_step=args.per_step)
                 label = name + (" (per step)" if args.per_step else "") + (f" (cap {args.cap_mb:g} MiB)" if cap else "")
-                print(row(label, world, result, network, plan_s, time.perf_counter() - started), flush=True)
+                table.add(*row(label, world, result, network, plan_s, time.perf_counter() - started))
                 if args.compare:
                     naive = [simulate(make(src, dst, model), network, semantics, per_step=True)
                              for make in (broadcast_schedule, allgather_schedule)]
                     compared.append((label, world, semantics, model_bytes(model), result, naive))
     if compared:
-        print("\n| pair | world | semantics | model GB | resharding s | NIC bound s | rank-0 broadcast s "
-              "| all-gather, then slice s | broadcast / resharding | all-gather / resharding |")
-        print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        compare = report.table("", COMPARE_COLUMNS, "lrlrrrrrrr")
         for label, world, semantics, nbytes, result, (bcast, gather) in compared:
-            print(f"| {label} | {world} | {semantics} | {nbytes / 1e9:.2f} | {result.makespan_s:.3f} "
-                  f"| {result.lower_bound_s:.3f} | {bcast.makespan_s:.3f} | {gather.makespan_s:.3f} "
-                  f"| {bcast.makespan_s / result.makespan_s:.1f} | {gather.makespan_s / result.makespan_s:.1f} |")
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
+            compare.add(label, world, semantics, f"{nbytes / 1e9:.2f}", f"{result.makespan_s:.3f}",
+                        f"{result.lower_bound_s:.3f}", f"{bcast.makespan_s:.3f}", f"{gather.makespan_s:.3f}",
+                        f"{bcast.makespan_s / result.makespan_s:.1f}", f"{gather.makespan_s / result.makespan_s:.1f}")
+    report.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
