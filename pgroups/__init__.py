@@ -3,9 +3,18 @@
     from pgroups import gpc, ParallelMode
     gpc.init_from_config("parallel.yaml")
     tp = gpc.get_group(ParallelMode.TENSOR)
+
+``import pgroups`` does not import torch: the pure names (config, layout, modes, errors,
+initializers) are imported here, and the two that need torch — :class:`ParallelContext` and the
+global context ``gpc`` — are resolved on first use (PEP 562 ``__getattr__``), so ``pgroups show``,
+``validate``, ``reshard-plan``, ``--version`` and ``--help`` start without it.
 """
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, List
+
 from .config import Config, ParallelConfig, load_config
-from .context import ParallelContext
 from .errors import (ConfigError, GroupTimeoutError, LaunchError, ModeNotInitializedError,
                      PGroupsError, RegistrationError, UnknownModeError)
 from .initializer import (InitializerRegistry, ProcessGroupInitializer, default_registry,
@@ -16,12 +25,14 @@ from .topology import Topology
 
 from .initializer import alias_checkout_initializers
 
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .context import ParallelContext
+
+    gpc: ParallelContext
+
 alias_checkout_initializers()  # a plain checkout on PYTHONPATH: initializers/ is pgroups.initializers
 
 __version__ = "0.1.0"
-
-#: The convenience global context (the only module-level mutable state in the package).
-gpc = ParallelContext()
 
 __all__ = [
     "Config", "ConfigError", "GroupTimeoutError", "InitializerRegistry", "LaunchError", "LaunchInfo",
@@ -29,3 +40,26 @@ __all__ = [
     "ProcessGroupInitializer", "RegistrationError", "Topology", "UnknownModeError", "default_registry",
     "gpc", "load_config", "register_initializer",
 ]
+
+_LAZY = ("ParallelContext", "gpc")
+_lazy_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """``ParallelContext`` and ``gpc`` (the convenience global context: the only module-level
+    mutable state in the package, created once, on first use) import :mod:`pgroups.context`, and
+    with it torch, when first asked for; they are module globals from then on."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pgroups' has no attribute {name!r}")
+    with _lazy_lock:
+        if name not in globals():
+            from .context import ParallelContext as context_class
+
+            globals().setdefault("ParallelContext", context_class)
+            if name == "gpc":
+                globals()["gpc"] = context_class()
+    return globals()[name]
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -27,12 +27,11 @@ import os
 import sys
 import time
 from importlib import resources
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__, creation, nccl_options
 from .config import Config, load_config
-from .context import import_plugins, make_initializers
-from .model_context import plan_models
+from .mode_plan import import_plugins, make_initializers, plan_models
 from .models import unknown_model
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
 from .initializer import default_registry
@@ -44,8 +43,14 @@ from .topology import Topology
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
-#: Sub-command modules of the higher layers; each has ``add_parser(subparsers)``.
-EXTENSIONS: List[str] = ["pgroups.nettest.cli", "pgroups.reshard.cli"]
+#: Sub-commands of the higher layers: command -> (module with ``add_parser(subparsers)``, its one-line
+#: help). A module is imported only to run or describe its own command (they import torch); the
+#: top-level ``--help`` lists them from this table.
+EXTENSIONS: Dict[str, Tuple[str, str]] = {
+    "nettest": ("pgroups.nettest.cli",
+                "network sanity test: busbw per group, names slow or faulty ranks and hosts"),
+    "reshard-plan": ("pgroups.reshard.cli", "plan moving a model between two layouts, offline"),
+}
 
 
 def default_config_path() -> str:
@@ -90,7 +95,14 @@ CONFIG_HELP = "YAML config file (see config_examples/)"
 WORLD_HELP = "number of ranks of the job to lay out"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_word(argv: Sequence[str]) -> Optional[str]:
+    """The sub-command ``argv`` names (its first word that is not an option), or None."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The ``pgroups`` parser. With ``argv``, only the extension ``argv`` names is imported (the
+    others are listed with their help, and take no arguments); without it, every extension."""
     parser = _Parser(prog="pgroups", description="Process-group topology manager for PyTorch.",
                      epilog="Exit codes: 0 success, 1 a check failed, 2 usage or config error, 3 timeout "
                             "(launch: the worst rank's).")
@@ -137,8 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     launch.set_defaults(func=cmd_launch)
 
-    for module in EXTENSIONS:
-        importlib.import_module(module).add_parser(sub)
+    wanted = None if argv is None else command_word(argv)
+    for command, (module, help_text) in EXTENSIONS.items():
+        if argv is None or command == wanted:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(command, help=help_text)
     return parser
 
 
@@ -392,8 +408,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except GroupTimeoutError as exc:

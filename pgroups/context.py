@@ -8,7 +8,6 @@ silent 0/1 or the world group.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import attrs
@@ -18,15 +17,15 @@ from . import exports, torch_private, virtual_pipeline
 from .backend import (GroupBackend, ProcessGroup, check_lazy_creation, choose_strategy,
                       creation_is_world_collective, resolve_device_backend)
 from .config import Config, ConfigLike, load_config
-from .errors import ConfigError, LaunchError, ModeNotInitializedError, UnknownModeError, allowed, did_you_mean
+from .errors import LaunchError, ModeNotInitializedError, allowed, did_you_mean
 from .creation import shared_owner, sharing_key
 from .handle import GroupHandle
-from .initializer import import_plugins as _import_plugins
+from .mode_plan import import_plugins, make_initializers  # noqa: F401  (the pure decisions; also imported from here)
 from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupInitializer, check_group_of,
-                          check_groups, checked_initializer_call, default_registry, describe_initializer)
+                          checked_initializer_call, default_registry, describe_initializer)
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
 from .models import PlacedInitializer, unknown_model
-from .modes import ModeLike, ParallelMode, is_builtin, mode_identity, mode_name
+from .modes import ModeLike, ParallelMode, mode_identity, mode_name
 from .nccl_options import options_by_mode
 from .ranks import format_ranks
 from .topology import CLASSIC_MODES, RankGroups, Topology
@@ -116,7 +115,7 @@ class ParallelContext:
         if cfg.models:  # the job's own modes: the world; each model's layout on its ranks
             topology = Topology.create(world_size)
             initializers = {ParallelMode.GLOBAL.value: self.registry.create(ParallelMode.GLOBAL)}
-            from .model_context import plan_models
+            from .mode_plan import plan_models
 
             model_plans = plan_models(self.registry, cfg, world_size)
         else:
@@ -554,62 +553,9 @@ def _check_launch_matches(launch: LaunchInfo, rank: int, world_size: int) -> Non
                   f"launch={launch!r} is not used to start it", stacklevel=3)
 
 
-def make_initializers(registry: InitializerRegistry, cfg: Config,
-                      topology: Topology) -> Dict[str, ProcessGroupInitializer]:
-    """The initializers of every mode ``cfg`` builds on ``topology``, in creation order: the
-    layout's built-in modes (Topology.default_modes), then ``parallel.modes``, then
-    ``extra_modes``; each validated against ``topology``, and a user initializer's groups
-    checked (sorted, disjoint, inside the world).
-
-    Pure. Raises ConfigError naming the config's source for an unknown or built-in extra mode,
-    bad options, a mode that cannot be built on ``topology``, bad groups, or an initializer
-    that raises.
-    """
-    where = f"{cfg.source}: " if cfg.source else ""
-    result: Dict[str, ProcessGroupInitializer] = {}
-    seen = set()
-    for name in topology.default_modes() + tuple(cfg.parallel.modes):
-        if mode_identity(name) not in seen:  # "tp" after "tensor" is the same mode
-            seen.add(mode_identity(name))
-            result[name] = registry.create(name)
-    for name, options in cfg.extra_modes.items():
-        if name in result or is_builtin(name):
-            raise ConfigError(f"{where}extra_modes.{name}: built-in modes are always built or listed "
-                              "under parallel.modes; extra_modes is for modes of your own")
-        try:
-            result[name] = registry.create(name, options, source=cfg.source)
-        except UnknownModeError as exc:
-            raise ConfigError(f"{where}extra_modes.{name}: {exc}"
-                              " (register it, or list its module under plugins:)") from None
-    for init in result.values():
-        try:
-            checked_initializer_call(init, "validating", lambda: init.validate(topology))
-            if not isinstance(init, BuiltinInitializer):  # built-ins are proven by the test suite
-                groups = checked_initializer_call(init, "listing its groups", lambda: init.rank_groups(topology))
-                check_groups(groups, topology.world_size, describe_initializer(init))
-        except ConfigError as exc:
-            if where and str(exc).startswith(where):
-                raise
-            raise ConfigError(f"{where}{exc}") from None
-    options_by_mode(cfg.nccl_options, result, mode_identity, where)  # every entry names a built mode
-    return result
-
-
 def own_group(init: ProcessGroupInitializer, topology: Topology, rank: int) -> Optional[List[int]]:
     """``rank``'s group of ``init``'s mode; a user initializer's answer is checked (ConfigError)."""
     if isinstance(init, (BuiltinInitializer, PlacedInitializer)):  # placed: checks its inner one
         return init.group_of(topology, rank)
     group = checked_initializer_call(init, f"finding rank {rank}'s group", lambda: init.group_of(topology, rank))
     return check_group_of(group, rank, topology.world_size, describe_initializer(init))
-
-
-def import_plugins(cfg: Config) -> None:
-    """Import the modules a config lists under ``plugins:`` (names, or .py paths relative to it).
-
-    Their import registers initializers. Raises ConfigError naming a plugin that cannot be
-    found or raises while loading; the registry is then left as it was.
-    """
-    base = Path(cfg.source).parent if cfg.source and Path(cfg.source).exists() else Path.cwd()
-    _import_plugins(cfg.plugins, base, cfg.source)
-
-

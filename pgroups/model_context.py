@@ -1,34 +1,17 @@
 """One model of a several-model config, as a context: :class:`ModelContext` (its layout on its
-ranks, queried like the job's context, in global ranks) and :func:`plan_models`, which validates
-every model before any communication. The pure placement math is :mod:`pgroups.models`."""
+ranks, queried like the job's context, in global ranks). :func:`plan_models`, which validates
+every model before any communication, is in :mod:`pgroups.mode_plan` (pure; imported here too);
+the placement math in :mod:`pgroups.models`."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-from .config import Config
-from .context import ModeState, ParallelContext, make_initializers
-from .errors import ConfigError, ModeNotInitializedError
-from .initializer import InitializerRegistry
-from .models import PlacedInitializer, check_models, model_as_config
-from .modes import ModeLike, mode_identity, mode_name
-from .nccl_options import options_by_mode
+from .context import ModeState, ParallelContext
+from .errors import ModeNotInitializedError
+from .mode_plan import plan_models  # noqa: F401  (imported from here too)
+from .modes import ModeLike, mode_name
 from .ranks import format_ranks
 from .topology import Topology
-
-
-def plan_models(registry: InitializerRegistry, cfg: Config, world_size: int) -> Dict[str, Tuple[Any, ...]]:
-    """``{model: (global ranks, topology, placed initializers, nccl options by mode)}`` for every
-    model of ``cfg``, validated before any communication (ConfigError naming the model)."""
-    plans = {}
-    for name, (ranks, topology) in check_models(cfg, world_size).items():
-        model_cfg = model_as_config(cfg, cfg.models[name])
-        try:
-            inits = make_initializers(registry, model_cfg, topology)
-        except ConfigError as exc:
-            raise ConfigError(f"models.{name}: {exc}") from None
-        placed = {mode: PlacedInitializer(init, ranks) for mode, init in inits.items()}
-        plans[name] = (ranks, topology, placed, options_by_mode(model_cfg.nccl_options, inits, mode_identity))
-    return plans
 
 
 class ModelContext(ParallelContext):

@@ -1,13 +1,16 @@
 """The dependency direction, as a test: the pure core never reaches torch.distributed nor a
 subsystem, through any chain of imports inside the package.
 
-Read from the sources (AST), not by importing: importing any ``pgroups`` module runs the
-package's ``__init__``, which loads the context. A module's closure is every ``pgroups`` module
-its imports reach, transitively (the package ``__init__`` files excluded: they only re-export).
+Read from the sources (AST), not by importing: one process sees every module, whatever an
+earlier import loaded. A module's closure is every ``pgroups`` module its imports reach,
+transitively (the package ``__init__`` files excluded: they only re-export). The CLI's offline
+commands are checked by running them: they must not import torch at all.
 """
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Set
 
@@ -18,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pgroups"
 #: Rank math, layouts, configs, initializers, the creation checker, the planners and diagnosis:
 #: pure decisions, testable without processes at full scale.
 PURE_CORE = ["mesh", "topology", "modes", "config", "initializer", "ranks", "errors", "creation", "models",
-             "nccl_options", "virtual_pipeline", "reshard.plan.sim", "reshard.plan.network",
+             "mode_plan", "nccl_options", "virtual_pipeline", "reshard.plan.sim", "reshard.plan.network",
              "reshard.plan.schedule", "reshard.plan.scenarios", "reshard.plan.baselines", "reshard.planner", "reshard.plan.types", "reshard.plan.geometry",
              "reshard.plan.rule", "reshard.plan.assembly", "reshard.plan.digest", "reshard.plan.report",
              "reshard.spec.model", "reshard.spec.from_yaml", "reshard.spec.from_module", "reshard.spec.synthetic",
@@ -128,3 +131,60 @@ def test_test_hooks_are_imported_only_by_the_hook_switch_and_only_inside_it():
                                                              and node.level == depth and name.startswith("testing")):
                     found.append((relative, id(node) in top_level))
     assert found and all(relative == "nettest/hooks.py" and not top for relative, top in found), found
+
+
+#: Run in a fresh interpreter: each command through pgroups.cli.main, then whether torch was loaded.
+OFFLINE_COMMANDS = """
+import sys
+from pgroups.cli import main
+for argv in ([], ["--version"], ["--help"], ["show", "--help"], ["validate", "--help"],
+             ["show", "config_examples/parallel.yaml", "--world-size", "16"],
+             ["show", "config_examples/rlhf.yaml", "--world-size", "24", "--json"],
+             ["validate", "config_examples/parallel.yaml", "--world-size", "16"],
+             ["validate", "config_examples/micro_data.yaml", "--world-size", "8"]):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    print(" ".join(argv) or "(none)", code, file=sys.stderr)
+print("torch" in sys.modules, "pgroups.context" in sys.modules)
+"""
+
+
+def test_offline_commands_do_not_import_torch():
+    """``pgroups`` with no command, ``--version``, ``--help``, ``show`` and ``validate`` (a plain
+    config, one with several models, one with a plugin) run without importing torch, nor
+    pgroups.context: ``import pgroups`` resolves ``gpc`` / ``ParallelContext`` on first use, and the
+    CLI imports an extension (nettest, reshard-plan) only to run its own command."""
+    done = subprocess.run([sys.executable, "-c", OFFLINE_COMMANDS], capture_output=True, text=True,
+                          timeout=120, cwd=PACKAGE.parent)
+    codes = dict(line.rsplit(" ", 1) for line in done.stderr.splitlines() if line.rsplit(" ", 1)[-1].isdigit())
+    assert done.returncode == 0 and len(codes) == 9, done.stderr[-2000:]
+    assert codes == {**{argv: "0" for argv in codes}, "(none)": "2"}, codes  # no command: usage, exit 2
+    assert done.stdout.splitlines()[-1] == "False False", "torch or pgroups.context was imported"
+
+
+def test_the_lazy_names_are_the_context_and_one_global_context():
+    """``from pgroups import gpc, ParallelContext`` load the context on first use; every import of
+    ``gpc`` gets the same object; ``dir(pgroups)`` and ``__all__`` list them; an unknown name is
+    an AttributeError naming it."""
+    script = """
+import sys
+import pgroups
+assert "torch" not in sys.modules
+assert {"gpc", "ParallelContext"} <= set(dir(pgroups)) and set(pgroups.__all__) <= set(dir(pgroups))
+from pgroups import gpc, ParallelMode
+from pgroups.context import ParallelContext
+import pgroups as again
+assert type(gpc) is ParallelContext and again.gpc is gpc and pgroups.ParallelContext is ParallelContext
+assert all(getattr(pgroups, name) is not None for name in pgroups.__all__)
+try:
+    pgroups.no_such_name
+except AttributeError as exc:
+    assert "no_such_name" in str(exc), exc
+else:
+    raise AssertionError("no AttributeError")
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

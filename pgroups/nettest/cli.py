@@ -16,7 +16,8 @@ import sys
 import time
 from typing import List, Optional
 
-from ..cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, default_config_path, offline_layout, positive_seconds
+from ..cli import (EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXTENSIONS, default_config_path, offline_layout,
+                   positive_seconds)
 from ..config import load_config
 from ..errors import ConfigError, PGroupsError, UsageError
 from ..hosts import HOSTNAME_ENV, local_hostname
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``pgroups nettest`` (called by :func:`pgroups.cli.build_parser`)."""
     parser = subparsers.add_parser(
-        "nettest", help="network sanity test: busbw per group, names slow or faulty ranks and hosts",
+        "nettest", help=EXTENSIONS["nettest"][1],
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit codes: 0 healthy, 1 slow or wrong group found, 2 usage/config error, 3 timeout.")
     add_arguments(parser)

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..cli import EXTENSIONS
 from ..errors import ConfigError, allowed
 from .layout import load_layout, model_layout
 from .names import conversion_report, load_name_map, sub_block_model
@@ -43,7 +44,7 @@ from .spec import ModelSpec, llama_like, load_model_spec
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("reshard-plan", help="plan moving a model between two layouts, offline")
+    parser = subparsers.add_parser("reshard-plan", help=EXTENSIONS["reshard-plan"][1])
     parser.add_argument("src", help="source layout: a pgroups config, optionally with placement: "
                                     "(with --src/--dst: a config with models:)")
     parser.add_argument("dst", nargs="?", help="destination layout: a pgroups config, optionally with placement:")
