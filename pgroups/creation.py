@@ -344,7 +344,7 @@ def config_steps(initializers: Mapping[str, "object"], topology: "object", strat
                  owners: Optional[Dict[Hashable, object]] = None, label: str = "",
                  world_size: Optional[int] = None) -> List[Step]:
     """The eager steps of a context built from ``initializers`` (mode → initializer, in creation
-    order, as :func:`pgroups.context.make_initializers` returns them) on ``topology``: modes with
+    order, as :func:`pgroups.mode_plan.make_initializers` returns them) on ``topology``: modes with
     one :func:`sharing_key` share the first one's communicators (:func:`shared_owner`), as the
     context decides. ``options``: each mode's NCCL options key; ``owners`` / ``label``: the
     sharing record across several models (each model's modes registered as ``label:mode``);
