@@ -196,7 +196,8 @@ class Report:
         self.parts: List[Union[str, Table]] = []
 
     def note(self, text: str) -> None:
-        """A line or paragraph: printed now, a paragraph in the markdown."""
+        """A line or paragraph: printed now (after the table before it), a paragraph in the markdown."""
+        self._flush()
         print(text, file=self.out, flush=True)
         self.parts.append(text)
 

@@ -4,6 +4,7 @@ parallelism (DDP), bytes moved against the analytic count, and full-weight memor
     python bench/bench_isp.py                      # world 4, weight 4, a ~14 MiB fp32 llama-like model
     python bench/bench_isp.py --steps 8 --layers 6
     python bench/bench_isp.py --vocab 1002         # uneven table rows: 1/weight plus padding
+    python bench/bench_isp.py --steps 10 --markdown docs/benchmarks.md   # and rewrite its section there
 
 Methods, in one run on the same ranks and data (median of ``--steps`` timed steps after
 ``--warmup`` untimed ones, slowest rank; methods interleaved step by step):
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from isp_model import TinyConfig, TinyLlama, batch, loss_of  # noqa: E402  (the tests' model)
 from pgroups.spawn import run_local  # noqa: E402
+
+from _report import Report, add_markdown_argument, markdown_path  # noqa: E402  (bench/ is the script's directory)
 
 MiB = 1 << 20
 ENDS = "WeightParallel, embedding + head sharded"
@@ -199,7 +201,9 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--vocab", type=int, default=1000, help="vocabulary (rows of the embedding and head)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
+    add_markdown_argument(parser)
     args = parser.parse_args(argv)
+    report = Report("isp", argv, markdown_path(parser, args), script=Path(__file__).name)
     cfg = TinyConfig(vocab=args.vocab, dim=args.dim, heads=8, kv_heads=2, ffn=args.ffn, layers=args.layers,
                      qkv_bias=False)
     outcomes = run_local(args.nproc, bench_worker, (cfg, args.seq, args.samples, args.warmup, args.steps),
@@ -222,38 +226,36 @@ def main(argv: List[str] = None) -> int:
     analytic[ENDS] = (2 * (r["block_weight_bytes"] + tables) - tables // 2, r["block_weight_bytes"] + tables,
                       r["block_weight_bytes"] + tables)
     base = r["rows"]["no weight parallelism (DDP)"]
-    print(f"world {r['world']} gloo (weight {r['world']}), {os.cpu_count()} CPU cores, model "
-          f"{r['model_bytes'] / MiB:.1f} MiB fp32 ({args.layers} blocks, dim {args.dim}, ffn {args.ffn}, "
-          f"vocabulary {args.vocab}; "
-          f"{r['block_weight_bytes'] / MiB:.1f} MiB in block linears), {args.samples} x {args.seq} tokens per rank; "
-          f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank\n")
-    print("| method | step ms | vs DDP | gathered MiB/step (analytic) | reduce-scattered MiB/step (analytic) "
-          "| all-reduced MiB/step | peak full-weight MiB (unsharded) | params MiB/rank "
-          "| embedding + head KiB on rank 0 (of unsharded) | pool allocations after warm-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    report.note(f"world {r['world']} gloo (weight {r['world']}), model {r['model_bytes'] / MiB:.1f} MiB fp32 "
+                f"({args.layers} blocks, dim {args.dim}, ffn {args.ffn}, vocabulary {args.vocab}; "
+                f"{r['block_weight_bytes'] / MiB:.1f} MiB in block linears), {args.samples} x {args.seq} tokens per "
+                f"rank; median of {args.steps} steps after {args.warmup} warm-up, slowest rank")
+    table = report.table("", ["method", "step ms", "vs DDP", "gathered MiB/step (analytic)",
+                              "reduce-scattered MiB/step (analytic)", "all-reduced MiB/step",
+                              "peak full-weight MiB (unsharded)", "params MiB/rank",
+                              "embedding + head KiB on rank 0 (of unsharded)", "pool allocations after warm-up"])
     for name, row in r["rows"].items():
         if name in analytic:
             gathered, reduced, full = analytic[name]
-            comm = (f"{row['gathered'] / MiB:.2f} ({gathered / MiB:.2f}) | {row['reduced'] / MiB:.2f} "
-                    f"({reduced / MiB:.2f}) | {row['all_reduced'] / MiB:.2f} | {row['peak_weight'] / MiB:.2f} "
-                    f"({full / MiB:.2f})")
+            comm = [f"{row['gathered'] / MiB:.2f} ({gathered / MiB:.2f})", f"{row['reduced'] / MiB:.2f} ({reduced / MiB:.2f})",
+                    f"{row['all_reduced'] / MiB:.2f}", f"{row['peak_weight'] / MiB:.2f} ({full / MiB:.2f})"]
         else:
-            comm = "– | – | (gradient buckets, not counted) | (all weights resident)"
-        allocations = str(row.get("steady_allocations", "–"))
-        print(f"| {name} | {row['ms']:.1f} | {row['ms'] / base['ms']:.2f}x | {comm} | "
-              f"{row['param_bytes'] / MiB:.2f} | {row['table_bytes'] / 1024:.1f} "
-              f"({row['table_bytes'] / r['table_bytes']:.4f}) | {allocations} |")
+            comm = ["–", "–", "(gradient buckets, not counted)", "(all weights resident)"]
+        table.add(name, f"{row['ms']:.1f}", f"{row['ms'] / base['ms']:.2f}x", *comm, f"{row['param_bytes'] / MiB:.2f}",
+                  f"{row['table_bytes'] / 1024:.1f} ({row['table_bytes'] / r['table_bytes']:.4f})",
+                  row.get("steady_allocations", "–"))
     on, off = r["rows"]["WeightParallel, overlap on"], r["rows"]["WeightParallel, overlap off"]
     fsdp = r["rows"]["FSDP2"]
-    print(f"\noverlap on / off: {on['ms'] / off['ms']:.2f}x; WeightParallel (overlap on) / FSDP2: "
+    report.note(f"overlap on / off: {on['ms'] / off['ms']:.2f}x; WeightParallel (overlap on) / FSDP2: "
           f"{on['ms'] / fsdp['ms']:.2f}x; gathered / analytic: "
           f"{on['gathered'] / analytic['WeightParallel, overlap on'][0]:.3f}; "
           f"reduce-scattered / analytic: {on['reduced'] / r['block_weight_bytes']:.3f}; peak full weights / "
           f"unsharded: {on['peak_weight'] / r['block_weight_bytes']:.2f}")
     rows_on_rank0 = -(-args.vocab // r["world"])  # tensor_split: the first ranks hold the extra row
-    print(f"embedding + head sharded by rows: rank 0 holds {rows_on_rank0} of {args.vocab} rows of each table, "
+    report.note(f"embedding + head sharded by rows: rank 0 holds {rows_on_rank0} of {args.vocab} rows of each table, "
           f"{rows_on_rank0 / args.vocab:.4f} (1/{r['world']} = {1 / r['world']:.4f}, + padding "
           f"{rows_on_rank0 * r['world'] - args.vocab} rows); measured {r['rows'][ENDS]['table_bytes'] / r['table_bytes']:.4f}")
+    report.finish()
     return 0
 
 

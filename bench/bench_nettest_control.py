@@ -15,6 +15,7 @@ uncompressed JSON in one ``multi_get`` with one fixed 8 s deadline.
 
     python bench/bench_nettest_control.py                    # worlds 256 512 1024 2048
     python bench/bench_nettest_control.py --worlds 2048 --project 16384
+    python bench/bench_nettest_control.py --worlds 256 512 2048 --markdown docs/benchmarks.md   # and its section
 
 On this 2-core machine every rank's thread shares the GIL with the others: the times are an
 upper bound of what the store itself needs. ``alone`` times rank 0's collection with nothing
@@ -29,15 +30,19 @@ import json
 import multiprocessing
 import os
 import random
+import sys
 import threading
 import time
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
 from pgroups.nettest import metrics
 from pgroups.nettest.control import (ALIVE_WINDOW_S, STORE_CALL_TIMEOUT_S, Coordinator, NettestTimeoutError,
                                      encode_payload, second_client)
+
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
 HOSTS_RANKS = 8
 
@@ -147,7 +152,7 @@ def baseline(world: int, client: dist.TCPStore, records: List[Dict[str, Any]]) -
     return seconds
 
 
-def alone(server: dist.TCPStore, count: int, project: int) -> None:
+def alone(report: Report, server: dist.TCPStore, count: int, project: int) -> None:
     """Rank 0's collection with nothing else running: ``count`` payloads of one rank's -c all
     records read in slices and decoded, as Coordinator.exchange does; projected to ``project``."""
     from pgroups.nettest.control import SLICE_BYTES, decode_payload, slices
@@ -173,46 +178,52 @@ def alone(server: dist.TCPStore, count: int, project: int) -> None:
     for key in keys:
         server.delete_key(key)
     scale = project / count
-    print(f"alone, {count} payloads (server in this process): sliced read + decode {total:.2f} s wall, "
+    report.note(f"alone, {count} payloads (server in this process): sliced read + decode {total:.2f} s wall, "
           f"{total_cpu:.2f} s CPU (store wait {store_s:.2f} s); projected to {project}: {total * scale:.1f} s wall, "
           f"{total_cpu * scale:.1f} s CPU. Baseline, one multi_get of plain JSON + decode: {baseline_s:.2f} s wall, "
-          f"{baseline_cpu:.2f} s CPU; projected {baseline_s * scale:.1f} s wall, {baseline_cpu * scale:.1f} s CPU "
-          f"(load average {os.getloadavg()[0]:.1f})")
+                f"{baseline_cpu:.2f} s CPU; projected {baseline_s * scale:.1f} s wall, {baseline_cpu * scale:.1f} s CPU "
+                f"(load average {os.getloadavg()[0]:.1f})")
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--project", type=int, default=16384)
     parser.add_argument("--alone", type=int, default=2048, help="payloads for the collection timed alone")
     parser.add_argument("--workers", type=int, default=9, help="processes the emulated ranks are spread over")
-    args = parser.parse_args()
+    add_markdown_argument(parser)
+    args = parser.parse_args(argv)
+    report = Report("nettest-control", argv, markdown_path(parser, args), script=Path(__file__).name)
     server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=60),
                            wait_for_workers=False)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}; "
-          f"store call deadline {STORE_CALL_TIMEOUT_S:g} s; projection to {args.project} ranks; "
-          f"{args.workers} processes")
-    print("| ranks | conns/rank | calls/rank (median, max) | calls rank 0 | payload/rank (JSON -> sent) "
-          "| collect s (decode) | projected s | baseline 1 multi_get s | baseline projected s | silent | errors | keys left |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    alone(server, args.alone, args.project)
+    report.note(f"store call deadline {STORE_CALL_TIMEOUT_S:g} s; projection to {args.project} ranks; "
+                f"{args.workers} processes")
+    alone(report, server, args.alone, args.project)
+    table = report.table("", ["ranks", "conns/rank", "calls/rank (median, max)", "calls rank 0",
+                              "payload/rank (JSON -> sent)", "collect s (decode)", "projected s",
+                              "baseline 1 multi_get s", "baseline projected s", "silent", "errors", "keys left",
+                              "wall s (store calls/s)", "liveness check s", "load"], stream=True)
+    failures = []
     for world in args.worlds:
         keys_before = server.num_keys()
         r = one_world(world, server, args.workers)
+        failures += [f"{world} ranks: {error}" for error in r["errors"][:3]]
         if "collect_s" not in r:
-            print(f"| {world} | failed: {len(r['errors'])} ranks, e.g. {r['errors'][:2]} |")
+            table.add(world, *["-"] * 9, len(r["errors"]), *["-"] * 4)
             continue
         base = r["baseline_s"]
         scale = args.project / world
-        print(f"| {world} | {r['connections']} | {r['calls_median']}, {r['calls_max']} | {r['calls0']} "
-              f"| {r['payload_json'] / 1024:.1f} KB -> {r['payload'] / 1024:.1f} KB | {r['collect_s']:.2f} ({r['decode_s']:.2f}) "
-              f"| {r['collect_s'] * scale:.1f} | {base:.2f} | {base * scale:.1f} | {len(r['silent'])} "
-              f"| {len(r['errors'])} | {r['keys_left'] - keys_before - world} |", flush=True)
-        print(f"  wall {r['wall_s']:.1f} s ({r['calls_per_s']:.0f} store calls/s), liveness check of every rank {r['silent_check_s']:.1f} s, "
-              f"load average {os.getloadavg()[0]:.1f}")
-        for error in r["errors"][:3]:
-            print(f"  {error}")
+        table.add(world, r["connections"], f"{r['calls_median']}, {r['calls_max']}", r["calls0"],
+                  f"{r['payload_json'] / 1024:.1f} KB -> {r['payload'] / 1024:.1f} KB",
+                  f"{r['collect_s']:.2f} ({r['decode_s']:.2f})", f"{r['collect_s'] * scale:.1f}", f"{base:.2f}",
+                  f"{base * scale:.1f}", len(r["silent"]), len(r["errors"]), r["keys_left"] - keys_before - world,
+                  f"{r['wall_s']:.1f} ({r['calls_per_s']:.0f})", f"{r['silent_check_s']:.1f}",
+                  f"{os.getloadavg()[0]:.1f}")
+    for failure in failures:
+        report.note(f"error: {failure}")
+    report.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

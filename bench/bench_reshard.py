@@ -4,6 +4,7 @@ naive schemes, in the same run, on local gloo ranks.
     python bench/bench_reshard.py                    # world 8, ~512 MB bf16 model, tensor 4 x pipeline 2
                                                      #   -> tensor 2 x data 4 (colocated)
     python bench/bench_reshard.py --size-mb 128 --reps 2
+    python bench/bench_reshard.py --size-mb 256 --reps 3 --markdown docs/benchmarks.md   # and rewrite its section
 
 Methods (every one leaves each rank with its generation shard; results are checked equal):
 - ``reshard``: ``plan_reshard`` + a kept ``Resharder`` (atomic: everything staged, destination
@@ -39,11 +40,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
 import zlib
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping
 
 import torch
@@ -54,6 +55,8 @@ from pgroups.reshard import (ParallelLayout, Resharder, cut_shards, empty_shards
 from pgroups.reshard.executor import _checksum
 from pgroups.spawn import run_local
 from pgroups.topology import Topology
+
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
 MiB = 1 << 20
 
@@ -337,46 +340,46 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--nproc", type=int, default=8)
+    add_markdown_argument(parser)
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()[0]
+    report = Report("reshard", argv, markdown_path(parser, args), script=Path(__file__).name)
     outcomes = run_local(args.nproc, bench_worker, (args.size_mb, args.reps, args.bucket_mb), timeout_s=3000,
                          env={"OMP_NUM_THREADS": "1"})
-    load_after = os.getloadavg()[0]
     bad = [o for o in outcomes if not o.ok]
     if bad:
         for o in bad:
             print(f"rank {o.rank}: {o.error}", file=sys.stderr)
         return 1
     r = outcomes[0].value
-    print(f"world {args.nproc} gloo, model {r['model_bytes'] / MiB:.0f} MiB bf16 ({r['tensors']} tensors); "
-          f"tensor 4 x pipeline 2 (balanced stages) -> tensor 2 x data 4, colocated; median of {args.reps} "
-          f"interleaved rounds; load average {load_before:.1f} before, {load_after:.1f} after, "
-          f"{os.cpu_count()} CPUs")
-    print(f"plan: {r['plan_seconds'] * 1e3:.0f} ms, {r['steps']} steps, ratio {r['ratio']:.3f}, sender load "
-          f"max/mean {r['load'][0] / r['load'][1]:.2f}; all methods give identical shards: {r['same']}")
+    report.note(f"world {args.nproc} gloo, model {r['model_bytes'] / MiB:.0f} MiB bf16 ({r['tensors']} tensors); "
+                f"tensor 4 x pipeline 2 (balanced stages) -> tensor 2 x data 4, colocated; median of {args.reps} "
+                f"interleaved rounds")
+    report.note(f"plan: {r['plan_seconds'] * 1e3:.0f} ms, {r['steps']} steps, ratio {r['ratio']:.3f}, sender load "
+                f"max/mean {r['load'][0] / r['load'][1]:.2f}; all methods give identical shards: {r['same']}")
     base, bw = r["rows"]["reshard"], r["bandwidth"]
     bare = r["rows"]["same messages, bare send/recv (ceiling)"]
-    print("\n| method | wall s (slowest rank) | CPU s (max rank) | MiB received (max rank) | time / reshard "
-          "| GB/s per receiver | / pairwise send/recv | / same messages bare | staging MiB (max rank) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = report.table("", ["method", "wall s (slowest rank)", "CPU s (max rank)", "MiB received (max rank)",
+                              "time / reshard", "GB/s per receiver", "/ pairwise send/recv", "/ same messages bare",
+                              "staging MiB (max rank)"])
     ceiling = bare["bytes"] / bare["seconds"] / 1e9
     for label, row in r["rows"].items():
         eff = row["bytes"] / row["seconds"] / 1e9
         staging = f"{r['staging'][label] / MiB:.0f}" if label in r["staging"] else "-"
-        print(f"| {label} | {row['seconds']:.2f} | {row['cpu']:.2f} | {row['bytes'] / MiB:.0f} "
-              f"| {row['seconds'] / base['seconds']:.2f}x | {eff:.2f} | {eff / bw['sendrecv']:.2f}x "
-              f"| {eff / ceiling:.2f}x | {staging} |")
-    print(f"\nsame run, 64 MiB messages: pairwise send/recv busbw (nettest's pair method, 4 pairs at once) median "
-          f"{bw['sendrecv']:.2f} GB/s, slowest pair {bw['sendrecv_min']:.2f}; all_reduce busbw "
-          f"{bw['allreduce_busbw']:.2f} GB/s")
+        table.add(label, f"{row['seconds']:.2f}", f"{row['cpu']:.2f}", f"{row['bytes'] / MiB:.0f}",
+                  f"{row['seconds'] / base['seconds']:.2f}x", f"{eff:.2f}", f"{eff / bw['sendrecv']:.2f}x",
+                  f"{eff / ceiling:.2f}x", staging)
+    report.note(f"same run, 64 MiB messages: pairwise send/recv busbw (nettest's pair method, 4 pairs at once) median "
+                f"{bw['sendrecv']:.2f} GB/s, slowest pair {bw['sendrecv_min']:.2f}; all_reduce busbw "
+                f"{bw['allreduce_busbw']:.2f} GB/s")
     t = r["transport"]
-    print(f"transport, 64 MiB, GB/s per receiver: 1->1 p2p {t['1->1 p2p']:.2f} vs broadcast "
-          f"{t['1->1 broadcast']:.2f}; 1->3 p2p {t['1->3 p2p']:.2f} vs broadcast {t['1->3 broadcast']:.2f}")
-    _print_simulated(r, args)
+    report.note(f"transport, 64 MiB, GB/s per receiver: 1->1 p2p {t['1->1 p2p']:.2f} vs broadcast "
+                f"{t['1->1 broadcast']:.2f}; 1->3 p2p {t['1->3 p2p']:.2f} vs broadcast {t['1->3 broadcast']:.2f}")
+    _report_simulated(report, r, args)
+    report.finish()
     return 0 if r["same"] else 1
 
 
-def _print_simulated(r: Dict[str, Any], args: argparse.Namespace) -> None:
+def _report_simulated(report: Report, r: Dict[str, Any], args: argparse.Namespace) -> None:
     """The simulator (:mod:`pgroups.reshard.plan`) on this run's plan, next to the measured times:
     gloo semantics, one host, every rank's intra-host port at the pairwise send/recv busbw
     measured in this run (all pairs at once), no latency."""
@@ -390,13 +393,13 @@ def _print_simulated(r: Dict[str, Any], args: argparse.Namespace) -> None:
     rows = {"reshard": simulate(rank_rounds(plan, args.bucket_mb * MiB), net, "gloo"),
             # bare: every message posted at once, from and into preallocated buffers (no rings)
             "same messages, bare send/recv (ceiling)": simulate(rank_rounds(plan, 1 << 62), net, "gloo")}
-    print(f"\nsimulated (pgroups.reshard.plan, gloo semantics, one host, intra-host port {busbw / 1e9:.2f} GB/s per "
-          f"rank each way = this run's pairwise busbw, latency 0): lower bound {rows['reshard'].lower_bound_s:.3f} s")
-    print("| method | simulated s | measured s | measured / simulated |")
-    print("|---|---:|---:|---:|")
+    table = report.table(f"simulated (pgroups.reshard.plan, gloo semantics, one host, intra-host port "
+                         f"{busbw / 1e9:.2f} GB/s per rank each way = this run's pairwise busbw, latency 0): lower "
+                         f"bound {rows['reshard'].lower_bound_s:.3f} s",
+                         ["method", "simulated s", "measured s", "measured / simulated"])
     for label, result in rows.items():
         measured = r["rows"][label]["seconds"]
-        print(f"| {label} | {result.makespan_s:.3f} | {measured:.3f} | {measured / result.makespan_s:.2f} |")
+        table.add(label, f"{result.makespan_s:.3f}", f"{measured:.3f}", f"{measured / result.makespan_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from _report import (Report, Table, command_line, markdown_path, add_markdown_ar
 # script -> (smallest arguments, the doc it writes, its section). Each run costs a torch import
 # plus seconds of work on this 2-core machine.
 RUNS = {
+    "bench_isp.py": (["--nproc", "2", "--dim", "64", "--ffn", "128", "--layers", "2", "--seq", "16", "--vocab", "64",
+                      "--warmup", "1", "--steps", "1"], "docs/benchmarks.md", "isp"),
     "bench_groups.py": (["--fake-only", "--worlds", "128", "--repeats", "1", "--layouts", "classic"],
                         "docs/benchmarks.md", "groups"),
     "bench_models.py": (["--world", "64", "--repeats", "1"], "docs/models.md", "models"),
@@ -34,7 +36,12 @@ RUNS = {
                              "docs/benchmarks.md", "reshard-sim"),
 }
 # script -> why the test does not run it
-NOT_RUN: dict = {}
+NOT_RUN = {
+    "bench_reshard.py": "its layouts (tensor 4 x pipeline 2) need 8 gloo ranks: 8 torch imports, about 15 CPU-s "
+                        "on this machine at its smallest model",
+    "bench_nettest_control.py": "its run waits out fixed windows (the liveness check, the store deadlines) and spawns "
+                                "its worker processes: 17-30 s wall at its smallest (4 ranks, 2 processes)",
+}
 
 HEADER = re.compile(r"^`\.venv/bin/python bench/(?P<script>\S+)[^`]*` · \d{4}-\d\d-\d\d \d\d:\d\d(–\d\d:\d\d)? UTC"
                     r" · .+, \d+ cores · torch \S+ · load average \d+\.\d at the start, \d+\.\d at the end$",
@@ -89,14 +96,15 @@ def test_report_writes_header_notes_and_tables_in_order(tmp_path, capsys):
     report = Report("demo", ["--n", "1"], doc, script="bench_demo.py")
     report.note("a note")
     report.table("rows", ["k", "v"]).add("a", 2)
+    report.note("after")
     report.finish()
     text = doc.read_text()
     body = text.split("<!-- bench:demo -->\n")[1].split("\n<!-- /bench:demo -->")[0]
-    header, note, table = body.split("\n\n", 2)
+    header, *parts = body.split("\n\n")
     assert HEADER.match(header) and "bench_demo.py --n 1`" in header
-    assert note == "a note" and table == "rows\n\n| k | v |\n|---|---:|\n| a | 2 |"
+    assert parts == ["a note", "rows", "| k | v |\n|---|---:|\n| a | 2 |", "after"]
     assert text.endswith("\n\nprose\n") and "old" not in text
-    assert capsys.readouterr().out == "a note\nrows\nk v\na 2\n\n"
+    assert capsys.readouterr().out == "a note\nrows\nk v\na 2\n\nafter\n"  # in the order they were added
 
 
 def test_a_missing_markdown_file_is_a_usage_error(tmp_path, capsys):
