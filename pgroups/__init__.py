@@ -1,8 +1,12 @@
 """pgroups — process-group topology manager for PyTorch distributed training.
 
-    from pgroups import gpc, ParallelMode
+    from pgroups import gpc
     gpc.init_from_config("parallel.yaml")
-    tp = gpc.get_group(ParallelMode.TENSOR)
+    tp = gpc.group("tp")    # the tp group's handle: group, CPU group, ranks, rank, size, device
+
+Modes are named by Megatron-Core's tokens (``"tp"``, ``"dp-cp"``, ``"tp-ep-pp"``); InternEvo's
+names and ``ParallelMode`` are accepted aliases (``"tensor"``, ``ParallelMode.TENSOR``): the
+table is :data:`pgroups.modes.VOCABULARY`.
 
 ``import pgroups`` does not import torch: the pure names (config, layout, modes, errors,
 initializers) are imported here, and the two that need torch — :class:`ParallelContext` and the

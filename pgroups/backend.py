@@ -370,7 +370,7 @@ class CreationRendezvous:
              hint: str = CREATION_HINT) -> int:
         """Arrive at ``step`` (a key every member derives alike) with ``held`` groups; return the
         largest count among ``members`` once all arrived. Raises GroupTimeoutError naming
-        ``what`` the members meet for (e.g. "creating mode 'tensor'"), the ranks that arrived and
+        ``what`` the members meet for (e.g. "creating mode 'tp'"), the ranks that arrived and
         the ones that did not, and ``hint``."""
         store = self.store
         store.set(f"{step}/held/{rank}", str(held))

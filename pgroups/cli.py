@@ -35,7 +35,7 @@ from .mode_plan import import_plugins, make_initializers, plan_models
 from .models import unknown_model
 from .errors import ConfigError, GroupTimeoutError, PGroupsError, UsageError, allowed, did_you_mean
 from .initializer import default_registry
-from .modes import COMBINATION_HELP, is_builtin, mode_identity
+from .modes import COMBINATION_HELP, is_builtin, canonical_name
 from .nccl_options import options_by_mode
 from .progress import AnyProgress, NullProgress, progress_for
 from .ranks import format_ranks
@@ -182,17 +182,14 @@ def one_mode_layout(config: Config, world_size: int, mode: str) -> Dict[str, Lis
     Raises ConfigError (via UnknownModeError) naming what exists for anything else.
     """
     layout = offline_layout(config, world_size)
-    if mode in layout:
-        return {mode: layout[mode]}
-    identity = mode_identity(mode)
-    for name, groups in layout.items():
-        if mode_identity(name) == identity:
-            return {mode: groups}
+    name = canonical_name(mode)  # the layout's keys are canonical names
+    if name in layout:
+        return {name: layout[name]}
     if not is_builtin(mode):
         raise ConfigError(f"--mode {mode!r} is not built by {config.source or 'this config'}"
                           f"{did_you_mean(mode, layout)}; built modes: {allowed(layout)}, "
                           f"or any built-in mode, {COMBINATION_HELP}")
-    return {mode: config.topology(world_size).groups(mode)}
+    return {name: config.topology(world_size).groups(mode)}
 
 
 def describe_meshes(topology: Topology) -> Dict[str, Dict[str, object]]:
@@ -237,10 +234,11 @@ def show_models(config: Config, args: argparse.Namespace) -> int:
     for name in names:
         ranks, layout = layouts[name]
         if args.mode is not None:
-            if args.mode not in layout:
+            mode = canonical_name(args.mode)  # the layout's keys are canonical names
+            if mode not in layout:
                 raise UsageError(f"--mode {args.mode!r} is not built by model {name!r}"
                                  f"{did_you_mean(args.mode, layout)}; its modes: {allowed(layout)}")
-            layout = {args.mode: layout[args.mode]}
+            layout = {mode: layout[mode]}
         if args.rank is not None:
             layout = {m: [g for g in groups if args.rank in g] for m, groups in layout.items()}
         shown[name] = {"ranks": list(ranks), "describe": config.models[name].topology(args.world_size).describe(),
@@ -321,7 +319,7 @@ def check_creation(config: Config, topology: Topology, initializers: Dict[str, A
     world = topology.world_size
 
     def deadlock_under(strategy: str) -> Optional[creation.Deadlock]:
-        options = options_by_mode(config.nccl_options, initializers, mode_identity)
+        options = options_by_mode(config.nccl_options, initializers, canonical_name)
         steps = creation.config_steps(initializers, topology, strategy, cpu_twins=config.cpu_groups != "off",
                                       options={m: nccl_options.options_key(o) for m, o in options.items()})
         device = [s for s in steps if s.label.endswith("/device")]

@@ -40,7 +40,7 @@ import attrs
 import yaml
 
 from .errors import ConfigError, allowed, did_you_mean, reject_unknown_keys
-from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, axis_mode, is_builtin
+from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, axis_mode, is_builtin, with_aliases
 from .nccl_options import validate_nccl_options
 from .ranks import format_ranks, parse_ranks
 from .topology import DEFAULT_ORDER, EXPERT_LAYOUTS, Topology, check_virtual_pipeline, parse_order
@@ -375,7 +375,7 @@ def _builtin_modes(value: Any, where: str) -> Tuple[str, ...]:
             raise ConfigError(f"{where}parallel.modes: {exc}") from None
         if not is_builtin(name):
             raise ConfigError(
-                f"{where}parallel.modes: {name!r} is not a built-in mode{did_you_mean(name, BUILTIN_MODE_NAMES)}; "
+                f"{where}parallel.modes: {name!r} is not a built-in mode{did_you_mean(name, with_aliases(BUILTIN_MODE_NAMES))}; "
                 f"allowed: {allowed(BUILTIN_MODE_NAMES)}, {COMBINATION_HELP} (your own modes go under "
                 "extra_modes:)")
     return tuple(dict.fromkeys(value))

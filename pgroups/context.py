@@ -25,14 +25,14 @@ from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupI
                           checked_initializer_call, default_registry, describe_initializer)
 from .launch import LaunchInfo, create_store, from_environment, init_distributed
 from .models import PlacedInitializer, unknown_model
-from .modes import ModeLike, ParallelMode, mode_identity, mode_name
+from .modes import ModeLike, canonical_name, with_aliases
 from .nccl_options import options_by_mode
 from .ranks import format_ranks
 from .topology import CLASSIC_MODES, RankGroups, Topology
 
-#: Built-in modes every context builds, in creation order (the same on every rank). A layout
-#: adds the modes of the axes it uses (Topology.default_modes), a config those it lists.
-BUILTIN_MODES = tuple(ParallelMode(name) for name in CLASSIC_MODES)
+#: Built-in modes every context builds, in creation order (the same on every rank), by canonical
+#: name. A layout adds the modes of the axes it uses (Topology.default_modes), a config those it lists.
+BUILTIN_MODES = CLASSIC_MODES
 
 
 @attrs.define
@@ -114,7 +114,7 @@ class ParallelContext:
             world_size, rank = launch.world_size, launch.rank
         if cfg.models:  # the job's own modes: the world; each model's layout on its ranks
             topology = Topology.create(world_size)
-            initializers = {ParallelMode.GLOBAL.value: self.registry.create(ParallelMode.GLOBAL)}
+            initializers = {"global": self.registry.create("global")}
             from .mode_plan import plan_models
 
             model_plans = plan_models(self.registry, cfg, world_size)
@@ -132,7 +132,7 @@ class ParallelContext:
             self.launch = launch
             self.config, self.topology, self._rank = cfg, topology, rank
             device_backend = resolve_device_backend(cfg.backend)
-            options = options_by_mode(cfg.nccl_options, initializers, mode_identity)
+            options = options_by_mode(cfg.nccl_options, initializers, canonical_name)
             for name, (_, _, model_inits, model_options) in model_plans.items():
                 options.update({f"{name}:{mode}": value for mode, value in model_options.items()})
             self.backend = GroupBackend(device_backend, choose_strategy(cfg.strategy, device_backend),
@@ -153,7 +153,7 @@ class ParallelContext:
             if cfg.cpu_groups == "lazy" and self.backend.world_cpu_group_needs_creation():
                 # The world's CPU group needs every rank; later callers (hostnames, CPU-tensor
                 # exchanges) may be a subset, so it is built now, while every rank is here.
-                self._cpu_group(ParallelMode.GLOBAL.value)
+                self._cpu_group("global")
         except BaseException:
             self.destroy(sync=False)  # never leave a half-built context behind: a retry starts clean
             raise
@@ -220,15 +220,15 @@ class ParallelContext:
         """Whether the context is built (and, given ``mode``, whether that mode is)."""
         if mode is None:
             return self.topology is not None
-        return mode_name(mode) in self._modes
+        return canonical_name(mode) in self._modes
 
     @property
     def modes(self) -> List[str]:
-        """The modes this context built, in creation order."""
+        """The modes this context built, in creation order, by canonical name (``"tp"``, not ``"tensor"``)."""
         return list(self._modes)
 
     def _state(self, mode: ModeLike) -> ModeState:
-        name = mode_name(mode)
+        name = canonical_name(mode)
         if self.topology is None:
             raise ModeNotInitializedError(
                 f"cannot query mode {name!r}: the parallel context is not initialized "
@@ -236,16 +236,12 @@ class ParallelContext:
         try:
             return self._modes[name]
         except KeyError:
-            identity = mode_identity(name)  # "tp" is "tensor", "cp-dp" is "dp-cp"
-            for state in self._modes.values():
-                if mode_identity(state.mode) == identity:
-                    return state
             if self._models:
                 raise ModeNotInitializedError(
                     f"mode {name!r}: this config has several models ({allowed(self._models)}); ask one, "
                     f"e.g. gpc.model({next(iter(self._models))!r}).get_group({name!r})") from None
             raise ModeNotInitializedError(
-                f"mode {name!r} was not built{did_you_mean(name, self._modes)}; built modes: "
+                f"mode {name!r} was not built{did_you_mean(name, with_aliases(self._modes))}; built modes: "
                 f"{allowed(self._modes)} (add your own under extra_modes:)") from None
 
     def _member_state(self, mode: ModeLike) -> ModeState:
@@ -337,6 +333,24 @@ class ParallelContext:
                            tuple(state.ranks), state.ranks.index(self._rank), self.backend.device_for_tensors(),
                            self.model_name)
 
+    def group_for_rank_lists(self, name: str, rank_groups: Sequence[Sequence[int]], shown_as: str,
+                             kind: str) -> Optional[GroupHandle]:
+        """Create device groups for disjoint rank lists that are no mode (the network test's
+        intra-node and one-rank-per-host groups) and return this rank's as a
+        :class:`~pgroups.handle.GroupHandle` labelled ``kind shown_as`` (None if it is in none).
+
+        Collective: every rank calls it with the same lists in the same order; ``name`` is the
+        backend's creation step (see :meth:`pgroups.backend.GroupBackend.build_for_rank_lists`).
+        The CPU group is the device group on a CPU job, None on a device backend.
+        """
+        self._require()
+        group = self.backend.build_for_rank_lists(name, rank_groups)
+        mine = next((sorted(g) for g in rank_groups if self._rank in g), None)
+        if mine is None or group is None:
+            return None
+        return GroupHandle(shown_as, group, None if self.backend.cpu_twin_needed else group, tuple(mine),
+                           mine.index(self._rank), self.backend.device_for_tensors(), self.model_name, kind)
+
     # ---- ranks ------------------------------------------------------------------------------
     def get_global_rank(self) -> int:
         """This process's rank in the world."""
@@ -381,14 +395,14 @@ class ParallelContext:
         """The global rank at ``local_rank`` in this rank's ``mode`` group."""
         ranks = self._member_state(mode).ranks
         if not 0 <= local_rank < len(ranks):
-            raise ValueError(f"local rank {local_rank} is outside 0..{len(ranks) - 1} of mode {mode_name(mode)!r}")
+            raise ValueError(f"local rank {local_rank} is outside 0..{len(ranks) - 1} of mode {canonical_name(mode)!r}")
         return ranks[local_rank]
 
     def to_local_rank(self, mode: ModeLike, global_rank: int) -> int:
         """The position of ``global_rank`` in this rank's ``mode`` group (ValueError if absent)."""
         ranks = self._member_state(mode).ranks
         if global_rank not in ranks:
-            raise ValueError(f"rank {global_rank} is not in this rank's {mode_name(mode)!r} group {ranks}")
+            raise ValueError(f"rank {global_rank} is not in this rank's {canonical_name(mode)!r} group {ranks}")
         return ranks.index(global_rank)
 
     def is_first_rank(self, mode: ModeLike) -> bool:
@@ -397,12 +411,12 @@ class ParallelContext:
     def is_last_rank(self, mode: ModeLike) -> bool:
         return self.get_local_rank(mode) == self.get_world_size(mode) - 1
 
-    def get_next_global_rank(self, mode: ModeLike = ParallelMode.PIPELINE) -> int:
+    def get_next_global_rank(self, mode: ModeLike = "pp") -> int:
         """The next rank in this rank's ``mode`` group, as a ring (pipeline: the next stage)."""
         ranks = self._member_state(mode).ranks
         return ranks[(ranks.index(self._rank) + 1) % len(ranks)]
 
-    def get_prev_global_rank(self, mode: ModeLike = ParallelMode.PIPELINE) -> int:
+    def get_prev_global_rank(self, mode: ModeLike = "pp") -> int:
         """The previous rank in this rank's ``mode`` group, as a ring."""
         ranks = self._member_state(mode).ranks
         return ranks[(ranks.index(self._rank) - 1) % len(ranks)]
@@ -410,13 +424,13 @@ class ParallelContext:
     def is_pipeline_first_stage(self, chunk: Optional[int] = None) -> bool:
         """Whether this rank is the first pipeline stage (and, given ``chunk``, that chunk is 0:
         it holds the model's first layers)."""
-        return virtual_pipeline.is_first_stage(self.get_local_rank(ParallelMode.PIPELINE),
+        return virtual_pipeline.is_first_stage(self.get_local_rank("pp"),
                                                self.topology.pipeline, self.get_virtual_pipeline_size(), chunk)
 
     def is_pipeline_last_stage(self, chunk: Optional[int] = None) -> bool:
         """Whether this rank is the last pipeline stage (and, given ``chunk``, that chunk is the
         last one: it holds the model's last layers)."""
-        return virtual_pipeline.is_last_stage(self.get_local_rank(ParallelMode.PIPELINE),
+        return virtual_pipeline.is_last_stage(self.get_local_rank("pp"),
                                               self.topology.pipeline, self.get_virtual_pipeline_size(), chunk)
 
     # ---- virtual pipeline ---------------------------------------------------------------------
@@ -429,14 +443,14 @@ class ParallelContext:
                                     last_stage_layers: Optional[int] = None) -> List[range]:
         """The layers of each of this rank's model chunks (index = chunk), by the rule of
         :mod:`pgroups.virtual_pipeline` (ConfigError when ``num_layers`` does not split)."""
-        stage = self.get_local_rank(ParallelMode.PIPELINE)
+        stage = self.get_local_rank("pp")
         return virtual_pipeline.layer_map(num_layers, self.topology.pipeline, self.get_virtual_pipeline_size(),
                                           first_stage_layers, last_stage_layers)[stage]
 
     # ---- exports ------------------------------------------------------------------------------
     def device_mesh(self, dims: Union[str, Sequence[str]], device_type: Optional[str] = None) -> Any:
         """A torch ``DeviceMesh`` over ``dims`` (axes such as ``("dp", "tp")``, combinations such
-        as ``"tp-pp"``, or axis modes such as ``"tensor"``) whose dimension groups are this
+        as ``"tp-pp"``, or their aliases such as ``"tensor"``) whose dimension groups are this
         context's own groups; see :func:`pgroups.exports.device_mesh`."""
         self._require()
         return exports.device_mesh(self, dims, device_type)
@@ -462,14 +476,14 @@ class ParallelContext:
         return self._state(mode).ranks is not None
 
     def find_mode(self, mode: ModeLike) -> str:
-        """The built mode that answers for ``mode``: itself under any spelling (``"tp"`` is
-        ``"tensor"``), else a built mode with identical groups (``"tp-cp"`` is ``"tensor"`` when
-        context is 1). ModeNotInitializedError naming it when none is built (list it under
+        """The built mode (its canonical name) that answers for ``mode``: itself under any
+        spelling (``"tensor"`` is ``"tp"``), else a built mode with identical groups (``"tp-cp"``
+        is ``"tp"`` when context is 1). ModeNotInitializedError naming it when none is built (list it under
         ``parallel.modes``)."""
         self._require()
-        name = mode_name(mode)
+        name = canonical_name(mode)
         try:
-            return self._state(name).mode
+            return self._state(mode).mode
         except ModeNotInitializedError:
             pass
         key = self.topology.layout_key(name)  # UnknownModeError / ConfigError for a bad name
@@ -498,7 +512,7 @@ class ParallelContext:
 
             off = self.config.cpu_groups == "off" and self.backend.cpu_twin_needed
             # With CPU groups off, the exchange runs on the device world group (the default group).
-            group = self.backend.world_group() if off else self.get_cpu_group(ParallelMode.GLOBAL)
+            group = self.backend.world_group() if off else self.get_cpu_group("global")
             device = self.backend.device_for_tensors() if off else None
             world = self.topology.world_size
             timeout_s = self.backend.timeout.total_seconds()

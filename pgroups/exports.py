@@ -3,10 +3,10 @@
 creates a group of its own (a mode built lazily is built by the context, as for any query).
 
 Dimensions and fields are modes: an axis (``"tp"``, ``"cp"``), a combination of one mesh's axes
-joined with ``-`` (``"dp-cp"``, order irrelevant), or a built-in axis mode (``"tensor"``,
-``"model"``, ``"global"`` …). Each is served by the built mode with exactly its groups
-(:meth:`ParallelContext.find_mode`): itself, or a mode with identical groups (``"tp-cp"`` is
-``"tensor"`` when context is 1).
+joined with ``-`` (``"dp-cp"``, order irrelevant), or a built-in axis mode under any alias
+(``"tensor"`` is ``"tp"``, ``"model"`` is ``"tp-pp"``; ``"global"`` …). Each is served by the
+built mode with exactly its groups (:meth:`ParallelContext.find_mode`): itself, or a mode with
+identical groups (``"tp-cp"`` is ``"tp"`` when context is 1).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def dim_axes(topology: "Topology", names: Sequence[str]) -> Tuple[Mesh, List[Axe
             if mesh is None:
                 raise ValueError(f"{name!r} is not a view of a mesh (its groups follow a rule of their "
                                  "own); a mesh dimension is an axis such as 'tp', a combination such as "
-                                 "'dp-cp', or an axis mode such as 'tensor', 'model', 'global'")
+                                 "'dp-cp', or 'global'")
         meshes.append(mesh)
         axes.append(tuple(dims))
     others = {m.name: m for m in meshes if m.name != "dense"}
@@ -130,8 +130,9 @@ def device_mesh(ctx: "ParallelContext", dims: Union[str, Sequence[str]],
 
 # ---- Megatron-Core -------------------------------------------------------------------------------
 #: Megatron-Core ``ProcessGroupCollection`` field → the mode with its groups (Megatron's
-#: ``RankGenerator.get_ranks`` tokens; ``etp``/``edp`` are the expert mesh's tensor and data
-#: axes, which Megatron's expert generator calls tp/dp), and what the field holds.
+#: ``RankGenerator.get_ranks`` tokens, the canonical names of :mod:`pgroups.modes`: ``etp``/``edp``
+#: are the expert mesh's tensor and data axes, which Megatron's expert generator calls tp/dp next
+#: to ep), and what the field holds.
 MEGATRON_FIELDS: Dict[str, Tuple[str, str]] = {
     "tp": ("tp", "tensor parallel"),
     "pp": ("pp", "pipeline parallel"),
@@ -141,8 +142,8 @@ MEGATRON_FIELDS: Dict[str, Tuple[str, str]] = {
     "tp_cp": ("tp-cp", "tensor x context parallel"),
     "ep": ("ep", "expert parallel"),
     "expt_tp": ("etp", "expert tensor parallel"),
-    "tp_ep": ("etp-ep", "expert tensor x expert parallel"),
-    "tp_ep_pp": ("etp-ep-pp", "expert tensor x expert x pipeline parallel"),
+    "tp_ep": ("tp-ep", "expert tensor x expert parallel"),
+    "tp_ep_pp": ("tp-ep-pp", "expert tensor x expert x pipeline parallel"),
     "tp_dp_cp": ("tp-dp-cp", "tensor x data x context parallel"),
     "dp": ("dp", "data parallel"),
     "dp_cp": ("dp-cp", "data x context parallel"),

@@ -25,7 +25,8 @@ from importlib import metadata
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from .errors import ConfigError, RegistrationError, UnknownModeError, allowed, did_you_mean
-from .modes import BUILTIN_MODE_NAMES, COMBINATION_HELP, ModeLike, axis_mode, is_builtin, mode_name
+from .modes import (BUILTIN_MODE_NAMES, BUILTIN_SPELLINGS, COMBINATION_HELP, ModeLike, axis_mode, canonical_name,
+                    is_builtin, mode_name, with_aliases)
 from .topology import RankGroups, Topology
 
 ENTRY_POINT_GROUP = "pgroups.initializers"
@@ -125,7 +126,8 @@ class InitializerRegistry:
         if existing is None and is_builtin(name):
             raise RegistrationError(
                 f"mode {name!r} is already registered to pgroups' built-in "
-                f"{'mode' if name in BUILTIN_MODE_NAMES else 'axis combination'}; cannot register "
+                f"{'mode' if name in BUILTIN_SPELLINGS else 'axis combination'} {canonical_name(name)!r}; "
+                "cannot register "
                 f"{class_name(cls)} (choose another name)")
         if existing is not None and existing is not cls and not replace:
             raise RegistrationError(
@@ -142,7 +144,7 @@ class InitializerRegistry:
         name = mode_name(mode)
         if name in self._classes:
             return self._classes[name]
-        if name in BUILTIN_MODE_NAMES:
+        if name in BUILTIN_SPELLINGS:
             return BuiltinInitializer
         try:
             found = axis_mode(name)
@@ -151,7 +153,7 @@ class InitializerRegistry:
         if found is not None:
             return BuiltinInitializer
         raise UnknownModeError(
-            f"no initializer is registered for mode {name!r}{did_you_mean(name, self.modes())}; "
+            f"no initializer is registered for mode {name!r}{did_you_mean(name, with_aliases(self.modes()))}; "
             f"known modes: {allowed(self.modes())}; {COMBINATION_HELP}")
 
     def create(self, mode: ModeLike, options: Optional[Mapping[str, Any]] = None,
@@ -176,7 +178,7 @@ class InitializerRegistry:
             init = cls(**options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}extra_modes.{name}: {exc}") from None
-        init.mode = name
+        init.mode = canonical_name(name) if cls is BuiltinInitializer else name
         return init
 
     def modes(self) -> List[str]:

@@ -14,7 +14,7 @@ from .initializer import (BuiltinInitializer, InitializerRegistry, ProcessGroupI
                           checked_initializer_call, describe_initializer)
 from .initializer import import_plugins as _import_plugins
 from .models import PlacedInitializer, check_models, model_as_config
-from .modes import is_builtin, mode_identity
+from .modes import canonical_name, is_builtin
 from .nccl_options import options_by_mode
 from .topology import Topology
 
@@ -34,9 +34,9 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
     result: Dict[str, ProcessGroupInitializer] = {}
     seen = set()
     for name in topology.default_modes() + tuple(cfg.parallel.modes):
-        if mode_identity(name) not in seen:  # "tp" after "tensor" is the same mode
-            seen.add(mode_identity(name))
-            result[name] = registry.create(name)
+        if canonical_name(name) not in seen:  # "tensor" after "tp" is the same mode
+            seen.add(canonical_name(name))
+            result[canonical_name(name)] = registry.create(name)
     for name, options in cfg.extra_modes.items():
         if name in result or is_builtin(name):
             raise ConfigError(f"{where}extra_modes.{name}: built-in modes are always built or listed "
@@ -56,7 +56,7 @@ def make_initializers(registry: InitializerRegistry, cfg: Config,
             if where and str(exc).startswith(where):
                 raise
             raise ConfigError(f"{where}{exc}") from None
-    options_by_mode(cfg.nccl_options, result, mode_identity, where)  # every entry names a built mode
+    options_by_mode(cfg.nccl_options, result, canonical_name, where)  # every entry names a built mode
     return result
 
 
@@ -71,7 +71,7 @@ def plan_models(registry: InitializerRegistry, cfg: Config, world_size: int) -> 
         except ConfigError as exc:
             raise ConfigError(f"models.{name}: {exc}") from None
         placed = {mode: PlacedInitializer(init, ranks) for mode, init in inits.items()}
-        plans[name] = (ranks, topology, placed, options_by_mode(model_cfg.nccl_options, inits, mode_identity))
+        plans[name] = (ranks, topology, placed, options_by_mode(model_cfg.nccl_options, inits, canonical_name))
     return plans
 
 

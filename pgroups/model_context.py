@@ -9,14 +9,14 @@ from typing import List, Sequence, Tuple
 from .context import ModeState, ParallelContext
 from .errors import ModeNotInitializedError
 from .mode_plan import plan_models  # noqa: F401  (imported from here too)
-from .modes import ModeLike, mode_name
+from .modes import ModeLike, canonical_name
 from .ranks import format_ranks
 from .topology import Topology
 
 
 class ModelContext(ParallelContext):
     """One model of a several-model config: its layout on its ranks, queried like the job's
-    context (``gpc.model("rollout").get_group("tensor")``), in global ranks. Shares the job's
+    context (``gpc.model("rollout").get_group("tp")``), in global ranks. Shares the job's
     backend; its ``topology`` numbers the model's ranks 0..n-1. A rank outside the model gets
     ModeNotInitializedError naming the model and its ranks."""
 
@@ -37,7 +37,7 @@ class ModelContext(ParallelContext):
         if not self.is_in_model() and self.topology is not None:
             raise ModeNotInitializedError(
                 f"rank {self._rank} is not in model {self.model_name!r} (ranks {format_ranks(self.ranks, limit=8)}): "
-                f"it has no {mode_name(mode)!r} group of that model")
+                f"it has no {canonical_name(mode)!r} group of that model")
         return super()._state(mode)
 
     def topology_rank(self) -> int:

@@ -32,7 +32,7 @@ class PlacedInitializer(ProcessGroupInitializer):
     global rank ``ranks[i]``. Pure.
 
     >>> from pgroups import Topology, default_registry
-    >>> placed = PlacedInitializer(default_registry.create("tensor"), (16, 17, 18, 19))
+    >>> placed = PlacedInitializer(default_registry.create("tp"), (16, 17, 18, 19))
     >>> placed.rank_groups(Topology.create(4, tensor=2))
     [[16, 17], [18, 19]]
     """

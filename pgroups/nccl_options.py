@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Optional
 
 from .errors import ConfigError, allowed, did_you_mean
+from .modes import with_aliases
 
 #: NCCL's ``ncclConfig_t`` limits (nccl.h): CGA cluster size 0..8; CTA counts 1..64.
 CGA_CLUSTER_SIZES = range(0, 9)
@@ -94,7 +95,7 @@ def options_by_mode(nccl_options: Mapping[str, NcclOptions], modes: Iterable[str
     for name, options in nccl_options.items():
         built = by_identity.get(identity(name))
         if built is None:
-            raise ConfigError(f"{where}nccl_options.{name}: no such mode{did_you_mean(name, modes)}; "
+            raise ConfigError(f"{where}nccl_options.{name}: no such mode{did_you_mean(name, with_aliases(modes))}; "
                               f"modes this config builds: {allowed(modes)}")
         if built in result:
             raise ConfigError(f"{where}nccl_options.{name}: mode {built!r} already has options")

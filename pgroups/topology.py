@@ -14,7 +14,7 @@ size. One :class:`Topology` holds three meshes over the same ranks (:mod:`pgroup
   ``expert_layout: internevo``;
 - ``weight``: each pipeline stage's ranks re-factored as wp × wdp (InternEvo's ISP).
 
-Ask for any mode by name — a built-in (``"tensor"``, ``"zero1"``, ``"embedding"`` …) or a
+Ask for any mode by name — a built-in (``"tp"``, ``"zero1"``, ``"embedding"`` …; aliases such as ``"tensor"`` too) or a
 combination of one mesh's axes (``"tp-cp"``, ``"dp-cp"``, ``"tp-ep-pp"``)::
 
     topology.groups("tp-cp")          # every group, O(world)
@@ -34,7 +34,7 @@ import attrs
 from .errors import ConfigError, UnknownModeError, allowed
 from .mesh import GridMesh, Mesh, RankGroups, SplitMesh, merge_runs
 from .modes import (BUILTIN_MODE_NAMES, COMBINATION_HELP, AxisMode, ModeLike, ParallelMode, axis_mode,
-                    mode_name)
+                    canonical_name, mode_name)
 
 #: The axes an order string may name; tp, pp and dp are required, cp and ep optional.
 ORDER_AXES: Tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
@@ -47,7 +47,7 @@ AXIS_KEYS: Dict[str, str] = {"tp": "tensor", "cp": "context", "pp": "pipeline", 
 DEFAULT_ORDER = "tp-pp-dp"
 EXPERT_LAYOUTS = ("megatron", "internevo")
 #: Modes every context builds, whatever the config (the classic InternLM set).
-CLASSIC_MODES: Tuple[str, ...] = ("global", "tensor", "pipe", "data", "model", "zero1", "nettest")
+CLASSIC_MODES: Tuple[str, ...] = ("global", "tp", "pp", "dp", "tp-pp", "zero1", "nettest")
 
 
 def parse_order(order: object) -> Tuple[str, ...]:
@@ -185,16 +185,16 @@ class Topology:
         return self.expert > 1 or self.expert_tensor != self.tensor
 
     def default_modes(self) -> Tuple[str, ...]:
-        """The built-in modes a context builds for this layout, in creation order: the classic
-        seven, then context (cp > 1), expert, expert_tensor, expert_data (see expert_enabled),
-        weight, weight_data (weight set). Others are built when a config lists them."""
+        """The built-in modes a context builds for this layout, in creation order, by canonical
+        name: the classic seven, then cp (cp > 1), ep, etp, edp (see expert_enabled), wp, wdp
+        (weight set). Others are built when a config lists them."""
         modes = list(CLASSIC_MODES)
         if self.context_enabled:
-            modes.append("context")
+            modes.append("cp")
         if self.expert_enabled:
-            modes += ["expert", "expert_tensor", "expert_data"]
+            modes += ["ep", "etp", "edp"]
         if self.isp_enabled:
-            modes += ["weight", "weight_data"]
+            modes += ["wp", "wdp"]
         return tuple(modes)
 
     # ---- meshes and modes --------------------------------------------------------------------
@@ -226,7 +226,7 @@ class Topology:
         Raises UnknownModeError for a name that is neither a built-in mode nor an axis
         combination, ConfigError for a malformed combination.
         """
-        name = mode_name(mode)
+        name = canonical_name(mode)
         spec = axis_mode(name)
         if spec is not None:
             if spec.mesh == "expert":
@@ -278,8 +278,8 @@ class Topology:
             return ("runs", merge_runs([(1, block)])) if self.world_size % block == 0 else ("blocks", block)
         if name == "embedding":
             if self.pipeline <= 2:  # one or both ends of each pipeline group: singletons / pipe
-                return self.layout_key("pipe") if self.pipeline == 2 else ("runs", frozenset())
-            return ("embedding", self.layout_key("pipe"))
+                return self.layout_key("pp") if self.pipeline == 2 else ("runs", frozenset())
+            return ("embedding", self.layout_key("pp"))
         return self._zero1_key()
 
     # ---- dense axes (the classic API) ----------------------------------------------------------

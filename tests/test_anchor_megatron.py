@@ -122,8 +122,8 @@ def expect_refusal(*args, **kwargs) -> None:
     except ConfigError:
         return
     assert not topology.expert_enabled
-    for name in ("tp-ep-pp", "expert", "edp"):
-        with pytest.raises(ConfigError, match=f"mode {name!r}: "):
+    for name, canonical in (("tp-ep-pp", "tp-ep-pp"), ("expert", "ep"), ("edp", "edp")):
+        with pytest.raises(ConfigError, match=f"mode {canonical!r}: "):
             topology.groups(name)
 
 

@@ -79,9 +79,11 @@ def test_disabled_pool_allocates_every_time_but_still_counts():
 
 def test_a_lost_peer_or_a_timeout_becomes_group_timeout_naming_operation_and_group():
     from pgroups import GroupTimeoutError
-    from pgroups.comm import GroupInfo, comm_errors
+    import torch
+    from pgroups.comm import comm_errors
+    from pgroups.handle import GroupHandle
 
-    info = GroupInfo(None, 4, 1, "mode 'weight' (ranks [0, 1, 2, 3])")
+    info = GroupHandle("wp", None, None, (0, 1, 2, 3), 1, torch.device("cpu"))
     gloo_text = ("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:48017. This is "
                  "typically caused by a remote worker crashing.")
     for raised, outcome in [(RuntimeError(gloo_text), "failed on local rank 1: a peer left"),
@@ -90,7 +92,7 @@ def test_a_lost_peer_or_a_timeout_becomes_group_timeout_naming_operation_and_gro
             with comm_errors(info, "weight all-gather of layers.0.wq.weight"):
                 raise raised
         message = str(caught.value)
-        assert message.startswith("weight all-gather of layers.0.wq.weight over mode 'weight' (ranks [0, 1, 2, 3]) "
+        assert message.startswith("weight all-gather of layers.0.wq.weight over mode 'wp' (ranks [0, 1, 2, 3]) "
                                   + outcome), message
         assert caught.value.__cause__ is raised
     with pytest.raises(RuntimeError, match="shapes do not match"):  # other errors pass through unchanged

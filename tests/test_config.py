@@ -88,7 +88,7 @@ def test_golden_example_config_shows_the_golden_layout(capsys):
     path = REPO / "config_examples" / "golden16.yaml"
     assert main(["show", str(path), "--world-size", "16", "--json"]) == 0
     modes = json.loads(capsys.readouterr().out)["modes"]
-    assert modes["data"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert modes["dp"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
     assert modes["zero1"] == [[0, 4], [8, 12], [1, 5], [9, 13], [2, 6], [10, 14], [3, 7], [11, 15]]
     assert modes["nettest"] == [list(range(8)), list(range(8, 16))]
 
@@ -287,8 +287,8 @@ def test_cli_show_json_format(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert list(shown) == ["world_size", "order", "meshes", "modes"]
     assert shown["world_size"] == 16 and shown["order"] == "tp-pp-dp"
-    assert set(shown["modes"]) == {"global", "tensor", "pipe", "data", "model", "zero1", "nettest"}
-    assert shown["modes"]["pipe"] == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
+    assert set(shown["modes"]) == {"global", "tp", "pp", "dp", "tp-pp", "zero1", "nettest"}
+    assert shown["modes"]["pp"] == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
     assert shown["modes"]["zero1"] == [[0, 4], [8, 12], [1, 5], [9, 13], [2, 6], [10, 14], [3, 7], [11, 15]]
     assert shown["modes"]["nettest"] == [list(range(8)), list(range(8, 16))]
 
@@ -298,7 +298,7 @@ def test_cli_show_one_rank_and_text(tmp_path, capsys):
     path.write_text("parallel: {tensor: 2, pipeline: 2}\n")
     assert main(["show", str(path), "-n", "16", "--rank", "5", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["modes"]["tensor"] == [[4, 5]] and shown["modes"]["data"] == [[1, 5, 9, 13]]
+    assert shown["modes"]["tp"] == [[4, 5]] and shown["modes"]["dp"] == [[1, 5, 9, 13]]
     assert main(["show", str(path), "-n", "16"]) == 0
     out = capsys.readouterr().out
     assert "world 16 = tensor 2 x pipeline 2 x data 4" in out

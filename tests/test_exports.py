@@ -298,14 +298,14 @@ def test_megatron_embedding_group_is_first_and_last_stage_or_none(rank):
 
 
 def test_megatron_fields_use_built_modes_with_identical_groups():
-    """Without parallel.modes: at context 1 and expert 1, tp_cp is tensor, dp_cp is data,
-    tp_ep_pp is model, expt_dp is data; at pipeline 2 embd is pipe."""
+    """Without parallel.modes: at context 1 and expert 1, tp_cp is tp, dp_cp is dp,
+    tp_ep_pp is tp-pp, expt_dp is dp; at pipeline 2 embd is pp."""
     with fake_world(16, 6):
         ctx = ParallelContext().init_from_config({"parallel": {"tensor": 2, "pipeline": 2}})
         try:
             groups = ctx.megatron_groups(["tp_cp", "dp_cp", "expt_tp", "tp_ep", "tp_ep_pp", "expt_dp", "embd"])
-            assert groups.modes == {"tp_cp": "tensor", "dp_cp": "data", "expt_tp": "tensor", "tp_ep": "tensor",
-                                    "tp_ep_pp": "model", "expt_dp": "data", "embd": "pipe"}
+            assert groups.modes == {"tp_cp": "tp", "dp_cp": "dp", "expt_tp": "tp", "tp_ep": "tp",
+                                    "tp_ep_pp": "tp-pp", "expt_dp": "dp", "embd": "pp"}
         finally:
             ctx.destroy()
 
@@ -321,7 +321,7 @@ def test_megatron_groups_name_what_is_missing():
             with pytest.raises(ValueError, match=r"unknown Megatron-Core group field\(s\) \['tensor'\]"):
                 ctx.megatron_groups(["tp", "tensor"])
             groups = ctx.megatron_groups(["tp", "cp", "dp"])
-            assert groups.modes == {"tp": "tensor", "cp": "context", "dp": "data"}
+            assert groups.modes == {"tp": "tp", "cp": "cp", "dp": "dp"}
             assert set(groups.as_dict()) == {"tp", "cp", "dp"}
             with pytest.raises(AttributeError, match="'pp' was not requested"):
                 groups.pp

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from pgroups import ModeNotInitializedError, ParallelContext, ParallelMode, Topology, default_registry
 from pgroups.context import BUILTIN_MODES
+from pgroups.modes import VOCABULARY, aliases_of
 
 from conftest import fake_world
 
@@ -29,11 +30,12 @@ def test_every_query_answers_as_the_pure_topology(rank):
         ctx = ParallelContext().init_from_config(dict(CONFIG, cpu_groups="eager"))
         try:
             assert ctx.get_global_rank() == rank
-            assert ctx.modes == [m.value for m in BUILTIN_MODES]
+            assert ctx.modes == list(BUILTIN_MODES)
             for mode in BUILTIN_MODES:
-                ranks = pure_group(topology, mode.value, rank)
+                ranks = pure_group(topology, mode, rank)
                 local = ranks.index(rank)
-                for key in (mode, mode.value):  # the enum and its string are the same mode
+                for key in (mode, *aliases_of(mode), *[e for c, _, e, _ in VOCABULARY if c == mode]):
+                    # the canonical name, its InternEvo names and the enum are the same mode
                     assert ctx.get_ranks_in_group(key) == ranks
                     assert ctx.get_world_size(key) == len(ranks)
                     assert ctx.get_local_rank(key) == local
@@ -62,7 +64,7 @@ def test_local_rank_conversion_rejects_ranks_outside_the_group():
     with fake_world(64, 5):
         ctx = ParallelContext().init_from_config({"parallel": {"tensor": 4}})
         try:
-            with pytest.raises(ValueError, match="not in this rank's 'tensor' group"):
+            with pytest.raises(ValueError, match="not in this rank's 'tp' group"):
                 ctx.to_local_rank("tensor", 8)
             with pytest.raises(ValueError, match="outside 0..3"):
                 ctx.to_global_rank("tensor", 4)
@@ -134,9 +136,9 @@ def test_unbuilt_mode_raises_naming_it_and_listing_built_modes():
                     query("micro_data")
                 message = str(info.value)
                 assert "'micro_data'" in message
-                for built in ("'data'", "'global'", "'model'", "'nettest'", "'pipe'", "'tensor'", "'zero1'"):
+                for built in ("'dp'", "'global'", "'tp-pp'", "'nettest'", "'pp'", "'tp'", "'zero1'"):
                     assert built in message
-            with pytest.raises(ModeNotInitializedError, match="'expert' was not built"):
+            with pytest.raises(ModeNotInitializedError, match="'ep' was not built"):
                 ctx.get_local_rank(ParallelMode.EXPERT)  # a built-in mode this layout does not build
             with pytest.raises(ModeNotInitializedError, match="'tp-cp' was not built"):
                 ctx.get_world_size("tp-cp")
@@ -244,7 +246,7 @@ def test_a_group_handle_answers_the_five_queries_at_once():
             assert list(handle.ranks) == ctx.get_ranks_in_group("data") == [2, 6, 10, 14]
             assert handle.rank == ctx.get_group_rank("data") == ctx.get_local_rank("data") == 1
             assert handle.size == ctx.get_world_size("data") == 4 and str(handle.device) == "cpu"
-            assert handle.label == "mode 'data' (ranks [2, 6, 10, 14])"
+            assert handle.label == "mode 'dp' (ranks [2, 6, 10, 14])"
             with pytest.raises(AttributeError):
                 handle.rank = 0  # immutable
         finally:

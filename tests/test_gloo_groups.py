@@ -70,7 +70,7 @@ def two_contexts_worker(first_config: dict, second_config: dict) -> Dict[str, An
 
 def expected_groups(config: dict, world: int, rank: int) -> Dict[str, list]:
     topology = load_config(config).topology(world)
-    return {m.value: default_registry.create(m).group_of(topology, rank) for m in BUILTIN_MODES}
+    return {m: default_registry.create(m).group_of(topology, rank) for m in BUILTIN_MODES}
 
 
 def assert_probe(probe: Dict[str, Any], config: dict, world: int, rank: int) -> None:
@@ -82,7 +82,7 @@ def assert_probe(probe: Dict[str, Any], config: dict, world: int, rank: int) -> 
         assert seen["local"] == ranks.index(rank)
         assert seen["torch_ranks"] == [ranks, ranks], (mode, rank)
         assert seen["sums"] == [sum(ranks), sum(ranks)], (mode, rank)  # device and CPU all_reduce
-    pipe = expected["pipe"]
+    pipe = expected["pp"]
     stage = pipe.index(rank)
     assert probe["next"] == pipe[(stage + 1) % len(pipe)]
     assert probe["prev"] == pipe[(stage - 1) % len(pipe)]
@@ -139,7 +139,7 @@ def test_world8_bundled_default_then_a_four_stage_pipeline():
     assert [r["second"]["next"] for r in results] == [1, 2, 3, 0, 5, 6, 7, 4]
     assert [r["second"]["prev"] for r in results] == [3, 0, 1, 2, 7, 4, 5, 6]
     assert [r["second"]["last_stage"] for r in results] == [False, False, False, True] * 2
-    assert results[0]["second"]["modes"]["tensor"]["ranks"] == [0, 4]
+    assert results[0]["second"]["modes"]["tp"]["ranks"] == [0, 4]
     assert results[7]["second"]["modes"]["nettest"]["ranks"] == [5, 6, 7]
 
 
@@ -155,12 +155,12 @@ def test_pgroups_run_nproc_4_on_the_bundled_default():
     assert lines[0] == ("pgroups run: world 4 = tensor 2 x pipeline 2 x data 1 (order tp-pp-dp), "
                         "zero1 1, nettest 4")
     rows = {line.split()[0]: line.split() for line in lines[3:-1]}
-    assert set(rows) == {"global", "tensor", "pipe", "data", "model", "zero1", "nettest"}
+    assert set(rows) == {"global", "tp", "pp", "dp", "tp-pp", "zero1", "nettest"}
     for mode, row in rows.items():
         assert row[3:5] == ["ok", "ok"], row  # device and CPU all_reduce
-    assert rows["tensor"][1:3] == ["2", "2"]   # 2 groups of 2 ranks
-    assert rows["data"][1:3] == ["4", "1"]
-    assert rows["model"][-1] == "global"       # data 1: one model replica is the whole world
+    assert rows["tp"][1:3] == ["2", "2"]   # 2 groups of 2 ranks
+    assert rows["dp"][1:3] == ["4", "1"]
+    assert rows["tp-pp"][-1] == "global"       # data 1: one model replica is the whole world
     assert lines[-1] == "all groups passed (7 modes, world 4)"
     # progress on stderr: the command's first line, then rank 0's phases, on one clock; between
     # them (every 5 s in a log) the command's heartbeat while it waits for the ranks
@@ -226,7 +226,7 @@ def _wait_for_files(folder: str, count: int, limit_s: float) -> None:
 def test_absent_peer_is_a_group_timeout_naming_mode_and_ranks(tmp_path):
     config = {"parallel": {"tensor": 2}, "timeout_s": TIMEOUT_S, "backend": "gloo"}
     outcomes = run_ranks_outcomes(4, absent_peer_worker, config, str(tmp_path), timeout_s=80)
-    expected = {0: ("data", "[0, 2]"), 1: ("data", "[1, 3]"), 2: ("tensor", "[2, 3]")}
+    expected = {0: ("dp", "[0, 2]"), 1: ("dp", "[1, 3]"), 2: ("tp", "[2, 3]")}
     for rank, (mode, ranks) in expected.items():
         outcome = outcomes[rank]
         assert outcome.ok, outcome.error

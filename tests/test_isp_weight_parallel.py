@@ -435,8 +435,8 @@ def check_errors(expect: Expect, ctx) -> None:
         expect.true(message in str(info.value), f"{message!r} not in {str(info.value)!r}")
     model = TinyLlama(UNEVEN)  # a GroupHandle names the same group as its mode
     by_handle = WeightParallel(model, blocks=model.layers, mode=ctx.group("weight"), ctx=ctx)
-    expect.true(by_handle.info.label == ctx.group("weight").label and by_handle.info.size == 4,
-                f"WeightParallel on ctx.group('weight') runs over {by_handle.info.label}")
+    expect.true(by_handle.handle.label == ctx.group("weight").label and by_handle.handle.size == 4,
+                f"WeightParallel on ctx.group('weight') runs over {by_handle.handle.label}")
     model = TinyLlama(UNEVEN)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     with pytest.raises(ValueError):
@@ -581,6 +581,6 @@ def test_dead_weight_group_peer_raises_group_timeout_naming_mode_and_ranks(monke
     for outcome in outcomes[:3]:
         assert outcome.ok, outcome
         seconds, _, message = outcome.value.partition("s: ")
-        assert "mode 'weight' (ranks [0, 1, 2, 3])" in message, outcome.value
+        assert "mode 'wp' (ranks [0, 1, 2, 3])" in message, outcome.value
         assert "weight all-gather" in message or "reduce-scatter" in message, outcome.value
         assert float(seconds) < 60, f"took {seconds} s with a {DEATH_TIMEOUT_S} s timeout"

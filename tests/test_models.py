@@ -253,7 +253,7 @@ def test_models_on_twelve_gloo_ranks():
         assert all("is not in model" in message for message in out["outside"])
     for out in results[:8]:
         assert out["same_global"] and out["shared_alive"] and out["rebuilt_new"]
-        assert "tensor" in out["released"] and out["after_rebuild"] == 0
+        assert "tp" in out["released"] and out["after_rebuild"] == 0
     # resharding by model name: each destination computes the unsharded layer with its own groups
     w = canonical(5, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN)
     want = reference_layer(torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(2)), w, HEADS, KV_HEADS)
@@ -317,5 +317,5 @@ def test_pgroups_run_checks_every_model(tmp_path, capsys):
     assert cli.main(["run", str(path), "--nproc", "6", "--timeout", "220"]) == 0
     out = capsys.readouterr().out
     for name in ("trainer", "server"):  # each reported by its model's first rank, merged
-        assert f"{name}.tensor " in out and f"{name}.global " in out
+        assert f"{name}.tp " in out and f"{name}.global " in out
     assert "all groups passed" in out and "FAIL" not in out

@@ -67,7 +67,7 @@ def test_unknown_mode_is_a_config_error_before_any_communication():
     cfg = load_config({"parallel": {"tensor": 2}, "nccl_options": {"tensr": {"max_ctas": 8}}})
     with fake_world(4, 0):
         with pytest.raises(ConfigError, match=r"nccl_options.tensr: no such mode \(did you mean 'tensor'\?\); "
-                                              r"modes this config builds: 'data', 'global'"):
+                                              r"modes this config builds: 'dp', 'global'"):
             ParallelContext().init_from_config(cfg)
 
 
@@ -180,10 +180,10 @@ def test_options_follow_the_mode_under_any_spelling():
             "parallel": {"tensor": 2, "context": 2, "order": "tp-cp-dp-pp", "modes": ["dp-cp"]},
             "nccl_options": {"tp": {"max_ctas": 4}, "cp-dp": {"min_ctas": 2}}})
         try:
-            assert ctx.backend.nccl_options == {"tensor": {"max_ctas": 4}, "dp-cp": {"min_ctas": 2}}
+            assert ctx.backend.nccl_options == {"tp": {"max_ctas": 4}, "dp-cp": {"min_ctas": 2}}
         finally:
             ctx.destroy()
-        with pytest.raises(ConfigError, match=r"nccl_options.tp: mode 'tensor' already has options"):
+        with pytest.raises(ConfigError, match=r"nccl_options.tp: mode 'tp' already has options"):
             ParallelContext().init_from_config({"parallel": {"tensor": 2},
                                                 "nccl_options": {"tensor": {"max_ctas": 4}, "tp": {"max_ctas": 8}}})
 

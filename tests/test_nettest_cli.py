@@ -242,7 +242,7 @@ def test_each_rank_of_a_launched_job_exits_with_the_shared_verdict(tmp_path, lau
 
 # ---- usage errors: exit 2, one line, no process started ------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["--nproc", "8", "--modes", "tensr"], "--modes: unknown mode 'tensr'; built modes: global, tensor"),
+    (["--nproc", "8", "--modes", "tensr"], "--modes: unknown mode 'tensr'; built modes: global, tp"),
     (["--nproc", "2", "-e", "12Q"], "bad size '12Q'"),
     (["--nproc", "2", "-c", "all_reduce,gossip"], "unknown collective 'gossip'"),
     (["--nproc", "2", "--iters", "0"], "--iters must be at least 1"),

@@ -24,8 +24,8 @@ from conftest import fake_world, run_ranks
 REPO = Path(__file__).resolve().parents[1]
 MICRO_DATA_YAML = REPO / "config_examples" / "micro_data.yaml"
 MICRO_DATA_PLUGIN = REPO / "config_examples" / "micro_data_plugin.py"
-BUILTINS = ["context", "data", "embedding", "expert", "expert_data", "expert_tensor", "global", "model",
-            "nettest", "pipe", "tensor", "weight", "weight_data", "zero1"]
+BUILTINS = ["cp", "dp", "edp", "embedding", "ep", "etp", "global", "nettest", "pp", "tp", "tp-pp", "wdp", "wp",
+            "zero1"]
 
 
 class ExpertInitializer(ProcessGroupInitializer):
@@ -206,7 +206,7 @@ def test_micro_data_layout_offline(capsys):
     assert main(["show", str(MICRO_DATA_YAML), "--world-size", "8", "--json"]) == 0
     modes = json.loads(capsys.readouterr().out)["modes"]
     assert modes["micro_data"] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # tensor 4 / inference tensor 2
-    assert modes["tensor"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert modes["tp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_user_mode_in_a_context_under_the_fake_backend(fresh_registry):

@@ -288,7 +288,7 @@ def check_timeout(expect: Expect, rank: int) -> None:
         started = time.monotonic()
         with pytest.raises(GroupTimeoutError) as info:
             gather_along(x, 0, "tensor", ctx=ctx)
-        expect.true("all-gather over mode 'tensor' (ranks [2, 3]) timed out" in str(info.value), str(info.value))
+        expect.true("all-gather over mode 'tp' (ranks [2, 3]) timed out" in str(info.value), str(info.value))
         expect.true(time.monotonic() - started < 15, "the timeout came late")
     elif rank != 3:
         expect.close(gather_along(x, 0, "tensor", ctx=ctx), torch.ones(4), EXACT, "healthy pair")

@@ -255,7 +255,7 @@ def test_missing_micro_data_mode_names_the_plugin_and_bad_groups_are_refused():
         try:
             with pytest.raises(ModeNotInitializedError, match=r"pgroups\.plugins\.micro_data"):
                 MicroDataSharding(ctx)
-            with pytest.raises(ConfigError, match=r"mode 'pipe' group \[0, 2\] is not a block of consecutive ranks"):
+            with pytest.raises(ConfigError, match=r"mode 'pp' group \[0, 2\] is not a block of consecutive ranks"):
                 MicroDataSharding(ctx, micro_data_mode="pipe")
         finally:
             ctx.destroy()

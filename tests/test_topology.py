@@ -21,7 +21,7 @@ AXES = ("tp", "pp", "dp")
 
 def layout(topology: Topology) -> Dict[str, List[List[int]]]:
     """Every built-in mode's groups, through the registered initializers."""
-    return {m.value: default_registry.create(m).rank_groups(topology) for m in BUILTIN_MODES}
+    return {m: default_registry.create(m).rank_groups(topology) for m in BUILTIN_MODES}
 
 
 # ---- golden tables (the layout facts of docs/GUIDE: world 16, tensor 2, pipeline 2) ------------------
@@ -30,10 +30,10 @@ def test_golden_world16_tensor2_pipeline2_zero1_2_nettest8():
     topology = Topology.create(16, tensor=2, pipeline=2, zero1=2, nettest=8)
     assert topology.data == 4
     groups = layout(topology)
-    assert groups["tensor"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
-    assert groups["pipe"] == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
-    assert groups["data"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
-    assert groups["model"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert groups["pp"] == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
+    assert groups["dp"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert groups["tp-pp"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
     assert groups["zero1"] == [[0, 4], [8, 12], [1, 5], [9, 13], [2, 6], [10, 14], [3, 7], [11, 15]]
     assert groups["nettest"] == [list(range(0, 8)), list(range(8, 16))]
     assert groups["global"] == [list(range(16))]
@@ -61,20 +61,20 @@ def test_golden_order_tp_dp_pp():
     """tp fastest, then dp, pp slowest: rank = tp + tensor*dp + tensor*data*pp."""
     topology = Topology.create(16, tensor=2, pipeline=2, zero1=2, order="tp-dp-pp")
     groups = layout(topology)
-    assert groups["tensor"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
-    assert groups["data"] == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
-    assert groups["pipe"] == [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]]
-    assert groups["model"] == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13], [6, 7, 14, 15]]
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert groups["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    assert groups["pp"] == [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]]
+    assert groups["tp-pp"] == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13], [6, 7, 14, 15]]
     assert groups["zero1"] == [[0, 2], [4, 6], [1, 3], [5, 7], [8, 10], [12, 14], [9, 11], [13, 15]]
 
 
 def test_golden_order_dp_pp_tp():
     """dp fastest, tp slowest: rank = dp + data*pp + data*pipeline*tp."""
     groups = layout(Topology.create(16, tensor=2, pipeline=2, order="dp-pp-tp"))
-    assert groups["data"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
-    assert groups["pipe"] == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]]
-    assert groups["tensor"] == [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]]
-    assert groups["model"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert groups["dp"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]]
+    assert groups["tp"] == [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]]
+    assert groups["tp-pp"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
 
 
 def test_modes_accept_enum_or_string():
@@ -156,8 +156,8 @@ def test_each_rank_in_exactly_one_sorted_group_per_mode(topology):
 @given(topologies())
 def test_group_sizes(topology):
     groups = layout(topology)
-    expected = {"global": topology.world_size, "tensor": topology.tensor, "pipe": topology.pipeline,
-                "data": topology.data, "model": topology.tensor * topology.pipeline,
+    expected = {"global": topology.world_size, "tp": topology.tensor, "pp": topology.pipeline,
+                "dp": topology.data, "tp-pp": topology.tensor * topology.pipeline,
                 "zero1": topology.zero1}
     for mode, size in expected.items():
         assert {len(g) for g in groups[mode]} == {size}, mode
@@ -174,7 +174,7 @@ def test_orthogonality(topology):
     """Groups of different axes meet in at most one rank (and always in one via its own rank)."""
     groups = layout(topology)
     owners = {mode: rank_to_group(g) for mode, g in groups.items()}
-    for a, b in [("tensor", "pipe"), ("tensor", "data"), ("pipe", "data"), ("model", "data")]:
+    for a, b in [("tp", "pp"), ("tp", "dp"), ("pp", "dp"), ("tp-pp", "dp")]:
         for rank in range(topology.world_size):
             shared = set(owners[a][rank]) & set(owners[b][rank])
             assert shared == {rank}, (a, b, rank)
@@ -186,7 +186,7 @@ def test_orthogonality(topology):
 @given(topologies())
 def test_zero1_groups_are_consecutive_chunks_of_data_groups(topology):
     groups = layout(topology)
-    data_of = rank_to_group(groups["data"])
+    data_of = rank_to_group(groups["dp"])
     for chunk in groups["zero1"]:
         data_group = data_of[chunk[0]]
         start = data_group.index(chunk[0])
@@ -198,8 +198,8 @@ def test_zero1_groups_are_consecutive_chunks_of_data_groups(topology):
 @given(topologies())
 def test_model_groups_are_the_union_of_tensor_times_pipe(topology):
     groups = layout(topology)
-    tensor_of, pipe_of = rank_to_group(groups["tensor"]), rank_to_group(groups["pipe"])
-    model_of = rank_to_group(groups["model"])
+    tensor_of, pipe_of = rank_to_group(groups["tp"]), rank_to_group(groups["pp"])
+    model_of = rank_to_group(groups["tp-pp"])
     for rank in range(topology.world_size):
         union = sorted({r for stage in pipe_of[rank] for r in tensor_of[stage]})
         assert model_of[rank] == union

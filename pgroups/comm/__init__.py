@@ -1,6 +1,6 @@
 """Communication with autograd on any mode's group: activation collectives, weight gathers.
 
-- :mod:`.groups` — resolve a mode (or a ProcessGroup) to the group a collective runs on;
+- :mod:`.groups` — resolve a mode (or a ProcessGroup) to the :class:`~pgroups.handle.GroupHandle` a collective runs on;
 - :mod:`.sizes` — pure size arithmetic of sharded dims (``tensor_split`` convention);
 - :mod:`.packing` — several tensors of any dtypes through one byte buffer;
 - :mod:`.raw` — the collectives without autograd (gather, reduce-scatter, all-to-all);
@@ -13,11 +13,11 @@
 - :mod:`.pool` — :class:`BufferPool`, the reusable communication buffers and their counters;
 - :mod:`.ulysses` — :class:`UlyssesAttention`, sequence-parallel attention (GQA included).
 
-Example (a ``sequence`` mode, weights sharded over ``weight``)::
+Example (a ``sequence`` mode, weights sharded over ``wp``)::
 
     q, k, v = seq_to_head([q, k, v], "sequence")     # [b, s/p, h, d] -> [b, s, h/p, d], one exchange
     out = head_to_seq(attention(q, k, v), "sequence")
-    handle = start_weight_gather(w_shard, 0, "weight")  # in flight while other work runs
+    handle = start_weight_gather(w_shard, 0, "wp")  # in flight while other work runs
     y = out @ handle.wait().t()
 
 Every rank of the group must call the same function in the same order, and every rank must

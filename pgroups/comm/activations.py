@@ -21,14 +21,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..context import ParallelContext
-from .groups import GroupInfo, GroupLike, resolve_group
+from .groups import GroupHandle, GroupLike, resolve_group
 from .raw import all_to_all_raw, gather_raw, reduce_scatter_raw, split_raw
 from .sizes import Sizes, normalize_dim, piece_sizes, split_sizes
 
 TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def _split_slice(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo) -> torch.Tensor:
+def _split_slice(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupHandle) -> torch.Tensor:
     return split_raw(tensor, dim, sizes, info.rank)
 
 

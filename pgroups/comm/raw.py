@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..context import ParallelContext
-from .groups import GroupInfo, GroupLike, comm_errors, resolve_group
+from .groups import GroupHandle, GroupLike, comm_errors, resolve_group
 from .packing import as_bytes, pack_tensors, packed_nbytes, unpack_tensors
 from .sizes import Sizes, offsets_of, with_size
 
@@ -33,7 +33,7 @@ def pad_along(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return padded
 
 
-def start_gather(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo, async_op: bool,
+def start_gather(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupHandle, async_op: bool,
                  out: Optional[torch.Tensor] = None) -> Tuple[Optional[dist.Work], Callable[[], torch.Tensor]]:
     """Start an all-gather of ``tensor`` (this rank's piece, ``sizes`` per rank along ``dim``).
 
@@ -65,7 +65,7 @@ def start_gather(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo, 
     return work, finish
 
 
-def gather_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo) -> torch.Tensor:
+def gather_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupHandle) -> torch.Tensor:
     """All-gather along ``dim`` (no autograd); pieces in local-rank order."""
     work, finish = start_gather(tensor, dim, sizes, info, async_op=False)
     if work is not None:
@@ -96,7 +96,7 @@ def stack_for_reduce_scatter(tensor: torch.Tensor, dim: int, sizes: Sizes) -> to
     return torch.stack([pad_along(c, dim, padded_size) for c in chunks])
 
 
-def reduce_scatter_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo) -> torch.Tensor:
+def reduce_scatter_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, info: GroupHandle) -> torch.Tensor:
     """Sum ``tensor`` over the group and return this rank's slice (``sizes`` along ``dim``)."""
     padded_size = max(sizes)
     stacked = stack_for_reduce_scatter(tensor, dim, sizes)
@@ -113,7 +113,7 @@ def split_raw(tensor: torch.Tensor, dim: int, sizes: Sizes, rank: int) -> torch.
 
 def all_to_all_raw(tensors: Sequence[torch.Tensor], scatter_dim: int, gather_dim: int,
                    scatter_sizes: Sequence[Sizes], gather_sizes: Sequence[Sizes],
-                   info: GroupInfo) -> List[torch.Tensor]:
+                   info: GroupHandle) -> List[torch.Tensor]:
     """One all-to-all for all ``tensors`` (no autograd).
 
     Tensor ``t`` is cut along ``scatter_dim`` by ``scatter_sizes[t]`` (slice ``j`` goes to

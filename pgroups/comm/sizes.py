@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-from .groups import GroupInfo
+from .groups import GroupHandle
 
 Sizes = Tuple[int, ...]
 
@@ -44,7 +44,7 @@ def _all_sizes(sizes: Sequence[int]) -> bool:
     return all(not isinstance(s, bool) and isinstance(s, int) and s >= 0 for s in sizes)
 
 
-def check_sizes(sizes: Sequence[int], info: GroupInfo, dim: int, local_size: int, what: str) -> Sizes:
+def check_sizes(sizes: Sequence[int], info: GroupHandle, dim: int, local_size: int, what: str) -> Sizes:
     """Validate a per-rank size list: one non-negative int per rank, this rank's entry equal to
     ``local_size``. Returns it as a tuple; ValueError names the dim, sizes and group size."""
     sizes = tuple(sizes)
@@ -57,7 +57,7 @@ def check_sizes(sizes: Sequence[int], info: GroupInfo, dim: int, local_size: int
     return sizes
 
 
-def check_split_sizes(sizes: Sequence[int], info: GroupInfo, dim: int, total: int, what: str) -> Sizes:
+def check_split_sizes(sizes: Sequence[int], info: GroupHandle, dim: int, total: int, what: str) -> Sizes:
     """Validate sizes that split a dim of size ``total`` over the group (one per rank, summing
     to ``total``). ValueError names the dim, the size and the group size."""
     sizes = tuple(sizes)
@@ -67,14 +67,14 @@ def check_split_sizes(sizes: Sequence[int], info: GroupInfo, dim: int, total: in
     return sizes
 
 
-def piece_sizes(sizes: Optional[Sequence[int]], info: GroupInfo, dim: int, local: int, what: str) -> Sizes:
+def piece_sizes(sizes: Optional[Sequence[int]], info: GroupHandle, dim: int, local: int, what: str) -> Sizes:
     """Every rank's piece size along ``dim``: ``sizes`` validated, or (None) all equal to ``local``."""
     if sizes is None:
         return (local,) * info.size
     return check_sizes(sizes, info, dim, local, what)
 
 
-def split_sizes(sizes: Optional[Sequence[int]], info: GroupInfo, dim: int, total: int, what: str) -> Sizes:
+def split_sizes(sizes: Optional[Sequence[int]], info: GroupHandle, dim: int, total: int, what: str) -> Sizes:
     """How ``total`` splits over the group: ``sizes`` validated, or (None) ``tensor_split``'s."""
     if sizes is None:
         return even_split_sizes(total, info.size)

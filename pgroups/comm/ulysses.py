@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..context import ParallelContext
-from ..modes import ModeLike
+
 from .activations import all_to_all
-from .groups import resolve_group
+from .groups import GroupLike, resolve_group
 from .sizes import piece_sizes
 
 
@@ -48,7 +48,8 @@ def kv_repeats(query_heads: int, kv_heads: int, group_size: int) -> int:
 
 
 class UlyssesAttention(nn.Module):
-    """``UlyssesAttention(attn_fn, mode="tensor")(q, k, v, *args, **kwargs)``.
+    """``UlyssesAttention(attn_fn, mode="tp")(q, k, v, *args, **kwargs)``; ``mode`` is a mode
+    (resolved through ``ctx.group(mode)`` at each call) or a :class:`~pgroups.handle.GroupHandle`.
 
     ``attn_fn(q, k, v, *args, **kwargs)`` is any local attention (a function or a module) on
     head-sharded ``[b, s, h/p, d]`` tensors returning ``[b, s, h_q/p, d]``; it may do GQA
@@ -58,7 +59,7 @@ class UlyssesAttention(nn.Module):
     Returns ``[b, s/p, h_q, d]``. Every rank of the group calls it in the same order.
     """
 
-    def __init__(self, attn_fn: Callable[..., torch.Tensor], mode: ModeLike = "tensor", *, seq_dim: int = 1,
+    def __init__(self, attn_fn: Callable[..., torch.Tensor], mode: GroupLike = "tp", *, seq_dim: int = 1,
                  head_dim: int = 2, ctx: Optional[ParallelContext] = None) -> None:
         super().__init__()
         self.attn_fn = attn_fn
@@ -66,7 +67,7 @@ class UlyssesAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
                 seq_sizes: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.Tensor:
-        info = resolve_group(self.mode, self.ctx)
+        info = resolve_group(self.mode, self.ctx)  # once: both exchanges run on this handle
         if k.shape[self.head_dim] != v.shape[self.head_dim]:
             raise ValueError(f"k has {k.shape[self.head_dim]} heads but v has {v.shape[self.head_dim]}")
         repeats = kv_repeats(q.shape[self.head_dim], k.shape[self.head_dim], info.size)
@@ -74,10 +75,10 @@ class UlyssesAttention(nn.Module):
             k = k.repeat_interleave(repeats, dim=self.head_dim)
             v = v.repeat_interleave(repeats, dim=self.head_dim)
         sizes = piece_sizes(seq_sizes, info, self.seq_dim, q.shape[self.seq_dim], "seq_sizes")
-        q, k, v = all_to_all([q, k, v], self.mode, scatter_dim=self.head_dim,
+        q, k, v = all_to_all([q, k, v], info, scatter_dim=self.head_dim,
                              gather_dim=self.seq_dim, gather_sizes=sizes, ctx=self.ctx)
         out = self.attn_fn(q, k, v, *args, **kwargs)
-        return all_to_all(out, self.mode, scatter_dim=self.seq_dim,
+        return all_to_all(out, info, scatter_dim=self.seq_dim,
                           gather_dim=self.head_dim, scatter_sizes=sizes, ctx=self.ctx)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..context import ParallelContext
-from .groups import GroupInfo, GroupLike, comm_errors, resolve_group
+from .groups import GroupHandle, GroupLike, comm_errors, resolve_group
 from .raw import reduce_scatter_raw, start_gather
 from .sizes import Sizes, normalize_dim, piece_sizes
 
@@ -35,7 +35,7 @@ class WeightGatherHandle:
     to the shard's autograd graph: its gradient is reduce-scattered (summed over the group)
     back into the shard's gradient. ``wait`` may be called again; it returns the same tensor."""
 
-    def __init__(self, shard: torch.Tensor, dim: int, sizes: Sizes, info: GroupInfo) -> None:
+    def __init__(self, shard: torch.Tensor, dim: int, sizes: Sizes, info: GroupHandle) -> None:
         self.shard, self.dim, self.sizes, self.info = shard, dim, sizes, info
         self._full: Optional[torch.Tensor] = None
         if info.size == 1:

@@ -26,7 +26,7 @@ from .diagnosis import Thresholds
 from .hooks import check_fault_spec
 from ..progress import Progress
 from .report import format_report, plotting_available, write_json, write_plot, write_prometheus
-from .runner import NettestOptions, NettestTimeoutError, RankResult, run_rank
+from .runner import NettestOptions, NettestTimeoutError, RankResult, run_rank, select_modes
 
 DEFAULT_ITERS = 5
 DEFAULT_WARMUP = 1
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, help="start N local gloo processes on this machine "
                         "(without it: run as one rank of torchrun / SLURM)")
     parser.add_argument("--modes", default="nettest",
-                        help="modes whose groups to test: comma list (tensor,data,…) or 'all' (default: nettest)")
+                        help="modes whose groups to test: comma list (tp,dp,… or their aliases tensor,data,…) "
+                             "or 'all' (default: nettest)")
     parser.add_argument("--no-host-groups", dest="host_groups", action="store_false",
                         help="skip the host-aware groups (intra-node: one host's ranks; inter-node: one rank per host)")
     parser.add_argument("--collectives", "-c", default="all_reduce",
@@ -107,7 +108,7 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
     metrics.size_sweep(min_bytes, max_bytes, args.step_factor)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not modes:
-        raise ValueError("--modes is empty: name modes (e.g. nettest,tensor) or 'all'")
+        raise ValueError("--modes is empty: name modes (e.g. nettest,tp) or 'all'")
     if "all" in modes and len(modes) > 1:
         raise ValueError("--modes: 'all' cannot be combined with other modes")
     rule = Thresholds(args.slow_factor, args.mad_k, args.min_busbw)
@@ -187,11 +188,7 @@ def resolve_config(path: Optional[str], world_size: Optional[int]):
 
 
 def _check_modes(options: NettestOptions, config, world_size: int) -> None:
-    layout = offline_layout(config, world_size)
-    if options.modes != ("all",):
-        unknown = [m for m in options.modes if m not in layout]
-        if unknown:
-            raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; built modes: {', '.join(layout)} (or 'all')")
+    select_modes(options.modes, list(offline_layout(config, world_size)))  # ConfigError for a mode not built
 
 
 def _run_local(args: argparse.Namespace, options: NettestOptions, config) -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError, ModeNotInitializedError
+from ..handle import GroupHandle
 from . import diagnosis, metrics, nccl_diagnostics, preflight, probe, verdict
 from .bench import Bench, GroupFailure
 from .control import Coordinator, NettestTimeoutError, first_words
@@ -38,16 +39,18 @@ PAIR_MAX_BYTES = 8 * 1024 * 1024  # pair tests stop here: enough to compare pair
 
 
 def select_modes(requested: Sequence[str], built: Sequence[str]) -> List[str]:
-    """``("all",)`` → every built mode; else the requested ones, which must be built (ConfigError)."""
+    """``("all",)`` → every built mode; else the requested ones by canonical name (``tensor`` is
+    ``tp``), which must be built (ConfigError naming the first that is not)."""
     from ..errors import ConfigError
+    from ..modes import canonical_name
 
     if list(requested) == ["all"]:
         return list(built)
-    unknown = [m for m in requested if m not in built]
+    unknown = [m for m in requested if canonical_name(m) not in built]
     if unknown:
         raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; built modes: "
                           f"{', '.join(built)} (or 'all')")
-    return list(dict.fromkeys(requested))
+    return list(dict.fromkeys(canonical_name(m) for m in requested))
 
 
 @attrs.frozen
@@ -80,7 +83,7 @@ class RankRun:
         self.bench = Bench(self.device, self.coordinator, self.faults, options.timeout_s,
                            options.warmup, options.iters)
         self.catalog: List[GroupUnderTest] = []
-        self.handles: Dict[str, Any] = {}
+        self.handles: Dict[str, Optional[GroupHandle]] = {}   # test group id -> this rank's handle
         self.partial: Dict[str, Any] = {}   # the report so far (assembled by run() only)
         self.exit_code = 0
         self.started = time.perf_counter()
@@ -97,10 +100,11 @@ class RankRun:
             groups = [g for g in self.catalog if g.kind == kind]
             mine = next((g for g in groups if self.rank in g.ranks), None)
             if kind in HOST_KINDS:
-                handle = self.ctx.backend.build_for_rank_lists(f"nettest-{kind}", [list(g.ranks) for g in groups])
+                handle = self.ctx.group_for_rank_lists(f"nettest-{kind}", [list(g.ranks) for g in groups],
+                                                       kind, "host group")
             else:
                 try:
-                    handle = self.ctx.group(kind).group
+                    handle = self.ctx.group(kind)
                 except ModeNotInitializedError:
                     handle = None
             if mine is not None:
@@ -217,7 +221,8 @@ class RankRun:
                  repeats: int, followup: bool = False) -> Dict[str, Any]:
         self.coordinator.position(where)
         try:
-            record = self.bench.measure(collective, self.handles[group.id], list(group.ranks), self.rank,
+            handle = self.handles[group.id]
+            record = self.bench.measure(collective, handle.group if handle else None, list(group.ranks), self.rank,
                                         shape, repeats, followup)
         except GroupFailure as exc:
             self._hang(group.id, list(group.ranks), where, collective, shape.size_bytes, exc)

@@ -40,8 +40,9 @@ import torch.distributed as dist
 
 from ..context import ParallelContext
 from ..errors import ConfigError, ModeNotInitializedError
-from ..modes import ModeLike, ParallelMode, mode_name
-from ..comm import (GroupInfo, GroupLike, aligned_nbytes, comm_errors, gather_raw, normalize_dim, pack_tensors,
+from ..handle import GroupHandle
+from ..modes import ModeLike, canonical_name
+from ..comm import (GroupLike, aligned_nbytes, comm_errors, gather_raw, normalize_dim, pack_tensors,
                     resolve_group, unpack_tensors)
 
 Batch = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -121,7 +122,7 @@ def _decode_message(buffer: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], bool
 
 
 # ---- batch collectives -------------------------------------------------------------------------
-def broadcast_batch(batch: Optional[Batch], mode: GroupLike = ParallelMode.TENSOR, *, src: int = 0,
+def broadcast_batch(batch: Optional[Batch], mode: GroupLike = "tp", *, src: int = 0,
                     cpu: bool = False, ctx: Optional[ParallelContext] = None) -> Batch:
     """Every rank of ``mode``'s group gets local rank ``src``'s batch (two broadcasts).
 
@@ -195,7 +196,7 @@ def all_gather_batch(batch: Batch, mode: GroupLike, *, dim: int = 0, cpu: bool =
     return _as_batch({name: torch.cat([entries[name] for entries, _ in decoded], dim=dim) for name in names}, single)
 
 
-def _check_gatherable(decoded: Sequence[Tuple[Dict[str, torch.Tensor], bool]], dim: int, info: GroupInfo) -> None:
+def _check_gatherable(decoded: Sequence[Tuple[Dict[str, torch.Tensor], bool]], dim: int, info: GroupHandle) -> None:
     first, first_single = decoded[0]
     for rank, (entries, single) in enumerate(decoded[1:], start=1):
         if set(entries) != set(first) or single != first_single:
@@ -252,15 +253,15 @@ class MicroDataSharding:
     """
 
     def __init__(self, ctx: Optional[ParallelContext] = None, *, micro_data_mode: ModeLike = MICRO_DATA_MODE,
-                 tensor_mode: ModeLike = ParallelMode.TENSOR, pipeline_mode: ModeLike = ParallelMode.PIPELINE,
+                 tensor_mode: ModeLike = "tp", pipeline_mode: ModeLike = "pp",
                  cpu: bool = False) -> None:
         if ctx is None:
             import pgroups
 
             ctx = pgroups.gpc
         self.ctx, self.cpu = ctx, cpu
-        self.micro_data_mode, self.tensor_mode = mode_name(micro_data_mode), mode_name(tensor_mode)
-        self.pipeline_mode = mode_name(pipeline_mode)
+        self.micro_data_mode, self.tensor_mode = canonical_name(micro_data_mode), canonical_name(tensor_mode)
+        self.pipeline_mode = canonical_name(pipeline_mode)
         if ctx.is_initialized() and not ctx.is_initialized(self.micro_data_mode):
             raise ModeNotInitializedError(
                 f"mode {self.micro_data_mode!r} was not built: add the micro_data initializer to the config "
@@ -375,7 +376,7 @@ class MicroDataSharding:
         return dict(self.iter_inference_params(params, tp_dims, sub_blocks, bucket_bytes))
 
     def _gather_bucket(self, names: Sequence[str], params: Mapping[str, torch.Tensor], dims: Mapping[str, int],
-                       sub_blocks: Mapping[str, Sequence[int]], info: GroupInfo) -> Iterator[Tuple[str, torch.Tensor]]:
+                       sub_blocks: Mapping[str, Sequence[int]], info: GroupHandle) -> Iterator[Tuple[str, torch.Tensor]]:
         tensors = [params[name].detach() for name in names]
         if info.size == 1:
             for name, tensor in zip(names, tensors):

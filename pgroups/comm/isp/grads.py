@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..groups import GroupInfo, comm_errors
+from ...handle import GroupHandle
+from ..groups import comm_errors
 from ..pool import BufferPool
 from ..raw import reduce_scatter_single
 from .sharded import Sharded
@@ -41,7 +42,7 @@ class GradReducer:
     """See the module docstring. ``launch(kind, what, send, recv, collective)`` counts and runs
     one collective over the weight group (the runtime's)."""
 
-    def __init__(self, info: GroupInfo, data_info: Optional[GroupInfo], pool: BufferPool,
+    def __init__(self, info: GroupHandle, data_info: Optional[GroupHandle], pool: BufferPool,
                  reduce_dtype: Optional[torch.dtype], average: bool, overlap: bool,
                  launch: Callable[..., Optional[dist.Work]], comm_counts: Dict[str, int]) -> None:
         self.info, self.data_info, self.pool = info, data_info, pool
@@ -164,7 +165,7 @@ class GradReducer:
             param.grad = torch.zeros_like(param)
         return param.grad
 
-    def _all_reduce(self, tensors: Sequence[torch.Tensor], groups: Sequence[GroupInfo], scale: float) -> None:
+    def _all_reduce(self, tensors: Sequence[torch.Tensor], groups: Sequence[GroupHandle], scale: float) -> None:
         """Sum ``tensors`` over each of ``groups`` in turn, then multiply by ``scale``: one
         flat buffer per dtype (and device), one all-reduce per group."""
         by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}

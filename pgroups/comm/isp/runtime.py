@@ -82,9 +82,10 @@ from torch import nn
 
 from ...context import ParallelContext
 from ...errors import ModeNotInitializedError
-from ...modes import mode_name
+from ...handle import GroupHandle
+from ...modes import ParallelMode, canonical_name
 from ...torch_private import tensor_version
-from ..groups import GroupInfo, GroupLike, comm_errors, group_handle, resolve_group
+from ..groups import GroupLike, comm_errors, resolve_group
 from ..pool import BufferPool, PoolStats
 from ..raw import all_gather_single
 from ..sizes import even_split_sizes, offsets_of
@@ -141,7 +142,7 @@ class WeightParallel:
     ModeNotInitializedError for a mode the context lacks.
     """
 
-    def __init__(self, model: nn.Module, blocks: Optional[Iterable[nn.Module]] = None, mode: GroupLike = "weight", *,
+    def __init__(self, model: nn.Module, blocks: Optional[Iterable[nn.Module]] = None, mode: GroupLike = "wp", *,
                  chunks: Optional[Sequence[Iterable[nn.Module]]] = None,
                  data_mode: Optional[GroupLike] = "weight_data", overlap: bool = True, memory_pool: bool = True,
                  prefetch_depth: int = 1, reduce_dtype: Optional[torch.dtype] = None, average: bool = True,
@@ -153,8 +154,7 @@ class WeightParallel:
         self.chunk_sizes = [len(chunk) for chunk in chunk_lists]
         self.blocks: List[nn.Module] = [block for chunk in chunk_lists for block in chunk]
         self.current_chunk = 0
-        self.handle = group_handle(mode, ctx)  # a GroupHandle (or the ProcessGroup given)
-        self.info = resolve_group(self.handle)
+        self.handle = resolve_group(mode, ctx)  # the GroupHandle the weights are sharded over
         self.data_info = self._resolve_data(data_mode, ctx)
         self.overlap, self.prefetch_depth = bool(overlap), prefetch_depth
         self.reduce_dtype, self.average, self.sync_replicated = reduce_dtype, average, sync_replicated
@@ -166,7 +166,7 @@ class WeightParallel:
         self._by_block: List[List[Sharded]] = [[] for _ in self.blocks]
         self._gathered: Dict[int, List[_Gather]] = {}
         self.schedule = IspSchedule(self.chunk_sizes, prefetch_depth, overlap=self.overlap)
-        self.grads = GradReducer(self.info, self.data_info, self.pool, reduce_dtype, average, self.overlap,
+        self.grads = GradReducer(self.handle, self.data_info, self.pool, reduce_dtype, average, self.overlap,
                                  self._launch, self.comm_counts)
         self._grads_finished = True
         self._hooks: List[Any] = []
@@ -194,15 +194,15 @@ class WeightParallel:
         return lists
 
     @staticmethod
-    def _resolve_data(data_mode: Optional[GroupLike], ctx: Optional[ParallelContext]) -> Optional[GroupInfo]:
+    def _resolve_data(data_mode: Optional[GroupLike], ctx: Optional[ParallelContext]) -> Optional[GroupHandle]:
         if data_mode is None:
             return None
         try:
-            return resolve_group(group_handle(data_mode, ctx))
+            return resolve_group(data_mode, ctx)
         except ModeNotInitializedError as exc:
             raise ModeNotInitializedError(
                 f"{exc}; WeightParallel all-reduces weight-shard gradients over data_mode="
-                f"{mode_name(data_mode) if not isinstance(data_mode, dist.ProcessGroup) else data_mode!r}: "
+                f"{canonical_name(data_mode) if isinstance(data_mode, (str, ParallelMode)) else data_mode!r}: "
                 "build that mode, or pass data_mode=None to leave it to your optimizer") from None
 
     def _shard_blocks(self) -> None:
@@ -238,9 +238,9 @@ class WeightParallel:
         full: nn.Parameter = getattr(module, attr)
         first = shards.get(id(full))
         if first is None:
-            sizes = even_split_sizes(full.shape[0], self.info.size)
-            start = offsets_of(sizes)[self.info.rank]
-            shard = nn.Parameter(full.detach().narrow(0, start, sizes[self.info.rank]).clone(),
+            sizes = even_split_sizes(full.shape[0], self.handle.size)
+            start = offsets_of(sizes)[self.handle.rank]
+            shard = nn.Parameter(full.detach().narrow(0, start, sizes[self.handle.rank]).clone(),
                                  requires_grad=full.requires_grad)
             name, shape = (f"{module_name}.{attr}" if module_name else attr), tuple(full.shape)
         else:  # tied (an embedding and its head): the same shard, gathered by each block that uses it
@@ -288,7 +288,7 @@ class WeightParallel:
 
     def block_full_bytes(self, index: int) -> int:
         """Bytes of block ``index``'s full (gathered) weights: what one alive block costs."""
-        return sum(s.max_rows * self.info.size * s.row_numel * s.param.element_size() for s in self._by_block[index])
+        return sum(s.max_rows * self.handle.size * s.row_numel * s.param.element_size() for s in self._by_block[index])
 
     # ---- gathers -----------------------------------------------------------------------------
     def _apply(self, actions: List[Action]) -> None:
@@ -307,7 +307,7 @@ class WeightParallel:
         self._gathered[index] = [self._gather_param(s, async_op=self.overlap) for s in self._by_block[index]]
 
     def _gather_param(self, sharded: Sharded, async_op: bool) -> _Gather:
-        info, shard = self.info, sharded.param.detach()
+        info, shard = self.handle, sharded.param.detach()
         row_bytes = sharded.row_numel * shard.element_size()
         piece_bytes = sharded.max_rows * row_bytes
         send = None
@@ -327,10 +327,10 @@ class WeightParallel:
         """Count and run one collective over the weight group (a copy on a group of one)."""
         self.comm_counts[f"{kind}_calls"] += 1
         self.comm_counts[f"{kind}_bytes"] += max(send.numel(), recv.numel())
-        if self.info.size == 1:
+        if self.handle.size == 1:
             recv.copy_(send)
             return None
-        with comm_errors(self.info, what):
+        with comm_errors(self.handle, what):
             return collective()
 
     def _wait_gather(self, gather: _Gather) -> torch.Tensor:
@@ -338,7 +338,7 @@ class WeightParallel:
             return gather.full
         sharded = gather.sharded
         if gather.work is not None:
-            with comm_errors(self.info, f"weight all-gather of {sharded.name}"):
+            with comm_errors(self.handle, f"weight all-gather of {sharded.name}"):
                 gather.work.wait()
             gather.work = None
         if gather.send is not None:
@@ -348,7 +348,7 @@ class WeightParallel:
         if sharded.even:  # the gathered pieces are the full tensor already
             gather.full = gather.recv.view(dtype).view(sharded.full_shape)
             return gather.full
-        padded = gather.recv.view(dtype).view((self.info.size, sharded.max_rows * sharded.row_numel))
+        padded = gather.recv.view(dtype).view((self.handle.size, sharded.max_rows * sharded.row_numel))
         nbytes = sharded.full_numel() * sharded.param.element_size()
         gather.full_buffer = self.pool.acquire((sharded.key, "gather-full"), nbytes, padded.device, "weight")
         full_flat = gather.full_buffer.view(dtype)
@@ -376,7 +376,7 @@ class WeightParallel:
     def _release_block(self, index: int) -> None:
         for gather in self._gathered.pop(index, []):
             if gather.work is not None:  # still in flight: it must land before its buffer is reused
-                with comm_errors(self.info, f"weight all-gather of {gather.sharded.name}"):
+                with comm_errors(self.handle, f"weight all-gather of {gather.sharded.name}"):
                     gather.work.wait()
             for buffer in (gather.send, gather.recv, gather.full_buffer):
                 if buffer is not None:
@@ -511,7 +511,7 @@ class WeightParallel:
         params = sum(len(b) for b in self._by_block)
         chunks = f" in {len(self.chunk_sizes)} chunks" if len(self.chunk_sizes) > 1 else ""
         return (f"<WeightParallel {len(self.blocks)} blocks{chunks}, {params} sharded parameters over "
-                f"{self.info.label}, overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
+                f"{self.handle.label}, overlap {'on' if self.overlap else 'off'}, prefetch {self.prefetch_depth}, pool "
                 f"{'on' if self.pool.enabled else 'off'}>")
 
 

@@ -15,7 +15,6 @@ from ...backend import tensor_device
 from ...comm.raw import all_gather_single
 from ...deadlines import NCCL_WATCHDOG_MARGIN_S
 from ...errors import ReshardError
-from ...modes import ParallelMode
 from .. import convert
 from ..layout import ParallelLayout, local_shapes
 from ..planner import Plan, PlanShare, plan_share
@@ -257,7 +256,7 @@ class Resharder:
     def _global_group(self, device: torch.device) -> Any:
         """The global group for tensors on ``device``, from the context's handle
         (``context.group("global")``): its device group for CUDA tensors, its CPU group otherwise."""
-        handle = self.context.group(ParallelMode.GLOBAL)
+        handle = self.context.group("global")
         if device.type == "cuda":
             return handle.group
         if handle.cpu_group is None:
