@@ -11,7 +11,8 @@ table is :data:`pgroups.modes.VOCABULARY`.
 ``import pgroups`` does not import torch: the pure names (config, layout, modes, errors,
 initializers) are imported here, and the two that need torch — :class:`ParallelContext` and the
 global context ``gpc`` — are resolved on first use (PEP 562 ``__getattr__``), so ``pgroups show``,
-``validate``, ``reshard-plan``, ``--version`` and ``--help`` start without it.
+``validate``, ``--version`` and ``--help`` start without it (``reshard-plan`` does import torch:
+the planner's dtypes are torch dtypes).
 """
 from __future__ import annotations
 
