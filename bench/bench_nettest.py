@@ -207,10 +207,10 @@ def netns(report: Report, healthy_runs: int) -> None:
             finally:
                 cluster.close()
             elapsed = time.perf_counter() - start
-            report = json.load(open(path)) if os.path.exists(path) else {}
-        return {"codes": sorted(set(codes.values()), key=str), "named": [c["reason"] for c in report.get("culprits", [])],
-                "rounds": (report.get("links") or {}).get("inter_rounds"), "wall": elapsed,
-                "tool": report.get("elapsed_s")}
+            result = json.load(open(path)) if os.path.exists(path) else {}
+        return {"codes": sorted(set(codes.values()), key=str), "named": [c["reason"] for c in result.get("culprits", [])],
+                "rounds": (result.get("links") or {}).get("inter_rounds"), "wall": elapsed,
+                "tool": result.get("elapsed_s")}
 
     table = report.table("emulated cluster, 2 ranks per host, -e 4M, --timeout 20",
                          ["case", "runs", "false alarms", "exit codes", "inter rounds", "tool s (median)",
@@ -301,10 +301,10 @@ def default_wall(report: Report, repeats: int = 1) -> None:
             base = wall(base_cmd)
             ours = wall([sys.executable, "-m", "pgroups.nettest", "--nproc", "8", "--quiet", "--json", path])
             with open(path) as f:
-                report = json.load(f)
-            links = report.get("links", {})
-            rows.append((base, ours, report["elapsed_s"], links.get("elapsed_s", 0.0),
-                         len(links.get("rounds", [])), report["exit_code"]))
+                result = json.load(f)
+            links = result.get("links", {})
+            rows.append((base, ours, result["elapsed_s"], links.get("elapsed_s", 0.0),
+                         len(links.get("rounds", [])), result["exit_code"]))
     load_after = os.getloadavg()[0]
     med = [statistics.median(r[i] for r in rows) for i in range(5)]
     table = report.table(f"default run, {repeats} alternating pair(s), medians; load average {load_before:.1f} "
