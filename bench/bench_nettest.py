@@ -48,6 +48,7 @@ import torch.distributed as dist
 from pgroups.nettest import metrics
 from pgroups.nettest.bench import launch, make_buffers
 from pgroups.spawn import run_local
+from pgroups.units import format_bytes
 
 from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
@@ -269,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def busbw_table(report: Report, args: argparse.Namespace) -> None:
     """Part 1: busbw per collective, the tool beside a bare loop, at every world of ``--ranks``."""
     size_bytes = metrics.parse_size(args.size)
-    report.note(f"busbw (GB/s) at {metrics.format_size(size_bytes)}, gloo over loopback; tool = pgroups nettest, "
+    report.note(f"busbw (GB/s) at {format_bytes(size_bytes)}, gloo over loopback; tool = pgroups nettest, "
                 f"bare = torch.distributed loop (baseline); {args.iters} iterations")
     table: Dict[int, Dict[str, tuple]] = {}
     for n in args.ranks:

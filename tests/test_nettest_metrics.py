@@ -80,11 +80,16 @@ def test_parse_size_refuses_junk(text):
         metrics.parse_size(text)
 
 
-def test_format_size():
-    assert metrics.format_size(8) == "8 B"
-    assert metrics.format_size(65536) == "64 KiB"
-    assert metrics.format_size(64 << 20) == "64 MiB"
-    assert metrics.format_size(1000) == "1000 B"
+def test_format_bytes_is_whole_where_the_unit_divides_else_one_decimal():
+    from pgroups.units import format_bytes
+
+    assert format_bytes(8) == "8 B" and format_bytes(1000) == "1000 B" and format_bytes(1023) == "1023 B"
+    assert format_bytes(65536) == "64 KiB" and format_bytes(64 << 20) == "64 MiB" and format_bytes(3 << 40) == "3 TiB"
+    assert format_bytes(1536) == "1.5 KiB" and format_bytes((1 << 30) + (1 << 29)) == "1.5 GiB"
+    for exponent, unit in ((10, "KiB"), (20, "MiB"), (30, "GiB")):
+        for n in range(1 << exponent, 1 << (exponent + 10), 977 << (exponent - 10)):
+            value, shown_unit = format_bytes(n).split()
+            assert shown_unit == unit and abs(float(value) - n / (1 << exponent)) <= 0.05 + 1e-9, n
 
 
 def test_parse_collectives_keeps_run_order_and_accepts_aliases():

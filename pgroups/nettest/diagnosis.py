@@ -41,6 +41,7 @@ import attrs
 
 from . import metrics
 from .groups import GroupUnderTest
+from ..units import format_bytes
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normal data
 MIN_PEERS_FOR_SPREAD = 3  # below this, a MAD means nothing: the factor doubles instead
@@ -324,7 +325,7 @@ def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurem
                 for gid, dev in outliers(busbw, True, rule).items():
                     findings.append(Finding(gid, kind, collective, "busbw", large, dev.value, dev.reference,
                                             f"{collective} busbw {dev.value:.3g} GB/s at "
-                                            f"{metrics.format_size(large)} is {dev.ratio:.1f}x below the "
+                                            f"{format_bytes(large)} is {dev.ratio:.1f}x below the "
                                             f"median {dev.reference:.3g} GB/s of the other {len(ids) - 1} "
                                             f"{kind} groups"))
             if "latency" in metrics_to_check:
@@ -332,7 +333,7 @@ def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurem
                 for gid, dev in outliers(latency, False, rule).items():
                     findings.append(Finding(gid, kind, collective, "latency", small, dev.value, dev.reference,
                                             f"{collective} time {dev.value * 1e6:.0f} us at "
-                                            f"{metrics.format_size(small)} is {dev.ratio:.1f}x the median "
+                                            f"{format_bytes(small)} is {dev.ratio:.1f}x the median "
                                             f"{dev.reference * 1e6:.0f} us of the other {len(ids) - 1} "
                                             f"{kind} groups"))
             if "floor" in metrics_to_check and rule.min_busbw_gbps is not None:
@@ -341,7 +342,7 @@ def find_slow(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measurem
                     if value < rule.min_busbw_gbps:
                         findings.append(Finding(gid, kind, collective, "floor", large, value, rule.min_busbw_gbps,
                                                 f"{collective} busbw {value:.3g} GB/s at "
-                                                f"{metrics.format_size(large)} is below --min-busbw "
+                                                f"{format_bytes(large)} is below --min-busbw "
                                                 f"{rule.min_busbw_gbps:g} GB/s"))
     return findings
 
@@ -356,7 +357,7 @@ def find_wrong(catalog: Sequence[GroupUnderTest], measurements: Iterable[Measure
     findings = []
     for (gid, collective), rows in wrong.items():
         total = sum(m.wrong for m in rows)
-        sizes = ", ".join(metrics.format_size(m.size_bytes) for m in sorted(rows, key=lambda m: m.size_bytes)[:4])
+        sizes = ", ".join(format_bytes(m.size_bytes) for m in sorted(rows, key=lambda m: m.size_bytes)[:4])
         more = " …" if len(rows) > 4 else ""
         sources = _sources(rows)
         source_text = f"; wrong data came from rank(s) {sources}" if sources else ""

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from ..deadlines import is_timeout
 from ..context import ParallelContext
 from ..torch_private import abort_process_groups
-from . import metrics, startup
+from ..units import format_bytes
+from . import startup
 from .control import NettestTimeoutError, StoreGoneError, first_words, short_ranks, store_gone
 from .report import write_json
 from .startup import StartupBoard
@@ -42,7 +43,7 @@ def hang_report(group_id: str, ranks: List[int], where: str, collective: str, si
     cause = str(failure)
     timed_out = is_timeout(failure.__cause__ or failure)
     when = " when issued" if failure.phase == "issue" else ""
-    size = metrics.format_size(size_bytes)
+    size = format_bytes(size_bytes)
     what = (f"{collective} of {size} did not complete within {timeout_s:g}s" if timed_out
             else f"{collective} of {size} failed{when} ({cause})")
     culprits = "; ".join(f"rank {r} (host {hostnames[r]}) never entered it (last at: {p})"

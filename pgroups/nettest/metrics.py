@@ -146,14 +146,6 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_size(size_bytes: int) -> str:
-    """Bytes as a short human string: 8 B, 64 KiB, 64 MiB."""
-    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if size_bytes >= scale and size_bytes % scale == 0:
-            return f"{size_bytes // scale} {unit}"
-    return f"{size_bytes} B"
-
-
 def parse_collectives(text: str) -> Tuple[str, ...]:
     """``"all_reduce,all_gather"`` or ``"all"`` → collective names in the tool's run order.
 

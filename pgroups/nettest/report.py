@@ -15,7 +15,7 @@ import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..ranks import format_ranks
-from .metrics import format_size
+from ..units import format_bytes
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
@@ -66,8 +66,8 @@ def format_group_summary(report: Dict[str, Any]) -> str:
         bw = f"{large['busbw_gbps']:.3f} GB/s"
         lat = f"{small['time_us']:.0f} us"
         lines.append(f"{gid:<16} {_ranks_text(g['ranks']):<14} {_hosts_text(g['hosts'], 2):<16} {collective:<15} "
-                     f"{bw + ' @' + format_size(large['size_bytes']):>16} "
-                     f"{lat + ' @' + format_size(small['size_bytes']):>16} "
+                     f"{bw + ' @' + format_bytes(large['size_bytes']):>16} "
+                     f"{lat + ' @' + format_bytes(small['size_bytes']):>16} "
                      f"{sum(m['wrong'] for m in ms):>7}  {verdicts.get(gid, 'ok').upper()}")
     return "\n".join(lines)
 

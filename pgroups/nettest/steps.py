@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..context import ParallelContext
 from ..errors import GroupTimeoutError, ModeNotInitializedError
 from ..handle import GroupHandle
+from ..units import format_bytes
 from . import diagnosis, metrics, nccl_diagnostics, preflight, probe, verdict
 from .bench import Bench, GroupFailure
 from .control import Coordinator, NettestTimeoutError, first_words
@@ -210,7 +211,7 @@ class RankRun:
         for collective in self.options.collectives:
             shapes = metrics.shapes_for_sweep(collective, self.options.sizes, group.size)
             for step, shape in enumerate(shapes):
-                where = f"sweep {index + 1}/{waves} {group.id} {collective} {metrics.format_size(shape.size_bytes)}"
+                where = f"sweep {index + 1}/{waves} {group.id} {collective} {format_bytes(shape.size_bytes)}"
                 # a line of its own in a log when a wave's collective starts (logs get at most one
                 # line every few seconds otherwise, and a watcher waits for the sweep to start)
                 self.progress.update(f"{where} [{step + 1}/{len(shapes)}]", force=step == 0)
@@ -259,7 +260,7 @@ class RankRun:
                     for collective, size in task.items:
                         shape = _shape_for(collective, size, group.size)
                         where = (f"re-test {repeat + 1}/{RETEST_REPEATS} {group.id} {collective} "
-                                 f"{metrics.format_size(shape.size_bytes)}")
+                                 f"{format_bytes(shape.size_bytes)}")
                         self.progress.update(where)
                         merge_record(mine, self._measure(group, collective, shape, where, repeats=1,
                                                           followup=True))
@@ -320,7 +321,7 @@ class RankRun:
         partner = b if a == self.rank else a
         records = []
         for which, size in sizes.items():
-            where = f"{label} ranks {a}-{b} {metrics.format_size(size)}"
+            where = f"{label} ranks {a}-{b} {format_bytes(size)}"
             self.progress.update(where)
             self.coordinator.position(where)
             try:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import attrs
 
 from ..ranks import format_rank_spec
-from ..ranks import parse_ranks as parse_rank_list
+from ..ranks import parse_ranks
 from ..config import Config, config_from_dict, read_yaml
 from ..errors import ConfigError, allowed, did_you_mean, reject_unknown_keys
 from ..topology import Topology
@@ -392,11 +392,6 @@ def empty_shards(layout: ParallelLayout, model: ModelSpec, global_rank: int,
 
 
 # ---- YAML --------------------------------------------------------------------------------------
-def parse_ranks(value: Any, where: str = "") -> Tuple[int, ...]:
-    """``"0-3,8-11"`` / ``[0, 1, 2]`` / ``5`` → a tuple of ranks (:func:`pgroups.ranks.parse_ranks`)."""
-    return parse_rank_list(value, f"{where}placement.ranks")
-
-
 def model_layout(config: Union[str, "os.PathLike[str]", Mapping[str, Any], Config], world_size: int,
                  model: str) -> ParallelLayout:
     """The layout of ``model`` in a config with ``models:``: its topology placed on its ranks (what
@@ -443,7 +438,7 @@ def load_layout(obj: Union[str, "os.PathLike[str]", Mapping[str, Any]], world_si
             parallel[parallel_key] = placement[key]
             data["parallel"] = parallel
     config = config_from_dict(data, source)
-    ranks = parse_ranks(placement["ranks"], where) if "ranks" in placement else None
+    ranks = parse_ranks(placement["ranks"], f"{where}placement.ranks") if "ranks" in placement else None
     if ranks is not None:
         outside = [r for r in ranks if r >= world_size]
         if outside:

@@ -41,10 +41,10 @@ from __future__ import annotations
 
 from .plan.assembly import plan_reshard, plan_share
 from .plan.digest import PLAN_RULE_VERSION, plan_digest
-from .plan.report import (describe_plan, describe_share, expert_report, fmt_bytes, owned_experts, vocab_report,
+from .plan.report import (describe_plan, describe_share, expert_report, owned_experts, vocab_report,
                           wire_bytes)
 from .plan.types import Box, Plan, PlanShare, ReceiverReport, Transfer, ZeroFill
 
 __all__ = ["Box", "PLAN_RULE_VERSION", "Plan", "PlanShare", "ReceiverReport", "Transfer", "ZeroFill",
-           "describe_plan", "describe_share", "expert_report", "fmt_bytes", "owned_experts", "plan_digest",
+           "describe_plan", "describe_share", "expert_report", "owned_experts", "plan_digest",
            "plan_reshard", "plan_share", "vocab_report", "wire_bytes"]

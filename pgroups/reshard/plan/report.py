@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...ranks import format_rank_spec
+from ...units import format_bytes
 from ..layout import ParallelLayout
 from ..spec import ModelSpec, TensorSpec
 
@@ -122,32 +123,32 @@ def describe_plan(plan: Plan, rank_limit: int = 16, dst_dtypes: Optional[Mapping
     experts = s["model"]["expert_tensors"]
     lines = [
         f"model {plan.model.name}: {len(plan.model.tensors)} tensors"
-        f"{f' ({experts} routed-expert)' if experts else ''}, {fmt_bytes(plan.model.nbytes)}",
+        f"{f' ({experts} routed-expert)' if experts else ''}, {format_bytes(plan.model.nbytes)}",
         f"src: {plan.src.describe()}",
         f"dst: {plan.dst.describe()}",
         f"plan hash {s['plan_hash']}",
         *_describe_context({**s, "experts_report": s["experts"]}, s["model"]["dtypes"]),
-        f"received {fmt_bytes(plan.received_bytes)} over the network; lower bound "
-        f"{fmt_bytes(plan.lower_bound_bytes)}; ratio {plan.ratio:.3f} (worst rank {plan.max_ratio:.3f}); "
-        f"local copies {fmt_bytes(s['local_copy_bytes'])}; vocabulary padding zero-filled on the destination "
-        f"{fmt_bytes(s['zero_filled_bytes'])} (never sent)",
+        f"received {format_bytes(plan.received_bytes)} over the network; lower bound "
+        f"{format_bytes(plan.lower_bound_bytes)}; ratio {plan.ratio:.3f} (worst rank {plan.max_ratio:.3f}); "
+        f"local copies {format_bytes(s['local_copy_bytes'])}; vocabulary padding zero-filled on the destination "
+        f"{format_bytes(s['zero_filled_bytes'])} (never sent)",
         f"steps {plan.max_rank_steps} (most any rank takes part in), sender/receiver pairs {plan.pair_count}, "
         f"sender load max "
-        f"{fmt_bytes(load['max'])} / mean {fmt_bytes(int(load['mean']))} = {load['max_over_mean']:.2f}",
-        f"naive baselines, bytes received per rank: broadcast-all {fmt_bytes(plan.model.nbytes)}, "
-        f"all-gather {fmt_bytes(plan.model.nbytes)}",
+        f"{format_bytes(load['max'])} / mean {format_bytes(int(load['mean']))} = {load['max_over_mean']:.2f}",
+        f"naive baselines, bytes received per rank: broadcast-all {format_bytes(plan.model.nbytes)}, "
+        f"all-gather {format_bytes(plan.model.nbytes)}",
     ]
     converted = s["wire_received_bytes"] != s["received_bytes"]
     if converted:
-        lines.append(f"on the wire in the destination dtypes: {fmt_bytes(s['wire_received_bytes'])} received "
-                     f"(source dtypes: {fmt_bytes(s['received_bytes'])})")
+        lines.append(f"on the wire in the destination dtypes: {format_bytes(s['wire_received_bytes'])} received "
+                     f"(source dtypes: {format_bytes(s['received_bytes'])})")
     experts = s["experts"] is not None
     lines.append(f"{'rank':>6} {'needs':>10} {'holds':>10} {'receives':>10} {'bound':>10} {'ratio':>6}"
                  + (f" {'wire':>10}" if converted else "") + (f" {'experts':>8}" if experts else "") + "  senders")
     for r, row in zip(plan.receivers[:rank_limit], s["receivers"]):
-        lines.append(f"{r.rank:>6} {fmt_bytes(r.needed_bytes):>10} {fmt_bytes(r.held_bytes):>10} "
-                     f"{fmt_bytes(r.received_bytes):>10} {fmt_bytes(r.lower_bound_bytes):>10} "
-                     f"{r.ratio:>6.3f}" + (f" {fmt_bytes(row['wire_received']):>10}" if converted else "")
+        lines.append(f"{r.rank:>6} {format_bytes(r.needed_bytes):>10} {format_bytes(r.held_bytes):>10} "
+                     f"{format_bytes(r.received_bytes):>10} {format_bytes(r.lower_bound_bytes):>10} "
+                     f"{r.ratio:>6.3f}" + (f" {format_bytes(row['wire_received']):>10}" if converted else "")
                      + (f" {_range(row['experts']):>8}" if experts else "")
                      + f"  {format_rank_spec(r.senders) or '-'}")
     if len(plan.receivers) > rank_limit:
@@ -162,8 +163,8 @@ def describe_share(share: PlanShare, dst_dtypes: Optional[Mapping[str, Any]] = N
     owns = ([f"routed experts: this rank owns {_range(mine['src']) or 'none'} in the source, "
              f"{_range(mine['dst']) or 'none'} in the destination (of every MoE layer)"]
             if mine["src"] or mine["dst"] else [])
-    wire = ([f"on the wire in the destination dtypes: receives {fmt_bytes(s['wire_received_bytes'])}, sends "
-             f"{fmt_bytes(s['wire_sent_bytes'])}"] if s["wire_received_bytes"] != s["received_bytes"]
+    wire = ([f"on the wire in the destination dtypes: receives {format_bytes(s['wire_received_bytes'])}, sends "
+             f"{format_bytes(s['wire_sent_bytes'])}"] if s["wire_received_bytes"] != s["received_bytes"]
             or s["wire_sent_bytes"] != s["sent_bytes"] else [])
     return "\n".join([
         f"rank {share.rank}'s share of the plan moving model {share.model.name} ({len(share.model.tensors)} tensors)",
@@ -174,11 +175,11 @@ def describe_share(share: PlanShare, dst_dtypes: Optional[Mapping[str, Any]] = N
         *_describe_context({**s, "experts_report": expert_report(share.src, share.dst, share.model)},
                            dtype_counts(share.model.tensors)),
         *wire,
-        f"receives {fmt_bytes(s['received_bytes'])} in {s['receives']} transfers from "
-        f"{_peers(s['receive_peers'])}; lower bound {fmt_bytes(s['lower_bound_bytes'])}, ratio {s['ratio']:.3f}",
-        f"sends {fmt_bytes(s['sent_bytes'])} in {s['sends']} transfers to {_peers(s['send_peers'])}",
-        f"local copies {fmt_bytes(s['local_copy_bytes'])} ({s['local_copies']}); zero-filled padding "
-        f"{fmt_bytes(s['zero_filled_bytes'])}",
+        f"receives {format_bytes(s['received_bytes'])} in {s['receives']} transfers from "
+        f"{_peers(s['receive_peers'])}; lower bound {format_bytes(s['lower_bound_bytes'])}, ratio {s['ratio']:.3f}",
+        f"sends {format_bytes(s['sent_bytes'])} in {s['sends']} transfers to {_peers(s['send_peers'])}",
+        f"local copies {format_bytes(s['local_copy_bytes'])} ({s['local_copies']}); zero-filled padding "
+        f"{format_bytes(s['zero_filled_bytes'])}",
         f"steps {len(s['steps'])}: {', '.join(map(str, s['steps'][:16]))}{' …' if len(s['steps']) > 16 else ''}",
     ])
 
@@ -196,11 +197,3 @@ def _peers(ranks: Sequence[int], limit: int = 16) -> str:
         return "no rank"
     more = f" … ({len(ranks)} ranks)" if len(ranks) > limit else ""
     return f"rank{'s' if len(ranks) > 1 else ''} {format_rank_spec(ranks[:limit])}{more}"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
