@@ -38,7 +38,7 @@ WAITERS = {
     ("nettest/bench.py", "Bench._timed"): "calls Bench.wait; the unbounded wait is inside a timed section "
                                           "whose operations Bench.wait already completed",
     ("nettest/control.py", "_GuardedStore.call"): THREAD,
-    ("nettest/control.py", "Coordinator.start_liveness.beat_forever"): THREAD,
+    ("nettest/control.py", "Coordinator.start_liveness.watch"): THREAD,
     ("nettest/startup.py", "StartupBoard._register_and_beat"): THREAD,
     ("spawn.py", "_terminate"): CHILD,
     ("spawn.py", "launch_script"): CHILD,

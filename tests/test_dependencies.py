@@ -26,7 +26,7 @@ PURE_CORE = ["mesh", "topology", "modes", "config", "initializer", "ranks", "err
              "reshard.plan.rule", "reshard.plan.assembly", "reshard.plan.digest", "reshard.plan.report",
              "reshard.spec.model", "reshard.spec.from_yaml", "reshard.spec.from_module", "reshard.spec.synthetic",
              "comm.isp.schedule", "nettest.diagnosis", "nettest.linkscan", "nettest.verdict", "nettest.judging",
-             "nettest.preflight"]
+             "nettest.preflight", "nettest.pacing"]
 SUBSYSTEMS = ("comm", "reshard", "nettest")
 
 

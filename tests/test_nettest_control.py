@@ -67,7 +67,7 @@ def test_a_finished_run_joins_the_coordinator_and_waiter_threads(store):
         data = torch.ones(4)
         bench.run(lambda: [dist.all_reduce(data, async_op=True)])
         assert data.tolist() == [1.0] * 4
-        assert {"pgroups-nettest-alive", "pgroups-nettest-wait"} <= set(nettest_threads())
+        assert {"pgroups-nettest-watch", "pgroups-nettest-wait"} <= set(nettest_threads())
         coordinator.close()
         coordinator.shutdown()
         bench.close()
@@ -127,16 +127,59 @@ def test_rank_0_reads_every_payload_in_slices_not_one_call(store, monkeypatch):
     assert multi_gets == [1, 1, 1, 1]
 
 
-def test_liveness_beats_on_its_own_connection_while_the_main_one_is_busy(store):
-    # The main connection is held for 3 s (as by rank 0 reading a large world's figures); the
-    # liveness counter must keep moving meanwhile, so no one takes this rank for silent.
+def test_the_watcher_answers_an_abort_on_its_own_connection_while_the_main_one_is_busy(store):
+    # The main connection is held for 3 s (as by rank 0 reading a large world's figures) when
+    # another rank raises the abort: the watcher must see it and answer on the liveness
+    # connection meanwhile, so no one takes this rank for silent, and the main thread learns
+    # of the abort without a store call of its own.
     client = dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False)
-    coordinator = Coordinator(client, 0, 1, 10.0, ["h"], liveness_store=second_client(client))
+    coordinator = Coordinator(client, 0, 2, 10.0, ["h", "h"], liveness_store=second_client(client))
+    raiser = Coordinator(dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False), 1, 2, 10.0,
+                         ["h", "h"])
     try:
         assert coordinator.liveness is not coordinator.store
         coordinator.start_liveness()
         busy = coordinator.store._thread.submit(lambda: time.sleep(3.0))
-        assert coordinator.silent_ranks(2.2) == []
+        assert raiser.abort({"message": "group nettest#0 hung", "detected_by": 1})
+        assert raiser.silent_ranks(2.2) == []    # rank 1 answered when it raised it, rank 0's watcher since
+        assert not busy.done.is_set()            # ... while rank 0's main connection was still busy
+        calls = coordinator.store.calls
+        with pytest.raises(NettestTimeoutError, match="nettest#0 hung"):
+            coordinator.check_abort()
+        assert coordinator.store.calls == calls
         busy.done.wait(5)
     finally:
         coordinator.shutdown()
+        raiser.shutdown()
+
+
+def test_a_waiting_rank_of_a_large_world_polls_at_the_paced_interval(store):
+    # Rank 1 of a 2,048-rank world waits 1.5 s for a plan. Paced, it polls at once, after
+    # poll_s/16, /8, /4, /2, then every poll_s (0.512 s), and reads the heartbeat every
+    # beat_s (1.024 s): at most 5 + 1 polls and 2 reads. Unpaced (the 50 ms poll ceiling of
+    # a small world and an abort check every 0.5 s) it made about 40.
+    world = 2048
+    waiter = Coordinator(dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False), 1, world,
+                         30.0, ["h"] * world)
+    publisher = Coordinator(dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False), 0, world,
+                            30.0, ["h"] * world)
+    assert (waiter.pacing.poll_s, waiter.pacing.beat_s) == (0.512, 1.024)
+    timer = threading.Timer(1.5, publisher.publish, args=("retest", {"tasks": []}))
+    try:
+        calls = waiter.calls
+        timer.start()
+        begun = time.monotonic()
+        assert waiter.fetch("retest") == {"tasks": []}
+        waited = time.monotonic() - begun
+        made = waiter.calls - calls - 1   # the last: the plan's get
+        # reference: polls in [0, waited] at 0, T/16, 3T/16, 7T/16, 15T/16, then every T; reads every 1.024 s
+        poll_s = 0.512
+        times = [0.0] + [poll_s * (1 - 2.0 ** -k) for k in (4, 3, 2, 1)]
+        while times[-1] + poll_s <= waited + poll_s:
+            times.append(times[-1] + poll_s)
+        assert 1.5 <= waited < 1.5 + poll_s + 0.5
+        assert made <= len(times) + 2, (made, waited)
+    finally:
+        timer.join()
+        waiter.shutdown()
+        publisher.shutdown()

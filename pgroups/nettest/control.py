@@ -1,9 +1,11 @@
 """The control plane of ``pgroups nettest``: the rendezvous store of the default group (no
 collective at all). Ranks post their figures and where they are, wait for each other between
-steps, and raise the *abort* flag when a group hangs — every other rank sees it within a second
-and stops. A rank that stops making progress while idle (no heartbeat for ``--timeout``) is
-named too. Every store call is bounded (:class:`_GuardedStore`): a store whose host vanished is
-reported as gone, never waited for.
+steps, and raise the *abort* flag when a group hangs — every other rank's watcher thread sees it
+within :attr:`Pacing.watch_s` and the rank stops. A rank that stops making progress while idle
+(no heartbeat for ``--timeout``) is named too. Every store call is bounded
+(:class:`_GuardedStore`): a store whose host vanished is reported as gone, never waited for.
+Every periodic call (abort checks, polls, heartbeats) is paced by the world size
+(:class:`Pacing`): the store answers a bounded number of them per second at any scale.
 """
 from __future__ import annotations
 
@@ -20,12 +22,11 @@ import torch.distributed as dist
 
 from ..errors import GroupTimeoutError
 from ..torch_private import default_store
+from .pacing import Pacing
 
 STORE_PREFIX = "pgroups-nettest/"
-BEAT_INTERVAL_S = 1.0
-POLL_MAX_S = 0.05
-CHECK_INTERVAL_S = 0.5
-ALIVE_WINDOW_S = 2.5   # after an abort: how long the rank that raised it watches who still answers
+CHECK_INTERVAL_S = 0.5      # how often a data-plane wait looks at the abort flag (a local Event: no store call)
+ALIVE_WINDOW_S = 2.5   # after an abort: how long (beyond one watch interval) the rank that raised it waits for answers
 LEAVE_WAIT_S = 2.0     # ... and how long the store's host waits for the other hosts' ranks to leave
 STORE_CALL_TIMEOUT_S = 8.0  # a store call that takes longer: the store is gone
 SLICE_BYTES = 4 * 1024 * 1024     # rank 0 reads the ranks' figures in multi_get calls of about this size
@@ -186,9 +187,16 @@ class Coordinator:
 
     Two store connections per rank whatever the world size: ``store`` for the steps and
     ``liveness`` (``liveness_store``: a second client of the same server, each with its own
-    call thread) for the liveness counter, so that a long call of the main thread (rank 0
-    reading every rank's figures) never delays a heartbeat into a false "stopped answering".
-    Without ``liveness_store`` (a store that is not a TCPStore) both share one connection.
+    call thread) for the watcher thread (:meth:`start_liveness`), so that a long call of the
+    main thread (rank 0 reading every rank's figures) never delays the answer to an abort into
+    a false "stopped answering". Without ``liveness_store`` (a store that is not a TCPStore)
+    both share one connection.
+
+    Periodic calls follow :class:`.pacing.Pacing` (``pacing``): the watcher's abort check
+    every ``watch_s``, a waiting rank's poll every ``poll_s``, a heartbeat every ``beat_s``,
+    each interval ``max(floor, world_size / its share of STORE_CALLS_PER_S)``: the whole
+    world makes at most 8,000 periodic calls per second at any size. The main thread never
+    calls the store to learn of an abort (:meth:`check_abort` reads what the watcher found).
     """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float,
@@ -205,9 +213,16 @@ class Coordinator:
         self.liveness = (_GuardedStore(dist.PrefixStore(prefix, liveness_store), call_timeout, root.health)
                          if liveness_store is not None else self.store)
         self._alive_thread: Optional[threading.Thread] = None
+        self._alive_stop = threading.Event()
         self.rank, self.world_size = rank, world_size
+        self.pacing = Pacing(world_size)
         self.timeout_s = timeout_s
-        self.stall_s = timeout_s + 2 * BEAT_INTERVAL_S + 1.0
+        self.stall_s = timeout_s + 2 * self.pacing.beat_s + 1.0
+        self._aborted = threading.Event()   # set once this rank knows the abort report ...
+        self._abort_report: Dict[str, Any] = {}
+        self._answer_lock = threading.Lock()
+        self._answered = False               # ... and answered it (``answered``: who is alive)
+        self._last_abort_look = time.monotonic()
         self.hostnames = list(hostnames)
         self._last_beat = 0.0
         self._steps: List[str] = []
@@ -242,24 +257,58 @@ class Coordinator:
         return found
 
     def beat(self) -> None:
-        """Heartbeat (at most once a second; cheap to call often) and abort check. Rank 0 calls
-        it while it thinks, so that the waiting ranks do not take its silence for a hang."""
+        """Heartbeat (one store call at most every ``pacing.beat_s``; cheap to call often) and
+        abort check. Rank 0 calls it while it thinks, so that the waiting ranks do not take its
+        silence for a hang."""
         now = time.monotonic()
-        if now - self._last_beat >= BEAT_INTERVAL_S:
+        if now - self._last_beat >= self.pacing.beat_s:
             self._last_beat = now
             self.store.add("beat", 1)
-            self.check_abort()
+        self.check_abort()
 
     def check_abort(self) -> None:
-        if self.store.check(["abort"]):
-            report = json.loads(self.store.get("abort").decode())
+        """Raise NettestTimeoutError (the first abort report) if the run was aborted, or
+        StoreGoneError if a call found the store gone. No store call while the watcher runs
+        (it looks every ``pacing.watch_s``); without it, one call at most every ``watch_s``."""
+        self.store.check_gone()
+        if (not self._aborted.is_set() and self._alive_thread is None
+                and time.monotonic() - self._last_abort_look >= self.pacing.watch_s):
+            self._last_abort_look = time.monotonic()
+            self._look_for_abort(self.store)
+        if self._aborted.is_set():
+            report = self._abort_report
             raise NettestTimeoutError(report.get("message", "another rank aborted the test"), report)
 
+    def _look_for_abort(self, store: "_GuardedStore") -> bool:
+        """One look at the abort flag through ``store``; True (and the report learnt, the
+        abort answered) if it is raised."""
+        if self._aborted.is_set():
+            return True
+        if not store.check(["abort"]):
+            return False
+        self._learn_abort(store.get("abort"), store)
+        return True
+
+    def _learn_abort(self, payload: Any, store: "_GuardedStore") -> None:
+        """Keep the abort report and answer it once: this rank's number is appended to
+        ``answered`` (one key: the rank that raised the abort reads who is alive in one call)."""
+        text = payload.decode() if isinstance(payload, bytes) else payload
+        with self._answer_lock:
+            if self._answered:
+                return
+            self._abort_report = json.loads(text)
+            self._aborted.set()
+            self._answered = True
+        store.append("answered", f"{self.rank},")
+
     def abort(self, report: Dict[str, Any]) -> bool:
-        """Raise the abort flag with ``report``; True if this rank was the first to raise it."""
+        """Raise the abort flag with ``report``; True if this rank was the first to raise it.
+        Either way this rank now knows the first report (:meth:`check_abort` raises it)."""
         payload = json.dumps(report)
         current = self.store.compare_set("abort", "", payload)
-        return (current.decode() if isinstance(current, bytes) else current) == payload
+        current = current.decode() if isinstance(current, bytes) else current
+        self._learn_abort(current, self.store)
+        return current == payload
 
     def exchange(self, step: str, payload: Any) -> Optional[List[Any]]:
         """Post ``payload`` for ``step`` and wait for every rank; rank 0 gets every payload.
@@ -309,8 +358,9 @@ class Coordinator:
         if self.rank != 0:
             return
         deadline = time.monotonic() + self.stall_s
+        delays = self.pacing.poll_delays()
         while int(self.store.add("left", 0)) < self.world_size and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(min(next(delays), 0.01))   # one rank polls: no pacing needed beyond 10 ms
         self._delete_shared_keys()
 
     def close_after_abort(self, final: Dict[str, Any]) -> None:
@@ -336,12 +386,11 @@ class Coordinator:
         self._own_deleted = True
         for step in self._steps:
             self.store.delete_key(f"{step}/data/{self.rank}")
-        for key in (f"pos/{self.rank}", f"alive/{self.rank}"):
-            self.store.delete_key(key)
+        self.store.delete_key(f"pos/{self.rank}")
 
     def _delete_shared_keys(self) -> None:
         for key in ([f"{s}/{c}" for s in self._steps for c in ("arrived", "bytes")] + [f"plan/{k}" for k in self._plans]
-                    + ["beat", "abort", "left", "final", "aborted-left"]):
+                    + ["beat", "abort", "answered", "left", "final", "aborted-left"]):
             self.store.delete_key(key)
 
     def shutdown(self) -> None:
@@ -350,7 +399,7 @@ class Coordinator:
         error). The shared keys stay then: other ranks may still be reading them."""
         self.stop_liveness()
         if self._alive_thread is not None:
-            self._alive_thread.join(BEAT_INTERVAL_S + STORE_CALL_TIMEOUT_S)
+            self._alive_thread.join(STORE_CALL_TIMEOUT_S + 1.0)
         if not self.store.health.gone.is_set():
             try:
                 self._delete_own_keys()
@@ -362,33 +411,43 @@ class Coordinator:
 
     # -- the end of an aborted run ----------------------------------------------------------
     def start_liveness(self) -> None:
-        """A daemon thread that counts ``alive/<rank>`` up every second, whatever the main
-        thread does (waiting inside an operation, thinking): after an abort, the ranks whose
-        counter stopped are the ones that stopped answering."""
-        self._alive_stop = threading.Event()
+        """The watcher: a daemon thread that looks at the abort flag every ``pacing.watch_s``
+        on the liveness connection, whatever the main thread does (waiting inside an
+        operation, thinking), and answers it (:meth:`_learn_abort`) — after an abort, the
+        ranks that never answered are the ones that stopped answering. The main thread learns
+        of the abort from it without a store call of its own."""
+        self._alive_stop.clear()
 
-        def beat_forever() -> None:
-            while not self._alive_stop.is_set():
+        def watch() -> None:
+            while not self._alive_stop.wait(self.pacing.watch_s):
                 try:
-                    self.liveness.add(f"alive/{self.rank}", 1)
+                    if self._look_for_abort(self.liveness):
+                        return
                 except StoreGoneError:
                     return
-                self._alive_stop.wait(BEAT_INTERVAL_S)
 
-        self._alive_thread = threading.Thread(target=beat_forever, name="pgroups-nettest-alive", daemon=True)
+        self._alive_thread = threading.Thread(target=watch, name="pgroups-nettest-watch", daemon=True)
         self._alive_thread.start()
 
     def stop_liveness(self) -> None:
-        stop = getattr(self, "_alive_stop", None)
-        if stop is not None:
-            stop.set()
+        self._alive_stop.set()
+
+    def answered(self) -> List[int]:
+        """The ranks that answered the abort so far (one call)."""
+        if not self.liveness.check(["answered"]):
+            return []
+        text = self.liveness.get("answered").decode()
+        return sorted({int(r) for r in text.split(",") if r})
 
     def silent_ranks(self, window_s: float) -> List[int]:
-        """The ranks whose liveness counter did not move during ``window_s`` seconds."""
-        keys = [f"alive/{r}" for r in range(self.world_size)]
-        first = [int(self.liveness.add(k, 0)) for k in keys]
-        time.sleep(window_s)
-        return [r for r, k in enumerate(keys) if int(self.liveness.add(k, 0)) == first[r]]
+        """The ranks that did not answer the abort within ``window_s`` seconds (returns as
+        soon as every rank has; one rank polls, every 50 ms)."""
+        deadline = time.monotonic() + window_s
+        while True:
+            answered = set(self.answered())
+            if len(answered) >= self.world_size or time.monotonic() >= deadline:
+                return [r for r in range(self.world_size) if r not in answered]
+            time.sleep(0.05)
 
     def conclude_abort(self, report: Dict[str, Any]) -> Dict[str, Any]:
         """Every surviving rank calls this after an abort. The rank that raised the flag asks
@@ -396,19 +455,21 @@ class Coordinator:
         report naming the ranks that do not — dead, or their host gone — so a rank that
         vanished inside an operation is named, not the whole group; the others wait for that
         report. Returns the final report (the abort report if none came)."""
+        window_s = ALIVE_WINDOW_S + self.pacing.watch_s   # every watcher looked at least once
         if report.get("detected_by") == self.rank:
-            silent = self.silent_ranks(ALIVE_WINDOW_S)
+            silent = self.silent_ranks(window_s)
             final = dict(report, missing=silent, missing_hosts=sorted({self.host(r) for r in silent}))
             if silent:
                 final["message"] = (f"{report.get('message', 'aborted')}; no answer from "
                                     f"{ranks_and_hosts(silent, self.hostnames)}")
             self.store.set("final", json.dumps(final))
             return final
-        deadline = time.monotonic() + ALIVE_WINDOW_S + 3.0
+        deadline = time.monotonic() + window_s + 3.0
+        delays = self.pacing.poll_delays()
         while time.monotonic() < deadline:
             if self.store.check(["final"]):
                 return json.loads(self.store.get("final").decode())
-            time.sleep(0.05)
+            time.sleep(next(delays))
         return report
 
     def leave_after_abort(self, final: Dict[str, Any]) -> None:
@@ -427,28 +488,28 @@ class Coordinator:
 
     def _wait(self, poll: Callable[[], Tuple[bool, int]], what: str, missing: Callable[[], List[int]]) -> None:
         """Call ``poll`` — one store call that says (done?, a progress count such as how many
-        ranks arrived) — until done, backing off to a poll interval that grows with the world
-        (at most 0.5 s), so the store is not flooded; every CHECK_INTERVAL_S look at the abort
-        flag and the heartbeat (two calls): no progress and no heartbeat for ``stall_s`` is a
-        stall. Per rank and second of waiting: at most 2 + 2 / CHECK_INTERVAL_S calls, in any
-        world size."""
-        poll_max = min(0.5, POLL_MAX_S * max(1.0, self.world_size / 64))
-        delay, last_marker, last_change, last_check = 0.001, None, time.monotonic(), 0.0
+        ranks arrived) — until done: at once, then after the delays of
+        :meth:`.pacing.Pacing.poll_delays` (every ``poll_s`` once a few fast polls are done).
+        The abort flag is looked at between polls (no store call: the watcher's); every
+        ``beat_s`` one call reads the heartbeat: no progress and no heartbeat for ``stall_s``
+        is a stall. Per rank and second of waiting: at most 1 / poll_s + 1 / beat_s calls
+        (after the first poll_s), which the pacing shrinks as the world grows."""
+        delays = self.pacing.poll_delays()
+        last_marker, last_change, last_check = None, time.monotonic(), 0.0
         while True:
             done, progress = poll()
             if done:
                 return
+            self.check_abort()
             now = time.monotonic()
-            if now - last_check >= CHECK_INTERVAL_S:
+            if now - last_check >= self.pacing.beat_s:
                 last_check = now
-                self.check_abort()
                 marker = (int(self.store.add("beat", 0)), progress)
                 if marker != last_marker:
                     last_marker, last_change = marker, now
                 elif now - last_change > self.stall_s:
                     self._stalled(what, missing())
-            time.sleep(delay)
-            delay = min(delay * 2, poll_max)
+            time.sleep(next(delays))
 
     def _stalled(self, what: str, missing: List[int]) -> None:
         where = self.positions(missing)
