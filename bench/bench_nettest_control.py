@@ -1,50 +1,61 @@
 """The control plane of ``pgroups nettest`` at scale: N emulated ranks against one real TCPStore.
 
-Each emulated rank is a thread of this process with its own :class:`Coordinator` (its own two
-client connections to the store, its own call threads and liveness thread) — the control-plane
-traffic of a run with no data plane: a sweep exchange carrying the records of ``-c all`` over
-the default sweep (8 B … 64 MiB, factor 2: 24 sizes x 6 collectives per rank), a plan that
-rank 0 publishes and every rank fetches, a second exchange, rank 0's liveness check (who
-stopped answering over ALIVE_WINDOW_S, as after an abort: must be nobody), and the end of the
-run (every key deleted). Printed per world size: store connections and calls per rank (rank 0
-apart), the payload, rank 0's collection time, and the projection to 16,384 ranks (the
-collection reads every rank's payload once: its time grows with world x payload).
+Each emulated rank is a thread with its own :class:`Coordinator` (its two client connections
+to the store, their call threads, its watcher thread) running the control-plane traffic of a
+run with no data plane:
 
-**Baseline** in the same run: what the tool did before — rank 0 reads every rank's
-uncompressed JSON in one ``multi_get`` with one fixed 8 s deadline.
+1. *measure*: each rank "measures" for a random 0.5–2.5 s, calling ``beat()`` every 10 ms
+   (as the data plane does after each operation: heartbeats and abort checks), then
+2. a sweep exchange carrying the records of ``-c all`` over the default sweep (8 B … 64 MiB,
+   factor 2: 24 sizes x 6 collectives per rank) — the early ranks poll while the late ones
+   measure, and rank 0 collects every payload (direct: ``multi_get`` slices of the N keys);
+3. the same payloads collected by *host aggregation*, for comparison: each host's first rank
+   reads its 8 ranks' payloads and writes them as one key, rank 0 reads N/8 keys;
+4. rank 0 thinks for 1 s (beating) while the others wait for its plan (polls), a small scan
+   exchange;
+5. rank 0 raises the abort flag: every rank's watcher must see it and answer (no false
+   "stopped answering"), the run ends as an aborted run does (final report, leaving in order,
+   every key deleted).
 
-    python bench/bench_nettest_control.py                    # worlds 256 512 1024 2048
-    python bench/bench_nettest_control.py --worlds 2048 --project 16384
-    python bench/bench_nettest_control.py --worlds 256 512 2048 --markdown docs/benchmarks.md   # and its section
+Printed per world size: store connections per rank, store calls per rank (median, max; rank 0
+apart), the store calls per second of the whole emulation (wall of steps 1–5), rank 0's
+collection time (direct and by host aggregation; decode included), the time for every rank to
+answer the abort, ranks that did not answer, errors ("store gone"), keys left. ``--baseline``
+adds each world unpaced (every interval at its small-world floor: the calls per second grow
+with the world).
 
-On this 2-core machine every rank's thread shares the GIL with the others: the times are an
-upper bound of what the store itself needs. ``alone`` times rank 0's collection with nothing
-else of the benchmark running, in wall and in CPU seconds (client and store server share this
-process): on a machine shared with other work the CPU seconds are the figure that projects.
+Projection to 16,384 ranks: the collection reads and decodes every payload once, so its time
+grows linearly with N (t x 16384 / N); the periodic calls per second of the world are at most
+pacing.STORE_CALLS_PER_S at any N (equal to it from 4,000 ranks), so the store's periodic load
+does not grow; the abort reaches every rank within one watch interval (max(0.5, N / 2000) s).
+
+    python bench/bench_nettest_control.py                    # worlds 256 1024 2048
+    python bench/bench_nettest_control.py --worlds 2048 --baseline
+
+On this 2-core machine every emulated rank's threads share 2 cores with the others (and the
+store): the times are an upper bound of what the store itself needs.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import random
-import sys
+import struct
 import threading
 import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
 import torch.distributed as dist
 
 from pgroups.nettest import metrics
-from pgroups.nettest.control import (ALIVE_WINDOW_S, STORE_CALL_TIMEOUT_S, Coordinator, NettestTimeoutError,
-                                     encode_payload, second_client)
-
-from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
+from pgroups.nettest.control import (ALIVE_WINDOW_S, SLICE_BYTES, STORE_CALL_TIMEOUT_S, Coordinator,
+                                     NettestTimeoutError, decode_payload, encode_payload, second_client, slices)
+from pgroups.nettest.pacing import Pacing
 
 HOSTS_RANKS = 8
+UNPACED = 1e12   # a budget no world reaches: every interval at its floor
 
 
 def sweep_records(rank: int, rng: random.Random) -> List[Dict[str, Any]]:
@@ -60,35 +71,103 @@ def sweep_records(rank: int, rng: random.Random) -> List[Dict[str, Any]]:
     return records
 
 
-def rank_main(rank: int, world: int, host: str, port: int, start: Any, out: Dict[str, Any]) -> None:
+def pack(blobs: List[bytes]) -> bytes:
+    """Blobs as one value: each prefixed with its length (4 bytes, big-endian)."""
+    return b"".join(struct.pack(">I", len(b)) + b for b in blobs)
+
+
+def unpack(value: bytes) -> List[bytes]:
+    blobs, at = [], 0
+    while at < len(value):
+        (size,) = struct.unpack_from(">I", value, at)
+        blobs.append(value[at + 4:at + 4 + size])
+        at += 4 + size
+    return blobs
+
+
+def aggregate_by_host(coordinator: Coordinator, step: str) -> Tuple[float, float]:
+    """Step 3: the host's first rank writes its host's payloads as one key; rank 0 reads the
+    N/8 host keys (slices of SLICE_BYTES) and decodes every payload. Rank 0's (wall, CPU)
+    seconds, from the barrier before it to the last payload decoded (its process's CPU)."""
+    store, rank, world = coordinator.store, coordinator.rank, coordinator.world_size
+    coordinator.exchange(f"{step}-agg-start", None)
+    begun, cpu = time.perf_counter(), time.process_time()
+    hosts = range(0, world, HOSTS_RANKS)
+    if rank % HOSTS_RANKS == 0:
+        mine = [f"{step}/data/{r}" for r in range(rank, min(world, rank + HOSTS_RANKS))]
+        blob = pack(store.call("multi_get", mine))
+        store.set(f"agg/{rank}", blob)
+        store.add("agg/bytes", len(blob))
+        store.add("agg/arrived", 1)
+    if rank != 0:
+        coordinator.exchange(f"{step}-agg-end", None)
+        return 0.0, 0.0
+    delays = coordinator.pacing.poll_delays()
+    while int(store.add("agg/arrived", 0)) < len(hosts):
+        time.sleep(min(next(delays), 0.01))
+    total, values = int(store.add("agg/bytes", 0)), 0
+    for first, last in slices(len(hosts), total, SLICE_BYTES):
+        for value in store.call("multi_get", [f"agg/{h}" for h in list(hosts)[first:last]]):
+            values += len([decode_payload(b) for b in unpack(value)])
+    seconds, cpu_s = time.perf_counter() - begun, time.process_time() - cpu
+    assert values == world, (values, world)
+    for key in [f"agg/{h}" for h in hosts] + ["agg/bytes", "agg/arrived"]:
+        store.delete_key(key)
+    coordinator.exchange(f"{step}-agg-end", None)
+    return seconds, cpu_s
+
+
+def rank_main(rank: int, world: int, budget: float, host: str, port: int, start: Any, out: Dict[str, Any]) -> None:
     """One emulated rank's control plane (a thread); its counts and rank 0's figures go to ``out``."""
     hostnames = [f"host{r // HOSTS_RANKS}" for r in range(world)]
     rng = random.Random(rank)
-    client = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    client = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
     liveness = second_client(client)
     out["connections"] = 1 + (liveness is not None)
     coordinator = None
     try:
         coordinator = Coordinator(client, rank, world, 60.0, hostnames, liveness_store=liveness)
+        if budget != Pacing(world).budget:
+            coordinator.pacing = Pacing(world, budget)
         coordinator.start_liveness()
-        start.wait(600)
         records = sweep_records(rank, rng)
-        coordinator.exchange("sweep0", records)
-        if rank == 0:
+        start.wait(600)
+        begun = time.perf_counter()
+        until = time.monotonic() + rng.uniform(0.5, 2.5)
+        while time.monotonic() < until:   # 1. measuring: the data plane beats after each operation
+            coordinator.beat()
+            time.sleep(0.01)
+        coordinator.exchange("sweep0", records)                  # 2. direct collection on rank 0
+        out["collect_s"], out["collect_cpu_s"] = coordinator.collect_s, coordinator.collect_cpu_s
+        out["aggregate_s"], out["aggregate_cpu_s"] = aggregate_by_host(coordinator, "sweep0")   # 3. host aggregation
+        if rank == 0:                                            # 4. rank 0 thinks, the others wait
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                coordinator.beat()
+                time.sleep(0.01)
             coordinator.publish("retest", {"tasks": []})
         else:
             coordinator.fetch("retest")
         coordinator.exchange("scan0", [{"pair": [rank, rank ^ 1], "times": [1e-3]}])
-        if rank == 0:
-            out["collect_s"], out["decode_s"] = coordinator.collect_s, coordinator.decode_s
-            out["baseline_s"] = baseline(world, client, records)
-            silent_started = time.perf_counter()
-            out["silent"] = coordinator.silent_ranks(ALIVE_WINDOW_S)
-            out["silent_check_s"] = time.perf_counter() - silent_started
-            out["payload"] = len(encode_payload(records))
-            out["payload_json"] = len(json.dumps(records))
-        coordinator.exchange("end", None)
-        coordinator.close()
+        out["calls_before_abort"] = coordinator.calls
+        out["steps_s"] = time.perf_counter() - begun
+        if rank == 0:                                            # 5. the abort, and who answers it
+            report = {"message": "bench: the end", "kind": "stall", "detected_by": 0}
+            coordinator.abort(report)
+            answered = time.perf_counter()
+            final = coordinator.conclude_abort(report)
+            out["answer_s"] = time.perf_counter() - answered
+            out["silent"] = final.get("missing", [])
+        else:
+            while True:
+                try:
+                    coordinator.check_abort()
+                except NettestTimeoutError as exc:
+                    final = coordinator.conclude_abort(exc.report)
+                    break
+                time.sleep(0.01)
+        coordinator.leave_after_abort(final)
+        coordinator.close_after_abort(final)
     except (NettestTimeoutError, RuntimeError, threading.BrokenBarrierError) as exc:
         out["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
     finally:
@@ -97,14 +176,14 @@ def rank_main(rank: int, world: int, host: str, port: int, start: Any, out: Dict
             coordinator.shutdown()
 
 
-def worker(index: int, workers: int, world: int, host: str, port: int, results: Any) -> None:
+def worker(index: int, workers: int, world: int, budget: float, host: str, port: int, results: Any) -> None:
     """One process: rank 0 alone in the first (as in a real job, its process serves only it),
     ranks 1 … spread over the others, as threads."""
     threading.stack_size(512 * 1024)
     mine = [0] if index == 0 else list(range(index, world, workers - 1))
     start = threading.Barrier(len(mine))
-    outs = {rank: {} for rank in mine}
-    threads = [threading.Thread(target=rank_main, args=(r, world, host, port, start, outs[r])) for r in mine]
+    outs: Dict[int, Dict[str, Any]] = {rank: {} for rank in mine}
+    threads = [threading.Thread(target=rank_main, args=(r, world, budget, host, port, start, outs[r])) for r in mine]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -112,14 +191,14 @@ def worker(index: int, workers: int, world: int, host: str, port: int, results: 
     results.put(outs)
 
 
-def one_world(world: int, server: dist.TCPStore, workers: int) -> Dict[str, Any]:
+def one_world(world: int, budget: float, server: dist.TCPStore, workers: int) -> Dict[str, Any]:
     """Run the control plane of ``world`` emulated ranks in ``workers`` processes; rank 0's
     figures and the per-rank counts."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=worker, args=(i, workers, world, server.host, server.port, results))
+    keys_before = server.num_keys()
+    processes = [context.Process(target=worker, args=(i, workers, world, budget, server.host, server.port, results))
                  for i in range(workers)]
-    begun = time.perf_counter()
     for process in processes:
         process.start()
     outs: Dict[int, Dict[str, Any]] = {}
@@ -127,103 +206,54 @@ def one_world(world: int, server: dist.TCPStore, workers: int) -> Dict[str, Any]
         outs.update(results.get())
     for process in processes:
         process.join()
-    calls = [outs[r].get("calls", 0) for r in range(world)]
+    calls = sorted(outs[r].get("calls", 0) for r in range(1, world))
+    steps_s = max(o.get("steps_s", 0.0) for o in outs.values())
     result = dict(outs[0])
-    wall_s = time.perf_counter() - begun
-    result.update(world=world, wall_s=wall_s, calls_per_s=sum(calls) / wall_s,
-                  errors=[o["error"] for o in outs.values() if "error" in o],
-                  calls0=calls[0], calls_max=max(calls[1:]), calls_median=sorted(calls[1:])[world // 2],
-                  connections=max(o.get("connections", 0) for o in outs.values()), keys_left=server.num_keys())
+    result.update(world=world, calls_per_s=sum(o.get("calls_before_abort", 0) for o in outs.values()) / max(steps_s, 1e-9),
+                  errors=[o["error"] for o in outs.values() if "error" in o], calls0=outs[0].get("calls", 0),
+                  calls_max=calls[-1], calls_median=calls[len(calls) // 2], steps_s=steps_s,
+                  connections=max(o.get("connections", 0) for o in outs.values()),
+                  keys_left=server.num_keys() - keys_before - world)   # the per-rank run counters stay
     return result
 
 
-def baseline(world: int, client: dist.TCPStore, records: List[Dict[str, Any]]) -> float:
-    """The previous collection, timed in rank 0's process: ``world`` copies of its records as
-    plain JSON read in one multi_get and decoded. Seconds."""
-    payload = json.dumps(records)
-    keys = [f"baseline/{r}" for r in range(world)]
-    client.multi_set(keys, [payload] * world)
-    begun = time.perf_counter()
-    values = [json.loads(v) for v in client.multi_get(keys)]
-    seconds = time.perf_counter() - begun
-    assert len(values) == world
-    for key in keys:
-        client.delete_key(key)
-    return seconds
+def row(r: Dict[str, Any], label: str, project: int) -> str:
+    if "collect_s" not in r or r["errors"]:
+        errors = r["errors"]
+        return (f"| {r['world']} | {label} | {len(errors)} ranks failed, e.g. {errors[:1]} | | | | | | | "
+                f"{os.getloadavg()[0]:.1f} |")
+    scale = project / r["world"]
+    return (f"| {r['world']} | {label} | {r['connections']} | {r['calls_median']}, {r['calls_max']} | {r['calls0']} "
+            f"| {r['calls_per_s']:.0f} | {r['collect_s']:.2f} ({r['collect_cpu_s']:.2f} CPU) → {r['collect_cpu_s'] * scale:.1f} "
+            f"| {r['aggregate_s']:.2f} ({r['aggregate_cpu_s']:.2f} CPU) → {r['aggregate_cpu_s'] * scale:.1f} | {r['answer_s']:.2f} "
+            f"| {len(r['silent'])} / 0 | {r['keys_left']} | {os.getloadavg()[0]:.1f} |")
 
 
-def alone(report: Report, server: dist.TCPStore, count: int, project: int) -> None:
-    """Rank 0's collection with nothing else running: ``count`` payloads of one rank's -c all
-    records read in slices and decoded, as Coordinator.exchange does; projected to ``project``."""
-    from pgroups.nettest.control import SLICE_BYTES, decode_payload, slices
-
-    records = sweep_records(0, random.Random(0))
-    blob = encode_payload(records)
-    keys = [f"alone/{r}" for r in range(count)]
-    server.multi_set(keys, [blob] * count)
-    begun, cpu = time.perf_counter(), time.process_time()
-    store_s = 0.0
-    for first, last in slices(count, len(blob) * count, SLICE_BYTES):
-        got = time.perf_counter()
-        blobs = server.multi_get(keys[first:last])
-        store_s += time.perf_counter() - got
-        values = [decode_payload(b) for b in blobs]
-        assert len(values) == last - first
-    total, total_cpu = time.perf_counter() - begun, time.process_time() - cpu
-    plain = json.dumps(records)
-    server.multi_set(keys, [plain] * count)
-    begun, cpu = time.perf_counter(), time.process_time()
-    values = [json.loads(v) for v in server.multi_get(keys)]
-    baseline_s, baseline_cpu = time.perf_counter() - begun, time.process_time() - cpu
-    for key in keys:
-        server.delete_key(key)
-    scale = project / count
-    report.note(f"alone, {count} payloads (server in this process): sliced read + decode {total:.2f} s wall, "
-          f"{total_cpu:.2f} s CPU (store wait {store_s:.2f} s); projected to {project}: {total * scale:.1f} s wall, "
-          f"{total_cpu * scale:.1f} s CPU. Baseline, one multi_get of plain JSON + decode: {baseline_s:.2f} s wall, "
-                f"{baseline_cpu:.2f} s CPU; projected {baseline_s * scale:.1f} s wall, {baseline_cpu * scale:.1f} s CPU "
-                f"(load average {os.getloadavg()[0]:.1f})")
-
-
-def main(argv: Optional[List[str]] = None) -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--project", type=int, default=16384)
-    parser.add_argument("--alone", type=int, default=2048, help="payloads for the collection timed alone")
-    parser.add_argument("--workers", type=int, default=9, help="processes the emulated ranks are spread over")
-    add_markdown_argument(parser)
-    args = parser.parse_args(argv)
-    report = Report("nettest-control", argv, markdown_path(parser, args), script=Path(__file__).name)
-    server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=60),
-                           wait_for_workers=False)
-    report.note(f"store call deadline {STORE_CALL_TIMEOUT_S:g} s; projection to {args.project} ranks; "
-                f"{args.workers} processes")
-    alone(report, server, args.alone, args.project)
-    table = report.table("", ["ranks", "conns/rank", "calls/rank (median, max)", "calls rank 0",
-                              "payload/rank (JSON -> sent)", "collect s (decode)", "projected s",
-                              "baseline 1 multi_get s", "baseline projected s", "silent", "errors", "keys left",
-                              "wall s (store calls/s)", "liveness check s", "load"], stream=True)
-    failures = []
+    parser.add_argument("--workers", type=int, default=16, help="processes the emulated ranks are spread over")
+    parser.add_argument("--baseline", action="store_true", help="also run each world unpaced")
+    args = parser.parse_args()
+    payload = encode_payload(sweep_records(0, random.Random(0)))
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}; "
+          f"store call deadline {STORE_CALL_TIMEOUT_S:g} s; payload {len(payload) / 1024:.1f} KB per rank; "
+          f"projection to {args.project} ranks (collection x {args.project} / N); {args.workers} processes")
+    print(f"| ranks | pacing | store conns / rank | calls / rank (median, max) | calls rank 0 | store calls/s "
+          f"| collect direct s (CPU) → projected CPU s | collect by host s (CPU) → projected CPU s | abort answered by all s "
+          f"| no answer / store gone | keys left | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for world in args.worlds:
-        keys_before = server.num_keys()
-        r = one_world(world, server, args.workers)
-        failures += [f"{world} ranks: {error}" for error in r["errors"][:3]]
-        if "collect_s" not in r:
-            table.add(world, *["-"] * 9, len(r["errors"]), *["-"] * 4)
-            continue
-        base = r["baseline_s"]
-        scale = args.project / world
-        table.add(world, r["connections"], f"{r['calls_median']}, {r['calls_max']}", r["calls0"],
-                  f"{r['payload_json'] / 1024:.1f} KB -> {r['payload'] / 1024:.1f} KB",
-                  f"{r['collect_s']:.2f} ({r['decode_s']:.2f})", f"{r['collect_s'] * scale:.1f}", f"{base:.2f}",
-                  f"{base * scale:.1f}", len(r["silent"]), len(r["errors"]), r["keys_left"] - keys_before - world,
-                  f"{r['wall_s']:.1f} ({r['calls_per_s']:.0f})", f"{r['silent_check_s']:.1f}",
-                  f"{os.getloadavg()[0]:.1f}")
-    for failure in failures:
-        report.note(f"error: {failure}")
-    report.finish()
-    return 0
+        for budget, label in [(Pacing(world).budget, "paced")] + ([(UNPACED, "unpaced")] if args.baseline else []):
+            server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=120),
+                                   wait_for_workers=False)   # a new store per run: its keys are the run's
+            print(row(one_world(world, budget, server, args.workers), label, args.project), flush=True)
+    pacing = Pacing(args.project)
+    print(f"at {args.project} ranks: watch {pacing.watch_s:.2f} s, poll {pacing.poll_s:.2f} s, beat "
+          f"{pacing.beat_s:.2f} s; periodic store calls of the world at most {pacing.world_calls_per_s():.0f}/s; "
+          f"abort window {ALIVE_WINDOW_S + pacing.watch_s:.1f} s")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

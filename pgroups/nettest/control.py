@@ -230,6 +230,7 @@ class Coordinator:
         self._own_deleted = False
         self.collect_s = 0.0   # rank 0: seconds spent reading the ranks' figures ...
         self.decode_s = 0.0    # ... of which decoding them
+        self.collect_cpu_s = 0.0   # ... and this process's CPU seconds meanwhile
 
     @classmethod
     def from_default_group(cls, timeout_s: float, hostnames: Sequence[str]) -> "Coordinator":
@@ -327,7 +328,7 @@ class Coordinator:
                    lambda: [r for r in range(self.world_size) if not self.store.check([f"{step}/data/{r}"])])
         if self.rank != 0:
             return None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         total = int(self.store.add(f"{step}/bytes", 0))
         values: List[Any] = []
         for first, last in slices(self.world_size, total, SLICE_BYTES):
@@ -339,6 +340,7 @@ class Coordinator:
             self.decode_s += time.perf_counter() - decoding
             self.beat()
         self.collect_s += time.perf_counter() - started
+        self.collect_cpu_s += time.process_time() - cpu
         return values
 
     def publish(self, key: str, value: Any) -> None:
@@ -346,6 +348,7 @@ class Coordinator:
         self.store.set(f"plan/{key}", json.dumps(value))
 
     def fetch(self, key: str) -> Any:
+        self._plans.append(key)   # any rank may be the one that deletes the shared keys
         self._wait(lambda: (self.store.check([f"plan/{key}"]), 0), f"the plan {key!r} from rank 0", lambda: [0])
         return json.loads(self.store.get(f"plan/{key}").decode())
 
@@ -365,19 +368,16 @@ class Coordinator:
 
     def close_after_abort(self, final: Dict[str, Any]) -> None:
         """After an aborted run (once :meth:`leave_after_abort` returned): each rank deletes its
-        own keys; the lowest surviving rank on the store's host — which leaves last — deletes
-        the shared ones (the abort flag, the final report) if every surviving rank has left,
-        never earlier: a rank that has not yet seen the flag would otherwise time out on its
-        own and tell another story. A rank alive but absent (it never answered the abort)
-        leaves them in place."""
+        own keys and counts itself in ``aborted-done``; the surviving rank that completes the
+        count — the last to get here, when no rank reads a shared key any more — deletes the
+        shared ones (the abort flag, the final report, the counters). Never earlier: a rank that
+        has not yet seen the flag would otherwise time out on its own and tell another story,
+        and a rank still in :meth:`leave_after_abort` would recreate the counter it polls. A
+        rank alive but absent (it never answered the abort) leaves them in place."""
         self.stop_liveness()
         self._delete_own_keys()
-        missing = set(final.get("missing", []))
-        store_host = self.host(0)
-        on_store_host = [r for r in range(self.world_size) if self.host(r) == store_host and r not in missing]
-        survivors = self.world_size - len(missing)
-        if (on_store_host and on_store_host[0] == self.rank
-                and int(self.store.add("aborted-left", 0)) >= survivors):
+        survivors = self.world_size - len(set(final.get("missing", [])))
+        if int(self.store.add("aborted-done", 1)) == survivors:
             self._delete_shared_keys()
 
     def _delete_own_keys(self) -> None:
@@ -390,7 +390,7 @@ class Coordinator:
 
     def _delete_shared_keys(self) -> None:
         for key in ([f"{s}/{c}" for s in self._steps for c in ("arrived", "bytes")] + [f"plan/{k}" for k in self._plans]
-                    + ["beat", "abort", "answered", "left", "final", "aborted-left"]):
+                    + ["beat", "abort", "answered", "left", "final", "aborted-left", "aborted-done"]):
             self.store.delete_key(key)
 
     def shutdown(self) -> None:
