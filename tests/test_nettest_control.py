@@ -183,3 +183,46 @@ def test_a_waiting_rank_of_a_large_world_polls_at_the_paced_interval(store):
         timer.join()
         waiter.shutdown()
         publisher.shutdown()
+
+
+def test_an_aborted_run_of_several_ranks_on_the_store_host_leaves_no_key(store):
+    # Four ranks on the store's host (threads, one client pair each) end an aborted run
+    # together: each answers, leaves in order and deletes. Rank 0 used to delete the shared
+    # keys while another rank still polled aborted-left with add(key, 0), which recreated it:
+    # one key left behind, and that rank waited out the 2 s leave bound.
+    world, finals, errors = 4, {}, []
+    before = store.num_keys()
+    coordinators = [Coordinator(dist.TCPStore(store.host, store.port, None, False, wait_for_workers=False), r, world,
+                                10.0, ["h"] * world) for r in range(world)]
+    report = {"message": "group nettest#0 hung", "kind": "timeout", "detected_by": 2}
+
+    def rank_main(coordinator):
+        try:
+            coordinator.start_liveness()
+            if coordinator.rank == 2:
+                coordinator.abort(report)
+            while True:
+                try:
+                    coordinator.check_abort()
+                except NettestTimeoutError as exc:
+                    final = coordinator.conclude_abort(exc.report)
+                    break
+                time.sleep(0.01)
+            coordinator.leave_after_abort(final)
+            coordinator.close_after_abort(final)
+            finals[coordinator.rank] = final
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            coordinator.shutdown()
+
+    threads = [threading.Thread(target=rank_main, args=(c,)) for c in coordinators]
+    begun = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and sorted(finals) == [0, 1, 2, 3], errors
+    assert all(f["missing"] == [] for f in finals.values())
+    assert store.num_keys() == before + world   # only the per-rank run counters stay
+    assert time.monotonic() - begun < 2.0 + 1.5   # no rank waited out the leave bound (2 s) after answering
