@@ -21,8 +21,8 @@ run with no data plane:
 Printed per world size: store connections per rank, store calls per rank (median, max; rank 0
 apart), the store calls per second of the whole emulation (wall of steps 1–5), rank 0's
 collection time (direct and by host aggregation; decode included), the time for every rank to
-answer the abort, ranks that did not answer, errors ("store gone"), keys left. ``--baseline``
-adds each world unpaced (every interval at its small-world floor: the calls per second grow
+answer the abort, ranks that did not answer, errors ("store gone"), keys left. ``--baseline W``
+adds world W unpaced (every interval at its small-world floor: the calls per second grow
 with the world).
 
 Projection to 16,384 ranks: the collection reads and decodes every payload once, so its time
@@ -31,7 +31,7 @@ pacing.STORE_CALLS_PER_S at any N (equal to it from 4,000 ranks), so the store's
 does not grow; the abort reaches every rank within one watch interval (max(0.5, N / 2000) s).
 
     python bench/bench_nettest_control.py                    # worlds 256 1024 2048
-    python bench/bench_nettest_control.py --worlds 2048 --baseline
+    python bench/bench_nettest_control.py --worlds 256 1024 2048 --baseline 2048 --markdown docs/benchmarks.md
 
 On this 2-core machine every emulated rank's threads share 2 cores with the others (and the
 store): the times are an upper bound of what the store itself needs.
@@ -44,9 +44,11 @@ import multiprocessing
 import os
 import random
 import struct
+import sys
 import threading
 import time
-from typing import Any, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -54,6 +56,9 @@ from pgroups.nettest import metrics
 from pgroups.nettest.control import (ALIVE_WINDOW_S, SLICE_BYTES, STORE_CALL_TIMEOUT_S, Coordinator,
                                      NettestTimeoutError, decode_payload, encode_payload, second_client, slices)
 from pgroups.nettest.pacing import Pacing
+from pgroups.testing.nettest_control import end_aborted_run
+
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 
 HOSTS_RANKS = 8
 UNPACED = 1e12   # a budget no world reaches: every interval at its floor
@@ -159,22 +164,9 @@ def rank_main(rank: int, world: int, budget: float, host: str, port: int, start:
         out["calls_before_abort"] = coordinator.calls
         out["steps_s"] = time.perf_counter() - begun
         if rank == 0:                                            # 5. the abort, and who answers it
-            report = {"message": "bench: the end", "kind": "stall", "detected_by": 0}
-            coordinator.abort(report)
-            answered = time.perf_counter()
-            final = coordinator.conclude_abort(report)
-            out["answer_s"] = time.perf_counter() - answered
-            out["silent"] = final.get("missing", [])
-        else:
-            while True:
-                try:
-                    coordinator.check_abort()
-                except NettestTimeoutError as exc:
-                    final = coordinator.conclude_abort(exc.report)
-                    break
-                time.sleep(0.01)
-        coordinator.leave_after_abort(final)
-        coordinator.close_after_abort(final)
+            coordinator.abort({"message": "bench: the end", "kind": "stall", "detected_by": 0})
+        final, out["answer_s"] = end_aborted_run(coordinator)   # rank 0: until every rank answered
+        out["silent"] = final.get("missing", [])
     except (NettestTimeoutError, RuntimeError, threading.BrokenBarrierError) as exc:
         out["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
     finally:
@@ -183,12 +175,14 @@ def rank_main(rank: int, world: int, budget: float, host: str, port: int, start:
             coordinator.shutdown()
 
 
-def worker(index: int, workers: int, world: int, budget: float, host: str, port: int, results: Any) -> None:
+def worker(index: int, workers: int, world: int, budget: float, host: str, port: int, results: Any,
+           everyone: Any) -> None:
     """One process: rank 0 alone in the first (as in a real job, its process serves only it),
-    ranks 1 … spread over the others, as threads."""
+    ranks 1 … spread over the others, as threads. They start together once every rank of
+    every process has its coordinator (``everyone``: a barrier of the processes)."""
     threading.stack_size(512 * 1024)
     mine = [0] if index == 0 else list(range(index, world, workers - 1))
-    start = threading.Barrier(len(mine))
+    start = threading.Barrier(len(mine), action=lambda: everyone.wait(600))
     outs: Dict[int, Dict[str, Any]] = {rank: {} for rank in mine}
     threads = [threading.Thread(target=rank_main, args=(r, world, budget, host, port, start, outs[r])) for r in mine]
     for thread in threads:
@@ -205,7 +199,9 @@ def one_world(world: int, budget: float, server: dist.TCPStore, workers: int) ->
     context.set_forkserver_preload(["torch", "torch.distributed", "pgroups.nettest.control"])
     results = context.Queue()
     keys_before = server.num_keys()
-    processes = [context.Process(target=worker, args=(i, workers, world, budget, server.host, server.port, results))
+    everyone = context.Barrier(workers)
+    processes = [context.Process(target=worker,
+                                 args=(i, workers, world, budget, server.host, server.port, results, everyone))
                  for i in range(workers)]
     for process in processes:
         process.start()
@@ -225,44 +221,55 @@ def one_world(world: int, budget: float, server: dist.TCPStore, workers: int) ->
     return result
 
 
-def row(r: Dict[str, Any], label: str, project: int) -> str:
+COLUMNS = ["ranks", "pacing", "store conns / rank", "calls / rank (median, max)", "calls, rank 0",
+           "store calls/s", "collection: first (CPU s) → projected CPU s", "direct again", "by host",
+           "abort answered by all, s", "no answer", "errors (store gone)", "keys left", "load"]
+
+
+def add_row(table: Any, r: Dict[str, Any], label: str, project: int) -> None:
+    """One run's row; the collection's CPU seconds projected to ``project`` ranks (x project / N)."""
+    load = f"{os.getloadavg()[0]:.1f}"
     if "collect_s" not in r or r["errors"]:
-        errors = r["errors"]
-        return (f"| {r['world']} | {label} | {len(errors)} ranks failed, e.g. {errors[:1]} | | | | | | | "
-                f"{os.getloadavg()[0]:.1f} |")
+        table.add(r["world"], label, *[""] * 9, f"{len(r['errors'])}: {r['errors'][:1]}", "", load)
+        return
     scale = project / r["world"]
-    return (f"| {r['world']} | {label} | {r['connections']} | {r['calls_median']}, {r['calls_max']} | {r['calls0']} "
-            f"| {r['calls_per_s']:.0f} | {r['collect_s']:.2f} ({r['collect_cpu_s']:.2f} CPU) → {r['collect_cpu_s'] * scale:.1f} "
-            f"| {r['again_s']:.2f} ({r['again_cpu_s']:.2f} CPU) → {r['again_cpu_s'] * scale:.1f} "
-            f"| {r['aggregate_s']:.2f} ({r['aggregate_cpu_s']:.2f} CPU) → {r['aggregate_cpu_s'] * scale:.1f} | {r['answer_s']:.2f} "
-            f"| {len(r['silent'])} / 0 | {r['keys_left']} | {os.getloadavg()[0]:.1f} |")
+
+    def collection(wall: float, cpu: float) -> str:
+        return f"{wall:.2f} ({cpu:.2f}) → {cpu * scale:.1f}"
+
+    table.add(r["world"], label, r["connections"], f"{r['calls_median']}, {r['calls_max']}", r["calls0"],
+              f"{r['calls_per_s']:.0f}", collection(r["collect_s"], r["collect_cpu_s"]),
+              collection(r["again_s"], r["again_cpu_s"]), collection(r["aggregate_s"], r["aggregate_cpu_s"]),
+              f"{r['answer_s']:.2f}", len(r["silent"]), 0, r["keys_left"], load)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--project", type=int, default=16384)
     parser.add_argument("--workers", type=int, default=16, help="processes the emulated ranks are spread over")
-    parser.add_argument("--baseline", action="store_true", help="also run each world unpaced")
-    args = parser.parse_args()
+    parser.add_argument("--baseline", type=int, nargs="*", default=[], metavar="WORLD",
+                        help="also run these worlds unpaced (every interval at its small-world floor)")
+    add_markdown_argument(parser)
+    args = parser.parse_args(argv)
+    report = Report("nettest-control", argv, markdown_path(parser, args), script=Path(__file__).name)
     payload = encode_payload(sweep_records(0, random.Random(0)))
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}; "
-          f"store call deadline {STORE_CALL_TIMEOUT_S:g} s; payload {len(payload) / 1024:.1f} KB per rank; "
-          f"projection to {args.project} ranks (collection x {args.project} / N); {args.workers} processes")
-    print(f"| ranks | pacing | store conns / rank | calls / rank (median, max) | calls rank 0 | store calls/s "
-          f"| collect direct s (CPU) → projected CPU s | direct again | by host | abort answered by all s "
-          f"| no answer / store gone | keys left | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    pacing = Pacing(args.project)
+    report.note(f"Store call deadline {STORE_CALL_TIMEOUT_S:g} s; payload {len(payload) / 1024:.1f} KB per rank "
+                f"(`-c all`, default sweep); {args.workers} processes. Collections: wall s (rank 0's CPU s) → CPU s "
+                f"projected to {args.project} ranks (x {args.project} / N). At {args.project} ranks the pacing gives "
+                f"watch {pacing.watch_s:.2f} s, poll {pacing.poll_s:.2f} s, beat {pacing.beat_s:.2f} s: at most "
+                f"{pacing.world_calls_per_s():.0f} periodic store calls/s of the world; abort window "
+                f"{ALIVE_WINDOW_S + pacing.watch_s:.1f} s.")
+    table = report.table("emulated ranks against one TCPStore", COLUMNS, stream=True)
     for world in args.worlds:
-        for budget, label in [(Pacing(world).budget, "paced")] + ([(UNPACED, "unpaced")] if args.baseline else []):
+        for budget, label in [(Pacing(world).budget, "paced")] + ([(UNPACED, "unpaced")] if world in args.baseline else []):
             server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=120),
                                    wait_for_workers=False)   # a new store per run: its keys are the run's
-            print(row(one_world(world, budget, server, args.workers), label, args.project), flush=True)
-    pacing = Pacing(args.project)
-    print(f"at {args.project} ranks: watch {pacing.watch_s:.2f} s, poll {pacing.poll_s:.2f} s, beat "
-          f"{pacing.beat_s:.2f} s; periodic store calls of the world at most {pacing.world_calls_per_s():.0f}/s; "
-          f"abort window {ALIVE_WINDOW_S + pacing.watch_s:.1f} s")
+            add_row(table, one_world(world, budget, server, args.workers), label, args.project)
+    report.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

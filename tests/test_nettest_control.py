@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from pgroups.nettest.bench import Bench
 from pgroups.nettest.control import SLICE_BYTES, Coordinator, NettestTimeoutError, second_client, slices
+from pgroups.testing.nettest_control import end_aborted_run
 from pgroups.testing.nettest_faults import ActiveFaults
 
 
@@ -201,16 +202,7 @@ def test_an_aborted_run_of_several_ranks_on_the_store_host_leaves_no_key(store):
             coordinator.start_liveness()
             if coordinator.rank == 2:
                 coordinator.abort(report)
-            while True:
-                try:
-                    coordinator.check_abort()
-                except NettestTimeoutError as exc:
-                    final = coordinator.conclude_abort(exc.report)
-                    break
-                time.sleep(0.01)
-            coordinator.leave_after_abort(final)
-            coordinator.close_after_abort(final)
-            finals[coordinator.rank] = final
+            finals[coordinator.rank] = end_aborted_run(coordinator)[0]
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
         finally:
