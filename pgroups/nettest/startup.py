@@ -28,10 +28,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import attrs
 
 from ..ranks import format_ranks
+from .pacing import Pacing
 
 START_PREFIX = "pgroups-nettest/start/"
-BEAT_S = 1.0
-ROLL_CALL_S = 2.5     # how long a failed rank watches the start-up heartbeats
+BEAT_S = 1.0          # the start-up heartbeat's interval in a small world (Pacing's beat_s in any)
+ROLL_CALL_S = 2.5     # how long a failed rank watches the start-up heartbeats (plus beat_s - BEAT_S)
 LEAVE_WAIT_S = 7.0    # how long the store's host waits for the others to read it (start-up skew)
 STORE_TIMEOUT_S = 6.0  # the roll call may take this much beyond ROLL_CALL_S: then the store is gone
 
@@ -140,7 +141,9 @@ class StartupBoard:
     """This rank's registration and start-up heartbeat on the store at ``addr:port``.
 
     :meth:`start` returns at once (a daemon thread connects, registers, then beats every
-    BEAT_S); :meth:`stop` ends the heartbeat once the run has begun; :meth:`find_missing`,
+    ``beat_s``: BEAT_S in a small world, :class:`.pacing.Pacing`'s ``beat_s`` in a large one,
+    so the world's start-up heartbeats stay within the store's budget); :meth:`stop` ends the
+    heartbeat once the run has begun; :meth:`find_missing`,
     after a failed start-up, says who is missing (None if the store cannot be read)."""
 
     def __init__(self, addr: str, port: int, rank: int, world_size: int, host: str,
@@ -152,6 +155,8 @@ class StartupBoard:
         self.timeout_s = timeout_s
         self._stop = threading.Event()
         self._client: Any = None
+        self.beat_s = max(BEAT_S, Pacing(world_size).beat_s)
+        self.roll_call_s = ROLL_CALL_S + self.beat_s - BEAT_S   # a live rank beats at least once in it, 1.5 s to spare
 
     @classmethod
     def from_environment(cls, launch: Any, host: str, timeout_s: float) -> "StartupBoard":
@@ -175,7 +180,7 @@ class StartupBoard:
             self._client = client
             while not self._stop.is_set():
                 client.add(f"{self.prefix}beat/{self.rank}", 1)
-                self._stop.wait(BEAT_S)
+                self._stop.wait(self.beat_s)
         except Exception:  # noqa: BLE001 - the start-up's own failure reports what went wrong
             return
 
@@ -183,11 +188,11 @@ class StartupBoard:
         self._stop.set()
 
     def find_missing(self) -> Optional[Absentees]:
-        """After a failed start-up: read the register, watch the heartbeats for ROLL_CALL_S,
+        """After a failed start-up: read the register, watch the heartbeats for ``roll_call_s``,
         say who is missing; mark this rank as done reading. None if the register cannot be
         read (the store is gone); if the store goes during the roll call, the register read
         stands and nobody is called silent. Bounded: the store calls run on a helper thread
-        given ROLL_CALL_S + STORE_TIMEOUT_S in all. A rank on the store's host then waits (at
+        given ``roll_call_s`` + STORE_TIMEOUT_S in all. A rank on the store's host then waits (at
         most LEAVE_WAIT_S) for the others to have read: when its ranks exit, the store may go."""
         box: Dict[str, Any] = {}
 
@@ -198,7 +203,7 @@ class StartupBoard:
                 box["register"] = parse_register(client.get(key).decode() if client.check([key]) else "")
                 beats = {r: f"{self.prefix}beat/{r}" for r in box["register"] if r != self.rank}
                 first = {r: int(client.add(k, 0)) for r, k in beats.items()}
-                time.sleep(ROLL_CALL_S)
+                time.sleep(self.roll_call_s)
                 box["silent"] = [r for r, k in beats.items() if int(client.add(k, 0)) == first[r]]
                 client.add(self.prefix + "left", 1)
                 box["client"] = client
@@ -207,7 +212,7 @@ class StartupBoard:
 
         reader = threading.Thread(target=read, name="pgroups-nettest-roll-call", daemon=True)
         reader.start()
-        reader.join(ROLL_CALL_S + STORE_TIMEOUT_S)
+        reader.join(self.roll_call_s + STORE_TIMEOUT_S)
         self.stop()
         if "register" not in box:
             return None
