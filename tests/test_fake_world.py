@@ -249,5 +249,14 @@ def test_a_group_handle_answers_the_five_queries_at_once():
             assert handle.label == "mode 'dp' (ranks [2, 6, 10, 14])"
             with pytest.raises(AttributeError):
                 handle.rank = 0  # immutable
+            on_cpu = handle.on_cpu()
+            assert on_cpu.group is handle.cpu_group and on_cpu.ranks == handle.ranks and str(on_cpu.device) == "cpu"
+            # groups that are no mode (nettest's host groups) come as the same handle type
+            hosts = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+            host = ctx.group_for_rank_lists("nettest-intra-node", hosts, "intra-node", "host group")
+            assert dist.get_process_group_ranks(host.group) == [4, 5, 6, 7]
+            assert (host.ranks, host.rank, host.size) == ((4, 5, 6, 7), 2, 4)
+            assert host.label == "host group 'intra-node' (ranks [4, 5, 6, 7])"
+            assert ctx.group_for_rank_lists("nettest-few", [[0, 1]], "few", "host group") is None  # rank 6: in none
         finally:
             ctx.destroy()

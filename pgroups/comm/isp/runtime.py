@@ -144,7 +144,7 @@ class WeightParallel:
 
     def __init__(self, model: nn.Module, blocks: Optional[Iterable[nn.Module]] = None, mode: GroupLike = "wp", *,
                  chunks: Optional[Sequence[Iterable[nn.Module]]] = None,
-                 data_mode: Optional[GroupLike] = "weight_data", overlap: bool = True, memory_pool: bool = True,
+                 data_mode: Optional[GroupLike] = "wdp", overlap: bool = True, memory_pool: bool = True,
                  prefetch_depth: int = 1, reduce_dtype: Optional[torch.dtype] = None, average: bool = True,
                  sync_replicated: bool = True, ctx: Optional[ParallelContext] = None) -> None:
         if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
