@@ -32,7 +32,7 @@ this module only carries them out:
   ``1 + d`` block backwards are in flight (older ones are waited for).
 - **finish_grads()** (or the optimizer hook of :meth:`WeightParallel.attach_optimizer`):
   waits for every reduce-scatter, all-reduces the shards' gradients over ``data_mode``
-  (``weight_data``) if asked, all-reduces the gradients of every parameter that is *not*
+  (``wdp``) if asked, all-reduces the gradients of every parameter that is *not*
   sharded (embedding, norms, head) over the weight and data groups, and averages
   (:mod:`.grads`).
 
@@ -51,7 +51,7 @@ Otherwise they stay replicated, as norms do, and their gradients are all-reduced
 :meth:`~WeightParallel.finish_grads`.
 
 Gradient semantics: each rank's loss is the mean over its own tokens (as with DDP); the
-gradients are averaged over the ``weight`` × ``weight_data`` ranks (``average=False``: summed).
+gradients are averaged over the ``wp`` × ``wdp`` ranks (``average=False``: summed).
 ``reduce_dtype=torch.float32`` with bf16/fp16 parameters accumulates and reduces the gradient
 of *every* parameter in fp32 in ``param.main_grad`` (sharded and replicated; InternEvo's fp32
 gradients); an optimizer built on :meth:`WeightParallel.master_parameters` (fp32 masters)
