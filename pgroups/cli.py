@@ -356,7 +356,7 @@ def checked_strategies(config: Config, world_size: int,
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .selfcheck import format_summary, merge_results, selfcheck_worker
+    from .selfcheck import format_selfcheck, merge_results, selfcheck_worker
     from .spawn import run_local
 
     started = time.monotonic()
@@ -380,7 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"pgroups run: rank {o.rank}: {o.error}", file=sys.stderr)
         return EXIT_TIMEOUT if timed_out else EXIT_FAILED
     result = merge_results([o.value for o in outcomes])
-    print(format_summary(result, args.nproc))
+    print(format_selfcheck(result, args.nproc))
     bad = sum(f["device_failures"] + f["cpu_failures"] for f in result["modes"].values())
     return EXIT_OK if bad == 0 else EXIT_FAILED
 

@@ -20,7 +20,7 @@ from .progress import NullProgress, Progress
 from .ranks import format_ranks
 
 
-def check_groups(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
+def all_reduce_every_mode(ctx: ParallelContext) -> Dict[str, Dict[str, Any]]:
     """Run the all-reduce check on every built mode; return ``{mode: figures}`` (same on every rank).
 
     Figures: ``groups`` (count), ``group_size`` (this rank's), ``device_failures`` and
@@ -79,12 +79,12 @@ def selfcheck_worker(config: ConfigLike, progress_started: Optional[float] = Non
             for name in ctx.model_names:
                 model = ctx.model(name)
                 if model.is_in_model():
-                    checked = check_groups(model)
+                    checked = all_reduce_every_mode(model)
                     if rank == model.ranks[0]:
                         summary.update({f"{name}.{mode}": figures for mode, figures in checked.items()})
             layout = "models " + ", ".join(f"{n} ({ctx.model(n).topology.describe()})" for n in ctx.model_names)
         else:
-            summary, layout = check_groups(ctx), ctx.topology.describe()
+            summary, layout = all_reduce_every_mode(ctx), ctx.topology.describe()
         result = {"modes": summary, "init_s": init_s, "calls": ctx.backend.calls,
                   "backend": ctx.backend.device_backend, "strategy": ctx.backend.strategy,
                   "layout": layout}
@@ -106,7 +106,7 @@ def merge_results(values: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
     return result
 
 
-def format_summary(result: Dict[str, Any], world_size: int) -> str:
+def format_selfcheck(result: Dict[str, Any], world_size: int) -> str:
     """The per-mode table ``pgroups run`` prints."""
     width = max([10] + [len(mode) for mode in result["modes"]])
     lines = [f"pgroups run: {result['layout']}",

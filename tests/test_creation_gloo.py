@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 import pytest
 
 from pgroups import ParallelContext, ProcessGroupInitializer, cli, register_initializer
-from pgroups.selfcheck import check_groups
+from pgroups.selfcheck import all_reduce_every_mode
 
 from conftest import run_ranks
 
@@ -59,7 +59,7 @@ def scenarios_worker(scenarios: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 for mode in ctx.modes:
                     if ctx.is_member(mode):
                         ctx.get_group(mode)
-            summary = check_groups(ctx)
+            summary = all_reduce_every_mode(ctx)
             results.append({mode: figures["device_failures"] + figures["cpu_failures"]
                             for mode, figures in summary.items()})
             results[-1]["placeholders"] = ctx.backend.placeholders

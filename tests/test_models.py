@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pgroups import ConfigError, ModeNotInitializedError, ParallelContext, cli, creation, load_config
 from pgroups.model_context import plan_models
 from pgroups.initializer import default_registry
-from pgroups.selfcheck import check_groups
+from pgroups.selfcheck import all_reduce_every_mode
 
 from conftest import fake_world, run_ranks
 
@@ -188,14 +188,14 @@ def models_worker() -> Dict[str, Any]:
                 except ModeNotInitializedError as exc:
                     out["outside"].append(str(exc))
                 continue
-            out["failures"][name] = sum(f["device_failures"] + f["cpu_failures"] for f in check_groups(model).values())
+            out["failures"][name] = sum(f["device_failures"] + f["cpu_failures"] for f in all_reduce_every_mode(model).values())
         if rank < 8:  # colocated: the identical group is one object
             out["same_global"] = gpc.model("rollout").get_group("global") is gpc.model("actor").get_group("global")
             actor_tensor = gpc.model("actor").get_group("tensor")
             out["released"] = gpc.model("actor").release()
             out["shared_alive"] = gpc.model("rollout").get_group("global") is not None
             out["rebuilt_new"] = gpc.model("actor").get_group("tensor") is not actor_tensor
-            out["after_rebuild"] = sum(f["device_failures"] for f in check_groups(gpc.model("actor")).values())
+            out["after_rebuild"] = sum(f["device_failures"] for f in all_reduce_every_mode(gpc.model("actor")).values())
         out["sync"] = sync_by_name(gpc, rank)
     finally:
         gpc.destroy()

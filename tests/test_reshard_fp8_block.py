@@ -27,7 +27,7 @@ from pgroups.errors import ReshardError
 from pgroups.reshard import ModelSpec, Resharder, TensorSpec, cut_shards, plan_reshard
 from pgroups.reshard.convert import Quantizer, ScaleLayout, scale_dims, scale_name, scale_shape
 from pgroups.reshard.spec import Experts, head_blocks, parts_blocks, qkv_blocks
-from pgroups.reshard.wire import Shapes, scale_cut_problem, messages
+from pgroups.reshard.wire import Shapes, first_scale_cut, messages
 from pgroups.spawn import run_local
 from test_reshard_executor import SENTINEL, _init, layout, same_bytes
 from test_reshard_pipeline import E4M3_MAX, _values, smooth_full
@@ -163,10 +163,10 @@ def test_a_transfer_that_would_split_a_block_is_refused_naming_it(capsys, tmp_pa
     model = ModelSpec.create([TensorSpec.create("layers.0.gate_up", (384, 256), "bfloat16", 0, 0,
                                                 parts_blocks((192, 192), 1, ("gate", "up")))], 1)
     plan = plan_reshard(layout(2, 2, 1), layout(2, 1, 1, [1]), model)
-    problem = scale_cut_problem(plan.transfers, Shapes(plan, "block"), fp8_of(model))
+    problem = first_scale_cut(plan.transfers, Shapes(plan, "block"), fp8_of(model))
     assert problem is not None and "tensor 'layers.0.gate_up'" in problem and "splits a 128 x 128 block" in problem
     assert "rank 0 -> rank 1" in problem or "rank 1 -> rank 1" in problem
-    assert scale_cut_problem(plan.transfers, Shapes(plan, "row"), fp8_of(model)) is None
+    assert first_scale_cut(plan.transfers, Shapes(plan, "row"), fp8_of(model)) is None
     resharder = Resharder(plan, context=ONE_RANK, dst_dtypes=fp8_of(model), fp8_scales="block")
     assert "splits a 128 x 128 block" in str(resharder._budget_problem)
     (tmp_path / "model.yaml").write_text("num_layers: 1\ntensors: [{name: 'layers.{layer}.gate_up', shape: [384, 256], "

@@ -23,7 +23,7 @@ import torch
 from pgroups.cli import main
 from pgroups.errors import ConfigError
 from pgroups.reshard import ParallelLayout, Resharder, cut_shards, llama_like, load_layout, local_shapes, plan_reshard
-from pgroups.reshard.wire import Shapes, scale_cut_problem
+from pgroups.reshard.wire import Shapes, first_scale_cut
 from pgroups.topology import Topology
 
 from reshard_compute import apply_plan, canonical, relative_error
@@ -107,7 +107,7 @@ def test_isp_source_refusals_name_what_is_wrong():
     # per-row fp8 of o_proj / down_proj (scales per input column) would need every row on the sender
     plan = plan_reshard(isp(2), layout(2, ranks=[2, 3]), model)
     fp8 = {t.name: torch.float8_e4m3fn for t in model.tensors if len(t.shape) >= 2}
-    problem = scale_cut_problem(plan.transfers, Shapes(plan), fp8)
+    problem = first_scale_cut(plan.transfers, Shapes(plan), fp8)
     assert problem is not None and "needs the sender to hold all of dim 0" in problem
     resharder = Resharder(plan, context=type("C", (), {"config": None, "get_global_rank": lambda self: 2})(),
                           dst_dtypes=fp8)

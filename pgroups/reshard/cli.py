@@ -39,7 +39,7 @@ from .names import conversion_report, load_name_map, sub_block_model
 from .plan.network import host_bytes, max_over_mean
 from .planner import Plan, describe_plan, describe_share, plan_reshard, plan_share
 from . import convert
-from .wire import DEFAULT_BUCKET_BYTES, Shapes, agreement_digest, scale_cut_problem
+from .wire import DEFAULT_BUCKET_BYTES, Shapes, agreement_digest, first_scale_cut
 from .spec import ModelSpec, llama_like, load_model_spec
 
 
@@ -212,7 +212,7 @@ def _check_scales(plan: Any, transfers: Any, dtypes: Dict[str, torch.dtype], sca
     """ConfigError when an fp8 sender would not hold every value of a scale it computes (a
     transfer splitting a block, or a row-parallel weight's rows from an ISP source)."""
     if any(convert.is_scaled(d) for d in dtypes.values()):
-        problem = scale_cut_problem(transfers, Shapes(plan, scales), dtypes)
+        problem = first_scale_cut(transfers, Shapes(plan, scales), dtypes)
         if problem is not None:
             raise ConfigError(f"--dst-dtype {option}: {problem}")
 

@@ -379,7 +379,7 @@ class Shapes:
         return self._scale_dims[name]
 
 
-def scale_cut_problem(transfers: Sequence[Transfer], plan_shapes: Shapes,
+def first_scale_cut(transfers: Sequence[Transfer], plan_shapes: Shapes,
                       dst_dtypes: Mapping[str, torch.dtype]) -> Optional[str]:
     """Why one of ``transfers`` (a rank's receives, sends and copies) would leave its sender without
     every value of an fp8 scale it computes (:func:`.convert.scale_cut_problem`), naming the ranks;

@@ -51,11 +51,11 @@ def all_reduce_within(group: Any, timeout_s: float) -> list:
 
 def init_on_one_gpu() -> Dict[str, Any]:
     from pgroups import torch_private
-    from pgroups.selfcheck import check_groups
+    from pgroups.selfcheck import all_reduce_every_mode
 
     ctx = ParallelContext().init_from_config({"parallel": {}, "timeout_s": TIMEOUT_S})
     try:
-        figures = check_groups(ctx)
+        figures = all_reduce_every_mode(ctx)
         return {"backend": ctx.backend.device_backend, "strategy": ctx.backend.strategy,
                 "calls": ctx.backend.calls, "default": str(dist.get_backend()),
                 "bound": str(torch_private.default_group_bound_device()),

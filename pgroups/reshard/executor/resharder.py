@@ -20,7 +20,7 @@ from ..layout import ParallelLayout, local_shapes
 from ..planner import Plan, PlanShare, plan_share
 from ..spec import ModelSpec
 from ..wire import (BATCHES_IN_FLIGHT, DEFAULT_BUCKET_BYTES, REFUSED, Batch, Shapes, agreement_digest, aligned,
-                    batches, box_shape, first_disagreement, messages, round_needs, rounds, scale_cut_problem,
+                    batches, box_shape, first_disagreement, messages, round_needs, rounds, first_scale_cut,
                     slice_align, slices)
 from .agreement import agree
 from .buffers import _Buffers
@@ -114,7 +114,7 @@ class Resharder:
         self.rounds = rounds(self.send_messages, self.recv_messages, verify)
         self._sizes = self._buffer_sizes()
         self.max_staging_bytes = max_staging_bytes
-        self._budget_problem = self._check_budget(max_staging_bytes) or scale_cut_problem(
+        self._budget_problem = self._check_budget(max_staging_bytes) or first_scale_cut(
             list(self.sends) + list(self.recvs) + list(copies), shapes, self.dst_dtypes)
         self._buffers = _Buffers()
         self._batches: Dict[bool, Tuple[Batch, ...]] = {}

@@ -176,10 +176,3 @@ def _parts_blocks(options: Any, at: str) -> Tuple[Block, ...]:
         raise ConfigError(f"{at}fused.parts.names must be {len(sizes)} distinct names, one per size "
                           f"(e.g. [gate, up]), got {names!r}")
     return parts_blocks(sizes, unit, names)
-
-
-def reject_unknown_keys(data: Mapping[str, Any], known: Tuple[str, ...], prefix: str, where: str) -> None:
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{where}{prefix}{key}: unknown key{did_you_mean(str(key), known)}; "
-                              f"allowed: {allowed(known)}")
