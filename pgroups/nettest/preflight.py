@@ -20,6 +20,7 @@ rank computes the same checksum, bit for bit.
 """
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
@@ -111,7 +112,7 @@ def compute_findings(seconds: Sequence[float], checksums: Sequence[float], hostn
                 findings.append(PreflightFinding("corruption", (), (rank,), (
                     f"silent data corruption on rank {rank} (host {hostnames[rank]}): its matmul checksum "
                     f"{value!r} differs from {usual_sum!r} on the other ranks")))
-    median = _median(seconds)
+    median = statistics.median(seconds) if seconds else 0.0
     slow = {r for r, s in enumerate(seconds) if median > 0 and s > factor * median}
     by_host: Dict[str, List[int]] = {}
     for rank, host in enumerate(hostnames[:len(seconds)]):
@@ -158,14 +159,6 @@ def abnormal(culprits: Iterable[Mapping[str, Any]], findings: Iterable[Preflight
 def _hosts(hosts: Sequence[str]) -> str:
     hosts = sorted(hosts)
     return f"host {hosts[0]}" if len(hosts) == 1 else f"hosts {', '.join(hosts)}"
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def env_facts(environ: Mapping[str, str]) -> Dict[str, str]:

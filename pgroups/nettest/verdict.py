@@ -21,6 +21,7 @@ and no link of the host matrix slow every time it was measured.
 """
 from __future__ import annotations
 
+import statistics
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import attrs
@@ -70,13 +71,7 @@ def speed_classes(speeds: Mapping[object, float], factor: float) -> List[Tuple[T
             classes[-1].append(node)
         else:
             classes.append([node])
-    return [(tuple(sorted(c, key=str)), _median([speeds[n] for n in c])) for c in classes]
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return [(tuple(sorted(c, key=str)), statistics.median([speeds[n] for n in c])) for c in classes]
 
 
 def fast_class_proven(fast: Sequence[object], speed: float, node_count: int, floor: Optional[float]) -> bool:
