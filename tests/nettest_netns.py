@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def _tbf(rate: str) -> List[str]:
@@ -110,15 +110,40 @@ class EmulatedCluster:
     def slow_link(self, i: int, j: int, rate: str = "200mbit") -> None:
         """tbf at ``rate`` on the traffic between hosts ``i`` and ``j`` only (each side, towards
         the other)."""
-        for me, peer in ((i, j), (j, i)):
-            ns = self.ns(me)
-            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10")
-            for classid in ("1:10", "1:20"):
-                self._in(ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", classid,
-                         "htb", "rate", "100gbit", "quantum", "60000")
-            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "tbf", *_tbf(rate))
-            self._in(ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1",
-                     "u32", "match", "ip", "dst", f"{self.address(peer)}/32", "flowid", "1:20")
+        self._egress(i, None, {j: rate})
+        self._egress(j, None, {i: rate})
+
+    def shape(self, rate: str, host_rates: Optional[Dict[int, str]] = None,
+              link_rates: Optional[Dict[Tuple[int, int], str]] = None) -> None:
+        """Every host's link at ``rate`` (both directions), some hosts at their own
+        (``host_rates``), some links (``link_rates``: ``(i, j) -> rate``) below it: the
+        cluster whose healthy links all run at one rate R, with faults at a fraction of R."""
+        host_rates, link_rates = dict(host_rates or {}), dict(link_rates or {})
+        for i in range(self.hosts):
+            mine = host_rates.get(i, rate)
+            towards = {b if a == i else a: r for (a, b), r in link_rates.items() if i in (a, b)}
+            self._egress(i, mine, towards)
+            self._in(self.switch, "tc", "qdisc", "add", "dev", f"{self.id}p{i}", "root", "tbf", *_tbf(mine))
+
+    def _egress(self, i: int, rate: Optional[str], towards: Dict[int, str]) -> None:
+        """Host ``i``'s outgoing traffic: at ``rate`` (None: unshaped), and towards each peer of
+        ``towards`` at its own rate (an ``htb`` class per peer, chosen by a ``u32`` filter on the
+        peer's address, each with a tbf leaf; the ``prio`` qdisc and netem are not available)."""
+        ns = self.ns(i)
+        if not towards:
+            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *_tbf(rate))
+            return
+        self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10")
+        classes = [("10", rate, None)] + [(str(20 + k), r, peer) for k, (peer, r) in enumerate(sorted(towards.items()))]
+        for minor, leaf_rate, peer in classes:
+            self._in(ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", f"1:{minor}",
+                     "htb", "rate", "100gbit", "quantum", "60000")
+            if leaf_rate is not None:
+                self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "parent", f"1:{minor}", "handle", f"{minor}:",
+                         "tbf", *_tbf(leaf_rate))
+            if peer is not None:
+                self._in(ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1",
+                         "u32", "match", "ip", "dst", f"{self.address(peer)}/32", "flowid", f"1:{minor}")
 
     def kill_host(self, i: int) -> None:
         """Cut host ``i``'s link, then kill every process in its namespace: silence."""

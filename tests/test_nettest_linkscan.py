@@ -34,7 +34,12 @@ SEEDS = 200
 SEEDS_AT = {1024: 20}
 # With two hosts there is no second link to compare with: only the absolute floor can call
 # the one link slow (healthy: 0.7 GB/s with 15% noise; faults: 5x-50x slower).
-TWO_HOST_RULE = Thresholds(min_busbw_gbps=0.25)
+# The synthetic network's noise is lognormal with sigma 15 % (a loaded machine, and the two
+# directions of a pair timed as one operation): a link factor must stand beyond it, and 1.3 is
+# 1.75 sigma, so the scan is judged here with the factor 2 for links too. The 1.3 default is
+# proved at the noise of the one-direction measurement (tests/test_nettest_sensitivity.py).
+NOISY_RULE = Thresholds(link_slow_factor=2.0)
+TWO_HOST_RULE = Thresholds(min_busbw_gbps=0.25, link_slow_factor=2.0)
 
 Expected = Set[Tuple[str, Tuple[str, ...], Tuple[int, ...]]]
 
@@ -88,7 +93,7 @@ def inject(net: SyntheticNetwork, hosts: int, seed: int) -> Tuple[Expected, List
 @pytest.mark.parametrize("hosts", [2, 3, 4, 8, 64, 1024])
 def test_every_injected_fault_is_named_and_nothing_else(hosts):
     names = host_names(hosts, RANKS_PER_HOST)
-    rule = TWO_HOST_RULE if hosts == 2 else Thresholds()
+    rule = TWO_HOST_RULE if hosts == 2 else NOISY_RULE
     failures = []
     for seed in range(SEEDS_AT.get(hosts, SEEDS)):
         net = SyntheticNetwork(names, seed=seed)
@@ -164,7 +169,7 @@ def test_a_topology_slower_on_every_host_is_healthy(hosts):
     names = host_names(hosts, RANKS_PER_HOST)
     for seed in range(20):
         net = SyntheticNetwork(names, seed=seed, local_pair_factor=dict(SOCKET_CROSSING))
-        scan = run_scan(LinkScan(names, Thresholds()), net.measure)
+        scan = run_scan(LinkScan(names, NOISY_RULE), net.measure)
         assert scan.culprits() == [], (seed, [c.reason for c in scan.culprits()])
 
 
@@ -173,7 +178,7 @@ def test_with_a_uniform_topology_a_slow_rank_is_still_named_and_only_it():
     for seed in range(20):
         net = SyntheticNetwork(names, seed=seed, local_pair_factor=dict(SOCKET_CROSSING))
         net.rank_factor[8 + 4] = 0.1   # host 1's local rank 4, at one end of a crossing pair
-        scan = run_scan(LinkScan(names, Thresholds()), net.measure)
+        scan = run_scan(LinkScan(names, NOISY_RULE), net.measure)
         assert [(c.kind, c.ranks) for c in scan.culprits()] == [("rank", (12,))], \
             (seed, [c.reason for c in scan.culprits()])
 

@@ -35,8 +35,13 @@ from pgroups.nettest.verdict import summarize
 
 RANKS_PER_HOST = 8
 HOST_COUNTS = (2, 3, 4, 5, 8, 16, 64, 1024)
-TWO_HOST_RULE = Thresholds(min_busbw_gbps=0.25)   # healthy 0.7 GB/s +-15 %; faults 5x-50x slower
-FLOOR_RULE = Thresholds(min_busbw_gbps=0.25)
+# The synthetic network's noise is lognormal with sigma 15 % (a loaded machine, and the two
+# directions of a pair timed as one operation): a link factor must stand beyond it, and 1.3 is
+# 1.75 sigma, so the scan is judged here with the factor 2 for links too. The 1.3 default is
+# proved at the noise of the one-direction measurement (tests/test_nettest_sensitivity.py).
+NOISY_RULE = Thresholds(link_slow_factor=2.0)
+TWO_HOST_RULE = Thresholds(min_busbw_gbps=0.25, link_slow_factor=2.0)   # healthy 0.7 GB/s +-15 %; faults 5x-50x slower
+FLOOR_RULE = Thresholds(min_busbw_gbps=0.25, link_slow_factor=2.0)
 # Faults 6.5x to 50x slower: beyond the 4x a class with fewer than three healthy links needs
 # (the factor doubles), times three sigmas of the 15 % noise. At 5x a slow host among three
 # was sometimes named as a link (one healthy link as reference, one noisy measurement under 4x).
@@ -182,7 +187,7 @@ def check(faults: Faults, rule: Thresholds) -> None:
 
 
 def rule_for(faults: Faults) -> Thresholds:
-    return TWO_HOST_RULE if len(faults.hosts) == 2 else Thresholds()
+    return TWO_HOST_RULE if len(faults.hosts) == 2 else NOISY_RULE
 
 
 @pytest.mark.timeout(900)
@@ -198,13 +203,13 @@ def test_every_fault_is_named_nothing_else_and_healthy_iff_nothing_flagged(fault
 def test_k_slow_hosts_are_named_for_every_k_up_to_half_the_hosts(hosts):
     for k in range(1, hosts // 2 + 1):
         for seed in range(3):
-            check(_slow_hosts_only(hosts, k, seed), Thresholds())
+            check(_slow_hosts_only(hosts, k, seed), NOISY_RULE)
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("k", [1, 2, 3, 16, 128, 511, 512])
 def test_k_slow_hosts_among_1024_are_named(k):
-    check(_slow_hosts_only(1024, k, seed=k), Thresholds())
+    check(_slow_hosts_only(1024, k, seed=k), NOISY_RULE)
 
 
 def test_two_slow_hosts_of_four_are_named_when_a_floor_proves_the_fast_pair_healthy():
@@ -213,7 +218,7 @@ def test_two_slow_hosts_of_four_are_named_when_a_floor_proves_the_fast_pair_heal
 
 def test_two_slow_hosts_of_four_without_a_floor_give_the_one_line_split():
     faults = Faults(4, {"node0001": 0.013 / 0.7, "node0003": 0.013 / 0.7}, {}, {}, 3)
-    scan, report = scan_verdict(faults, Thresholds())
+    scan, report = scan_verdict(faults, NOISY_RULE)
     assert report["exit_code"] == 1 and not report["summary"]["healthy"]
     [split] = report["culprits"]
     assert split["kind"] == "split"

@@ -323,7 +323,23 @@ class Bench:
                 "times": times, "op_best": op_best, "wrong": wrong, "wrong_from": {str(k): v for k, v in wrong_from.items()}}
 
     def measure_pair(self, partner: int, me: int, size_bytes: int, repeats: int) -> Dict[str, Any]:
-        """Bidirectional send/recv with ``partner`` on the world group; data from it is verified."""
+        """Send/recv with ``partner`` on the world group, **one direction at a time**; the data
+        that arrives from it is verified. Returns this rank's record; both ranks of the pair
+        return the same figures: those of the *slower direction* (a link slow one way is slow).
+
+        Each iteration sends ``size_bytes`` from the lower rank to the higher one, then back;
+        the sender times its direction from issuing the message to the receiver's 4-byte
+        acknowledgement (sent once the whole message has arrived), so a direction's time is
+        its transfer plus one small-message latency. Why not both directions at once (one
+        ``batch_isend_irecv`` timed as one operation): on a link shaped to the same rate both
+        ways, that operation ran at half or at full rate from one time to the next (gloo's two
+        directions on one pair did not overlap when the ranks issued back to back, and did in
+        part when they met at different moments; a plain TCP stream both ways on one socket
+        swings too, as each side's acknowledgements queue behind its own data in the shaper),
+        so healthy links scattered by 2x; one direction at a time they agree within a few
+        percent (docs/nettest.md). ``times``: per repetition, the mean per iteration of the
+        slower direction; ``op_best``: the slower direction's best operation (noise only adds
+        time). The times of each direction are exchanged at the end (one small send/recv)."""
         shape = metrics.message_shape("sendrecv", size_bytes, 2)
         low, high = sorted((me, partner))
         send = pattern(0, shape.in_count, float(me == high), self.device)
@@ -331,25 +347,67 @@ class Bench:
             corrupt_tensor(send)
         expected = pattern(0, shape.in_count, float(partner == high), self.device)
         recv = torch.empty(shape.in_count, device=self.device, dtype=torch.float32)
-        world = dist.group.WORLD
+        ack_out = torch.zeros(1, device=self.device, dtype=torch.float32)
+        ack_in = torch.empty(1, device=self.device, dtype=torch.float32)
+        crosses = self._crosses_hosts((me, partner))
 
-        def issue() -> List[Any]:
-            ops = [dist.P2POp(dist.isend, send, partner, world), dist.P2POp(dist.irecv, recv, partner, world)]
-            return list(dist.batch_isend_irecv(ops))
+        def send_timed(timed: bool) -> float:
+            begin = time.perf_counter()
+            if timed:   # the injected faults act on timed operations only, as in _timed
+                self.faults.inside_timed_region(crosses, shape.size_bytes)
+            self.run(lambda: p2p([(dist.isend, send, partner), (dist.irecv, ack_in, partner)]))
+            self._synchronize()
+            return time.perf_counter() - begin
+
+        def receive() -> None:
+            recv.fill_(float("nan"))
+            self.run(lambda: p2p([(dist.irecv, recv, partner)]))
+            self.run(lambda: p2p([(dist.isend, ack_out, partner)]))
+
+        def iteration(timed: bool = True) -> float:
+            if me == low:
+                mine = send_timed(timed)
+                receive()
+            else:
+                receive()
+                mine = send_timed(timed)
+            self.coordinator.beat()
+            return mine
 
         for _ in range(self.warmup):
-            self.run(issue)
+            iteration(timed=False)
         iters = self.iters_for(shape.size_bytes, followup=True)
-        crosses = self._crosses_hosts((me, partner))
-        times, op_best = _repeat(lambda issue_: self._timed(issue_, iters, crosses, shape.size_bytes), issue, repeats)
-        recv.fill_(float("nan"))
-        self.run(issue)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        own = [[iteration() for _ in range(iters)] for _ in range(repeats)]
+        self._synchronize()
         wrong = int((recv != expected).sum())
+        theirs = self._swap_times(partner, [t for run in own for t in run])
+        slower = [max(a, b) for a, b in zip([t for run in own for t in run], theirs)]
+        runs = [slower[k * iters:(k + 1) * iters] for k in range(repeats)]
         self.coordinator.beat()
         return {"rank": me, "collective": "sendrecv", "size": shape.size_bytes, "count": shape.in_count,
-                "times": times, "op_best": op_best, "wrong": wrong, "wrong_from": {str(partner): wrong} if wrong else {}}
+                "times": [sum(run) / len(run) for run in runs],
+                "op_best": max(min(t for run in own for t in run), min(theirs)),
+                "wrong": wrong, "wrong_from": {str(partner): wrong} if wrong else {}}
+
+    def _swap_times(self, partner: int, mine: Sequence[float]) -> List[float]:
+        """Send this rank's per-operation times to ``partner``; return the partner's."""
+        out = torch.tensor(list(mine), dtype=torch.float64, device=self.device)
+        into = torch.empty_like(out)
+        self.run(lambda: p2p([(dist.isend, out, partner), (dist.irecv, into, partner)]))
+        self._synchronize()
+        return [float(t) for t in into.cpu().tolist()]
+
+    def _synchronize(self) -> None:
+        """On GPUs, wait until the device has finished (CPU-timed pair operations)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def p2p(ops: Sequence[Tuple[Callable[..., Any], torch.Tensor, int]]) -> List[Any]:
+    """Issue point-to-point operations ``(dist.isend | dist.irecv, tensor, peer)`` on the world
+    group as one batch (NCCL needs its point-to-point calls batched); their Work handles."""
+    world = dist.group.WORLD
+    return list(dist.batch_isend_irecv([dist.P2POp(op, tensor, peer, world) for op, tensor, peer in ops]))
 
 
 def _repeat(timed: Callable[[Callable[[], List[Any]]], List[float]], issue: Callable[[], List[Any]],

@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-factor", type=float, default=Thresholds().slow_factor,
                         help="how many times worse than its peers' median a group must be (default 2; "
                              "doubled when it has fewer than 3 peers)")
+    parser.add_argument("--link-slow-factor", type=float, default=Thresholds().link_slow_factor,
+                        help=f"the link scan: how many times slower than its class's healthy reference a link, "
+                             f"host or rank must be (default {Thresholds().link_slow_factor:g}: more than 30%% "
+                             f"slower, NCCL's own threshold; doubled with fewer than 3 healthy links)")
     parser.add_argument("--mad-k", type=float, default=Thresholds().mad_k,
                         help="and by how many robust standard deviations of its peers, in ratio (log) space: 1.4826 x MAD of log values (default 4)")
     parser.add_argument("--no-followup", dest="followup", action="store_false",
@@ -111,7 +115,7 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
         raise ValueError("--modes is empty: name modes (e.g. nettest,tp) or 'all'")
     if "all" in modes and len(modes) > 1:
         raise ValueError("--modes: 'all' cannot be combined with other modes")
-    rule = Thresholds(args.slow_factor, args.mad_k, args.min_busbw)
+    rule = Thresholds(args.slow_factor, args.mad_k, args.min_busbw, args.link_slow_factor)
     check_fault_spec()  # a bad test hook is a usage error, before anything starts
     if args.plot and not plotting_available():
         raise ConfigError("--plot needs matplotlib, which is not installed (pip install matplotlib), "

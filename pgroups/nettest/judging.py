@@ -30,17 +30,28 @@ class Reference:
 
 
 def reference_of(busbw: Sequence[float], latency: Sequence[float], rule: Thresholds) -> Reference:
-    """The healthy cluster of a class: the values within ``slow_factor`` of the best one."""
+    """The healthy cluster of a class: the bandwidths within ``link_slow_factor`` of the best
+    one, the latencies within ``slow_factor`` of the best one."""
     best_bw = max(busbw, default=0.0)
     best_lat = min(latency, default=0.0)
-    return Reference(PeerStats.of([v for v in busbw if v * rule.slow_factor > best_bw]),
+    return Reference(PeerStats.of([v for v in busbw if v * rule.link_slow_factor > best_bw]),
                      PeerStats.of([v for v in latency if v < best_lat * rule.slow_factor]))
 
 
+def centred_on(controls: Reference, reference: Reference) -> Reference:
+    """A round's reference: the median of its control pairs (measured at the same moment, so
+    under the same load) with the spread and count of the class's healthy measurements (two
+    control pairs have no spread of their own, and judged alone they would double the factor:
+    a 0.7x link re-tested against them would never be slow again)."""
+    return Reference(attrs.evolve(reference.busbw, median=controls.busbw.median),
+                     attrs.evolve(reference.latency, median=controls.latency.median))
+
+
 def judge(busbw: float, latency_us: float, reference: Reference, rule: Thresholds) -> Optional[str]:
-    """Why a measurement is slow against ``reference`` (None if it is not)."""
+    """Why a measurement is slow against ``reference`` (None if it is not): its bandwidth by
+    ``link_slow_factor``, its latency by ``slow_factor`` (and ``mad_k`` for both)."""
     reasons = []
-    dev = deviation(busbw, reference.busbw, True, rule)
+    dev = deviation(busbw, reference.busbw, True, rule.bandwidth_rule())
     if dev is not None:
         reasons.append(f"{busbw:.3g} GB/s vs median {dev.reference:.3g} GB/s of {reference.busbw.count} healthy links")
     dev = deviation(latency_us, reference.latency, False, rule)
@@ -56,19 +67,19 @@ def judge_all(raw: Sequence[Edge], rule: Thresholds, controls: Mapping[int, Sequ
     """Judge every measurement of one class against the class's healthy reference — or, in a
     round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the
     same time and so under the same load), against those controls, unless the controls
-    themselves are slower than the class by ``slow_factor`` (their link is faulty). Returns
+    themselves are slower than the class by ``link_slow_factor`` (their link is faulty). Returns
     the judged measurements and the class-wide reference (for the report)."""
     reference = reference_of([e.busbw_gbps for e in raw], [e.latency_us for e in raw], rule)
     in_round: Dict[int, List[Edge]] = {}
     for e in raw:
         if (e.a, e.b) in controls.get(e.round, ()):
             in_round.setdefault(e.round, []).append(e)
-    per_round = {rnd: reference_of([e.busbw_gbps for e in es], [e.latency_us for e in es], rule)
+    per_round = {rnd: centred_on(reference_of([e.busbw_gbps for e in es], [e.latency_us for e in es], rule), reference)
                  for rnd, es in in_round.items()}
     # controls slower than the class by the factor ran over a faulty link themselves (both
     # ends proven healthy elsewhere): they are no reference, the class's healthy figures are
     per_round = {rnd: ref for rnd, ref in per_round.items()
-                 if ref.busbw_median * rule.slow_factor >= reference.busbw_median}
+                 if ref.busbw_median * rule.link_slow_factor >= reference.busbw_median}
     judged = []
     for e in raw:
         why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule)

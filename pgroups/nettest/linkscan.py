@@ -15,10 +15,14 @@ groups that hold it too). The link scan measures *links*, the way cluster health
 **Judging a measurement.** Every measurement is judged against the *healthy links of its own
 class* (inter-host links among themselves, rails among themselves, intra-host pairs among
 themselves; never mixed): the reference is the median of the measurements within
-``slow_factor`` of the best one (noise only ever slows a link, so the best ones are healthy
+the factor of the best one (noise only ever slows a link, so the best ones are healthy
 even when most links touch a slow host), and a measurement is slow when it is worse than that
 reference by the rule of :func:`.diagnosis.deviation` (bandwidth at the large size or
-time at the small one), or below the optional absolute floor. An intra-host pair is judged
+time at the small one), or below the optional absolute floor. The factor is
+``link_slow_factor`` (1.3: NCCL's threshold) for inter-host bandwidths, ``slow_factor`` (2)
+for latencies and intra-host pairs, which follow the CPU's load (:class:`.diagnosis.Thresholds`).
+A round with control pairs is judged against their median (same moment, same load) with the
+class's spread (:func:`.judging.centred_on`). An intra-host pair is judged
 against the same local pair on the other hosts (:func:`.judging.normalize_local_pairs`, with
 three hosts or more), so a topology whose socket-crossing pairs are slower on every host is
 healthy.
@@ -418,7 +422,7 @@ class LinkScan:
             raw = [edge(s.round, s.a, s.b, s.busbw_gbps, s.latency_us) for s in self.samples if s.kind == INTRA]
             scaled = normalize_local_pairs(raw, lambda e: (self._local[e.a], self._local[e.b]),
                                            lambda e: self.hostnames[e.a])
-            judged, ref = judge_all(scaled, self.rule, self._control_pairs)
+            judged, ref = judge_all(scaled, self.rule.without_link_factor(), self._control_pairs)
             edges = [r._replace(slow=j.slow, why=j.why + (SCALED if j.why and x != r else ""))
                      for r, x, j in zip(raw, scaled, judged)]   # raw figures, judged scaled
             self._cache[INTRA] = {"intra_edges": edges, "intra_reference": ref,
@@ -459,7 +463,7 @@ class LinkScan:
         link_ref: Reference = f["link_reference"]
         out: List[Culprit] = []
         two_hosts = len(self.hosts) == 2
-        settled = settle(f["links"], hosts, self.hosts, self.rule.slow_factor, self.rule.min_busbw_gbps)
+        settled = settle(f["links"], hosts, self.hosts, self.rule.link_slow_factor, self.rule.min_busbw_gbps)
         if settled.split:
             out.append(Culprit("split", tuple(h for nodes, _ in settled.split for h in nodes), (),
                                split_line(settled.split, len(self.hosts), self.rule.min_busbw_gbps)))

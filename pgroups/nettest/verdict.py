@@ -3,7 +3,7 @@ rounds run out, and the rule that the summary is HEALTHY only when nothing is fl
 
 **Speed classes.** A host's *speed* is its best inter-host link (noise and faults only ever
 slow a link, so no link of a host is faster than the host). Sorted by speed, hosts form a new
-class wherever two neighbours differ by more than ``slow_factor`` (log-busbw clusters). The
+class wherever two neighbours differ by more than ``link_slow_factor`` (log-busbw clusters). The
 reference for the other classes is the *fastest* class, never the median — many slow hosts
 cannot outvote it — but only when its health is *proven*: it meets ``--min-busbw`` (when
 given), or it holds three hosts or more, or a majority of the hosts. A fast class of two hosts
