@@ -27,6 +27,12 @@
 
     python bench/bench_nettest.py --netns-healthy 10
 
+5. ``--netns-sensitivity N`` (root): NCCL's threshold on the emulated cluster — every host's
+   link at R = 100 Mbit/s; N healthy runs, N with one host at 0.7 R, N with one link at
+   0.7 R: how often the fault is named (and nothing else), false alarms, time to the verdict.
+
+    python bench/bench_nettest.py --netns-sensitivity 10
+
 Loopback gloo on a 2-core machine: the figures say how this machine behaves, not a network.
 """
 from __future__ import annotations
@@ -231,6 +237,60 @@ def netns(report: Report, healthy_runs: int) -> None:
                   f"{r['wall']:.1f}", "; ".join(r["named"]))
 
 
+def netns_sensitivity(report: Report, runs: int, rate_mbit: int = 100, hosts: int = 4) -> None:
+    """Part 5: detection at NCCL's threshold on the emulated cluster: every host's link at R,
+    ``runs`` healthy runs, ``runs`` with the last host at 0.7 R, ``runs`` with link B-(last)
+    at 0.7 R (plain processes, 2 ranks per host, -e 1M). Counts what was named, and the time
+    to the verdict (the tool's own elapsed time, and the wall time from starting the ranks)."""
+    import statistics
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from nettest_netns import EmulatedCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"emulated cluster unavailable: {reason}")
+    rate, slow = f"{rate_mbit}mbit", f"{int(rate_mbit * 0.7)}mbit"
+    last = hosts - 1
+    name = [f"host{chr(ord('A') + i)}" for i in range(hosts)]
+    cases = (("healthy, every link at R", {}, {}, set()),
+             (f"host {name[last]} at 0.7 R", {last: slow}, {}, {("host", (name[last],))}),
+             (f"link {name[1]}-{name[last]} at 0.7 R", {}, {(1, last): slow}, {("link", (name[1], name[last]))}))
+    table = report.table(f"emulated cluster: {hosts} hosts x 2 ranks, R = {rate}, -e 1M, --timeout 20, plain processes",
+                         ["case", "runs", "named, nothing else", "false alarms", "tool s (median, max)",
+                          "wall s (median)", "load (min-max)", "fault's busbw / reference"], "lrrrrrrr")
+    for label, host_rates, link_rates, expected in cases:
+        right = wrong = 0
+        tool, wall, loads, ratios = [], [], [], []
+        for _ in range(runs):
+            loads.append(os.getloadavg()[0])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "net.json")
+                cluster = EmulatedCluster(hosts)
+                try:
+                    cluster.shape(rate, host_rates=host_rates, link_rates=link_rates)
+                    start = time.perf_counter()
+                    cluster.start_ranks(2, ["-e", "1M", "--no-tables", "--timeout", "20", "--quiet", "--json", path], tmp)
+                    codes = cluster.wait(600)
+                    wall.append(time.perf_counter() - start)
+                finally:
+                    cluster.close()
+                found = json.load(open(path)) if os.path.exists(path) else {}
+            named = {(c["kind"], tuple(c["hosts"])) for c in found.get("culprits", [])}
+            exit_ok = set(codes.values()) == ({1} if expected else {0})
+            right += bool(expected) and named == expected and exit_ok
+            wrong += bool(named - expected) or (not expected and not exit_ok)
+            tool.append(found.get("elapsed_s") or float("nan"))
+            links = found.get("links") or {}
+            ref = (links.get("reference") or {}).get("link_reference", {}).get("busbw_gbps")
+            if expected and ref:
+                a, b = (name[last], name[0]) if host_rates else (name[1], name[last])
+                ratios.append(min(links["matrix"][a][b]["busbw_gbps"]) / ref)
+        table.add(label, runs, f"{right}/{runs}" if expected else "-", f"{wrong}/{runs}",
+                  f"{statistics.median(tool):.1f}, {max(tool):.1f}", f"{statistics.median(wall):.1f}",
+                  f"{min(loads):.1f}-{max(loads):.1f}", f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
@@ -244,16 +304,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="only the wall time of the default run beside its baseline (part 2)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --default-only: alternating runs of the default and its baseline (medians)")
+    parser.add_argument("--netns-sensitivity", type=int, metavar="N",
+                        help="only the emulated cluster at NCCL's threshold: N runs healthy, N with one host "
+                             "at 0.7 R, N with one link at 0.7 R")
     parser.add_argument("--netns-healthy", type=int, metavar="N",
                         help="only the emulated-cluster runs: N healthy runs at 3 and 4 hosts, then the faults")
     add_markdown_argument(parser)
     args = parser.parse_args(argv)
     markdown = markdown_path(parser, args)
     # one section per part: each is run on its own
-    section = ("nettest-netns" if args.netns_healthy else "nettest-scale" if args.scale
+    section = ("nettest-sensitivity" if args.netns_sensitivity else "nettest-netns" if args.netns_healthy else "nettest-scale" if args.scale
                else "nettest-default" if args.default_only else "nettest")
     report = Report(section, argv, markdown, script=Path(__file__).name)
-    if args.netns_healthy:
+    if args.netns_sensitivity:
+        netns_sensitivity(report, args.netns_sensitivity)
+    elif args.netns_healthy:
         netns(report, args.netns_healthy)
     elif args.scale:
         scale(report, args.hosts)

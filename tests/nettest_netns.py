@@ -180,8 +180,29 @@ class EmulatedCluster:
                 ["ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c", script, "sh", *torchrun],
                 stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
 
+    def start_ranks(self, nproc_per_host: int, args: Sequence[str], log_dir: str, port: int = 29500,
+                    env: Optional[Dict[str, str]] = None) -> None:
+        """``python -m pgroups.nettest ARGS`` as every rank, without torchrun (torch's ``env://``
+        variables; rank 0 serves the store on host 0): a torchrun agent per host imports torch
+        too, a cost where a test does not promise anything of torchrun. ``procs`` is keyed by
+        rank; rank r's output goes to ``log_dir/rank<r>.log``."""
+        world = self.hosts * nproc_per_host
+        for rank in range(world):
+            i, local = divmod(rank, nproc_per_host)
+            child_env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", RANK=str(rank), WORLD_SIZE=str(world),
+                             LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(nproc_per_host),
+                             MASTER_ADDR=self.address(0), MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env or {}))
+            child_env.pop("PGROUPS_HOSTNAME", None)
+            script = f"hostname {self.hostname(i)} && exec \"$@\""
+            log = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
+            self.procs[rank] = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c", script, "sh",
+                 sys.executable, "-m", "pgroups.nettest", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
+
     def wait(self, timeout_s: float) -> Dict[int, Optional[int]]:
-        """Each host's torchrun exit code (None: still running at the deadline, then killed)."""
+        """Each process's exit code (per host with :meth:`start`, per rank with
+        :meth:`start_ranks`; None: still running at the deadline)."""
         deadline = time.monotonic() + timeout_s
         codes: Dict[int, Optional[int]] = {}
         for i, proc in self.procs.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -374,9 +375,10 @@ class Bench:
             self.coordinator.beat()
             return mine
 
-        for _ in range(self.warmup):
-            iteration(timed=False)
+        warm = [iteration(timed=False) for _ in range(self.warmup)]
         iters = self.iters_for(shape.size_bytes, followup=True)
+        if warm:   # both ranks derive the same count from both directions' last warm-up time
+            iters = pair_iterations(iters, max(warm[-1], *self._swap_times(partner, warm[-1:])))
         own = [[iteration() for _ in range(iters)] for _ in range(repeats)]
         self._synchronize()
         wrong = int((recv != expected).sum())
@@ -401,6 +403,23 @@ class Bench:
         """On GPUs, wait until the device has finished (CPU-timed pair operations)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+PAIR_BUDGET_S = 0.5     # timed transfers per direction of one pair measurement, about
+PAIR_MIN_ITERS = 3      # but never fewer timed iterations than this
+
+
+def pair_iterations(iters: int, warm_s: float) -> int:
+    """Timed iterations of a pair measurement: ``iters``, cut so that one direction's timed
+    transfers take about PAIR_BUDGET_S at the warm-up's pace (``warm_s`` per transfer), never
+    below PAIR_MIN_ITERS. One direction at a time, healthy transfers agree within a few percent
+    (the best of three is the link's rate), while a link slow enough that one transfer takes
+    seconds costs three of them, not twenty.
+
+    >>> pair_iterations(20, 0.084), pair_iterations(20, 2.1), pair_iterations(5, 0.001)
+    (6, 3, 5)
+    """
+    return max(min(PAIR_MIN_ITERS, iters), min(iters, math.ceil(PAIR_BUDGET_S / max(warm_s, 1e-9))))
 
 
 def p2p(ops: Sequence[Tuple[Callable[..., Any], torch.Tensor, int]]) -> List[Any]:
