@@ -381,10 +381,11 @@ def check_end_shards(expect: Expect, ctx) -> None:
         expect.true(got == want, f"{cfg}: this rank holds {got} B of sharded parameters, its rows make {want} B")
 
 
-def check_ulysses(expect: Expect, ctx, mode: str, heads: int, kv_heads: int, seq_sizes) -> None:
+def check_ulysses(expect: Expect, ctx, mode: str, heads: int, kv_heads: int, seq_sizes,
+                  by_handle: bool = False) -> None:
     """UlyssesAttention on a sequence slice equals causal GQA attention over the whole sequence,
     forward and backward (every rank's loss covers its own slice; gradients cross both
-    all-to-alls)."""
+    all-to-alls). ``by_handle``: it is given ``ctx.group(mode)`` instead of the mode."""
     from pgroups.comm import UlyssesAttention
 
     me, total = ctx.get_local_rank(mode), sum(seq_sizes)
@@ -395,7 +396,8 @@ def check_ulysses(expect: Expect, ctx, mode: str, heads: int, kv_heads: int, seq
     downstream = torch.randn(2, total, heads, 4, generator=gen, dtype=torch.float64)
     local = [t[:, mine].clone().requires_grad_() for t in full]
     reference = [t.clone().requires_grad_() for t in full]
-    out = UlyssesAttention(local_attention, mode, ctx=ctx)(*local, seq_sizes=list(seq_sizes))
+    out = UlyssesAttention(local_attention, ctx.group(mode) if by_handle else mode, ctx=ctx)(
+        *local, seq_sizes=list(seq_sizes))
     want = local_attention(*reference)
     expect.close(out, want[:, mine].detach(), dict(rtol=1e-12, atol=1e-12), "forward")
     (out * downstream[:, mine]).sum().backward()
@@ -472,7 +474,8 @@ def _checks(weight4, weight2, ulysses, weight1, stages) -> Dict[str, Callable[[E
         e, ulysses, ULYSSES, 4, ulysses=True, checkpoint=True)
     checks["ulysses/tensor2-kv1-repeated"] = lambda e: check_ulysses(e, ulysses, "tensor", 4, 1, (4, 4))
     checks["ulysses/global4-kv2-repeated-uneven"] = lambda e: check_ulysses(e, ulysses, "global", 4, 2, (3, 2, 2, 1))
-    checks["ulysses/global4-kv4"] = lambda e: check_ulysses(e, ulysses, "global", 8, 4, (2, 2, 2, 2))
+    checks["ulysses/global4-kv4-by-handle"] = lambda e: check_ulysses(e, ulysses, "global", 8, 4, (2, 2, 2, 2),
+                                                                      by_handle=True)
     checks["memory/pool-depth1"] = lambda e: check_pool_bound(e, weight4, 1)
     checks["memory/pool-depth2"] = lambda e: check_pool_bound(e, weight4, 2)
     checks["memory/storages"] = lambda e: check_storage_bound(e, weight4)
