@@ -50,6 +50,8 @@ class RankOutcome:
     error_type: Optional[str] = None
     exitcode: Optional[int] = None
     timed_out: bool = False
+    #: ranks this rank's failure names as absent (the exception's ``absent_ranks``, if it has one)
+    names_absent: Tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -152,12 +154,13 @@ def _child(rank: int, nproc: int, port_box: Any, caller_env: Mapping[str, str], 
         if "MASTER_PORT" not in env:  # rank 0 keeps its store server alive through the target
             server = _rendezvous_port(rank, port_box, parent_pid)  # noqa: F841
         value = target(*args)
-        results.put((rank, value, None, None))
+        results.put((rank, value, None, None, ()))
     except BaseException as exc:  # reported to the parent, which decides the exit code
         message = f"{type(exc).__name__}: {exc}"
         if os.environ.get("PGROUPS_TRACEBACK"):
             message += "\n" + traceback.format_exc()
-        results.put((rank, None, message, type(exc).__name__))
+        absent = tuple(int(r) for r in getattr(exc, "absent_ranks", ()))
+        results.put((rank, None, message, type(exc).__name__, absent))
         raise SystemExit(1)
 
 
@@ -200,8 +203,11 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
     ``target`` must be importable (a module-level function). ``env`` is added to every child's
     environment, ``env_per_rank(rank)`` to one's. Never hangs: after ``timeout_s`` (or
     ``failure_grace_s`` after the first failure, for the others to report it) the remaining
-    children are killed. ``on_wait(ranks reported so far)`` is called while waiting, about five
-    times a second (a progress display throttles it).
+    children are killed. A failure whose exception has ``absent_ranks`` (a verdict naming ranks
+    that never answered) ends the wait for those ranks: once every rank still running is named
+    so, they are killed at once (``timed_out``) instead of after the grace period.
+    ``on_wait(ranks reported so far)`` is called while waiting, about five times a second (a
+    progress display throttles it).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
@@ -232,7 +238,7 @@ def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optio
     outcomes: Dict[int, RankOutcome] = {}
     deadline = time.monotonic() + timeout_s if timeout_s else None
     failed_at: Optional[float] = None
-    while len(outcomes) < nproc:
+    while len(outcomes) < nproc and not _only_named_absent_left(outcomes, nproc):
         if on_wait is not None:
             on_wait(len(outcomes))
         now = time.monotonic()
@@ -240,8 +246,8 @@ def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optio
         if limits and now >= min(limits):
             break
         try:
-            rank, value, error, error_type = results.get(timeout=0.2)
-            outcomes[rank] = RankOutcome(rank, value, error, error_type)
+            rank, value, error, error_type, absent = results.get(timeout=0.2)
+            outcomes[rank] = RankOutcome(rank, value, error, error_type, names_absent=absent)
             if error and failed_at is None:
                 failed_at = time.monotonic()
         except queue.Empty:
@@ -259,9 +265,17 @@ def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optio
             proc.kill()
             proc.join(timeout=5)
         if rank not in outcomes:
-            outcomes[rank] = RankOutcome(rank, error="killed: still running at the time limit",
-                                         exitcode=proc.exitcode, timed_out=True)
+            named = rank in {r for o in outcomes.values() for r in o.names_absent}
+            why = "named absent by a peer's failure" if named else "still running at the time limit"
+            outcomes[rank] = RankOutcome(rank, error=f"killed: {why}", exitcode=proc.exitcode, timed_out=True)
     return [outcomes[r] for r in range(nproc)]
+
+
+def _only_named_absent_left(outcomes: Mapping[int, RankOutcome], nproc: int) -> bool:
+    """True when some rank reported and every rank that has not is named absent by a reported
+    failure: nothing more will come (the verdict is in), the rest need not be waited for."""
+    named = {r for o in outcomes.values() for r in o.names_absent}
+    return bool(named) and all(r in named for r in range(nproc) if r not in outcomes)
 
 
 def _kill_and_reap(procs: List[Any]) -> None:
@@ -278,10 +292,10 @@ def _drained(results: "mp.Queue", outcomes: Dict[int, RankOutcome]) -> bool:
     drained = True
     while True:
         try:
-            rank, value, error, error_type = results.get_nowait()
+            rank, value, error, error_type, absent = results.get_nowait()
         except queue.Empty:
             return drained
-        outcomes[rank] = RankOutcome(rank, value, error, error_type)
+        outcomes[rank] = RankOutcome(rank, value, error, error_type, names_absent=absent)
         drained = False
 
 

@@ -140,3 +140,48 @@ def test_children_start_preloaded_with_the_callers_environment_at_the_call(monke
     third = run_local(1, startup_view, ("PGROUPS_SPAWN_PROBE",), timeout_s=150)
     assert [o.value["value"] for o in first + second + third] == ["before", "before", "after", "after", None]
     assert all(o.value["cpu_s"] < 0.6 for o in second + third), [o.value for o in second + third]
+
+
+class Verdict(Exception):
+    """A failure that names the ranks that never answered (as nettest's timeout does)."""
+
+    def __init__(self, absent_ranks: tuple) -> None:
+        super().__init__(f"ranks {list(absent_ranks)} never answered")
+        self.absent_ranks = absent_ranks
+
+
+def absent_or_verdict(absent: tuple) -> None:
+    """Ranks in ``absent`` sleep (a hang); every other rank raises a Verdict naming them."""
+    if int(os.environ["RANK"]) in absent:
+        time.sleep(600)
+    raise Verdict(absent)
+
+
+def absent_but_one_named(sleeping: tuple) -> None:
+    """Ranks in ``sleeping`` sleep; the others raise a Verdict naming only the first of them."""
+    if int(os.environ["RANK"]) in sleeping:
+        time.sleep(600)
+    raise Verdict(sleeping[:1])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_ranks_a_verdict_names_absent_are_not_waited_for():
+    from pgroups.spawn import run_local
+    # with the grace period and time limit of an hour, only the verdict can end the wait
+    outcomes = run_local(3, absent_or_verdict, ((1,),), timeout_s=3600, failure_grace_s=3600)
+    assert [o.error_type for o in outcomes] == ["Verdict", None, "Verdict"]
+    assert outcomes[1].timed_out and outcomes[1].error == "killed: named absent by a peer's failure"
+    assert outcomes[0].names_absent == (1,)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_rank_no_verdict_names_is_still_waited_for_until_the_grace_ends():
+    from pgroups.spawn import run_local
+    # rank 0 names rank 1 only; rank 2 sleeps unnamed, so the 2 s grace after the failures decides
+    started = time.monotonic()
+    outcomes = run_local(3, absent_but_one_named, ((1, 2),), timeout_s=3600, failure_grace_s=2)
+    assert time.monotonic() - started >= 2
+    assert outcomes[1].error == "killed: named absent by a peer's failure"
+    assert outcomes[2].error == "killed: still running at the time limit"

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 from ..cli import (EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXTENSIONS, default_config_path, offline_layout,
                    positive_seconds)
@@ -262,11 +262,20 @@ def local_worker(options: NettestOptions) -> RankResult:
     """
     try:
         return run_rank(options, Progress("nettest") if options.progress else None)
-    except NettestTimeoutError:
+    except NettestTimeoutError as exc:
+        exc.absent_ranks = named_absent(exc.report)  # the launcher need not wait for those
         sys.stderr.flush()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         raise
+
+
+def named_absent(hang: Mapping[str, Any]) -> Tuple[int, ...]:
+    """The ranks a hang report names as away: never entered the operation, no answer to the
+    abort, never arrived at the start-up. Pure."""
+    ranks = {e["rank"] for e in hang.get("never_entered", [])}
+    ranks.update(hang.get("missing", []), hang.get("never_arrived", []))
+    return tuple(sorted(ranks))
 
 
 def _run_here(args: argparse.Namespace, options: NettestOptions) -> int:
