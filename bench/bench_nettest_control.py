@@ -142,7 +142,7 @@ def rank_main(rank: int, world: int, budget: float, host: str, port: int, start:
             coordinator.pacing = Pacing(world, budget)
         coordinator.start_liveness()
         records = sweep_records(rank, rng)
-        start.wait(600)
+        start.wait(1800)
         begun = time.perf_counter()
         until = time.monotonic() + rng.uniform(0.5, 2.5)
         while time.monotonic() < until:   # 1. measuring: the data plane beats after each operation
@@ -182,7 +182,7 @@ def worker(index: int, workers: int, world: int, budget: float, host: str, port:
     every process has its coordinator (``everyone``: a barrier of the processes)."""
     threading.stack_size(512 * 1024)
     mine = [0] if index == 0 else list(range(index, world, workers - 1))
-    start = threading.Barrier(len(mine), action=lambda: everyone.wait(600))
+    start = threading.Barrier(len(mine), action=lambda: everyone.wait(1800))
     outs: Dict[int, Dict[str, Any]] = {rank: {} for rank in mine}
     threads = [threading.Thread(target=rank_main, args=(r, world, budget, host, port, start, outs[r])) for r in mine]
     for thread in threads:
