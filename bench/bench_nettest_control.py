@@ -243,11 +243,49 @@ def add_row(table: Any, r: Dict[str, Any], label: str, project: int) -> None:
               f"{r['answer_s']:.2f}", len(r["silent"]), 0, r["keys_left"], load)
 
 
+def alone(report: Report, count: int, project: int) -> None:
+    """Rank 0's collection with nothing else running, through the real ``Coordinator.exchange``:
+    ``count - 1`` ranks' payloads posted as each rank posts its own (one ``set`` each), then
+    rank 0's exchange reads and decodes them all — with the cyclic GC paused during the decode
+    (as the tool does) and, as the baseline, with it running. Wall and CPU seconds, and the CPU
+    projected to ``project`` ranks."""
+    import contextlib
+
+    import pgroups.nettest.control as control
+
+    server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=120),
+                           wait_for_workers=False)
+    blobs = [encode_payload(sweep_records(r, random.Random(r))) for r in range(64)]
+    table = report.table(f"rank 0's collection alone: {count} payloads of {len(blobs[0]) / 1024:.1f} KB, "
+                         f"projected to {project} (CPU x {project} / {count})",
+                         ["decode", "wall s", "CPU s", f"CPU s at {project}", "load"])
+    paused = control.gc_paused
+    for label, pause in (("GC paused (the tool)", paused), ("GC running (before)", contextlib.nullcontext),
+                         ("GC paused, again", paused)):
+        control.gc_paused = pause
+        coordinator = Coordinator(server, 0, count, 60.0, ["h"] * count)
+        step = f"alone{len(table.rows)}"
+        for rank in range(1, count):
+            coordinator.store.set(f"{step}/data/{rank}", blobs[rank % 64])
+            coordinator.store.add(f"{step}/bytes", len(blobs[rank % 64]))
+        coordinator.store.add(f"{step}/arrived", count - 1)
+        values = coordinator.exchange(step, sweep_records(0, random.Random(0)))
+        assert values is not None and len(values) == count
+        del values
+        table.add(label, f"{coordinator.collect_s:.2f}", f"{coordinator.collect_cpu_s:.2f}",
+                  f"{coordinator.collect_cpu_s * project / count:.1f}", f"{os.getloadavg()[0]:.1f}")
+        coordinator.close()
+        coordinator.shutdown()
+    control.gc_paused = paused
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--project", type=int, default=16384)
     parser.add_argument("--workers", type=int, default=16, help="processes the emulated ranks are spread over")
+    parser.add_argument("--alone", type=int, default=2048, metavar="N",
+                        help="rank 0's collection of N payloads alone, GC paused and running (0: skip)")
     parser.add_argument("--baseline", type=int, nargs="*", default=[], metavar="WORLD",
                         help="also run these worlds unpaced (every interval at its small-world floor)")
     add_markdown_argument(parser)
@@ -261,6 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"watch {pacing.watch_s:.2f} s, poll {pacing.poll_s:.2f} s, beat {pacing.beat_s:.2f} s: at most "
                 f"{pacing.world_calls_per_s():.0f} periodic store calls/s of the world; abort window "
                 f"{ALIVE_WINDOW_S + pacing.watch_s:.1f} s.")
+    if args.alone:
+        alone(report, args.alone, args.project)
     table = report.table("emulated ranks against one TCPStore", COLUMNS, stream=True)
     for world in args.worlds:
         for budget, label in [(Pacing(world).budget, "paced")] + ([(UNPACED, "unpaced")] if world in args.baseline else []):

@@ -218,3 +218,31 @@ def test_an_aborted_run_of_several_ranks_on_the_store_host_leaves_no_key(store):
     assert all(f["missing"] == [] for f in finals.values())
     assert store.num_keys() == before + world   # only the per-rank run counters stay
     assert time.monotonic() - begun < 2.0 + 1.5   # no rank waited out the leave bound (2 s) after answering
+
+
+def test_rank_0_decodes_the_payloads_with_the_cyclic_gc_off_and_restores_it(store, monkeypatch):
+    # Decoded JSON holds no cycles; with the collector on, rank 0's decode of 2,048 kept
+    # payloads cost twice the CPU. Every decode must run with it off, and it is on after.
+    import gc
+
+    import pgroups.nettest.control as control
+
+    seen = []
+    real_decode = control.decode_payload
+
+    def watching_decode(blob):
+        seen.append(gc.isenabled())
+        return real_decode(blob)
+
+    monkeypatch.setattr(control, "decode_payload", watching_decode)
+    coordinator = Coordinator(store, 0, 1, 5.0, ["h"])
+    try:
+        assert gc.isenabled()
+        assert coordinator.exchange("sweep0", {"rank": 0}) == [{"rank": 0}]
+        assert seen == [False] and gc.isenabled()
+        gc.disable()   # a collector the caller turned off stays off
+        coordinator.exchange("sweep1", None)
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
+        coordinator.shutdown()

@@ -9,6 +9,7 @@ Every periodic call (abort checks, polls, heartbeats) is paced by the world size
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -16,7 +17,8 @@ import queue
 import threading
 import time
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -336,7 +338,8 @@ class Coordinator:
             blobs = self.store.call("multi_get", [f"{step}/data/{r}" for r in range(first, last)],
                                     timeout_s=STORE_CALL_TIMEOUT_S + expected / STORE_MIN_RATE)
             decoding = time.perf_counter()
-            values.extend(decode_payload(b) for b in blobs)
+            with gc_paused():
+                values.extend(decode_payload(b) for b in blobs)
             self.decode_s += time.perf_counter() - decoding
             self.beat()
         self.collect_s += time.perf_counter() - started
@@ -536,6 +539,22 @@ def encode_payload(payload: Any) -> bytes:
 
 def decode_payload(blob: Any) -> Any:
     return json.loads(zlib.decompress(bytes(blob)).decode())
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block, on again after if it was on.
+    Decoded JSON holds no reference cycles (reference counting frees it), yet every few
+    thousand new objects the collector walks the young ones, and ever more often the whole
+    growing heap: rank 0 keeping 2,048 decoded payloads spent 0.7–0.9 ms of CPU per payload
+    with it on, 0.38 ms with it off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def slices(world_size: int, total_bytes: int, slice_bytes: int) -> List[tuple]:
