@@ -31,7 +31,8 @@ pacing.STORE_CALLS_PER_S at any N (equal to it from 4,000 ranks), so the store's
 does not grow; the abort reaches every rank within one watch interval (max(0.5, N / 2000) s).
 
     python bench/bench_nettest_control.py                    # worlds 256 1024 2048
-    python bench/bench_nettest_control.py --worlds 256 1024 2048 --baseline 2048 --markdown docs/benchmarks.md
+    python bench/bench_nettest_control.py --worlds 256 1024 2048 --alone 0 --markdown docs/benchmarks.md
+    python bench/bench_nettest_control.py --worlds --alone 2048 --markdown docs/benchmarks.md   # rank 0 alone
 
 On this 2-core machine every emulated rank's threads share 2 cores with the others (and the
 store): the times are an upper bound of what the store itself needs.
@@ -281,7 +282,8 @@ def alone(report: Report, count: int, project: int) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--worlds", type=int, nargs="*", default=[256, 1024, 2048],
+                        help="emulated world sizes (none: only --alone, into a section of its own)")
     parser.add_argument("--project", type=int, default=16384)
     parser.add_argument("--workers", type=int, default=16, help="processes the emulated ranks are spread over")
     parser.add_argument("--alone", type=int, default=2048, metavar="N",
@@ -290,7 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="also run these worlds unpaced (every interval at its small-world floor)")
     add_markdown_argument(parser)
     args = parser.parse_args(argv)
-    report = Report("nettest-control", argv, markdown_path(parser, args), script=Path(__file__).name)
+    section = "nettest-control" if args.worlds else "nettest-control-alone"
+    report = Report(section, argv, markdown_path(parser, args), script=Path(__file__).name)
     payload = encode_payload(sweep_records(0, random.Random(0)))
     pacing = Pacing(args.project)
     report.note(f"Store call deadline {STORE_CALL_TIMEOUT_S:g} s; payload {len(payload) / 1024:.1f} KB per rank "
@@ -301,6 +304,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{ALIVE_WINDOW_S + pacing.watch_s:.1f} s.")
     if args.alone:
         alone(report, args.alone, args.project)
+    if not args.worlds:
+        report.finish()
+        return 0
     table = report.table("emulated ranks against one TCPStore", COLUMNS, stream=True)
     for world in args.worlds:
         for budget, label in [(Pacing(world).budget, "paced")] + ([(UNPACED, "unpaced")] if world in args.baseline else []):
