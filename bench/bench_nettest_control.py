@@ -288,6 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="processes the emulated ranks are spread over")
     parser.add_argument("--alone", type=int, default=2048, metavar="N",
                         help="rank 0's collection of N payloads alone, GC paused and running (0: skip)")
+    parser.add_argument("--budget", type=float, default=Pacing(1).budget,
+                        help="periodic store calls/s of the whole world (the pacing's budget; default the tool's)")
     parser.add_argument("--baseline", type=int, nargs="*", default=[], metavar="WORLD",
                         help="also run these worlds unpaced (every interval at its small-world floor)")
     add_markdown_argument(parser)
@@ -309,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     table = report.table("emulated ranks against one TCPStore", COLUMNS, stream=True)
     for world in args.worlds:
-        for budget, label in [(Pacing(world).budget, "paced")] + ([(UNPACED, "unpaced")] if world in args.baseline else []):
+        for budget, label in [(args.budget, f"paced, {args.budget:g}/s")] + ([(UNPACED, "unpaced")] if world in args.baseline else []):
             server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=120),
                                    wait_for_workers=False)   # a new store per run: its keys are the run's
             add_row(table, one_world(world, budget, server, args.workers), label, args.project)
