@@ -135,6 +135,7 @@ def sim_host(k: int) -> str:
     return f"{local_hostname()}-sim{k}"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_drift_compute_slow_and_corruption_are_named_in_one_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, f"drift:host={sim_host(2)},var=NCCL_IB_HCA;"
