@@ -248,6 +248,7 @@ def test_each_rank_of_a_launched_job_exits_with_the_shared_verdict(tmp_path, lau
     (["--nproc", "2", "--iters", "0"], "--iters must be at least 1"),
     (["--nproc", "2", "--timeout", "0"], "--timeout must be positive"),
     (["--nproc", "2", "--slow-factor", "0.5"], "--slow-factor must be above 1"),
+    (["--nproc", "2", "--link-slow-factor", "1"], "--link-slow-factor must be above 1, got 1.0"),
     (["--simulate-hosts", "2"], "--simulate-hosts H needs --nproc N"),
     (["--nproc", "6", cli.default_config_path()], "world_size(6) is not divisible by tensor(2) * pipeline(2)"),
     (["--nproc", "4", "--modes", "all,tensor"], "'all' cannot be combined"),
