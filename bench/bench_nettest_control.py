@@ -27,7 +27,7 @@ with the world).
 
 Projection to 16,384 ranks: the collection reads and decodes every payload once, so its time
 grows linearly with N (t x 16384 / N); the periodic calls per second of the world are at most
-pacing.STORE_CALLS_PER_S at any N (equal to it from 4,000 ranks), so the store's periodic load
+pacing.STORE_CALLS_PER_S at any N (equal to it from 2,000 ranks), so the store's periodic load
 does not grow; the abort reaches every rank within one watch interval (max(0.5, N / 2000) s).
 
     python bench/bench_nettest_control.py                    # worlds 256 1024 2048

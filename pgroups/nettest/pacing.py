@@ -53,7 +53,7 @@ class Pacing:
     Bound: each interval is :func:`paced_interval` of its share of ``budget``, so the world's
     periodic calls per second in steady state, ``world_size * (1/watch_s + 1/poll_s +
     1/beat_s)`` (:meth:`world_calls_per_s`), are at most ``budget`` — equal to it once the
-    world is large enough that no floor applies (4,000 ranks at the default budget) — and
+    world is large enough that no floor applies (2,000 ranks at the default budget) — and
     per rank they fall as 1/world_size. A wait adds at most FIRST_POLLS - 1 polls in its
     first ``poll_s``. What it costs: the time to notice an abort (``watch_s``), the end of a
     wait (``poll_s``) and a stall (``beat_s``) grows with the world beyond the floors —
