@@ -231,7 +231,13 @@ def add_row(table: Any, r: Dict[str, Any], label: str, project: int) -> None:
     """One run's row; the collection's CPU seconds projected to ``project`` ranks (x project / N)."""
     load = f"{os.getloadavg()[0]:.1f}"
     if "collect_s" not in r or r["errors"]:
-        table.add(r["world"], label, *[""] * 9, f"{len(r['errors'])}: {r['errors'][:1]}", "", load)
+        kinds: Dict[str, int] = {}
+        for error in r["errors"]:
+            kind = "store gone" if "store" in error and "gone" in error else error.split(":")[1].strip()
+            kinds[kind] = kinds.get(kind, 0) + 1
+        table.add(r["world"], label, *[""] * 9, ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())), "", load)
+        first = next((e for e in r["errors"] if "store" in e and "gone" in e), r["errors"][0])
+        print(f"  e.g. {first[:300]}", flush=True)
         return
     scale = project / r["world"]
 
