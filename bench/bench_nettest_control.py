@@ -129,12 +129,18 @@ def aggregate_by_host(coordinator: Coordinator, step: str) -> Tuple[float, float
     return seconds, cpu_s
 
 
-def rank_main(rank: int, world: int, budget: float, host: str, port: int, start: Any, out: Dict[str, Any]) -> None:
+def connect(host: str, port: int) -> Tuple[dist.TCPStore, Optional[dist.Store]]:
+    """One emulated rank's two store connections (the default store's client and its clone)."""
+    client = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
+    return client, second_client(client)
+
+
+def rank_main(rank: int, world: int, budget: float, clients: Tuple[dist.TCPStore, Optional[dist.Store]], start: Any,
+              out: Dict[str, Any]) -> None:
     """One emulated rank's control plane (a thread); its counts and rank 0's figures go to ``out``."""
     hostnames = [f"host{r // HOSTS_RANKS}" for r in range(world)]
     rng = random.Random(rank)
-    client = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
-    liveness = second_client(client)
+    client, liveness = clients
     out["connections"] = 1 + (liveness is not None)
     coordinator = None
     try:
@@ -185,7 +191,11 @@ def worker(index: int, workers: int, world: int, budget: float, host: str, port:
     mine = [0] if index == 0 else list(range(index, world, workers - 1))
     start = threading.Barrier(len(mine), action=lambda: everyone.wait(1800))
     outs: Dict[int, Dict[str, Any]] = {rank: {} for rank in mine}
-    threads = [threading.Thread(target=rank_main, args=(r, world, budget, host, port, start, outs[r])) for r in mine]
+    # connected one after the other: 4,096 connects at once overflowed the server's listen
+    # backlog, and clients retrying with back-off took over 6 minutes to connect 2,048 ranks
+    clients = [connect(host, port) for _ in mine]
+    threads = [threading.Thread(target=rank_main, args=(r, world, budget, c, start, outs[r]))
+               for r, c in zip(mine, clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
