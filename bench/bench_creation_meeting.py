@@ -15,6 +15,7 @@ projected to ``--project`` ranks (linear in the world: every rank's calls go to 
 
     python bench/bench_creation_meeting.py                        # worlds 256 512 1024 2048
     python bench/bench_creation_meeting.py --worlds 2048 --steps 8
+    python bench/bench_creation_meeting.py --markdown docs/benchmarks.md   # also rewrite its section there
 
 On a 2-core machine the clients and the store share the cores: the times are an upper bound of
 what the store alone needs; the load average is printed with each run.
@@ -28,10 +29,12 @@ import os
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import torch.distributed as dist
 
+from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
 from pgroups.backend import CreationRendezvous
 
 TIMEOUT_S = 300.0
@@ -114,20 +117,21 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--procs", type=int, default=4, help="worker processes holding the emulated ranks")
     parser.add_argument("--kinds", nargs="+", default=["world", "local"], choices=["world", "local"])
     parser.add_argument("--project", type=int, default=16384)
+    add_markdown_argument(parser)
     args = parser.parse_args(argv)
+    report = Report("creation-meeting", argv, markdown_path(parser, args), script=Path(__file__).name)
     store = dist.TCPStore("127.0.0.1", 0, max(args.worlds) + 1, True,
                           timeout=datetime.timedelta(seconds=TIMEOUT_S), wait_for_workers=False)
-    print(f"# load average {os.getloadavg()[0]:.1f} at start; {os.cpu_count()} cores; {args.steps} steps "
-          f"per world; TCPStore libuv backend: {getattr(store, 'libuvBackend', '?')}")
-    print(f"{'world':>6} {'meeting':>8} {'calls/rank/step':>16} {'step (s)':>9} {'store calls/s':>14} "
-          f"{'step at ' + str(args.project) + ' (s, projected)':>30}")
+    report.note(f"{args.steps} meetings per rank and world; {args.procs} worker processes hold the emulated "
+                f"ranks; TCPStore libuv backend: {getattr(store, 'libuvBackend', '?')}")
+    table = report.table("", ["world", "meeting", "calls/rank/step", "step (s)", "store calls/s",
+                              f"step at {args.project} (s, projected)"], "rlrrrr", stream=True)
     for world in args.worlds:
         for kind in args.kinds:
             m = measure(world, args.steps, kind, args.procs, store.port)
-            projected = m["step_s"] * args.project / world
-            print(f"{world:>6} {kind:>8} {m['calls_per_rank']:>16.2f} {m['step_s']:>9.3f} "
-                  f"{m['calls_per_s']:>14.0f} {projected:>30.1f}", flush=True)
-    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+            table.add(world, kind, f"{m['calls_per_rank']:.2f}", f"{m['step_s']:.3f}",
+                      f"{m['calls_per_s']:.0f}", f"{m['step_s'] * args.project / world:.1f}")
+    report.finish()
 
 
 if __name__ == "__main__":
