@@ -29,6 +29,8 @@ RUNS = {
     "bench_groups.py": (["--fake-only", "--worlds", "128", "--repeats", "1", "--layouts", "classic"],
                         "docs/benchmarks.md", "groups"),
     "bench_models.py": (["--world", "64", "--repeats", "1"], "docs/models.md", "models"),
+    "bench_creation_meeting.py": (["--worlds", "8", "--steps", "1", "--procs", "2"], "docs/benchmarks.md",
+                                  "creation-meeting"),
     "bench_nettest.py": (["--scale", "--hosts", "8"], "docs/benchmarks.md", "nettest-scale"),
     "bench_reshard_plan.py": (["--worlds", "32", "--ranks", "2", "--full-max", "32"], "docs/benchmarks.md",
                               "reshard-plan"),
