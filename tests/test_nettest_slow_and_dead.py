@@ -105,7 +105,9 @@ def torchrun_node_of(rank: int) -> dict:
 @pytest.mark.timeout(180)
 def test_torchrun_style_a_peer_dead_when_an_operation_is_issued_gives_exit_3_on_every_survivor(tmp_path):
     path = tmp_path / "dead.json"
-    timeout_s = 5.0
+    # long enough that no step before the injected death times out on a loaded machine (at 5 s,
+    # load 12, rank 2 timed out before it reached its death: exit codes [3, 3, 3, -9])
+    timeout_s = 10.0
     argv = ["-c", "sendrecv", "-e", "16K", "-f", "4", "--timeout", str(timeout_s), "--quiet", "--json", str(path)]
     started = time.monotonic()
     outcomes = run_local(4, as_torchrun_rank, (argv,), timeout_s=150, env={FAULT_ENV: DIE_AT_ISSUE},
