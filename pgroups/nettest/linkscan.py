@@ -502,7 +502,9 @@ class LinkScan:
         inside_hosts = {c.hosts[0] for c in inside}
         for (a, b), es in sorted(intra.named_links.items()):
             host = self.hostnames[int(a)]
-            if host in inside_hosts:
+            # a host named slow with every partner is drained whole: a pair inside it that
+            # measured slow (its ranks lag behind the host's slow operations) is not a second fault
+            if host in inside_hosts or host in named_hosts:
                 continue
             tail = ("with two ranks on the host it cannot be blamed on one" if len(self.ranks_of[host]) <= 2
                     else "both ranks are fast with other partners")
