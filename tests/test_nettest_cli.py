@@ -307,3 +307,20 @@ def test_plot_draws_groups_and_the_link_matrix_when_matplotlib_is_installed(tmp_
     write_plot({"measurements": [row, {**row, "size_bytes": 16}], "verdicts": {"nettest#0": "slow"},
                 "links": links}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], 1.3),                                           # NCCL's threshold on real hosts
+    (["--simulate-hosts", "2"], 2.0),                     # pretend hosts: loopback copies, judged at --slow-factor
+    (["--simulate-hosts", "2", "--slow-factor", "3"], 3.0),
+    (["--simulate-hosts", "2", "--link-slow-factor", "1.5"], 1.5),   # given: always as given
+    (["--link-slow-factor", "1.1"], 1.1),
+])
+def test_the_link_factor_defaults_to_nccls_threshold_except_on_simulated_hosts(argv, expected):
+    import argparse
+
+    from pgroups.nettest.cli import add_arguments, link_slow_factor
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert link_slow_factor(parser.parse_args(["--nproc", "4", *argv])) == expected

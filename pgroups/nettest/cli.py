@@ -62,10 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-factor", type=float, default=Thresholds().slow_factor,
                         help="how many times worse than its peers' median a group must be (default 2; "
                              "doubled when it has fewer than 3 peers)")
-    parser.add_argument("--link-slow-factor", type=float, default=Thresholds().link_slow_factor,
+    parser.add_argument("--link-slow-factor", type=float, default=None,
                         help=f"the link scan: how many times slower than its class's healthy reference a link, "
                              f"host or rank must be (default {Thresholds().link_slow_factor:g}: more than 30%% "
-                             f"slower, NCCL's own threshold; doubled with fewer than 3 healthy links)")
+                             f"slower, NCCL's own threshold; doubled with fewer than 3 healthy links; with "
+                             f"--simulate-hosts the default is --slow-factor: the 'links' are memory copies "
+                             f"on this machine, as noisy as its CPU)")
     parser.add_argument("--mad-k", type=float, default=Thresholds().mad_k,
                         help="and by how many robust standard deviations of its peers, in ratio (log) space: 1.4826 x MAD of log values (default 4)")
     parser.add_argument("--no-followup", dest="followup", action="store_false",
@@ -115,7 +117,7 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
         raise ValueError("--modes is empty: name modes (e.g. nettest,tp) or 'all'")
     if "all" in modes and len(modes) > 1:
         raise ValueError("--modes: 'all' cannot be combined with other modes")
-    rule = Thresholds(args.slow_factor, args.mad_k, args.min_busbw, args.link_slow_factor)
+    rule = Thresholds(args.slow_factor, args.mad_k, args.min_busbw, link_slow_factor(args))
     check_fault_spec()  # a bad test hook is a usage error, before anything starts
     if args.plot and not plotting_available():
         raise ConfigError("--plot needs matplotlib, which is not installed (pip install matplotlib), "
@@ -130,6 +132,15 @@ def options_from_args(args: argparse.Namespace, config) -> NettestOptions:
                           warmup=args.warmup, timeout_s=args.timeout, rule=rule, followup=args.followup,
                           progress=not args.quiet, json_path=args.json_path,
                           nccl_diagnostics=args.nccl_diagnostics)
+
+
+def link_slow_factor(args: argparse.Namespace) -> float:
+    """``--link-slow-factor`` as given; by default NCCL's 1.3 on real hosts, and ``--slow-factor``
+    with ``--simulate-hosts``: there every pretend host is this machine, its links loopback
+    memory copies whose speed scatters with the CPU's load (1.3-2.3x at load 9), not a network."""
+    if args.link_slow_factor is not None:
+        return args.link_slow_factor
+    return args.slow_factor if args.simulate_hosts else Thresholds().link_slow_factor
 
 
 def check_output_path(flag: str, path: Optional[str]) -> None:
