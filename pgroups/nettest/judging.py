@@ -47,14 +47,16 @@ def centred_on(controls: Reference, reference: Reference) -> Reference:
                      attrs.evolve(reference.latency, median=controls.latency.median))
 
 
-def judge(busbw: float, latency_us: float, reference: Reference, rule: Thresholds) -> Optional[str]:
+def judge(busbw: float, latency_us: float, reference: Reference, rule: Thresholds,
+          latency: bool = True) -> Optional[str]:
     """Why a measurement is slow against ``reference`` (None if it is not): its bandwidth by
-    ``link_slow_factor``, its latency by ``slow_factor`` (and ``mad_k`` for both)."""
+    ``link_slow_factor``, its latency by ``slow_factor`` (and ``mad_k`` for both); ``latency``
+    False judges the bandwidth alone."""
     reasons = []
     dev = deviation(busbw, reference.busbw, True, rule.bandwidth_rule())
     if dev is not None:
         reasons.append(f"{busbw:.3g} GB/s vs median {dev.reference:.3g} GB/s of {reference.busbw.count} healthy links")
-    dev = deviation(latency_us, reference.latency, False, rule)
+    dev = deviation(latency_us, reference.latency, False, rule) if latency else None
     if dev is not None:
         reasons.append(f"{latency_us:.0f} us vs median {dev.reference:.0f} us of {reference.latency.count} healthy links")
     if rule.min_busbw_gbps is not None and busbw < rule.min_busbw_gbps:
@@ -62,8 +64,8 @@ def judge(busbw: float, latency_us: float, reference: Reference, rule: Threshold
     return "; ".join(reasons) or None
 
 
-def judge_all(raw: Sequence[Edge], rule: Thresholds, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {}
-              ) -> Tuple[List[Edge], Reference]:
+def judge_all(raw: Sequence[Edge], rule: Thresholds, controls: Mapping[int, Sequence[Tuple[Node, Node]]] = {},
+              latency: bool = True) -> Tuple[List[Edge], Reference]:
     """Judge every measurement of one class against the class's healthy reference — or, in a
     round that ran *control* pairs (proven-healthy nodes measured beside the suspects, at the
     same time and so under the same load), against those controls, unless the controls
@@ -82,7 +84,7 @@ def judge_all(raw: Sequence[Edge], rule: Thresholds, controls: Mapping[int, Sequ
                  if ref.busbw_median * rule.link_slow_factor >= reference.busbw_median}
     judged = []
     for e in raw:
-        why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule)
+        why = judge(e.busbw_gbps, e.latency_us, per_round.get(e.round, reference), rule, latency)
         judged.append(e._replace(slow=True, why=why) if why else e)
     return judged, reference
 
