@@ -1,8 +1,10 @@
 """The control plane of ``pgroups nettest`` at scale: N emulated ranks against one real TCPStore.
 
 Each emulated rank is a thread with its own :class:`Coordinator` (its two client connections
-to the store, their call threads, its watcher thread) running the control-plane traffic of a
-run with no data plane:
+to the store, their call threads, its watcher thread) — or, with ``--light``, rank 0 and one
+rank per process are, and every other rank is a light rank (``_light_ranks.py``: the same
+store calls, driven by one ``selectors`` loop per process) — running the control-plane traffic
+of a run with no data plane:
 
 1. *measure*: each rank "measures" for a random 0.5–2.5 s, calling ``beat()`` every 10 ms
    (as the data plane does after each operation: heartbeats and abort checks), then
@@ -31,7 +33,7 @@ pacing.STORE_CALLS_PER_S at any N (equal to it from 2,000 ranks), so the store's
 does not grow; the abort reaches every rank within one watch interval (max(0.5, N / 2000) s).
 
     python bench/bench_nettest_control.py                    # worlds 256 1024 2048
-    python bench/bench_nettest_control.py --worlds 256 1024 2048 --alone 0 --markdown docs/benchmarks.md
+    python bench/bench_nettest_control.py --worlds 256 1024 2048 4096 --light --compare 256 --alone 0 --markdown docs/benchmarks.md
     python bench/bench_nettest_control.py --worlds --alone 2048 --markdown docs/benchmarks.md   # rank 0 alone
 
 On this 2-core machine every emulated rank's threads share 2 cores with the others (and the
@@ -63,6 +65,12 @@ from _report import Report, add_markdown_argument, markdown_path  # bench/ is th
 
 HOSTS_RANKS = 8
 UNPACED = 1e12   # a budget no world reaches: every interval at its floor
+#: How often an emulated rank's main thread wakes while it "measures" or waits for the abort
+#: (the real data plane beats after each operation). A wake-up makes no store call unless a
+#: paced interval has passed (beat_s and watch_s are at least 0.5 s): waking every 0.1 s instead
+#: of every 10 ms leaves the store's traffic as it was and spares 2 cores some 200,000 thread
+#: wake-ups per second at 2,048 ranks, which starved the store's own callers.
+BEAT_LOOP_S = 0.1
 
 
 def sweep_records(rank: int, rng: random.Random) -> List[Dict[str, Any]]:
@@ -143,6 +151,7 @@ def rank_main(rank: int, world: int, budget: float, clients: Tuple[dist.TCPStore
     client, liveness = clients
     out["connections"] = 1 + (liveness is not None)
     coordinator = None
+    begun = time.perf_counter()
     try:
         coordinator = Coordinator(client, rank, world, 60.0, hostnames, liveness_store=liveness)
         if budget != Pacing(world).budget:
@@ -151,14 +160,18 @@ def rank_main(rank: int, world: int, budget: float, clients: Tuple[dist.TCPStore
         records = sweep_records(rank, rng)
         start.wait(1800)
         begun = time.perf_counter()
+        out["step"] = "1 measure"
         until = time.monotonic() + rng.uniform(0.5, 2.5)
         while time.monotonic() < until:   # 1. measuring: the data plane beats after each operation
             coordinator.beat()
-            time.sleep(0.01)
+            time.sleep(BEAT_LOOP_S)
+        out["step"] = "2 sweep exchange"
         coordinator.exchange("sweep0", records)                  # 2. direct collection on rank 0
         out["collect_s"], out["collect_cpu_s"] = coordinator.collect_s, coordinator.collect_cpu_s
+        out["step"] = "3 host aggregation"
         out["aggregate_s"], out["aggregate_cpu_s"] = aggregate_by_host(coordinator, "sweep0")   # 3. host aggregation
         out["again_s"], out["again_cpu_s"] = getattr(coordinator, "direct_again", (0.0, 0.0))
+        out["step"] = "4 plan"
         if rank == 0:                                            # 4. rank 0 thinks, the others wait
             until = time.monotonic() + 1.0
             while time.monotonic() < until:
@@ -170,12 +183,13 @@ def rank_main(rank: int, world: int, budget: float, clients: Tuple[dist.TCPStore
         coordinator.exchange("scan0", [{"pair": [rank, rank ^ 1], "times": [1e-3]}])
         out["calls_before_abort"] = coordinator.calls
         out["steps_s"] = time.perf_counter() - begun
+        out["step"] = "5 abort"
         if rank == 0:                                            # 5. the abort, and who answers it
             coordinator.abort({"message": "bench: the end", "kind": "stall", "detected_by": 0})
-        final, out["answer_s"] = end_aborted_run(coordinator)   # rank 0: until every rank answered
+        final, out["answer_s"] = end_aborted_run(coordinator, poll_s=BEAT_LOOP_S)   # rank 0: until every rank answered
         out["silent"] = final.get("missing", [])
     except (NettestTimeoutError, RuntimeError, threading.BrokenBarrierError) as exc:
-        out["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        out["error"] = f"rank {rank} (step {out.get('step', '0 start')}, {time.perf_counter() - begun:.1f} s in): {type(exc).__name__}: {exc}"
     finally:
         if coordinator is not None:
             out["calls"] = coordinator.calls
@@ -183,27 +197,60 @@ def rank_main(rank: int, world: int, budget: float, clients: Tuple[dist.TCPStore
 
 
 def worker(index: int, workers: int, world: int, budget: float, host: str, port: int, results: Any,
-           everyone: Any) -> None:
+           everyone: Any, light: bool) -> None:
     """One process: rank 0 alone in the first (as in a real job, its process serves only it),
-    ranks 1 … spread over the others, as threads. They start together once every rank of
-    every process has its coordinator (``everyone``: a barrier of the processes)."""
+    ranks 1 … spread over the others — as threads of real Coordinators, or (``light``) the
+    first of them real and the others light ranks driven by this thread (:mod:`_light_ranks`).
+    They start together once every rank of every process has its coordinator (``everyone``: a
+    barrier of the processes)."""
     threading.stack_size(512 * 1024)
     mine = [0] if index == 0 else list(range(index, world, workers - 1))
-    start = threading.Barrier(len(mine), action=lambda: everyone.wait(1800))
-    outs: Dict[int, Dict[str, Any]] = {rank: {} for rank in mine}
+    real, lights = (mine[:1], mine[1:]) if light else (mine, [])
+    start = threading.Barrier(len(real) + (1 if lights else 0), action=lambda: everyone.wait(1800))
+    outs: Dict[int, Dict[str, Any]] = {rank: {} for rank in real}
     # connected one after the other: 4,096 connects at once overflowed the server's listen
     # backlog, and clients retrying with back-off took over 6 minutes to connect 2,048 ranks
-    clients = [connect(host, port) for _ in mine]
+    clients = [connect(host, port) for _ in real]
     threads = [threading.Thread(target=rank_main, args=(r, world, budget, c, start, outs[r]))
-               for r, c in zip(mine, clients)]
+               for r, c in zip(real, clients)]
     for thread in threads:
         thread.start()
+    if lights:
+        outs.update(run_light(lights, world, budget, host, port, start))
     for thread in threads:
         thread.join()
     results.put(outs)
 
 
-def one_world(world: int, budget: float, server: dist.TCPStore, workers: int) -> Dict[str, Any]:
+def run_light(ranks: List[int], world: int, budget: float, host: str, port: int, start: Any) -> Dict[int, Dict[str, Any]]:
+    """Light ranks ``ranks`` in this thread: connect (two raw connections each), take the run
+    counter, wait at ``start`` with the real ranks, run the script; their figures."""
+    import _light_ranks as light
+    import _store_wire as wire
+
+    pacing = Pacing(world, budget)
+    loop = light.Loop()
+    none_blob = encode_payload(None)
+    small = encode_payload([{"pair": [0, 1], "times": [1e-3]}])
+    scripts = []
+    for rank in ranks:
+        rng = random.Random(rank)   # as rank_main: the same records, then the same measuring time
+        blob = encode_payload(sweep_records(rank, rng))
+        r = light.LightRank(rank, world, pacing, wire.connect(host, port, rank), wire.connect(host, port, rank))
+        loop.register(r)
+        scripts.append(light.Script(r, HOSTS_RANKS, rng.uniform(0.5, 2.5), blob, small, BEAT_LOOP_S, none_blob))
+    for script in scripts:
+        loop.spawn(script.start())
+    loop.run()
+    start.wait(1800)
+    for script in scripts:
+        loop.spawn(script.watcher())
+        loop.spawn(script.run())
+    loop.run()
+    return {script.r.rank: light.result(script.r) for script in scripts}
+
+
+def one_world(world: int, budget: float, server: dist.TCPStore, workers: int, light: bool = False) -> Dict[str, Any]:
     """Run the control plane of ``world`` emulated ranks in ``workers`` processes; rank 0's
     figures and the per-rank counts."""
     context = multiprocessing.get_context("forkserver")   # torch imported once, not once per process
@@ -212,7 +259,7 @@ def one_world(world: int, budget: float, server: dist.TCPStore, workers: int) ->
     keys_before = server.num_keys()
     everyone = context.Barrier(workers)
     processes = [context.Process(target=worker,
-                                 args=(i, workers, world, budget, server.host, server.port, results, everyone))
+                                 args=(i, workers, world, budget, server.host, server.port, results, everyone, light))
                  for i in range(workers)]
     for process in processes:
         process.start()
@@ -246,8 +293,10 @@ def add_row(table: Any, r: Dict[str, Any], label: str, project: int) -> None:
             kind = "store gone" if "store" in error and "gone" in error else error.split(":")[1].strip()
             kinds[kind] = kinds.get(kind, 0) + 1
         table.add(r["world"], label, *[""] * 9, ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())), "", load)
-        first = next((e for e in r["errors"] if "store" in e and "gone" in e), r["errors"][0])
-        print(f"  e.g. {first[:300]}", flush=True)
+        def seconds_in(error: str) -> float:
+            return float(error.split(", ", 1)[1].split(" s in")[0]) if " s in)" in error else 0.0
+        for error in sorted(r["errors"], key=seconds_in)[:3]:
+            print(f"  the earliest: {error[:300]}", flush=True)
         return
     scale = project / r["world"]
 
@@ -296,12 +345,47 @@ def alone(report: Report, count: int, project: int) -> None:
     control.gc_paused = paused
 
 
+IN_NETNS = "PGROUPS_BENCH_IN_NETNS"
+
+
+def in_own_netns(argv: List[str]) -> bool:
+    """Re-run this script in a network namespace of its own (loopback only), when it can
+    (root, ``unshare`` and ``ip`` present); returns False if it cannot (the caller goes on here).
+
+    Why: every store connection makes its client and the server look up the peer's name
+    (``::ffff:127.0.0.1``, not in /etc/hosts, so it goes to DNS). On this machine about 4% of
+    those lookups waited 5 s on the resolver, and the server answers nothing meanwhile:
+    connecting 4,096 clients took 13 minutes. With no route to a resolver the lookup fails at
+    once (torch logs "The hostname of the client socket cannot be retrieved") and 1,000
+    connections take about 1 s."""
+    import shutil
+    import subprocess
+
+    if os.environ.get(IN_NETNS) or os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        return False
+    env = dict(os.environ, **{IN_NETNS: "1"})
+    command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable,
+               str(Path(__file__).resolve()), *argv]
+    code = subprocess.call(command, env=env)
+    if code:
+        sys.exit(code)
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="*", default=[256, 1024, 2048],
                         help="emulated world sizes (none: only --alone, into a section of its own)")
     parser.add_argument("--project", type=int, default=16384)
-    parser.add_argument("--workers", type=int, default=16, help="processes the emulated ranks are spread over")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes the emulated ranks are spread over (default 16; with --light 5)")
+    parser.add_argument("--light", action="store_true",
+                        help="one real Coordinator per process (rank 0 alone in its own), every other rank a light "
+                             "rank: the same store calls from a selectors loop, no threads of its own")
+    parser.add_argument("--shared-netns", action="store_true",
+                        help="stay in this network namespace (default: a namespace of its own when root)")
+    parser.add_argument("--compare", type=int, nargs="*", default=[], metavar="WORLD",
+                        help="with --light: also run these worlds with real Coordinators only (the model's check)")
     parser.add_argument("--alone", type=int, default=2048, metavar="N",
                         help="rank 0's collection of N payloads alone, GC paused and running (0: skip)")
     parser.add_argument("--budget", type=float, default=Pacing(1).budget,
@@ -310,10 +394,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="also run these worlds unpaced (every interval at its small-world floor)")
     add_markdown_argument(parser)
     args = parser.parse_args(argv)
+    if not args.shared_netns and in_own_netns(sys.argv[1:] if argv is None else list(argv)):
+        return 0
+    if args.workers is None:
+        args.workers = 5 if args.light else 16
     section = "nettest-control" if args.worlds else "nettest-control-alone"
     report = Report(section, argv, markdown_path(parser, args), script=Path(__file__).name)
     payload = encode_payload(sweep_records(0, random.Random(0)))
     pacing = Pacing(args.project)
+    if os.environ.get(IN_NETNS):
+        report.note("Run in a network namespace of its own (loopback only): each store connection's reverse name "
+                    "lookup fails at once instead of waiting on this machine's resolver.")
     report.note(f"Store call deadline {STORE_CALL_TIMEOUT_S:g} s; payload {len(payload) / 1024:.1f} KB per rank "
                 f"(`-c all`, default sweep); {args.workers} processes. Collections: wall s (rank 0's CPU s) → CPU s "
                 f"projected to {args.project} ranks (x {args.project} / N). At {args.project} ranks the pacing gives "
@@ -327,10 +418,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     table = report.table("emulated ranks against one TCPStore", COLUMNS, stream=True)
     for world in args.worlds:
-        for budget, label in [(args.budget, f"paced, {args.budget:g}/s")] + ([(UNPACED, "unpaced")] if world in args.baseline else []):
+        runs = [(args.budget, f"paced, {args.budget:g}/s", args.light, args.workers)]
+        runs += [(UNPACED, "unpaced", args.light, args.workers)] if world in args.baseline else []
+        runs += [(args.budget, f"paced, {args.budget:g}/s", False, 16)] if args.light and world in args.compare else []
+        for budget, label, light, workers in runs:
             server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=120),
                                    wait_for_workers=False)   # a new store per run: its keys are the run's
-            add_row(table, one_world(world, budget, server, args.workers), label, args.project)
+            kind = f"light ({workers - 1} real)" if light else "real"
+            add_row(table, one_world(world, budget, server, workers, light), f"{label}, {kind}", args.project)
     report.finish()
     return 0
 
