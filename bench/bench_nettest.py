@@ -21,9 +21,11 @@
     python bench/bench_nettest.py --scale --markdown docs/benchmarks.md   # and rewrite its section there
     python bench/bench_nettest.py --default-only --repeats 3   # part 2 alone, medians of 3
 
-4. ``--netns-healthy N`` (root): the emulated cluster of tests/nettest_netns.py — N healthy
-   runs at 3 and at 4 hosts (2 ranks each; false alarms counted), then one run with a slow
-   host and one with a slow link: exit codes, what was named, inter-host rounds, wall time.
+4. ``--netns-healthy N`` (root): time to verdict on the emulated cluster of
+   tests/nettest_netns.py (every host's link at 100 Mbit/s) — N healthy runs at 3 and at 4
+   hosts (2 ranks each), then one run each with a slow host, two slow hosts of four, a slow
+   link, and a link so slow that one operation takes seconds: verdicts, exit codes, the tool's
+   and the wall time.
 
     python bench/bench_nettest.py --netns-healthy 10
 
@@ -190,8 +192,13 @@ def scale(report: Report, hosts: int = 1024, ranks_per_host: int = 8, repeats: i
                   named)
 
 
-def netns(report: Report, healthy_runs: int) -> None:
-    """Part 4: runs on the emulated cluster (namespaces, bridge, tbf)."""
+def netns(report: Report, healthy_runs: int, rate_mbit: int = 100) -> None:
+    """Part 4: time to verdict on the emulated cluster (namespaces, bridge, tbf), every host's
+    link at R, plain processes, 2 ranks per host, -e 1M (as tests/test_nettest_netns.py): healthy
+    at 3 and 4 hosts (``healthy_runs`` each), then one run per fault — one host at R/4, two hosts
+    of four at R/4, one link at R/4, one link so slow (6 Mbit/s) that one operation takes
+    seconds. A run is right when its exit codes and the kinds and hosts it names are exactly
+    the expected ones."""
     import statistics
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -200,41 +207,44 @@ def netns(report: Report, healthy_runs: int) -> None:
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"emulated cluster unavailable: {reason}")
-
-    def one(hosts: int, fault=None) -> Dict[str, object]:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "net.json")
-            cluster = EmulatedCluster(hosts)
-            start = time.perf_counter()
-            try:
-                if fault:
-                    fault(cluster)
-                cluster.start(2, ["-e", "4M", "--no-tables", "--timeout", "20", "--quiet", "--json", path], tmp)
-                codes = cluster.wait(600)
-            finally:
-                cluster.close()
-            elapsed = time.perf_counter() - start
-            result = json.load(open(path)) if os.path.exists(path) else {}
-        return {"codes": sorted(set(codes.values()), key=str), "named": [c["reason"] for c in result.get("culprits", [])],
-                "rounds": (result.get("links") or {}).get("inter_rounds"), "wall": elapsed,
-                "tool": result.get("elapsed_s")}
-
-    table = report.table("emulated cluster, 2 ranks per host, -e 4M, --timeout 20",
-                         ["case", "runs", "false alarms", "exit codes", "inter rounds", "tool s (median)",
-                          "wall s (median)", "named"], "lrrrrrrl")
-    for hosts in (3, 4):
-        runs = [one(hosts) for _ in range(healthy_runs)]
-        alarms = sum(1 for r in runs if r["named"] or r["codes"] != [0])
-        table.add(f"healthy, {hosts} hosts", len(runs), alarms, ",".join(sorted({str(c) for r in runs for c in r["codes"]})),
-                  ",".join(sorted({str(r["rounds"]) for r in runs})),
-                  f"{statistics.median(r['tool'] or 0 for r in runs):.1f}", f"{statistics.median(r['wall'] for r in runs):.1f}",
-                  "")
-    for label, hosts, fault in (("slow host C of 3 (tbf 200mbit)", 3, lambda c: c.slow_host(2)),
-                                ("slow host D of 4 (tbf 200mbit)", 4, lambda c: c.slow_host(3)),
-                                ("slow link B-D of 4 (tbf 200mbit)", 4, lambda c: c.slow_link(1, 3))):
-        r = one(hosts, fault)
-        table.add(label, 1, "-", ",".join(map(str, r["codes"])), str(r["rounds"]), f"{r['tool'] or 0:.1f}",
-                  f"{r['wall']:.1f}", "; ".join(r["named"]))
+    rate, quarter = f"{rate_mbit}mbit", f"{rate_mbit // 4}mbit"
+    name = [f"host{chr(ord('A') + i)}" for i in range(4)]
+    cases = [(f"healthy, {hosts} hosts", hosts, {}, {}, [], set(), healthy_runs) for hosts in (3, 4)]
+    cases += [("host D of 4 at R/4", 4, {3: quarter}, {}, [], {("host", (name[3],))}, 1),
+              ("hosts B and D of 4 at R/4", 4, {1: quarter, 3: quarter}, {}, [], {"split"}, 1),
+              ("link B-D of 4 at R/4", 4, {}, {(1, 3): quarter}, [], {("link", (name[1], name[3]))}, 1),
+              ("link B-D at 6 Mbit/s (-n 1: one operation > 1 s)", 4, {}, {(1, 3): "6mbit"}, ["-n", "1"],
+               {("link", (name[1], name[3]))}, 1)]
+    table = report.table(f"emulated cluster: 2 ranks per host, R = {rate}, -e 1M, --timeout 20, plain processes",
+                         ["case", "runs", "verdict as expected", "exit codes", "tool s (median)", "wall s (median)",
+                          "load (min-max)", "named (first run)"], "lrrrrrrl")
+    for label, hosts, host_rates, link_rates, extra, expected, runs in cases:
+        right, tool, wall, loads, codes_seen, named_first = 0, [], [], [], set(), None
+        for _ in range(runs):
+            loads.append(os.getloadavg()[0])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "net.json")
+                cluster = EmulatedCluster(hosts)
+                try:
+                    cluster.shape(rate, host_rates=host_rates, link_rates=link_rates)
+                    start = time.perf_counter()
+                    cluster.start_ranks(2, ["-e", "1M", "--no-tables", "--timeout", "20", "--quiet", "--json", path,
+                                            *extra], tmp)
+                    codes = cluster.wait(600)
+                    wall.append(time.perf_counter() - start)
+                finally:
+                    cluster.close()
+                found = json.load(open(path)) if os.path.exists(path) else {}
+            culprits = found.get("culprits", [])
+            named = {c["kind"] if c["kind"] == "split" else (c["kind"], tuple(c["hosts"])) for c in culprits}
+            codes_seen |= set(codes.values())
+            right += named == expected and set(codes.values()) == ({1} if expected else {0})
+            tool.append(found.get("elapsed_s") or float("nan"))
+            if named_first is None:
+                named_first = "; ".join(c["reason"] for c in culprits)[:160]
+        table.add(label, runs, f"{right}/{runs}", ",".join(sorted(map(str, codes_seen))),
+                  f"{statistics.median(tool):.1f}", f"{statistics.median(wall):.1f}",
+                  f"{min(loads):.1f}-{max(loads):.1f}", named_first or "")
 
 
 def netns_sensitivity(report: Report, runs: int, rate_mbit: int = 100, hosts: int = 4) -> None:
@@ -308,7 +318,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="only the emulated cluster at NCCL's threshold: N runs healthy, N with one host "
                              "at 0.7 R, N with one link at 0.7 R")
     parser.add_argument("--netns-healthy", type=int, metavar="N",
-                        help="only the emulated-cluster runs: N healthy runs at 3 and 4 hosts, then the faults")
+                        help="only the emulated cluster's time to verdict: N healthy runs at 3 and 4 hosts, then "
+                             "one run per fault (a slow host, two slow hosts of four, a slow link, a link so slow "
+                             "that one operation takes seconds)")
     add_markdown_argument(parser)
     args = parser.parse_args(argv)
     markdown = markdown_path(parser, args)
