@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -192,6 +192,26 @@ def scale(report: Report, hosts: int = 1024, ranks_per_host: int = 8, repeats: i
                   named)
 
 
+def shaped_run(cluster_class: Any, hosts: int, rate: str, host_rates: Dict[int, str], link_rates: Dict[tuple, str],
+               extra: Sequence[str] = ()) -> Tuple[Dict[int, Optional[int]], Dict[str, Any], float]:
+    """One run of the tool on an emulated cluster of ``hosts`` hosts (2 plain ranks each,
+    ``-e 1M --timeout 20``), every link at ``rate`` but those in ``host_rates`` /
+    ``link_rates``: the exit codes per rank, the JSON report ({} if none) and the seconds from
+    starting the ranks to the last exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "net.json")
+        cluster = cluster_class(hosts)
+        try:
+            cluster.shape(rate, host_rates=host_rates, link_rates=link_rates)
+            start = time.perf_counter()
+            cluster.start_ranks(2, ["-e", "1M", "--no-tables", "--timeout", "20", "--quiet", "--json", path, *extra], tmp)
+            codes = cluster.wait(600)
+            seconds = time.perf_counter() - start
+        finally:
+            cluster.close()
+        return codes, (json.load(open(path)) if os.path.exists(path) else {}), seconds
+
+
 def netns(report: Report, healthy_runs: int, rate_mbit: int = 100) -> None:
     """Part 4: time to verdict on the emulated cluster (namespaces, bridge, tbf), every host's
     link at R, plain processes, 2 ranks per host, -e 1M (as tests/test_nettest_netns.py): healthy
@@ -222,19 +242,8 @@ def netns(report: Report, healthy_runs: int, rate_mbit: int = 100) -> None:
         right, tool, wall, loads, codes_seen, named_first = 0, [], [], [], set(), None
         for _ in range(runs):
             loads.append(os.getloadavg()[0])
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "net.json")
-                cluster = EmulatedCluster(hosts)
-                try:
-                    cluster.shape(rate, host_rates=host_rates, link_rates=link_rates)
-                    start = time.perf_counter()
-                    cluster.start_ranks(2, ["-e", "1M", "--no-tables", "--timeout", "20", "--quiet", "--json", path,
-                                            *extra], tmp)
-                    codes = cluster.wait(600)
-                    wall.append(time.perf_counter() - start)
-                finally:
-                    cluster.close()
-                found = json.load(open(path)) if os.path.exists(path) else {}
+            codes, found, seconds = shaped_run(EmulatedCluster, hosts, rate, host_rates, link_rates, extra)
+            wall.append(seconds)
             culprits = found.get("culprits", [])
             named = {c["kind"] if c["kind"] == "split" else (c["kind"], tuple(c["hosts"])) for c in culprits}
             codes_seen |= set(codes.values())
@@ -274,18 +283,8 @@ def netns_sensitivity(report: Report, runs: int, rate_mbit: int = 100, hosts: in
         tool, wall, loads, ratios = [], [], [], []
         for _ in range(runs):
             loads.append(os.getloadavg()[0])
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "net.json")
-                cluster = EmulatedCluster(hosts)
-                try:
-                    cluster.shape(rate, host_rates=host_rates, link_rates=link_rates)
-                    start = time.perf_counter()
-                    cluster.start_ranks(2, ["-e", "1M", "--no-tables", "--timeout", "20", "--quiet", "--json", path], tmp)
-                    codes = cluster.wait(600)
-                    wall.append(time.perf_counter() - start)
-                finally:
-                    cluster.close()
-                found = json.load(open(path)) if os.path.exists(path) else {}
+            codes, found, seconds = shaped_run(EmulatedCluster, hosts, rate, host_rates, link_rates)
+            wall.append(seconds)
             named = {(c["kind"], tuple(c["hosts"])) for c in found.get("culprits", [])}
             exit_ok = set(codes.values()) == ({1} if expected else {0})
             right += bool(expected) and named == expected and exit_ok
