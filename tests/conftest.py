@@ -73,3 +73,38 @@ def no_world_listing(monkeypatch):
         monkeypatch.setattr(Topology, name, refuse)
     for cls in (Mesh, GridMesh, SplitMesh):
         monkeypatch.setattr(cls, "groups", refuse)
+
+
+#: Test files whose tests must not run beside each other under pytest-xdist: the emulated cluster
+#: makes network namespaces with fixed names and shapes their links, so two of its tests at once
+#: would collide and measure each other's traffic.
+EXCLUSIVE_FILES = ("test_nettest_netns.py",)
+
+
+def _xdist_group(item: pytest.Item) -> Optional[str]:
+    """The pytest-xdist group an item must share a worker with, or None to run anywhere.
+
+    A file in EXCLUSIVE_FILES is one group. A test that uses a fixture of wider than function
+    scope defined in tests/ (a module's shared process world) is grouped by its module, so under
+    ``--dist loadgroup`` the fixture is built once, on one worker, not once per worker.
+    """
+    if item.path.name in EXCLUSIVE_FILES:
+        return "exclusive:" + item.path.name
+    for definitions in item._fixtureinfo.name2fixturedefs.values():
+        for definition in definitions:
+            if definition.scope != "function" and definition.baseid.startswith("tests"):
+                return "shared-fixture:" + item.path.name
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Put every item in its pytest-xdist group (see _xdist_group).
+
+    With ``--dist loadgroup`` xdist hands out the largest groups first, so the emulated-cluster
+    file (about 3.3 minutes of mostly waiting on shaped links) starts at once on one worker while
+    the others take the rest.
+    """
+    for item in items:
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
