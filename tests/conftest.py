@@ -97,6 +97,7 @@ def _xdist_group(item: pytest.Item) -> Optional[str]:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Put every item in its pytest-xdist group (see _xdist_group).
 

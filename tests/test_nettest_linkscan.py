@@ -28,10 +28,13 @@ RANKS_PER_HOST = 8
 SEEDS = 200
 # Seeds per host count where 200 would cost minutes: a seed draws the faults (how many: 0-4
 # above 8 hosts, their kinds, factors and places) the same way at 64 and at 1,024 hosts, so the
-# 200 seeds at 64 hosts cover those combinations; 1,024 hosts add scale (the round-robin
-# length, the rounds bound, no false culprit among 523,776 host pairs), which 20 seeds show.
-# 200 seeds at 1,024 hosts cost 288 CPU-s (429 s wall at load 3), 20 cost a tenth.
-SEEDS_AT = {1024: 20}
+# 200 seeds at 64 hosts cover those combinations; 1,024 hosts add scale only (the round-robin
+# length, the rounds bound, no false culprit among 523,776 host pairs). That needs each kind of
+# fault set once at that scale, so the seeds are chosen by what they inject at 1,024 hosts:
+# 2 nothing, 15 one slow host (the four-round bound), 7 two slow hosts, 0 three slow links,
+# 1 a slow rank, 6 hosts + a rank + a link. A 1,024-host seed costs about 1.6 CPU-s: the first
+# 20 seeds cost 32 s and showed no kind these six lack.
+SEEDS_AT = {1024: (2, 15, 7, 0, 1, 6)}
 # With two hosts there is no second link to compare with: only the absolute floor can call
 # the one link slow (healthy: 0.7 GB/s with 15% noise; faults: 5x-50x slower).
 # The synthetic network's noise is lognormal with sigma 15 % (a loaded machine, and the two
@@ -95,7 +98,7 @@ def test_every_injected_fault_is_named_and_nothing_else(hosts):
     names = host_names(hosts, RANKS_PER_HOST)
     rule = TWO_HOST_RULE if hosts == 2 else NOISY_RULE
     failures = []
-    for seed in range(SEEDS_AT.get(hosts, SEEDS)):
+    for seed in SEEDS_AT.get(hosts, range(SEEDS)):
         net = SyntheticNetwork(names, seed=seed)
         expected, kinds = inject(net, hosts, seed)
         scan = run_scan(LinkScan(names, rule), net.measure)
@@ -112,6 +115,16 @@ def test_every_injected_fault_is_named_and_nothing_else(hosts):
         if hosts == 2:
             assert all("cannot be blamed on one end" in c.reason for c in culprits if c.kind == "link")
     assert not failures, failures[:3]
+
+
+def test_the_1024_host_seeds_inject_each_kind_of_fault_set():
+    """SEEDS_AT's 1,024-host seeds are chosen by what they inject (see SEEDS_AT): nothing, one
+    slow host, two slow hosts, slow links only, a slow rank, and all three kinds together."""
+    names = host_names(1024, RANKS_PER_HOST)
+    drawn = [sorted(inject(SyntheticNetwork(names, seed=seed), 1024, seed)[1]) for seed in SEEDS_AT[1024]]
+    assert [] in drawn and ["host"] in drawn and ["host", "host"] in drawn and ["rank"] in drawn
+    assert any(set(kinds) == {"link"} for kinds in drawn)
+    assert any(set(kinds) == {"host", "link", "rank"} for kinds in drawn)
 
 
 def test_one_slow_host_among_three_is_named_with_the_figures_behind_it():
