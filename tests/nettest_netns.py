@@ -14,12 +14,6 @@ pgroups.nettest``: a real multi-host job. Names are unique per cluster (``pgXXXX
 parallel test runs do not collide; :meth:`EmulatedCluster.close` tears everything down
 (``ss -K`` inside each namespace first: a socket retrying to a deleted namespace keeps its
 veth alive for minutes). Needs root and a working ``ip netns``: :func:`unavailable_reason`.
-
-Every process of the job runs at nice RANK_NICENESS (root may raise priority): the tests judge
-bandwidth on shaped links, which holds only while the network, not the CPU, is the bottleneck.
-At the default priority, other tests running beside them (pytest-xdist workers, each with its
-own ranks) and CPU hogs took turns with the ranks: a healthy host measured 0.0098 GB/s against
-the others' 0.0125 (the link's 100 Mbit/s), 1.28x slower, and was named slow.
 """
 from __future__ import annotations
 
@@ -30,10 +24,6 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
-
-
-#: niceness of every process of the emulated job (-10: about 9x the CPU share of a nice-0 process)
-RANK_NICENESS = -10
 
 
 def _tbf(rate: str) -> List[str]:
@@ -187,8 +177,7 @@ class EmulatedCluster:
             script = f"hostname {self.hostname(i)} && exec \"$@\""
             log = open(os.path.join(log_dir, f"host{i}.log"), "w")
             self.procs[i] = subprocess.Popen(
-                ["nice", "-n", str(RANK_NICENESS), "ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c",
-                 script, "sh", *torchrun],
+                ["ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c", script, "sh", *torchrun],
                 stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
 
     def start_ranks(self, nproc_per_host: int, args: Sequence[str], log_dir: str, port: int = 29500,
@@ -207,8 +196,8 @@ class EmulatedCluster:
             script = f"hostname {self.hostname(i)} && exec \"$@\""
             log = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
             self.procs[rank] = subprocess.Popen(
-                ["nice", "-n", str(RANK_NICENESS), "ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c",
-                 script, "sh", sys.executable, "-m", "pgroups.nettest", *args],
+                ["ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c", script, "sh",
+                 sys.executable, "-m", "pgroups.nettest", *args],
                 stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
 
     def wait(self, timeout_s: float) -> Dict[int, Optional[int]]:
