@@ -54,7 +54,7 @@ def test_bad_arguments_exit_2_with_one_line_and_no_traceback():
 
 
 def test_pytest_command_selects_by_marker_and_passes_extra_arguments():
-    base = ["py", "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider", "-n", "0", "--junitxml=j.xml"]
+    base = ["py", "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider", "--junitxml=j.xml"]
     assert pytest_command(Options(), "py", "tests/gpu", "j.xml") == base
     assert pytest_command(Options(only="one", pytest_args=("-x",)), "py", "tests/gpu", "j.xml") == \
         base + ["-m", "not multi_gpu", "-x"]
@@ -117,8 +117,7 @@ def test_the_gpu_folder_is_collected_and_every_test_skips_with_its_reason_here()
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the GPU folder runs instead of skipping")
-    done = subprocess.run([sys.executable, "-m", "pytest", str(RUNNER.parent), "-q", "-rs", "-p", "no:cacheprovider",
-                           "-n", "0"],
+    done = subprocess.run([sys.executable, "-m", "pytest", str(RUNNER.parent), "-q", "-rs", "-p", "no:cacheprovider"],
                           capture_output=True, text=True, timeout=300, cwd=RUNNER.parent.parent.parent)
     assert done.returncode == 0, done.stdout[-2000:]
     reasons = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]

@@ -100,10 +100,8 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 
 def pytest_command(options: Options, python: str, folder: str, junit: str) -> List[str]:
-    """The pytest command line for ``options``: the GPU folder, quiet, results to ``junit``, one
-    test at a time (``-n 0`` overrides the suite's pytest-xdist workers: the tests share the GPUs)."""
-    command = [python, "-m", "pytest", folder, "-q", "-rs", "-p", "no:cacheprovider", "-n", "0",
-               f"--junitxml={junit}"]
+    """The pytest command line for ``options``: the GPU folder, quiet, results to ``junit``."""
+    command = [python, "-m", "pytest", folder, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     selection = SELECTIONS[options.only]
     if selection is not None:
         command += ["-m", selection]
