@@ -108,7 +108,7 @@ def _xdist_group(item: pytest.Item) -> Optional[str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """Put every item in its pytest-xdist group (see _xdist_group), and EXCLUSIVE_FILES last.
+    """Put every item in its pytest-xdist group (see _xdist_group), and under ``-n`` EXCLUSIVE_FILES last.
 
     xdist (``--dist loadgroup --no-loadscope-reorder``) hands out the work in this order, so the
     tests that run alone start when the other workers are on their last tests: each of those
@@ -120,7 +120,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
         group = _xdist_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    items[:] = [item for item in items if not _alone(item)] + [item for item in items if _alone(item)]
+    if getattr(config.option, "numprocesses", None):
+        items[:] = [item for item in items if not _alone(item)] + [item for item in items if _alone(item)]
 
 
 def _worker_lock_folder(config: pytest.Config) -> Optional[Path]:
