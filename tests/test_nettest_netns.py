@@ -119,9 +119,11 @@ def test_healthy_emulated_cluster_exits_0_everywhere(tmp_path):
     met = {tuple(sorted(p)) for r in inter[:3] for p in r["host_pairs"]}
     assert met == {(host(i), host(j)) for i in range(4) for j in range(i + 1, 4)}
     assert all(w == "round-robin" for r in inter[:3] for w in r["why"])
-    # one direction at a time, healthy links of one rate agree within a few percent
+    # one direction at a time, healthy links of one rate agree: no measurement of a healthy link
+    # is as far from another as the link factor that would flag it (1.3). Seen: 1.10 at load 38;
+    # 1.26 once at load about 1 (0.0099 against 0.0125 GB/s), in one of the suite's runs of the day
     busbw = [v for row in report["links"]["matrix"].values() for cell in row.values() for v in cell["busbw_gbps"]]
-    assert max(busbw) / min(busbw) < 1.2, busbw   # 1.10 at load 38
+    assert max(busbw) / min(busbw) < 1.3, busbw
 
 
 SLOW = f"{int(RATE_MBIT * 0.7)}mbit"   # 30 % slower: NCCL's threshold, and ours (--link-slow-factor 1.3)
