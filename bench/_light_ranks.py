@@ -38,8 +38,8 @@ from pgroups.nettest.pacing import Pacing
 class Call:
     """A task's request on one of its rank's connections; the task resumes with the reply."""
 
-    def __init__(self, conn: "Connection", request: wire.Request, deadline_s: float = STORE_CALL_TIMEOUT_S) -> None:
-        self.conn, self.request, self.deadline_s = conn, request, deadline_s
+    def __init__(self, conn: "Connection", request: wire.Request) -> None:
+        self.conn, self.request = conn, request
 
 
 class Sleep:
@@ -57,7 +57,7 @@ class Connection:
     def __init__(self, sock: Any, owner: "LightRank") -> None:
         self.sock, self.owner = sock, owner
         self.buffer = bytearray()
-        self.waiting: Optional[tuple] = None   # (request, task, sent_at, deadline_s)
+        self.waiting: Optional[tuple] = None   # (request, task, sent_at)
 
 
 class LightRank:
@@ -73,7 +73,6 @@ class LightRank:
         self.calls = 0
         self.calls_before_abort = 0
         self.late: List[float] = []     # latencies over the deadline: "store gone" on a real rank
-        self.max_latency = 0.0
 
     def key(self, key: str) -> str:
         """The full key of ``key`` under the run's PrefixStore (PrefixStore joins with '/')."""
@@ -113,7 +112,7 @@ class Loop:
         if command.request.parse(b"", 0) is not None:   # no reply (SET, APPEND): resume at once
             heapq.heappush(self.timers, (time.monotonic(), next(self.order), task))
             return
-        conn.waiting = (command.request, task, time.monotonic(), command.deadline_s)
+        conn.waiting = (command.request, task, time.monotonic())
 
     def run(self) -> None:
         """Until every task has returned."""
@@ -130,7 +129,7 @@ class Loop:
                     raise ConnectionError(f"rank {conn.owner.rank}: the store closed a connection")
                 conn.buffer += chunk
                 while conn.waiting is not None:
-                    request, task, sent, deadline_s = conn.waiting
+                    request, task, sent = conn.waiting
                     parsed = request.parse(bytes(conn.buffer), 0)
                     if parsed is None:
                         break
@@ -138,15 +137,25 @@ class Loop:
                     del conn.buffer[:used]
                     conn.waiting = None
                     latency = time.monotonic() - sent
-                    owner = conn.owner
-                    owner.max_latency = max(owner.max_latency, latency)
-                    if latency > deadline_s:
-                        owner.late.append(latency)
+                    if latency > STORE_CALL_TIMEOUT_S:
+                        conn.owner.late.append(latency)
                     self._step(task, value)
 
 
 def pack(blobs: List[bytes]) -> bytes:
+    """Blobs as one value (a host's payloads in the host aggregation step): each prefixed
+    with its length (4 bytes, big-endian)."""
     return b"".join(struct.pack(">I", len(b)) + b for b in blobs)
+
+
+def unpack(value: bytes) -> List[bytes]:
+    """The blobs of a :func:`pack` value."""
+    blobs, at = [], 0
+    while at < len(value):
+        (size,) = struct.unpack_from(">I", value, at)
+        blobs.append(value[at + 4:at + 4 + size])
+        at += 4 + size
+    return blobs
 
 
 class Script:
@@ -291,8 +300,7 @@ class Script:
 
 def result(r: LightRank) -> Dict[str, Any]:
     """One light rank's figures in the shape of a real rank's ``out``."""
-    out: Dict[str, Any] = {"connections": 2, "calls": r.calls, "calls_before_abort": r.calls_before_abort,
-                           "max_latency_s": r.max_latency, "light": True}
+    out: Dict[str, Any] = {"connections": 2, "calls": r.calls, "calls_before_abort": r.calls_before_abort}
     if r.late:
         out["error"] = (f"rank {r.rank} (light): {len(r.late)} store call(s) took {max(r.late):.1f} s, over the "
                         f"{STORE_CALL_TIMEOUT_S:g} s deadline: a real rank would have found the store gone")

@@ -46,7 +46,6 @@ import datetime
 import multiprocessing
 import os
 import random
-import struct
 import sys
 import threading
 import time
@@ -61,7 +60,8 @@ from pgroups.nettest.control import (ALIVE_WINDOW_S, SLICE_BYTES, STORE_CALL_TIM
 from pgroups.nettest.pacing import Pacing
 from pgroups.testing.nettest_control import end_aborted_run
 
-from _report import Report, add_markdown_argument, markdown_path  # bench/ is the script's directory
+from _light_ranks import pack, unpack  # bench/ is the script's directory
+from _report import Report, add_markdown_argument, markdown_path
 
 HOSTS_RANKS = 8
 UNPACED = 1e12   # a budget no world reaches: every interval at its floor
@@ -84,20 +84,6 @@ def sweep_records(rank: int, rng: random.Random) -> List[Dict[str, Any]]:
                             "times": [seconds], "op_best": seconds * rng.uniform(0.9, 1.0), "wrong": 0,
                             "wrong_from": {}, "group": f"nettest#{rank // 32}"})
     return records
-
-
-def pack(blobs: List[bytes]) -> bytes:
-    """Blobs as one value: each prefixed with its length (4 bytes, big-endian)."""
-    return b"".join(struct.pack(">I", len(b)) + b for b in blobs)
-
-
-def unpack(value: bytes) -> List[bytes]:
-    blobs, at = [], 0
-    while at < len(value):
-        (size,) = struct.unpack_from(">I", value, at)
-        blobs.append(value[at + 4:at + 4 + size])
-        at += 4 + size
-    return blobs
 
 
 def aggregate_by_host(coordinator: Coordinator, step: str) -> Tuple[float, float]:
