@@ -143,16 +143,18 @@ def rank_environment(rank: int, nproc: int, master_port: Optional[int] = None) -
 
 
 def _child(rank: int, nproc: int, port_box: Any, caller_env: Mapping[str, str], env: Mapping[str, str],
-           target: Callable[..., Any], args: Sequence[Any], results: "mp.Queue", parent_pid: int) -> None:
+           target: Callable[..., Any], args: Sequence[Any], results: "mp.Queue", parent_pid: int,
+           released: Any) -> None:
     _die_with_parent(parent_pid)
     os.environ.clear()  # the caller's environment at the call, as a spawned child would have it
     os.environ.update(caller_env)
     os.environ.update(rank_environment(rank, nproc))
     os.environ.update(env)
     _limit_threads()
+    server, failed = None, False
     try:
-        if "MASTER_PORT" not in env:  # rank 0 keeps its store server alive through the target
-            server = _rendezvous_port(rank, port_box, parent_pid)  # noqa: F841
+        if "MASTER_PORT" not in env:  # rank 0 serves the store (kept alive below)
+            server = _rendezvous_port(rank, port_box, parent_pid)
         value = target(*args)
         results.put((rank, value, None, None, ()))
     except BaseException as exc:  # reported to the parent, which decides the exit code
@@ -161,6 +163,14 @@ def _child(rank: int, nproc: int, port_box: Any, caller_env: Mapping[str, str], 
             message += "\n" + traceback.format_exc()
         absent = tuple(int(r) for r in getattr(exc, "absent_ranks", ()))
         results.put((rank, None, message, type(exc).__name__, absent))
+        failed = True
+    if server is not None:
+        # The others may still be reading the store when rank 0's target returns (the last
+        # step of a teardown meeting): its server leaves when the parent has every outcome,
+        # not before (seen: "Connection reset by peer" on rank 1 under load).
+        while not released.wait(1.0) and _alive(parent_pid):
+            pass
+    if failed:
         raise SystemExit(1)
 
 
@@ -215,6 +225,7 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
     caller_env = dict(os.environ)
     results: "mp.Queue" = ctx.Queue()
     port_box = ctx.Value("i", 0)  # rank 0 publishes the port its store bound (no pick-then-bind race)
+    released = ctx.Event()        # set once every outcome is in: rank 0's store may leave
     procs: List[Any] = []
     try:
         for rank in range(nproc):
@@ -223,18 +234,19 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
                 child_env.update(env_per_rank(rank))
             proc = ctx.Process(target=_child, daemon=False,
                                args=(rank, nproc, port_box, caller_env, child_env, target, tuple(args), results,
-                                     os.getpid()))
+                                     os.getpid(), released))
             proc.start()
             procs.append(proc)
-        return _collect(procs, results, nproc, timeout_s, failure_grace_s, on_wait)
+        return _collect(procs, results, nproc, timeout_s, failure_grace_s, on_wait, released)
     finally:  # any exit of the parent — an error, Ctrl-C — kills and reaps every child
+        released.set()
         _kill_and_reap(procs)
         results.close()
 
 
 def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optional[float],
              failure_grace_s: float = FAILURE_GRACE_S,
-             on_wait: Optional[Callable[[int], None]] = None) -> List[RankOutcome]:
+             on_wait: Optional[Callable[[int], None]] = None, released: Any = None) -> List[RankOutcome]:
     outcomes: Dict[int, RankOutcome] = {}
     deadline = time.monotonic() + timeout_s if timeout_s else None
     failed_at: Optional[float] = None
@@ -256,6 +268,8 @@ def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optio
                     outcomes[rank] = RankOutcome(rank, error=f"process exited with code {proc.exitcode}",
                                                  exitcode=proc.exitcode)
                     failed_at = failed_at or time.monotonic()
+    if released is not None:
+        released.set()
     exit_deadline = time.monotonic() + EXIT_GRACE_S
     for rank, proc in enumerate(procs):
         if rank not in outcomes:

@@ -40,6 +40,8 @@ WAITERS = {
     ("nettest/control.py", "_GuardedStore.call"): THREAD,
     ("nettest/control.py", "Coordinator.start_liveness.watch"): THREAD,
     ("nettest/startup.py", "StartupBoard._register_and_beat"): THREAD,
+    ("spawn.py", "_child"): "rank 0 of the local launcher keeps its store up until the parent has every "
+                            "outcome: a multiprocessing Event polled each second, ended by the parent's exit",
     ("spawn.py", "_terminate"): CHILD,
     ("spawn.py", "launch_script"): CHILD,
 }

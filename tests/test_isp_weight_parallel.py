@@ -190,6 +190,23 @@ def _live_full_weight_storages(references: Dict[int, List[torch.Tensor]], exclud
     return count
 
 
+def _settled_live_storages(references: Dict[int, List[torch.Tensor]], exclude: set, bound: int) -> int:
+    """:func:`_live_full_weight_storages`, counted again for up to a second while above ``bound``.
+
+    gloo's worker thread drops its own reference to a finished all-gather's tensors only after
+    ``wait()`` has returned on this thread (``ProcessGroupGloo::runLoop`` resets the work it
+    ran once it takes its lock again), so under CPU load a storage the runtime has released
+    can outlive the release by a scheduling delay: seen once as 3 blocks alive with a bound
+    of 2. While this thread waits only other threads can drop references; what the runtime
+    holds, which runs on this thread, stays counted."""
+    count = _live_full_weight_storages(references, exclude)
+    deadline = time.monotonic() + 1.0
+    while count > bound and time.monotonic() < deadline:
+        time.sleep(0.01)
+        count = _live_full_weight_storages(references, exclude)
+    return count
+
+
 def check_storage_bound(expect: Expect, ctx, micro: int = 1) -> None:
     """Without the pool, every gathered weight is a fresh allocation freed on release, so the
     live storages holding full weights (found by content, no help from the runtime) show how
@@ -211,7 +228,7 @@ def check_storage_bound(expect: Expect, ctx, micro: int = 1) -> None:
     exclude: set = set()
 
     def sampler(where: str):
-        return lambda *_: alive.append((where, _live_full_weight_storages(references, exclude)))
+        return lambda *_: alive.append((where, _settled_live_storages(references, exclude, 2)))
 
     for block in model.layers:
         block.register_forward_pre_hook(sampler("forward"))          # runs after the runtime's hook

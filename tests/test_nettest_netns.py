@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import time
 
 import pytest
@@ -86,18 +87,32 @@ def wait_for_hosts(cluster, hosts, since):
     return codes, ended
 
 
+def failed_workers(host_log):
+    """Local rank -> exit code of every worker on torchrun's failure page (``local_rank: N``
+    then ``exitcode  : E``)."""
+    return {int(m.group(1)): int(m.group(2))
+            for m in re.finditer(r"local_rank: (\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)", host_log)}
+
+
 def one_line_each_and_exit_3(tmp_path, hosts):
-    """Every worker of ``hosts`` wrote exactly one line of ours and no traceback, and each host's
-    torchrun saw exit 3 (never 1); the lines, to check their words."""
+    """On each of ``hosts`` some worker exited 3 and torchrun's failure page lists no other exit
+    code than 3 or SIGTERM (-15; never 1); every worker that exited 3 wrote exactly one line of
+    ours; none wrote a traceback or a second line. The lines, to check their words.
+
+    torchrun stops (SIGTERM) the other workers of a host within about 0.1 s of the first one's
+    exit 3: under CPU load a worker may notice the fault later than its sibling and be stopped
+    before it writes its line; if it wrote one, that line is checked too."""
     lines = []
     for i in hosts:
+        host_log = open(tmp_path / f"host{i}.log").read()
+        failed = failed_workers(host_log)
+        assert 3 in failed.values() and set(failed.values()) <= {3, -15}, host_log[-2000:]
         for local in range(RANKS_PER_HOST):
             text, ours = our_lines(tmp_path, i, local)
             assert "Traceback" not in text, text
-            assert len(ours) == 1 and ours[0].startswith("pgroups nettest: timeout: "), text
-            lines.append(ours[0])
-        host_log = open(tmp_path / f"host{i}.log").read()
-        assert "exitcode  : 3" in host_log and "exitcode  : 1" not in host_log, host_log[-2000:]
+            assert (len(ours) == 1) if failed.get(local) == 3 else (len(ours) <= 1), text
+            assert all(line.startswith("pgroups nettest: timeout: ") for line in ours), text
+            lines += ours
     return lines
 
 
@@ -166,7 +181,15 @@ def test_two_slow_hosts_of_four_give_the_one_line_speed_class_split_and_exit_1(t
     assert split["kind"] == "split", report["culprits"]
     assert split["reason"].startswith(f"hosts split into two speed classes: {{{host(0)}, {host(2)}}} at ")
     assert f", {{{host(1)}, {host(3)}}} at " in split["reason"]
-    assert report["summary"]["healthy"] is False and len(report["summary"]["flagged_links"]) == 5
+    assert report["summary"]["healthy"] is False
+    # the five links that touch a slow host are flagged, measured at a quarter of the fast one's
+    # rate (the fast link is flagged too when CPU load raised its small-message latency in its
+    # round: seen once at 1.5 ms against 0.3-0.5 ms, beside three other test workers)
+    slow_links = {tuple(sorted((host(i), host(j)))) for i in range(4) for j in range(i + 1, 4) if {i, j} & {1, 3}}
+    assert slow_links <= {tuple(link) for link in report["summary"]["flagged_links"]}, report["summary"]
+    matrix = report["links"]["matrix"]
+    fast = max(matrix[host(0)][host(2)]["busbw_gbps"])
+    assert all(3 < fast / max(matrix[a][b]["busbw_gbps"]) < 5 for a, b in slow_links), matrix
 
 
 SECONDS_MBIT = 6   # 1 MiB in about 1.4 s: one operation on the link takes longer than a second

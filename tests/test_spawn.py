@@ -185,3 +185,28 @@ def test_a_rank_no_verdict_names_is_still_waited_for_until_the_grace_ends():
     assert time.monotonic() - started >= 2
     assert outcomes[1].error == "killed: named absent by a peer's failure"
     assert outcomes[2].error == "killed: still running at the time limit"
+
+
+def late_reader() -> str:
+    """Rank 0 sets a key on the store it serves and returns at once; rank 1, 2 s slower (a rank
+    still finishing its teardown), then reads the key."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set("left", "rank 0")
+        return "set"
+    time.sleep(2)
+    return store.get("left").decode()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_rank_0s_store_stays_up_until_every_rank_has_reported():
+    # before: rank 0's process exited with its target and took the store with it (rank 1:
+    # "Connection reset by peer")
+    from pgroups.spawn import run_local
+
+    outcomes = run_local(2, late_reader, timeout_s=100)
+    assert [(o.error, o.value) for o in outcomes] == [(None, "set"), (None, "rank 0")], outcomes

@@ -8,7 +8,10 @@ rendezvous store (one ``append`` to one key, from a background thread, so that r
 may be the one to start the store — is not blocked) and keeps a start-up heartbeat there
 until its run has begun. When the start-up fails, every surviving rank reads the register
 and watches the heartbeats for a moment: the ranks that never registered **never arrived**,
-the ones whose heartbeat stopped **died during the start-up**. Their hosts are named when
+the ones whose heartbeat stopped **died during the start-up** — unless they gave up
+themselves: a rank that has done its roll call says so on the store before its heartbeat
+ends, so a rank whose own deadline came later (it started later: seen 2.5 s and more apart
+on a loaded machine) does not name it. Their hosts are named when
 the store knows them: a rank's own registration names its host; for a rank that never
 arrived, the host of another rank of the same launcher node (torchrun's ``GROUP_RANK``).
 
@@ -189,7 +192,8 @@ class StartupBoard:
 
     def find_missing(self) -> Optional[Absentees]:
         """After a failed start-up: read the register, watch the heartbeats for ``roll_call_s``,
-        say who is missing; mark this rank as done reading. None if the register cannot be
+        say who is missing — not the ranks whose heartbeat ended because they gave up first —;
+        mark this rank as given up, then as done reading. None if the register cannot be
         read (the store is gone); if the store goes during the roll call, the register read
         stands and nobody is called silent. Bounded: the store calls run on a helper thread
         given ``roll_call_s`` + STORE_TIMEOUT_S in all. A rank on the store's host then waits (at
@@ -204,7 +208,11 @@ class StartupBoard:
                 beats = {r: f"{self.prefix}beat/{r}" for r in box["register"] if r != self.rank}
                 first = {r: int(client.add(k, 0)) for r, k in beats.items()}
                 time.sleep(self.roll_call_s)
-                box["silent"] = [r for r, k in beats.items() if int(client.add(k, 0)) == first[r]]
+                still = [r for r, k in beats.items() if int(client.add(k, 0)) == first[r]]
+                # marked before this rank's heartbeat ends (stop() below runs after this thread)
+                client.append(self.prefix + "gave-up", f"{self.rank},")
+                gave_up = {int(r) for r in client.get(self.prefix + "gave-up").decode().split(",") if r}
+                box["silent"] = [r for r in still if r not in gave_up]
                 client.add(self.prefix + "left", 1)
                 box["client"] = client
             except Exception:  # noqa: BLE001 - the store went away: what was read stands
@@ -233,8 +241,8 @@ class StartupBoard:
         client = self._client
         if client is None:
             return
-        keys = [f"{self.prefix}beat/{self.rank}"] + ([self.prefix + "register", self.prefix + "left"]
-                                                     if self.rank == 0 else [])
+        keys = [f"{self.prefix}beat/{self.rank}"] + ([self.prefix + "register", self.prefix + "left",
+                                                      self.prefix + "gave-up"] if self.rank == 0 else [])
         worker = threading.Thread(target=lambda: [client.delete_key(k) for k in keys], daemon=True)
         worker.start()
         worker.join(STORE_TIMEOUT_S)
