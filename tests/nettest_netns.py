@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
 def _tbf(rate: str) -> List[str]:
@@ -194,19 +194,34 @@ class EmulatedCluster:
 
     def _on_host(self, i: int, argv: Sequence[str], env: Dict[str, str], log_path: str) -> subprocess.Popen:
         """Start ``argv`` on host ``i`` (its namespace, its hostname), output to ``log_path``.
-
-        At real-time priority (``chrt -r 1``): real hosts have CPUs of their own, while here every
-        host shares this machine's two cores with whatever else runs (other tests, CPU hogs). A
-        rank that waits for the CPU while a shaped transfer is timed adds that wait to the
-        link's time; beside two CPU hogs a host 30 % slower was once not named. Real-time
-        tasks run before any normal task (the kernel keeps 5 % for normal ones), and a rank
-        mostly waits on the network, so the emulated hosts get the CPU as their own.
-        """
+        ``ip netns exec``, ``unshare`` and ``sh`` each exec the next: the process is ``argv``'s."""
         script = f"hostname {self.hostname(i)} && exec \"$@\""
         with open(log_path, "w") as log:
-            return subprocess.Popen(["chrt", "-r", "1", "ip", "netns", "exec", self.ns(i), "unshare", "--uts",
-                                     "sh", "-c", script, "sh", *argv],
+            return subprocess.Popen(["ip", "netns", "exec", self.ns(i), "unshare", "--uts", "sh", "-c", script,
+                                     "sh", *argv],
                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def realtime_when(self, ready: Callable[[], bool], limit_s: float) -> bool:
+        """Once ``ready()`` (polled every 0.1 s, at most ``limit_s``): every process of the run,
+        all its threads, at real-time priority (``chrt -r 1``); False if it never was ready.
+
+        For runs that time shaped links, from the moment they measure: real hosts have CPUs of
+        their own, while here every host shares this machine's two cores with whatever else runs
+        (other tests, CPU hogs), and a rank that waits for the CPU while a transfer is timed adds
+        that wait to the link's time (beside two CPU hogs a host 30 % slower was once not
+        named). A real-time task runs before any normal one, and a measuring rank mostly waits
+        on the network. Not from the start: eight ranks importing torch at real-time priority
+        leave other tests 5 % of the CPU for seconds (a store call of another test then timed
+        out after 5 s).
+        """
+        deadline = time.monotonic() + limit_s
+        while not ready():
+            if time.monotonic() > deadline or all(p.poll() is not None for p in self.procs.values()):
+                return False
+            time.sleep(0.1)
+        for proc in self.procs.values():
+            _run("chrt", "-a", "-r", "-p", "1", str(proc.pid), check=False)   # an ended one: nothing to do
+        return True
 
     def wait(self, timeout_s: float) -> Dict[int, Optional[int]]:
         """Each process's exit code (per host with :meth:`start`, per rank with

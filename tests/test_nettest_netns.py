@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import time
 
 import pytest
@@ -34,6 +35,11 @@ R = f"{RATE_MBIT}mbit"
 SHAPED_ARGS = ["-e", "1M", "--no-tables", "--timeout", str(TIMEOUT_S)]   # 1 MiB: 84 ms at R
 ARGS = ["-e", "4M", "--no-tables", "--timeout", str(TIMEOUT_S)]           # the torchrun cases, unshaped
 RUN_LIMIT_S = 400
+# The runs that time shaped links share one pytest-xdist worker, so one runs at a time: their
+# ranks measure at real-time priority (EmulatedCluster.realtime_when), and two clusters at once
+# would compete for the CPU again (seen with two at once: a healthy link measured at 0.76 R).
+# They run beside the other tests; the runs that kill hosts (exit codes, deadlines) run anywhere.
+TIMES_LINKS = pytest.mark.xdist_group("emulated-cluster-timing-links")
 
 
 def run_cluster(tmp_path, hosts, shape=None, extra=(), ranks_per_host=1):
@@ -44,7 +50,9 @@ def run_cluster(tmp_path, hosts, shape=None, extra=(), ranks_per_host=1):
     cluster = EmulatedCluster(hosts)
     try:
         (shape or (lambda c: c.shape(R)))(cluster)
-        cluster.start_ranks(ranks_per_host, [*SHAPED_ARGS, "--quiet", "--json", str(path), *extra], str(tmp_path))
+        cluster.start_ranks(ranks_per_host, [*SHAPED_ARGS, "--json", str(path), *extra], str(tmp_path))
+        # from rank 0's progress line of the sweep on (every rank has started): real-time ranks
+        cluster.realtime_when(lambda: "sweep" in (tmp_path / "rank0.log").read_text(), RUN_LIMIT_S / 2)
         codes = cluster.wait(RUN_LIMIT_S)
     finally:
         cluster.close()
@@ -121,6 +129,7 @@ def one_line_each_and_exit_3(tmp_path, hosts):
 TEARDOWN_ALLOWANCE_S = 20.0
 
 
+@TIMES_LINKS
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_healthy_emulated_cluster_exits_0_everywhere(tmp_path):
     # four hosts of two ranks, every link at R: the hostnames come from the namespaces, the three
@@ -135,15 +144,18 @@ def test_healthy_emulated_cluster_exits_0_everywhere(tmp_path):
     assert met == {(host(i), host(j)) for i in range(4) for j in range(i + 1, 4)}
     assert all(w == "round-robin" for r in inter[:3] for w in r["why"])
     # one direction at a time, healthy links of one rate agree: no measurement of a healthy link
-    # is as far from another as the link factor that would flag it (1.3). Seen: 1.10 at load 38;
-    # 1.26 once at load about 1 (0.0099 against 0.0125 GB/s), in one of the suite's runs of the day
+    # is as far from their median as the link factor that would flag it (1.3), the reference the
+    # verdict judges by. (Their extremes: 1.10 apart at load 38, 1.26 once at load about 1, 1.33
+    # with two emulated clusters measuring at once, which the suite no longer runs.)
     busbw = [v for row in report["links"]["matrix"].values() for cell in row.values() for v in cell["busbw_gbps"]]
-    assert max(busbw) / min(busbw) < 1.3, busbw
+    median = statistics.median(busbw)
+    assert all(1 / 1.3 < v / median < 1.3 for v in busbw), busbw
 
 
 SLOW = f"{int(RATE_MBIT * 0.7)}mbit"   # 30 % slower: NCCL's threshold, and ours (--link-slow-factor 1.3)
 
 
+@TIMES_LINKS
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_a_host_30_percent_slower_is_named_and_only_it(tmp_path):
     codes, report = run_cluster(tmp_path, 4, shape=lambda c: c.shape(R, host_rates={3: SLOW}))
@@ -157,6 +169,7 @@ def test_a_host_30_percent_slower_is_named_and_only_it(tmp_path):
     assert 0.6 < cell["busbw_gbps"][0] / report["links"]["reference"]["link_reference"]["busbw_gbps"] < 0.8
 
 
+@TIMES_LINKS
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_a_link_30_percent_slower_between_two_of_four_hosts_is_named_as_the_link(tmp_path):
     codes, report = run_cluster(tmp_path, 4, shape=lambda c: c.shape(R, link_rates={(1, 3): SLOW}))
@@ -167,6 +180,7 @@ def test_a_link_30_percent_slower_between_two_of_four_hosts_is_named_as_the_link
     assert all(matrix[host(1)][host(3)]["slow"]) and len(matrix[host(1)][host(3)]["slow"]) == 3
 
 
+@TIMES_LINKS
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_two_slow_hosts_of_four_give_the_one_line_speed_class_split_and_exit_1(tmp_path):
     # The fast class is the one link between the two healthy hosts: without --min-busbw it is
@@ -195,6 +209,7 @@ def test_two_slow_hosts_of_four_give_the_one_line_speed_class_split_and_exit_1(t
 SECONDS_MBIT = 6   # 1 MiB in about 1.4 s: one operation on the link takes longer than a second
 
 
+@TIMES_LINKS
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_a_link_so_slow_that_one_operation_takes_seconds_is_measured_and_named(tmp_path):
     # Before: waits sliced into 1 s pieces aborted these operations (gloo), exit 3 everywhere.
