@@ -167,7 +167,8 @@ def _child(rank: int, nproc: int, port_box: Any, caller_env: Mapping[str, str], 
     if server is not None:
         # The others may still be reading the store when rank 0's target returns (the last
         # step of a teardown meeting): its server leaves when the parent has every outcome,
-        # not before (seen: "Connection reset by peer" on rank 1 under load).
+        # or once some rank has failed, not before (seen: "Connection reset by peer" on rank 1
+        # under load).
         while not released.wait(1.0) and _alive(parent_pid):
             pass
     if failed:
@@ -225,7 +226,7 @@ def run_local(nproc: int, target: Callable[..., Any], args: Sequence[Any] = (),
     caller_env = dict(os.environ)
     results: "mp.Queue" = ctx.Queue()
     port_box = ctx.Value("i", 0)  # rank 0 publishes the port its store bound (no pick-then-bind race)
-    released = ctx.Event()        # set once every outcome is in: rank 0's store may leave
+    released = ctx.Event()        # set once every outcome is in or a rank failed: rank 0's store may leave
     procs: List[Any] = []
     try:
         for rank in range(nproc):
@@ -251,6 +252,8 @@ def _collect(procs: List[Any], results: "mp.Queue", nproc: int, timeout_s: Optio
     deadline = time.monotonic() + timeout_s if timeout_s else None
     failed_at: Optional[float] = None
     while len(outcomes) < nproc and not _only_named_absent_left(outcomes, nproc):
+        if failed_at is not None and released is not None:
+            released.set()   # a failed job: rank 0 need not outlive its own end (as before)
         if on_wait is not None:
             on_wait(len(outcomes))
         now = time.monotonic()
